@@ -1,0 +1,303 @@
+"""Run one task of `concept-shard build` (or the whole job), and `merge`.
+
+A task: collect the split files, plan row-range units (plan.py), write the units dealt to
+this task that are not already finished, join the files whose ranges it owns entirely, and
+report. Files split across tasks are joined by `merge` (or by the single-task build itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .cells import GeneMap, build_gene_map
+from .errors import ShardError
+from .finalize import finished_parts, join_parts, write_species_indexes
+from .fingerprint import source_fingerprint
+from .layout import DatasetLayout, read_json, remove_tree, write_json_atomic
+from .plan import WorkUnit, assign, file_ranges
+from .source import AnnDataSource
+from .splits import SourceFile, collect_source_files
+from .vocabulary import Vocabulary, load_vocabulary
+from .writer import PartSettings, write_part
+
+IDENTITY_KEYS = ("source_fingerprint", "vocabulary_fingerprint", "settings_digest")
+
+
+@dataclass
+class FileJob:
+    sf: SourceFile
+    layout: DatasetLayout
+    ranges: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
+    error: ShardError | None = None
+    _identity: dict | None = None
+    _info: dict | None = None
+
+
+@dataclass
+class BuildReport:
+    built: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
+    rebuilt: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)       # parts owned by other tasks
+    failed: list[ShardError] = field(default_factory=list)
+    failed_ids: set[str] = field(default_factory=set)
+    datasets: list[dict] = field(default_factory=list)     # dataset.json of complete datasets
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+class ShardJob:
+    """The composed config's files, their plan and their state on disk."""
+
+    def __init__(self, cfg: DictConfig, progress: bool = True, lamin=None, log=print):
+        self.cfg, self.progress, self.lamin, self.log = cfg, progress, lamin, log
+        self.project = Path(cfg.PATH.PROJECT_PATH)
+        self.shards_root = Path(cfg.PATH.SHARDS_PATH)
+        s = cfg.shard
+        self.settings = PartSettings(obs_keys=list(OmegaConf.select(cfg, "datamodule.obs_keys") or []),
+                                     chunk_size=int(s.chunk_size), shard_size_limit=int(s.shard_size_limit),
+                                     compression=s.compression or None, allow_non_integral=bool(s.allow_non_integral))
+        self.part_size = int(s.part_size)
+        self.config_errors: list[ShardError] = []
+        self._vocabs: dict[str, Vocabulary | ShardError] = {}
+        files, self.config_errors = collect_source_files(cfg)
+        self.jobs = [FileJob(sf, DatasetLayout(self.shards_root, sf)) for sf in files]
+        for job in self.jobs:
+            self._probe(job)
+
+    # ---- per-file facts ------------------------------------------------------------------
+    def vocab(self, species: str) -> Vocabulary:
+        if species not in self._vocabs:
+            try:
+                self._vocabs[species] = load_vocabulary(Path(self.cfg.PATH.GENE_MAPPINGS_PATH), species)
+            except ShardError as err:
+                self._vocabs[species] = err
+        v = self._vocabs[species]
+        if isinstance(v, ShardError):
+            raise v
+        return v
+
+    def _probe(self, job: FileJob) -> None:
+        """Resolve lamindb keys and read the cell count, recording (not raising) errors."""
+        try:
+            if job.sf.lamindb_key is not None:
+                if self.lamin is None:
+                    raise ShardError(job.sf.split_key, f"lists lamindb artifact `{job.sf.name}`.",
+                                     "Run with --lamindb (or lamindb.enabled=true) to resolve artifact keys.")
+                job.sf.path = self.lamin.resolve_key(job.sf.lamindb_key)
+            with AnnDataSource(job.sf) as src:
+                job.ranges = file_ranges(src.n_cells, self.part_size)
+        except ShardError as err:
+            job.error = err
+
+    def identity(self, job: FileJob) -> dict:
+        """What a finished part or dataset must match to be reused."""
+        if job._identity is None:
+            vocab = self.vocab(job.sf.species)
+            fp, size = source_fingerprint(job.sf.path)
+            settings = dict(self.settings.digest_fields(vocab), var_gene_id_column=job.sf.var_gene_id_column)
+            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+            job._identity = {"source_fingerprint": fp, "vocabulary_fingerprint": vocab.fingerprint,
+                             "settings_digest": digest}
+            job._info = {"source_size": size}
+        return job._identity
+
+    def state(self, job: FileJob) -> tuple[str, dict | None]:
+        """('done'|'stale'|'absent', dataset.json) for the file's dataset."""
+        record = read_json(job.layout.dataset_json)
+        if record is None:
+            return "absent", None
+        try:
+            ident = self.identity(job)
+        except (ShardError, OSError):
+            return "stale", record
+        return ("done" if all(record.get(k) == ident[k] for k in IDENTITY_KEYS) else "stale"), record
+
+    def units(self) -> list[WorkUnit]:
+        return [WorkUnit(j.sf.dataset_id, a, b) for j in self.jobs for a, b in j.ranges]
+
+    # ---- work ----------------------------------------------------------------------------
+    def run_task(self, task_index: int = 0, num_tasks: int = 1) -> BuildReport:
+        report = BuildReport(failed=list(self.config_errors))
+        mine = assign(self.units(), num_tasks)[task_index]
+        by_id = {j.sf.dataset_id: j for j in self.jobs}
+        my_ids = sorted({u.dataset_id for u in mine})
+        todo: list[tuple[FileJob, WorkUnit]] = []
+        for ds_id in my_ids:
+            job = by_id[ds_id]
+            if job.error is not None:
+                self._fail(job, job.ranges[0][0], job.error, report)
+                continue
+            try:
+                state, record = self.state(job)
+                ident = self.identity(job)
+            except ShardError as err:
+                self._fail(job, 0, err, report)
+                continue
+            if state == "done":
+                report.up_to_date.append(ds_id)
+                continue
+            if state == "stale":
+                self.log(f"[concept-shard] {ds_id}: {self._why_stale(record, ident)}; rebuilding.")
+                report.rebuilt.append(ds_id)
+            done = finished_parts(job.layout, ident)
+            todo += [(job, u) for u in mine if u.dataset_id == ds_id and (u.start, u.end) not in done]
+        self._write_units(todo, report)
+        owned = {ds_id for ds_id in my_ids
+                 if all(u in mine for u in (WorkUnit(ds_id, a, b) for a, b in by_id[ds_id].ranges))}
+        for ds_id in my_ids:
+            job = by_id[ds_id]
+            if ds_id in report.up_to_date or ds_id in report.failed_ids:
+                continue
+            if ds_id in owned or num_tasks == 1:
+                self._join(job, report)
+            else:
+                report.waiting.append(ds_id)
+        if num_tasks == 1:
+            write_species_indexes(self.shards_root) if self.shards_root.is_dir() else None
+        report.datasets = self._complete_datasets()
+        return report
+
+    def merge(self) -> BuildReport:
+        """Join every file whose parts are all finished; write species indexes. Idempotent."""
+        report = BuildReport(failed=list(self.config_errors))
+        for job in self.jobs:
+            ds_id = job.sf.dataset_id
+            if job.error is not None:
+                report.failed.append(job.error)
+                continue
+            try:
+                state, _ = self.state(job)
+            except ShardError as err:
+                report.failed.append(err)
+                continue
+            if state == "done":
+                report.up_to_date.append(ds_id)
+                continue
+            missing = [r for r in job.ranges if r not in finished_parts(job.layout, self.identity(job))]
+            if missing:
+                failures = job.layout.failures()
+                if failures:
+                    report.failed += [ShardError(**{k: f[k] for k in ("where", "problem", "fix")}) for f in failures]
+                else:
+                    report.waiting.append(ds_id)
+                continue
+            self._join(job, report)
+        if self.shards_root.is_dir():
+            write_species_indexes(self.shards_root)
+        report.datasets = self._complete_datasets()
+        return report
+
+    def _write_units(self, todo: list[tuple[FileJob, WorkUnit]], report: BuildReport) -> None:
+        from tqdm import tqdm
+
+        total = sum(u.cells for _, u in todo)
+        bar = tqdm(total=total, unit="cells", unit_scale=True, desc="concept-shard", disable=not self.progress,
+                   mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+        gene_maps: dict[str, GeneMap | ShardError] = {}
+        failed_files: set[str] = set()
+        with bar:
+            for job, unit in todo:
+                if unit.dataset_id in failed_files:
+                    bar.update(unit.cells)
+                    continue
+                try:
+                    self._write_unit(job, unit, gene_maps, bar)
+                    job.layout.failed_marker(unit.start).unlink(missing_ok=True)
+                except Exception as exc:   # one bad file must not stop the others
+                    err = exc if isinstance(exc, ShardError) else ShardError(
+                        job.sf.path, f"failed while sharding rows {unit.start}-{unit.end} "
+                        f"({type(exc).__name__}: {exc}).",
+                        "See the traceback in the failed_*.json marker under the shards' .parts directory; "
+                        "re-run `concept-shard build` after fixing the cause.")
+                    self._fail(job, unit.start, err, report, traceback.format_exc())
+                    failed_files.add(unit.dataset_id)
+                    remove_tree(job.layout.part_tmp(unit.start, unit.end))
+
+    def _write_unit(self, job: FileJob, unit: WorkUnit, gene_maps: dict, bar) -> None:
+        vocab = self.vocab(job.sf.species)
+        with AnnDataSource(job.sf) as src:
+            gm = gene_maps.get(unit.dataset_id)
+            if gm is None:
+                try:
+                    gm = build_gene_map(job.sf.path, src.gene_ids(), vocab, job.sf.var_gene_id_column)
+                except ShardError as err:
+                    gm = err
+                gene_maps[unit.dataset_id] = gm
+            if isinstance(gm, ShardError):
+                raise gm
+            info = self._dataset_info(job, src, gm, vocab)
+            write_part(src, job.layout, gm, vocab, unit.start, unit.end, self.settings, info, progress=bar)
+
+    def _dataset_info(self, job: FileJob, src: AnnDataSource, gm: GeneMap, vocab: Vocabulary) -> dict:
+        ident = self.identity(job)
+        sf = job.sf
+        return dict(
+            ident,
+            species=sf.species, source_name=sf.source_name,
+            source_file=_relative(sf.path, self.project), source_size=job._info["source_size"],
+            lamindb_key=sf.lamindb_key,
+            vocabulary_file=_relative(vocab.path, self.project),
+            matrix=src.matrix_key, matrix_format=src.format, gene_id_column=sf.var_gene_id_column,
+            n_cells_source=src.n_cells, n_genes_source=gm.n_source_genes,
+            genes=gm.rank_token.tolist(), genes_dropped=gm.n_source_genes - gm.n_in_vocab,
+            genes_dropped_examples=gm.dropped_examples, obs_keys=self.settings.obs_keys,
+            columns=self.settings.columns(vocab),
+        )
+
+    def _join(self, job: FileJob, report: BuildReport) -> None:
+        ident = self.identity(job)
+        parts = finished_parts(job.layout, ident)
+        if not all(r in parts for r in job.ranges):
+            report.waiting.append(job.sf.dataset_id)
+            return
+        first = parts[job.ranges[0]]
+        info = {k: v for k, v in first.items() if k not in ("start", "end", "cells_written", "nonzeros",
+                                                             "cells_dropped_no_nonzero", "shard_bytes",
+                                                             "obs_keys_absent")}
+        record = join_parts(job.layout, job.ranges, parts, info)
+        if self.lamin is not None:
+            self.lamin.register(job.sf, job.layout.dataset_dir, record)
+        report.built.append(job.sf.dataset_id)
+
+    def _fail(self, job: FileJob, start: int, err: ShardError, report: BuildReport, tb: str | None = None) -> None:
+        report.failed.append(err)
+        report.failed_ids.add(job.sf.dataset_id)
+        try:
+            job.layout.parts_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(job.layout.failed_marker(start), dict(err.to_json(), start=start, traceback=tb))
+        except OSError:
+            pass
+
+    @staticmethod
+    def _why_stale(record: dict, ident: dict) -> str:
+        if record.get("source_fingerprint") != ident["source_fingerprint"]:
+            return "the source file changed since it was sharded"
+        if record.get("vocabulary_fingerprint") != ident["vocabulary_fingerprint"]:
+            return "the token mapping changed since it was sharded"
+        return "shard settings (obs_keys, var_gene_id_column, compression, ...) changed"
+
+    def _complete_datasets(self) -> list[dict]:
+        out = []
+        for job in self.jobs:
+            record = read_json(job.layout.dataset_json)
+            if record is not None:
+                out.append(record)
+        return out
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())

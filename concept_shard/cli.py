@@ -1,0 +1,139 @@
+"""`concept-shard build | merge | status PROJECT_PATH [--config-dir DIR] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+from omegaconf import OmegaConf
+
+from .errors import ShardError
+
+USAGE_EPILOG = """\
+examples:
+  concept-shard build /data/project                                 # everything, one process
+  concept-shard build /data/project datamodule=DataModuleAdvanced   # another data module
+  sbatch --array=0-63 tools/slurm/shard_array.sbatch /data/project  # SLURM array job
+  concept-shard merge /data/project                                 # after the array job
+  concept-shard status /data/project
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="concept-shard", description="Shard a project's .h5ad/.zarr files into "
+                                "per-species MDS datasets.", epilog=USAGE_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in [("build", "shard every file listed by the split YAMLs (skips complete ones)"),
+                        ("merge", "join row-range parts written by array tasks; write species indexes"),
+                        ("status", "list files as done, pending, stale or failed")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("project_path", metavar="PROJECT_PATH")
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. shard.chunk_size=4096")
+        s.add_argument("--config-dir", help="your own config directory, searched before the packaged conf/")
+        s.add_argument("--lamindb", action="store_true", help="register sources and shards in the current lamindb instance")
+        if name == "build":
+            s.add_argument("--task-index", type=int, default=None, help="this task (default: $SLURM_ARRAY_TASK_ID)")
+            s.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT)")
+            s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _slurm_task() -> tuple[int, int]:
+    if "SLURM_ARRAY_TASK_ID" not in os.environ:
+        return 0, 1
+    task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    return task, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .build import ShardJob
+    from .config import compose_config
+
+    try:
+        cfg = compose_config(args.project_path, args.overrides, args.config_dir)
+        use_lamin = args.lamindb or bool(OmegaConf.select(cfg, "lamindb.enabled"))
+        lamin = None
+        if use_lamin and args.command != "status":
+            from .lamin_registry import LaminRegistry
+            lamin = LaminRegistry(cfg)
+        progress = args.command == "build" and not args.no_progress
+        t0 = time.time()
+        job = ShardJob(cfg, progress=progress, lamin=lamin)
+        if args.command == "status":
+            return _print_status(job)
+        if args.command == "build":
+            env_task, env_count = _slurm_task()
+            task = env_task if args.task_index is None else args.task_index
+            count = env_count if args.num_tasks is None else args.num_tasks
+            if not 0 <= task < count:
+                raise ShardError("--task-index", f"is {task} but --num-tasks is {count}.", "Use 0 <= task-index < num-tasks.")
+            report = job.run_task(task, count)
+        else:
+            report = job.merge()
+        if lamin is not None:
+            lamin.close()
+    except ShardError as err:
+        print(f"\nconcept-shard: error\n{err.paragraph()}", file=sys.stderr)
+        return 2
+    _print_report(report, time.time() - t0, args.command)
+    return report.exit_code
+
+
+def _print_report(report, seconds: float, command: str) -> None:
+    rows = defaultdict(lambda: [0, 0, 0, 0, 0])
+    for d in report.datasets:
+        r = rows[d["species"]]
+        r[0] += 1
+        r[1] += d["cells_written"]
+        r[2] += d["nonzeros"]
+        r[3] += d["shard_bytes"]
+        r[4] += sum(d["cells_dropped"].values())
+    print(f"\nconcept-shard {command}: {len(report.built)} built, {len(report.up_to_date)} up to date, "
+          f"{len(report.waiting)} waiting for other tasks/merge, {len(report.failed)} failed ({seconds:.1f} s)")
+    if rows:
+        header = f"{'species':<12}{'files':>7}{'cells':>12}{'nonzeros':>15}{'MB':>10}{'B/nnz':>7}{'dropped':>9}"
+        print(header)
+        print("-" * len(header))
+        for species in sorted(rows):
+            f, c, nnz, b, drop = rows[species]
+            print(f"{species:<12}{f:>7}{c:>12,}{nnz:>15,}{b / 1e6:>10.1f}{b / max(nnz, 1):>7.2f}{drop:>9,}")
+    if report.waiting and command == "build":
+        print("Some files span several tasks: run `concept-shard merge PROJECT_PATH` after all tasks finish.")
+    for err in report.failed:
+        print(f"\nFAILED {err.paragraph()}", file=sys.stderr)
+    if report.failed:
+        print(f"\n{len(report.failed)} input(s) failed; the others are complete. Fix them and re-run the same "
+              "command: finished work is kept.", file=sys.stderr)
+
+
+def _print_status(job) -> int:
+    from .finalize import finished_parts
+
+    counts = defaultdict(int)
+    for err in job.config_errors:
+        print(f"invalid  {err.paragraph()}")
+        counts["invalid"] += 1
+    for j in job.jobs:
+        if j.error is not None:
+            state, detail = "failed", j.error.problem
+        else:
+            state, _ = job.state(j)
+            detail = ""
+            if state == "absent":
+                failures = j.layout.failures()
+                n_done = len([r for r in j.ranges if r in finished_parts(j.layout, job.identity(j))])
+                state = "failed" if failures else "pending"
+                detail = failures[0]["problem"] if failures else f"{n_done}/{len(j.ranges)} parts done"
+        counts[state] += 1
+        print(f"{state:<8} {j.sf.dataset_id:<50} {detail}")
+    print("\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0 if set(counts) <= {"done"} else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Join a file's finished parts into its dataset directory, and index each species.
+
+Joining hard-links (or copies) the parts' shard files into `<stem>.join.tmp/` under
+sequential names, writes one index.json, swaps the directory into place and writes
+dataset.json LAST, atomically. Parts are deleted only after dataset.json exists, so a kill at
+any step leaves either the parts (a re-run joins again) or a complete dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from . import FORMAT_VERSION, __version__
+from .layout import DatasetLayout, read_json, remove_tree, write_json_atomic
+
+
+def finished_parts(layout: DatasetLayout, identity: dict) -> dict[tuple[int, int], dict]:
+    """Finished parts whose fingerprints match `identity` (source, vocabulary, settings)."""
+    parts = {}
+    if not layout.parts_dir.is_dir():
+        return parts
+    for d in layout.parts_dir.glob("part_*"):
+        if d.name.endswith(".tmp"):
+            continue
+        rec = read_json(d / "part.json")
+        if rec and all(rec.get(k) == v for k, v in identity.items()):
+            parts[(rec["start"], rec["end"])] = rec
+    return parts
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:           # filesystems without hard links, or across devices
+        shutil.copy2(src, dst)
+
+
+def join_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dict, dataset_info: dict) -> dict:
+    """Publish the dataset made of `ranges` (all finished). Returns the dataset.json record."""
+    join = layout.dataset_dir.with_name(layout.dataset_dir.name + ".join.tmp")
+    remove_tree(join)
+    join.mkdir(parents=True)
+    index_shards = []
+    for start, end in ranges:
+        part = layout.part_dir(start, end) / "mds"
+        for shard in json.loads((part / "index.json").read_text())["shards"]:
+            stored = (shard.get("zip_data") or shard["raw_data"])["basename"]   # the file on disk
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):   # shard.00003.mds[.zstd] -> shard.<dataset-wide number>.mds[.zstd]
+                    name = shard[key]["basename"]
+                    shard[key]["basename"] = f"shard.{len(index_shards):05d}." + name.split(".", 2)[2]
+            _link_or_copy(part / stored, join / (shard.get("zip_data") or shard["raw_data"])["basename"])
+            index_shards.append(shard)
+    write_json_atomic(join / "index.json", {"version": 2, "shards": index_shards})
+    recs = [parts[r] for r in ranges]
+    record = dict(dataset_info)
+    record.update(
+        format_version=FORMAT_VERSION,
+        created_by=f"concept-shard {__version__}",
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        parts=[[a, b] for a, b in ranges],
+        cells_written=sum(r["cells_written"] for r in recs),
+        cells_dropped={"no_nonzero_in_vocabulary": sum(r["cells_dropped_no_nonzero"] for r in recs)},
+        nonzeros=sum(r["nonzeros"] for r in recs),
+        n_shards=len(index_shards),
+        shard_bytes=sum(f.stat().st_size for f in join.iterdir() if f.name.startswith("shard.")),
+        obs_keys_absent=sorted({k for r in recs for k in r.get("obs_keys_absent", [])}),
+    )
+    old = layout.dataset_dir.with_name(layout.dataset_dir.name + f".old.{os.getpid()}.tmp")
+    if layout.dataset_dir.exists():
+        os.replace(layout.dataset_dir, old)
+    os.replace(join, layout.dataset_dir)
+    write_json_atomic(layout.dataset_json, record)     # LAST: its presence means complete
+    remove_tree(old)
+    remove_tree(layout.parts_dir)
+    return record
+
+
+def write_species_indexes(shards_root: Path) -> dict[str, int]:
+    """`SHARDS/<species>/index.json` over every complete dataset of the species (merge_index style).
+
+    Lets a user stream a whole species as one `StreamingDataset(local=SHARDS/<species>)`; the
+    per-file datasets stay the unit of training streams. Written atomically; idempotent.
+    """
+    counts = {}
+    for species_dir in sorted(p for p in Path(shards_root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        shards, datasets = [], []
+        for ds_json in sorted(species_dir.glob("*/*/dataset.json")):
+            ds_dir = ds_json.parent
+            rel = ds_dir.relative_to(species_dir).as_posix()
+            info = read_json(ds_json)
+            for shard in json.loads((ds_dir / "index.json").read_text())["shards"]:
+                for key in ("raw_data", "zip_data"):
+                    if shard.get(key):
+                        shard[key]["basename"] = f"{rel}/{shard[key]['basename']}"
+                shards.append(shard)
+            datasets.append({"path": rel, "cells": info["cells_written"], "source_file": info["source_file"]})
+        write_json_atomic(species_dir / "index.json", {"version": 2, "shards": shards})
+        write_json_atomic(species_dir / "datasets.json", {"species": species_dir.name, "datasets": datasets})
+        counts[species_dir.name] = len(datasets)
+    return counts

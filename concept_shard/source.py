@@ -1,0 +1,228 @@
+"""Read an AnnData file (.h5ad via h5py, .zarr via zarr) in row chunks without loading it.
+
+Counts come from `raw/X` when the file has a `.raw`, else from `X`. The matrix may be CSR,
+CSC or dense; every reader yields CSR chunks over the source's columns, so memory follows the
+chunk size, not the file size. CSC files are transposed out of core (see `_CscRows`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import ShardError
+from .splits import SourceFile
+
+# Dense chunks and CSC column blocks are sized by element count to bound memory.
+MAX_ELEMENTS_PER_READ = 16_000_000
+
+
+def _attr(node, name, default=None):
+    value = node.attrs.get(name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class AnnDataSource:
+    """An open source file: its counts matrix, gene ids and obs columns."""
+
+    def __init__(self, sf: SourceFile):
+        self.sf = sf
+        path = sf.path
+        if not path.exists():
+            raise ShardError(path, "does not exist.",
+                             f"Fix the file name in split {sf.split_key} or copy the file to {path.parent}.")
+        try:
+            if path.is_dir() or path.suffix == ".zarr":
+                import zarr
+                self.root = zarr.open_group(str(path), mode="r")
+            else:
+                import h5py
+                self.root = h5py.File(path, "r")
+            has_raw = "raw" in self.root and "X" in self.root["raw"]
+            self.matrix_key = "raw/X" if has_raw else "X"
+            self.var_key = "raw/var" if has_raw else "var"
+            self.X = self.root[self.matrix_key]
+            self.format, self.shape = self._layout(self.X)
+        except ShardError:
+            raise
+        except Exception as exc:
+            raise ShardError(path, f"cannot be read as AnnData ({type(exc).__name__}: {exc}); it may be "
+                             "truncated, still being copied, or not an .h5ad/.zarr.",
+                             "Re-export or re-copy the file (check its size against the original).") from None
+        self._csc = None
+        self._obs_columns: dict[str, _ObsColumn] = {}
+
+    @staticmethod
+    def _layout(X) -> tuple[str, tuple[int, int]]:
+        enc = _attr(X, "encoding-type") or _attr(X, "h5sparse_format")
+        if enc in ("csr_matrix", "csr"):
+            return "csr", tuple(int(v) for v in _attr(X, "shape"))
+        if enc in ("csc_matrix", "csc"):
+            return "csc", tuple(int(v) for v in _attr(X, "shape"))
+        if hasattr(X, "shape") and len(X.shape) == 2:
+            return "dense", tuple(int(v) for v in X.shape)
+        raise ValueError(f"unsupported matrix encoding {enc!r}")
+
+    @property
+    def n_cells(self) -> int:
+        return self.shape[0]
+
+    def close(self) -> None:
+        if hasattr(self.root, "close"):
+            self.root.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- annotations ---------------------------------------------------------------------
+    def gene_ids(self) -> np.ndarray:
+        """The matrix's column ids (var_names, or the split's `var_gene_id_column`) as str."""
+        from anndata.io import read_elem
+
+        var = self.root[self.var_key]
+        column = self.sf.var_gene_id_column
+        if column is None:
+            ids = read_elem(var[_attr(var, "_index")])
+        else:
+            if column not in var:
+                cols = [k for k in var.keys() if k != _attr(var, "_index")]
+                raise ShardError(self.sf.path, f"has no var column '{column}' in {self.var_key} "
+                                 f"(columns: {cols}).",
+                                 f"Fix `var_gene_id_column` in split {self.sf.split_key}, or drop it to use var_names.")
+            ids = read_elem(var[column])
+        ids = np.asarray(ids, dtype=object).astype(str)
+        if len(ids) != self.shape[1]:
+            raise ShardError(self.sf.path, f"{self.var_key} has {len(ids)} genes but {self.matrix_key} has "
+                             f"{self.shape[1]} columns.", "Re-export the AnnData object; it is inconsistent.")
+        return ids
+
+    def obs_strings(self, keys: list[str], start: int, end: int) -> tuple[list[str], dict[str, list[str]], list[str]]:
+        """(cell ids, {key: values as str, missing -> ""}, keys absent from obs) for rows [start, end)."""
+        obs = self.root["obs"]
+        cell_ids = _ObsColumn(obs[_attr(obs, "_index")]).strings(start, end)
+        values, absent = {}, []
+        for key in keys:
+            if key not in obs:
+                absent.append(key)
+                values[key] = [""] * (end - start)
+                continue
+            if key not in self._obs_columns:
+                self._obs_columns[key] = _ObsColumn(obs[key])
+            values[key] = self._obs_columns[key].strings(start, end)
+        return cell_ids, values, absent
+
+    # ---- counts --------------------------------------------------------------------------
+    def read_rows(self, start: int, end: int, scratch: Path | None = None) -> sp.csr_matrix:
+        """Rows [start, end) as CSR over the source columns (values as stored)."""
+        if self.format == "csr":
+            indptr = np.asarray(self.X["indptr"][start:end + 1], dtype=np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            data = np.asarray(self.X["data"][lo:hi])
+            indices = np.asarray(self.X["indices"][lo:hi])
+            return sp.csr_matrix((data, indices, indptr - lo), shape=(end - start, self.shape[1]))
+        if self.format == "dense":
+            return sp.csr_matrix(np.asarray(self.X[start:end]))
+        if self._csc is None:
+            raise RuntimeError("call csc_prepare(start, end, chunk_size, scratch) before reading a CSC file")
+        return self._csc.read(start, end)
+
+    def csc_prepare(self, start: int, end: int, chunk_size: int, scratch: Path) -> None:
+        if self.format == "csc":
+            self._csc = _CscRows(self.X, self.shape, start, end, chunk_size, scratch)
+
+    def rows_per_read(self, chunk_size: int) -> int:
+        if self.format == "dense":
+            return max(1, min(chunk_size, MAX_ELEMENTS_PER_READ // max(1, self.shape[1])))
+        return chunk_size
+
+
+class _ObsColumn:
+    """Row slices of one obs column as strings, without reading the whole column per chunk.
+
+    Categoricals read their categories once and slice the codes; plain arrays are sliced in
+    place; other encodings (nullable arrays, ...) are read once through anndata and cached.
+    """
+
+    def __init__(self, node):
+        self.node = node
+        self.kind = _attr(node, "encoding-type")
+        self.categories = self.cached = None
+        if self.kind == "categorical":
+            from anndata.io import read_elem
+            # one extra "" category at the end stands for code -1 (missing)
+            self.categories = np.append(np.asarray(read_elem(node["categories"]), dtype=object).astype(str), "")
+        elif self.kind not in ("string-array", "array"):
+            from anndata.io import read_elem
+            self.cached = np.asarray(read_elem(node), dtype=object)
+
+    def strings(self, start: int, end: int) -> list[str]:
+        if self.categories is not None:
+            codes = np.asarray(self.node["codes"][start:end])
+            return self.categories[np.where(codes >= 0, codes, -1)].tolist()
+        values = self.cached[start:end] if self.cached is not None else self.node[start:end]
+        return ["" if _is_missing(v) else (v.decode() if isinstance(v, bytes) else str(v)) for v in values]
+
+
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(np.isnan(value))
+    except (TypeError, ValueError):
+        return False
+
+
+class _CscRows:
+    """Out-of-core CSC -> row chunks: one pass over column blocks buckets entries by row chunk.
+
+    Each bucket is an append-only file of (row, col, value) records under `scratch`; reading a
+    chunk loads one bucket. I/O is linear in the part's nonzeros and memory is bounded by the
+    column block size, instead of re-scanning the whole matrix for every row chunk.
+    """
+
+    def __init__(self, X, shape, start, end, chunk_size, scratch: Path):
+        self.start, self.chunk_size, self.n_cols = start, chunk_size, shape[1]
+        self.dir = Path(tempfile.mkdtemp(prefix="csc-", dir=scratch))
+        indptr = np.asarray(X["indptr"][:], dtype=np.int64)
+        value_dtype = np.dtype(X["data"].dtype)
+        self.record = np.dtype([("row", np.int64), ("col", np.int32), ("val", value_dtype)])
+        col = 0
+        while col < shape[1]:
+            # grow the block until it holds about MAX_ELEMENTS_PER_READ nonzeros
+            stop = int(np.searchsorted(indptr, indptr[col] + MAX_ELEMENTS_PER_READ, side="right"))
+            stop = min(max(stop - 1, col + 1), shape[1])
+            lo, hi = int(indptr[col]), int(indptr[stop])
+            rows = np.asarray(X["indices"][lo:hi], dtype=np.int64)
+            vals = np.asarray(X["data"][lo:hi])
+            cols = np.repeat(np.arange(col, stop, dtype=np.int32), np.diff(indptr[col:stop + 1]))
+            keep = (rows >= start) & (rows < end)
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
+            bucket = (rows - start) // chunk_size
+            order = np.argsort(bucket, kind="stable")
+            rows, cols, vals, bucket = rows[order], cols[order], vals[order], bucket[order]
+            bounds = np.flatnonzero(np.diff(bucket)) + 1
+            for b_rows, b_cols, b_vals in zip(np.split(rows, bounds), np.split(cols, bounds), np.split(vals, bounds)):
+                if len(b_rows) == 0:
+                    continue
+                rec = np.empty(len(b_rows), dtype=self.record)
+                rec["row"], rec["col"], rec["val"] = b_rows, b_cols, b_vals
+                with open(self.dir / f"{(b_rows[0] - start) // chunk_size}.bin", "ab") as fh:
+                    rec.tofile(fh)
+            col = stop
+
+    def read(self, start: int, end: int) -> sp.csr_matrix:
+        bucket = (start - self.start) // self.chunk_size
+        if (start - self.start) % self.chunk_size or end - start > self.chunk_size:
+            raise ValueError("CSC chunks must align with the prepared chunk size")
+        path = self.dir / f"{bucket}.bin"
+        rec = np.fromfile(path, dtype=self.record) if path.exists() else np.empty(0, dtype=self.record)
+        if path.exists():
+            os.unlink(path)
+        return sp.csr_matrix((rec["val"], (rec["row"] - start, rec["col"])), shape=(end - start, self.n_cols))

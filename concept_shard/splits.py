@@ -1,0 +1,153 @@
+"""Resolve the composed config's split entries to the list of source files to shard.
+
+A split entry (scConcept format) is a dict with `source_name`, `species`, `source_path`,
+`train`, `val` and optionally `var_gene_id_column`; a list item may also be
+`{source: <split>, key: train|val}`. Every file of every referenced split is sharded, train
+and val alike, since a file's shards do not depend on how a loader uses them. A file name
+`lamindb:<key>` names a lamindb artifact instead of a path under `source_path`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .errors import ShardError
+
+LAMINDB_PREFIX = "lamindb:"
+_INTERPOLATION = re.compile(r"^\$\{([^}]+)\}$")
+
+
+@dataclass
+class SourceFile:
+    """One input file and where its shard dataset goes."""
+
+    species: str
+    source_name: str
+    name: str                     # as listed in the split YAML
+    path: Path                    # resolved local path (.h5ad file or .zarr directory)
+    split_key: str                # config key of the split entry, for error messages
+    var_gene_id_column: str | None = None
+    lamindb_key: str | None = None
+    sections: set[str] = field(default_factory=set)
+
+    @property
+    def stem(self) -> str:
+        base = Path(self.name.removeprefix(LAMINDB_PREFIX)).name
+        for suffix in (".h5ad", ".zarr"):
+            if base.endswith(suffix):
+                return base[: -len(suffix)]
+        return base
+
+    @property
+    def dataset_id(self) -> str:
+        return f"{self.species}/{self.source_name}/{self.stem}"
+
+
+def _split_items(cfg: DictConfig) -> list[tuple[str, object, str | None]]:
+    """(config key, split dict, section or None) for every split list item in the datamodule."""
+    dm = cfg.datamodule
+    lists: list[tuple[str, object]] = []
+    if OmegaConf.select(dm, "dataset.train.split") is not None:
+        lists.append(("datamodule.dataset.train.split", dm.dataset.train))
+    val = OmegaConf.select(dm, "dataset.val")
+    if val is not None:
+        for loader in val:
+            if OmegaConf.select(val[loader], "split") is not None:
+                lists.append((f"datamodule.dataset.val.{loader}.split", val[loader]))
+    items = []
+    for list_key, node in lists:
+        raw = OmegaConf.to_container(node, resolve=False)["split"]
+        if isinstance(raw, (str, dict)):
+            raw = [raw]
+        for i, item in enumerate(raw):
+            key, section = f"{list_key}[{i}]", None
+            if isinstance(item, dict) and "source" in item:
+                section = item.get("key")
+                item = item["source"]
+                if section not in ("train", "val"):
+                    raise ShardError(key, f"has `key: {section}`.", "Use `key: train` or `key: val`.")
+            if isinstance(item, str) and (m := _INTERPOLATION.match(item)):
+                key = m.group(1)
+                split = OmegaConf.select(cfg, key)
+                if split is None:
+                    raise ShardError(key, "is referenced by a split list but not defined.",
+                                     "Add it to the datamodule's defaults list, e.g. `- split_x_hsapiens: my_split`.")
+            else:
+                split = OmegaConf.create(item) if isinstance(item, dict) else item
+                split = OmegaConf.merge(OmegaConf.create({"PATH": cfg.PATH}), {"_": split})["_"]
+            items.append((key, split, section))
+    return items
+
+
+def collect_source_files(cfg: DictConfig) -> tuple[list[SourceFile], list[ShardError]]:
+    """All files named by all split entries, deduplicated, with per-entry errors collected."""
+    mappings = Path(cfg.PATH.GENE_MAPPINGS_PATH)
+    allowed_species = OmegaConf.select(cfg, "datamodule.species")
+    files: dict[str, SourceFile] = {}
+    errors: list[ShardError] = []
+    seen_splits: set[str] = set()
+    for key, split, section in _split_items(cfg):
+        if key in seen_splits and section is None:
+            continue
+        seen_splits.add(key)
+        try:
+            entries = _files_of_split(key, split, mappings, allowed_species)
+        except ShardError as err:
+            errors.append(err)
+            continue
+        for sf, err in entries:
+            if err is not None:
+                errors.append(err)
+                continue
+            prev = files.get(sf.dataset_id)
+            if prev is not None and prev.path != sf.path:
+                errors.append(ShardError(key, f"lists `{sf.name}`, which maps to shard dataset {sf.dataset_id} "
+                                         f"already claimed by {prev.path}.",
+                                         "Give the two sources different `source_name`s or rename one file."))
+                continue
+            (prev or files.setdefault(sf.dataset_id, sf)).sections.update(sf.sections)
+    return list(files.values()), errors
+
+
+def _files_of_split(key, split, mappings: Path, allowed_species) -> list[tuple[SourceFile, ShardError | None]]:
+    if not isinstance(split, (DictConfig, dict)):
+        raise ShardError(key, "is not a split dict.",
+                         "A split item must be a dict with source_name/species/source_path/train/val "
+                         "or `{source: <split>, key: train|val}`.")
+    missing = [k for k in ("source_name", "species", "source_path") if OmegaConf.select(split, k) is None]
+    if missing:
+        raise ShardError(key, f"lacks {', '.join(missing)}.", "Every split YAML needs source_name, species and source_path.")
+    species, source_name = str(split.species), str(split.source_name)
+    if not (mappings / f"{species}.csv").is_file() or (allowed_species is not None and species not in allowed_species):
+        known = sorted(p.stem for p in mappings.glob("*.csv")) if mappings.is_dir() else []
+        raise ShardError(key, f"names species '{species}', which has no token mapping "
+                         f"{mappings / (species + '.csv')} or is not in datamodule.species {list(allowed_species or [])}.",
+                         f"Use one of {known} or add the mapping CSV and the species to datamodule.species.")
+    source_path = Path(str(split.source_path))
+    out = []
+    for section in ("train", "val"):
+        names = OmegaConf.select(split, section) or []
+        if isinstance(names, str):
+            names = [names]
+        for name in names:
+            name = str(name)
+            sf = SourceFile(species=species, source_name=source_name, name=name, path=source_path / name,
+                            split_key=key, var_gene_id_column=OmegaConf.select(split, "var_gene_id_column"),
+                            sections={section})
+            if name.startswith(LAMINDB_PREFIX):
+                sf.lamindb_key = name[len(LAMINDB_PREFIX):]
+                out.append((sf, None))
+                continue
+            resolved = (source_path / name).resolve()
+            if Path(name).is_absolute() or not resolved.is_relative_to(source_path.resolve()):
+                out.append((sf, ShardError(f"{key} ({source_name}/{species})",
+                                           f"lists `{name}`, which escapes source_path {source_path}.",
+                                           "List files by their name inside source_path; move the file there "
+                                           "or point source_path at its directory.")))
+                continue
+            out.append((sf, None))
+    return out

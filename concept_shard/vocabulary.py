@@ -1,0 +1,70 @@
+"""A species' token mapping (`<species>.csv`: gene_id,gene_name,token; `<cls>`=0, `<pad>`=1)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import ShardError
+
+CLS, PAD = "<cls>", "<pad>"
+_VERSION_SUFFIX = re.compile(r"\.\d+$")
+
+
+def strip_version(gene_id: str) -> str:
+    """`ENSG00000141510.17` -> `ENSG00000141510`; IDs without a numeric suffix are kept."""
+    return _VERSION_SUFFIX.sub("", gene_id)
+
+
+@dataclass
+class Vocabulary:
+    species: str
+    path: Path
+    token_of: dict[str, int]      # gene id (no version) -> token
+    size: int                     # max token + 1
+    fingerprint: str
+
+    @property
+    def gene_dtype(self) -> np.dtype:
+        """Smallest unsigned dtype that holds every token id."""
+        return np.dtype(np.uint16) if self.size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def load_vocabulary(mappings_dir: Path, species: str) -> Vocabulary:
+    path = Path(mappings_dir) / f"{species}.csv"
+    fix = ("Rebuild it with header `gene_id,gene_name,token`, rows `<cls>,,0` and `<pad>,,1` first, "
+           "then one row per gene with a unique integer token.")
+    try:
+        table = pd.read_csv(path, dtype={"gene_id": str, "gene_name": str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise ShardError(path, f"no token mapping for species '{species}'.", fix) from None
+    except Exception as exc:  # malformed CSV of any kind
+        raise ShardError(path, f"cannot be read as a token mapping CSV ({exc}).", fix) from None
+    if not {"gene_id", "token"} <= set(table.columns):
+        raise ShardError(path, f"has columns {list(table.columns)}, not gene_id and token.", fix)
+    tokens = pd.to_numeric(table["token"], errors="coerce")
+    if tokens.isna().any() or (tokens < 0).any():
+        bad = table.loc[tokens.isna() | (tokens < 0), "gene_id"].head(3).tolist()
+        raise ShardError(path, f"has missing or negative tokens (e.g. for {bad}).", fix)
+    tokens = tokens.astype(np.int64)
+    ids = table["gene_id"].map(strip_version)
+    token_of = dict(zip(ids, tokens))
+    if token_of.get(CLS) != 0 or token_of.get(PAD) != 1:
+        raise ShardError(path, f"must map {CLS} to 0 and {PAD} to 1 (found {CLS}={token_of.get(CLS)}, "
+                         f"{PAD}={token_of.get(PAD)}).", fix)
+    dup_tokens = tokens[tokens.duplicated()].unique()
+    if len(dup_tokens):
+        raise ShardError(path, f"gives the same token to several genes (tokens {dup_tokens[:5].tolist()}).", fix)
+    dup_ids = ids[ids.duplicated()].unique()
+    if len(dup_ids):
+        raise ShardError(path, f"lists gene ids more than once (e.g. {dup_ids[:5].tolist()}).", fix)
+    digest = hashlib.sha256()
+    for gene_id, token in sorted(token_of.items(), key=lambda kv: kv[1]):
+        digest.update(f"{gene_id},{token}\n".encode())
+    del token_of[CLS], token_of[PAD]
+    return Vocabulary(species, path, token_of, int(tokens.max()) + 1, "sha256:" + digest.hexdigest())

@@ -1,0 +1,1 @@
+"""Training side: streams, model, trainer (built in later issues)."""

@@ -1,0 +1,77 @@
+"""Shared fixtures: an isolated environment, one example project per session, shard helpers."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ADVANCED = ["datamodule=DataModuleAdvanced"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """Private TMPDIR, offline wandb, private lamindb settings; no stale streaming shared memory."""
+    base = tmp_path_factory.mktemp("env")
+    (base / "tmp").mkdir()
+    os.environ.update(TMPDIR=str(base / "tmp"), WANDB_MODE="offline", LAMIN_SETTINGS_DIR=str(base / "lamin"))
+    _clean_shm()
+    yield
+    _clean_shm()
+
+
+def _clean_shm():
+    """Streaming leaves /dev/shm segments behind when a process is killed; remove ours."""
+    try:
+        from streaming.base.util import clean_stale_shared_memory
+        clean_stale_shared_memory()
+    except Exception:
+        for path in glob.glob("/dev/shm/*_locals") + glob.glob("/dev/shm/*_barrier") + glob.glob("/dev/shm/*_filelock"):
+            Path(path).unlink(missing_ok=True)
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def example_source(tmp_path_factory) -> Path:
+    """The example project at 300 cells per synthetic file, made once (never modified)."""
+    out = tmp_path_factory.mktemp("example") / "project"
+    load_tool("make_example_project").main([str(out), "--cells", "300"])
+    return out
+
+
+@pytest.fixture
+def project(example_source, tmp_path) -> Path:
+    """A private copy of the example project that a test may change."""
+    dst = tmp_path / "project"
+    shutil.copytree(example_source, dst, symlinks=True)
+    return dst
+
+
+def shard(*args) -> int:
+    """Run `concept-shard` in-process (no 10 s interpreter start per call)."""
+    from concept_shard.cli import main
+    return main([str(a) for a in args])
+
+
+def read_dataset(path: Path) -> list[dict]:
+    """Every sample of an MDS dataset, in order, through plain streaming.StreamingDataset."""
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+    return [ds[i] for i in range(len(ds))]
+
+
+def dataset_dirs(project: Path) -> list[Path]:
+    return sorted(p.parent for p in (project / "shards").glob("*/*/*/dataset.json"))
