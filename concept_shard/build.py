@@ -146,6 +146,7 @@ class ShardJob:
                 continue
             if state == "done":
                 report.up_to_date.append(ds_id)
+                self._register(job, record, report)
                 continue
             if state == "stale":
                 self.log(f"[concept-shard] {ds_id}: {self._why_stale(record, ident)}; rebuilding.")
@@ -177,18 +178,19 @@ class ShardJob:
                 report.failed.append(job.error)
                 continue
             try:
-                state, _ = self.state(job)
+                state, record = self.state(job)
             except ShardError as err:
                 report.failed.append(err)
                 continue
             if state == "done":
                 report.up_to_date.append(ds_id)
+                self._register(job, record, report)
                 continue
-            missing = [r for r in job.ranges if r not in finished_parts(job.layout, self.identity(job))]
-            if missing:
+            if self._tiling(job) is None:
                 failures = job.layout.failures()
                 if failures:
                     report.failed += [ShardError(**{k: f[k] for k in ("where", "problem", "fix")}) for f in failures]
+                    report.failed_ids.add(ds_id)
                 else:
                     report.waiting.append(ds_id)
                 continue
@@ -255,20 +257,42 @@ class ShardJob:
             columns=self.settings.columns(vocab),
         )
 
+    def _tiling(self, job: FileJob) -> list[tuple[int, int]] | None:
+        """The finished parts on disk if they cover all rows exactly once, else None.
+
+        Taken from disk rather than from the plan, so `merge` joins what the array tasks wrote
+        even when it is run with another `shard.part_size`.
+        """
+        ranges, pos = [], 0
+        for a, b in sorted(finished_parts(job.layout, self.identity(job))):
+            if a != pos:
+                return None
+            ranges.append((a, b))
+            pos = b
+        return ranges if ranges and pos == job.ranges[-1][1] else None
+
     def _join(self, job: FileJob, report: BuildReport) -> None:
-        ident = self.identity(job)
-        parts = finished_parts(job.layout, ident)
-        if not all(r in parts for r in job.ranges):
+        ranges = self._tiling(job)
+        if ranges is None:
             report.waiting.append(job.sf.dataset_id)
             return
-        first = parts[job.ranges[0]]
+        parts = finished_parts(job.layout, self.identity(job))
+        first = parts[ranges[0]]
         info = {k: v for k, v in first.items() if k not in ("start", "end", "cells_written", "nonzeros",
                                                              "cells_dropped_no_nonzero", "shard_bytes",
                                                              "obs_keys_absent")}
-        record = join_parts(job.layout, job.ranges, parts, info)
-        if self.lamin is not None:
-            self.lamin.register(job.sf, job.layout.dataset_dir, record)
+        record = join_parts(job.layout, ranges, parts, info)
         report.built.append(job.sf.dataset_id)
+        self._register(job, record, report)
+
+    def _register(self, job: FileJob, record: dict, report: BuildReport) -> None:
+        if self.lamin is None:
+            return
+        try:
+            self.lamin.register(job.sf, job.layout.dataset_dir, record)
+        except ShardError as err:
+            report.failed.append(err)
+            report.failed_ids.add(job.sf.dataset_id)
 
     def _fail(self, job: FileJob, start: int, err: ShardError, report: BuildReport, tb: str | None = None) -> None:
         report.failed.append(err)

@@ -50,7 +50,13 @@ def _slurm_task() -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # overrides may come before or after options; argparse leaves the later ones unparsed
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     from .build import ShardJob
     from .config import compose_config
 
@@ -59,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         use_lamin = args.lamindb or bool(OmegaConf.select(cfg, "lamindb.enabled"))
         lamin = None
         if use_lamin and args.command != "status":
-            from .lamin_registry import LaminRegistry
-            lamin = LaminRegistry(cfg)
+            from .lineage import ShardLineage
+            lamin = ShardLineage(cfg, args.command)
         progress = args.command == "build" and not args.no_progress
         t0 = time.time()
         job = ShardJob(cfg, progress=progress, lamin=lamin)
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = job.merge()
         if lamin is not None:
-            lamin.close()
+            lamin.close(failed=bool(report.failed))
     except ShardError as err:
         print(f"\nconcept-shard: error\n{err.paragraph()}", file=sys.stderr)
         return 2

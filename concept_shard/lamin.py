@@ -110,7 +110,10 @@ def check_instance(project_path: Path) -> None:
 
 
 def resolve_artifact_key(key: str) -> Path:
-    """Local path of the latest version of the artifact with this key in the current instance."""
+    """Local path of the latest version of the artifact with this key in the current instance.
+
+    Call ``check_instance(project_path)`` first so the project's instance is the current one.
+    """
     ln = _connect()
     artifact = ln.Artifact.filter(key=key).order_by("-created_at", "-id").first()
     if artifact is None:

@@ -92,4 +92,16 @@ def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, voc
     write_json_atomic(tmp / "part.json", record)
     remove_tree(final)       # a stale part of an older source, if any
     os.replace(tmp, final)   # the rename publishes the part
+    _remove_overlapping_parts(layout, start, end)
     return record
+
+
+def _remove_overlapping_parts(layout: DatasetLayout, start: int, end: int) -> None:
+    """Drop parts of an earlier plan (another part_size) that overlap this one, so the
+    finished parts of a file always tile its rows without double counting."""
+    for d in layout.parts_dir.glob("part_*_*"):
+        if d.name.endswith(".tmp"):
+            continue
+        a, b = (int(x) for x in d.name.split("_")[1:3])
+        if (a, b) != (start, end) and a < end and start < b:
+            remove_tree(d)
