@@ -132,7 +132,7 @@ class ShardJob:
         mine = assign(self.units(), num_tasks)[task_index]
         by_id = {j.sf.dataset_id: j for j in self.jobs}
         my_ids = sorted({u.dataset_id for u in mine})
-        todo: list[tuple[FileJob, WorkUnit]] = []
+        todo: list[tuple[FileJob, list[WorkUnit], bool]] = []
         for ds_id in my_ids:
             job = by_id[ds_id]
             if job.error is not None:
@@ -152,18 +152,20 @@ class ShardJob:
                 self.log(f"[concept-shard] {ds_id}: {self._why_stale(record, ident)}; rebuilding.")
                 report.rebuilt.append(ds_id)
             done = finished_parts(job.layout, ident)
-            todo += [(job, u) for u in mine if u.dataset_id == ds_id and (u.start, u.end) not in done]
-        self._write_units(todo, report)
-        owned = {ds_id for ds_id in my_ids
-                 if all(u in mine for u in (WorkUnit(ds_id, a, b) for a, b in by_id[ds_id].ranges))}
-        for ds_id in my_ids:
-            job = by_id[ds_id]
-            if ds_id in report.up_to_date or ds_id in report.failed_ids:
-                continue
-            if ds_id in owned or num_tasks == 1:
-                self._join(job, report)
-            else:
-                report.waiting.append(ds_id)
+            units = [u for u in mine if u.dataset_id == ds_id and (u.start, u.end) not in done]
+            owns_all = all(WorkUnit(ds_id, a, b) in mine for a, b in job.ranges)
+            todo.append((job, units, owns_all or num_tasks == 1))
+        bar = self._progress_bar(sum(u.cells for _, units, _ in todo for u in units))
+        with bar:
+            # file by file, joining each as soon as its rows are written, so a long run that is
+            # killed leaves every file it finished complete and visible
+            for job, units, owns_all in todo:
+                if not self._write_units(job, units, report, bar):
+                    continue
+                if owns_all:
+                    self._join(job, report)
+                else:
+                    report.waiting.append(job.sf.dataset_id)
         if num_tasks == 1:
             write_species_indexes(self.shards_root) if self.shards_root.is_dir() else None
         report.datasets = self._complete_datasets()
@@ -200,44 +202,37 @@ class ShardJob:
         report.datasets = self._complete_datasets()
         return report
 
-    def _write_units(self, todo: list[tuple[FileJob, WorkUnit]], report: BuildReport) -> None:
+    def _progress_bar(self, total: int):
         from tqdm import tqdm
 
-        total = sum(u.cells for _, u in todo)
-        bar = tqdm(total=total, unit="cells", unit_scale=True, desc="concept-shard", disable=not self.progress,
-                   mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True)
-        gene_maps: dict[str, GeneMap | ShardError] = {}
-        failed_files: set[str] = set()
-        with bar:
-            for job, unit in todo:
-                if unit.dataset_id in failed_files:
-                    bar.update(unit.cells)
-                    continue
-                try:
-                    self._write_unit(job, unit, gene_maps, bar)
-                    job.layout.failed_marker(unit.start).unlink(missing_ok=True)
-                except Exception as exc:   # one bad file must not stop the others
-                    err = exc if isinstance(exc, ShardError) else ShardError(
-                        job.sf.path, f"failed while sharding rows {unit.start}-{unit.end} "
-                        f"({type(exc).__name__}: {exc}).",
-                        "See the traceback in the failed_*.json marker under the shards' .parts directory; "
-                        "re-run `concept-shard build` after fixing the cause.")
-                    self._fail(job, unit.start, err, report, traceback.format_exc())
-                    failed_files.add(unit.dataset_id)
-                    remove_tree(job.layout.part_tmp(unit.start, unit.end))
+        return tqdm(total=total, unit="cells", unit_scale=True, desc="concept-shard", disable=not self.progress,
+                    mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True)
 
-    def _write_unit(self, job: FileJob, unit: WorkUnit, gene_maps: dict, bar) -> None:
+    def _write_units(self, job: FileJob, units: list[WorkUnit], report: BuildReport, bar) -> bool:
+        """Write a file's pending units; on the first error mark the file failed and move on."""
+        gene_map: list = []
+        for i, unit in enumerate(units):
+            try:
+                self._write_unit(job, unit, gene_map, bar)
+                job.layout.failed_marker(unit.start).unlink(missing_ok=True)
+            except Exception as exc:   # one bad file must not stop the others
+                err = exc if isinstance(exc, ShardError) else ShardError(
+                    job.sf.path, f"failed while sharding rows {unit.start}-{unit.end} "
+                    f"({type(exc).__name__}: {exc}).",
+                    "See the traceback in the failed_*.json marker under the shards' .parts directory; "
+                    "re-run `concept-shard build` after fixing the cause.")
+                self._fail(job, unit.start, err, report, traceback.format_exc())
+                remove_tree(job.layout.part_tmp(unit.start, unit.end))
+                bar.update(sum(u.cells for u in units[i:]))
+                return False
+        return True
+
+    def _write_unit(self, job: FileJob, unit: WorkUnit, gene_map: list, bar) -> None:
         vocab = self.vocab(job.sf.species)
         with AnnDataSource(job.sf) as src:
-            gm = gene_maps.get(unit.dataset_id)
-            if gm is None:
-                try:
-                    gm = build_gene_map(job.sf.path, src.gene_ids(), vocab, job.sf.var_gene_id_column)
-                except ShardError as err:
-                    gm = err
-                gene_maps[unit.dataset_id] = gm
-            if isinstance(gm, ShardError):
-                raise gm
+            if not gene_map:     # once per file, shared by its units
+                gene_map.append(build_gene_map(job.sf.path, src.gene_ids(), vocab, job.sf.var_gene_id_column))
+            gm = gene_map[0]
             info = self._dataset_info(job, src, gm, vocab)
             write_part(src, job.layout, gm, vocab, unit.start, unit.end, self.settings, info, progress=bar)
 

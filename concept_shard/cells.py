@@ -71,7 +71,8 @@ class ChunkCells:
     n_empty: int
 
 
-def _validate(path: Path, data: np.ndarray, row0: int, indptr: np.ndarray, allow_non_integral: bool) -> None:
+def _validate(path: Path, data: np.ndarray, indices: np.ndarray, row0: int, indptr: np.ndarray,
+              allow_non_integral: bool) -> None:
     bad = None
     if data.dtype.kind == "f":
         if np.isnan(data).any():
@@ -84,7 +85,9 @@ def _validate(path: Path, data: np.ndarray, row0: int, indptr: np.ndarray, allow
         bad, what = np.flatnonzero(data < 0)[0], "negative"
     if bad is not None:
         row = row0 + int(np.searchsorted(indptr, bad, side="right") - 1)
-        raise ShardError(path, f"holds {what} counts (e.g. {data[bad]!r} in row {row}); concept-shard stores raw "
+        col = int(indices[bad])
+        raise ShardError(path, f"holds {what} counts (e.g. {float(data[bad]):g} in row {row}, column {col}); "
+                         "concept-shard stores raw "
                          "counts and normalises on the fly.",
                          "Put the raw integer counts in X or in .raw (layers are not read), or set "
                          "shard.allow_non_integral=true to keep non-integral values as float32.")
@@ -94,7 +97,7 @@ def map_chunk(path: Path, chunk: sp.csr_matrix, row0: int, gene_map: GeneMap, vo
               allow_non_integral: bool) -> ChunkCells:
     chunk.sum_duplicates()
     data, indptr = chunk.data, chunk.indptr.astype(np.int64)
-    _validate(path, data, row0, indptr, allow_non_integral)
+    _validate(path, data, chunk.indices, row0, indptr, allow_non_integral)
     n_rows = chunk.shape[0]
     row_of = np.repeat(np.arange(n_rows), np.diff(indptr))
     data64 = data.astype(np.float64, copy=False)

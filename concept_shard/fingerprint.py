@@ -24,9 +24,8 @@ def _hash_file(digest, path: Path) -> int:
         if size <= BLOCK * N_BLOCKS:
             digest.update(fh.read())
         else:
-            step = (size - BLOCK) // (N_BLOCKS - 1)
-            for i in range(N_BLOCKS):
-                fh.seek(i * step)
+            for i in range(N_BLOCKS):   # the first block starts at 0, the last ends at EOF
+                fh.seek((size - BLOCK) * i // (N_BLOCKS - 1))
                 digest.update(fh.read(BLOCK))
     return size
 
@@ -44,4 +43,5 @@ def source_fingerprint(path: Path) -> tuple[str, int]:
                 digest.update(str(file.relative_to(path)).encode())
                 total += _hash_file(digest, file)
         return "blake2b-sampled:" + digest.hexdigest(), total
-    return "blake2b-sampled:" + digest.hexdigest(), _hash_file(digest, path)
+    size = _hash_file(digest, path)
+    return "blake2b-sampled:" + digest.hexdigest(), size

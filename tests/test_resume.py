@@ -1,0 +1,138 @@
+"""A killed build resumes with nothing lost or doubled; an interrupted join is finished by merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ADVANCED, REPO, dataset_dirs, read_dataset, shard
+
+
+def assert_same_samples(a, b):
+    da, db = {d.relative_to(a): d for d in dataset_dirs(a)}, {d.relative_to(b): d for d in dataset_dirs(b)}
+    assert da.keys() == db.keys() and len(da) == 9
+    for rel in da:
+        x, y = read_dataset(da[rel]), read_dataset(db[rel])
+        assert len(x) == len(y), rel
+        for s, t in zip(x, y):
+            for col in s:
+                np.testing.assert_array_equal(s[col], t[col])
+
+
+@pytest.mark.slow
+def test_kill_9_mid_write_then_rerun(example_source, tmp_path):
+    reference, project = tmp_path / "reference", tmp_path / "project"
+    shutil.copytree(example_source, reference)
+    shutil.copytree(example_source, project)
+    assert shard("build", reference, *ADVANCED, "--no-progress") == 0
+    # tiny chunks and shards make the run slow enough to be caught with shard files half written
+    cmd = [sys.executable, "-m", "concept_shard.cli", "build", str(project), *ADVANCED, "shard.chunk_size=2",
+           "shard.shard_size_limit=65536", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            complete = list(project.glob("shards/*/*/*/dataset.json"))
+            writing = [p for p in project.glob("shards/*/*/.parts/*/part_*.tmp/mds/shard.*")]
+            if complete and writing:
+                break
+            assert proc.poll() is None, "build finished before it could be killed"
+            time.sleep(0.02)
+        else:
+            pytest.fail("never saw a part being written")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # a half-written dataset never has a dataset.json, and complete ones are readable
+    for ds_json in project.glob("shards/*/*/*/dataset.json"):
+        info = json.loads(ds_json.read_text())
+        assert len(read_dataset(ds_json.parent)) == info["cells_written"]
+    half = {p.parent.parent.name for p in project.glob("shards/*/*/.parts/*/part_*.tmp")}
+    assert half and not any((p.parent.parent.parent / n / "dataset.json").exists()
+                            for p in project.glob("shards/*/*/.parts/*/part_*.tmp") for n in half)
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    assert not list(project.glob("shards/**/*.tmp"))
+    assert_same_samples(reference, project)
+
+
+def test_interrupted_join_is_finished_by_merge(example_source, tmp_path):
+    reference, project = tmp_path / "reference", tmp_path / "project"
+    shutil.copytree(example_source, reference)
+    shutil.copytree(example_source, project)
+    assert shard("build", reference, *ADVANCED, "--no-progress") == 0
+    opts = [*ADVANCED, "shard.part_size=100", "--no-progress"]
+    for task in range(2):
+        assert shard("build", project, *opts, "--task-index", task, "--num-tasks", 2) == 0
+    # Simulate kills at two points of a join: a half-filled staging dir, and a dataset dir swapped
+    # into place whose dataset.json was never written.
+    ds = project / "shards/hsapiens/synth_hsapiens/hs_blood_a"
+    (ds.parent / "hs_blood_a.join.tmp").mkdir()
+    (ds.parent / "hs_blood_a.join.tmp" / "shard.00000.mds.zstd").write_bytes(b"partial")
+    ds2 = project / "shards/mmusculus/synth_mmusculus/mm_brain_a"
+    ds2.mkdir(parents=True)
+    (ds2 / "index.json").write_text("{}")
+    assert not (ds2 / "dataset.json").exists()
+    assert shard("merge", project, *ADVANCED) == 0
+    assert not (ds.parent / "hs_blood_a.join.tmp").exists()
+    assert_same_samples(reference, project)
+
+
+def test_changed_source_is_rebuilt_and_said_so(example_source, tmp_path, capsys):
+    import anndata as ad
+    project = tmp_path / "project"
+    shutil.copytree(example_source, project)
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    path = project / "data/synth_mmusculus/h5ads/mm_brain_a.h5ad"
+    adata = ad.read_h5ad(path)
+    adata = adata[:200].copy()
+    adata.write_h5ad(path)
+    capsys.readouterr()
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "mm_brain_a: the source file changed since it was sharded; rebuilding" in out
+    assert "1 built, 8 up to date" in out
+    info = json.loads((project / "shards/mmusculus/synth_mmusculus/mm_brain_a/dataset.json").read_text())
+    assert info["n_cells_source"] == 200 and len(read_dataset(project / "shards/mmusculus/synth_mmusculus/mm_brain_a")) == 200
+
+
+def test_status_lists_done_pending_stale_failed(example_source, tmp_path, capsys):
+    project = tmp_path / "project"
+    shutil.copytree(example_source, project)
+    assert shard("status", project, *ADVANCED) == 1
+    assert "9 pending" in capsys.readouterr().out
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    (project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad").unlink()
+    with open(project / "data/synth_mmusculus/h5ads/mm_val_c.h5ad", "ab") as fh:
+        fh.write(b"\0" * 1000)     # same content plus trailing bytes: the fingerprint changes
+    capsys.readouterr()
+    assert shard("status", project, *ADVANCED) == 1
+    out = capsys.readouterr().out
+    assert "failed   hsapiens/synth_hsapiens/hs_val_e" in out
+    assert "stale    mmusculus/synth_mmusculus/mm_val_c" in out
+    assert "7 done" in out
+
+
+def test_fingerprint_sees_content_and_size(tmp_path):
+    from concept_shard.fingerprint import source_fingerprint
+    f = tmp_path / "a.h5ad"
+    f.write_bytes(b"x" * 3_000_000)
+    fp, size = source_fingerprint(f)
+    assert size == 3_000_000
+    f.write_bytes(b"x" * 2_999_999 + b"y")           # last block differs
+    assert source_fingerprint(f)[0] != fp
+    f.write_bytes(b"x" * 3_000_001)                   # size differs
+    assert source_fingerprint(f)[0] != fp
+    d = tmp_path / "b.zarr"
+    (d / "X").mkdir(parents=True)
+    (d / "X" / "0").write_bytes(b"abc")
+    fp_dir = source_fingerprint(d)[0]
+    (d / "X" / "0").write_bytes(b"abd")
+    assert source_fingerprint(d)[0] != fp_dir
