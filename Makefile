@@ -1,0 +1,25 @@
+# Entry points a new user runs; each installs the pinned environment first (tools/install.sh).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXAMPLE ?= example_project
+
+.PHONY: install demo test test-fast bench
+
+install:
+	bash tools/install.sh
+
+# The main job on the bundled example project: build it, shard it, print the summary.
+demo: install
+	$(PY) tools/make_example_project.py $(EXAMPLE)
+	$(VENV)/bin/concept-shard build $(EXAMPLE) datamodule=DataModuleAdvanced
+	$(VENV)/bin/concept-shard status $(EXAMPLE) datamodule=DataModuleAdvanced
+
+# The whole suite, slow end-to-end tests included (this is what CI runs).
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) tools/bench/shard.py
