@@ -77,27 +77,32 @@ class _CellEncoder:
         return b
 
     def encode(self, cells, row0: int, cell_ids: list[str], obs: dict[str, list[str]]) -> list[bytes]:
-        ip, local = cells.indptr.tolist(), cells.local.tolist()
+        local = cells.local.tolist()
+        ip = cells.indptr
+        lengths = np.diff(ip)
         genes = memoryview(np.ascontiguousarray(cells.genes)).cast("B")
         g_size = cells.genes.dtype.itemsize
-        by_dtype = {}       # the chunk's counts cast once per dtype that its cells need
+        # per-cell work hoisted into whole-chunk passes: counts cast once per dtype, byte
+        # offsets, fixed-size columns and the size header of every cell
+        by_dtype = {}
         for dt in set(cells.count_dtype):
             by_dtype[dt] = (dt.name, dt.itemsize, memoryview(cells.counts.astype(dt)).cast("B"))
+        c_info = [by_dtype[dt] for dt in cells.count_dtype]
+        starts = ip[:-1].tolist()
+        n_list = lengths.tolist()
         n_counts = cells.n_counts.astype(np.int64 if self.integral else np.float64).tobytes()
-        rows = (np.asarray(local, np.int64) + row0).tobytes()
-        obs_cols = [obs[name[4:]] for name in self.obs_names]
+        rows = (cells.local.astype(np.int64) + row0).tobytes()
+        cids = [cell_ids[c].encode("utf-8") for c in local]
+        obs_cols = [[self._str(v) for v in obs[name[4:]]] for name in self.obs_names]
+        obs_rows = list(zip(*[[col[c] for c in local] for col in obs_cols])) if obs_cols else [()] * len(local)
         out = []
-        for j, cell in enumerate(local):
-            s, e = ip[j], ip[j + 1]
-            n = e - s
-            c_name, c_size, c_view = by_dtype[cells.count_dtype[j]]
-            cid = cell_ids[cell].encode("utf-8")
-            c_pre, g_pre = ndarray_prefix(c_name, n), ndarray_prefix(None, n)
-            obs_b = [self._str(col[cell]) for col in obs_cols]
-            head = self.head(len(cid), len(c_pre) + n * c_size, len(g_pre) + n * g_size, *map(len, obs_b))
-            out.append(b"".join([head, cid, c_pre, c_view[s * c_size:e * c_size], g_pre,
-                                 genes[s * g_size:e * g_size], n_counts[8 * j:8 * j + 8], *obs_b,
-                                 rows[8 * j:8 * j + 8]]))
+        append, head, prefix = out.append, self.head, ndarray_prefix
+        for j, (s, n, cid, (c_name, c_size, c_view), obs_b) in enumerate(zip(starts, n_list, cids, c_info, obs_rows)):
+            c_pre, g_pre = prefix(c_name, n), prefix(None, n)
+            append(b"".join([head(len(cid), len(c_pre) + n * c_size, len(g_pre) + n * g_size, *map(len, obs_b)),
+                             cid, c_pre, c_view[s * c_size:(s + n) * c_size], g_pre,
+                             genes[s * g_size:(s + n) * g_size], n_counts[8 * j:8 * j + 8], *obs_b,
+                             rows[8 * j:8 * j + 8]]))
         return out
 
 

@@ -385,13 +385,6 @@ def shard_run(project: Path, n_cells: int, workdir: Path) -> dict:
     }
 
 
-def streaming_import_s(workdir: Path) -> float:
-    """Seconds to import `streaming` (and torch) once: a fixed cost inside every build with work."""
-    code = "import time; t = time.perf_counter(); import streaming; print(time.perf_counter() - t)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else float("nan")
-
-
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -450,7 +443,6 @@ def main(argv=None) -> int:
         results[n] = {"input": facts, "floor": floor, "shard": shard}
         if not args.keep:
             shutil.rmtree(project / "shards", ignore_errors=True)
-    import_s = streaming_import_s(workdir)
 
     # ---- table
     log("")
@@ -468,9 +460,8 @@ def main(argv=None) -> int:
         lo, hi = min(sizes), max(sizes)
         dt = results[hi]["shard"]["sharding_s"] - results[lo]["shard"]["sharding_s"]
         marginal = (hi - lo) / dt if dt > 0 else None
-    log(f"\nfixed costs inside 'sharding s': importing streaming/torch takes {import_s:.2f} s"
-        + (f"; marginal rate between {min(sizes):,} and {max(sizes):,} cells: {marginal:,.0f} cells/s"
-           if marginal else ""))
+    if marginal:
+        log(f"\nmarginal rate between {min(sizes):,} and {max(sizes):,} cells: {marginal:,.0f} cells/s")
 
     # ---- targets (DESIGN.md Part 3)
     rate_ok = {str(n): r["shard"]["cells_per_s"] >= 20_000 for n, r in results.items()}
@@ -507,7 +498,6 @@ def main(argv=None) -> int:
         "rss_ratio_300k_30k": None if rss_ratio is None else round(rss_ratio, 4),
         "rss_ratio_sizes": [min(sizes), max(sizes)] if rss_ratio is not None else None,
         "marginal_cells_per_s": None if marginal is None else round(marginal),
-        "streaming_import_s": round(import_s, 3),
         "targets_met": targets,
         "chunk_size": chunk,
         "nnz_per_cell": args.nnz, "genes": args.genes,
