@@ -75,3 +75,18 @@ def read_dataset(path: Path) -> list[dict]:
 
 def dataset_dirs(project: Path) -> list[Path]:
     return sorted(p.parent for p in (project / "shards").glob("*/*/*/dataset.json"))
+
+
+def assert_same_samples(a: Path, b: Path, n_datasets: int = 9) -> None:
+    """Both projects hold the same datasets with equal samples, column by column."""
+    import numpy as np
+    da = {d.relative_to(a): d for d in dataset_dirs(a)}
+    db = {d.relative_to(b): d for d in dataset_dirs(b)}
+    assert da.keys() == db.keys() and len(da) == n_datasets
+    for rel in da:
+        x, y = read_dataset(da[rel]), read_dataset(db[rel])
+        assert len(x) == len(y), rel
+        for s, t in zip(x, y):
+            assert s.keys() == t.keys()
+            for col in s:
+                np.testing.assert_array_equal(s[col], t[col])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from concept_shard.plan import WorkUnit, assign, file_ranges
-from conftest import ADVANCED, dataset_dirs, read_dataset, shard
+from conftest import ADVANCED, assert_same_samples, dataset_dirs, shard
 
 
 def test_file_ranges_cover_rows_in_bounded_parts():
@@ -32,10 +32,6 @@ def test_assignment_is_balanced_and_covers_every_unit_once():
     assert assign(list(reversed(units)), 16) == tasks    # order of discovery does not matter
 
 
-def samples_by_dataset(project):
-    return {d.relative_to(project).as_posix(): read_dataset(d) for d in dataset_dirs(project)}
-
-
 def test_array_tasks_then_merge_equal_single_process(example_source, tmp_path, capsys):
     import shutil
     single, array = tmp_path / "single", tmp_path / "array"
@@ -52,14 +48,7 @@ def test_array_tasks_then_merge_equal_single_process(example_source, tmp_path, c
     assert shard("merge", array, *ADVANCED) == 0          # idempotent
     info = json.loads((array / "shards/hsapiens/synth_hsapiens/hs_blood_a/dataset.json").read_text())
     assert info["parts"] == [[0, 100], [100, 200], [200, 300]]
-    a, b = samples_by_dataset(single), samples_by_dataset(array)
-    assert a.keys() == b.keys() and len(a) == 9
-    for key in a:
-        assert len(a[key]) == len(b[key])
-        for x, y in zip(a[key], b[key]):
-            assert x.keys() == y.keys()
-            for col in x:
-                np.testing.assert_array_equal(x[col], y[col])
+    assert_same_samples(single, array)
     assert not list(array.glob("shards/*/*/.parts/*"))     # parts removed after the merge
 
 

@@ -10,21 +10,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from conftest import ADVANCED, REPO, dataset_dirs, read_dataset, shard
-
-
-def assert_same_samples(a, b):
-    da, db = {d.relative_to(a): d for d in dataset_dirs(a)}, {d.relative_to(b): d for d in dataset_dirs(b)}
-    assert da.keys() == db.keys() and len(da) == 9
-    for rel in da:
-        x, y = read_dataset(da[rel]), read_dataset(db[rel])
-        assert len(x) == len(y), rel
-        for s, t in zip(x, y):
-            for col in s:
-                np.testing.assert_array_equal(s[col], t[col])
+from conftest import ADVANCED, REPO, assert_same_samples, read_dataset, shard
 
 
 @pytest.mark.slow
