@@ -64,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config(args.project_path, args.overrides, args.config_dir)
         use_lamin = args.lamindb or bool(OmegaConf.select(cfg, "lamindb.enabled"))
         lamin = None
-        if use_lamin and args.command != "status":
+        if use_lamin:     # status only resolves `lamindb:` keys; build and merge also register
             from .lineage import ShardLineage
             lamin = ShardLineage(cfg, args.command)
         progress = args.command == "build" and not args.no_progress
         t0 = time.time()
         job = ShardJob(cfg, progress=progress, lamin=lamin)
         if args.command == "status":
-            return _print_status(job)
+            return _print_status(job)    # no run was created, so nothing to close
         if args.command == "build":
             env_task, env_count = _slurm_task()
             task = env_task if args.task_index is None else args.task_index

@@ -17,12 +17,22 @@ from .lamin import INIT_HINT, LaminError, LaminRun, check_instance, resolve_arti
 class ShardLineage:
     def __init__(self, cfg: DictConfig, command: str):
         self.project = Path(cfg.PATH.PROJECT_PATH).resolve()
+        self.command, self.datamodule = command, cfg.datamodule.get("name")
+        self._run: LaminRun | None = None     # created on the first registration only
         try:
             check_instance(self.project)
-            self.run = LaminRun(f"concept-shard {command}",
-                                params={"project": str(self.project), "datamodule": cfg.datamodule.get("name")})
         except LaminError as err:
             raise ShardError("lamindb", str(err), INIT_HINT) from None
+
+    @property
+    def run(self) -> LaminRun:
+        if self._run is None:
+            try:
+                self._run = LaminRun(f"concept-shard {self.command}",
+                                     params={"project": str(self.project), "datamodule": self.datamodule})
+            except LaminError as err:
+                raise ShardError("lamindb", str(err), INIT_HINT) from None
+        return self._run
 
     def resolve_key(self, key: str) -> Path:
         try:
@@ -41,4 +51,5 @@ class ShardLineage:
             raise ShardError(sf.path, f"was sharded but could not be registered in lamindb: {err}", INIT_HINT) from None
 
     def close(self, failed: bool = False) -> None:
-        self.run.__exit__(RuntimeError if failed else None, None, None)
+        if self._run is not None:
+            self._run.__exit__(RuntimeError if failed else None, None, None)

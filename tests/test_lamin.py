@@ -265,3 +265,7 @@ def test_concept_shard_build_registers_lineage_and_reads_lamindb_keys(example_so
     # a re-run registers nothing new and still succeeds
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "0 built" in proc.stdout, proc.stdout + proc.stderr
+    # status resolves the keyed file through lamindb too
+    status = [c if c != "build" else "status" for c in cmd if c != "--no-progress"]
+    proc = subprocess.run(status, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "done     mmusculus/keyed/mm_val_c" in proc.stdout, proc.stdout + proc.stderr

@@ -14,5 +14,9 @@ if [ ! -x "$VENV/bin/python" ] || ! cmp -s requirements.lock "$VENV/.requirement
   "$VENV/bin/pip" install -q -r requirements.lock
   cp requirements.lock "$VENV/.requirements.lock"
 fi
-"$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
+# setuptools is chatty about deprecations while building the editable install: keep its log
+if ! "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . > "$VENV/.editable-install.log" 2>&1; then
+  cat "$VENV/.editable-install.log"
+  exit 1
+fi
 echo "[install] ready: $VENV"
