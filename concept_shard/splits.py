@@ -47,26 +47,39 @@ class SourceFile:
         return f"{self.species}/{self.source_name}/{self.stem}"
 
 
-def _split_items(cfg: DictConfig) -> list[tuple[str, object, str | None]]:
-    """(config key, split dict, section or None) for every split list item in the datamodule."""
+def loader_split_keys(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(config key of a loader's split list, its default section) for every loader in the datamodule."""
     dm = cfg.datamodule
-    lists: list[tuple[str, object]] = []
+    lists: list[tuple[str, str]] = []
     if OmegaConf.select(dm, "dataset.train.split") is not None:
-        lists.append(("datamodule.dataset.train.split", dm.dataset.train))
+        lists.append(("datamodule.dataset.train.split", "train"))
     val = OmegaConf.select(dm, "dataset.val")
     if val is not None:
         for loader in val:
             if OmegaConf.select(val[loader], "split") is not None:
-                lists.append((f"datamodule.dataset.val.{loader}.split", val[loader]))
+                lists.append((f"datamodule.dataset.val.{loader}.split", "val"))
+    return lists
+
+
+# Per-source sampling weights a split list item or a split YAML may carry (used by the trainer).
+WEIGHT_KEYS = ("proportion", "repeat")
+
+
+def _split_items(cfg: DictConfig, only: str | None = None) -> list[tuple[str, object, str | None, dict]]:
+    """(config key, split dict, section or None, weights) for every split list item in the datamodule,
+    or in the one split list `only` (e.g. `datamodule.dataset.train.split`)."""
     items = []
-    for list_key, node in lists:
-        raw = OmegaConf.to_container(node, resolve=False)["split"]
+    for list_key, _ in loader_split_keys(cfg):
+        if only is not None and list_key != only:
+            continue
+        raw = OmegaConf.to_container(OmegaConf.select(cfg, list_key.rsplit(".", 1)[0]), resolve=False)["split"]
         if isinstance(raw, (str, dict)):
             raw = [raw]
         for i, item in enumerate(raw):
-            key, section = f"{list_key}[{i}]", None
+            key, section, weights = f"{list_key}[{i}]", None, {}
             if isinstance(item, dict) and "source" in item:
                 section = item.get("key")
+                weights = {k: item[k] for k in WEIGHT_KEYS if item.get(k) is not None}
                 item = item["source"]
                 if section not in ("train", "val"):
                     raise ShardError(key, f"has `key: {section}`.", "Use `key: train` or `key: val`.")
@@ -79,8 +92,36 @@ def _split_items(cfg: DictConfig) -> list[tuple[str, object, str | None]]:
             else:
                 split = OmegaConf.create(item) if isinstance(item, dict) else item
                 split = OmegaConf.merge(OmegaConf.create({"PATH": cfg.PATH}), {"_": split})["_"]
-            items.append((key, split, section))
+            if isinstance(split, DictConfig):
+                weights = {k: split[k] for k in WEIGHT_KEYS if split.get(k) is not None} | weights
+            items.append((key, split, section, weights))
     return items
+
+
+def loader_sources(cfg: DictConfig, list_key: str, default_section: str) -> tuple[list[tuple[SourceFile, dict]], list[ShardError]]:
+    """The files one loader reads: (file, sampling weights of its split entry), in config order.
+
+    A plain split item contributes its `default_section` (`train` for the training loader, `val`
+    for validation loaders); `{source: ..., key: ...}` picks the section explicitly.
+    """
+    mappings = Path(cfg.PATH.GENE_MAPPINGS_PATH)
+    allowed_species = OmegaConf.select(cfg, "datamodule.species")
+    out, errors, seen = [], [], set()
+    for key, split, section, weights in _split_items(cfg, only=list_key):
+        try:
+            entries = _files_of_split(key, split, mappings, allowed_species)
+        except ShardError as err:
+            errors.append(err)
+            continue
+        for sf, err in entries:
+            if (section or default_section) not in sf.sections:
+                continue
+            if err is not None:
+                errors.append(err)
+            elif sf.dataset_id not in seen:
+                seen.add(sf.dataset_id)
+                out.append((sf, dict(weights)))
+    return out, errors
 
 
 def collect_source_files(cfg: DictConfig) -> tuple[list[SourceFile], list[ShardError]]:
@@ -90,7 +131,7 @@ def collect_source_files(cfg: DictConfig) -> tuple[list[SourceFile], list[ShardE
     files: dict[str, SourceFile] = {}
     errors: list[ShardError] = []
     seen_splits: set[str] = set()
-    for key, split, section in _split_items(cfg):
+    for key, split, section, _ in _split_items(cfg):
         if key in seen_splits and section is None:
             continue
         seen_splits.add(key)

@@ -90,3 +90,12 @@ def assert_same_samples(a: Path, b: Path, n_datasets: int = 9) -> None:
             assert s.keys() == t.keys()
             for col in s:
                 np.testing.assert_array_equal(s[col], t[col])
+
+
+@pytest.fixture(scope="session")
+def sharded_example(example_source, tmp_path_factory) -> Path:
+    """The example project sharded with DataModuleAdvanced, shared read-only by the data tests."""
+    dst = tmp_path_factory.mktemp("sharded") / "project"
+    shutil.copytree(example_source, dst, symlinks=True)
+    assert shard("build", dst, *ADVANCED, "--no-progress") == 0
+    return dst

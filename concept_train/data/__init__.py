@@ -1,0 +1,17 @@
+"""Everything between the MDS shards and a model-ready batch (DESIGN.md Part 1, "Data semantics").
+
+catalog    split lists -> shard datasets, checked against their sources
+store      one mosaicml-streaming dataset (a Stream per file): random access to cells
+plan       (seed, g) -> the cells of global batch g (per-dataset or mixed batches, weights)
+panels     (seed, g) -> the two gene panels of the batch
+tokenize   cells + panels -> packed token batch
+loader     g -> this rank's Batch through DataLoader workers; resumable state
+datamodule the training and validation loaders of a composed config
+"""
+
+from .batch import Batch
+from .datamodule import DataModule
+from .errors import DataError
+from .loader import Loader
+
+__all__ = ["Batch", "DataError", "DataModule", "Loader"]

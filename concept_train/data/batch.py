@@ -1,0 +1,69 @@
+"""The model-ready batch a loader delivers (one rank's slice of a global batch)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+
+def label_code(value: str) -> int:
+    """A stable integer for an obs label: the same string gives the same code in every run and
+    process, without a pass over the data to build an encoder. Missing ("") is -1."""
+    if value == "":
+        return -1
+    return int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass
+class Batch:
+    # packed tokens: view 1 of every cell, then view 2 of every cell
+    tokens: torch.Tensor          # int64 [T]
+    values: torch.Tensor          # float32 [T]
+    positions: torch.Tensor       # int64 [T]
+    cu_seqlens: torch.Tensor      # int32 [2B + 1]
+    max_seqlen: int
+    items_mask: torch.Tensor      # bool [B]: False where a view of the cell is empty (excluded from the loss)
+    # per cell
+    species: torch.Tensor         # int64 [B]: index into datamodule.species
+    dataset: torch.Tensor         # int64 [B]: index of the cell's dataset in the loader's list
+    row: torch.Tensor             # int64 [B]: the cell's row in its source file
+    labels: dict[str, torch.Tensor]      # obs key -> int64 [B] label codes (label_code)
+    # per batch
+    panels: tuple[torch.Tensor, torch.Tensor]   # the two panels (token ids, ascending)
+    panel_kinds: tuple[str, str]
+    index: int                    # global batch index g
+    epoch: int
+    cell_ids: list[str] = field(default_factory=list)
+    label_text: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.items_mask.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the batch by name (labels and panels flattened), for comparisons."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = v
+            elif f.name == "labels":
+                out.update({f"labels.{k}": t for k, t in v.items()})
+            elif f.name == "panels":
+                out.update({"panels.0": v[0], "panels.1": v[1]})
+        return out
+
+    def to(self, device, non_blocking: bool = True) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=non_blocking)
+        moved["labels"] = {k: t.to(device, non_blocking=non_blocking) for k, t in self.labels.items()}
+        return Batch(**moved)
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))

@@ -1,0 +1,108 @@
+"""Which shard datasets each loader reads, checked against their sources before training starts.
+
+A loader's split list (scConcept format) names source files; `concept-shard` wrote one MDS
+dataset per file under `PATH.SHARDS_PATH/<species>/<source>/<stem>/`. Here every listed file is
+resolved to that dataset, and a dataset that is missing, half-written or stale (its `dataset.json`
+fingerprints no longer match the source file or the token mapping) stops start-up with one error
+that lists them all and says which command rebuilds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from concept_shard.fingerprint import source_fingerprint
+from concept_shard.layout import DatasetLayout, read_json
+from concept_shard.splits import SourceFile, loader_sources
+from concept_shard.vocabulary import Vocabulary, load_vocabulary
+
+from .errors import DataError
+
+
+@dataclass
+class ShardSet:
+    """One input file's shard dataset, as a loader sees it."""
+
+    dataset_id: str               # <species>/<source_name>/<stem>, stable across runs
+    species: str
+    directory: Path
+    n_samples: int
+    genes: np.ndarray             # the file's in-vocabulary genes as token ids, ascending
+    source_file: str
+    weights: dict = field(default_factory=dict)    # `proportion` / `repeat` of its split entry
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+
+class Catalog:
+    """All shard datasets of all loaders of a composed config, and the species' vocabularies."""
+
+    def __init__(self, cfg: DictConfig, check_sources: bool = True):
+        self.cfg = cfg
+        self.shards_root = Path(cfg.PATH.SHARDS_PATH)
+        self.vocabs: dict[str, Vocabulary] = {}
+        self._sets: dict[str, ShardSet] = {}
+        self._check_sources = check_sources
+
+    def vocab(self, species: str) -> Vocabulary:
+        if species not in self.vocabs:
+            self.vocabs[species] = load_vocabulary(Path(self.cfg.PATH.GENE_MAPPINGS_PATH), species)
+        return self.vocabs[species]
+
+    def loader(self, list_key: str, default_section: str) -> list[ShardSet]:
+        """The shard datasets of one loader's split list, in config order; raises DataError listing
+        every file whose dataset is not usable."""
+        sources, errors = loader_sources(self.cfg, list_key, default_section)
+        if errors:
+            raise DataError(list_key, "has invalid split entries: " + " ".join(e.paragraph() for e in errors),
+                            "Fix the split YAMLs (`concept-shard status` reports the same problems).")
+        if not sources:
+            raise DataError(list_key, "lists no files.", "Add files to the split's train/val lists.")
+        out, problems = [], []
+        for sf, weights in sources:
+            try:
+                out.append(self._shard_set(sf, weights))
+            except _NotUsable as why:
+                problems.append(f"{sf.dataset_id} ({sf.name}): {why}")
+        if problems:
+            shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+            raise DataError(list_key, f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.",
+                            f"Run `concept-shard build {self.cfg.PATH.PROJECT_PATH}` with the same --config-dir "
+                            "and overrides as this run, then start again.")
+        return out
+
+    def _shard_set(self, sf: SourceFile, weights: dict) -> ShardSet:
+        if sf.dataset_id in self._sets:
+            return ShardSet(**{**self._sets[sf.dataset_id].__dict__, "weights": dict(weights)})
+        layout = DatasetLayout(self.shards_root, sf)
+        record = read_json(layout.dataset_json)
+        if record is None:
+            raise _NotUsable(f"not sharded (no {layout.dataset_json})")
+        vocab = self.vocab(sf.species)
+        if record.get("vocabulary_fingerprint") != vocab.fingerprint:
+            raise _NotUsable(f"the token mapping {vocab.path} changed since it was sharded")
+        if self._check_sources and sf.lamindb_key is None:
+            if not sf.path.exists():
+                raise _NotUsable(f"its source {sf.path} no longer exists")
+            fp, _ = source_fingerprint(sf.path)
+            if fp != record.get("source_fingerprint"):
+                raise _NotUsable(f"the source {sf.path} changed since it was sharded")
+        shard_set = ShardSet(dataset_id=sf.dataset_id, species=sf.species, directory=layout.dataset_dir,
+                             n_samples=int(record["cells_written"]), genes=np.asarray(record["genes"], np.int64),
+                             source_file=str(record.get("source_file", sf.name)), weights=dict(weights))
+        self._sets[sf.dataset_id] = shard_set
+        return shard_set
+
+    def all_sets(self) -> list[ShardSet]:
+        """Every dataset resolved so far, in a stable order (by id): the streams of the sample store."""
+        return [self._sets[k] for k in sorted(self._sets)]
+
+
+class _NotUsable(Exception):
+    pass

@@ -1,0 +1,144 @@
+"""Global batch g -> this rank's tokenized Batch, delivered by torch DataLoader workers in order.
+
+`BatchMaker.make(g)` is a pure function of (seed, g): the plan picks the cells, the panels come
+from a generator seeded with (seed, g), random gene sampling from (seed, g, view, position of the
+cell in the global batch). Worker w of W makes batches start + w, start + w + W, ...; the
+DataLoader hands them out round-robin, i.e. in order of g. So a loader's whole state is the next
+g, and resuming at g in a fresh process, with any number of workers, gives the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .batch import Batch, as_tensor, label_code
+from .catalog import ShardSet
+from .errors import DataError
+from .panels import PanelSampler
+from .plan import BatchPlan
+from .store import SampleStore
+from .tokenize import STRATEGIES, Cells, TokenSpec, normalized, pack, select_view
+
+STATE_VERSION = 1
+
+
+@dataclass
+class RankSlice:
+    rank: int = 0
+    world: int = 1
+
+
+class BatchMaker:
+    def __init__(self, name: str, sets: list[ShardSet], store: SampleStore, plan: BatchPlan, sampler: PanelSampler,
+                 token_spec: TokenSpec, vocab_sizes: dict[str, int], species: list[str], obs_keys: list[str],
+                 ranks: RankSlice, seed: int):
+        self.name, self.sets, self.store, self.plan, self.sampler = name, sets, store, plan, sampler
+        self.token_spec, self.vocab_sizes, self.species, self.obs_keys = token_spec, vocab_sizes, species, obs_keys
+        self.ranks, self.seed = ranks, int(seed)
+        self.store_index = np.array([store.index_of[s.dataset_id] for s in sets], np.int64)
+        # mixed batches draw panels over the union of the genes of the species' files
+        self.species_genes = {sp: np.unique(np.concatenate([s.genes for s in sets if s.species == sp]))
+                              for sp in {s.species for s in sets}}
+
+    def make(self, g: int) -> Batch:
+        pb = self.plan.batch(g)
+        genes = self.sets[int(pb.datasets[0])].genes if self.plan.batching == "per_dataset" else self.species_genes[pb.species]
+        panels = self.sampler.draw(np.random.default_rng([self.seed, int(g), 1]), genes, pb.species)
+        # this rank's cells: a contiguous slice of the global batch (even split; uneven only for a last partial batch)
+        positions = np.array_split(np.arange(len(pb.rows)), self.ranks.world)[self.ranks.rank]
+        datasets, rows = pb.datasets[positions], pb.rows[positions]
+        samples = [self.store.get(int(self.store_index[d]), int(r)) for d, r in zip(datasets, rows)]
+        cells = Cells.from_samples(samples)
+        values, keys = normalized(self.token_spec, cells)
+        vocab_size = self.vocab_sizes[pb.species]
+        views = []
+        for v, panel in enumerate((panels.view1, panels.view2)):
+            rngs = None
+            if self.token_spec.strategy in ("random", "random-nonzero"):
+                rngs = [np.random.default_rng([self.seed, int(g), 2, v, int(p)]) for p in positions]
+            views.append(select_view(self.token_spec, cells, values, keys, panel, vocab_size, rngs))
+        packed = pack(cells.n_cells, views)
+        species_idx = self.species.index(pb.species)
+        return Batch(
+            tokens=as_tensor(packed.tokens), values=as_tensor(packed.values), positions=as_tensor(packed.positions),
+            cu_seqlens=as_tensor(packed.cu_seqlens), max_seqlen=packed.max_seqlen,
+            items_mask=as_tensor((packed.view_lengths > 0).all(axis=0)),
+            species=torch.full((cells.n_cells,), species_idx, dtype=torch.int64),
+            dataset=as_tensor(datasets.astype(np.int64)),
+            row=torch.tensor([int(s["row"]) for s in samples], dtype=torch.int64),
+            labels={k: torch.tensor([label_code(s.get(f"obs.{k}", "")) for s in samples], dtype=torch.int64)
+                    for k in self.obs_keys},
+            panels=(as_tensor(panels.view1), as_tensor(panels.view2)), panel_kinds=(panels.kind1, panels.kind2),
+            index=int(g), epoch=pb.epoch, cell_ids=[s["cell_id"] for s in samples],
+            label_text={k: [s.get(f"obs.{k}", "") for s in samples] for k in self.obs_keys},
+        )
+
+
+class _BatchStream(IterableDataset):
+    """Batches start + w, start + w + W, ... (worker w of W), up to `stop` (None: forever)."""
+
+    def __init__(self, maker: BatchMaker, start: int, stop: int | None):
+        self.maker, self.start, self.stop = maker, start, stop
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        g = self.start + w
+        while self.stop is None or g < self.stop:
+            yield self.maker.make(g)
+            g += W
+
+
+class Loader:
+    """Iterates batches from its position on; `state_dict()` is what a checkpoint stores."""
+
+    def __init__(self, maker: BatchMaker, num_workers: int = 0, stop: int | None = None,
+                 prefetch_factor: int = 2, pin_memory: bool = False, rewind: bool = False):
+        # rewind: every pass starts at batch 0 (validation); else a pass continues where the last stopped
+        self.maker, self.num_workers, self.stop, self.rewind = maker, int(num_workers), stop, rewind
+        self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
+        self.position = 0            # g of the next batch to deliver
+
+    @property
+    def plan(self) -> BatchPlan:
+        return self.maker.plan
+
+    def __len__(self) -> int:
+        if self.stop is None:
+            raise TypeError("the training loader is endless; use plan.batches_per_epoch")
+        return self.stop
+
+    def __iter__(self):
+        if self.rewind:
+            self.position = 0
+        stream = _BatchStream(self.maker, self.position, self.stop)
+        kwargs = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            **kwargs)
+        for batch in loader:
+            self.position = batch.index + 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        epoch, in_epoch = divmod(self.position, self.plan.batches_per_epoch)
+        return {"version": STATE_VERSION, "loader": self.maker.name, "position": int(self.position),
+                "epoch": int(epoch), "batch_in_epoch": int(in_epoch), "seed": self.maker.seed,
+                "batch_size": self.plan.batch_size, "plan_digest": self.plan.digest}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state of {self.maker.name}", f"has version {state.get('version')}.",
+                            f"This code reads version {STATE_VERSION}; resume with the code that wrote it.")
+        if state.get("plan_digest") != self.plan.digest or state.get("seed") != self.maker.seed:
+            raise DataError(f"loader state of {self.maker.name}",
+                            "was saved for another batch sequence (different files, sizes, weights, batch size, "
+                            "batching or seed).",
+                            "Resume with the same data config, or start a new run (initialize.create_new_run=True).")
+        self.position = int(state["position"])
+
+
+__all__ = ["Batch", "BatchMaker", "Loader", "RankSlice", "STRATEGIES"]

@@ -1,0 +1,169 @@
+"""Which cells make global batch g: a pure function of (seed, g) and the loader's datasets.
+
+An epoch draws, for every dataset, `c_f` rows (its size, or `repeat` x its size, or its share
+under `proportion`), shuffled. Batches are then cut:
+
+- `per_dataset` (default, as the reference): batches of one file each; the order of all files'
+  batches is shuffled, so files contribute in proportion to their (weighted) size;
+- `mixed`: the rows of all files of one species are pooled and shuffled, then cut; a batch holds
+  one species but many files.
+
+Global batch g is batch `g mod K` of epoch `g // K` (K batches per epoch, constant). Nothing here
+depends on the number of ranks or workers, so every rank computes the same plan, and resuming at
+batch g needs nothing but g.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from .catalog import ShardSet
+from .errors import DataError
+
+BATCHING = ("per_dataset", "mixed")
+
+
+@dataclass
+class PlannedBatch:
+    index: int                # g: batches since the start of training (across epochs)
+    epoch: int
+    in_epoch: int
+    species: str
+    datasets: np.ndarray      # per cell: index of its dataset in the loader's list (int32)
+    rows: np.ndarray          # per cell: row (sample index) within that dataset (int64)
+
+
+class BatchPlan:
+    def __init__(self, sets: list[ShardSet], batch_size: int, seed: int, batching: str = "per_dataset",
+                 shuffle: bool = True, drop_last: bool = True, epoch_size: int | None = None, where: str = "loader"):
+        if batching not in BATCHING:
+            raise DataError(f"{where}.batching", f"is '{batching}'.", f"Use one of {list(BATCHING)}.")
+        if batch_size < 1:
+            raise DataError(f"{where}.batch_size", f"is {batch_size}.", "Use a positive global batch size.")
+        self.sets, self.batch_size, self.seed = sets, int(batch_size), int(seed)
+        self.batching, self.shuffle, self.drop_last = batching, bool(shuffle), bool(drop_last)
+        self.species = sorted({s.species for s in sets})
+        self.per_epoch = _samples_per_epoch(sets, epoch_size, where)
+        B = self.batch_size
+        cut = (lambda c: c // B) if drop_last else (lambda c: -(-c // B))
+        if batching == "per_dataset":
+            self._units = [int(cut(c)) for c in self.per_epoch]
+        else:
+            self._units = [int(cut(sum(c for c, s in zip(self.per_epoch, sets) if s.species == sp)))
+                           for sp in self.species]
+        self.batches_per_epoch = sum(self._units)
+        if self.batches_per_epoch == 0:
+            raise DataError(where, f"yields no batch: its {sum(self.per_epoch)} cells per epoch are fewer than "
+                            f"one global batch of {B} in every {'file' if batching == 'per_dataset' else 'species'}.",
+                            "Lower the batch size, add files, or set drop_last: false.")
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._draws: dict[tuple[int, int], np.ndarray] = {}
+        self._pools: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def digest(self) -> str:
+        """Identifies the batch sequence: a resumed loader must have the same."""
+        spec = {"sets": [[s.dataset_id, s.n_samples] for s in self.sets], "per_epoch": self.per_epoch,
+                "batch_size": self.batch_size, "seed": self.seed, "batching": self.batching,
+                "shuffle": self.shuffle, "drop_last": self.drop_last}
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *key])
+
+    # ---- one epoch ----------------------------------------------------------------------------
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(unit of each batch, its occurrence number within the unit) for the batches of `epoch`."""
+        if epoch not in self._epochs:
+            units = np.repeat(np.arange(len(self._units), dtype=np.int32), self._units)
+            if self.shuffle:
+                units = units[self._rng(epoch, 0).permutation(len(units))]
+            order = np.argsort(units, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(self._units)[:-1]])
+            occurrence = np.empty(len(units), np.int64)
+            occurrence[order] = np.arange(len(units)) - starts[units[order]]
+            if len(self._epochs) >= 2:           # workers move forward: keep the current and next epoch
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = (units, occurrence)
+        return self._epochs[epoch]
+
+    def _rows(self, epoch: int, f: int) -> np.ndarray:
+        """The c_f rows dataset f contributes to `epoch`, in epoch order."""
+        key = (epoch, f)
+        if key not in self._draws:
+            n, c = self.sets[f].n_samples, self.per_epoch[f]
+            if not self.shuffle:
+                rows = np.arange(c, dtype=np.int64) % n
+            else:
+                rng = self._rng(epoch, 1, f)
+                full, rest = divmod(c, n)
+                rows = np.concatenate([rng.permutation(n) for _ in range(full)] + [rng.permutation(n)[:rest]])
+            if len(self._draws) >= 64:
+                self._draws.pop(next(iter(self._draws)))
+            self._draws[key] = rows.astype(np.int64, copy=False)
+        return self._draws[key]
+
+    def _pool(self, epoch: int, sp: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (epoch, sp)
+        if key not in self._pools:
+            members = [f for f, s in enumerate(self.sets) if s.species == self.species[sp]]
+            ds = np.concatenate([np.full(self.per_epoch[f], f, np.int32) for f in members])
+            rows = np.concatenate([self._rows(epoch, f) for f in members])
+            if self.shuffle:
+                perm = self._rng(epoch, 2, sp).permutation(len(rows))
+                ds, rows = ds[perm], rows[perm]
+            if len(self._pools) >= 2 * len(self.species):
+                self._pools.pop(next(iter(self._pools)))
+            self._pools[key] = (ds, rows)
+        return self._pools[key]
+
+    # ---- one batch ----------------------------------------------------------------------------
+    def batch(self, g: int) -> PlannedBatch:
+        epoch, k = divmod(int(g), self.batches_per_epoch)
+        units, occurrence = self._order(epoch)
+        unit, j = int(units[k]), int(occurrence[k])
+        B = self.batch_size
+        if self.batching == "per_dataset":
+            rows = self._rows(epoch, unit)[j * B:(j + 1) * B]
+            datasets = np.full(len(rows), unit, np.int32)
+            species = self.sets[unit].species
+        else:
+            ds, all_rows = self._pool(epoch, unit)
+            datasets, rows = ds[j * B:(j + 1) * B], all_rows[j * B:(j + 1) * B]
+            species = self.species[unit]
+        return PlannedBatch(int(g), epoch, k, species, datasets, rows)
+
+
+def _samples_per_epoch(sets: list[ShardSet], epoch_size: int | None, where: str) -> list[int]:
+    """Cells each dataset contributes per epoch, from the `proportion` / `repeat` of its split entry."""
+    has_prop = [("proportion" in s.weights) for s in sets]
+    if any(has_prop) and not all(has_prop):
+        missing = sorted({s.dataset_id.rsplit("/", 1)[0] for s, p in zip(sets, has_prop) if not p})
+        raise DataError(f"{where}.split", f"gives `proportion` to some sources but not to {missing}.",
+                        "Give every source of the loader a proportion, or use `repeat` instead.")
+    for s in sets:
+        for k in ("proportion", "repeat"):
+            if k in s.weights and not float(s.weights[k]) >= 0:
+                raise DataError(f"{where}.split ({s.dataset_id})", f"has {k}={s.weights[k]}.",
+                                f"Use a non-negative number for {k}.")
+    if not any(has_prop):
+        return [int(round(float(s.weights.get("repeat", 1.0)) * s.n_samples)) for s in sets]
+    total = int(epoch_size) if epoch_size else sum(s.n_samples for s in sets)
+    # a source's share is split over its files in proportion to their sizes
+    groups: dict[str, list[int]] = {}
+    for f, s in enumerate(sets):
+        groups.setdefault(s.dataset_id.rsplit("/", 1)[0], []).append(f)
+    weight_sum = sum(float(sets[fs[0]].weights["proportion"]) for fs in groups.values())
+    if weight_sum <= 0:
+        raise DataError(f"{where}.split", "has proportions that sum to 0.", "Give at least one source a positive proportion.")
+    out = [0] * len(sets)
+    for fs in groups.values():
+        share = total * float(sets[fs[0]].weights["proportion"]) / weight_sum
+        size = sum(sets[f].n_samples for f in fs)
+        for f in fs:
+            out[f] = int(round(share * sets[f].n_samples / size))
+    return out

@@ -1,0 +1,62 @@
+"""Remove the /dev/shm segments that mosaicml-streaming leaves behind when a process is killed.
+
+Streaming registers every StreamingDataset in named shared memory (`/dev/shm/NNNNNN_locals`, ...)
+and refuses to start a dataset over local directories that a registered one already uses. After
+a `kill -9` those segments stay, and the next run would stop with "Reused local directory".
+`streaming.base.util.clean_stale_shared_memory()` unlinks ALL such segments on the node, including
+those of a live run next to ours; here only segments that no live process maps are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+_STREAMING_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|"
+                             r"resume|epoch_shape|epoch_data)$")
+
+
+def _mapped_shm_names() -> set[str] | None:
+    """Names of /dev/shm files mapped by any process we can inspect; None if /proc is unusable."""
+    names: set[str] = set()
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            with open(pid_dir / "maps") as fh:
+                for line in fh:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        names.add(line[i + 9:].split()[0])
+        except OSError:       # exited meanwhile, or another user's process
+            continue
+    return names
+
+
+def clean_stale_streaming_shm() -> list[str]:
+    """Unlink streaming's segments that no live process maps; returns the names removed."""
+    if not SHM_DIR.is_dir():
+        return []
+    candidates = [p for p in SHM_DIR.iterdir() if _STREAMING_NAME.match(p.name)]
+    if not candidates:
+        return []
+    mapped = _mapped_shm_names()
+    if mapped is None:
+        return []
+    removed = []
+    for path in candidates:
+        if path.name in mapped:
+            continue
+        try:
+            if path.stat().st_uid != os.getuid():
+                continue
+            path.unlink()
+            removed.append(path.name)
+        except OSError:
+            continue
+    return removed

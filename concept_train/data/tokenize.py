@@ -1,0 +1,214 @@
+"""Cells + two panels -> one packed token batch (no padding), vectorised over the batch.
+
+A view of a cell is its nonzero genes inside the panel (`top-nonzero`, `random-nonzero`) or the
+panel's genes including zeros (`top`, `random`), normalised, at most `max_tokens` of them (the
+top ones by value, or a random subset), ordered by value descending with ties by token id
+ascending, after one `<cls>` token. `max_tokens` counts genes: a sequence holds at most
+`max_tokens + 1` tokens.
+
+The packed layout puts view 1 of every cell, then view 2 of every cell, back to back:
+sequence i is cell i's view 1 and sequence B + i its view 2; `cu_seqlens` delimits them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError
+
+CLS_TOKEN = 0
+TARGET_SUM = 1e4            # `totalcount` scales each cell to this library size (scanpy's usual choice)
+STRATEGIES = ("top-nonzero", "random-nonzero", "top", "random")
+_NORMALIZATION = re.compile(r"^(raw|log1p|totalcount|totalcount/log1p|binning/(\d+))$")
+
+
+@dataclass
+class TokenSpec:
+    max_tokens: int
+    normalization: str = "raw"
+    strategy: str = "top-nonzero"
+
+    def __post_init__(self):
+        m = _NORMALIZATION.match(str(self.normalization))
+        if not m or (m.group(2) is not None and int(m.group(2)) < 2):
+            raise DataError("datamodule.normalization", f"is '{self.normalization}'.",
+                            "Use raw, log1p, totalcount, totalcount/log1p or binning/N with N >= 2.")
+        self.n_bins = int(m.group(2)) if m.group(2) else None
+        if self.strategy not in STRATEGIES:
+            raise DataError("datamodule.gene_sampling_strategy", f"is '{self.strategy}'.", f"Use one of {list(STRATEGIES)}.")
+        if int(self.max_tokens) < 1:
+            raise DataError("max_tokens", f"is {self.max_tokens}.", "Use at least 1.")
+        self.max_tokens = int(self.max_tokens)
+
+
+@dataclass
+class Cells:
+    """The local slice of a batch, concatenated: entry e belongs to cell `cell[e]`."""
+
+    genes: np.ndarray         # int64 token ids, ascending within each cell
+    counts: np.ndarray        # float64 raw values
+    cell: np.ndarray          # int64 cell index of each entry
+    n_counts: np.ndarray      # float64 library size per cell
+    n_cells: int
+
+    @classmethod
+    def from_samples(cls, samples: list[dict]) -> "Cells":
+        genes = [np.asarray(s["genes"]) for s in samples]
+        lengths = np.fromiter((len(g) for g in genes), np.int64, count=len(genes))
+        return cls(genes=np.concatenate(genes).astype(np.int64) if genes else np.zeros(0, np.int64),
+                   counts=np.concatenate([np.asarray(s["counts"], np.float64) for s in samples]) if samples else np.zeros(0),
+                   cell=np.repeat(np.arange(len(samples), dtype=np.int64), lengths),
+                   n_counts=np.array([float(s["n_counts"]) for s in samples], np.float64), n_cells=len(samples))
+
+
+def _bins(cells: Cells, n_bins: int) -> np.ndarray:
+    """Per cell, nonzero values binned by the cell's own quantiles into 1..n_bins-1 (scGPT's binning)."""
+    out = np.zeros(len(cells.counts), np.float64)
+    bounds = np.searchsorted(cells.cell, np.arange(cells.n_cells + 1))
+    edges_q = np.linspace(0, 1, n_bins - 1)
+    for i in range(cells.n_cells):
+        a, b = bounds[i], bounds[i + 1]
+        if b > a:
+            v = cells.counts[a:b]
+            edges = np.quantile(v, edges_q)
+            out[a:b] = np.clip(np.digitize(v, edges[1:-1], right=True) + 1, 1, n_bins - 1) if n_bins > 2 else 1
+    return out
+
+
+def normalized(spec: TokenSpec, cells: Cells) -> tuple[np.ndarray, np.ndarray]:
+    """(values to embed, integer-or-float key whose descending order is the value order) per entry."""
+    c = cells.counts
+    norm = spec.normalization
+    if spec.n_bins is not None:
+        v = _bins(cells, spec.n_bins)
+        return v, v
+    if norm == "raw":
+        v = c
+    elif norm == "log1p":
+        v = np.log1p(c)
+    else:
+        v = c / np.maximum(cells.n_counts, 1e-12)[cells.cell] * TARGET_SUM
+        if norm == "totalcount/log1p":
+            v = np.log1p(v)
+    return v, c                 # all four are increasing in the count within a cell
+
+
+def _order(cell: np.ndarray, key: np.ndarray, token: np.ndarray) -> np.ndarray:
+    """Permutation sorting entries by (cell, key descending, token ascending).
+
+    Entries arrive sorted by (cell, token), so two stable passes suffice; with small integer keys
+    both are 16-bit radix sorts.
+    """
+    if len(key) == 0:
+        return np.zeros(0, np.int64)
+    if cell.max(initial=0) < 65536 and key.min(initial=0) >= 0 and key.max(initial=0) < 65536 and \
+            np.array_equal(key, np.floor(key)):
+        o1 = np.argsort((65535 - key).astype(np.uint16), kind="stable")
+        o2 = np.argsort(cell[o1].astype(np.uint16), kind="stable")
+        return o1[o2]
+    return np.lexsort((token, -key, cell))
+
+
+def _rank_in_cell(sorted_cell: np.ndarray, n_cells: int) -> np.ndarray:
+    starts = np.searchsorted(sorted_cell, np.arange(n_cells))
+    return np.arange(len(sorted_cell)) - starts[sorted_cell]
+
+
+def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndarray, panel: np.ndarray,
+                vocab_size: int, cell_rngs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cell, token, value) of the kept entries of one view, ordered by cell then position."""
+    in_panel = np.zeros(vocab_size, bool)
+    in_panel[panel] = True
+    sel = in_panel[cells.genes] & (cells.counts != 0)
+    cell, tok, val, key = cells.cell[sel], cells.genes[sel], values[sel], keys[sel]
+    if spec.strategy in ("top", "random"):
+        cell, tok, val, key = _with_zeros(spec, cells.n_cells, cell, tok, val, key, panel, cell_rngs)
+    elif spec.strategy == "random-nonzero":
+        keep = _random_subset(cell, cells.n_cells, spec.max_tokens, cell_rngs)
+        cell, tok, val, key = cell[keep], tok[keep], val[keep], key[keep]
+    order = _order(cell, key, tok)
+    cell, tok, val = cell[order], tok[order], val[order]
+    keep = _rank_in_cell(cell, cells.n_cells) < spec.max_tokens
+    return cell[keep], tok[keep], val[keep]
+
+
+def _random_subset(cell: np.ndarray, n_cells: int, k: int, cell_rngs) -> np.ndarray:
+    """Entry indices: per cell, a uniform random subset of at most k of its entries, in entry order."""
+    bounds = np.searchsorted(cell, np.arange(n_cells + 1))
+    keep = []
+    for i in range(n_cells):
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        if b - a <= k:
+            keep.append(np.arange(a, b))
+        else:
+            keep.append(a + np.sort(cell_rngs[i].choice(b - a, k, replace=False)))
+    return np.concatenate(keep) if keep else np.zeros(0, np.int64)
+
+
+def _with_zeros(spec: TokenSpec, n_cells: int, cell, tok, val, key, panel: np.ndarray, cell_rngs):
+    """`top` / `random`: the panel's genes of each cell including zero-valued ones.
+
+    `top` only needs the nonzeros plus the first zero-valued panel genes (token order) that fill
+    up to max_tokens; `random` draws max_tokens of the panel's genes per cell.
+    """
+    k = spec.max_tokens
+    bounds = np.searchsorted(cell, np.arange(n_cells + 1))
+    parts_c, parts_t, parts_v, parts_k = [], [], [], []
+    for i in range(n_cells):
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        nz_t, nz_v, nz_k = tok[a:b], val[a:b], key[a:b]
+        if spec.strategy == "top":
+            need = k - (b - a)
+            if need > 0:
+                cand = panel[:k + (b - a)]
+                zeros = cand[~np.isin(cand, nz_t, assume_unique=True)][:need]
+                t = np.concatenate([nz_t, zeros])
+                order = np.argsort(t, kind="stable")
+                t = t[order]
+                v = np.concatenate([nz_v, np.zeros(len(zeros))])[order]
+                kk = np.concatenate([nz_k, np.zeros(len(zeros))])[order]
+            else:
+                t, v, kk = nz_t, nz_v, nz_k
+        else:
+            chosen = panel if len(panel) <= k else np.sort(cell_rngs[i].choice(panel, k, replace=False))
+            pos = np.searchsorted(nz_t, chosen)
+            hit = (pos < len(nz_t)) & (nz_t[np.minimum(pos, max(len(nz_t) - 1, 0))] == chosen) if len(nz_t) else \
+                np.zeros(len(chosen), bool)
+            t = chosen
+            v = np.where(hit, nz_v[np.minimum(pos, len(nz_t) - 1)] if len(nz_t) else 0.0, 0.0)
+            kk = np.where(hit, nz_k[np.minimum(pos, len(nz_k) - 1)] if len(nz_k) else 0.0, 0.0)
+        parts_c.append(np.full(len(t), i, np.int64))
+        parts_t.append(t), parts_v.append(v), parts_k.append(kk)
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)   # noqa: E731
+    return cat(parts_c, np.int64), cat(parts_t, np.int64), cat(parts_v, np.float64), cat(parts_k, np.float64)
+
+
+@dataclass
+class Packed:
+    tokens: np.ndarray        # int64 [T]
+    values: np.ndarray        # float32 [T], 0 for <cls>
+    positions: np.ndarray     # int64 [T]: 0 for <cls>, then the rank of the gene in its view (1, 2, ...)
+    cu_seqlens: np.ndarray    # int32 [2B + 1]
+    max_seqlen: int
+    view_lengths: np.ndarray  # int64 [2, B]: genes per view (0 = empty view)
+
+
+def pack(n_cells: int, views: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Packed:
+    """Pack the ordered (cell, token, value) entries of the views, one <cls> per sequence."""
+    lengths = np.stack([np.bincount(c, minlength=n_cells) for c, _, _ in views])      # [V, B]
+    seq_len = (lengths + 1).reshape(-1)
+    cu = np.zeros(len(seq_len) + 1, np.int64)
+    np.cumsum(seq_len, out=cu[1:])
+    total = int(cu[-1])
+    tokens = np.full(total, CLS_TOKEN, np.int64)
+    values = np.zeros(total, np.float32)
+    positions = np.zeros(total, np.int64)
+    for v, (cell, tok, val) in enumerate(views):
+        seq = v * n_cells + cell
+        rank = _rank_in_cell(cell, n_cells) + 1
+        where = cu[seq] + rank
+        tokens[where], values[where], positions[where] = tok, val, rank
+    return Packed(tokens, values, positions, cu.astype(np.int32), int(seq_len.max(initial=1)), lengths)
