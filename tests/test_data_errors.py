@@ -1,0 +1,69 @@
+"""Start-up errors of the data pipeline name the file and the fix; nothing is modified."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from concept_train.data import DataError
+from conftest import ADVANCED, shard
+from data_helpers import data_module
+
+
+@pytest.fixture
+def sharded(project):
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    return project
+
+
+def test_missing_and_stale_shards_are_listed_with_the_command_to_run(sharded):
+    shutil.rmtree(sharded / "shards/hsapiens/synth_hsapiens/hs_lung_b")
+    with open(sharded / "data/synth_mmusculus/h5ads/mm_brain_a.h5ad", "r+b") as fh:   # same size, new content
+        fh.seek(-16, 2)
+        tail = fh.read(16)
+        fh.seek(-16, 2)
+        fh.write(bytes(255 - b for b in tail))
+    with pytest.raises(DataError) as err:
+        data_module(sharded)
+    text = " ".join(str(err.value).split())
+    assert "hs_lung_b" in text and "not sharded" in text
+    assert "mm_brain_a" in text and "changed since it was sharded" in text
+    assert "concept-shard build" in text and "2 file(s)" in text
+
+
+def test_changed_vocabulary_makes_shards_stale(sharded):
+    csv = sharded / "references/vocabulary/token_mappings_per_specie/mmusculus.csv"
+    csv.write_text(csv.read_text() + "ENSMUSG99999999999,NEWGENE,999999\n")
+    with pytest.raises(DataError) as err:
+        data_module(sharded)
+    text = " ".join(str(err.value).split())
+    assert "mm_brain_a" in text and "hs_blood_a" not in text
+    assert "token mapping" in text and "mmusculus.csv changed since it was sharded" in text
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("gene\nENSG00000141510\n", "no `Ensembl_ID` column"),
+    ("Ensembl_ID\n", "lists no genes"),
+    ("Ensembl_ID\nENSG_NOT_A_GENE\n", "no gene in the hsapiens vocabulary"),
+])
+def test_malformed_panel_csv_is_a_clear_start_up_error(sharded, content, problem):
+    bad = sharded / "panels/hsapiens/bad_panel.csv"
+    bad.write_text(content)
+    with pytest.raises(DataError) as err:
+        data_module(sharded).train_loader()
+    text = " ".join(str(err.value).split())
+    assert str(bad) in text and problem in text
+    # a regex that excludes the bad file starts fine
+    data_module(sharded, ["datamodule.dataset.train.panel_filter_regex='^(immune|tissue|brain)'"]).train_loader()
+
+
+def test_bad_loader_options_name_the_key(sharded):
+    for override, key in [("datamodule.normalization=zscore", "datamodule.normalization"),
+                          ("datamodule.gene_sampling_strategy=best", "datamodule.gene_sampling_strategy"),
+                          ("datamodule.dataset.train.panel_selection=fancy", "panel_selection"),
+                          ("datamodule.dataset.train.batching=whatever", "batching"),
+                          ("datamodule.dataloader.train.batch_size=100000", "yields no batch")]:
+        with pytest.raises(DataError) as err:
+            data_module(sharded, [override]).train_loader()
+        assert key in " ".join(str(err.value).split())

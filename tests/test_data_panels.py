@@ -1,0 +1,139 @@
+"""Panel semantics, batch composition, ranks and per-source weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from concept_train.data import DataError
+from concept_train.data.panels import DesignedPanel, PanelSampler, PanelSpec, TARGETED_ASSAY_GENES
+from data_helpers import data_module
+
+GENES = np.arange(100, 100 + 20_000)            # a file's in-vocabulary genes (token ids)
+
+
+def _draws(spec, designed=None, genes=GENES, n=300, species="hsapiens"):
+    sampler = PanelSampler(spec, {species: designed or []})
+    return [sampler.draw(np.random.default_rng([0, g, 1]), genes, species) for g in range(n)]
+
+
+def test_random_panel_sizes_are_log_uniform_within_bounds_and_views_disjoint():
+    spec = PanelSpec(selection="random", size_min=0.02, size_max=60000)
+    sizes = []
+    for p in _draws(spec):
+        for view in (p.view1, p.view2):
+            assert np.all(np.diff(view) > 0) and np.isin(view, GENES).all()
+        assert len(np.intersect1d(p.view1, p.view2)) == 0
+        assert 400 <= len(p.view1) <= 20_000              # 0.02 x 20,000 .. all genes
+        assert len(p.view2) <= 20_000 - len(p.view1)
+        sizes.append(len(p.view1))
+    # log-uniform over [400, 20000]: the median is near the geometric mean (~2,828), not the middle
+    assert 1_800 < np.median(sizes) < 4_500
+
+
+def test_fixed_size_panels():
+    for p in _draws(PanelSpec(selection="random", size_min=200, size_max=200), n=20):
+        assert len(p.view1) == 200 and len(p.view2) == 200
+
+
+def test_overlap_true_draws_view2_from_all_genes_and_probability_mixes():
+    overlapping = [len(np.intersect1d(p.view1, p.view2)) > 0
+                   for p in _draws(PanelSpec(selection="random", size_min=5000, size_max=5000, overlap=1.0), n=50)]
+    assert all(overlapping)
+    kinds = [p.kind2 for p in _draws(PanelSpec(selection="random", overlap=0.5), n=200)]
+    assert 60 < kinds.count("random-overlap") < 140
+
+
+def test_designed_panels_mixed_probability_and_drop_rate():
+    panel = DesignedPanel("immune", np.arange(100, 2100))       # 2,000 genes, all in the file
+    draws = _draws(PanelSpec(selection="mixed", mixed_prob=0.25, max_drop_rate=0.5), [panel], n=400)
+    designed = [p for p in draws if p.kind1 == "designed:immune"]
+    assert 0.65 < len(designed) / len(draws) < 0.85             # random with probability 0.25
+    kept = np.array([len(p.view1) / 2000 for p in designed])
+    assert kept.min() >= 0.45 and kept.max() <= 1.0              # r ~ U(0, 0.5) dropped
+    assert 0.70 < kept.mean() < 0.80                             # E[1 - r] = 0.75
+    for p in designed:
+        assert np.isin(p.view1, panel.tokens).all() and len(np.intersect1d(p.view1, p.view2)) == 0
+    assert all(p.kind1 == "designed:immune" for p in _draws(PanelSpec(selection="preselected"), [panel], n=30))
+
+
+def test_targeted_assay_always_gets_random_panels():
+    genes = np.arange(100, 100 + TARGETED_ASSAY_GENES - 1)
+    panel = DesignedPanel("immune", np.arange(100, 600))
+    assert {p.kind1 for p in _draws(PanelSpec(selection="preselected"), [panel], genes=genes, n=50)} == {"random"}
+
+
+def test_loader_regex_filters_designed_panels_and_targeted_file_is_random(sharded_example):
+    dm = data_module(sharded_example, ["datamodule.dataset.train.panel_filter_regex='immune|brain'",
+                                       "datamodule.dataset.train.panel_selection=preselected",
+                                       "datamodule.dataloader.train.batch_size=16",
+                                       "datamodule.dataloader.train.num_workers=0"])
+    loader = dm.train_loader()
+    seen = set()
+    for batch, _ in zip(loader, range(loader.plan.batches_per_epoch)):
+        shard_set = dm.train_sets[int(batch.dataset[0])]
+        seen.add((shard_set.dataset_id.split("/")[-1], batch.panel_kinds[0]))
+        # every cell of the batch comes from one file and uses the batch's panels
+        assert len(set(batch.dataset.tolist())) == 1
+        assert np.isin(batch.panels[0].numpy(), shard_set.genes).all()
+    kinds = {k for _, k in seen}
+    assert kinds <= {"designed:immune_panel", "designed:brain_panel", "random"} and "designed:immune_panel" in kinds
+    assert ("hs_targeted_c", "random") in seen and all(k == "random" for f, k in seen if f == "hs_targeted_c")
+    assert all(k != "random" for f, k in seen if f != "hs_targeted_c")
+    # no mouse panel matches `immune`: `preselected` refuses to start and names the species
+    with pytest.raises(DataError, match=r"preselected.*mmusculus"):
+        data_module(sharded_example, ["datamodule.dataset.train.panel_filter_regex=immune",
+                                      "datamodule.dataset.train.panel_selection=preselected"]).train_loader()
+
+
+def test_per_dataset_batches_come_from_one_file_in_proportion_to_size(sharded_example):
+    dm = data_module(sharded_example, ["datamodule.dataloader.train.batch_size=10",
+                                       "datamodule.dataloader.train.num_workers=0"])
+    loader = dm.train_loader()
+    counts = np.zeros(len(dm.train_sets), int)
+    for batch, _ in zip(loader, range(loader.plan.batches_per_epoch)):
+        assert len(set(batch.dataset.tolist())) == 1
+        counts[int(batch.dataset[0])] += 1
+    np.testing.assert_array_equal(counts, [s.n_samples // 10 for s in dm.train_sets])
+
+
+def test_mixed_batches_hold_one_species_from_many_files(sharded_example):
+    dm = data_module(sharded_example, ["datamodule.dataset.train.batching=mixed",
+                                       "datamodule.dataloader.train.batch_size=64",
+                                       "datamodule.dataloader.train.num_workers=0"])
+    loader = dm.train_loader()
+    multi = 0
+    for batch, _ in zip(loader, range(loader.plan.batches_per_epoch)):
+        assert len(set(batch.species.tolist())) == 1
+        species = {dm.train_sets[int(d)].species for d in batch.dataset}
+        assert len(species) == 1
+        multi += len(set(batch.dataset.tolist())) > 1
+    assert multi == loader.plan.batches_per_epoch
+
+
+def test_repeat_and_proportion_weights(sharded_example):
+    base = ["datamodule.dataloader.train.batch_size=10", "datamodule.dataloader.train.num_workers=0"]
+    plain = data_module(sharded_example, base).train_loader().plan
+    repeated = data_module(sharded_example, base + ["+datamodule.split_synth_mmusculus.repeat=2"]).train_loader().plan
+    mm = [i for i, s in enumerate(plain.sets) if s.species == "mmusculus"]
+    assert [repeated.per_epoch[i] for i in mm] == [2 * plain.per_epoch[i] for i in mm]
+    assert [repeated.per_epoch[i] for i in range(len(plain.sets)) if i not in mm] == \
+        [plain.per_epoch[i] for i in range(len(plain.sets)) if i not in mm]
+    # proportions must be given to every source
+    with pytest.raises(DataError, match="proportion"):
+        data_module(sharded_example, base + ["+datamodule.split_synth_mmusculus.proportion=0.5"]).train_loader()
+
+
+def test_two_ranks_share_panels_and_split_the_global_batch(sharded_example):
+    base = ["datamodule.dataloader.train.batch_size=16", "datamodule.dataloader.train.num_workers=0"]
+    whole = data_module(sharded_example, base).train_loader()
+    r0 = data_module(sharded_example, base, rank=0, world_size=2).train_loader()
+    r1 = data_module(sharded_example, base, rank=1, world_size=2).train_loader()
+    for a, b, w, _ in zip(r0, r1, whole, range(5)):
+        assert a.index == b.index == w.index
+        for v in range(2):
+            assert a.panels[v].tolist() == b.panels[v].tolist() == w.panels[v].tolist()
+        assert a.row.tolist() + b.row.tolist() == w.row.tolist() and a.n_cells == b.n_cells == 8
+        assert a.dataset.tolist() + b.dataset.tolist() == w.dataset.tolist()
+    with pytest.raises(DataError, match="cannot be shared evenly|cannot share evenly"):
+        data_module(sharded_example, ["datamodule.dataloader.train.batch_size=15"], rank=0, world_size=2).train_loader()

@@ -1,0 +1,89 @@
+"""Exact resumption in a fresh process, with any number of workers; kill -9 does not block a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from concept_train.data import DataError
+from data_helpers import data_module
+
+HERE = Path(__file__).parent
+SMALL = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
+
+
+def _run(project, out, take, *extra, workers=0, check=True):
+    cmd = [sys.executable, str(HERE / "data_run.py"), str(project), str(out), "--take", str(take), *map(str, extra),
+           *SMALL, f"datamodule.dataloader.train.num_workers={workers}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _assert_same(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys() and x["index"] == y["index"]
+        for k in x:
+            if k != "index":
+                assert torch.equal(x[k], y[k]), (x["index"], k)
+
+
+@pytest.mark.parametrize("workers,resume_workers", [(0, 0), (2, 2), (2, 0)])
+def test_resume_in_a_new_process_gives_the_uninterrupted_batches(sharded_example, tmp_path, workers, resume_workers):
+    # 12 batches cross the epoch boundary (8 per epoch at batch 32 after drop_last... or fewer)
+    _run(sharded_example, tmp_path / "full.pt", 12, workers=workers)
+    _run(sharded_example, tmp_path / "head.pt", 5, "--state-out", tmp_path / "state.json", workers=workers)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["position"] == 5
+    _run(sharded_example, tmp_path / "tail.pt", 7, "--state-in", tmp_path / "state.json", workers=resume_workers)
+    full, head, tail = (torch.load(tmp_path / f"{n}.pt") for n in ("full", "head", "tail"))
+    _assert_same(head + tail, full)
+    assert [b["index"] for b in full] == list(range(12))
+
+
+def test_plan_crosses_epochs_with_a_new_order(sharded_example):
+    loader = data_module(sharded_example, SMALL + ["datamodule.dataloader.train.num_workers=0"]).train_loader()
+    K = loader.plan.batches_per_epoch
+    first = [loader.plan.batch(g) for g in range(K)]
+    second = [loader.plan.batch(g) for g in range(K, 2 * K)]
+    assert {b.epoch for b in second} == {1}
+    key = lambda bs: sorted((int(b.datasets[0]), tuple(b.rows.tolist())) for b in bs)   # noqa: E731
+    assert key(first) != key(second)                        # reshuffled
+    assert sorted(int(b.datasets[0]) for b in first) == sorted(int(b.datasets[0]) for b in second)
+
+
+def test_state_of_another_plan_is_refused(sharded_example):
+    loader = data_module(sharded_example, SMALL + ["datamodule.dataloader.train.num_workers=0"]).train_loader()
+    state = loader.state_dict()
+    other = data_module(sharded_example, ["datamodule.dataloader.train.batch_size=16", "seed=1"]).train_loader()
+    with pytest.raises(DataError, match="another batch sequence"):
+        other.load_state_dict(state)
+
+
+def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path):
+    cmd = [sys.executable, str(HERE / "data_run.py"), str(sharded_example), str(tmp_path / "x.pt"), "--take", "99",
+           "--sleep-after", "2", *SMALL, "datamodule.dataloader.train.num_workers=2"]
+    before = set(os.listdir("/dev/shm"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
+        left = set(os.listdir("/dev/shm")) - before
+        assert any(name.endswith("_locals") for name in left)      # streaming registered itself
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stale = set(os.listdir("/dev/shm")) - before
+    assert any(name.endswith("_locals") for name in stale)         # the killed run left its segments
+    _run(sharded_example, tmp_path / "after.pt", 3, workers=2)     # and the next run starts anyway
+    assert not (stale & set(os.listdir("/dev/shm")))               # having removed them
