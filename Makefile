@@ -23,3 +23,6 @@ test-fast: install
 
 bench: install
 	$(PY) tools/bench/shard.py
+	$(PY) tools/make_example_project.py /tmp/concept_loader_bench
+	$(VENV)/bin/concept-shard build /tmp/concept_loader_bench --no-progress
+	$(PY) tools/bench/loader.py /tmp/concept_loader_bench

@@ -98,59 +98,58 @@ def _split_items(cfg: DictConfig, only: str | None = None) -> list[tuple[str, ob
     return items
 
 
+def _file_entries(cfg: DictConfig, only: str | None = None, skip_repeated_splits: bool = False):
+    """(config key, section or None, weights, file or None, error or None) per listed file of every
+    split item (of the split list `only`); a split item that is itself invalid yields one error."""
+    mappings = Path(cfg.PATH.GENE_MAPPINGS_PATH)
+    allowed_species = OmegaConf.select(cfg, "datamodule.species")
+    seen_splits: set[str] = set()
+    for key, split, section, weights in _split_items(cfg, only=only):
+        if skip_repeated_splits and key in seen_splits and section is None:
+            continue
+        seen_splits.add(key)
+        try:
+            entries = _files_of_split(key, split, mappings, allowed_species)
+        except ShardError as err:
+            yield key, section, weights, None, err
+            continue
+        for sf, err in entries:
+            yield key, section, weights, sf, err
+
+
 def loader_sources(cfg: DictConfig, list_key: str, default_section: str) -> tuple[list[tuple[SourceFile, dict]], list[ShardError]]:
     """The files one loader reads: (file, sampling weights of its split entry), in config order.
 
     A plain split item contributes its `default_section` (`train` for the training loader, `val`
     for validation loaders); `{source: ..., key: ...}` picks the section explicitly.
     """
-    mappings = Path(cfg.PATH.GENE_MAPPINGS_PATH)
-    allowed_species = OmegaConf.select(cfg, "datamodule.species")
     out, errors, seen = [], [], set()
-    for key, split, section, weights in _split_items(cfg, only=list_key):
-        try:
-            entries = _files_of_split(key, split, mappings, allowed_species)
-        except ShardError as err:
-            errors.append(err)
+    for _, section, weights, sf, err in _file_entries(cfg, only=list_key):
+        if sf is not None and (section or default_section) not in sf.sections:
             continue
-        for sf, err in entries:
-            if (section or default_section) not in sf.sections:
-                continue
-            if err is not None:
-                errors.append(err)
-            elif sf.dataset_id not in seen:
-                seen.add(sf.dataset_id)
-                out.append((sf, dict(weights)))
+        if err is not None:
+            errors.append(err)
+        elif sf.dataset_id not in seen:
+            seen.add(sf.dataset_id)
+            out.append((sf, dict(weights)))
     return out, errors
 
 
 def collect_source_files(cfg: DictConfig) -> tuple[list[SourceFile], list[ShardError]]:
     """All files named by all split entries, deduplicated, with per-entry errors collected."""
-    mappings = Path(cfg.PATH.GENE_MAPPINGS_PATH)
-    allowed_species = OmegaConf.select(cfg, "datamodule.species")
     files: dict[str, SourceFile] = {}
     errors: list[ShardError] = []
-    seen_splits: set[str] = set()
-    for key, split, section, _ in _split_items(cfg):
-        if key in seen_splits and section is None:
-            continue
-        seen_splits.add(key)
-        try:
-            entries = _files_of_split(key, split, mappings, allowed_species)
-        except ShardError as err:
+    for key, _, _, sf, err in _file_entries(cfg, skip_repeated_splits=True):
+        if err is not None:
             errors.append(err)
             continue
-        for sf, err in entries:
-            if err is not None:
-                errors.append(err)
-                continue
-            prev = files.get(sf.dataset_id)
-            if prev is not None and prev.path != sf.path:
-                errors.append(ShardError(key, f"lists `{sf.name}`, which maps to shard dataset {sf.dataset_id} "
-                                         f"already claimed by {prev.path}.",
-                                         "Give the two sources different `source_name`s or rename one file."))
-                continue
-            (prev or files.setdefault(sf.dataset_id, sf)).sections.update(sf.sections)
+        prev = files.get(sf.dataset_id)
+        if prev is not None and prev.path != sf.path:
+            errors.append(ShardError(key, f"lists `{sf.name}`, which maps to shard dataset {sf.dataset_id} "
+                                     f"already claimed by {prev.path}.",
+                                     "Give the two sources different `source_name`s or rename one file."))
+            continue
+        (prev or files.setdefault(sf.dataset_id, sf)).sections.update(sf.sections)
     return list(files.values()), errors
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from concept_train.data import DataError
 from concept_train.data.panels import DesignedPanel, PanelSampler, PanelSpec, TARGETED_ASSAY_GENES
@@ -137,3 +138,23 @@ def test_two_ranks_share_panels_and_split_the_global_batch(sharded_example):
         assert a.dataset.tolist() + b.dataset.tolist() == w.dataset.tolist()
     with pytest.raises(DataError, match="cannot be shared evenly|cannot share evenly"):
         data_module(sharded_example, ["datamodule.dataloader.train.batch_size=15"], rank=0, world_size=2).train_loader()
+
+
+def test_validation_loaders_are_fixed_and_budgeted(sharded_example):
+    dm = data_module(sharded_example, ["datamodule.dataloader.val.within_P200_B256.num_samples=256"])
+    loaders = dm.val_loaders()
+    assert set(loaders) == {"within_P200_B256", "within_P800_B256", "within_P6400_B256", "designed_vs_rest_B256"}
+    p200 = list(loaders["within_P200_B256"])
+    assert len(p200) == 1 and p200[0].n_cells == 256                      # the cell budget
+    assert all(len(p) == 200 for p in p200[0].panels)
+    again = list(loaders["within_P200_B256"])                              # every pass is the same
+    assert all(torch.equal(a, b) for a, b in zip(p200[0].tensors().values(), again[0].tensors().values()))
+    other_run = data_module(sharded_example, ["datamodule.dataloader.val.within_P200_B256.num_samples=256", "seed=7"])
+    third = list(other_run.val_loaders()["within_P200_B256"])              # the training seed does not matter
+    assert all(torch.equal(a, b) for a, b in zip(p200[0].tensors().values(), third[0].tensors().values()))
+    for batch in loaders["designed_vs_rest_B256"]:
+        genes = dm.val_sets["designed_vs_rest_B256"][int(batch.dataset[0])].genes
+        v1, v2 = (p.numpy() for p in batch.panels)
+        assert batch.panel_kinds[0].startswith("designed:") and batch.panel_kinds[1] == "complement"
+        np.testing.assert_array_equal(np.union1d(v1, v2), genes)
+        assert len(np.intersect1d(v1, v2)) == 0

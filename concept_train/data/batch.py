@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 
+@lru_cache(maxsize=1 << 16)
 def label_code(value: str) -> int:
     """A stable integer for an obs label: the same string gives the same code in every run and
     process, without a pass over the data to build an encoder. Missing ("") is -1."""

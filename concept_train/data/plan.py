@@ -96,7 +96,9 @@ class BatchPlan:
         key = (epoch, f)
         if key not in self._draws:
             n, c = self.sets[f].n_samples, self.per_epoch[f]
-            if not self.shuffle:
+            if n == 0 or c == 0:             # a file whose cells were all dropped by the sharder
+                rows = np.zeros(0, np.int64)
+            elif not self.shuffle:
                 rows = np.arange(c, dtype=np.int64) % n
             else:
                 rng = self._rng(epoch, 1, f)
@@ -165,5 +167,5 @@ def _samples_per_epoch(sets: list[ShardSet], epoch_size: int | None, where: str)
         share = total * float(sets[fs[0]].weights["proportion"]) / weight_sum
         size = sum(sets[f].n_samples for f in fs)
         for f in fs:
-            out[f] = int(round(share * sets[f].n_samples / size))
+            out[f] = int(round(share * sets[f].n_samples / size)) if size else 0
     return out

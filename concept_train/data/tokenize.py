@@ -122,8 +122,8 @@ def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndar
     """(cell, token, value) of the kept entries of one view, ordered by cell then position."""
     in_panel = np.zeros(vocab_size, bool)
     in_panel[panel] = True
-    sel = in_panel[cells.genes] & (cells.counts != 0)
-    cell, tok, val, key = cells.cell[sel], cells.genes[sel], values[sel], keys[sel]
+    sel = np.flatnonzero(in_panel[cells.genes] & (cells.counts != 0))     # indices: 4 takes beat 4 masks
+    cell, tok, val, key = cells.cell.take(sel), cells.genes.take(sel), values.take(sel), keys.take(sel)
     if spec.strategy in ("top", "random"):
         cell, tok, val, key = _with_zeros(spec, cells.n_cells, cell, tok, val, key, panel, cell_rngs)
     elif spec.strategy == "random-nonzero":
