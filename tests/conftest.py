@@ -99,3 +99,11 @@ def sharded_example(example_source, tmp_path_factory) -> Path:
     shutil.copytree(example_source, dst, symlinks=True)
     assert shard("build", dst, *ADVANCED, "--no-progress") == 0
     return dst
+
+
+@pytest.fixture
+def sharded_project_copy(sharded_example, tmp_path) -> Path:
+    """A private copy of the sharded example project (its model_checkpoints/ start empty)."""
+    dst = tmp_path / "project"
+    shutil.copytree(sharded_example, dst, symlinks=True)
+    return dst

@@ -25,7 +25,8 @@ def test_random_panel_sizes_are_log_uniform_within_bounds_and_views_disjoint():
         for view in (p.view1, p.view2):
             assert np.all(np.diff(view) > 0) and np.isin(view, GENES).all()
         assert len(np.intersect1d(p.view1, p.view2)) == 0
-        assert 400 <= len(p.view1) <= 20_000              # 0.02 x 20,000 .. all genes
+        assert 400 <= len(p.view1) <= 20_000 - 400       # 0.02 x 20,000 .. all but room for view 2
+        assert len(p.view2) >= 1
         assert len(p.view2) <= 20_000 - len(p.view1)
         sizes.append(len(p.view1))
     # log-uniform over [400, 20000]: the median is near the geometric mean (~2,828), not the middle

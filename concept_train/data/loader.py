@@ -117,8 +117,10 @@ class Loader:
             self.position = 0
         stream = _BatchStream(self.maker, self.position, self.stop)
         kwargs = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
+        # own generator: creating the iterator must not draw from the global torch RNG, or a resumed
+        # run's dropout would not match the uninterrupted one
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            **kwargs)
+                            generator=torch.Generator().manual_seed(self.maker.seed), **kwargs)
         for batch in loader:
             self.position = batch.index + 1
             yield batch

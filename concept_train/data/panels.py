@@ -8,7 +8,9 @@ its genes is dropped with probability r ~ U(0, panel_max_drop_rate). Random pane
 log-uniform size in [panel_size_min, panel_size_max] (a float in (0, 1) is a fraction of n).
 View 2 is random over the genes not in view 1, unless `panel_overlap` (a bool or a probability)
 lets it draw from all n; `panel_view2: complement` (ours, for validation) makes view 2 all the
-remaining genes.
+remaining genes. Ours too: a random view 1 leaves at least `panel_size_min` genes for a disjoint
+view 2 (the reference can draw view 1 over all n genes, leaving view 2 empty and the whole batch
+masked).
 """
 
 from __future__ import annotations
@@ -139,6 +141,9 @@ class PanelSampler:
     def draw(self, rng: np.random.Generator, genes: np.ndarray, species: str) -> Panels:
         """Two panels over `genes` (the batch's in-vocabulary genes, ascending token ids)."""
         spec, n = self.spec, len(genes)
+        overlap = spec.view2 == "random" and spec.overlap > 0 and rng.random() < spec.overlap
+        # a disjoint view 2 needs room: a random view 1 leaves at least panel_size_min genes
+        room = n if overlap or spec.view2 == "complement" else n - int(max(1.0, resolve_size(spec.size_min, n)))
         panels = self.designed.get(species) or []
         use_designed = (n >= TARGETED_ASSAY_GENES and panels and
                         (spec.selection == "preselected" or
@@ -150,11 +155,11 @@ class PanelSampler:
             view1 = np.intersect1d(kept, genes, assume_unique=True)
             kind1 = f"designed:{panel.name}"
         if view1 is None or len(view1) == 0:      # random, or a designed panel with none of the file's genes
-            view1 = np.sort(rng.choice(genes, self._size(rng, n, n), replace=False))
+            view1 = np.sort(rng.choice(genes, self._size(rng, n, max(1, room)), replace=False))
             kind1 = "random"
         rest = np.setdiff1d(genes, view1, assume_unique=True)
         if spec.view2 == "complement":
             return Panels(view1, rest, kind1, "complement")
-        if spec.overlap > 0 and rng.random() < spec.overlap:
+        if overlap:
             return Panels(view1, np.sort(rng.choice(genes, self._size(rng, n, n), replace=False)), kind1, "random-overlap")
         return Panels(view1, np.sort(rng.choice(rest, self._size(rng, n, len(rest)), replace=False)), kind1, "random")

@@ -1,0 +1,47 @@
+"""`concept-train [--config-dir DIR] [key=value ...]`: compose the config, train, report where.
+
+PATH.PROJECT_PATH comes from the overrides (or a positional PROJECT_PATH, as for concept-shard).
+Launch under `torchrun --nproc_per_node N` or `srun` for several processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from concept_shard.config import compose_config
+from concept_shard.errors import ShardError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="concept-train", description=__doc__.split("\n")[0])
+    p.add_argument("--config-dir", help="your config tree, searched before the packaged conf/")
+    p.add_argument("project_path", nargs="?", help="PATH.PROJECT_PATH (or pass PATH.PROJECT_PATH=...)")
+    args, overrides = p.parse_known_args(argv)
+    if args.project_path and "=" in args.project_path:        # the first override, not a path
+        overrides, args.project_path = [args.project_path] + overrides, None
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        p.error(f"unexpected arguments {bad}: overrides are key=value")
+    try:
+        cfg = compose_config(args.project_path, overrides, args.config_dir)
+        from .trainer.loop import Trainer
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+    except ShardError as err:
+        print(f"concept-train: {err.paragraph()}", file=sys.stderr)
+        return 2
+    finally:
+        from .trainer.distributed import shutdown
+        shutdown()
+    if trainer.d.is_main:
+        print(f"concept-train: run {trainer.run_id} finished at step {result['step']}\n"
+              f"  run directory: {result['run_dir']}\n"
+              f"  metrics:       {result['run_dir'] / 'metrics.jsonl'}\n"
+              f"  curves:        {result['curves']}\n"
+              f"  checkpoint:    {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

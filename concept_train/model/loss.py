@@ -1,0 +1,73 @@
+"""Symmetric InfoNCE over the GLOBAL batch, and cross-view retrieval metrics.
+
+Embeddings of all ranks are all-gathered WITH gradient (torch.distributed.nn), so every rank
+computes the same loss over the global batch and gradients flow back to the rank that produced
+each embedding. Cells whose view was empty (`items_mask` False) are left out of the logits.
+Before `loss_switch_step` the loss is CLIP's (z1 against z2 and back); from it on, SimCLR's
+2N x 2N loss (each view against all other 2N - 1 embeddings).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+MAX_LOGIT_SCALE = math.log(100.0)     # as CLIP: the temperature never goes below 0.01
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, logit_scale: torch.Tensor, mask: torch.Tensor,
+                     simclr: bool = False) -> tuple[torch.Tensor, dict]:
+    """(loss, metrics) for local embeddings z1, z2 [n, d] and the local items_mask [n]."""
+    z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+    mask = gather_no_grad(mask.to(torch.int64)).bool()
+    z1, z2 = z1[mask], z2[mask]
+    n = z1.shape[0]
+    if n < 2:
+        zero = (z1.sum() + z2.sum() + logit_scale) * 0.0
+        return zero, {"recall@1": float("nan"), "recall@5": float("nan"), "n_items": n}
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    target = torch.arange(n, device=z1.device)
+    logits = scale * z1 @ z2.T
+    if simclr:
+        z = torch.cat([z1, z2])
+        sim = scale * z @ z.T
+        sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        loss = F.cross_entropy(sim, torch.cat([target + n, target]))
+    else:
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    with torch.no_grad():
+        metrics = retrieval_metrics(logits.detach())
+    metrics["n_items"] = n
+    return loss, metrics
+
+
+def retrieval_metrics(logits: torch.Tensor) -> dict:
+    """Cross-view recall@1/@5: how often cell i's view 2 ranks first / in the top 5 for its view 1
+    (and vice versa), averaged over both directions."""
+    n = logits.shape[0]
+    out = {}
+    for k in (1, 5):
+        kk = min(k, n)
+        target = torch.arange(n, device=logits.device)[:, None]
+        hits = (logits.topk(kk, dim=1).indices == target).any(1).float().mean()
+        hits_t = (logits.T.topk(kk, dim=1).indices == target).any(1).float().mean()
+        out[f"recall@{k}"] = float((hits + hits_t) / 2)
+    return out

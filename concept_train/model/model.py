@@ -1,0 +1,177 @@
+"""The contrastive cell encoder (DESIGN.md Part 1, "Model and loss"): a plain nn.Module that
+knows nothing of distribution.
+
+tokens -> per-species gene embedding (optionally pretrained vectors through a shared adapter)
+-> shared Linear to dim_model + LayerNorm; `<cls>` positions take a learnable CLS vector; rank
+encoding (sinusoidal, by the gene's rank in its view) or value encoding is added; encoder blocks
+(pre- or post-norm) over the packed batch; no final norm; the CLS outputs, optionally projected,
+L2-normalised, are the cell embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import varlen_attention
+
+CLS_TOKEN = 0
+
+
+@dataclass
+class ModelConfig:
+    vocab_sizes: dict[str, int]         # species -> token count
+    dim_model: int = 512
+    nlayers: int = 8
+    num_head: int = 8
+    dim_hid: int = 1024
+    dropout: float = 0.1
+    dim_gene_embs: int = 512
+    dim_pretrained_vocab: int = 640
+    pretrained: bool = False           # gene tables of dim_pretrained_vocab through a shared adapter
+    projection_dim: int | None = None
+    norm_scheme: str = "pre"
+    activation: str = "gelu"
+    input_encoding: str = "rank_encoding"
+    pe_max_len: int = 5000
+    logit_scale_init_value: float = 3.0
+    attention_backend: str = "auto"    # auto | flash | varlen | grouped
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab_sizes: dict[str, int], pretrained: bool) -> "ModelConfig":
+        get = model_cfg.get
+        backend = "auto" if get("flash_attention", True) else "grouped"
+        return cls(vocab_sizes=dict(vocab_sizes), dim_model=int(get("dim_model")), nlayers=int(get("nlayers")),
+                   num_head=int(get("num_head")), dim_hid=int(get("dim_hid")), dropout=float(get("dropout", 0.0)),
+                   dim_gene_embs=int(get("dim_gene_embs")), dim_pretrained_vocab=int(get("dim_pretrained_vocab", 640)),
+                   pretrained=pretrained, projection_dim=get("projection_dim"), norm_scheme=str(get("norm_scheme", "pre")),
+                   activation=str(get("activation", "gelu")), input_encoding=str(get("input_encoding", "rank_encoding")),
+                   pe_max_len=int(get("pe_max_len", 5000)), logit_scale_init_value=float(get("logit_scale_init_value", 3.0)),
+                   attention_backend=backend)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, backend: str):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model.dim_model={dim} is not divisible by model.num_head={heads}")
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        T, dim = x.shape
+        q, k, v = self.qkv(x).view(T, 3, self.heads, dim // self.heads).unbind(1)
+        return self.out(varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend=self.backend).reshape(T, dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre = cfg.norm_scheme == "pre"
+        self.attn = Attention(cfg.dim_model, cfg.num_head, cfg.attention_backend)
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim_model), nn.LayerNorm(cfg.dim_model)
+        self.ff = nn.Sequential(nn.Linear(cfg.dim_model, cfg.dim_hid), nn.GELU() if cfg.activation == "gelu" else nn.ReLU(),
+                                nn.Dropout(cfg.dropout), nn.Linear(cfg.dim_hid, cfg.dim_model))
+        self.drop1, self.drop2 = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        if self.pre:
+            x = x + self.drop1(self.attn(self.norm1(x), cu_seqlens, max_seqlen))
+            return x + self.drop2(self.ff(self.norm2(x)))
+        x = self.norm1(x + self.drop1(self.attn(x, cu_seqlens, max_seqlen)))
+        return self.norm2(x + self.drop2(self.ff(x)))
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return table.float()
+
+
+class ContrastiveModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.species = sorted(cfg.vocab_sizes)
+        emb_dim = cfg.dim_pretrained_vocab if cfg.pretrained else cfg.dim_gene_embs
+        self.gene_embeddings = nn.ModuleDict({sp: nn.Embedding(n, emb_dim) for sp, n in cfg.vocab_sizes.items()})
+        self.adapter = nn.Linear(cfg.dim_pretrained_vocab, cfg.dim_gene_embs) if cfg.pretrained else None
+        self.input_proj = nn.Linear(cfg.dim_gene_embs, cfg.dim_model)
+        self.input_norm = nn.LayerNorm(cfg.dim_model)
+        self.cls = nn.Parameter(torch.randn(cfg.dim_model) * 0.02)
+        if cfg.input_encoding == "value_encoding":
+            self.value_encoder = nn.Sequential(nn.Linear(1, cfg.dim_model), nn.GELU(), nn.Linear(cfg.dim_model, cfg.dim_model))
+            self.value_head = nn.Linear(cfg.dim_model, 1)        # MLM: predicts masked values
+            self.mask_value = nn.Parameter(torch.zeros(cfg.dim_model))
+        elif cfg.input_encoding != "rank_encoding":
+            raise ValueError(f"model.input_encoding={cfg.input_encoding}: use rank_encoding or value_encoding")
+        self.register_buffer("rank_table", sinusoidal_table(cfg.pe_max_len + 1, cfg.dim_model), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.nlayers))
+        self.projection = nn.Linear(cfg.dim_model, cfg.projection_dim) if cfg.projection_dim else None
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init_value)))   # 1-D: FSDP2 shards no scalars
+
+    def load_pretrained_vectors(self, directory: Path, gene_ids_by_token: dict[str, list[str]], warn=print) -> None:
+        """Fill the gene tables from `<directory>/<species>.csv` (gene id, then dim_pretrained_vocab floats);
+        genes without a vector get zeros, reported once per species."""
+        import pandas as pd
+        for sp, ids in gene_ids_by_token.items():
+            path = Path(directory) / f"{sp}.csv"
+            table = pd.read_csv(path, index_col=0)
+            if table.shape[1] != self.cfg.dim_pretrained_vocab:
+                raise ValueError(f"{path}: {table.shape[1]} columns of floats, model.dim_pretrained_vocab is "
+                                 f"{self.cfg.dim_pretrained_vocab}")
+            weight = np.zeros((len(ids), table.shape[1]), np.float32)
+            index = {str(g).split(".")[0]: i for i, g in enumerate(table.index)}
+            values = table.to_numpy(np.float32)
+            missing = 0
+            for token, gid in enumerate(ids):
+                row = index.get(gid)
+                if row is None:
+                    missing += gid not in ("<cls>", "<pad>", "")
+                else:
+                    weight[token] = values[row]
+            if missing:
+                warn(f"[model] {path}: no vector for {missing} of {len(ids) - 2} {sp} genes; they start at zero.")
+            with torch.no_grad():
+                self.gene_embeddings[sp].weight.copy_(torch.from_numpy(weight))
+
+    def embed_tokens(self, tokens, values, positions, species: str, mlm_mask=None) -> torch.Tensor:
+        x = self.gene_embeddings[species](tokens)
+        if self.adapter is not None:
+            x = self.adapter(x)
+        x = self.input_norm(self.input_proj(x))
+        is_cls = (tokens == CLS_TOKEN)[:, None]
+        x = torch.where(is_cls, self.cls.to(x.dtype), x)
+        if self.cfg.input_encoding == "rank_encoding":
+            x = x + self.rank_table[positions.clamp(max=self.cfg.pe_max_len)].to(x.dtype)
+        else:
+            enc = self.value_encoder(values[:, None].to(x.dtype))
+            if mlm_mask is not None:
+                enc = torch.where(mlm_mask[:, None], self.mask_value.to(x.dtype), enc)
+            x = x + torch.where(is_cls, torch.zeros_like(enc), enc)
+        return x
+
+    def forward(self, tokens, values, positions, cu_seqlens, max_seqlen: int, species: str, mlm_mask=None):
+        """Returns (cell embeddings [S, d], L2-normalised; per-token outputs [T, dim_model]; the logit
+        log-scale). The scale is returned rather than read from the attribute by the loss, because
+        under FSDP2 parameters are whole only inside forward."""
+        x = self.embed_tokens(tokens, values, positions, species, mlm_mask)
+        for block in self.blocks:
+            x = block(x, cu_seqlens, max_seqlen)
+        z = x[cu_seqlens[:-1].long()]
+        if self.projection is not None:
+            z = self.projection(z)
+        return F.normalize(z.float(), dim=-1), x, self.logit_scale.float().reshape(())
+
+    def predict_values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden).squeeze(-1)

@@ -1,0 +1,93 @@
+"""Checkpoints as DESIGN.md Part 2 says: `checkpoints/step_<N>/`, `latest` moved last.
+
+A checkpoint is written into `step_<N>.tmp/` (model and optimizer through
+torch.distributed.checkpoint, sharded across ranks; `trainer_state.json` with step, scheduler and
+loader state; `rng.pt` with every rank's RNG state), renamed to `step_<N>/` once complete, and only
+then does the `latest` file (written atomically) point at it. A run killed at any moment leaves
+either the previous checkpoint as latest, or the new one complete. Older checkpoints beyond
+`keep_last` are deleted after `latest` moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+
+from .distributed import Dist
+
+
+def _gather_objects(obj, d: Dist) -> list:
+    if d.world_size == 1:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "trainer_state.json").is_file() else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, d: Dist, keep_last: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    rng = _gather_objects({"cpu": torch.get_rng_state(),
+                           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, d)
+    if d.is_main:
+        torch.save(rng, tmp / "rng.pt")
+        with open(tmp / "trainer_state.json", "w") as fh:
+            json.dump(dict(trainer_state, step=step, world_size=d.world_size), fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer_tmp = root / "latest.tmp"
+        pointer_tmp.write_text(final.name + "\n")
+        os.replace(pointer_tmp, root / "latest")
+        done = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                      key=lambda p: int(p.name.split("_")[1]))
+        for old in done[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = False) -> dict:
+    """Load `path` into model (and optimizer, RNG, unless weights_only); returns trainer_state."""
+    path = Path(path)
+    msd, osd = get_state_dict(model, optimizer)
+    if weights_only:
+        state = {"model": msd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+    else:
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    if not weights_only:
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        mine = rng[d.rank] if d.rank < len(rng) else rng[0]
+        torch.set_rng_state(mine["cpu"])
+        if mine.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
+    return trainer_state

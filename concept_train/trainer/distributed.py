@@ -1,0 +1,74 @@
+"""Process-group set-up for one process, `torchrun`, or `srun` (SLURM variables).
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under `srun` without
+torchrun they are derived from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the first host of
+SLURM_JOB_NODELIST and a port from the job id. LOCAL_WORLD_SIZE is set for mosaicml-streaming.
+Backend: NCCL on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _first_host(nodelist: str) -> str:
+    """`gpu[01-04,07],cpu3` -> `gpu01` (the part of `scontrol show hostnames` we need)."""
+    m = re.match(r"([^\[,]+)(\[([^\]]+)\])?", nodelist)
+    if not m:
+        return "127.0.0.1"
+    if not m.group(3):
+        return m.group(1)
+    first = m.group(3).split(",")[0].split("-")[0]
+    return m.group(1) + first
+
+
+def slurm_environment(env=os.environ) -> dict[str, str]:
+    """The torchrun variables derived from SLURM's, for a task launched by `srun` alone."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    ntasks, nnodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_NNODES", "1"))
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or str(ntasks // max(nnodes, 1))
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(ntasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": per_node, "MASTER_ADDR": env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "")),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+
+
+def init_distributed() -> Dist:
+    os.environ.update(slurm_environment())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

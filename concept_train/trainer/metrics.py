@@ -1,0 +1,65 @@
+"""Where metrics go: the console, `metrics.jsonl` in the run directory, wandb when enabled, and a
+PNG of the loss and recall curves at the end of the run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, cfg, enabled: bool, run_id: str, log=print):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled, self.log = enabled, log
+        self.wandb = None
+        if enabled and bool(cfg.wandb.get("enabled", False)):
+            import wandb
+            from omegaconf import OmegaConf
+            self.wandb = wandb.init(project=cfg.wandb.get("project") or "concept", entity=cfg.wandb.get("entity"),
+                                    name=cfg.wandb.get("run_name") or run_id, id=run_id, resume="allow",
+                                    dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                           step=int(row["step"]))
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                         if k in ("step", "loss", "lr", "recall@1", "cells_per_s", "tokens_per_s", "mfu")
+                         or k.startswith("val/") and (k.endswith("/loss") or k.endswith("recall@1")
+                                                       or k.endswith("knn/cell_type")))
+        self.log(f"[train] {shown}")
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
+    """Loss and recall@1 against step, training and validation, from metrics.jsonl."""
+    if not metrics_path.is_file():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, suffix, title in ((axes[0], "loss", "loss"), (axes[1], "recall@1", "recall@1 across views")):
+        train = [(r["step"], r[suffix]) for r in rows if r.get(suffix) is not None and r.get("kind") == "train"]
+        if train:
+            ax.plot(*zip(*train), label=f"train {suffix}")
+        for key in sorted({k for r in rows for k in r if k.startswith("val/") and k.endswith("/" + suffix)}):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            ax.plot(*zip(*pts), marker="o", label=key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
