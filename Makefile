@@ -8,11 +8,12 @@ EXAMPLE ?= example_project
 install:
 	bash tools/install.sh
 
-# The main job on the bundled example project: build it, shard it, print the summary.
+# The main job on the bundled example project: build it, shard it, pre-train a small model on
+# the CPU for a few minutes (conf/experiment/demo.yaml), print where the run, curves and checkpoint are.
 demo: install
 	$(PY) tools/make_example_project.py $(EXAMPLE)
 	$(VENV)/bin/concept-shard build $(EXAMPLE) datamodule=DataModuleAdvanced
-	$(VENV)/bin/concept-shard status $(EXAMPLE) datamodule=DataModuleAdvanced
+	$(VENV)/bin/concept-train $(EXAMPLE) +experiment=demo
 
 # The whole suite, slow end-to-end tests included (this is what CI runs).
 test: install

@@ -52,12 +52,16 @@ def example_source(tmp_path_factory) -> Path:
     return out
 
 
+def _private_copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "project"
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
 @pytest.fixture
 def project(example_source, tmp_path) -> Path:
     """A private copy of the example project that a test may change."""
-    dst = tmp_path / "project"
-    shutil.copytree(example_source, dst, symlinks=True)
-    return dst
+    return _private_copy(example_source, tmp_path)
 
 
 def shard(*args) -> int:
@@ -104,6 +108,4 @@ def sharded_example(example_source, tmp_path_factory) -> Path:
 @pytest.fixture
 def sharded_project_copy(sharded_example, tmp_path) -> Path:
     """A private copy of the sharded example project (its model_checkpoints/ start empty)."""
-    dst = tmp_path / "project"
-    shutil.copytree(sharded_example, dst, symlinks=True)
-    return dst
+    return _private_copy(sharded_example, tmp_path)

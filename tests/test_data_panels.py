@@ -144,7 +144,8 @@ def test_two_ranks_share_panels_and_split_the_global_batch(sharded_example):
 def test_validation_loaders_are_fixed_and_budgeted(sharded_example):
     dm = data_module(sharded_example, ["datamodule.dataloader.val.within_P200_B256.num_samples=256"])
     loaders = dm.val_loaders()
-    assert set(loaders) == {"within_P200_B256", "within_P800_B256", "within_P6400_B256", "designed_vs_rest_B256"}
+    assert set(loaders) == {"within_P200_B256", "within_P800_B256", "within_P6400_B256", "designed_vs_rest_B256",
+                            "whole_cell_B256"}
     p200 = list(loaders["within_P200_B256"])
     assert len(p200) == 1 and p200[0].n_cells == 256                      # the cell budget
     assert all(len(p) == 200 for p in p200[0].panels)
@@ -159,3 +160,7 @@ def test_validation_loaders_are_fixed_and_budgeted(sharded_example):
         assert batch.panel_kinds[0].startswith("designed:") and batch.panel_kinds[1] == "complement"
         np.testing.assert_array_equal(np.union1d(v1, v2), genes)
         assert len(np.intersect1d(v1, v2)) == 0
+    for batch in loaders["whole_cell_B256"]:
+        genes = dm.val_sets["whole_cell_B256"][int(batch.dataset[0])].genes
+        np.testing.assert_array_equal(batch.panels[0].numpy(), genes)       # view 1 = every gene of the file
+        assert len(batch.panels[1]) == 0 and not batch.items_mask.any()

@@ -105,6 +105,11 @@ class ContrastiveModel(nn.Module):
         self.species = sorted(cfg.vocab_sizes)
         emb_dim = cfg.dim_pretrained_vocab if cfg.pretrained else cfg.dim_gene_embs
         self.gene_embeddings = nn.ModuleDict({sp: nn.Embedding(n, emb_dim) for sp, n in cfg.vocab_sizes.items()})
+        for table in self.gene_embeddings.values():
+            # small init (GPT-style): the LayerNorm after the projection removes the scale, so Adam's
+            # lr-sized steps move a gene's direction ~50x faster than from N(0, 1); measured on the
+            # example project, cross-view learning starts within ~100 steps instead of stalling
+            nn.init.normal_(table.weight, std=0.02)
         self.adapter = nn.Linear(cfg.dim_pretrained_vocab, cfg.dim_gene_embs) if cfg.pretrained else None
         self.input_proj = nn.Linear(cfg.dim_gene_embs, cfg.dim_model)
         self.input_norm = nn.LayerNorm(cfg.dim_model)

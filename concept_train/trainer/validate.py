@@ -11,9 +11,11 @@ from ..model.loss import contrastive_loss, gather_no_grad
 KNN_K = 5
 
 
-def knn_accuracy(z: torch.Tensor, labels: torch.Tensor, k: int = KNN_K, chunk: int = 2048) -> float:
+def knn_accuracy(z: torch.Tensor, labels: torch.Tensor, k: int = KNN_K, chunk: int = 2048,
+                 metric: str = "dot") -> float:
     """Leave-one-out majority vote of the k nearest neighbours (ties: the nearest label wins);
-    cells with a missing label (-1) are neither queried nor used as neighbours."""
+    cells with a missing label (-1) are neither queried nor used as neighbours. `dot` ranks by
+    z.z' (cosine for L2-normalised embeddings), `euclidean` by distance."""
     keep = labels >= 0
     z, labels = z[keep], labels[keep]
     n = len(labels)
@@ -21,7 +23,7 @@ def knn_accuracy(z: torch.Tensor, labels: torch.Tensor, k: int = KNN_K, chunk: i
         return float("nan")
     correct = 0
     for a in range(0, n, chunk):
-        sim = z[a:a + chunk] @ z.T
+        sim = z[a:a + chunk] @ z.T if metric == "dot" else -torch.cdist(z[a:a + chunk], z)
         sim[torch.arange(sim.shape[0]), torch.arange(a, a + sim.shape[0])] = float("-inf")
         nn_labels = labels[sim.topk(k, dim=1).indices]                      # [q, k], nearest first
         votes = (nn_labels[:, :, None] == nn_labels[:, None, :]).sum(-1)     # how often each neighbour's label occurs
@@ -40,17 +42,19 @@ def validate(model, loaders: dict, forward_views, obs_keys: list[str], simclr: b
         for batch in loader:
             z1, z2, (*_, scale) = forward_views(batch)
             loss, m = contrastive_loss(z1, z2, scale, batch.items_mask.to(z1.device), simclr=simclr)
-            losses.append(float(loss))
-            r1.append(m["recall@1"])
-            r5.append(m["recall@5"])
+            if m["n_items"] >= 2:          # a loader whose view 2 is empty has no loss, only kNN
+                losses.append(float(loss))
+                r1.append(m["recall@1"])
+                r5.append(m["recall@5"])
             zs.append(gather_no_grad(z1.float().contiguous()).cpu())
             for key in obs_keys:
                 labels[key].append(gather_no_grad(batch.labels[key].to(z1.device)).cpu())
-        if not losses:
+        if not zs:
             continue
-        out[f"val/{name}/loss"] = sum(losses) / len(losses)
-        out[f"val/{name}/recall@1"] = sum(r1) / len(r1)
-        out[f"val/{name}/recall@5"] = sum(r5) / len(r5)
+        if losses:
+            out[f"val/{name}/loss"] = sum(losses) / len(losses)
+            out[f"val/{name}/recall@1"] = sum(r1) / len(r1)
+            out[f"val/{name}/recall@5"] = sum(r5) / len(r5)
         z = torch.cat(zs)
         for key in obs_keys:
             out[f"val/{name}/knn/{key}"] = knn_accuracy(z, torch.cat(labels[key]))

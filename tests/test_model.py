@@ -1,0 +1,115 @@
+"""The model's attention paths, its forward pass and the contrastive loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from concept_train.model import ContrastiveModel, ModelConfig, contrastive_loss
+from concept_train.model.attention import HAS_FLASH_ATTN, grouped_attention, varlen_attention
+from concept_train.trainer.validate import knn_accuracy
+
+
+def _packed(lengths, heads=2, dim=8, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, heads, dim, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+def _reference(q, k, v, cu):
+    """Each sequence on its own, float64, plain softmax attention."""
+    out = torch.empty_like(q, dtype=torch.float64)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[a:b].double().transpose(0, 1) for x in (q, k, v))
+        w = torch.softmax(qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        out[a:b] = (w @ vs).transpose(0, 1)
+    return out
+
+
+def test_grouped_attention_equals_per_sequence_reference():
+    lengths = [1, 5, 5, 17, 3, 17, 17, 64, 2]
+    q, k, v, cu = _packed(lengths)
+    torch.testing.assert_close(grouped_attention(q, k, v, cu), _reference(q, k, v, cu), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["varlen", "grouped"] + (["flash"] if HAS_FLASH_ATTN else []))
+def test_cuda_attention_paths_agree_with_float64_reference(backend):
+    lengths = [1, 200, 37, 999, 5, 64]
+    q, k, v, cu = _packed(lengths, heads=8, dim=64, dtype=torch.bfloat16, device="cuda")
+    out = varlen_attention(q, k, v, cu, max(lengths), backend=backend)
+    torch.testing.assert_close(out.double().cpu(), _reference(q, k, v, cu).cpu(), rtol=2e-2, atol=2e-2)
+
+
+def _model(**kw):
+    cfg = ModelConfig(vocab_sizes={"hsapiens": 50, "mmusculus": 40}, dim_model=32, nlayers=2, num_head=4, dim_hid=64,
+                      dim_gene_embs=16, dropout=0.0, **kw)
+    torch.manual_seed(0)
+    return ContrastiveModel(cfg)
+
+
+def _batch(lengths, vocab=50, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens, positions = [], []
+    for n in lengths:
+        tokens += [0] + torch.randint(2, vocab, (n - 1,), generator=g).tolist()
+        positions += list(range(n))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    return (torch.tensor(tokens), torch.rand(len(tokens), generator=g), torch.tensor(positions), cu, max(lengths))
+
+
+@pytest.mark.parametrize("kw", [{}, {"norm_scheme": "post", "activation": "relu"}, {"input_encoding": "value_encoding"},
+                                {"projection_dim": 8}])
+def test_forward_gives_unit_cls_embeddings_and_sequences_do_not_interact(kw):
+    model = _model(**kw).eval()
+    tokens, values, positions, cu, max_len = _batch([4, 9, 1, 6])
+    z, hidden, scale = model(tokens, values, positions, cu, max_len, "hsapiens")
+    assert z.shape == (4, kw.get("projection_dim") or 32) and hidden.shape == (len(tokens), 32)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(4))
+    assert float(scale) == pytest.approx(3.0)
+    # sequence 2 alone gives the same embedding as inside the packed batch: no cross-sequence attention
+    a, b = int(cu[1]), int(cu[2])
+    z_alone, _, _ = model(tokens[a:b], values[a:b], positions[a:b], torch.tensor([0, b - a], dtype=torch.int32),
+                          b - a, "hsapiens")
+    torch.testing.assert_close(z_alone[0], z[1], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_one_attention_backend_loads_into_another():
+    a, b = _model(), _model(attention_backend="grouped")
+    b.load_state_dict(a.state_dict())
+    assert set(a.state_dict()) == set(b.state_dict())
+
+
+def test_infonce_matches_its_definition_and_ignores_masked_items():
+    torch.manual_seed(0)
+    z1, z2 = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    s = torch.tensor(2.0)
+    mask = torch.tensor([True, True, False, True, True, True])
+    loss, m = contrastive_loss(z1, z2, s, mask)
+    k1, k2 = z1[mask], z2[mask]
+    logits = math.exp(2.0) * k1 @ k2.T
+    t = torch.arange(5)
+    want = (F.cross_entropy(logits, t) + F.cross_entropy(logits.T, t)) / 2
+    torch.testing.assert_close(loss, want)
+    assert m["n_items"] == 5
+    simclr, _ = contrastive_loss(z1, z2, s, mask, simclr=True)
+    z = torch.cat([k1, k2])
+    sim = math.exp(2.0) * z @ z.T - torch.eye(10) * 1e9
+    torch.testing.assert_close(simclr, F.cross_entropy(sim, torch.cat([t + 5, t])), rtol=1e-5, atol=1e-5)
+    # identical views are retrieved perfectly
+    _, perfect = contrastive_loss(z1, z1.clone(), torch.tensor(4.0), torch.ones(6, dtype=torch.bool))
+    assert perfect["recall@1"] == 1.0 and perfect["recall@5"] == 1.0
+
+
+def test_knn_accuracy_leave_one_out():
+    z = F.normalize(torch.tensor([[1.0, 0], [0.99, 0.1], [0.98, 0.2], [0.97, 0.25], [0.96, 0.3], [0.95, 0.31],
+                                  [0, 1.0], [0.1, 0.99], [0.2, 0.98], [0.25, 0.97], [0.3, 0.96], [0.31, 0.95]]), dim=-1)
+    labels = torch.tensor([1] * 6 + [2] * 6)
+    assert knn_accuracy(z, labels) == 1.0
+    assert knn_accuracy(z, torch.tensor([1, 2] * 6)) < 0.6
+    assert knn_accuracy(z, torch.tensor([-1] * 12)) != knn_accuracy(z, torch.tensor([-1] * 12))   # nan: no labels

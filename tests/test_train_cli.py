@@ -1,0 +1,60 @@
+"""`concept-train`: config errors, data not sharded, new runs from weights, wandb offline, profiler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from concept_train.cli import main
+
+TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
+        "model.training.max_steps=3", "model.training.log_every_n_steps=1", "model.training.warmup=1",
+        "model.training.val_check_interval=0", "model.training.validate_before_training=False",
+        "datamodule.dataloader.train.batch_size=16", "datamodule.dataloader.train.num_workers=0",
+        "datamodule.dataset.train.max_tokens=50"]
+
+
+def test_unknown_key_is_a_clear_error(sharded_project_copy, capsys):
+    assert main([str(sharded_project_copy), *TINY, "model.trainig.lr=1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model.trainig.lr" in err or "trainig" in err
+
+
+def test_data_not_sharded_says_what_to_run(project, capsys):
+    assert main([str(project), *TINY]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not sharded" in err and "concept-shard build" in err
+
+
+def test_resume_needs_a_run_id_and_a_checkpoint(sharded_project_copy, capsys):
+    assert main([str(sharded_project_copy), *TINY, "initialize.resume=True"]) == 2
+    assert "initialize.run_id" in capsys.readouterr().err
+    assert main([str(sharded_project_copy), *TINY, "initialize.resume=True", "initialize.run_id=nothing"]) == 2
+    assert "no complete checkpoint" in " ".join(capsys.readouterr().err.split())
+
+
+def test_new_run_from_weights_wandb_offline_and_profiler(sharded_project_copy, capsys):
+    root = sharded_project_copy / "model_checkpoints"
+    assert main([str(sharded_project_copy), *TINY, "initialize.run_id=first", "wandb.enabled=true",
+                 "wandb.project=concept-tests", "profiler.enabled=true", "model.training.max_steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "run directory:" in out and "curves:" in out
+    rows = [json.loads(line) for line in (root / "first" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    for key in ("loss", "lr", "cells_per_s", "tokens_per_s", "batch_digest"):
+        assert all(r[key] is not None for r in train), key
+    assert list((root / "first" / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    assert list((root / "first" / "profiler").glob("*.json*")), "the profiler wrote no trace"
+    # same run id again without resume: refused, nothing overwritten
+    assert main([str(sharded_project_copy), *TINY, "initialize.run_id=first"]) == 2
+    assert "already holds a run" in " ".join(capsys.readouterr().err.split())
+    # weights only, into a new run that starts at step 0
+    assert main([str(sharded_project_copy), *TINY, "initialize.run_id=second",
+                 f"initialize.checkpoint={root / 'first'}", "initialize.create_new_run=True"]) == 0
+    assert "starts from the weights of" in capsys.readouterr().out
+    second = [json.loads(line) for line in (root / "second" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in second if r["kind"] == "train"] == [1, 2, 3]
+    with pytest.raises(SystemExit):
+        main(["--help"])
