@@ -113,3 +113,19 @@ def test_knn_accuracy_leave_one_out():
     assert knn_accuracy(z, labels) == 1.0
     assert knn_accuracy(z, torch.tensor([1, 2] * 6)) < 0.6
     assert knn_accuracy(z, torch.tensor([-1] * 12)) != knn_accuracy(z, torch.tensor([-1] * 12))   # nan: no labels
+
+
+def test_pretrained_gene_vectors_fill_the_tables_and_missing_genes_start_at_zero(tmp_path):
+    cfg = ModelConfig(vocab_sizes={"hsapiens": 5}, dim_model=16, nlayers=1, num_head=2, dim_hid=16,
+                      dim_gene_embs=8, dim_pretrained_vocab=3, pretrained=True)
+    model = ContrastiveModel(cfg)
+    (tmp_path / "hsapiens.csv").write_text("gene_id,a,b,c\nENSG1.4,1,2,3\nENSG3,4,5,6\nENSG_OTHER,7,8,9\n")
+    warnings = []
+    ids = ["<cls>", "<pad>", "ENSG1", "ENSG2", "ENSG3"]
+    model.load_pretrained_vectors(tmp_path, {"hsapiens": ids}, warn=warnings.append)
+    w = model.gene_embeddings["hsapiens"].weight.detach()
+    torch.testing.assert_close(w[2], torch.tensor([1.0, 2, 3]))
+    torch.testing.assert_close(w[4], torch.tensor([4.0, 5, 6]))
+    assert float(w[3].abs().sum()) == 0.0
+    assert len(warnings) == 1 and "1 of 3" in warnings[0]
+    assert model.adapter.in_features == 3 and model.adapter.out_features == 8
