@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         tmp.mkdir(parents=True)
     d.barrier()
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():      # one process without a process group is intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     rng = _gather_objects({"cpu": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, d)
     if d.is_main:
@@ -77,11 +80,15 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = 
     msd, osd = get_state_dict(model, optimizer)
     if weights_only:
         state = {"model": msd}
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"])
     else:
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     if not weights_only:

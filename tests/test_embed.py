@@ -1,0 +1,67 @@
+"""Cell embeddings: the CLI, the Python function and the trainer's validation path agree."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from concept_train.cli import main as train_main
+from concept_train.data import DataModule
+from concept_train.embed import embed_source, load_model, main as embed_main
+from concept_shard.errors import ShardError
+
+TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
+        "model.training.max_steps=2", "model.training.warmup=1", "model.training.val_check_interval=0",
+        "model.training.validate_before_training=False", "datamodule.dataloader.train.batch_size=16",
+        "datamodule.dataloader.train.num_workers=0", "datamodule=DataModuleAdvanced"]
+
+
+@pytest.fixture
+def trained_run(sharded_project_copy):
+    assert train_main([str(sharded_project_copy), *TINY, "initialize.run_id=emb"]) == 0
+    return sharded_project_copy, sharded_project_copy / "model_checkpoints" / "emb"
+
+
+def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_path):
+    project, run = trained_run
+    source = project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
+    out = tmp_path / "embedded.h5ad"
+    assert embed_main([str(run), str(source), "--out", str(out), "--batch-size", "64"]) == 0
+    written = ad.read_h5ad(out)
+    z_cli = written.obsm["X_concept"]
+    assert z_cli.shape == (written.n_obs, 16) and np.isfinite(z_cli).all()
+    assert written.uns["concept"]["run_id"] == "emb" and int(written.uns["concept"]["step"]) == 2
+    np.testing.assert_allclose(np.linalg.norm(z_cli, axis=1), 1.0, rtol=1e-5)
+
+    loaded = load_model(run, device="cpu")
+    z_api, species = embed_source(loaded, source, batch_size=100)        # other batching, same result
+    assert species == "hsapiens"
+    np.testing.assert_allclose(z_api, z_cli, rtol=1e-5, atol=1e-6)
+
+    # the trainer's validation path: the whole-cell loader (view 1 = all the file's genes), same model
+    cfg = OmegaConf.load(run / "config.yaml")
+    loader = DataModule(cfg, log=lambda *a: None).val_loaders()["whole_cell_B256"]
+    checked = 0
+    for batch in loader:
+        if not all(s.endswith("hs_val_e") for s in [loader.maker.sets[int(d)].dataset_id for d in batch.dataset]):
+            continue
+        with torch.no_grad():
+            z, _, _ = loaded.model(batch.tokens, batch.values, batch.positions, batch.cu_seqlens, batch.max_seqlen, "hsapiens")
+        np.testing.assert_allclose(z[:batch.n_cells].numpy(), z_cli[batch.row.numpy()], rtol=1e-4, atol=1e-5)
+        checked += batch.n_cells
+    assert checked >= 256
+
+
+def test_species_is_inferred_and_ambiguity_is_an_error(trained_run, tmp_path):
+    project, run = trained_run
+    loaded = load_model(run, device="cpu")
+    _, species = embed_source(loaded, project / "data/synth_mmusculus/h5ads/mm_val_c.h5ad")
+    assert species == "mmusculus"
+    adata = ad.read_h5ad(project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad")
+    adata.var_names = [f"GENE{i}" for i in range(adata.n_vars)]
+    adata.write_h5ad(tmp_path / "no_ids.h5ad")
+    with pytest.raises(ShardError, match="--species"):
+        embed_source(loaded, tmp_path / "no_ids.h5ad")
