@@ -129,3 +129,13 @@ def test_pretrained_gene_vectors_fill_the_tables_and_missing_genes_start_at_zero
     assert float(w[3].abs().sum()) == 0.0
     assert len(warnings) == 1 and "1 of 3" in warnings[0]
     assert model.adapter.in_features == 3 and model.adapter.out_features == 8
+
+
+def test_mutual_information_estimate_is_log_n_minus_the_loss():
+    from concept_train import estimate_mutual_information
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(64, 32), dim=-1)
+    same = estimate_mutual_information(z, z, logit_scale=math.log(100))
+    assert math.log(64) - 0.05 < same <= math.log(64)
+    unrelated = estimate_mutual_information(z, F.normalize(torch.randn(64, 32), dim=-1), logit_scale=math.log(100))
+    assert unrelated < 0.5

@@ -71,3 +71,14 @@ def retrieval_metrics(logits: torch.Tensor) -> dict:
         hits_t = (logits.T.topk(kk, dim=1).indices == target).any(1).float().mean()
         out[f"recall@{k}"] = float((hits + hits_t) / 2)
     return out
+
+
+@torch.no_grad()
+def estimate_mutual_information(z1: torch.Tensor, z2: torch.Tensor, logit_scale: float = 3.0) -> float:
+    """The InfoNCE lower bound on I(view 1; view 2) in nats, as the reference defines it:
+    log n - the symmetric contrastive loss of the n paired embeddings (at log-scale `logit_scale`,
+    e.g. a trained model's `logit_scale`). At most log n; about 0 for unrelated views."""
+    z1, z2 = F.normalize(torch.as_tensor(z1).float(), dim=-1), F.normalize(torch.as_tensor(z2).float(), dim=-1)
+    n = z1.shape[0]
+    loss, _ = contrastive_loss(z1, z2, torch.tensor(float(logit_scale)), torch.ones(n, dtype=torch.bool))
+    return math.log(n) - float(loss)
