@@ -27,7 +27,7 @@ from concept_shard.cells import build_gene_map, map_chunk
 from concept_shard.errors import ShardError
 from concept_shard.source import AnnDataSource
 from concept_shard.splits import SourceFile
-from concept_shard.vocabulary import load_vocabulary, strip_version
+from concept_shard.vocabulary import Vocabulary, load_vocabulary, strip_version
 
 from .data.tokenize import Cells, TokenSpec, normalized, pack, select_view
 from .model import ContrastiveModel, ModelConfig
@@ -41,6 +41,7 @@ class LoadedModel:
     run_id: str
     step: int
     checkpoint: Path
+    vocabs: dict[str, Vocabulary]      # the run's species -> token mapping, loaded once
 
 
 def load_model(run_or_checkpoint, device: str | torch.device | None = None) -> LoadedModel:
@@ -54,8 +55,8 @@ def load_model(run_or_checkpoint, device: str | torch.device | None = None) -> L
                          "Pass PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.")
     run_dir = ckpt.parent.parent
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    vocab_sizes = {sp: load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sp).size for sp in cfg.datamodule.species}
-    model = ContrastiveModel(ModelConfig.from_config(cfg.model, vocab_sizes, pretrained=bool(cfg.PATH.get("PRETRAINED_VOCABULARY"))))
+    vocabs = {sp: load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sp) for sp in cfg.datamodule.species}
+    model = ContrastiveModel(ModelConfig.from_config(cfg.model, {sp: v.size for sp, v in vocabs.items()}, pretrained=bool(cfg.PATH.get("PRETRAINED_VOCABULARY"))))
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():      # "torch.distributed is disabled ... single process": intended here
         warnings.simplefilter("ignore", UserWarning)
@@ -63,12 +64,13 @@ def load_model(run_or_checkpoint, device: str | torch.device | None = None) -> L
     model.load_state_dict(state["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state_json = json.loads((ckpt / "trainer_state.json").read_text())
-    return LoadedModel(model.to(device).eval(), cfg, str(state_json.get("run_id", run_dir.name)), int(state_json["step"]), ckpt)
+    return LoadedModel(model.to(device).eval(), cfg, str(state_json.get("run_id", run_dir.name)), int(state_json["step"]),
+                       ckpt, vocabs)
 
 
-def infer_species(gene_ids: np.ndarray, mappings_dir: Path, species: list[str], path) -> str:
+def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> str:
     ids = {strip_version(str(g)) for g in gene_ids}
-    overlap = {sp: len(ids & load_vocabulary(mappings_dir, sp).token_of.keys()) for sp in species}
+    overlap = {sp: len(ids & v.token_of.keys()) for sp, v in vocabs.items()}
     best = max(overlap.values()) if overlap else 0
     winners = [sp for sp, n in overlap.items() if n == best]
     if best == 0 or len(winners) > 1:
@@ -83,7 +85,9 @@ def embed_source(loaded: LoadedModel, path: Path, species: str | None = None, ge
     """(embeddings [n_cells, d] float32, species) of every row of an .h5ad/.zarr, read in chunks.
     Rows without any in-vocabulary nonzero gene get NaN embeddings."""
     cfg = loaded.cfg
-    mappings = Path(cfg.PATH.GENE_MAPPINGS_PATH)
+    if species is not None and species not in loaded.vocabs:
+        raise ShardError(path, f"was given species '{species}', which run {loaded.run_id} was not trained on.",
+                         f"Use one of {sorted(loaded.vocabs)}.")
     sf = SourceFile(species=species or "", source_name="embed", name=Path(path).name, path=Path(path),
                     split_key="concept-embed", var_gene_id_column=gene_id_column)
     spec = TokenSpec(max_tokens=int(max_tokens or cfg.datamodule.dataset.train.max_tokens),
@@ -94,8 +98,8 @@ def embed_source(loaded: LoadedModel, path: Path, species: str | None = None, ge
     allow_non_integral = bool(OmegaConf.select(cfg, "shard.allow_non_integral", default=False))
     with AnnDataSource(sf) as src, tempfile.TemporaryDirectory(prefix="concept-embed-") as scratch:
         ids = src.gene_ids()
-        species = species or infer_species(ids, mappings, list(cfg.datamodule.species), path)
-        vocab = load_vocabulary(mappings, species)
+        species = species or infer_species(ids, loaded.vocabs, path)
+        vocab = loaded.vocabs[species]
         gene_map = build_gene_map(Path(path), ids, vocab, gene_id_column)
         all_tokens = np.arange(vocab.size)
         out = np.full((src.n_cells, model.cfg.projection_dim or model.cfg.dim_model), np.nan, np.float32)

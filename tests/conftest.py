@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import shutil
@@ -27,13 +26,9 @@ def isolated_env(tmp_path_factory):
 
 
 def _clean_shm():
-    """Streaming leaves /dev/shm segments behind when a process is killed; remove ours."""
-    try:
-        from streaming.base.util import clean_stale_shared_memory
-        clean_stale_shared_memory()
-    except Exception:
-        for path in glob.glob("/dev/shm/*_locals") + glob.glob("/dev/shm/*_barrier") + glob.glob("/dev/shm/*_filelock"):
-            Path(path).unlink(missing_ok=True)
+    """Streaming leaves /dev/shm segments behind when a process is killed; remove those no live process maps."""
+    from concept_train.data.shm import clean_stale_streaming_shm
+    clean_stale_streaming_shm()
 
 
 def load_tool(name: str):

@@ -39,7 +39,6 @@ class Batch:
     index: int                    # global batch index g
     epoch: int
     cell_ids: list[str] = field(default_factory=list)
-    label_text: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def n_cells(self) -> int:

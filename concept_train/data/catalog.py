@@ -9,7 +9,7 @@ that lists them all and says which command rebuilds them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,7 @@ class Catalog:
 
     def _shard_set(self, sf: SourceFile, weights: dict) -> ShardSet:
         if sf.dataset_id in self._sets:
-            return ShardSet(**{**self._sets[sf.dataset_id].__dict__, "weights": dict(weights)})
+            return replace(self._sets[sf.dataset_id], weights=dict(weights))
         layout = DatasetLayout(self.shards_root, sf)
         record = read_json(layout.dataset_json)
         if record is None:

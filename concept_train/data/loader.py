@@ -74,7 +74,6 @@ class BatchMaker:
                     for k in self.obs_keys},
             panels=(as_tensor(panels.view1), as_tensor(panels.view2)), panel_kinds=(panels.kind1, panels.kind2),
             index=int(g), epoch=pb.epoch, cell_ids=[s["cell_id"] for s in samples],
-            label_text={k: [s.get(f"obs.{k}", "") for s in samples] for k in self.obs_keys},
         )
 
 

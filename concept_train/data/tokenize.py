@@ -64,10 +64,15 @@ class Cells:
                    n_counts=np.array([float(s["n_counts"]) for s in samples], np.float64), n_cells=len(samples))
 
 
+def _cell_bounds(cell: np.ndarray, n_cells: int) -> np.ndarray:
+    """Entries of cell i are [bounds[i], bounds[i + 1]) of arrays sorted by cell."""
+    return np.searchsorted(cell, np.arange(n_cells + 1))
+
+
 def _bins(cells: Cells, n_bins: int) -> np.ndarray:
     """Per cell, nonzero values binned by the cell's own quantiles into 1..n_bins-1 (scGPT's binning)."""
     out = np.zeros(len(cells.counts), np.float64)
-    bounds = np.searchsorted(cells.cell, np.arange(cells.n_cells + 1))
+    bounds = _cell_bounds(cells.cell, cells.n_cells)
     edges_q = np.linspace(0, 1, n_bins - 1)
     for i in range(cells.n_cells):
         a, b = bounds[i], bounds[i + 1]
@@ -113,8 +118,7 @@ def _order(cell: np.ndarray, key: np.ndarray, token: np.ndarray) -> np.ndarray:
 
 
 def _rank_in_cell(sorted_cell: np.ndarray, n_cells: int) -> np.ndarray:
-    starts = np.searchsorted(sorted_cell, np.arange(n_cells))
-    return np.arange(len(sorted_cell)) - starts[sorted_cell]
+    return np.arange(len(sorted_cell)) - _cell_bounds(sorted_cell, n_cells)[sorted_cell]
 
 
 def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndarray, panel: np.ndarray,
@@ -137,7 +141,7 @@ def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndar
 
 def _random_subset(cell: np.ndarray, n_cells: int, k: int, cell_rngs) -> np.ndarray:
     """Entry indices: per cell, a uniform random subset of at most k of its entries, in entry order."""
-    bounds = np.searchsorted(cell, np.arange(n_cells + 1))
+    bounds = _cell_bounds(cell, n_cells)
     keep = []
     for i in range(n_cells):
         a, b = int(bounds[i]), int(bounds[i + 1])
@@ -155,7 +159,7 @@ def _with_zeros(spec: TokenSpec, n_cells: int, cell, tok, val, key, panel: np.nd
     up to max_tokens; `random` draws max_tokens of the panel's genes per cell.
     """
     k = spec.max_tokens
-    bounds = np.searchsorted(cell, np.arange(n_cells + 1))
+    bounds = _cell_bounds(cell, n_cells)
     parts_c, parts_t, parts_v, parts_k = [], [], [], []
     for i in range(n_cells):
         a, b = int(bounds[i]), int(bounds[i + 1])
@@ -173,13 +177,12 @@ def _with_zeros(spec: TokenSpec, n_cells: int, cell, tok, val, key, panel: np.nd
             else:
                 t, v, kk = nz_t, nz_v, nz_k
         else:
-            chosen = panel if len(panel) <= k else np.sort(cell_rngs[i].choice(panel, k, replace=False))
-            pos = np.searchsorted(nz_t, chosen)
-            hit = (pos < len(nz_t)) & (nz_t[np.minimum(pos, max(len(nz_t) - 1, 0))] == chosen) if len(nz_t) else \
-                np.zeros(len(chosen), bool)
-            t = chosen
-            v = np.where(hit, nz_v[np.minimum(pos, len(nz_t) - 1)] if len(nz_t) else 0.0, 0.0)
-            kk = np.where(hit, nz_k[np.minimum(pos, len(nz_k) - 1)] if len(nz_k) else 0.0, 0.0)
+            t = panel if len(panel) <= k else np.sort(cell_rngs[i].choice(panel, k, replace=False))
+            v, kk = np.zeros(len(t)), np.zeros(len(t))
+            if len(nz_t):                  # the chosen genes that are nonzero take their values
+                pos = np.minimum(np.searchsorted(nz_t, t), len(nz_t) - 1)
+                hit = nz_t[pos] == t
+                v[hit], kk[hit] = nz_v[pos[hit]], nz_k[pos[hit]]
         parts_c.append(np.full(len(t), i, np.int64))
         parts_t.append(t), parts_v.append(v), parts_k.append(kk)
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)   # noqa: E731

@@ -58,7 +58,7 @@ def init_distributed() -> Dist:
     os.environ.update(slurm_environment())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))     # mosaicml-streaming reads it
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

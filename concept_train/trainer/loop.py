@@ -65,6 +65,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.training)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.training))
         self.step = 0
+        self._dense_params: int | None = None
         if self.resume_from is not None:
             state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.d)
             self.step = int(state["step"])
@@ -176,7 +177,10 @@ class Trainer:
     def _flops_per_step(self, batches) -> float:
         """6 N per real token + attention 12 L d per token pair within a sequence (real tokens only)."""
         c = self.model_cfg
-        n_params = sum(p.numel() for name, p in self.model.named_parameters() if "gene_embeddings" not in name)
+        if self._dense_params is None:      # embedding lookups are not matmuls: left out of N
+            self._dense_params = sum(p.numel() for name, p in self.model.named_parameters()
+                                     if "gene_embeddings" not in name)
+        n_params = self._dense_params
         flops = 0.0
         for batch in batches:
             lengths = torch.diff(batch.cu_seqlens.to(torch.int64)).double()
