@@ -1,9 +1,10 @@
-"""Training side: the data pipeline (data/), the model (model/), the loop (trainer/), embeddings (embed.py).
+"""Training side: the data pipeline (data/), the model (model/), the loop (trainer/), embeddings.
 
-Python API: `load_model(run_or_checkpoint)`, `embed_source(model, path)`, `estimate_mutual_information(z1, z2)`.
+Python API (see the README): `load_model(run_or_checkpoint)`, `embed(adata, model)`,
+`embed_file(run, path, out)`, `train(inputs, work_dir, ...)`, `estimate_mutual_information(z1, z2)`.
 """
 
-from .embed import embed_file, embed_source, load_model
+from .embedding import embed, embed_file, embed_source, load_model
 from .model import estimate_mutual_information
 
-__all__ = ["embed_file", "embed_source", "estimate_mutual_information", "load_model"]
+__all__ = ["embed", "embed_file", "embed_source", "estimate_mutual_information", "load_model"]

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from concept_train.cli import main as train_main
 from concept_train.data import DataModule
-from concept_train.embed import embed_source, load_model, main as embed_main
+from concept_train import embed
+from concept_train.embedding import embed_source, load_model, main as embed_main
 from concept_shard.errors import ShardError
 
 TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
@@ -41,6 +42,14 @@ def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_p
     assert species == "hsapiens"
     np.testing.assert_allclose(z_api, z_cli, rtol=1e-5, atol=1e-6)
 
+    # embed(adata): an in-memory AnnData object, in place, and from the run directory directly
+    adata = ad.read_h5ad(source)
+    z_obj = embed(adata, loaded, batch_size=50)
+    np.testing.assert_allclose(z_obj, z_cli, rtol=1e-5, atol=1e-6)
+    assert adata.obsm["X_concept"] is z_obj and adata.uns["concept"]["species"] == "hsapiens"
+    subset = ad.read_h5ad(source)[:40].copy()
+    np.testing.assert_allclose(embed(subset, run, device="cpu"), z_cli[:40], rtol=1e-5, atol=1e-6)
+
     # the trainer's validation path: the whole-cell loader (view 1 = all the file's genes), same model
     cfg = OmegaConf.load(run / "config.yaml")
     loader = DataModule(cfg, log=lambda *a: None).val_loaders()["whole_cell_B256"]
@@ -65,3 +74,14 @@ def test_species_is_inferred_and_ambiguity_is_an_error(trained_run, tmp_path):
     adata.write_h5ad(tmp_path / "no_ids.h5ad")
     with pytest.raises(ShardError, match="--species"):
         embed_source(loaded, tmp_path / "no_ids.h5ad")
+
+
+def test_embed_adata_reads_raw_counts_and_names_bad_columns(trained_run):
+    project, run = trained_run
+    loaded = load_model(run, device="cpu")
+    path = project / "data/synth_hsapiens/h5ads/hs_lung_b.h5ad"     # X log1p (CSC), counts in .raw (CSC)
+    z_file, _ = embed_source(loaded, path)
+    adata = ad.read_h5ad(path)
+    np.testing.assert_allclose(embed(adata, loaded), z_file, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ShardError, match="no column 'ensembl'"):
+        embed(adata, loaded, gene_id_column="ensembl")

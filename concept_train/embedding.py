@@ -79,35 +79,73 @@ def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> 
     return winners[0]
 
 
+class AnnDataObjectSource:
+    """An in-memory (or backed) AnnData object behind the reader interface of `AnnDataSource`:
+    counts from `.raw` when it is set, else `X` (the sharder's rule), read in row chunks."""
+
+    def __init__(self, adata, gene_id_column: str | None = None, label: str = "AnnData object"):
+        import scipy.sparse as sp
+
+        has_raw = adata.raw is not None
+        self.X = adata.raw.X if has_raw else adata.X
+        if sp.issparse(self.X) and self.X.format == "csc":
+            self.X = self.X.tocsr()          # row slices of CSC are O(nnz) each
+        var = adata.raw.var if has_raw else adata.var
+        where = "adata.raw.var" if has_raw else "adata.var"
+        if gene_id_column is None:
+            self._ids = np.asarray(var.index.astype(str))
+        elif gene_id_column not in var.columns:
+            raise ShardError(label, f"has no column '{gene_id_column}' in {where} (columns: {list(var.columns)}).",
+                             "Pass gene_id_column=None to use var_names, or the column that holds the Ensembl ids.")
+        else:
+            self._ids = np.asarray(var[gene_id_column].astype(str))
+        self.n_cells = int(self.X.shape[0])
+
+    def gene_ids(self) -> np.ndarray:
+        return self._ids
+
+    def rows_per_read(self, chunk_size: int) -> int:
+        return chunk_size
+
+    def csc_prepare(self, *args) -> None:
+        pass
+
+    def read_rows(self, start: int, end: int):
+        import scipy.sparse as sp
+
+        return sp.csr_matrix(self.X[start:end])
+
+
 @torch.no_grad()
-def embed_source(loaded: LoadedModel, path: Path, species: str | None = None, gene_id_column: str | None = None,
-                 batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096, progress=None) -> tuple[np.ndarray, str]:
-    """(embeddings [n_cells, d] float32, species) of every row of an .h5ad/.zarr, read in chunks.
-    Rows without any in-vocabulary nonzero gene get NaN embeddings."""
+def embed_rows(loaded: LoadedModel, src, label, species: str | None = None, gene_id_column: str | None = None,
+               batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096,
+               progress=None) -> tuple[np.ndarray, str]:
+    """(embeddings [n_cells, d] float32, species) of every row of an open source (`AnnDataSource`
+    or `AnnDataObjectSource`); `label` names it in errors. Rows without any in-vocabulary nonzero
+    gene get NaN embeddings."""
     cfg = loaded.cfg
     if species is not None and species not in loaded.vocabs:
-        raise ShardError(path, f"was given species '{species}', which run {loaded.run_id} was not trained on.",
+        raise ShardError(label, f"was given species '{species}', which run {loaded.run_id} was not trained on.",
                          f"Use one of {sorted(loaded.vocabs)}.")
-    sf = SourceFile(species=species or "", source_name="embed", name=Path(path).name, path=Path(path),
-                    split_key="concept-embed", var_gene_id_column=gene_id_column)
     spec = TokenSpec(max_tokens=int(max_tokens or cfg.datamodule.dataset.train.max_tokens),
                      normalization=str(cfg.datamodule.get("normalization", "raw")),
                      strategy="top-nonzero")
     model = loaded.model
     device = next(model.parameters()).device
     allow_non_integral = bool(OmegaConf.select(cfg, "shard.allow_non_integral", default=False))
-    with AnnDataSource(sf) as src, tempfile.TemporaryDirectory(prefix="concept-embed-") as scratch:
+    label = Path(str(label))
+    with tempfile.TemporaryDirectory(prefix="concept-embed-") as scratch:
         ids = src.gene_ids()
-        species = species or infer_species(ids, loaded.vocabs, path)
+        species = species or infer_species(ids, loaded.vocabs, label)
         vocab = loaded.vocabs[species]
-        gene_map = build_gene_map(Path(path), ids, vocab, gene_id_column)
+        gene_map = build_gene_map(label, ids, vocab, gene_id_column)
         all_tokens = np.arange(vocab.size)
         out = np.full((src.n_cells, model.cfg.projection_dim or model.cfg.dim_model), np.nan, np.float32)
         step = src.rows_per_read(chunk_size)
         src.csc_prepare(0, src.n_cells, step, Path(scratch))     # CSC: out-of-core transpose
         for a in range(0, src.n_cells, step):
             b = min(a + step, src.n_cells)
-            cells = map_chunk(Path(path), src.read_rows(a, b), a, gene_map, vocab, allow_non_integral)
+            cells = map_chunk(label, src.read_rows(a, b), a, gene_map, vocab, allow_non_integral)
             for s in range(0, len(cells.local), batch_size):
                 e = min(s + batch_size, len(cells.local))
                 lo, hi = cells.indptr[s], cells.indptr[e]
@@ -124,6 +162,32 @@ def embed_source(loaded: LoadedModel, path: Path, species: str | None = None, ge
             if progress is not None:
                 progress(b)
     return out, species
+
+
+def embed_source(loaded: LoadedModel, path: Path, species: str | None = None, gene_id_column: str | None = None,
+                 batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096, progress=None) -> tuple[np.ndarray, str]:
+    """(embeddings [n_cells, d] float32, species) of every row of an .h5ad/.zarr, read in chunks."""
+    sf = SourceFile(species=species or "", source_name="embed", name=Path(path).name, path=Path(path),
+                    split_key="concept-embed", var_gene_id_column=gene_id_column)
+    with AnnDataSource(sf) as src:
+        return embed_rows(loaded, src, path, species, gene_id_column, batch_size, max_tokens, chunk_size, progress)
+
+
+def embed(adata, model, species: str | None = None, gene_id_column: str | None = None, batch_size: int = 256,
+          max_tokens: int | None = None, key: str = "X_concept", device=None) -> np.ndarray:
+    """Embed the cells of an AnnData object with a trained model, in place.
+
+    `model` is what `load_model()` returns, or a run / checkpoint directory. Counts are read from
+    `adata.raw` when it is set, else `adata.X` (raw counts, as for sharding). Writes
+    `adata.obsm[key]` (L2-normalised float32) and `adata.uns["concept"]`; returns the embeddings.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    src = AnnDataObjectSource(adata, gene_id_column)
+    z, species = embed_rows(loaded, src, "AnnData object", species, gene_id_column, batch_size, max_tokens)
+    adata.obsm[key] = z
+    adata.uns["concept"] = {"run_id": loaded.run_id, "step": loaded.step, "species": species,
+                            "checkpoint": str(loaded.checkpoint)}
+    return z
 
 
 def embed_file(run_or_checkpoint, input_path, out_path, species=None, gene_id_column=None, batch_size=256,
