@@ -4,7 +4,8 @@ Python API (see the README): `load_model(run_or_checkpoint)`, `embed(adata, mode
 `embed_file(run, path, out)`, `train(inputs, work_dir, ...)`, `estimate_mutual_information(z1, z2)`.
 """
 
+from .adapt import train
 from .embedding import embed, embed_file, embed_source, load_model
 from .model import estimate_mutual_information
 
-__all__ = ["embed", "embed_file", "embed_source", "estimate_mutual_information", "load_model"]
+__all__ = ["embed", "embed_file", "embed_source", "estimate_mutual_information", "load_model", "train"]

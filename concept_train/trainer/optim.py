@@ -32,7 +32,8 @@ def lr_lambda(training):
     kind = str(training.get("scheduler", "warmup"))
     warmup = max(0, int(training.get("warmup", 0)))
     max_steps = int(training.max_steps)
-    floor = float(training.get("min_lr", 0.0)) / float(training.lr)
+    lr = float(training.lr)
+    floor = float(training.get("min_lr", 0.0)) / lr if lr > 0 else 0.0     # lr 0: a frozen run
     if kind not in ("warmup", "warmup_cosine"):
         raise ValueError(f"model.training.scheduler={kind}: use warmup or warmup_cosine")
 
