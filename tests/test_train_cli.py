@@ -21,6 +21,12 @@ def test_unknown_key_is_a_clear_error(sharded_project_copy, capsys):
     assert "model.trainig.lr" in err or "trainig" in err
 
 
+def test_a_value_typo_is_an_error_not_the_other_branch(sharded_project_copy, capsys):
+    assert main([str(sharded_project_copy), *TINY, "model.norm_scheme=prenorm"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model.norm_scheme=prenorm" in err and "pre, post" in err
+
+
 def test_data_not_sharded_says_what_to_run(project, capsys):
     assert main([str(project), *TINY]) == 2
     err = " ".join(capsys.readouterr().err.split())

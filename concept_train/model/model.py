@@ -47,6 +47,9 @@ class ModelConfig:
     def from_config(cls, model_cfg, vocab_sizes: dict[str, int], pretrained: bool) -> "ModelConfig":
         get = model_cfg.get
         backend = "auto" if get("flash_attention", True) else "grouped"
+        for key, allowed in CHOICES.items():      # a typo must not silently pick the other branch
+            if str(get(key, allowed[0])) not in allowed:
+                raise ValueError(f"model.{key}={get(key)}: use one of {', '.join(allowed)}")
         return cls(vocab_sizes=dict(vocab_sizes), dim_model=int(get("dim_model")), nlayers=int(get("nlayers")),
                    num_head=int(get("num_head")), dim_hid=int(get("dim_hid")), dropout=float(get("dropout", 0.0)),
                    dim_gene_embs=int(get("dim_gene_embs")), dim_pretrained_vocab=int(get("dim_pretrained_vocab", 640)),
@@ -54,6 +57,10 @@ class ModelConfig:
                    activation=str(get("activation", "gelu")), input_encoding=str(get("input_encoding", "rank_encoding")),
                    pe_max_len=int(get("pe_max_len", 5000)), logit_scale_init_value=float(get("logit_scale_init_value", 3.0)),
                    attention_backend=backend)
+
+
+CHOICES = {"norm_scheme": ("pre", "post"), "activation": ("gelu", "relu"),
+           "input_encoding": ("rank_encoding", "value_encoding")}
 
 
 class Attention(nn.Module):

@@ -56,14 +56,20 @@ class Trainer:
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
         if self.d.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+            # the run's config stays as it started; a resume records its own (overrides may differ)
+            name = f"config.resume_step{self._resume_step()}.yaml" if self.resume_from is not None else "config.yaml"
+            OmegaConf.save(cfg, self.run_dir / name, resolve=True)
         self.d.barrier()
         self.data = DataModule(cfg, rank=self.d.rank, world_size=self.d.world_size, log=self.log)
         self.train_loader = self.data.train_loader()
         self.val_loaders = self.data.val_loaders()
-        self.model = self._build_model()
-        self.optimizer = build_optimizer(self.model, self.training)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.training))
+        try:      # config values the model and the optimizer reject (ValueError names the key)
+            self.model = self._build_model()
+            self.optimizer = build_optimizer(self.model, self.training)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.training))
+        except ValueError as err:
+            key, _, problem = str(err).partition(": ")
+            raise TrainError(key, f"is not valid ({problem}).", "Fix it in the config or override it.") from None
         self.step = 0
         self._dense_params: int | None = None
         if self.resume_from is not None:
@@ -108,6 +114,9 @@ class Trainer:
                 raise TrainError(root / str(run_id), "already holds a run with checkpoints.",
                                  "Resume it with initialize.resume=True, or choose another initialize.run_id.")
         return str(run_id), root / str(run_id), resume_from, weights_from
+
+    def _resume_step(self) -> int:
+        return int(self.resume_from.name.rsplit("_", 1)[-1])
 
     def _build_model(self) -> ContrastiveModel:
         vocab_sizes = {sp: self.data.catalog.vocab(sp).size for sp in self.data.species}
