@@ -1,10 +1,12 @@
 """Stop-and-go: a run killed (kill -9) after a checkpoint and resumed continues with the same
-batches and bit-identical losses (CPU), in one process and in two torchrun processes (gloo)."""
+batches and bit-identical losses (CPU), in one process, in two torchrun processes (gloo), and in
+two processes started as `srun` starts them (SLURM variables only, no torchrun)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -31,6 +33,46 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+def _free_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if 20000 <= port < 40000:     # reachable as 20000 + SLURM_JOB_ID % 20000
+            return port
+
+
+class Launch:
+    """One run's processes: a plain process, torchrun, or `srun`-style tasks (one per rank,
+    told only SLURM's variables; the rendezvous port comes from the job id as on a cluster)."""
+
+    def __init__(self, project, nproc, launcher, overrides, **popen):
+        self.procs = []
+        if launcher != "srun":
+            self.procs.append(subprocess.Popen(_cmd(project, nproc, *overrides), env=_env(), **popen))
+            return
+        job_id = str(_free_port() - 20000)
+        for rank in range(nproc):
+            env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+            env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(nproc), SLURM_NNODES="1",
+                       SLURM_NTASKS_PER_NODE=str(nproc), SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id)
+            self.procs.append(subprocess.Popen(_cmd(project, 1, *overrides), env=env, **popen))
+
+    def wait(self, timeout=600) -> tuple[int, str]:
+        out = []
+        for p in self.procs:
+            o, e = p.communicate(timeout=timeout)
+            out.append((o or "")[-3000:] + (e or "")[-3000:])
+        return max((p.returncode for p in self.procs), key=abs), "\n".join(out)
+
+    def running(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 def _rows(run_dir: Path) -> dict[int, dict]:
     """The last row written for each step (a resumed run rewrites the steps after its checkpoint)."""
     rows = {}
@@ -41,33 +83,34 @@ def _rows(run_dir: Path) -> dict[int, dict]:
     return rows
 
 
-def _stop_and_go(project: Path, nproc: int, workers: int):
+def _stop_and_go(project: Path, nproc: int, workers: int, launcher: str = "torchrun"):
     root = project / "model_checkpoints"
     common = [f"datamodule.dataloader.train.num_workers={workers}"]
-    full = subprocess.run(_cmd(project, nproc, *common, "initialize.run_id=full"), env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    rc, out = Launch(project, nproc, launcher, [*common, "initialize.run_id=full"], **pipes).wait()
+    assert rc == 0, out
+    assert (f"{nproc} processes, FSDP2 over gloo" if nproc > 1 else "1 process") in out
 
     # the same run, killed with SIGKILL as soon as its step-10 checkpoint is complete
-    proc = subprocess.Popen(_cmd(project, nproc, *common, "initialize.run_id=killed"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    killed = Launch(project, nproc, launcher, [*common, "initialize.run_id=killed"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True)
     latest = root / "killed" / "checkpoints" / "latest"
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and killed.running():
         if latest.is_file() and latest.read_text().strip() == "step_10":
-            os.killpg(proc.pid, signal.SIGKILL)
+            killed.kill()
             break
         time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    rc, out = killed.wait(timeout=60)
+    assert rc == -signal.SIGKILL, out
     # a checkpoint write that was cut short is ignored
     (root / "killed" / "checkpoints" / "step_15.tmp").mkdir(exist_ok=True)
     (root / "killed" / "checkpoints" / "step_15.tmp" / "garbage").write_text("half")
 
-    resumed = subprocess.run(_cmd(project, nproc, *common, "initialize.run_id=killed", "initialize.resume=True"),
-                             env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed run killed" in resumed.stdout + resumed.stderr
+    rc, out = Launch(project, nproc, launcher, [*common, "initialize.run_id=killed", "initialize.resume=True"],
+                     **pipes).wait()
+    assert rc == 0, out
+    assert "resumed run killed" in out
     a, b = _rows(root / "full"), _rows(root / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in range(1, 21):
@@ -87,3 +130,8 @@ def test_stop_and_go_one_process(sharded_project_copy):
 @pytest.mark.slow
 def test_stop_and_go_two_torchrun_processes(sharded_project_copy):
     _stop_and_go(sharded_project_copy, nproc=2, workers=0)
+
+
+@pytest.mark.slow
+def test_stop_and_go_two_srun_style_processes(sharded_project_copy):
+    _stop_and_go(sharded_project_copy, nproc=2, workers=0, launcher="srun")

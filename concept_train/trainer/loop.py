@@ -60,6 +60,9 @@ class Trainer:
             name = f"config.resume_step{self._resume_step()}.yaml" if self.resume_from is not None else "config.yaml"
             OmegaConf.save(cfg, self.run_dir / name, resolve=True)
         self.d.barrier()
+        how = f"{self.d.world_size} processes, FSDP2 over {'nccl' if self.d.device.type == 'cuda' else 'gloo'}" \
+            if self.d.world_size > 1 else "1 process"
+        self.log(f"[train] run {self.run_id} in {self.run_dir}: {how}, device {self.d.device.type}")
         self.data = DataModule(cfg, rank=self.d.rank, world_size=self.d.world_size, log=self.log)
         self.train_loader = self.data.train_loader()
         self.val_loaders = self.data.val_loaders()
