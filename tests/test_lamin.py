@@ -269,3 +269,39 @@ def test_concept_shard_build_registers_lineage_and_reads_lamindb_keys(example_so
     status = [c if c != "build" else "status" for c in cmd if c != "--no-progress"]
     proc = subprocess.run(status, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "done     mmusculus/keyed/mm_val_c" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_training_run_is_tracked_with_shard_inputs_and_checkpoint_outputs(sharded_project_copy, tmp_path):
+    """`concept-train lamindb.enabled=true`: a lamindb run whose inputs are the shard datasets that
+    `concept-shard --lamindb` registered and whose outputs are the checkpoint and the config."""
+    project = sharded_project_copy
+    env = lamin_env(tmp_path / "lamin")
+    subprocess.run([sys.executable, "-m", "lamin_cli", "init", "--storage", "."], cwd=project, env=env,
+                   check=True, capture_output=True, timeout=180)
+    shard = subprocess.run([sys.executable, "-m", "concept_shard.cli", "build", str(project), "datamodule=DataModuleAdvanced",
+                            "--lamindb", "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert shard.returncode == 0, shard.stdout + shard.stderr
+    tiny = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
+            "model.training.max_steps=2", "model.training.val_check_interval=0", "model.training.validate_before_training=False",
+            "datamodule.dataloader.train.batch_size=16", "datamodule=DataModuleAdvanced", "initialize.run_id=tracked"]
+    train = subprocess.run([sys.executable, "-m", "concept_train.cli", str(project), *tiny, "lamindb.enabled=true"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    out = run_py("""
+        import json, lamindb as ln
+        ckpt = ln.Artifact.get(key="model_checkpoints/tracked/step_2")
+        run = ckpt.run
+        shards = ln.Artifact.get(key="shards/hsapiens/synth_hsapiens/hs_blood_a")
+        print(json.dumps({
+            "transform": run.transform.key, "status": run.status, "params_run_id": run.params["run_id"],
+            "inputs": sorted(a.key for a in run.input_artifacts.all()),
+            "shards_made_by": shards.run.transform.key, "shards_in_inputs": shards.uid in {a.uid for a in run.input_artifacts.all()},
+            "outputs": sorted(a.key for a in ln.Artifact.filter(run=run)),
+        }))
+    """, env, project)
+    assert out["transform"] == "concept-train" and out["status"] == "completed" and out["params_run_id"] == "tracked"
+    assert out["shards_made_by"] == "concept-shard build" and out["shards_in_inputs"]   # the same artifact, not a copy
+    assert "shards/mmusculus/synth_mmusculus/mm_brain_a" in out["inputs"]
+    assert out["outputs"] == ["model_checkpoints/tracked/config.yaml", "model_checkpoints/tracked/metrics.jsonl",
+                              "model_checkpoints/tracked/step_2"]

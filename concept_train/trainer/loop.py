@@ -85,6 +85,11 @@ class Trainer:
             load_checkpoint(self.weights_from, self.model, self.optimizer, self.d, weights_only=True)
             self.log(f"[train] new run {self.run_id} starts from the weights of {self.weights_from}")
         self.metrics = MetricsLog(self.run_dir, cfg, self.d.is_main, self.run_id, log=self.log)
+        self.lineage = None
+        if self.d.is_main and OmegaConf.select(cfg, "lamindb.enabled"):
+            from .lineage import TrainLineage
+            self.lineage = TrainLineage(cfg, self.run_id, self.run_dir, self.resume_from)
+            self.lineage.add_inputs(self.data.catalog.all_sets())
 
     # ---- set-up -----------------------------------------------------------------------------
     def _resolve_run(self):
@@ -263,6 +268,18 @@ class Trainer:
         self.metrics.write({"kind": "val", "step": self.step, **row})
 
     def fit(self) -> dict:
+        try:
+            result = self._fit()
+        except BaseException:
+            if self.lineage is not None:
+                self.lineage.close(failed=True)
+            raise
+        if self.lineage is not None:
+            self.lineage.add_outputs(result["checkpoint"])
+            self.lineage.close()
+        return result
+
+    def _fit(self) -> dict:
         t = self.training
         max_steps = int(t.max_steps)
         log_every = max(1, int(t.get("log_every_n_steps", 100)))
