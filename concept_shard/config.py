@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ShardError
@@ -51,6 +52,13 @@ def compose_config(
     except HydraException as exc:
         raise ShardError("config", f"Hydra could not compose the config: {exc}",
                          "Check the override keys and group names (`datamodule=...`) and --config-dir.") from exc
+    except yaml.YAMLError as exc:         # a config file that is not valid YAML
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
+        problem = " ".join(str(exc).split())
+        raise ShardError(where, f"is not valid YAML ({problem}).",
+                         "Fix the file; a list that holds ${...} interpolations must be written one item "
+                         "per line (`- ${datamodule.split_x}`), not as [${...}].") from None
     finally:
         GlobalHydra.instance().clear()
     if OmegaConf.is_missing(cfg.PATH, "PROJECT_PATH"):
