@@ -2,7 +2,8 @@
 
 Data path: split YAMLs (``splits``) -> source files (``source``) -> cells mapped to the
 species vocabulary (``cells``) -> MDS parts (``writer``) -> joined datasets and species
-indexes (``finalize``). ``build`` runs one task of that pipeline; ``cli`` is the program.
+indexes (``finalize``) -> uploaded to ``PATH.SHARDS_REMOTE`` when set (``remote``). ``build``
+runs one task of that pipeline; ``cli`` is the program.
 """
 
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ from .finalize import finished_parts, join_parts, write_species_indexes
 from .fingerprint import source_fingerprint
 from .layout import DatasetLayout, read_json, remove_tree, write_json_atomic
 from .plan import WorkUnit, assign, file_ranges
+from .remote import DATASET_JSON, RemoteShards
 from .source import AnnDataSource
 from .splits import SourceFile, collect_source_files
 from .vocabulary import Vocabulary, load_vocabulary
@@ -62,7 +63,15 @@ class ShardJob:
     def __init__(self, cfg: DictConfig, progress: bool = True, lamin=None, log=print):
         self.cfg, self.progress, self.lamin, self.log = cfg, progress, lamin, log
         self.project = Path(cfg.PATH.PROJECT_PATH)
-        self.shards_root = Path(cfg.PATH.SHARDS_PATH)
+        self.shards_root = Path(cfg.PATH.SHARDS_PATH)     # where datasets are built (staged, when remote)
+        remote_url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
+        self.remote = RemoteShards(remote_url) if remote_url else None
+        if self.remote is not None:
+            if lamin is not None:
+                raise ShardError("--lamindb", f"registers shards in place, which is not supported for remote shards "
+                                 f"(PATH.SHARDS_REMOTE={self.remote.url}).",
+                                 "Run without --lamindb, or shard to a local PATH.SHARDS_PATH inside the instance.")
+            self.remote.check()
         s = cfg.shard
         self.settings = PartSettings(obs_keys=list(OmegaConf.select(cfg, "datamodule.obs_keys") or []),
                                      chunk_size=int(s.chunk_size), shard_size_limit=int(s.shard_size_limit),
@@ -111,9 +120,22 @@ class ShardJob:
             job._info = {"source_size": size}
         return job._identity
 
+    def record(self, job: FileJob) -> dict | None:
+        """The file's published dataset.json (remote when PATH.SHARDS_REMOTE is set), or None."""
+        if self.remote is not None:
+            return self.remote.read_json(f"{job.sf.dataset_id}/{DATASET_JSON}")
+        return read_json(job.layout.dataset_json)
+
     def state(self, job: FileJob) -> tuple[str, dict | None]:
-        """('done'|'stale'|'absent', dataset.json) for the file's dataset."""
-        record = read_json(job.layout.dataset_json)
+        """('done'|'stale'|'absent', dataset.json) for the file's published dataset."""
+        return self._state(job, self.record(job))
+
+    def staged(self, job: FileJob) -> bool:
+        """Remote only: the dataset is complete and current locally but not uploaded yet (a run was
+        stopped between joining and uploading)."""
+        return self.remote is not None and self._state(job, read_json(job.layout.dataset_json))[0] == "done"
+
+    def _state(self, job: FileJob, record: dict | None) -> tuple[str, dict | None]:
         if record is None:
             return "absent", None
         try:
@@ -150,6 +172,9 @@ class ShardJob:
             if state == "stale":
                 self.log(f"[concept-shard] {ds_id}: {self._why_stale(record, ident)}; rebuilding.")
                 report.rebuilt.append(ds_id)
+            if self.staged(job):
+                self._publish(job, report)
+                continue
             done = finished_parts(job.layout, ident)
             units = [u for u in mine if u.dataset_id == ds_id and (u.start, u.end) not in done]
             owns_all = all(WorkUnit(ds_id, a, b) in mine for a, b in job.ranges)
@@ -166,7 +191,7 @@ class ShardJob:
                 else:
                     report.waiting.append(job.sf.dataset_id)
         if num_tasks == 1:
-            write_species_indexes(self.shards_root) if self.shards_root.is_dir() else None
+            self._write_species_indexes()
         report.datasets = self._complete_datasets()
         return report
 
@@ -187,6 +212,9 @@ class ShardJob:
                 report.up_to_date.append(ds_id)
                 self._register(job, record, report)
                 continue
+            if self.staged(job):
+                self._publish(job, report)
+                continue
             if self._tiling(job) is None:
                 failures = job.layout.failures()
                 if failures:
@@ -196,10 +224,15 @@ class ShardJob:
                     report.waiting.append(ds_id)
                 continue
             self._join(job, report)
-        if self.shards_root.is_dir():
-            write_species_indexes(self.shards_root)
+        self._write_species_indexes()
         report.datasets = self._complete_datasets()
         return report
+
+    def _write_species_indexes(self) -> None:
+        if self.remote is not None:
+            self.remote.write_species_indexes(sorted({j.sf.species for j in self.jobs}))
+        elif self.shards_root.is_dir():
+            write_species_indexes(self.shards_root)
 
     def _progress_bar(self, total: int):
         from tqdm import tqdm
@@ -276,8 +309,23 @@ class ShardJob:
                                                              "cells_dropped_no_nonzero", "shard_bytes",
                                                              "obs_keys_absent")}
         record = join_parts(job.layout, ranges, parts, info)
+        if self.remote is not None:
+            self._publish(job, report)
+            return
         report.built.append(job.sf.dataset_id)
         self._register(job, record, report)
+
+    def _publish(self, job: FileJob, report: BuildReport) -> None:
+        """Upload a dataset complete in the staging dir (dataset.json last), then delete the staged
+        copy: a run stopped before the upload ends re-uploads it without rebuilding."""
+        try:
+            self.remote.upload_dataset(job.layout.dataset_dir, job.sf.dataset_id)
+        except ShardError as err:
+            report.failed.append(err)
+            report.failed_ids.add(job.sf.dataset_id)
+            return
+        remove_tree(job.layout.dataset_dir)
+        report.built.append(job.sf.dataset_id)
 
     def _register(self, job: FileJob, record: dict, report: BuildReport) -> None:
         if self.lamin is None:
@@ -308,7 +356,7 @@ class ShardJob:
     def _complete_datasets(self) -> list[dict]:
         out = []
         for job in self.jobs:
-            record = read_json(job.layout.dataset_json)
+            record = self.record(job)
             if record is not None:
                 out.append(record)
         return out

@@ -121,6 +121,7 @@ def _print_status(job) -> int:
     from .finalize import finished_parts
 
     counts = defaultdict(int)
+    print(f"shards: {job.remote.url if job.remote is not None else job.shards_root}")
     for err in job.config_errors:
         print(f"invalid  {err.paragraph()}")
         counts["invalid"] += 1
@@ -130,7 +131,9 @@ def _print_status(job) -> int:
         else:
             state, _ = job.state(j)
             detail = ""
-            if state == "absent":
+            if state == "absent" and job.staged(j):
+                state, detail = "pending", "built, not uploaded yet (re-run build to upload)"
+            elif state == "absent":
                 failures = j.layout.failures()
                 n_done = len([r for r in j.ranges if r in finished_parts(j.layout, job.identity(j))])
                 state = "failed" if failures else "pending"

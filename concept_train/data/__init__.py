@@ -1,6 +1,6 @@
 """Everything between the MDS shards and a model-ready batch (DESIGN.md Part 1, "Data semantics").
 
-catalog    split lists -> shard datasets, checked against their sources
+catalog    split lists -> shard datasets (local, or in PATH.SHARDS_REMOTE), checked against their sources
 store      one mosaicml-streaming dataset (a Stream per file): random access to cells
 plan       (seed, g) -> the cells of global batch g (per-dataset or mixed batches, weights)
 panels     (seed, g) -> the two gene panels of the batch

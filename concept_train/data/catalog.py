@@ -5,18 +5,29 @@ dataset per file under `PATH.SHARDS_PATH/<species>/<source>/<stem>/`. Here every
 resolved to that dataset, and a dataset that is missing, half-written or stale (its `dataset.json`
 fingerprints no longer match the source file or the token mapping) stops start-up with one error
 that lists them all and says which command rebuilds them.
+
+With `PATH.SHARDS_REMOTE` (s3://...) the datasets are read from there: `dataset.json` is fetched
+for the checks, and each dataset gets a local cache directory for streaming under
+`PATH.LOCAL_DIR` (default `PROJECT_PATH/shard_cache`), named after the remote URL and a digest of
+the `dataset.json`. streaming trusts whatever `index.json` a cache directory already holds, so a
+dataset rebuilt remotely must get a new directory rather than the old one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from concept_shard.fingerprint import source_fingerprint
+from concept_shard.errors import ShardError
 from concept_shard.layout import DatasetLayout, read_json
+from concept_shard.remote import DATASET_JSON, RemoteShards
 from concept_shard.splits import SourceFile, loader_sources
 from concept_shard.vocabulary import Vocabulary, load_vocabulary
 
@@ -29,11 +40,12 @@ class ShardSet:
 
     dataset_id: str               # <species>/<source_name>/<stem>, stable across runs
     species: str
-    directory: Path
+    directory: Path               # the dataset (local shards) or its local cache (remote shards)
     n_samples: int
     genes: np.ndarray             # the file's in-vocabulary genes as token ids, ascending
     source_file: str
     weights: dict = field(default_factory=dict)    # `proportion` / `repeat` of its split entry
+    remote: str | None = None     # s3://.../<species>/<source>/<stem> when streamed from object storage
 
     @property
     def n_genes(self) -> int:
@@ -46,6 +58,16 @@ class Catalog:
     def __init__(self, cfg: DictConfig, check_sources: bool = True):
         self.cfg = cfg
         self.shards_root = Path(cfg.PATH.SHARDS_PATH)
+        remote_url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
+        self.remote = None
+        if remote_url:
+            try:
+                self.remote = RemoteShards(remote_url)
+                self.remote.check()
+            except ShardError as err:
+                raise DataError(err.where, err.problem, err.fix) from None
+            local_dir = OmegaConf.select(cfg, "PATH.LOCAL_DIR") or Path(cfg.PATH.PROJECT_PATH) / "shard_cache"
+            self.cache_root = Path(local_dir) / self.remote.bucket / self.remote.prefix
         self.vocabs: dict[str, Vocabulary] = {}
         self._sets: dict[str, ShardSet] = {}
         self._check_sources = check_sources
@@ -81,9 +103,16 @@ class Catalog:
         if sf.dataset_id in self._sets:
             return replace(self._sets[sf.dataset_id], weights=dict(weights))
         layout = DatasetLayout(self.shards_root, sf)
-        record = read_json(layout.dataset_json)
+        if self.remote is None:
+            record, where = read_json(layout.dataset_json), layout.dataset_json
+        else:
+            where = self.remote.url_of(f"{sf.dataset_id}/{DATASET_JSON}")
+            try:
+                record = self.remote.read_json(f"{sf.dataset_id}/{DATASET_JSON}")
+            except ShardError as err:
+                raise DataError(err.where, err.problem, err.fix) from None
         if record is None:
-            raise _NotUsable(f"not sharded (no {layout.dataset_json})")
+            raise _NotUsable(f"not sharded (no {where})")
         vocab = self.vocab(sf.species)
         if record.get("vocabulary_fingerprint") != vocab.fingerprint:
             raise _NotUsable(f"the token mapping {vocab.path} changed since it was sharded")
@@ -93,11 +122,25 @@ class Catalog:
             fp, _ = source_fingerprint(sf.path)
             if fp != record.get("source_fingerprint"):
                 raise _NotUsable(f"the source {sf.path} changed since it was sharded")
-        shard_set = ShardSet(dataset_id=sf.dataset_id, species=sf.species, directory=layout.dataset_dir,
+        directory, remote = layout.dataset_dir, None
+        if self.remote is not None:
+            directory, remote = self._cache_dir(sf.dataset_id, record), self.remote.url_of(sf.dataset_id)
+        shard_set = ShardSet(dataset_id=sf.dataset_id, species=sf.species, directory=directory,
                              n_samples=int(record["cells_written"]), genes=np.asarray(record["genes"], np.int64),
-                             source_file=str(record.get("source_file", sf.name)), weights=dict(weights))
+                             source_file=str(record.get("source_file", sf.name)), weights=dict(weights),
+                             remote=remote)
         self._sets[sf.dataset_id] = shard_set
         return shard_set
+
+    def _cache_dir(self, dataset_id: str, record: dict) -> Path:
+        """`<cache root>/<dataset id>/<digest of dataset.json>`; caches of older versions are removed."""
+        version = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+        parent = self.cache_root / dataset_id
+        if parent.is_dir():
+            for old in parent.iterdir():
+                if old.name != version:
+                    shutil.rmtree(old, ignore_errors=True)
+        return parent / version
 
     def all_sets(self) -> list[ShardSet]:
         """Every dataset resolved so far, in a stable order (by id): the streams of the sample store."""

@@ -30,7 +30,7 @@ class DataModule:
         self.val_sets: dict[str, list[ShardSet]] = {}
         for name in (OmegaConf.select(dm, "dataset.val") or {}):
             self.val_sets[name] = self.catalog.loader(f"datamodule.dataset.val.{name}.split", "val")
-        self.store = SampleStore(self.catalog.all_sets())
+        self.store = SampleStore(self.catalog.all_sets(), cache_limit=dm.get("cache_limit"))
         self._panels: dict[tuple[str, str], list[DesignedPanel]] = {}
 
     # ---- pieces -----------------------------------------------------------------------------

@@ -6,8 +6,9 @@ local directory in one process. Batches are planned by `plan.py`, not by streami
 this module only maps (dataset index, row within it) to a decoded sample.
 
 Local shards are read in place (streaming decompresses each shard next to its `.zstd` on first use
-and keeps the `.zstd`). Remote shards (`PATH.SHARDS_REMOTE`, a later issue) are cached under
-`PATH.LOCAL_DIR`.
+and keeps the `.zstd`). Remote shards (`PATH.SHARDS_REMOTE`) are streamed into the cache
+directories the catalog chose (one per dataset version); streaming downloads a shard on first
+use and, with `datamodule.cache_limit`, evicts the least recently used ones to stay under it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from concept_shard.mds import VALUE_DTYPE_CODE
 
 from .catalog import ShardSet
+from .errors import DataError
 from .shm import clean_stale_streaming_shm
 
 
@@ -31,25 +33,49 @@ from .shm import clean_stale_streaming_shm
 _OPEN: dict[tuple, object] = {}
 
 
-def _streaming_dataset(directories: tuple[str, ...], cache_limit):
+def _streaming_dataset(sets: list[ShardSet], cache_limit):
     from streaming import Stream, StreamingDataset
 
-    # a rebuilt dataset (new index.json) must not be served from the old dataset's index
-    stamps = tuple(os.stat(os.path.join(d, "index.json")).st_mtime_ns for d in directories)
-    key = (directories, stamps, cache_limit)
+    directories = tuple(str(s.directory) for s in sets)
+    remotes = tuple(s.remote for s in sets)
+    if any(remotes):
+        # the catalog names each remote dataset's cache after its dataset.json, so a rebuilt
+        # dataset already has another key
+        key = (directories, remotes, cache_limit)
+    else:
+        # a rebuilt local dataset (new index.json) must not be served from the old dataset's index;
+        # eviction would delete the shards themselves, so local shards are never cache-limited
+        stamps = tuple(os.stat(os.path.join(d, "index.json")).st_mtime_ns for d in directories)
+        key, cache_limit = (directories, stamps), None
     if key not in _OPEN:
         clean_stale_streaming_shm()
-        streams = [Stream(local=d) for d in directories]
-        # batch_size/shuffle only matter to streaming's own iteration, which is not used here
-        _OPEN[key] = StreamingDataset(streams=streams, batch_size=1, shuffle=False, cache_limit=cache_limit)
+        streams = [Stream(local=d, remote=r) for d, r in zip(directories, remotes)]
+        try:
+            # batch_size/shuffle only matter to streaming's own iteration, which is not used here
+            _OPEN[key] = StreamingDataset(streams=streams, batch_size=1, shuffle=False, cache_limit=cache_limit)
+        except ValueError as exc:
+            raise _explain(exc, directories, remotes) from None
     return _OPEN[key]
+
+
+def _explain(exc: ValueError, directories, remotes) -> Exception:
+    """streaming's ValueErrors about the cache, as errors that say which key to change."""
+    text = str(exc)
+    if "Reused local directory" in text:
+        return DataError("PATH.LOCAL_DIR", f"another live process on this node streams {remotes[0]} (and others) "
+                         f"into the same cache ({os.path.dirname(directories[0])}, ...).",
+                         "Give this run its own cache: PATH.LOCAL_DIR=<another directory>.")
+    if "cache limit" in text.lower() or "cache_limit" in text:
+        return DataError("datamodule.cache_limit", f"is too small for these shards: {text}",
+                         "Raise it (at least 4x the largest shard, raw plus compressed), or set it to null.")
+    return exc
 
 
 class SampleStore:
     def __init__(self, sets: list[ShardSet], cache_limit: str | int | None = None):
         self.sets = list(sets)
         self.index_of = {s.dataset_id: i for i, s in enumerate(self.sets)}
-        self.dataset = _streaming_dataset(tuple(str(s.directory) for s in self.sets), cache_limit)
+        self.dataset = _streaming_dataset(self.sets, cache_limit)
         offsets = np.asarray(self.dataset.sample_offset_per_stream, dtype=np.int64)
         sizes = np.asarray(self.dataset.samples_per_stream, dtype=np.int64)
         for s, n in zip(self.sets, sizes):

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from .distributed import Dist
 
@@ -85,11 +86,19 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = 
             dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"])
     else:
+        # A parameter that had no gradient before the checkpoint (the gene table of a species not yet
+        # seen) has no optimizer state in it, while a fresh optimizer's state dict has state for every
+        # parameter. Load only what was saved: the parameter then starts without state, as it would
+        # have in the uninterrupted run.
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        osd = dict(osd, state={fqn: s for fqn, s in osd["state"].items()
+                               if all(f"optim.state.{fqn}.{k}" in saved for k in s)})
         state = {"model": msd, "optim": osd}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     if not weights_only:
         rng = torch.load(path / "rng.pt", weights_only=False)
