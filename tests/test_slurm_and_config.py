@@ -56,3 +56,14 @@ def test_config_dir_is_searched_before_the_packaged_tree(project, tmp_path):
 def test_missing_config_dir_and_project_path_are_clear_errors(tmp_path, capsys):
     assert shard("build", tmp_path, "--config-dir", tmp_path / "nope") == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
+    from concept_shard.config import compose_config
+    from concept_shard.errors import ShardError
+
+    (tmp_path / "datamodule").mkdir()
+    (tmp_path / "datamodule" / "Broken.yaml").write_text("dataset:\n  train:\n    split: [${datamodule.split_x}]\n")
+    with pytest.raises(ShardError) as err:
+        compose_config(tmp_path, ["datamodule=Broken"], config_dir=tmp_path)
+    assert err.value.where.endswith("Broken.yaml, line 3") and "not valid YAML" in err.value.problem

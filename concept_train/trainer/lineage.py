@@ -24,6 +24,10 @@ class TrainLineage:
     def __init__(self, cfg: DictConfig, run_id: str, run_dir: Path, resumed_from: Path | None):
         self.project = Path(cfg.PATH.PROJECT_PATH).resolve()
         self.run_id, self.run_dir = run_id, Path(run_dir)
+        if cfg.PATH.get("SHARDS_REMOTE"):
+            raise ShardError("lamindb.enabled", f"cannot track a run that streams from {cfg.PATH.SHARDS_REMOTE}: "
+                             "lamindb registers local files in place only.",
+                             "Train from local shards, or set lamindb.enabled=false.")
         try:
             check_instance(self.project)
             self.run = LaminRun(TRANSFORM, params={
