@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import varlen_attention
+from .attention import inverse_permutation, length_order, varlen_attention
 
 CLS_TOKEN = 0
 
@@ -177,13 +177,34 @@ class ContrastiveModel(nn.Module):
         """Returns (cell embeddings [S, d], L2-normalised; per-token outputs [T, dim_model]; the logit
         log-scale). The scale is returned rather than read from the attribute by the loss, because
         under FSDP2 parameters are whole only inside forward."""
+        reorder = length_order(cu_seqlens) if self._grouped_attention(tokens) else None
+        if reorder is not None:
+            # the grouped (CPU) attention works on runs of equal-length sequences: put the batch in
+            # length order once here instead of gathering q, k, v in every layer; every other op is
+            # per token, so only the outputs are put back
+            perm, cu_seqlens, seq_order = reorder
+            tokens, values, positions = tokens[perm], values[perm], positions[perm]
+            mlm_mask = None if mlm_mask is None else mlm_mask[perm]
         x = self.embed_tokens(tokens, values, positions, species, mlm_mask)
         for block in self.blocks:
             x = block(x, cu_seqlens, max_seqlen)
         z = x[cu_seqlens[:-1].long()]
+        if reorder is not None:
+            z = z.index_select(0, inverse_permutation(seq_order))
+            x = x.index_select(0, inverse_permutation(perm))
         if self.projection is not None:
             z = self.projection(z)
         return F.normalize(z.float(), dim=-1), x, self.logit_scale.float().reshape(())
+
+    def _grouped_attention(self, tokens: torch.Tensor) -> bool:
+        """Whether the blocks will run the `grouped` attention path (varlen_attention's choice)."""
+        backend = self.cfg.attention_backend
+        if backend == "auto":
+            half = tokens.is_cuda and torch.is_autocast_enabled("cuda") and \
+                torch.get_autocast_dtype("cuda") in (torch.float16, torch.bfloat16)
+            half = half or (tokens.is_cuda and self.input_proj.weight.dtype in (torch.float16, torch.bfloat16))
+            return not half
+        return backend == "grouped"
 
     def predict_values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.value_head(hidden).squeeze(-1)
