@@ -27,3 +27,4 @@ bench: install
 	$(PY) tools/make_example_project.py /tmp/concept_loader_bench
 	$(VENV)/bin/concept-shard build /tmp/concept_loader_bench --no-progress
 	$(PY) tools/bench/loader.py /tmp/concept_loader_bench
+	$(PY) tools/bench/model.py /tmp/concept_loader_bench --threads 1 --configs tiny
