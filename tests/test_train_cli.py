@@ -25,6 +25,8 @@ def test_a_value_typo_is_an_error_not_the_other_branch(sharded_project_copy, cap
     assert main([str(sharded_project_copy), *TINY, "model.norm_scheme=prenorm"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "model.norm_scheme=prenorm" in err and "pre, post" in err
+    assert main([str(sharded_project_copy), *TINY, "model.contrastive_loss=binary"]) == 2
+    assert "only 'multiclass'" in " ".join(capsys.readouterr().err.split())
 
 
 def test_data_not_sharded_says_what_to_run(project, capsys):

@@ -53,6 +53,10 @@ class Trainer:
         self.cfg, self.d = cfg, init_distributed()
         self.log = log if self.d.is_main else (lambda *a, **k: None)
         self.training = cfg.model.training
+        loss_kind = str(cfg.model.get("contrastive_loss", "multiclass"))
+        if loss_kind != "multiclass":
+            raise TrainError("model.contrastive_loss", f"is '{loss_kind}'; only 'multiclass' (symmetric InfoNCE) is "
+                             "implemented here.", "Use model.contrastive_loss=multiclass.")
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
         if self.d.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
