@@ -34,7 +34,7 @@ Each cell's expression events come from four components, in per-cell shares:
   300 marker genes (lognormal weights) from a pool of 1,500 coding genes that every file of the
   species measures, the targeted assay included; types share markers, as related types do;
 - its subtype's program (mean 5%): 3 states per type, 60 genes each from the same pool;
-- gene modules (mean 30%): 40 programs of 100-300 coding genes (cell cycle, stress, interferon
+- gene modules (mean 30%): 20 programs of 300-600 coding genes (cell cycle, stress, interferon
   response, ...) that any cell may run whatever its type, with sparse per-cell activities
   (Dirichlet, concentration 0.15: a few modules dominate each cell).
 Cell identity is thus carried by hundreds of genes (two disjoint random panels both see some of
@@ -77,8 +77,8 @@ N_MARKERS_PER_TYPE = 300
 MARKER_POOL_SIZE = 1500  # 8 types x 300 markers from 1,500 genes: types share some markers
 N_SUBTYPES = 3  # states within each cell type, each with its own small program
 N_SUBTYPE_GENES = 60
-N_MODULES = 40  # gene programs independent of cell type (cell cycle, stress, interferon, ...)
-MODULE_GENES = (100, 300)  # genes per module, uniform in this range
+N_MODULES = 20  # gene programs independent of cell type (cell cycle, stress, interferon, ...)
+MODULE_GENES = (300, 600)  # genes per module, uniform in this range
 MODULE_ACTIVITY_ALPHA = 0.15  # Dirichlet concentration of a cell's module activities: sparse
 # Mean share of a cell's expression events from each component (the rest is background).
 TYPE_FRACTION = (2.0, 18.0)  # Beta parameters: mean 0.10
