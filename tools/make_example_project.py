@@ -25,17 +25,29 @@ What it makes (layout of DESIGN.md Part 1, file names from conf/datamodule/split
     OUT/panels/hsapiens/{immune,tissue,random}_panel.csv         (column Ensembl_ID)
     OUT/panels/mmusculus/{brain,kidney,random}_panel.csv
 
-The synthetic counts have learnable structure: each species has 8 cell types shared by all its
-files, each with a gene program (200 marker genes with lognormal weights, drawn from a pool of
-1,000 protein-coding genes that every file of the species measures, the targeted assay included).
-A cell gets a Poisson number of expression events (library size varies by cell and donor), split
-between the species' heavy-tailed background profile (perturbed per file: a batch effect) and its
-type's program (a per-cell fraction, mean 15%); each event adds a geometric burst of UMIs, giving
+The synthetic counts have learnable structure, spread over many genes and mixed with nuisance
+variation, so that neither a random 200-gene panel nor PCA of a few hundred cells sees it plainly.
+Each cell's expression events come from four components, in per-cell shares:
+- background (~55%): the species' heavy-tailed profile, perturbed per file (a batch effect on each
+  gene) and per donor (genotype: a mild effect on every gene, a strong one on 60 genes);
+- its cell type's program (mean 10%): each species has 8 types shared by all its files, each with
+  300 marker genes (lognormal weights) from a pool of 1,500 coding genes that every file of the
+  species measures, the targeted assay included; types share markers, as related types do;
+- its subtype's program (mean 5%): 3 states per type, 60 genes each from the same pool;
+- gene modules (mean 30%): 20 programs of 300-600 coding genes (cell cycle, stress, interferon
+  response, ...) that any cell may run whatever its type, with sparse per-cell activities
+  (Dirichlet, concentration 0.15: a few modules dominate each cell).
+Cell identity is thus carried by hundreds of genes (two disjoint random panels both see some of
+the cell's type, subtype and module genes), and the type signal competes with strong module
+variation. A cell gets a Poisson number of events (library size varies by cell and donor), each
+landing on a gene of one component and adding a geometric burst of UMIs, giving
 negative-binomial-like overdispersion (~3 UMIs per nonzero gene). Sampling is vectorised event by
-event (alias-table draws), so it costs O(UMIs), not O(cells x genes). Each file's library size is
-calibrated so that cells have about 1,300-1,700 nonzero genes (about 500 in the targeted assay).
+event (alias tables for the background, one searchsorted for all programs), so it costs O(UMIs),
+not O(cells x genes). Each file's library size is calibrated on a sample of its cells' expected
+rates so that cells have about 1,300-1,700 nonzero genes (about 500 in the targeted assay).
 Gene coverage differs between files: each measures its own random subset of the species' coding
-and lncRNA genes, always including the marker pool.
+and lncRNA genes, always including the marker pool; events on genes a file does not measure are
+lost, so the targeted assay sees mostly its markers.
 
 The output is deterministic for a given --seed: every file draws from its own RNG stream, derived
 from the seed and the file name, so files do not depend on generation order.
@@ -61,13 +73,24 @@ from scipy.optimize import brentq
 HERE = Path(__file__).resolve().parent
 CELLTYPIST_SAMPLE = HERE / "example_data" / "celltypist_sample.h5ad"
 
-N_MARKERS_PER_TYPE = 200
-MARKER_POOL_SIZE = 1000  # 8 types x 200 markers from 1,000 genes: types share some markers
-NONCODING_FRACTION = 0.12
+N_MARKERS_PER_TYPE = 300
+MARKER_POOL_SIZE = 1500  # 8 types x 300 markers from 1,500 genes: types share some markers
+N_SUBTYPES = 3  # states within each cell type, each with its own small program
+N_SUBTYPE_GENES = 60
+N_MODULES = 20  # gene programs independent of cell type (cell cycle, stress, interferon, ...)
+MODULE_GENES = (300, 600)  # genes per module, uniform in this range
+MODULE_ACTIVITY_ALPHA = 0.15  # Dirichlet concentration of a cell's module activities: sparse
+# Mean share of a cell's expression events from each component (the rest is background).
+TYPE_FRACTION = (2.0, 18.0)  # Beta parameters: mean 0.10
+SUBTYPE_FRACTION = (1.0, 19.0)  # mean 0.05
+MODULE_FRACTION = (3.0, 7.0)  # mean 0.30
+N_DONOR_GENES = 60  # genes with a strong donor-specific level (genotype: HLA, sex, eQTLs)
+LIB_SIGMA = 0.5  # cell-to-cell spread of library size (log scale)
+NONCODING_FRACTION = 0.12  # share of each file's genes that are lncRNA-like (low expression)
 # Each sampled expression event yields a geometric number of UMIs (mean 1 / BURST_P): a compound
 # Poisson, i.e. negative-binomial-like overdispersion, and ~3 UMIs per nonzero gene as in real
 # 10x data, without changing which genes are nonzero (so the nnz calibration still holds).
-BURST_P = 0.6  # share of each file's genes that are lncRNA-like (low expression)
+BURST_P = 0.6
 PRIMARY_CHROMOSOMES = {str(c) for c in range(1, 23)} | {"X", "Y", "MT"}
 
 
@@ -177,7 +200,8 @@ class SpeciesModel:
     """Everything shared by the files of one species.
 
     Genes are handled as integer positions into ``genes`` (sorted by ID, so sorted positions are
-    sorted IDs): set operations on ints are far cheaper than on string arrays.
+    sorted IDs): set operations on ints are far cheaper than on string arrays. A program is a pair
+    (gene positions, normalised weights).
     """
 
     spec: SpeciesSpec
@@ -185,9 +209,18 @@ class SpeciesModel:
     coding: np.ndarray  # positions of primary-chromosome protein-coding genes
     noncoding: np.ndarray  # positions of primary-chromosome lncRNA-like genes
     markers: np.ndarray  # marker pool positions: measured by every file of the species
-    programs: list  # per type: (marker positions, normalised weights)
+    programs: list  # per type: its program over marker-pool genes
+    subtypes: list  # per type: N_SUBTYPES programs over marker-pool genes
+    modules: list  # N_MODULES programs over coding genes outside the pool
     base_weight: np.ndarray  # background relative expression per vocabulary gene (0 = never)
     donors: list
+    donor_effect: np.ndarray  # donors x vocabulary genes: multiplicative effect on the background
+
+
+def lognormal_program(rng: np.random.Generator, pool: np.ndarray, size: int, sigma: float = 1.0):
+    ids = np.sort(rng.choice(pool, size, replace=False))
+    w = rng.lognormal(0.0, sigma, ids.size)
+    return ids, w / w.sum()
 
 
 def build_species_model(spec: SpeciesSpec, genes: pd.DataFrame, seed: int) -> SpeciesModel:
@@ -203,17 +236,26 @@ def build_species_model(spec: SpeciesSpec, genes: pd.DataFrame, seed: int) -> Sp
     base[coding] = rng.lognormal(0.0, 1.8, coding.size)
     base[noncoding] = rng.lognormal(-2.5, 1.5, noncoding.size)
 
-    # Markers come from coding genes; each type's program covers 200 of the pool's 1,000 genes,
-    # so types overlap by ~40 markers (as related cell types do).
+    # Cell-type programs from a pool of coding genes; each type's covers N_MARKERS_PER_TYPE of
+    # them, so related types share markers. Each type also has subtypes (states) with small
+    # programs of their own, from the same pool.
     pool = np.sort(rng.choice(coding, MARKER_POOL_SIZE, replace=False))
-    programs = []
-    for _ in spec.cell_types:
-        ids = np.sort(rng.choice(pool, N_MARKERS_PER_TYPE, replace=False))
-        w = rng.lognormal(0.0, 1.0, ids.size)
-        programs.append((ids, w / w.sum()))
+    programs = [lognormal_program(rng, pool, N_MARKERS_PER_TYPE) for _ in spec.cell_types]
+    subtypes = [[lognormal_program(rng, pool, N_SUBTYPE_GENES) for _ in range(N_SUBTYPES)]
+                for _ in spec.cell_types]
+    # Modules: programs that any cell may run, whatever its type; modules may share genes.
+    others = np.setdiff1d(coding, pool, assume_unique=True)
+    modules = [lognormal_program(rng, others, int(rng.integers(MODULE_GENES[0], MODULE_GENES[1] + 1)))
+               for _ in range(N_MODULES)]
 
     donors = [f"{spec.prefix}_donor_{k}" for k in range(1, 7)]
-    return SpeciesModel(spec, genes, coding, noncoding, pool, programs, base, donors)
+    # Donor (genotype) effects: a mild one on every gene, a strong one on a few.
+    donor_effect = rng.lognormal(0.0, 0.15, (len(donors), len(genes)))
+    for d in range(len(donors)):
+        strong = rng.choice(coding, N_DONOR_GENES, replace=False)
+        donor_effect[d, strong] *= rng.lognormal(0.0, 1.5, N_DONOR_GENES)
+    return SpeciesModel(spec, genes, coding, noncoding, pool, programs, subtypes, modules, base,
+                        donors, donor_effect)
 
 
 def choose_file_genes(model: SpeciesModel, n_genes: int, rng: np.random.Generator) -> np.ndarray:
@@ -235,33 +277,12 @@ def choose_file_genes(model: SpeciesModel, n_genes: int, rng: np.random.Generato
 
 
 # --------------------------------------------------------------------------- count sampling
-def calibrate_scale(target: float, lib_q: np.ndarray, bg: np.ndarray, prog: np.ndarray,
-                    frac: float) -> float:
-    """Library-size scale giving ``target`` mean nonzero genes per cell.
-
-    A gene is nonzero with probability 1 - exp(-lambda) under Poisson sampling. Cells are
-    represented by library-size quantiles ``lib_q`` and, for the genes of the marker pool, by each
-    cell type's profile (``prog``: types x pool genes); ``bg`` holds the background rates of the
-    genes outside the pool, which are the same for every type. Solved by Brent's method in log
-    space (~10 evaluations of a few hundred thousand exps).
-    """
-    n_types = prog.shape[0]
-
-    def excess(log_scale: float) -> float:
-        lib = np.exp(log_scale) * lib_q
-        outside = (-np.expm1(-lib[:, None] * ((1 - frac) * bg[None, :]))).sum(axis=1)
-        inside = (-np.expm1(-lib[:, None, None] * prog[None, :, :])).sum(axis=2)
-        return float(outside.mean() + inside.mean() - target)
-
-    return float(np.exp(brentq(excess, np.log(1.0), np.log(1e8), xtol=1e-4)))
-
-
 def alias_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Walker/Vose alias table: O(1) draws from a discrete distribution.
 
     Binary search (searchsorted on a CDF) over ~20,000 genes costs ~100 ns per draw because of
     cache misses and branch mispredictions; an alias lookup is two array reads. Building the table
-    is a Python loop over genes, once per file (~20 ms).
+    is a Python loop over genes, once per file and donor (~20 ms).
     """
     n = weights.size
     prob = (weights * (n / weights.sum())).tolist()
@@ -293,30 +314,108 @@ def cdf(weights: np.ndarray) -> np.ndarray:
     return c
 
 
-def sample_counts(rng, lib, cell_type, prog_frac, base_alias, prog_cum, prog_local, n_genes,
-                  chunk=256) -> sp.csr_matrix:
+@dataclass
+class Programs:
+    """A file's programs as one sampler: program p's genes (file columns) and CDF, concatenated;
+    p's CDF is shifted by p, so one searchsorted on ``p + u`` samples any mix of programs."""
+
+    cum: np.ndarray
+    local: np.ndarray
+    dense: np.ndarray  # programs x file genes: the normalised weights (for calibration)
+    capture: np.ndarray  # per program: the share of its weight on genes the file measures
+
+    @classmethod
+    def build(cls, progs: list, gene_pos: np.ndarray) -> "Programs":
+        """Programs restricted to the file's measured genes (renormalised; ``capture`` says how
+        much of each program the file sees)."""
+        cum, local, capture = [], [], []
+        dense = np.zeros((len(progs), gene_pos.size))
+        for p, (ids, w) in enumerate(progs):
+            col = np.searchsorted(gene_pos, ids)
+            ok = (col < gene_pos.size) & (gene_pos[np.minimum(col, gene_pos.size - 1)] == ids)
+            cum.append(p + cdf(w[ok]))
+            local.append(col[ok])
+            dense[p, col[ok]] = w[ok] / w[ok].sum()
+            capture.append(w[ok].sum() / w.sum())
+        return cls(np.concatenate(cum), np.concatenate(local), dense, np.asarray(capture))
+
+    def draw(self, p: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return self.local[np.searchsorted(self.cum, p + u, side="right")]
+
+
+@dataclass
+class Cells:
+    """The latent state of a file's cells."""
+
+    lib: np.ndarray  # relative library size (times the calibrated scale: expected events)
+    donor: np.ndarray  # index into the file's donors
+    cell_type: np.ndarray
+    subtype: np.ndarray  # within the type
+    # cells x components: share of the cell's events from the background, its type program, its
+    # subtype program and each module (rows sum to 1)
+    mix: np.ndarray
+
+
+def expected_rates(cells: Cells, rows: np.ndarray, bg: np.ndarray, types: Programs,
+                   subs: Programs, mods: Programs) -> np.ndarray:
+    """Rows x file genes: each cell's expected share of events per gene."""
+    m = cells.mix[rows]
+    t, s = cells.cell_type[rows], cells.subtype[rows]
+    return (m[:, :1] * bg[cells.donor[rows]] + m[:, 1:2] * types.dense[t]
+            + m[:, 2:3] * subs.dense[t * N_SUBTYPES + s] + m[:, 3:] @ mods.dense)
+
+
+def calibrate_scale(target: float, rates: np.ndarray, lib: np.ndarray) -> float:
+    """Library-size scale giving ``target`` mean nonzero genes per cell.
+
+    A gene is nonzero with probability 1 - exp(-lambda) under Poisson sampling; ``rates`` holds
+    the per-gene event shares of a sample of the file's cells and ``lib`` their relative library
+    sizes. Solved by Brent's method in log space (~15 evaluations).
+    """
+
+    def excess(log_scale: float) -> float:
+        lam = (np.exp(log_scale) * lib)[:, None] * rates
+        return float((-np.expm1(-lam)).sum(axis=1).mean() - target)
+
+    return float(np.exp(brentq(excess, np.log(1.0), np.log(1e8), xtol=1e-4)))
+
+
+def sample_counts(rng, cells: Cells, bg_alias: list, types: Programs, subs: Programs,
+                  mods: Programs, n_genes: int, chunk: int = 256) -> sp.csr_matrix:
     """Overdispersed counts drawn event by event, never materialising a cells x genes matrix.
 
-    A cell with library size L gets Poisson(L) expression events; each event comes from the cell
-    type's program with probability ``prog_frac`` (else from the background) and lands on a gene
-    (background: an alias-table draw). Splitting a Poisson total multinomially gives independent
-    Poisson event counts per gene; each event then adds a geometric burst of UMIs (BURST_P).
-    ``prog_cum`` concatenates all programs' CDFs (small), type t's shifted by t, so a single
-    searchsorted on ``t + u`` samples every type at once. Work goes in chunks of cells to bound
-    memory.
+    A cell with library size L gets Poisson(L) expression events; each event comes from one of
+    the cell's components (background, type program, subtype program, a module) with the
+    probabilities of its ``mix`` row, and lands on a gene of that component (background: an
+    alias-table draw for the cell's donor; programs: one searchsorted). Splitting a Poisson total
+    multinomially gives independent Poisson event counts per gene; each event then adds a
+    geometric burst of UMIs (BURST_P). Work goes in chunks of cells to bound memory.
     """
+    n_comp = cells.mix.shape[1]
     indptr = [np.zeros(1, dtype=np.int64)]
     indices, data = [], []
-    for start in range(0, lib.size, chunk):
-        stop = min(start + chunk, lib.size)
-        n_events = rng.poisson(lib[start:stop])
+    for start in range(0, cells.lib.size, chunk):
+        stop = min(start + chunk, cells.lib.size)
+        n_events = rng.poisson(cells.lib[start:stop])
         cell = np.repeat(np.arange(stop - start), n_events)
-        from_prog = rng.random(cell.size) < prog_frac[start:stop][cell]
+        # component per event: the chunk's mix CDFs concatenated, cell c's shifted by c
+        mix_cum = np.cumsum(cells.mix[start:stop], axis=1)
+        mix_cum /= mix_cum[:, -1:]
+        mix_cum = (mix_cum + np.arange(stop - start)[:, None]).ravel()
+        comp = np.searchsorted(mix_cum, cell + rng.random(cell.size), side="right") - cell * n_comp
+        comp = np.minimum(comp, n_comp - 1)  # guards rounding at a row's end
         u = rng.random(cell.size)
         gene = np.empty(cell.size, dtype=np.int64)
-        gene[~from_prog] = alias_draw(base_alias, u[~from_prog])
-        t = cell_type[start:stop][cell[from_prog]]
-        gene[from_prog] = prog_local[np.searchsorted(prog_cum, t + u[from_prog], side="right")]
+        g_cell = cell + start
+        for d, table in enumerate(bg_alias):
+            sel = (comp == 0) & (cells.donor[g_cell] == d)
+            gene[sel] = alias_draw(table, u[sel])
+        sel = comp == 1
+        gene[sel] = types.draw(cells.cell_type[g_cell[sel]], u[sel])
+        sel = comp == 2
+        gene[sel] = subs.draw(cells.cell_type[g_cell[sel]] * N_SUBTYPES + cells.subtype[g_cell[sel]], u[sel])
+        sel = comp >= 3
+        gene[sel] = mods.draw(comp[sel] - 3, u[sel])
         # Sorting (cell, gene) keys yields CSR order directly; a key's run length is its events.
         key, count = np.unique(cell * n_genes + gene, return_counts=True)
         row = key // n_genes
@@ -326,7 +425,7 @@ def sample_counts(rng, lib, cell_type, prog_frac, base_alias, prog_cum, prog_loc
         indptr.append(indptr[-1][-1] + np.cumsum(nnz_per_row))
     return sp.csr_matrix(
         (np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)),
-        shape=(lib.size, n_genes),
+        shape=(cells.lib.size, n_genes),
     )
 
 
@@ -341,35 +440,47 @@ def make_file(model: SpeciesModel, fs: FileSpec, n_cells: int, seed: int) -> ad.
     alpha = np.ones(n_types)
     alpha[list(fs.enriched_types)] += 3.0
     cell_type = rng.choice(n_types, n_cells, p=rng.dirichlet(alpha * 2.0))
-    donors = rng.choice(model.donors, 3, replace=False)
+    subtype = rng.integers(0, N_SUBTYPES, n_cells)
+    donor_idx = np.sort(rng.choice(len(model.donors), 3, replace=False))
+    donors = np.asarray(model.donors)[donor_idx]
     donor = rng.integers(0, donors.size, n_cells)
 
-    # Background restricted to this file's genes, with a per-file batch effect on each gene.
+    # Background restricted to this file's genes, with a per-file batch effect on each gene and
+    # each donor's genotype effect.
     base = model.base_weight[gene_pos] * rng.lognormal(0, 0.3, n_genes)
-    base /= base.sum()
-    # Program genes as column indices of this file (all markers are measured by every file).
-    prog_local = np.concatenate([np.searchsorted(gene_pos, ids) for ids, _ in model.programs])
-    prog_cum = np.concatenate([t + cdf(w) for t, (_, w) in enumerate(model.programs)])
+    bg = base[None, :] * model.donor_effect[donor_idx][:, gene_pos]
+    bg /= bg.sum(axis=1, keepdims=True)
+    bg_all = model.base_weight[None, :] * model.donor_effect[donor_idx]
+    bg_capture = (bg_all[:, gene_pos].sum(axis=1) / bg_all.sum(axis=1))[donor]
+    types = Programs.build(model.programs, gene_pos)
+    subs = Programs.build([p for per_type in model.subtypes for p in per_type], gene_pos)
+    mods = Programs.build(model.modules, gene_pos)
 
-    # Cell-level variation: library size (cell x donor) and how strongly the program is on.
+    # Cell-level variation: library size (cell x donor), how strongly the type and subtype
+    # programs are on, and the cell's module activities (sparse: a few modules dominate).
     donor_factor = rng.lognormal(0.0, 0.25, donors.size)
-    lib_rel = rng.lognormal(0.0, 0.5, n_cells) * donor_factor[donor]
-    prog_frac = rng.beta(3.0, 17.0, n_cells)  # mean 0.15 of UMIs from the type program
+    lib_rel = rng.lognormal(0.0, LIB_SIGMA, n_cells) * donor_factor[donor]
+    f_type = rng.beta(*TYPE_FRACTION, n_cells)
+    f_sub = rng.beta(*SUBTYPE_FRACTION, n_cells)
+    f_mod = rng.beta(*MODULE_FRACTION, n_cells)
+    activity = rng.dirichlet(np.full(N_MODULES, MODULE_ACTIVITY_ALPHA), n_cells)
+    mix = np.column_stack([1.0 - f_type - f_sub - f_mod, f_type, f_sub, f_mod[:, None] * activity])
+    mix[:, 0] = np.maximum(mix[:, 0], 0.05)  # a cell keeps some background
+    # Events on genes the file does not measure are lost (a targeted assay sees mostly markers).
+    mix[:, 0] *= bg_capture
+    mix[:, 1] *= types.capture[cell_type]  # 1: every file measures the marker pool
+    mix[:, 2] *= subs.capture[cell_type * N_SUBTYPES + subtype]
+    mix[:, 3:] *= mods.capture[None, :]
+    mix /= mix.sum(axis=1, keepdims=True)
+    cells = Cells(lib_rel, donor, cell_type, subtype, mix)
 
-    # Calibrate the library-size scale: per-type rates on the marker-pool genes, background
-    # elsewhere, cells summarised by library-size quantiles and the mean program fraction.
-    frac = float(prog_frac.mean())
-    pool = np.searchsorted(gene_pos, model.markers)
-    outside = np.ones(n_genes, dtype=bool)
-    outside[pool] = False
-    prog = np.tile((1 - frac) * base[pool], (n_types, 1))
-    for t, (ids, w) in enumerate(model.programs):
-        prog[t, np.searchsorted(model.markers, ids)] += frac * w
-    lib_q = np.exp(np.quantile(np.log(lib_rel), np.linspace(0.02, 0.98, 25)))
-    scale = calibrate_scale(fs.target_nnz, lib_q, base[outside], prog, frac)
+    # Calibrate the library-size scale on a sample of the cells' expected rates.
+    sample = rng.choice(n_cells, min(n_cells, 200), replace=False)
+    scale = calibrate_scale(fs.target_nnz, expected_rates(cells, sample, bg, types, subs, mods),
+                            lib_rel[sample])
+    cells.lib = scale * lib_rel
 
-    X = sample_counts(rng, scale * lib_rel, cell_type, prog_frac, alias_table(base), prog_cum,
-                      prog_local, n_genes)
+    X = sample_counts(rng, cells, [alias_table(b) for b in bg], types, subs, mods, n_genes)
     gene_ids = model.genes.index[gene_pos]
 
     obs = pd.DataFrame(
@@ -388,7 +499,6 @@ def make_file(model: SpeciesModel, fs: FileSpec, n_cells: int, seed: int) -> ad.
         index=pd.Index(gene_ids),
     )
     return ad.AnnData(X=X, obs=obs, var=var)
-
 
 # --------------------------------------------------------------------------- writing
 def versioned(ids: pd.Index, rng: np.random.Generator) -> list[str]:
