@@ -94,15 +94,21 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return out if reorder is None else out.index_select(0, inverse_permutation(reorder[0]))
 
 
+def resolve_backend(backend: str, is_cuda: bool, dtype: torch.dtype, dropout_p: float = 0.0) -> str:
+    """The path `auto` takes for tensors on this device and of this dtype (see module docstring)."""
+    if backend != "auto":
+        return backend
+    half = is_cuda and dtype in (torch.float16, torch.bfloat16)
+    if half and HAS_FLASH_ATTN:
+        return "flash"
+    if half and dropout_p == 0.0:
+        return "varlen"
+    return "grouped"
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
     """Dispatch to the fastest correct path available for these tensors (see module docstring)."""
-    if backend == "auto":
-        if q.is_cuda and HAS_FLASH_ATTN and q.dtype in (torch.float16, torch.bfloat16):
-            backend = "flash"
-        elif q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.float16, torch.bfloat16):
-            backend = "varlen"
-        else:
-            backend = "grouped"
+    backend = resolve_backend(backend, q.is_cuda, q.dtype, dropout_p)
     if backend == "flash":
         return _flash(q, k, v, cu_seqlens, max_seqlen, dropout_p)
     if backend == "varlen":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import inverse_permutation, length_order, varlen_attention
+from .attention import inverse_permutation, length_order, resolve_backend, varlen_attention
 
 CLS_TOKEN = 0
 
@@ -197,14 +197,12 @@ class ContrastiveModel(nn.Module):
         return F.normalize(z.float(), dim=-1), x, self.logit_scale.float().reshape(())
 
     def _grouped_attention(self, tokens: torch.Tensor) -> bool:
-        """Whether the blocks will run the `grouped` attention path (varlen_attention's choice)."""
-        backend = self.cfg.attention_backend
-        if backend == "auto":
-            half = tokens.is_cuda and torch.is_autocast_enabled("cuda") and \
-                torch.get_autocast_dtype("cuda") in (torch.float16, torch.bfloat16)
-            half = half or (tokens.is_cuda and self.input_proj.weight.dtype in (torch.float16, torch.bfloat16))
-            return not half
-        return backend == "grouped"
+        """Whether the blocks will run the `grouped` attention path: varlen_attention's own choice for
+        the dtype its q, k, v will have (autocast's, else the weights')."""
+        dtype = self.input_proj.weight.dtype
+        if tokens.is_cuda and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+        return resolve_backend(self.cfg.attention_backend, tokens.is_cuda, dtype) == "grouped"
 
     def predict_values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.value_head(hidden).squeeze(-1)

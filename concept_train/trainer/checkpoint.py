@@ -33,6 +33,11 @@ def _gather_objects(obj, d: Dist) -> list:
     return out
 
 
+def checkpoint_step(path: Path) -> int:
+    """`.../checkpoints/step_<N>` -> N."""
+    return int(Path(path).name.split("_")[1])
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
@@ -66,7 +71,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         pointer_tmp.write_text(final.name + "\n")
         os.replace(pointer_tmp, root / "latest")
         done = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
-                      key=lambda p: int(p.name.split("_")[1]))
+                      key=checkpoint_step)
         for old in done[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("step_*.tmp"):

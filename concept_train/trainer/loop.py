@@ -26,7 +26,7 @@ from concept_shard.errors import ShardError
 
 from ..data import DataModule
 from ..model import ContrastiveModel, ModelConfig, contrastive_loss
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Dist, init_distributed
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer, lr_lambda
@@ -61,7 +61,8 @@ class Trainer:
         if self.d.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             # the run's config stays as it started; a resume records its own (overrides may differ)
-            name = f"config.resume_step{self._resume_step()}.yaml" if self.resume_from is not None else "config.yaml"
+            name = f"config.resume_step{checkpoint_step(self.resume_from)}.yaml" if self.resume_from is not None \
+                else "config.yaml"
             OmegaConf.save(cfg, self.run_dir / name, resolve=True)
         self.d.barrier()
         how = f"{self.d.world_size} processes, FSDP2 over {'nccl' if self.d.device.type == 'cuda' else 'gloo'}" \
@@ -126,9 +127,6 @@ class Trainer:
                 raise TrainError(root / str(run_id), "already holds a run with checkpoints.",
                                  "Resume it with initialize.resume=True, or choose another initialize.run_id.")
         return str(run_id), root / str(run_id), resume_from, weights_from
-
-    def _resume_step(self) -> int:
-        return int(self.resume_from.name.rsplit("_", 1)[-1])
 
     def _build_model(self) -> ContrastiveModel:
         vocab_sizes = {sp: self.data.catalog.vocab(sp).size for sp in self.data.species}
