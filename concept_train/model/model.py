@@ -2,10 +2,10 @@
 knows nothing of distribution.
 
 tokens -> per-species gene embedding (optionally pretrained vectors through a shared adapter)
--> shared Linear to dim_model + LayerNorm; `<cls>` positions take a learnable CLS vector; rank
-encoding (sinusoidal, by the gene's rank in its view) or value encoding is added; encoder blocks
-(pre- or post-norm) over the packed batch; no final norm; the CLS outputs, optionally projected,
-L2-normalised, are the cell embeddings.
+-> shared Linear to dim_model + LayerNorm; `<cls>` positions take a learnable CLS vector; the gene
+tokens get a rank encoding (sinusoidal, by the gene's rank in its view) or a value encoding;
+encoder blocks (pre- or post-norm) over the packed batch; no final norm; the CLS outputs, optionally
+projected, L2-normalised, are the cell embeddings.
 """
 
 from __future__ import annotations
@@ -119,6 +119,9 @@ class ContrastiveModel(nn.Module):
             nn.init.normal_(table.weight, std=0.02)
         self.adapter = nn.Linear(cfg.dim_pretrained_vocab, cfg.dim_gene_embs) if cfg.pretrained else None
         self.input_proj = nn.Linear(cfg.dim_gene_embs, cfg.dim_model)
+        # a random bias would outweigh the small gene vectors and give every gene nearly the same
+        # token after the LayerNorm: all cells would start on one embedding (loss log(batch))
+        nn.init.zeros_(self.input_proj.bias)
         self.input_norm = nn.LayerNorm(cfg.dim_model)
         self.cls = nn.Parameter(torch.randn(cfg.dim_model) * 0.02)
         if cfg.input_encoding == "value_encoding":
@@ -165,7 +168,10 @@ class ContrastiveModel(nn.Module):
         is_cls = (tokens == CLS_TOKEN)[:, None]
         x = torch.where(is_cls, self.cls.to(x.dtype), x)
         if self.cfg.input_encoding == "rank_encoding":
-            x = x + self.rank_table[positions.clamp(max=self.cfg.pe_max_len)].to(x.dtype)
+            enc = self.rank_table[positions.clamp(max=self.cfg.pe_max_len)].to(x.dtype)
+            # <cls> is not a gene and has no rank; its rank-0 vector would be one large offset
+            # shared by every cell's embedding (there is no final norm)
+            x = x + torch.where(is_cls, torch.zeros_like(enc), enc)
         else:
             enc = self.value_encoder(values[:, None].to(x.dtype))
             if mlm_mask is not None:
