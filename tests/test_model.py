@@ -178,8 +178,8 @@ def test_forward_in_any_sequence_order_equals_each_sequence_alone(kw):
 def test_cells_are_told_apart_at_initialisation():
     """At the demo's size, different cells' embeddings must not start on one direction: when the
     input projection's bias outweighed the small gene vectors and the CLS carried the rank-0
-    encoding, every pair of cells had cosine ~0.9996 and training sat at loss log(batch) for ~200
-    steps before it learned anything."""
+    encoding, every pair of cells had cosine ~0.9996 and the demo sat at loss log(batch) for its first
+    ~150 steps."""
     cfg = ModelConfig(vocab_sizes={"hsapiens": 20000}, dim_model=128, nlayers=2, num_head=4, dim_hid=256,
                       dim_gene_embs=128, dropout=0.0)
     torch.manual_seed(0)

@@ -169,15 +169,13 @@ class ContrastiveModel(nn.Module):
         x = torch.where(is_cls, self.cls.to(x.dtype), x)
         if self.cfg.input_encoding == "rank_encoding":
             enc = self.rank_table[positions.clamp(max=self.cfg.pe_max_len)].to(x.dtype)
-            # <cls> is not a gene and has no rank; its rank-0 vector would be one large offset
-            # shared by every cell's embedding (there is no final norm)
-            x = x + torch.where(is_cls, torch.zeros_like(enc), enc)
         else:
             enc = self.value_encoder(values[:, None].to(x.dtype))
             if mlm_mask is not None:
                 enc = torch.where(mlm_mask[:, None], self.mask_value.to(x.dtype), enc)
-            x = x + torch.where(is_cls, torch.zeros_like(enc), enc)
-        return x
+        # <cls> is not a gene and has no rank or value; its rank-0 vector would be one large offset
+        # shared by every cell's embedding (there is no final norm)
+        return x + torch.where(is_cls, torch.zeros_like(enc), enc)
 
     def forward(self, tokens, values, positions, cu_seqlens, max_seqlen: int, species: str, mlm_mask=None):
         """Returns (cell embeddings [S, d], L2-normalised; per-token outputs [T, dim_model]; the logit
