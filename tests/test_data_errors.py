@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from concept_train.data import DataError
 from conftest import ADVANCED, shard
@@ -30,6 +31,22 @@ def test_missing_and_stale_shards_are_listed_with_the_command_to_run(sharded):
     assert "hs_lung_b" in text and "not sharded" in text
     assert "mm_brain_a" in text and "changed since it was sharded" in text
     assert "concept-shard build" in text and "2 file(s)" in text
+
+
+def test_shards_copied_without_their_sources_train_with_check_sources_off(sharded):
+    """A GPU node often gets the shards and not the .h5ad files: the error says how to go on, and
+    with the check off the same cells come out; missing shards are still an error."""
+    reference = next(iter(data_module(sharded).train_loader()))
+    shutil.move(sharded / "data", sharded.parent / "data_elsewhere")
+    with pytest.raises(DataError) as err:
+        data_module(sharded)
+    text = " ".join(str(err.value).split())
+    assert "hs_blood_a.h5ad no longer exists" in text and "datamodule.check_sources=false" in text
+    copied = next(iter(data_module(sharded, ["datamodule.check_sources=false"]).train_loader()))
+    assert torch.equal(copied.tokens, reference.tokens) and torch.equal(copied.values, reference.values)
+    shutil.rmtree(sharded / "shards/hsapiens/synth_hsapiens/hs_lung_b")
+    with pytest.raises(DataError, match="not sharded"):
+        data_module(sharded, ["datamodule.check_sources=false"])
 
 
 def test_changed_vocabulary_makes_shards_stale(sharded):

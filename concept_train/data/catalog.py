@@ -33,6 +33,8 @@ from concept_shard.vocabulary import Vocabulary, load_vocabulary
 
 from .errors import DataError
 
+SOURCE_GONE = "no longer exists"      # a source file missing here (the fix names check_sources)
+
 
 @dataclass
 class ShardSet:
@@ -70,7 +72,9 @@ class Catalog:
             self.cache_root = Path(local_dir) / self.remote.bucket / self.remote.prefix
         self.vocabs: dict[str, Vocabulary] = {}
         self._sets: dict[str, ShardSet] = {}
-        self._check_sources = check_sources
+        # off (`datamodule.check_sources=false`) where the shards were copied to this machine, or
+        # live in object storage, without the source files they were built from
+        self._check_sources = check_sources and bool(OmegaConf.select(cfg, "datamodule.check_sources", default=True))
 
     def vocab(self, species: str) -> Vocabulary:
         if species not in self.vocabs:
@@ -94,9 +98,12 @@ class Catalog:
                 problems.append(f"{sf.dataset_id} ({sf.name}): {why}")
         if problems:
             shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-            raise DataError(list_key, f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.",
-                            f"Run `concept-shard build {self.cfg.PATH.PROJECT_PATH}` with the same --config-dir "
-                            "and overrides as this run, then start again.")
+            fix = (f"Run `concept-shard build {self.cfg.PATH.PROJECT_PATH}` with the same --config-dir "
+                   "and overrides as this run, then start again.")
+            if any(SOURCE_GONE in p for p in problems):
+                fix += (" If the shards were copied to this machine without their source files, add "
+                        "`datamodule.check_sources=false` to train from them as they are.")
+            raise DataError(list_key, f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.", fix)
         return out
 
     def _shard_set(self, sf: SourceFile, weights: dict) -> ShardSet:
@@ -118,7 +125,7 @@ class Catalog:
             raise _NotUsable(f"the token mapping {vocab.path} changed since it was sharded")
         if self._check_sources and sf.lamindb_key is None:
             if not sf.path.exists():
-                raise _NotUsable(f"its source {sf.path} no longer exists")
+                raise _NotUsable(f"its source {sf.path} {SOURCE_GONE}")
             fp, _ = source_fingerprint(sf.path)
             if fp != record.get("source_fingerprint"):
                 raise _NotUsable(f"the source {sf.path} changed since it was sharded")
