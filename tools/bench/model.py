@@ -36,7 +36,10 @@ included) for both paths, so padded work is pure overhead; cells/s counts cells 
 
 Cases: `realistic` = the config as composed (DataModuleBasic: mixed designed/random panels,
 max_tokens 1000); `uniform` = random panels of 45% of a file's genes with max_tokens 200, so
-almost every view fills max_tokens (fill ~0.998) and padding is nearly absent.
+almost every view fills max_tokens (fill ~0.998) and padding is nearly absent; `full` = random
+panels of 95% of a file's genes, zeros included (`gene_sampling_strategy=top`), at the config's
+max_tokens (1000): views are 1000 genes long wherever a file has that many, the 30M configuration
+at its full length (the GPU's best case; few real cells have 1000 nonzero genes).
 
 Configs: `tiny` = conf/model/ContrastiveModelTiny.yaml (128 wide, 2 layers); `medium` = 256 wide,
 4 layers, 4 heads, dim_hid 512 (the 30M model's dropout 0.1); `30m` = conf/model/ContrastiveModel.yaml
@@ -87,6 +90,8 @@ CASES = {
     "realistic": [],
     "uniform": ["datamodule.dataset.train.max_tokens=200", "datamodule.dataset.train.panel_selection=random",
                 "datamodule.dataset.train.panel_size_min=0.45", "datamodule.dataset.train.panel_size_max=0.45"],
+    "full": ["datamodule.gene_sampling_strategy=top", "datamodule.dataset.train.panel_selection=random",
+             "datamodule.dataset.train.panel_size_min=0.95", "datamodule.dataset.train.panel_size_max=0.95"],
 }
 
 
@@ -243,8 +248,10 @@ def timed_step(trainer, batch) -> float:
 
 
 def run_case(args, config: str, case: str, root: Path, extra: list[str]) -> dict:
-    trainer = build_trainer(args.project_path, CONFIGS[config] + CASES[case] + extra, root, f"{config}-{case}",
-                            args.device, args.dtype)
+    # compiled only after the equivalence check: that check runs fp32, whose `grouped` attention path
+    # recompiles for every distinct view length
+    trainer = build_trainer(args.project_path, CONFIGS[config] + CASES[case] + extra + ["model.training.compile=false"],
+                            root, f"{config}-{case}", args.device, args.dtype)
     device = trainer.d.device
     mc = trainer.model.cfg
     it = iter(trainer.train_loader)
@@ -281,6 +288,9 @@ def run_case(args, config: str, case: str, root: Path, extra: list[str]) -> dict
             and check["max_abs_diff_grad"] < tol * max(1.0, check["max_abs_grad"]) and check["same_grad_params"]):
         raise SystemExit(f"[{config}/{case}] packed and padded paths disagree beyond {tol}: {check}")
 
+    if args.compile:     # as the trainer does with model.training.compile=true; the padded baseline stays eager
+        for block in trainer.model.blocks:
+            block.compile(dynamic=True)
     packed_fv, padded_fv = trainer.forward_views, padded_forward_views(trainer, padded)
     paths = {"packed": packed_fv, "padded": padded_fv}
     times = {name: [0.0] * args.repeats for name in paths}
@@ -297,6 +307,8 @@ def run_case(args, config: str, case: str, root: Path, extra: list[str]) -> dict
                 trainer.forward_views = paths[name]
                 times[name][r] += timed_step(trainer, b)
     trainer.forward_views = packed_fv
+    if args.profile:
+        profile_steps(trainer, batches[:3], device)
     peak = None
     if device.type == "cuda":
         from concept_train.trainer.loop import H100_BF16_PEAK_FLOPS
@@ -324,6 +336,23 @@ def run_case(args, config: str, case: str, root: Path, extra: list[str]) -> dict
     return res
 
 
+def profile_steps(trainer, batches, device) -> None:
+    """torch.profiler over a few packed training steps: the ops that take the most time on the device
+    (CPU when there is no GPU), and the CPU time against the device time of the whole steps."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        wall = sum(timed_step(trainer, b) for b in batches)
+    events = prof.key_averages()
+    log(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    if cuda:
+        from torch.autograd import DeviceType      # kernels only: an op's row repeats its kernels' time
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
+        log(f"[profile] {len(batches)} packed steps: {wall:.3f} s wall (under the profiler), {busy:.3f} s of kernel time "
+            f"on the device ({busy / wall:.0%} busy)")
+
+
 def machine(device: str) -> str:
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
     if device == "cuda":
@@ -344,7 +373,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default torch's). On a CPU shared with other jobs, 1 gives steadier "
                         "figures: a descheduled OpenMP thread stalls every op of a 2-thread process")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the packed path's encoder blocks, as model.training.compile=true does in training")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile 3 packed steps (torch.profiler) and print the ops that take the most time")
     args, overrides = p.parse_known_args(argv)
+    if any(o.startswith("model.training.compile=") for o in overrides):
+        p.error("use --compile (the bench compiles after its equivalence check), not model.training.compile")
     bad = [o for o in overrides if "=" not in o]
     if bad:
         p.error(f"unexpected arguments {bad}: overrides are key=value")
@@ -403,7 +438,7 @@ def main(argv=None) -> int:
     log(f"targets: {targets}")
     summary = {"results": results, "targets_met": targets, "device": args.device, "dtype": args.dtype,
                "torch_threads": torch.get_num_threads(),
-               "batch_size": batch_size, "batches": args.batches, "repeats": args.repeats, "overrides": overrides,
+               "batch_size": batch_size, "batches": args.batches, "repeats": args.repeats, "compile": args.compile, "overrides": overrides,
                "benchmark_s": round(time.perf_counter() - t_start, 1), "machine": machine(args.device)}
     print(json.dumps(summary))
     return 0
