@@ -42,6 +42,9 @@ def test_shards_copied_without_their_sources_train_with_check_sources_off(sharde
         data_module(sharded)
     text = " ".join(str(err.value).split())
     assert "hs_blood_a.h5ad no longer exists" in text and "datamodule.check_sources=false" in text
+    assert "not on this machine" in text and "concept-shard build" not in text     # rebuilding cannot help
+    with pytest.raises(DataError, match="datamodule.check_sources"):
+        data_module(sharded, ["datamodule.check_sources=maybe"])
     copied = next(iter(data_module(sharded, ["datamodule.check_sources=false"]).train_loader()))
     assert torch.equal(copied.tokens, reference.tokens) and torch.equal(copied.values, reference.values)
     shutil.rmtree(sharded / "shards/hsapiens/synth_hsapiens/hs_lung_b")

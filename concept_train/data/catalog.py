@@ -33,9 +33,6 @@ from concept_shard.vocabulary import Vocabulary, load_vocabulary
 
 from .errors import DataError
 
-SOURCE_GONE = "no longer exists"      # a source file missing here (the fix names check_sources)
-
-
 @dataclass
 class ShardSet:
     """One input file's shard dataset, as a loader sees it."""
@@ -74,7 +71,11 @@ class Catalog:
         self._sets: dict[str, ShardSet] = {}
         # off (`datamodule.check_sources=false`) where the shards were copied to this machine, or
         # live in object storage, without the source files they were built from
-        self._check_sources = check_sources and bool(OmegaConf.select(cfg, "datamodule.check_sources", default=True))
+        configured = OmegaConf.select(cfg, "datamodule.check_sources", default=True)
+        if not isinstance(configured, bool):
+            raise DataError("datamodule.check_sources", f"is {configured!r}.",
+                            "Use true (check that every file's shards match its source) or false (skip that check).")
+        self._check_sources = check_sources and configured
 
     def vocab(self, species: str) -> Vocabulary:
         if species not in self.vocabs:
@@ -90,20 +91,24 @@ class Catalog:
                             "Fix the split YAMLs (`concept-shard status` reports the same problems).")
         if not sources:
             raise DataError(list_key, "lists no files.", "Add files to the split's train/val lists.")
-        out, problems = [], []
+        out, problems, sources_gone = [], [], 0
         for sf, weights in sources:
             try:
                 out.append(self._shard_set(sf, weights))
             except _NotUsable as why:
                 problems.append(f"{sf.dataset_id} ({sf.name}): {why}")
+                sources_gone += why.source_gone
         if problems:
             shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-            fix = (f"Run `concept-shard build {self.cfg.PATH.PROJECT_PATH}` with the same --config-dir "
-                   "and overrides as this run, then start again.")
-            if any(SOURCE_GONE in p for p in problems):
-                fix += (" If the shards were copied to this machine without their source files, add "
-                        "`datamodule.check_sources=false` to train from them as they are.")
-            raise DataError(list_key, f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.", fix)
+            rebuild = (f"Run `concept-shard build {self.cfg.PATH.PROJECT_PATH}` with the same --config-dir "
+                       "and overrides as this run, then start again.")
+            copied = ("If the shards were copied to this machine without their source files, add "
+                      "`datamodule.check_sources=false` to train from them as they are.")
+            if sources_gone == len(problems):      # the shards are there, only their sources are not
+                raise DataError(list_key, f"names {len(problems)} file(s) whose source is not on this machine: "
+                                f"{shown}.", f"{copied} Otherwise put the files back where they were sharded from.")
+            raise DataError(list_key, f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.",
+                            rebuild + (f" {copied}" if sources_gone else ""))
         return out
 
     def _shard_set(self, sf: SourceFile, weights: dict) -> ShardSet:
@@ -125,7 +130,7 @@ class Catalog:
             raise _NotUsable(f"the token mapping {vocab.path} changed since it was sharded")
         if self._check_sources and sf.lamindb_key is None:
             if not sf.path.exists():
-                raise _NotUsable(f"its source {sf.path} {SOURCE_GONE}")
+                raise _NotUsable(f"its source {sf.path} no longer exists", source_gone=True)
             fp, _ = source_fingerprint(sf.path)
             if fp != record.get("source_fingerprint"):
                 raise _NotUsable(f"the source {sf.path} changed since it was sharded")
@@ -155,4 +160,6 @@ class Catalog:
 
 
 class _NotUsable(Exception):
-    pass
+    def __init__(self, why: str, source_gone: bool = False):
+        super().__init__(why)
+        self.source_gone = source_gone      # the shards are fine; their source file is not here

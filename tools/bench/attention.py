@@ -10,7 +10,7 @@ the real loader at the 30M model's shape (8 heads of 64, global batch 128 on CUD
 then times each attention path on random q, k, v of those lengths: the model's own backends
 (`varlen`: PyTorch's native varlen_attn, CUDA; `flash`: flash-attn, when installed; `grouped`:
 the CPU path) and, on CUDA, SDPA over a nested (jagged) tensor with each SDPA backend.
-Outputs are checked against the first path that ran. TFLOP/s counts 4 x head_dim x len^2 per head
+Each path's output is compared with the first path's (max |diff| printed). TFLOP/s counts 4 x head_dim x len^2 per head
 for the forward and 2.5 times that for the backward, real tokens only.
 """
 
@@ -66,12 +66,15 @@ def paths(cu: torch.Tensor, max_len: int) -> dict:
 
 def time_path(fn, q, k, v, grad, repeats: int) -> float:
     sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
-    for _ in range(2):
+    def call():
+        q.grad = k.grad = v.grad = None      # no accumulation kernels in the timing
         fn(q, k, v).backward(grad)
+    for _ in range(2):
+        call()
     sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
-        fn(q, k, v).backward(grad)
+        call()
     sync()
     return (time.perf_counter() - t0) / repeats
 
@@ -83,6 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None, help="timed calls per path (default 8 on CUDA, 2 on CPU)")
     args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        p.error(f"unexpected arguments {bad}: overrides are key=value")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("attention.py: --device cuda but torch sees no CUDA device here")
@@ -110,8 +116,8 @@ def main(argv=None) -> int:
                     try:
                         out = fn(q, k, v).detach().float()
                         diff = 0.0 if reference is None else float((out - reference).abs().max())
-                        reference = out if reference is None else reference
                         dt = time_path(fn, q, k, v, grad, repeats)
+                        reference = out if reference is None else reference     # a path that ran both ways
                         print(f"{case:9s} {T:>8,} tokens, median view {int(lengths.median()):>4}: {name:16s} "
                               f"{dt * 1e3:8.2f} ms  {flops / dt / 1e12:7.2f} TFLOP/s  max |diff| {diff:.2g}", flush=True)
                     except Exception as err:      # a backend this torch / device lacks: say so, go on

@@ -3,11 +3,11 @@
 
 Usage::
 
-    python tools/bench/model.py PROJECT_PATH [--configs tiny,medium] [--cases realistic,uniform]
+    python tools/bench/model.py PROJECT_PATH [--configs tiny,medium] [--cases realistic,uniform,full]
                                 [--device cpu|cuda] [--dtype fp32|bf16] [--batch-size N] [--batches N]
-                                [--repeats R] [--threads N] [key=value ...]
-    # on an H100, the 30M model of DESIGN.md (dim_model 512, 8 layers, max_tokens 1000, bf16):
-    python tools/bench/model.py PROJECT_PATH --device cuda --dtype bf16 --configs 30m
+                                [--repeats R] [--threads N] [--compile] [--profile] [key=value ...]
+    # on an H100 / H200, the 30M model of DESIGN.md (dim_model 512, 8 layers, max_tokens 1000, bf16):
+    python tools/bench/model.py PROJECT_PATH --device cuda --configs 30m --cases realistic,full [--compile] [--profile]
 
 PROJECT_PATH is the example project, sharded (`python tools/make_example_project.py DIR` then
 `concept-shard build DIR --no-progress`); extra `key=value` arguments are config overrides.
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile 3 packed steps (torch.profiler) and print the ops that take the most time")
     args, overrides = p.parse_known_args(argv)
-    if any(o.startswith("model.training.compile=") for o in overrides):
+    if any(o.lstrip("+").startswith("model.training.compile=") for o in overrides):
         p.error("use --compile (the bench compiles after its equivalence check), not model.training.compile")
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -390,6 +390,9 @@ def main(argv=None) -> int:
         raise SystemExit("model.py: --device cuda but torch sees no CUDA device here; run it on a GPU machine "
                          "(or use --device cpu).")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.compile and not (cuda and args.dtype == "bf16"):
+        log("model.py: --compile off CUDA bf16 compiles the `grouped` attention path, which recompiles for every "
+            "distinct view length: expect minutes of compilation and figures that say little")
     if not cuda and args.dtype != "fp32":
         raise SystemExit("model.py: the trainer autocasts to bf16 on CUDA only; on CPU use --dtype fp32.")
     configs = (args.configs or ("30m" if cuda else "tiny,medium")).split(",")
