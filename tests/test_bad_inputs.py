@@ -84,7 +84,7 @@ def test_bad_input_fails_alone_and_rerun_does_only_that(case, project, capsys):
     shutil.copytree(project / "references", pristine / "references")
     break_it(project)
     assert shard("build", project, *ADVANCED, "--no-progress") == 1
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())     # messages are wrapped at the terminal width
     for text in expected:
         assert text in err, f"{case}: {text!r} not in\n{err}"
     assert f"{n_failed} input(s) failed" in err
@@ -123,7 +123,7 @@ def _config_dir_with_split(tmp: Path, split_yaml: str) -> Path:
 def test_bad_split_entry_fails_alone(split_yaml, expected, project, tmp_path, capsys):
     conf = _config_dir_with_split(tmp_path, split_yaml)
     assert shard("build", project, "--config-dir", conf, "datamodule=WithExtra", "--no-progress") == 1
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())     # messages are wrapped at the terminal width
     for text in expected:
         assert text in err, err
     assert len(list(project.glob("shards/*/*/*/dataset.json"))) == 9
@@ -135,7 +135,7 @@ def test_failure_after_a_good_build_keeps_the_old_dataset(project, capsys):
     before = read_dataset(ds)
     _set_value(f"{MM}/mm_brain_a.h5ad", -1.0)(project)
     assert shard("build", project, *ADVANCED, "--no-progress") == 1
-    assert "negative counts" in capsys.readouterr().err
+    assert "negative counts" in " ".join(capsys.readouterr().err.split())
     after = read_dataset(ds)
     assert len(after) == len(before) and all((a["genes"] == b["genes"]).all() for a, b in zip(after, before))
     assert json.loads((ds / "dataset.json").read_text())["cells_written"] == len(before)
@@ -144,7 +144,7 @@ def test_failure_after_a_good_build_keeps_the_old_dataset(project, capsys):
 
 def test_unknown_override_key_is_a_clear_error(project, capsys):
     assert shard("build", project, "shard.chunksize=10") == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())     # messages are wrapped at the terminal width
     assert "shard.chunksize" in err and "override" in err.lower()
 
 
@@ -153,5 +153,5 @@ def test_missing_var_gene_id_column_names_the_column(project, tmp_path, capsys):
                                   "source_path: ${PATH.PROJECT_PATH}/data/synth_hsapiens/h5ads\n"
                                   "var_gene_id_column: ensembl\ntrain: [hs_val_e.h5ad]\n")
     assert shard("build", project, "--config-dir", conf, "datamodule=WithExtra", "--no-progress") == 1
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())     # messages are wrapped at the terminal width
     assert "no var column 'ensembl'" in err and "var_gene_id_column" in err
