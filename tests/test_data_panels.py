@@ -164,3 +164,32 @@ def test_validation_loaders_are_fixed_and_budgeted(sharded_example):
         genes = dm.val_sets["whole_cell_B256"][int(batch.dataset[0])].genes
         np.testing.assert_array_equal(batch.panels[0].numpy(), genes)       # view 1 = every gene of the file
         assert len(batch.panels[1]) == 0 and not batch.items_mask.any()
+
+
+def test_panel_curriculum_changes_the_panels_from_its_batch_on(sharded_example):
+    base = ["datamodule.dataloader.train.batch_size=16", "datamodule.dataloader.train.num_workers=0"]
+    phase = "+datamodule.dataset.train.panel_curriculum=[{from_batch:4,panel_size_max:0.1,panel_selection:random}]"
+    plain = [b for b, _ in zip(data_module(sharded_example, base).train_loader(), range(12))]
+    dm = data_module(sharded_example, base + [phase])
+    staged = [b for b, _ in zip(dm.train_loader(), range(12))]
+    for g, (a, b) in enumerate(zip(plain, staged)):
+        assert torch.equal(a.dataset, b.dataset) and torch.equal(a.row, b.row)      # the same cells, in order
+        if g < 4:                     # before the phase: the very same batches
+            assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values()))
+        else:                         # from it on: small random panels (a targeted file's 10% is still >= 1 gene)
+            n_genes = len(dm.train_sets[int(b.dataset[0])].genes)
+            assert b.panel_kinds[0] == "random" and len(b.panels[0]) <= max(1, round(0.1 * n_genes))
+    assert any(len(a.panels[0]) > 0.1 * len(dm.train_sets[int(a.dataset[0])].genes) for a in plain[4:])
+
+
+@pytest.mark.parametrize("phases,problem", [
+    ("[{panel_size_max:0.1}]", "from_batch"),
+    ("[{from_batch:5,panel_size:0.1}]", "unknown keys ['panel_size']"),
+    ("[{from_batch:5,panel_size_max:0.1},{from_batch:5,panel_size_max:0.05}]", "greater than the previous"),
+    ("[{from_batch:5,panel_selection:everything}]", "panel_selection"),
+])
+def test_malformed_panel_curriculum_names_the_phase(sharded_example, phases, problem):
+    with pytest.raises(DataError) as err:
+        data_module(sharded_example, [f"+datamodule.dataset.train.panel_curriculum={phases}"]).train_loader()
+    text = " ".join(str(err.value).split())
+    assert "panel_curriculum[" in text and problem in text

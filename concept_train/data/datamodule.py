@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from .catalog import Catalog, ShardSet
 from .errors import DataError
 from .loader import BatchMaker, Loader, RankSlice
-from .panels import DesignedPanel, PanelSampler, PanelSpec, load_designed_panels
+from .panels import DesignedPanel, PanelSampler, curriculum_specs, load_designed_panels
 from .plan import BatchPlan
 from .store import SampleStore
 from .tokenize import TokenSpec
@@ -53,14 +53,14 @@ class DataModule:
                             f"Use a multiple of the world size {self.ranks.world} (it is the GLOBAL batch).")
         plan = BatchPlan(sets, batch_size, seed, batching=str(ds_cfg.get("batching", "per_dataset")),
                          shuffle=shuffle, drop_last=drop_last, epoch_size=ds_cfg.get("epoch_size"), where=where)
-        spec = PanelSpec.from_config(ds_cfg, where)
         species = sorted({s.species for s in sets})
-        sampler = PanelSampler(spec, self._designed(species, str(ds_cfg.get("panel_filter_regex", ".*"))), where)
+        designed = self._designed(species, str(ds_cfg.get("panel_filter_regex", ".*")))
+        samplers = [(start, PanelSampler(spec, designed, where)) for start, spec in curriculum_specs(ds_cfg, where)]
         token_spec = TokenSpec(max_tokens=int(ds_cfg.get("max_tokens", 1000)),
                                normalization=str(dm.get("normalization", "raw")),
                                strategy=str(dm.get("gene_sampling_strategy", "top-nonzero")))
         vocab_sizes = {sp: self.catalog.vocab(sp).size for sp in species}
-        return BatchMaker(name, sets, self.store, plan, sampler, token_spec, vocab_sizes, self.species,
+        return BatchMaker(name, sets, self.store, plan, samplers, token_spec, vocab_sizes, self.species,
                           self.obs_keys, self.ranks, seed)
 
     # ---- loaders ----------------------------------------------------------------------------

@@ -33,10 +33,11 @@ class RankSlice:
 
 
 class BatchMaker:
-    def __init__(self, name: str, sets: list[ShardSet], store: SampleStore, plan: BatchPlan, sampler: PanelSampler,
-                 token_spec: TokenSpec, vocab_sizes: dict[str, int], species: list[str], obs_keys: list[str],
-                 ranks: RankSlice, seed: int):
-        self.name, self.sets, self.store, self.plan, self.sampler = name, sets, store, plan, sampler
+    def __init__(self, name: str, sets: list[ShardSet], store: SampleStore, plan: BatchPlan,
+                 samplers: list[tuple[int, PanelSampler]], token_spec: TokenSpec, vocab_sizes: dict[str, int],
+                 species: list[str], obs_keys: list[str], ranks: RankSlice, seed: int):
+        # samplers: [(first global batch, sampler)] in batch order; more than one with a panel curriculum
+        self.name, self.sets, self.store, self.plan, self.samplers = name, sets, store, plan, samplers
         self.token_spec, self.vocab_sizes, self.species, self.obs_keys = token_spec, vocab_sizes, species, obs_keys
         self.ranks, self.seed = ranks, int(seed)
         self.store_index = np.array([store.index_of[s.dataset_id] for s in sets], np.int64)
@@ -47,7 +48,8 @@ class BatchMaker:
     def make(self, g: int) -> Batch:
         pb = self.plan.batch(g)
         genes = self.sets[int(pb.datasets[0])].genes if self.plan.batching == "per_dataset" else self.species_genes[pb.species]
-        panels = self.sampler.draw(np.random.default_rng([self.seed, int(g), 1]), genes, pb.species)
+        sampler = next(smp for start, smp in reversed(self.samplers) if g >= start)
+        panels = sampler.draw(np.random.default_rng([self.seed, int(g), 1]), genes, pb.species)
         # this rank's cells: a contiguous slice of the global batch (even split; uneven only for a last partial batch)
         positions = np.array_split(np.arange(len(pb.rows)), self.ranks.world)[self.ranks.rank]
         datasets, rows = pb.datasets[positions], pb.rows[positions]

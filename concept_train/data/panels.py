@@ -109,6 +109,35 @@ class PanelSpec:
         return spec
 
 
+PANEL_KEYS = ("panel_selection", "panel_selection_mixed_prob", "panel_size_min", "panel_size_max",
+              "panel_max_drop_rate", "panel_overlap", "panel_view2")
+
+
+def curriculum_specs(node, where: str) -> list[tuple[int, PanelSpec]]:
+    """[(first global batch, PanelSpec)] in batch order: the loader's own panel keys from batch 0,
+    then each `panel_curriculum` phase's keys (over the loader's) from its `from_batch` on."""
+    phases = [(0, PanelSpec.from_config(node, where))]
+    raw = node.get("panel_curriculum") if node is not None else None
+    merged = {k: node.get(k) for k in PANEL_KEYS if node is not None and node.get(k) is not None}
+    for i, phase in enumerate(raw or []):
+        at = f"{where}.panel_curriculum[{i}]"
+        phase = dict(phase) if hasattr(phase, "items") else None
+        if phase is None or "from_batch" not in phase:
+            raise DataError(at, "is not a mapping with `from_batch`.",
+                            "Write each phase as {from_batch: N, panel_size_max: ..., ...} (panel keys of the loader).")
+        unknown = sorted(set(phase) - {"from_batch", *PANEL_KEYS})
+        if unknown:
+            raise DataError(at, f"has unknown keys {unknown}.", f"A phase may set `from_batch` and {list(PANEL_KEYS)}.")
+        start = phase.pop("from_batch")
+        if not isinstance(start, int) or isinstance(start, bool) or start <= phases[-1][0]:
+            raise DataError(f"{at}.from_batch", f"is {start!r}.",
+                            "Use a global batch index (training step x accumulate_grad_batches), greater than the "
+                            "previous phase's.")
+        merged.update(phase)
+        phases.append((start, PanelSpec.from_config(dict(merged), at)))
+    return phases
+
+
 @dataclass
 class Panels:
     view1: np.ndarray         # ascending token ids
