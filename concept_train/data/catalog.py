@@ -33,6 +33,7 @@ from concept_shard.vocabulary import Vocabulary, load_vocabulary
 
 from .errors import DataError
 
+
 @dataclass
 class ShardSet:
     """One input file's shard dataset, as a loader sees it."""
@@ -54,7 +55,7 @@ class ShardSet:
 class Catalog:
     """All shard datasets of all loaders of a composed config, and the species' vocabularies."""
 
-    def __init__(self, cfg: DictConfig, check_sources: bool = True):
+    def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.shards_root = Path(cfg.PATH.SHARDS_PATH)
         remote_url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
@@ -75,7 +76,7 @@ class Catalog:
         if not isinstance(configured, bool):
             raise DataError("datamodule.check_sources", f"is {configured!r}.",
                             "Use true (check that every file's shards match its source) or false (skip that check).")
-        self._check_sources = check_sources and configured
+        self._check_sources = configured
 
     def vocab(self, species: str) -> Vocabulary:
         if species not in self.vocabs:

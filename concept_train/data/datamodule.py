@@ -19,13 +19,13 @@ TRAIN_SPLIT = "datamodule.dataset.train.split"
 
 
 class DataModule:
-    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, check_sources: bool = True, log=print):
+    def __init__(self, cfg: DictConfig, rank: int = 0, world_size: int = 1, log=print):
         self.cfg, self.log = cfg, log
         self.ranks = RankSlice(int(rank), int(world_size))
         dm = cfg.datamodule
         self.species = list(dm.species)
         self.obs_keys = list(dm.get("obs_keys") or [])
-        self.catalog = Catalog(cfg, check_sources=check_sources)
+        self.catalog = Catalog(cfg)
         self.train_sets = self.catalog.loader(TRAIN_SPLIT, "train")
         self.val_sets: dict[str, list[ShardSet]] = {}
         for name in (OmegaConf.select(dm, "dataset.val") or {}):

@@ -200,6 +200,11 @@ class ContrastiveModel(nn.Module):
             z = self.projection(z)
         return F.normalize(z.float(), dim=-1), x, self.logit_scale.float().reshape(())
 
+    def compile_blocks(self) -> None:
+        """torch.compile each encoder block (model.training.compile); shapes vary with every batch."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
+
     def _grouped_attention(self, tokens: torch.Tensor) -> bool:
         """Whether the blocks will run the `grouped` attention path: varlen_attention's own choice for
         the dtype its q, k, v will have (autocast's, else the weights')."""

@@ -156,8 +156,7 @@ class Trainer:
                 fully_shard(table, mesh=mesh, mp_policy=mp)
             fully_shard(model, mesh=mesh, mp_policy=mp)
         if self.training.get("compile", False):
-            for block in model.blocks:
-                block.compile(dynamic=True)
+            model.compile_blocks()
         return model
 
     # ---- one step ---------------------------------------------------------------------------

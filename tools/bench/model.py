@@ -289,8 +289,7 @@ def run_case(args, config: str, case: str, root: Path, extra: list[str]) -> dict
         raise SystemExit(f"[{config}/{case}] packed and padded paths disagree beyond {tol}: {check}")
 
     if args.compile:     # as the trainer does with model.training.compile=true; the padded baseline stays eager
-        for block in trainer.model.blocks:
-            block.compile(dynamic=True)
+        trainer.model.compile_blocks()
     packed_fv, padded_fv = trainer.forward_views, padded_forward_views(trainer, padded)
     paths = {"packed": packed_fv, "padded": padded_fv}
     times = {name: [0.0] * args.repeats for name in paths}
