@@ -8,11 +8,13 @@ EXAMPLE ?= example_project
 install:
 	bash tools/install.sh
 
-# The main job on the bundled example project: build it, shard it, pre-train a small model on
+# The main job on the bundled example project: build it, shard it, derive co-expression gene
+# vectors from its training shards, pre-train a small model on
 # the CPU for a few minutes (conf/experiment/demo.yaml), print where the run, curves and checkpoint are.
 demo: install
 	$(PY) tools/make_example_project.py $(EXAMPLE)
 	$(VENV)/bin/concept-shard build $(EXAMPLE) datamodule=DataModuleAdvanced
+	$(VENV)/bin/concept-shard gene-vectors $(EXAMPLE)
 	$(VENV)/bin/concept-train $(EXAMPLE) +experiment=demo
 
 # The whole suite, slow end-to-end tests included (this is what CI runs).

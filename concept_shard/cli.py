@@ -1,4 +1,4 @@
-"""`concept-shard build | merge | status PROJECT_PATH [--config-dir DIR] [key=value ...]`."""
+"""`concept-shard build | merge | status | gene-vectors PROJECT_PATH [--config-dir DIR] [key=value ...]`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ examples:
   sbatch --array=0-63 tools/slurm/shard_array.sbatch /data/project  # SLURM array job
   concept-shard merge /data/project                                 # after the array job
   concept-shard status /data/project
+  concept-shard gene-vectors /data/project --dim 64                 # co-expression vectors from the training shards
 """
 
 
@@ -29,11 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("build", "shard every file listed by the split YAMLs (skips complete ones)"),
                         ("merge", "join row-range parts written by array tasks; write species indexes"),
-                        ("status", "list files as done, pending, stale or failed")]:
+                        ("status", "list files as done, pending, stale or failed"),
+                        ("gene-vectors", "co-expression gene vectors from the training shards, for "
+                         "PATH.PRETRAINED_VOCABULARY")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("project_path", metavar="PROJECT_PATH")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. shard.chunk_size=4096")
         s.add_argument("--config-dir", help="your own config directory, searched before the packaged conf/")
+        if name == "gene-vectors":
+            s.add_argument("--dim", type=int, default=64, help="vector length (model.dim_pretrained_vocab; default 64)")
+            s.add_argument("--name", default="coexpression", help="output: PROJECT/references/embeddings/NAME/")
+            s.add_argument("--max-cells", type=int, default=50_000, help="training cells sampled per species (default 50,000)")
+            s.add_argument("--min-cells", type=int, default=10, help="genes seen in fewer sampled cells get no vector (default 10)")
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--no-progress", action="store_true", help="no progress bar")
+            continue
         s.add_argument("--lamindb", action="store_true", help="register sources and shards in the current lamindb instance")
         if name == "build":
             s.add_argument("--task-index", type=int, default=None, help="this task (default: $SLURM_ARRAY_TASK_ID)")
@@ -62,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = compose_config(args.project_path, args.overrides, args.config_dir)
+        if args.command == "gene-vectors":
+            return _gene_vectors(cfg, args)
         use_lamin = args.lamindb or bool(OmegaConf.select(cfg, "lamindb.enabled"))
         lamin = None
         if use_lamin:     # status only resolves `lamindb:` keys; build and merge also register
@@ -88,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print_report(report, time.time() - t0, args.command)
     return report.exit_code
+
+
+def _gene_vectors(cfg, args) -> int:
+    from .gene_vectors import GeneVectorSettings, describe, write_gene_vectors
+
+    settings = GeneVectorSettings(name=args.name, dim=args.dim, max_cells=args.max_cells, min_cells=args.min_cells,
+                                  seed=args.seed)
+    out_dir = write_gene_vectors(cfg, settings, progress=not args.no_progress)
+    print(f"\nconcept-shard gene-vectors: wrote {out_dir}\nTrain from them with: {describe(out_dir)}")
+    return 0
 
 
 def _print_report(report, seconds: float, command: str) -> None:

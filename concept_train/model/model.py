@@ -10,6 +10,7 @@ projected, L2-normalised, are the cell embeddings.
 
 from __future__ import annotations
 
+import errno
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,8 @@ class ContrastiveModel(nn.Module):
         import pandas as pd
         for sp, ids in gene_ids_by_token.items():
             path = Path(directory) / f"{sp}.csv"
+            if not path.is_file():
+                raise FileNotFoundError(errno.ENOENT, "no gene vectors", str(path))
             table = pd.read_csv(path, index_col=0)
             if table.shape[1] != self.cfg.dim_pretrained_vocab:
                 raise ValueError(f"{path}: {table.shape[1]} columns of floats, model.dim_pretrained_vocab is "

@@ -142,7 +142,15 @@ class Trainer:
                 for gid, tok in vocab.token_of.items():
                     by_token[tok] = gid
                 ids[sp] = by_token
-            model.load_pretrained_vectors(Path(pretrained_dir), ids, warn=self.log)
+            try:
+                model.load_pretrained_vectors(Path(pretrained_dir), ids, warn=self.log)
+            except FileNotFoundError as exc:
+                raise TrainError("PATH.PRETRAINED_VOCABULARY", f"is {pretrained_dir}, which has no {Path(exc.filename).name}.",
+                                 "Point it at a directory of <species>.csv gene vectors, make co-expression vectors "
+                                 f"with `concept-shard gene-vectors {self.cfg.PATH.PROJECT_PATH}`, or set it to null.") from None
+            except ValueError as exc:         # a table of the wrong width
+                raise TrainError("model.dim_pretrained_vocab", f"does not fit the gene vectors ({exc}).",
+                                 "Set model.dim_pretrained_vocab to the vectors' length.") from None
         model.to(self.d.device)
         if self.d.world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh

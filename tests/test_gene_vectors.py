@@ -1,0 +1,103 @@
+"""`concept-shard gene-vectors`: co-expression vectors from the training shards, and training from them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from concept_train.cli import main as train
+from conftest import read_dataset, shard
+from test_train_cli import TINY
+
+TRAIN_FILES = ["hsapiens/synth_hsapiens/hs_blood_a", "hsapiens/synth_hsapiens/hs_lung_b",
+               "hsapiens/synth_hsapiens/hs_targeted_c", "hsapiens/synth_hsapiens/hs_gut_d",
+               "hsapiens/celltypist/celltypist_sample"]     # DataModuleBasic's training loader
+
+
+def _standardised_training_matrix(project, min_cells: int):
+    """Every training cell as log1p(counts / n_counts x 10^4), genes seen in >= min_cells cells, each
+    gene standardised: computed here from plain streaming reads, independently of the command."""
+    rows = [s for d in TRAIN_FILES for s in read_dataset(project / "shards" / d)]
+    size = 1 + max(int(s["genes"].max()) for s in rows)
+    x = np.zeros((len(rows), size))
+    for i, s in enumerate(rows):
+        x[i, s["genes"].astype(np.int64)] = np.log1p(s["counts"] * 1e4 / s["n_counts"])
+    used = np.flatnonzero((x != 0).sum(0) >= min_cells)
+    z = x[:, used]
+    z = (z - z.mean(0)) / z.std(0)
+    return z, used
+
+
+def test_vectors_are_the_top_components_of_the_training_cells_only(sharded_project_copy, capsys):
+    project = sharded_project_copy
+    assert shard("gene-vectors", project, "--dim", 16, "--no-progress") == 0
+    out_dir = project / "references/embeddings/coexpression"
+    assert f"PATH.PRETRAINED_VOCABULARY={out_dir} model.dim_pretrained_vocab=16" in capsys.readouterr().out
+    meta = json.loads((out_dir / "gene_vectors.json").read_text())["species"]
+    assert list(meta) == ["hsapiens"] and meta["hsapiens"]["datasets"] == TRAIN_FILES     # no validation file
+    table = pd.read_csv(out_dir / "hsapiens.csv", index_col=0)
+    assert table.shape[1] == 16 and np.allclose(np.linalg.norm(table.to_numpy(), axis=1), 1, atol=1e-4)
+
+    z, used = _standardised_training_matrix(project, min_cells=10)
+    vocab = pd.read_csv(project / "references/vocabulary/token_mappings_per_specie/hsapiens.csv")
+    ids = vocab.set_index("token").loc[used, "gene_id"].to_numpy()
+    assert list(table.index) == list(ids) and meta["hsapiens"]["cells"] == z.shape[0]
+
+    # the exact top-16 loadings (eigenvectors of the cells' Gram matrix), unit length per gene
+    w, u = np.linalg.eigh(z @ z.T)
+    u, s = u[:, ::-1][:, :16], np.sqrt(w[::-1][:16])
+    exact = z.T @ u
+    exact /= np.linalg.norm(exact, axis=1, keepdims=True)
+    got = table.to_numpy(np.float64)
+    pick = np.random.default_rng(0).choice(len(ids), 400, replace=False)
+    cos_got, cos_exact = got[pick] @ got[pick].T, exact[pick] @ exact[pick].T
+    # (randomized SVD: components near the 16th, close to the noise floor, mix a little; 0.014 here)
+    assert np.abs(cos_got - cos_exact).mean() < 0.03, np.abs(cos_got - cos_exact).mean()
+    assert abs(meta["hsapiens"]["variance_explained"] - (s ** 2).sum() / z.size) < 0.005
+
+    # genes that vary together across cells get similar vectors (0.93 here); unrelated pairs much
+    # less so (0.09: unit length lifts genes with little structure towards the first component)
+    corr = np.corrcoef(z[:, pick].T)
+    iu = np.triu_indices(len(pick), 1)
+    order = np.argsort(corr[iu])
+    top = (iu[0][order[-30:]], iu[1][order[-30:]])
+    near_zero = (iu[0][np.abs(corr[iu]) < 0.01], iu[1][np.abs(corr[iu]) < 0.01])
+    assert cos_got[top].mean() > 0.8 and abs(cos_got[near_zero].mean()) < 0.25, (cos_got[top].mean(), cos_got[near_zero].mean())
+
+    # a bad request fails before writing: the vectors already there are kept byte for byte
+    before = (out_dir / "hsapiens.csv").read_bytes()
+    assert shard("gene-vectors", project, "--dim", 100000, "--no-progress") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--dim: is 100000" in err and "smaller --dim" in err
+    assert (out_dir / "hsapiens.csv").read_bytes() == before
+    assert not list(out_dir.glob(".*.tmp"))
+
+
+def test_unsharded_training_files_are_named(project, capsys):
+    assert shard("gene-vectors", project, "--no-progress") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "datamodule.dataset.train.split" in err and "hs_blood_a" in err and "not sharded" in err
+    assert f"concept-shard build {project}" in err
+    assert not (project / "references/embeddings/coexpression").exists()
+
+
+def test_training_starts_from_the_vectors_and_bad_settings_are_named(sharded_project_copy, capsys):
+    project = sharded_project_copy
+    assert shard("gene-vectors", project, "--dim", 8, "--name", "cx8", "--no-progress") == 0
+    vectors = project / "references/embeddings/cx8"
+    n_rows = len(pd.read_csv(vectors / "hsapiens.csv", index_col=0))
+    n_genes = len(pd.read_csv(project / "references/vocabulary/token_mappings_per_specie/hsapiens.csv")) - 2
+    capsys.readouterr()
+    assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={vectors}", "model.dim_pretrained_vocab=8",
+                  "initialize.run_id=cx"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"no vector for {n_genes - n_rows} of {n_genes} hsapiens genes" in out
+    assert (project / "model_checkpoints/cx/checkpoints/latest").is_file()
+
+    assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={vectors}", "model.dim_pretrained_vocab=16"]) == 2
+    assert "model.dim_pretrained_vocab: does not fit" in " ".join(capsys.readouterr().err.split())
+    assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={project / 'nowhere'}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "PATH.PRETRAINED_VOCABULARY" in err and "hsapiens.csv" in err and "concept-shard gene-vectors" in err
