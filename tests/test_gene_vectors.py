@@ -95,6 +95,12 @@ def test_training_starts_from_the_vectors_and_bad_settings_are_named(sharded_pro
     out = " ".join(capsys.readouterr().out.split())
     assert f"no vector for {n_genes - n_rows} of {n_genes} hsapiens genes" in out
     assert (project / "model_checkpoints/cx/checkpoints/latest").is_file()
+    # resuming takes the tables from the checkpoint: the vectors may be gone by then
+    vectors.rename(project / "vectors_moved")
+    assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={vectors}", "model.dim_pretrained_vocab=8",
+                  "initialize.run_id=cx", "initialize.resume=True", "model.training.max_steps=5"]) == 0
+    assert (project / "model_checkpoints/cx/checkpoints/latest").read_text().strip() == "step_5"
+    (project / "vectors_moved").rename(vectors)
 
     assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={vectors}", "model.dim_pretrained_vocab=16"]) == 2
     assert "model.dim_pretrained_vocab: does not fit" in " ".join(capsys.readouterr().err.split())

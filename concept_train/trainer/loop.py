@@ -134,7 +134,7 @@ class Trainer:
         mcfg = ModelConfig.from_config(self.cfg.model, vocab_sizes, pretrained=bool(pretrained_dir))
         torch.manual_seed(int(self.cfg.get("seed", 0)))      # identical initial weights on every rank
         model = ContrastiveModel(mcfg)
-        if pretrained_dir:
+        if pretrained_dir and self.resume_from is None and self.weights_from is None:    # else the checkpoint has them
             ids = {}
             for sp in self.data.species:
                 vocab = self.data.catalog.vocab(sp)
