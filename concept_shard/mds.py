@@ -161,3 +161,69 @@ class MDSDatasetWriter:
 
 def shard_files(out_dir: Path) -> list[Path]:
     return sorted(p for p in Path(out_dir).iterdir() if p.name.startswith("shard.")) if os.path.isdir(out_dir) else []
+
+
+# ---- reading (gene-vectors samples cells without streaming's shared memory or disk cache) ----
+CODE_DTYPE = {code: np.dtype(name) for name, code in VALUE_DTYPE_CODE.items()}
+_SHAPE_FORMATS = ("<B", "<H", "<I", "<Q")
+
+
+def _decode_ndarray(data: bytes, dtype: str | None) -> np.ndarray:
+    """Inverse of `ndarray_prefix(...) + array bytes`."""
+    pos = 0
+    if dtype is None:
+        dt, pos = CODE_DTYPE[data[0]], 1
+    else:
+        dt = np.dtype(dtype)
+    ndim, fmt = data[pos] >> 2, _SHAPE_FORMATS[data[pos] & 3]
+    step = struct.calcsize(fmt)
+    shape = struct.unpack_from("<" + fmt[1] * ndim, data, pos + 1)
+    return np.frombuffer(data, dt, offset=pos + 1 + ndim * step).reshape(shape)
+
+
+def _decode(data: bytes, enc: str):
+    if enc == "str":
+        return data.decode("utf-8")
+    if enc in FIXED_SIZE:
+        return np.frombuffer(data, enc)[0].item()
+    if enc == "ndarray" or enc.startswith("ndarray:"):
+        return _decode_ndarray(data, enc.split(":")[1] if ":" in enc else None)
+    raise ValueError(f"unsupported MDS encoding {enc!r}")
+
+
+def read_rows(read_file, rows, columns: list[str]):
+    """Yield (row, {column: value}) for the sorted dataset `rows`, each shard read once, in memory.
+
+    `read_file(basename) -> bytes` reads a file of the dataset directory (local or remote);
+    `index.json` says which shard holds which rows and how its samples are encoded. The samples
+    of one MDS v2 shard: u32 count, u32 offsets[count + 1], then each sample as u32 sizes of its
+    variable-size columns followed by every column's bytes in column order.
+    """
+    import zstd
+
+    shards = json.loads(read_file("index.json"))["shards"]
+    rows = np.asarray(rows, np.int64)
+    first = 0
+    for shard in shards:
+        n = int(shard["samples"])
+        mine = rows[(rows >= first) & (rows < first + n)] - first
+        if len(mine):
+            if shard.get("zip_data"):
+                raw = zstd.decompress(read_file(shard["zip_data"]["basename"]))
+            else:
+                raw = read_file(shard["raw_data"]["basename"])
+            names, encs, sizes = shard["column_names"], shard["column_encodings"], shard["column_sizes"]
+            n_var = sum(s is None for s in sizes)
+            offsets = np.frombuffer(raw, np.uint32, count=n + 1, offset=4)
+            want = [i for i, name in enumerate(names) if name in columns]
+            for r in mine:
+                start = int(offsets[r])
+                var = iter(struct.unpack_from(f"<{n_var}I", raw, start))
+                pos, out = start + 4 * n_var, {}
+                for i, (enc, size) in enumerate(zip(encs, sizes)):
+                    size = next(var) if size is None else size
+                    if i in want:
+                        out[names[i]] = _decode(raw[pos:pos + size], enc)
+                    pos += size
+                yield first + int(r), out
+        first += n

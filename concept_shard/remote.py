@@ -123,6 +123,11 @@ class RemoteShards:
         except json.JSONDecodeError:
             return None
 
+    def read_bytes(self, rel: str) -> bytes:
+        """The object at `rel` (a ShardError naming it when it cannot be read)."""
+        return self._call(f"read {self.url_of(rel)}",
+                          lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"].read())
+
     def list_keys(self, rel: str) -> list[str]:
         """Keys below `rel/`, relative to it."""
         base = self.key(rel).rstrip("/") + "/"

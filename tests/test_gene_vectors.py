@@ -36,7 +36,7 @@ def test_vectors_are_the_top_components_of_the_training_cells_only(sharded_proje
     out_dir = project / "references/embeddings/coexpression"
     assert f"PATH.PRETRAINED_VOCABULARY={out_dir} model.dim_pretrained_vocab=16" in capsys.readouterr().out
     meta = json.loads((out_dir / "gene_vectors.json").read_text())["species"]
-    assert list(meta) == ["hsapiens"] and meta["hsapiens"]["datasets"] == TRAIN_FILES     # no validation file
+    assert list(meta) == ["hsapiens"] and sorted(meta["hsapiens"]["datasets"]) == sorted(TRAIN_FILES)  # no val file
     table = pd.read_csv(out_dir / "hsapiens.csv", index_col=0)
     assert table.shape[1] == 16 and np.allclose(np.linalg.norm(table.to_numpy(), axis=1), 1, atol=1e-4)
 
@@ -66,13 +66,25 @@ def test_vectors_are_the_top_components_of_the_training_cells_only(sharded_proje
     near_zero = (iu[0][np.abs(corr[iu]) < 0.01], iu[1][np.abs(corr[iu]) < 0.01])
     assert cos_got[top].mean() > 0.8 and abs(cos_got[near_zero].mean()) < 0.25, (cos_got[top].mean(), cos_got[near_zero].mean())
 
-    # a bad request fails before writing: the vectors already there are kept byte for byte
+    # bad requests fail before anything is replaced: the vectors already there are kept byte for byte
     before = (out_dir / "hsapiens.csv").read_bytes()
     assert shard("gene-vectors", project, "--dim", 100000, "--no-progress") == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "--dim: is 100000" in err and "smaller --dim" in err
+    assert "--dim: is 100000, not below --max-cells" in " ".join(capsys.readouterr().err.split())
+    assert shard("gene-vectors", project, "--dim", 2000, "--no-progress") == 2       # more than the cells
+    assert "smaller --dim" in " ".join(capsys.readouterr().err.split())
     assert (out_dir / "hsapiens.csv").read_bytes() == before
-    assert not list(out_dir.glob(".*.tmp"))
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["coexpression"]     # no temporary left
+
+
+def test_max_cells_samples_every_training_file_in_proportion(sharded_project_copy):
+    assert shard("gene-vectors", sharded_project_copy, "--dim", 8, "--max-cells", 600, "--no-progress") == 0
+    meta = json.loads((sharded_project_copy / "references/embeddings/coexpression/gene_vectors.json").read_text())
+    taken = meta["species"]["hsapiens"]["datasets"]
+    assert meta["species"]["hsapiens"]["cells"] == sum(taken.values()) == 600
+    sizes = {d: json.loads((sharded_project_copy / "shards" / d / "dataset.json").read_text())["cells_written"]
+             for d in TRAIN_FILES}
+    for d, n in sizes.items():     # hypergeometric: standard deviation about 8 cells here
+        assert abs(taken[d] - 600 * n / sum(sizes.values())) < 40, (d, taken[d], n)
 
 
 def test_unsharded_training_files_are_named(project, capsys):
@@ -107,3 +119,9 @@ def test_training_starts_from_the_vectors_and_bad_settings_are_named(sharded_pro
     assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={project / 'nowhere'}"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "PATH.PRETRAINED_VOCABULARY" in err and "hsapiens.csv" in err and "concept-shard gene-vectors" in err
+    bad = project / "bad_vectors"
+    bad.mkdir()
+    (bad / "hsapiens.csv").write_text("gene_id,v0\nENSG00000000003,not-a-number\n")
+    assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={bad}", "model.dim_pretrained_vocab=1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "PATH.PRETRAINED_VOCABULARY: holds a file that cannot be read as gene vectors" in err

@@ -1,11 +1,12 @@
-"""Our MDS writer produces exactly the files streaming.MDSWriter produces, and streaming reads them."""
+"""Our MDS writer produces exactly the files streaming.MDSWriter produces, and streaming (and our
+reader, `read_rows`) reads them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from concept_shard.mds import MDSDatasetWriter, ndarray_prefix
+from concept_shard.mds import MDSDatasetWriter, ndarray_prefix, read_rows
 
 COLUMNS = {"genes": "ndarray:uint32", "counts": "ndarray", "n_counts": "int64", "cell_id": "str",
            "row": "int64", "obs.cell_type": "str", "score": "float64"}
@@ -44,6 +45,15 @@ def test_identical_to_streaming_mdswriter(tmp_path, compression):
         for key, value in data[i].items():
             np.testing.assert_array_equal(got[key], value)
             assert np.asarray(got[key]).dtype == np.asarray(value).dtype or key in ("cell_id", "obs.cell_type")
+    # read_rows: the same values from streaming.MDSWriter's files, rows across several shards
+    rows = [0, 1, 2, 50, 333, 334, 698, 699]
+    got = list(read_rows(lambda name: (tmp_path / "ref" / name).read_bytes(), rows, list(COLUMNS)))
+    assert [r for r, _ in got] == rows
+    for r, sample in got:
+        for key, value in data[r].items():
+            assert np.asarray(sample[key]).dtype == np.asarray(value).dtype or key in ("cell_id", "obs.cell_type")
+            np.testing.assert_array_equal(sample[key], value)
+    assert [r for r, _ in read_rows(lambda name: (tmp_path / "ref" / name).read_bytes(), [5], ["row"])] == [5]
 
 
 def test_ndarray_prefix_matches_streaming_encoding():

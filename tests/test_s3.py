@@ -132,6 +132,15 @@ def test_batches_from_the_bucket_equal_batches_from_local_shards(s3_project, sha
     assert 0 < cached <= 2 * 1024 ** 2             # evicted to stay under the limit (9 MB were read)
 
 
+def test_gene_vectors_from_the_bucket_equal_those_from_local_shards(s3_project, sharded_project_copy):
+    project, remote = s3_project
+    assert shard("gene-vectors", project, remote, "--dim", 8, "--no-progress") == 0
+    assert shard("gene-vectors", sharded_project_copy, "--dim", 8, "--no-progress") == 0
+    got, want = (p / "references/embeddings/coexpression/hsapiens.csv" for p in (project, sharded_project_copy))
+    assert got.read_bytes() == want.read_bytes()
+    assert not list((project / "shards").rglob("shard.*"))         # read in memory, nothing cached on disk
+
+
 def _train(project, *overrides, wait=True):
     cmd = [sys.executable, "-m", "concept_train.cli", str(project), *TINY, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

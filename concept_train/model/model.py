@@ -106,6 +106,10 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
+class GeneVectorWidthError(ValueError):
+    """A pretrained gene-vector table whose width is not model.dim_pretrained_vocab."""
+
+
 class ContrastiveModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -146,7 +150,7 @@ class ContrastiveModel(nn.Module):
                 raise FileNotFoundError(errno.ENOENT, "no gene vectors", str(path))
             table = pd.read_csv(path, index_col=0)
             if table.shape[1] != self.cfg.dim_pretrained_vocab:
-                raise ValueError(f"{path}: {table.shape[1]} columns of floats, model.dim_pretrained_vocab is "
+                raise GeneVectorWidthError(f"{path}: {table.shape[1]} columns of floats, model.dim_pretrained_vocab is "
                                  f"{self.cfg.dim_pretrained_vocab}")
             weight = np.zeros((len(ids), table.shape[1]), np.float32)
             index = {str(g).split(".")[0]: i for i, g in enumerate(table.index)}

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from concept_shard.errors import ShardError
 
 from ..data import DataModule
-from ..model import ContrastiveModel, ModelConfig, contrastive_loss
+from ..model import ContrastiveModel, GeneVectorWidthError, ModelConfig, contrastive_loss
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import Dist, init_distributed
 from .metrics import MetricsLog, plot_curves
@@ -148,9 +148,13 @@ class Trainer:
                 raise TrainError("PATH.PRETRAINED_VOCABULARY", f"is {pretrained_dir}, which has no {Path(exc.filename).name}.",
                                  "Point it at a directory of <species>.csv gene vectors, make co-expression vectors "
                                  f"with `concept-shard gene-vectors {self.cfg.PATH.PROJECT_PATH}`, or set it to null.") from None
-            except ValueError as exc:         # a table of the wrong width
+            except GeneVectorWidthError as exc:
                 raise TrainError("model.dim_pretrained_vocab", f"does not fit the gene vectors ({exc}).",
                                  "Set model.dim_pretrained_vocab to the vectors' length.") from None
+            except ValueError as exc:         # pandas: not a CSV of floats
+                raise TrainError("PATH.PRETRAINED_VOCABULARY", f"holds a file that cannot be read as gene vectors ({exc}).",
+                                 "Each <species>.csv needs a header, then rows of a gene id and "
+                                 "model.dim_pretrained_vocab floats.") from None
         model.to(self.d.device)
         if self.d.world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
