@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from concept_train.cli import main as train
-from conftest import read_dataset, shard
+from conftest import ADVANCED, read_dataset, shard
 from test_train_cli import TINY
 
 TRAIN_FILES = ["hsapiens/synth_hsapiens/hs_blood_a", "hsapiens/synth_hsapiens/hs_lung_b",
@@ -76,15 +76,21 @@ def test_vectors_are_the_top_components_of_the_training_cells_only(sharded_proje
     assert sorted(p.name for p in out_dir.parent.iterdir()) == ["coexpression"]     # no temporary left
 
 
-def test_max_cells_samples_every_training_file_in_proportion(sharded_project_copy):
-    assert shard("gene-vectors", sharded_project_copy, "--dim", 8, "--max-cells", 600, "--no-progress") == 0
-    meta = json.loads((sharded_project_copy / "references/embeddings/coexpression/gene_vectors.json").read_text())
-    taken = meta["species"]["hsapiens"]["datasets"]
-    assert meta["species"]["hsapiens"]["cells"] == sum(taken.values()) == 600
-    sizes = {d: json.loads((sharded_project_copy / "shards" / d / "dataset.json").read_text())["cells_written"]
-             for d in TRAIN_FILES}
-    for d, n in sizes.items():     # hypergeometric: standard deviation about 8 cells here
-        assert abs(taken[d] - 600 * n / sum(sizes.values())) < 40, (d, taken[d], n)
+def test_max_cells_samples_every_training_file_of_each_species_in_proportion(sharded_project_copy):
+    project = sharded_project_copy
+    assert shard("gene-vectors", project, *ADVANCED, "--dim", 8, "--max-cells", 600, "--no-progress") == 0
+    out_dir = project / "references/embeddings/coexpression"
+    meta = json.loads((out_dir / "gene_vectors.json").read_text())["species"]
+    assert sorted(meta) == ["hsapiens", "mmusculus"]
+    for species, m in meta.items():
+        assert len(pd.read_csv(out_dir / f"{species}.csv", index_col=0)) == m["genes"] > 1000
+        sizes = {d: json.loads((project / "shards" / d / "dataset.json").read_text())["cells_written"]
+                 for d in m["datasets"]}
+        assert all(d.startswith(species + "/") and "_val_" not in d for d in sizes)
+        taken, total = m["datasets"], sum(sizes.values())
+        assert m["cells"] == sum(taken.values()) == min(600, total)
+        for d, n in sizes.items():     # hypergeometric: standard deviation under 10 cells here
+            assert abs(taken[d] - m["cells"] * n / total) < 40, (d, taken[d], n)
 
 
 def test_unsharded_training_files_are_named(project, capsys):
