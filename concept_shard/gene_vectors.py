@@ -13,13 +13,14 @@ Only the training loader's files are read (never a validation file), from comple
 with the current token mapping, under PATH.SHARDS_PATH or, when set, PATH.SHARDS_REMOTE (their
 source files need not be on this machine). The sampled rows are read shard by shard into memory
 (`mds.read_rows`): no streaming shared memory, no decompressed copies next to the shards. Memory
-peaks near 16 bytes per sampled nonzero (50,000 cells of 2,500 genes: ~2 GB).
+peaks near 24 bytes per sampled nonzero (50,000 cells of 2,500 genes: ~3 GB).
 
 Output: `<PROJECT>/references/embeddings/<name>/` with `<species>.csv` (gene_id, then `dim`
 floats; genes seen in fewer than `min_cells` sampled cells, or constant across them, get no row
 and start at zero in the model) and `gene_vectors.json` (what they were computed from). The whole
 directory is written under a temporary name and swapped in when every species is done, so a
-failed or killed run leaves the previous vectors as they were.
+failed run leaves the previous vectors as they were (and a run killed during the swap has them
+put back by the next one: `_recover`).
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True,
     if settings.dim >= settings.max_cells:
         raise ShardError("--dim", f"is {settings.dim}, not below --max-cells {settings.max_cells}.",
                          "Use a smaller --dim or a larger --max-cells.")
+    out_dir = Path(cfg.PATH.PROJECT_PATH) / "references" / "embeddings" / settings.name
+    _recover(out_dir, log)
     vocabs: dict = {}
     datasets = _training_datasets(cfg, vocabs)
-    out_dir = Path(cfg.PATH.PROJECT_PATH) / "references" / "embeddings" / settings.name
     summary = {"dim": settings.dim, "seed": settings.seed, "max_cells": settings.max_cells,
                "min_cells": settings.min_cells, "normalisation": f"log1p(counts / n_counts x {TARGET_SUM:g}), "
                "each gene standardised", "species": {}}
@@ -103,22 +105,49 @@ def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True,
 
 
 def _publish(out_dir: Path, tables: dict, summary: dict) -> None:
-    """Write everything into a sibling temporary directory, then swap it in for out_dir."""
+    """Write everything into a sibling temporary directory, then swap it in for out_dir.
+
+    The swap is two renames (out_dir -> .<name>.<pid>.old, .tmp -> out_dir). If the second fails,
+    the old directory goes back; if the process dies between them, `_recover` puts it back on the
+    next run. The old directory is deleted only once the new one is in place.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         for species, (gene_ids, vectors) in tables.items():
             _write_csv(tmp / f"{species}.csv", gene_ids, vectors)
         write_json_atomic(tmp / "gene_vectors.json", summary)
         if out_dir.exists():
             os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if old.exists() and not out_dir.exists():
+                os.replace(old, out_dir)
+            raise
+    except OSError as exc:
+        raise ShardError(out_dir, f"could not be written ({type(exc).__name__}: {exc}); the previous vectors, if "
+                         "any, are kept.", "Check free space and permissions there, then re-run.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(out_dir: Path, log=print) -> None:
+    """Undo what a killed run left: its temporary directory, or the previous vectors moved aside."""
+    if not out_dir.parent.is_dir():
+        return
+    for leftover in sorted(out_dir.parent.glob(f".{out_dir.name}.*.old")):
+        if not out_dir.exists():
+            os.replace(leftover, out_dir)
+            log(f"[gene-vectors] restored {out_dir} from {leftover.name}, left by an interrupted run")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _training_datasets(cfg, vocabs: dict) -> dict[str, list[dict]]:
@@ -183,15 +212,21 @@ def _sample_matrix(datasets: list[dict], vocab_size: int, settings: GeneVectorSe
         for k, d in enumerate(datasets):
             rows = picked[(picked >= starts[k]) & (picked < starts[k + 1])] - starts[k]
             per_dataset[d["dataset_id"]] = int(len(rows))
-            for _, s in read_rows(d["read"], rows, ["genes", "counts", "n_counts"]):
-                library = float(s["n_counts"])
-                genes.append(s["genes"].astype(np.int32))
-                values.append(np.log1p(s["counts"].astype(np.float32) * np.float32(TARGET_SUM / library))
-                              if library > 0 else np.zeros(len(s["genes"]), np.float32))
-                i += 1
-                nnz[i] = nnz[i - 1] + len(genes[-1])
-                if i % 1024 == 0:
-                    bar.update(1024)
+            try:
+                for _, s in read_rows(d["read"], rows, ["genes", "counts", "n_counts"]):
+                    library = float(s["n_counts"])
+                    if library > 0:       # (a cell without counts adds an empty row)
+                        genes.append(s["genes"].astype(np.int32))
+                        values.append(np.log1p(s["counts"].astype(np.float32) * np.float32(TARGET_SUM / library)))
+                    i += 1
+                    nnz[i] = nnz[i - 1] + (len(genes[-1]) if library > 0 else 0)
+                    if i % 1024 == 0:
+                        bar.update(1024)
+            except ShardError:
+                raise
+            except Exception as exc:      # missing or corrupt shard files, a malformed index.json
+                raise ShardError(d["dataset_id"], f"cannot be read ({type(exc).__name__}: {exc}).",
+                                 "Rebuild it: delete its shard directory and re-run `concept-shard build`.") from None
             bar.update(i - bar.n)
     indices, data = np.concatenate(genes), np.concatenate(values)
     del genes, values

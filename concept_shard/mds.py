@@ -186,13 +186,13 @@ def _decode(data: bytes, enc: str):
         return data.decode("utf-8")
     if enc in FIXED_SIZE:
         return np.frombuffer(data, enc)[0].item()
-    if enc == "ndarray" or enc.startswith("ndarray:"):
+    if enc == "ndarray" or (enc.startswith("ndarray:") and enc.count(":") == 1):
         return _decode_ndarray(data, enc.split(":")[1] if ":" in enc else None)
     raise ValueError(f"unsupported MDS encoding {enc!r}")
 
 
 def read_rows(read_file, rows, columns: list[str]):
-    """Yield (row, {column: value}) for the sorted dataset `rows`, each shard read once, in memory.
+    """Yield (row, {column: value}) for the ascending dataset `rows`, each shard read once, in memory.
 
     `read_file(basename) -> bytes` reads a file of the dataset directory (local or remote);
     `index.json` says which shard holds which rows and how its samples are encoded. The samples
@@ -201,17 +201,30 @@ def read_rows(read_file, rows, columns: list[str]):
     """
     import zstd
 
-    shards = json.loads(read_file("index.json"))["shards"]
     rows = np.asarray(rows, np.int64)
+    if len(rows) == 0:
+        return
+    if (np.diff(rows) <= 0).any() or rows[0] < 0:
+        raise ValueError("read_rows needs ascending, distinct, non-negative rows")
+    shards = json.loads(read_file("index.json"))["shards"]
+    total = sum(int(shard["samples"]) for shard in shards)
+    if rows[-1] >= total:
+        raise ValueError(f"row {rows[-1]} asked, but index.json lists {total} samples")
     first = 0
     for shard in shards:
         n = int(shard["samples"])
         mine = rows[(rows >= first) & (rows < first + n)] - first
         if len(mine):
+            compression = shard.get("compression")
+            if compression and compression.partition(":")[0] != "zstd":
+                raise ValueError(f"shard compression {compression!r} is not supported (only zstd)")
             if shard.get("zip_data"):
                 raw = zstd.decompress(read_file(shard["zip_data"]["basename"]))
             else:
                 raw = read_file(shard["raw_data"]["basename"])
+            if struct.unpack_from("<I", raw, 0)[0] != n:
+                raise ValueError(f"shard {shard['raw_data']['basename']} holds "
+                                 f"{struct.unpack_from('<I', raw, 0)[0]} samples, index.json says {n}")
             names, encs, sizes = shard["column_names"], shard["column_encodings"], shard["column_sizes"]
             n_var = sum(s is None for s in sizes)
             offsets = np.frombuffer(raw, np.uint32, count=n + 1, offset=4)

@@ -75,6 +75,18 @@ def test_vectors_are_the_top_components_of_the_training_cells_only(sharded_proje
     assert (out_dir / "hsapiens.csv").read_bytes() == before
     assert sorted(p.name for p in out_dir.parent.iterdir()) == ["coexpression"]     # no temporary left
 
+    # killed between its two renames: the next run puts the previous vectors back first
+    out_dir.rename(out_dir.with_name(".coexpression.4242.old"))
+    (out_dir.parent / ".coexpression.4242.tmp").mkdir()
+    assert shard("gene-vectors", project, "--dim", 2000, "--no-progress") == 2
+    assert (out_dir / "hsapiens.csv").read_bytes() == before
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["coexpression"]
+    # a good run replaces them whole
+    assert shard("gene-vectors", project, "--dim", 4, "--no-progress") == 0
+    assert pd.read_csv(out_dir / "hsapiens.csv", index_col=0).shape[1] == 4
+    assert json.loads((out_dir / "gene_vectors.json").read_text())["dim"] == 4
+    assert sorted(p.name for p in out_dir.parent.iterdir()) == ["coexpression"]
+
 
 def test_max_cells_samples_every_training_file_of_each_species_in_proportion(sharded_project_copy):
     project = sharded_project_copy
@@ -91,6 +103,16 @@ def test_max_cells_samples_every_training_file_of_each_species_in_proportion(sha
         assert m["cells"] == sum(taken.values()) == min(600, total)
         for d, n in sizes.items():     # hypergeometric: standard deviation under 10 cells here
             assert abs(taken[d] - m["cells"] * n / total) < 40, (d, taken[d], n)
+
+
+def test_a_damaged_dataset_is_named(sharded_project_copy, capsys):
+    dataset = sharded_project_copy / "shards" / TRAIN_FILES[1]
+    for f in dataset.glob("shard.*"):
+        f.unlink()
+    assert shard("gene-vectors", sharded_project_copy, "--no-progress") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{TRAIN_FILES[1]}: cannot be read (FileNotFoundError" in err and "concept-shard build" in err
+    assert not (sharded_project_copy / "references/embeddings/coexpression").exists()
 
 
 def test_unsharded_training_files_are_named(project, capsys):

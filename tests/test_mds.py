@@ -53,7 +53,11 @@ def test_identical_to_streaming_mdswriter(tmp_path, compression):
         for key, value in data[r].items():
             assert np.asarray(sample[key]).dtype == np.asarray(value).dtype or key in ("cell_id", "obs.cell_type")
             np.testing.assert_array_equal(sample[key], value)
-    assert [r for r, _ in read_rows(lambda name: (tmp_path / "ref" / name).read_bytes(), [5], ["row"])] == [5]
+    read = lambda name: (tmp_path / "ref" / name).read_bytes()     # noqa: E731
+    assert [r for r, _ in read_rows(read, [5], ["row"])] == [5]
+    for bad in ([3, 2], [4, 4], [-1], [700]):
+        with pytest.raises(ValueError):
+            list(read_rows(read, bad, ["row"]))
 
 
 def test_ndarray_prefix_matches_streaming_encoding():
