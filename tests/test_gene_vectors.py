@@ -153,3 +153,7 @@ def test_training_starts_from_the_vectors_and_bad_settings_are_named(sharded_pro
     assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={bad}", "model.dim_pretrained_vocab=1"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "PATH.PRETRAINED_VOCABULARY: holds a file that cannot be read as gene vectors" in err
+    (bad / "hsapiens.csv").write_text("gene_id,v0\nENSG00000000003,0.5\nENSG00000000005,\n")     # an empty field
+    assert train([str(project), *TINY, f"PATH.PRETRAINED_VOCABULARY={bad}", "model.dim_pretrained_vocab=1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 row(s) with empty or non-finite values (first: ENSG00000000005)" in err

@@ -150,11 +150,15 @@ class ContrastiveModel(nn.Module):
                 raise FileNotFoundError(errno.ENOENT, "no gene vectors", str(path))
             table = pd.read_csv(path, index_col=0)
             if table.shape[1] != self.cfg.dim_pretrained_vocab:
-                raise GeneVectorWidthError(f"{path}: {table.shape[1]} columns of floats, model.dim_pretrained_vocab is "
-                                 f"{self.cfg.dim_pretrained_vocab}")
+                raise GeneVectorWidthError(f"{path}: {table.shape[1]} columns of floats, model.dim_pretrained_vocab "
+                                           f"is {self.cfg.dim_pretrained_vocab}")
             weight = np.zeros((len(ids), table.shape[1]), np.float32)
             index = {str(g).split(".")[0]: i for i, g in enumerate(table.index)}
             values = table.to_numpy(np.float32)
+            bad = ~np.isfinite(values).all(axis=1)
+            if bad.any():          # an empty field reads as NaN and would turn every loss into NaN
+                raise ValueError(f"{path}: {int(bad.sum())} row(s) with empty or non-finite values "
+                                 f"(first: {table.index[int(np.flatnonzero(bad)[0])]})")
             missing = 0
             for token, gid in enumerate(ids):
                 row = index.get(gid)
