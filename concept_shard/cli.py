@@ -104,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gene_vectors(cfg, args) -> int:
-    from .gene_vectors import GeneVectorSettings, describe, write_gene_vectors
+    from .gene_vectors import GeneVectorSettings, write_gene_vectors
 
     settings = GeneVectorSettings(name=args.name, dim=args.dim, max_cells=args.max_cells, min_cells=args.min_cells,
                                   seed=args.seed)
     out_dir = write_gene_vectors(cfg, settings, progress=not args.no_progress)
-    print(f"\nconcept-shard gene-vectors: wrote {out_dir}\nTrain from them with: {describe(out_dir)}")
+    print(f"\nconcept-shard gene-vectors: wrote {out_dir}\nTrain from them with: "
+          f"PATH.PRETRAINED_VOCABULARY={out_dir} model.dim_pretrained_vocab={settings.dim}")
     return 0
 
 

@@ -25,7 +25,6 @@ put back by the next one: `_recover`).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -65,6 +64,16 @@ class GeneVectorSettings:
             raise ShardError("--name", f"is {self.name!r}.", "Use a plain directory name such as `coexpression`.")
 
 
+@dataclass
+class CellSample:
+    """The sampled training cells of one species: log1p-normalised values over the kept genes."""
+    x: sp.csr_matrix          # cells x kept genes (columns in token order)
+    tokens: np.ndarray        # the kept genes' token ids
+    mean: np.ndarray          # per kept gene, over the sampled cells (zeros included)
+    sd: np.ndarray            # per kept gene, plus 1e-8
+    per_dataset: dict[str, int]   # cells taken from each file
+
+
 def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True, log=print) -> Path:
     """Compute and write the vectors of every species the training loader reads; returns the directory."""
     settings.check()
@@ -83,20 +92,21 @@ def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True,
         t0 = time.time()
         vocab = vocabs[species]
         rng = np.random.default_rng(settings.seed)
-        matrix, used, per_dataset = _sample_matrix(datasets[species], vocab.size, settings, rng, progress)
-        if len(used) <= settings.dim or matrix.shape[0] <= settings.dim:
-            raise ShardError("--dim", f"is {settings.dim}, but {species} has only {matrix.shape[0]} sampled cells "
-                             f"and {len(used)} genes seen in at least {settings.min_cells} of them.",
+        sample = _sample_cells(datasets[species], vocab.size, settings, rng, progress)
+        n_cells, n_genes = sample.x.shape
+        if n_genes <= settings.dim or n_cells <= settings.dim:
+            raise ShardError("--dim", f"is {settings.dim}, but {species} has only {n_cells} sampled cells "
+                             f"and {n_genes} genes seen in at least {settings.min_cells} of them.",
                              "Use a smaller --dim (or a lower --min-cells, or more training cells).")
         t1 = time.time()
-        vectors, explained = _svd_vectors(matrix, settings.dim, rng)
+        vectors, explained = _svd_vectors(sample, settings.dim, rng)
         gene_of = {token: gid for gid, token in vocab.token_of.items()}
-        tables[species] = ([gene_of[int(t)] for t in used], vectors)
+        tables[species] = ([gene_of[int(t)] for t in sample.tokens], vectors)
         summary["species"][species] = {
-            "file": f"{species}.csv", "cells": int(matrix.shape[0]), "genes": int(len(used)),
-            "variance_explained": round(float(explained), 4), "datasets": per_dataset,
+            "file": f"{species}.csv", "cells": int(n_cells), "genes": int(n_genes),
+            "variance_explained": round(float(explained), 4), "datasets": sample.per_dataset,
             "vocabulary_fingerprint": vocab.fingerprint}
-        log(f"[gene-vectors] {species}: {len(used):,} genes x {settings.dim} from {matrix.shape[0]:,} cells of "
+        log(f"[gene-vectors] {species}: {n_genes:,} genes x {settings.dim} from {n_cells:,} cells of "
             f"{len(datasets[species])} training file(s), {explained:.1%} of the variance (read {t1 - t0:.1f} s, "
             f"SVD {time.time() - t1:.1f} s)")
     summary["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -193,11 +203,10 @@ def _training_datasets(cfg, vocabs: dict) -> dict[str, list[dict]]:
     return out
 
 
-def _sample_matrix(datasets: list[dict], vocab_size: int, settings: GeneVectorSettings, rng,
-                   progress: bool) -> tuple[sp.csr_matrix, np.ndarray, dict[str, int]]:
-    """A uniform sample of the species' training cells as CSR log1p-normalised values over the genes
-    seen in >= min_cells of them and not constant (columns in token order), those tokens, and the
-    cells taken from each file."""
+def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSettings, rng,
+                  progress: bool) -> CellSample:
+    """A uniform sample of the species' training cells, kept to the genes seen in >= min_cells of
+    them and not constant, with each kept gene's mean and standard deviation."""
     from tqdm import tqdm
 
     sizes = np.array([d["cells"] for d in datasets])
@@ -238,16 +247,15 @@ def _sample_matrix(datasets: list[dict], vocab_size: int, settings: GeneVectorSe
     square = np.bincount(x.indices, weights=np.square(x.data, dtype=np.float64), minlength=vocab_size) / n
     varies = square - mean ** 2 > 1e-10 * np.maximum(square, 1e-30)
     used = np.flatnonzero((seen >= settings.min_cells) & varies)
-    return x[:, used].tocsr(), used, per_dataset
+    sd = np.sqrt(np.maximum(square[used] - mean[used] ** 2, 0)) + 1e-8
+    return CellSample(x[:, used].tocsr(), used, mean[used], sd, per_dataset)
 
 
-def _svd_vectors(x: sp.csr_matrix, dim: int, rng) -> tuple[np.ndarray, float]:
-    """Unit-length rows of V_k S_k of the standardised x (cells x genes), and the share of the
+def _svd_vectors(sample: CellSample, dim: int, rng) -> tuple[np.ndarray, float]:
+    """Unit-length rows of V_k S_k of the standardised sample (cells x genes), and the share of the
     total variance the k components hold. Z = (x - 1 mu^T) / sd is never formed."""
-    n, g = x.shape
-    mu = np.bincount(x.indices, weights=x.data, minlength=g) / n
-    sd = np.sqrt(np.maximum(np.bincount(x.indices, weights=np.square(x.data, dtype=np.float64), minlength=g) / n
-                            - mu ** 2, 0)) + 1e-8
+    x, mu, sd = sample.x, sample.mean, sample.sd
+    n = x.shape[0]
 
     def z_times(b):       # Z @ b, b: genes x l
         return x @ (b / sd[:, None]) - (mu / sd) @ b
@@ -273,9 +281,3 @@ def _write_csv(path: Path, gene_ids: list[str], vectors: np.ndarray) -> None:
             fh.write(gid + "," + ",".join(f"{v:.6g}" for v in row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def describe(out_dir: Path) -> str:
-    """The overrides that train from the vectors in out_dir."""
-    meta = json.loads((out_dir / "gene_vectors.json").read_text())
-    return f"PATH.PRETRAINED_VOCABULARY={out_dir} model.dim_pretrained_vocab={meta['dim']}"
