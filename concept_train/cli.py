@@ -23,19 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         p.error(f"unexpected arguments {bad}: overrides are key=value")
+    trainer = None
     try:
         cfg = compose_config(args.project_path, overrides, args.config_dir)
         from .trainer.loop import Trainer
         trainer = Trainer(cfg)
         result = trainer.fit()
+        is_main, run_id = trainer.d.is_main, trainer.run_id
     except ShardError as err:
         print(f"concept-train: {err.paragraph()}", file=sys.stderr)
         return 2
     finally:
+        # the model's FSDP state holds the process group: let it go so that shutdown() frees the group
+        trainer = None
         from .trainer.distributed import shutdown
         shutdown()
-    if trainer.d.is_main:
-        print(f"concept-train: run {trainer.run_id} finished at step {result['step']}\n"
+    if is_main:
+        print(f"concept-train: run {run_id} finished at step {result['step']}\n"
               f"  run directory: {result['run_dir']}\n"
               f"  metrics:       {result['run_dir'] / 'metrics.jsonl'}\n"
               f"  curves:        {result['curves']}\n"

@@ -20,3 +20,31 @@ def test_first_host_of_a_nodelist():
     assert _first_host("node12") == "node12"
     assert _first_host("gpu[01-04,07],cpu3") == "gpu01"
     assert _first_host("a[3,5]") == "a3"
+
+
+def _train_and_report(rank: int, project: str, store: str, out: dict) -> None:
+    import gc
+    import os
+    import weakref
+
+    import torch.distributed as dist
+
+    from concept_train.cli import main
+    from tests.test_train_cli import TINY
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)   # concept-train keeps it
+    world = weakref.ref(dist.group.WORLD)
+    rc = main([project, *TINY, "model.training.max_steps=2", "datamodule.dataloader.train.num_workers=0",
+               "initialize.run_id=freed"])
+    gc.collect()
+    out[rank] = (rc, world() is None)
+
+
+def test_a_finished_run_frees_the_default_process_group(sharded_project_copy, tmp_path):
+    """gloo's worker threads must be joined before Python exits: one still dropping the tensors of
+    the last collective then aborts the process (exit -6) after a run that finished. They are
+    joined when the group is freed, so the default group must not outlive concept-train."""
+    import torch.multiprocessing as mp
+    out = mp.Manager().dict()
+    mp.spawn(_train_and_report, args=(str(sharded_project_copy), str(tmp_path / "store"), out), nprocs=2, join=True)
+    assert dict(out) == {0: (0, True), 1: (0, True)}

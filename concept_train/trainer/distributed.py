@@ -8,6 +8,7 @@ Backend: NCCL on GPU, gloo on CPU.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -69,6 +70,25 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
+def fsdp_mesh(d: Dist):
+    """The device mesh FSDP2 shards the model over. On CPU it gets a gloo group of its own: torch's
+    DTensor caches keep FSDP's group alive until the process ends, and the default group, which
+    carries every other collective (the loss, checkpoints), must be freed by shutdown()."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    if d.device.type == "cuda":          # NCCL: destroy_process_group itself stops its threads
+        return init_device_mesh("cuda", (d.world_size,))
+    return DeviceMesh.from_group(dist.new_group(backend="gloo"), "cpu")
+
+
 def shutdown() -> None:
+    """Destroy the default process group and free it while Python is still whole.
+
+    gloo's worker threads let go of a finished collective's tensors only after the collective has
+    returned, and letting go of a tensor Python owns takes the GIL. A worker that does so while the
+    interpreter is exiting aborts the process ("terminate called without an active exception",
+    exit -6) after a run that finished. destroy_process_group does not stop gloo's threads; freeing
+    the group joins them (torch releases the GIL for that). Call this after dropping the trainer,
+    and with it everything that holds the group."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()

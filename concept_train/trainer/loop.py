@@ -27,7 +27,7 @@ from concept_shard.errors import ShardError
 from ..data import DataModule
 from ..model import ContrastiveModel, GeneVectorWidthError, ModelConfig, contrastive_loss
 from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import Dist, init_distributed
+from .distributed import Dist, fsdp_mesh, init_distributed
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer, lr_lambda
 from .validate import validate
@@ -157,9 +157,8 @@ class Trainer:
                                  "model.dim_pretrained_vocab floats.") from None
         model.to(self.d.device)
         if self.d.world_size > 1:
-            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mesh = init_device_mesh(self.d.device.type, (self.d.world_size,))
+            mesh = fsdp_mesh(self.d)
             mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if self.d.device.type == "cuda" else MixedPrecisionPolicy())
             for block in model.blocks:
