@@ -18,11 +18,32 @@ import torch.nn.functional as F
 MAX_LOGIT_SCALE = math.log(100.0)     # as CLIP: the temperature never goes below 0.01
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; backward hands each rank the sum over ranks of the gradient
+    of its own rows (a reduce-scatter, written as all_reduce + slice because gloo has no
+    reduce-scatter). torch.distributed.nn's all_gather does the same and is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)     # all_reduce works in place
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x (all the same shape) with gradient. Every rank computes the same loss over the
+    global batch, so each rank's rows get the gradient summed over ranks, which FSDP's gradient
+    averaging brings back to the single-process gradient."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

@@ -191,7 +191,8 @@ class ContrastiveModel(nn.Module):
     def forward(self, tokens, values, positions, cu_seqlens, max_seqlen: int, species: str, mlm_mask=None):
         """Returns (cell embeddings [S, d], L2-normalised; per-token outputs [T, dim_model]; the logit
         log-scale). The scale is returned rather than read from the attribute by the loss, because
-        under FSDP2 parameters are whole only inside forward."""
+        under FSDP2 parameters are whole only inside forward (and cloned: FSDP2 warns about an
+        output that is a view of a parameter)."""
         reorder = length_order(cu_seqlens) if self._grouped_attention(tokens) else None
         if reorder is not None:
             # the grouped (CPU) attention works on runs of equal-length sequences: put the batch in
@@ -209,7 +210,7 @@ class ContrastiveModel(nn.Module):
             x = x.index_select(0, inverse_permutation(perm))
         if self.projection is not None:
             z = self.projection(z)
-        return F.normalize(z.float(), dim=-1), x, self.logit_scale.float().reshape(())
+        return F.normalize(z.float(), dim=-1), x, self.logit_scale.float().reshape(()).clone()
 
     def compile_blocks(self) -> None:
         """torch.compile each encoder block (model.training.compile); shapes vary with every batch."""
