@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"concept-train: {err.paragraph()}", file=sys.stderr)
         return 2
     finally:
-        # the model's FSDP state holds the process group: let it go so that shutdown() frees the group
+        # nothing of the run may hold the default process group when shutdown() frees it
         trainer = None
         from .trainer.distributed import shutdown
         shutdown()
