@@ -18,6 +18,17 @@ import torch.nn.functional as F
 MAX_LOGIT_SCALE = math.log(100.0)     # as CLIP: the temperature never goes below 0.01
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' x (all the same shape), concatenated in rank order."""
+    out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+    dist.all_gather_single(out, x.contiguous())
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All ranks' rows in rank order; backward hands each rank the sum over ranks of the gradient
     of its own rows (a reduce-scatter, written as all_reduce + slice because gloo has no
@@ -26,9 +37,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
-        out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
-        dist.all_gather_single(out, x.contiguous())
-        return out
+        return _gather_rows(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -41,17 +50,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every rank's x (all the same shape) with gradient. Every rank computes the same loss over the
     global batch, so each rank's rows get the gradient summed over ranks, which FSDP's gradient
     averaging brings back to the single-process gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x) if _distributed() else x
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
+    return _gather_rows(x) if _distributed() else x
 
 
 def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, logit_scale: torch.Tensor, mask: torch.Tensor,
