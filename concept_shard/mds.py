@@ -222,9 +222,9 @@ def read_rows(read_file, rows, columns: list[str]):
                 raw = zstd.decompress(read_file(shard["zip_data"]["basename"]))
             else:
                 raw = read_file(shard["raw_data"]["basename"])
-            if struct.unpack_from("<I", raw, 0)[0] != n:
-                raise ValueError(f"shard {shard['raw_data']['basename']} holds "
-                                 f"{struct.unpack_from('<I', raw, 0)[0]} samples, index.json says {n}")
+            held = struct.unpack_from("<I", raw, 0)[0]
+            if held != n:
+                raise ValueError(f"shard {shard['raw_data']['basename']} holds {held} samples, index.json says {n}")
             names, encs, sizes = shard["column_names"], shard["column_encodings"], shard["column_sizes"]
             n_var = sum(s is None for s in sizes)
             offsets = np.frombuffer(raw, np.uint32, count=n + 1, offset=4)
