@@ -7,9 +7,6 @@ report. Files split across tasks are joined by `merge` (or by the single-task bu
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -18,28 +15,23 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .cells import GeneMap, build_gene_map
-from .errors import ShardError
+from .datasets import Expectation, ShardStore, settings_digest
+from .errors import ConfigError, ShardError, UserError
 from .finalize import finished_parts, join_parts, write_species_indexes
-from .fingerprint import source_fingerprint
 from .layout import DatasetLayout, read_json, remove_tree, write_json_atomic
 from .plan import WorkUnit, assign, file_ranges
-from .remote import DATASET_JSON, RemoteShards
 from .source import AnnDataSource
 from .splits import SourceFile, collect_source_files
 from .vocabulary import Vocabulary, load_vocabulary
 from .writer import PartSettings, write_part
-
-IDENTITY_KEYS = ("source_fingerprint", "vocabulary_fingerprint", "settings_digest")
-
 
 @dataclass
 class FileJob:
     sf: SourceFile
     layout: DatasetLayout
     ranges: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
-    error: ShardError | None = None
-    _identity: dict | None = None
-    _info: dict | None = None
+    error: UserError | None = None
+    _expected: Expectation | None = None
 
 
 @dataclass
@@ -48,7 +40,7 @@ class BuildReport:
     up_to_date: list[str] = field(default_factory=list)
     rebuilt: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)       # parts owned by other tasks
-    failed: list[ShardError] = field(default_factory=list)
+    failed: list[UserError] = field(default_factory=list)
     failed_ids: set[str] = field(default_factory=set)
     datasets: list[dict] = field(default_factory=list)     # dataset.json of complete datasets
 
@@ -63,23 +55,22 @@ class ShardJob:
     def __init__(self, cfg: DictConfig, progress: bool = True, lamin=None, log=print):
         self.cfg, self.progress, self.lamin, self.log = cfg, progress, lamin, log
         self.project = Path(cfg.PATH.PROJECT_PATH)
-        self.shards_root = Path(cfg.PATH.SHARDS_PATH)     # where datasets are built (staged, when remote)
         remote_url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
-        self.remote = RemoteShards(remote_url) if remote_url else None
-        if self.remote is not None:
-            if lamin is not None:
-                raise ShardError("--lamindb", f"registers shards in place, which is not supported for remote shards "
-                                 f"(PATH.SHARDS_REMOTE={self.remote.url}).",
-                                 "Run without --lamindb, or shard to a local PATH.SHARDS_PATH inside the instance.")
-            self.remote.check()
+        if remote_url and lamin is not None:
+            raise ConfigError("--lamindb", f"registers shards in place, which is not supported for remote shards "
+                              f"(PATH.SHARDS_REMOTE={remote_url}).",
+                              "Run without --lamindb, or shard to a local PATH.SHARDS_PATH inside the instance.")
+        self.store = ShardStore.from_config(cfg)
+        self.shards_root = self.store.root     # where datasets are built (staged, when remote)
+        self.remote = self.store.remote
         s = cfg.shard
         self.settings = PartSettings(obs_keys=list(OmegaConf.select(cfg, "datamodule.obs_keys") or []),
                                      chunk_size=int(s.chunk_size), shard_size_limit=int(s.shard_size_limit),
                                      compression=s.compression or None, allow_non_integral=bool(s.allow_non_integral))
         self.part_size = int(s.part_size)
-        self._vocabs: dict[str, Vocabulary | ShardError] = {}
+        self._vocabs: dict[str, Vocabulary | UserError] = {}
         files, self.config_errors = collect_source_files(cfg)
-        self.jobs = [FileJob(sf, DatasetLayout(self.shards_root, sf)) for sf in files]
+        self.jobs = [FileJob(sf, self.store.local(sf)) for sf in files]
         for job in self.jobs:
             self._probe(job)
 
@@ -88,10 +79,10 @@ class ShardJob:
         if species not in self._vocabs:
             try:
                 self._vocabs[species] = load_vocabulary(Path(self.cfg.PATH.GENE_MAPPINGS_PATH), species)
-            except ShardError as err:
+            except UserError as err:
                 self._vocabs[species] = err
         v = self._vocabs[species]
-        if isinstance(v, ShardError):
+        if isinstance(v, UserError):
             raise v
         return v
 
@@ -103,46 +94,40 @@ class ShardJob:
                     raise ShardError(job.sf.split_key, f"lists lamindb artifact `{job.sf.name}`.",
                                      "Run with --lamindb (or lamindb.enabled=true) to resolve artifact keys.")
                 job.sf.path = self.lamin.resolve_key(job.sf.lamindb_key)
-            with AnnDataSource(job.sf) as src:
+            with _open(job.sf) as src:
                 job.ranges = file_ranges(src.n_cells, self.part_size)
-        except ShardError as err:
+        except UserError as err:
             job.error = err
+
+    def expected(self, job: FileJob) -> Expectation:
+        """What the file's dataset must match to be current (datasets.py)."""
+        if job._expected is None:
+            vocab = self.vocab(job.sf.species)
+            digest = settings_digest(self.settings.digest_fields(vocab), job.sf.var_gene_id_column)
+            job._expected = Expectation(vocab, job.sf.path, digest)
+        return job._expected
 
     def identity(self, job: FileJob) -> dict:
         """What a finished part or dataset must match to be reused."""
-        if job._identity is None:
-            vocab = self.vocab(job.sf.species)
-            fp, size = source_fingerprint(job.sf.path)
-            settings = dict(self.settings.digest_fields(vocab), var_gene_id_column=job.sf.var_gene_id_column)
-            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-            job._identity = {"source_fingerprint": fp, "vocabulary_fingerprint": vocab.fingerprint,
-                             "settings_digest": digest}
-            job._info = {"source_size": size}
-        return job._identity
+        return self.expected(job).identity()
 
-    def record(self, job: FileJob) -> dict | None:
-        """The file's published dataset.json (remote when PATH.SHARDS_REMOTE is set), or None."""
-        if self.remote is not None:
-            return self.remote.read_json(f"{job.sf.dataset_id}/{DATASET_JSON}")
-        return read_json(job.layout.dataset_json)
-
-    def state(self, job: FileJob) -> tuple[str, dict | None]:
-        """('done'|'stale'|'absent', dataset.json) for the file's published dataset."""
-        return self._state(job, self.record(job))
+    def state(self, job: FileJob) -> tuple[str, dict | None, str | None]:
+        """('done'|'stale'|'absent', dataset.json, why stale) of the file's published dataset."""
+        return self._state(job, self.store.record(job.sf))
 
     def staged(self, job: FileJob) -> bool:
         """Remote only: the dataset is complete and current locally but not uploaded yet (a run was
         stopped between joining and uploading)."""
         return self.remote is not None and self._state(job, read_json(job.layout.dataset_json))[0] == "done"
 
-    def _state(self, job: FileJob, record: dict | None) -> tuple[str, dict | None]:
+    def _state(self, job: FileJob, record: dict | None) -> tuple[str, dict | None, str | None]:
         if record is None:
-            return "absent", None
+            return "absent", None, None
         try:
-            ident = self.identity(job)
-        except (ShardError, OSError):
-            return "stale", record
-        return ("done" if all(record.get(k) == ident[k] for k in IDENTITY_KEYS) else "stale"), record
+            problem = self.expected(job).problem(record, job.layout.dataset_json)
+        except (UserError, OSError) as exc:
+            return "stale", record, str(exc)
+        return ("done", record, None) if problem is None else ("stale", record, problem.reason)
 
     def units(self) -> list[WorkUnit]:
         return [WorkUnit(j.sf.dataset_id, a, b) for j in self.jobs for a, b in j.ranges]
@@ -160,9 +145,9 @@ class ShardJob:
                 self._fail(job, job.ranges[0][0], job.error, report)
                 continue
             try:
-                state, record = self.state(job)
+                state, record, why = self.state(job)
                 ident = self.identity(job)
-            except ShardError as err:
+            except UserError as err:
                 self._fail(job, 0, err, report)
                 continue
             if state == "done":
@@ -170,7 +155,7 @@ class ShardJob:
                 self._register(job, record, report)
                 continue
             if state == "stale":
-                self.log(f"[concept-shard] {ds_id}: {self._why_stale(record, ident)}; rebuilding.")
+                self.log(f"[concept-shard] {ds_id}: {why}; rebuilding.")
                 report.rebuilt.append(ds_id)
             if self.staged(job):
                 self._publish(job, report)
@@ -204,8 +189,8 @@ class ShardJob:
                 report.failed.append(job.error)
                 continue
             try:
-                state, record = self.state(job)
-            except ShardError as err:
+                state, record, _ = self.state(job)
+            except UserError as err:
                 report.failed.append(err)
                 continue
             if state == "done":
@@ -248,7 +233,7 @@ class ShardJob:
                 self._write_unit(job, unit, gene_map, bar)
                 job.layout.failed_marker(unit.start).unlink(missing_ok=True)
             except Exception as exc:   # one bad file must not stop the others
-                err = exc if isinstance(exc, ShardError) else ShardError(
+                err = exc if isinstance(exc, UserError) else ShardError(
                     job.sf.path, f"failed while sharding rows {unit.start}-{unit.end} "
                     f"({type(exc).__name__}: {exc}).",
                     "See the traceback in the failed_*.json marker under the shards' .parts directory; "
@@ -261,7 +246,7 @@ class ShardJob:
 
     def _write_unit(self, job: FileJob, unit: WorkUnit, gene_map: list, bar) -> None:
         vocab = self.vocab(job.sf.species)
-        with AnnDataSource(job.sf) as src:
+        with _open(job.sf) as src:
             if not gene_map:     # once per file, shared by its units
                 gene_map.append(build_gene_map(job.sf.path, src.gene_ids(), vocab, job.sf.var_gene_id_column))
             gm = gene_map[0]
@@ -274,7 +259,7 @@ class ShardJob:
         return dict(
             ident,
             species=sf.species, source_name=sf.source_name,
-            source_file=_relative(sf.path, self.project), source_size=job._info["source_size"],
+            source_file=_relative(sf.path, self.project), source_size=self.expected(job).source_size,
             lamindb_key=sf.lamindb_key,
             vocabulary_file=_relative(vocab.path, self.project),
             matrix=src.matrix_key, matrix_format=src.format, gene_id_column=sf.var_gene_id_column,
@@ -320,7 +305,7 @@ class ShardJob:
         copy: a run stopped before the upload ends re-uploads it without rebuilding."""
         try:
             self.remote.upload_dataset(job.layout.dataset_dir, job.sf.dataset_id)
-        except ShardError as err:
+        except UserError as err:
             report.failed.append(err)
             report.failed_ids.add(job.sf.dataset_id)
             return
@@ -332,11 +317,11 @@ class ShardJob:
             return
         try:
             self.lamin.register(job.sf, job.layout.dataset_dir, record)
-        except ShardError as err:
+        except UserError as err:
             report.failed.append(err)
             report.failed_ids.add(job.sf.dataset_id)
 
-    def _fail(self, job: FileJob, start: int, err: ShardError, report: BuildReport, tb: str | None = None) -> None:
+    def _fail(self, job: FileJob, start: int, err: UserError, report: BuildReport, tb: str | None = None) -> None:
         report.failed.append(err)
         report.failed_ids.add(job.sf.dataset_id)
         try:
@@ -345,21 +330,17 @@ class ShardJob:
         except OSError:
             pass
 
-    @staticmethod
-    def _why_stale(record: dict, ident: dict) -> str:
-        if record.get("source_fingerprint") != ident["source_fingerprint"]:
-            return "the source file changed since it was sharded"
-        if record.get("vocabulary_fingerprint") != ident["vocabulary_fingerprint"]:
-            return "the token mapping changed since it was sharded"
-        return "shard settings (obs_keys, var_gene_id_column, compression, ...) changed"
-
     def _complete_datasets(self) -> list[dict]:
         out = []
         for job in self.jobs:
-            record = self.record(job)
+            record = self.store.record(job.sf)
             if record is not None:
                 out.append(record)
         return out
+
+
+def _open(sf: SourceFile) -> AnnDataSource:
+    return AnnDataSource(sf.path, sf.var_gene_id_column, listed_in=f"split {sf.split_key}")
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -17,6 +17,10 @@ import scipy.sparse as sp
 from .errors import ShardError
 from .vocabulary import Vocabulary, strip_version
 
+# The library size cells are scaled to by `totalcount` normalisation (training) and before log1p
+# (gene-vectors): scanpy's usual choice.
+TARGET_SUM = 1e4
+
 # Counts are stored per cell in the smallest unsigned dtype that holds the cell's maximum
 # (UMI counts are mostly < 256, so usually 1 byte per value).
 _COUNT_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from omegaconf import OmegaConf
 
-from .errors import ShardError
+from .errors import ConfigError, UserError
 
 USAGE_EPILOG = """\
 examples:
@@ -90,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             task = env_task if args.task_index is None else args.task_index
             count = env_count if args.num_tasks is None else args.num_tasks
             if not 0 <= task < count:
-                raise ShardError("--task-index", f"is {task} but --num-tasks is {count}.", "Use 0 <= task-index < num-tasks.")
+                raise ConfigError("--task-index", f"is {task} but --num-tasks is {count}.", "Use 0 <= task-index < num-tasks.")
             report = job.run_task(task, count)
         else:
             report = job.merge()
         if lamin is not None:
             lamin.close(failed=bool(report.failed))
-    except ShardError as err:
+    except UserError as err:
         print(f"\nconcept-shard: error\n{err.paragraph()}", file=sys.stderr)
         return 2
     _print_report(report, time.time() - t0, args.command)
@@ -153,8 +153,8 @@ def _print_status(job) -> int:
         if j.error is not None:
             state, detail = "failed", j.error.problem
         else:
-            state, _ = job.state(j)
-            detail = ""
+            state, _, why = job.state(j)
+            detail = why or ""
             if state == "absent" and job.staged(j):
                 state, detail = "pending", "built, not uploaded yet (re-run build to upload)"
             elif state == "absent":

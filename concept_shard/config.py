@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ShardError
+from .errors import ConfigError
 
 # The packaged config tree sits beside the packages (repo root); CONCEPT_CONF_DIR overrides it.
 PACKAGED_CONF_DIR = Path(os.environ.get("CONCEPT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -33,7 +33,7 @@ def compose_config(
     from hydra.core.config_search_path import SearchPathQuery
 
     if not PACKAGED_CONF_DIR.is_dir():
-        raise ShardError(PACKAGED_CONF_DIR, "the packaged config tree is missing.",
+        raise ConfigError(PACKAGED_CONF_DIR, "the packaged config tree is missing.",
                          "Install the repo with `bash tools/install.sh` or set CONCEPT_CONF_DIR.")
     overrides = list(overrides)
     if project_path is not None:
@@ -42,7 +42,7 @@ def compose_config(
     if config_dir is not None:
         user_dir = Path(config_dir).resolve()
         if not user_dir.is_dir():
-            raise ShardError(f"--config-dir {config_dir}", "is not a directory.",
+            raise ConfigError(f"--config-dir {config_dir}", "is not a directory.",
                              "Pass the directory that holds your datamodule/ and split YAMLs.")
         search_path.prepend("command-line", f"file://{user_dir}", anchor=SearchPathQuery(provider="main"))
     GlobalHydra.instance().clear()
@@ -50,17 +50,17 @@ def compose_config(
     try:
         cfg = compose(config_name=config_name, overrides=overrides)
     except HydraException as exc:
-        raise ShardError("config", f"Hydra could not compose the config: {exc}",
+        raise ConfigError("config", f"Hydra could not compose the config: {exc}",
                          "Check the override keys and group names (`datamodule=...`) and --config-dir.") from exc
     except yaml.YAMLError as exc:         # a config file that is not valid YAML
         mark = getattr(exc, "problem_mark", None)
         where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
         problem = " ".join(str(exc).split())
-        raise ShardError(where, f"is not valid YAML ({problem}).",
+        raise ConfigError(where, f"is not valid YAML ({problem}).",
                          "Fix the file; a list that holds ${...} interpolations must be written one item "
                          "per line (`- ${datamodule.split_x}`), not as [${...}].") from None
     finally:
         GlobalHydra.instance().clear()
     if OmegaConf.is_missing(cfg.PATH, "PROJECT_PATH"):
-        raise ShardError("PATH.PROJECT_PATH", "is not set.", "Pass PROJECT_PATH as the first argument.")
+        raise ConfigError("PATH.PROJECT_PATH", "is not set.", "Pass PROJECT_PATH as the first argument.")
     return cfg

@@ -15,6 +15,9 @@ source files need not be on this machine). The sampled rows are read shard by sh
 (`mds.read_rows`): no streaming shared memory, no decompressed copies next to the shards. Memory
 peaks near 24 bytes per sampled nonzero (50,000 cells of 2,500 genes: ~3 GB).
 
+Reading (`read_gene_vectors`) is here too: the trainer hands the model the table it returns,
+for these vectors and for any others in the same format (scConcept's ESM2 vectors).
+
 Output: `<PROJECT>/references/embeddings/<name>/` with `<species>.csv` (gene_id, then `dim`
 floats; genes seen in fewer than `min_cells` sampled cells, or constant across them, get no row
 and start at zero in the model) and `gene_vectors.json` (what they were computed from). The whole
@@ -25,6 +28,7 @@ put back by the next one: `_recover`).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -33,17 +37,15 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from omegaconf import OmegaConf
 
-from .errors import ShardError
-from .layout import DatasetLayout, read_json, write_json_atomic
+from .cells import TARGET_SUM
+from .datasets import Expectation, ShardStore
+from .errors import ShardError, UserError
+from .layout import write_json_atomic
 from .mds import read_rows
-from .remote import DATASET_JSON, RemoteShards
-from .splits import loader_sources
-from .vocabulary import load_vocabulary
+from .splits import TRAIN_SPLIT, loader_sources
+from .vocabulary import CLS, PAD, load_vocabulary
 
-TRAIN_SPLIT = "datamodule.dataset.train.split"
-TARGET_SUM = 1e4          # the library size cells are scaled to before log1p (scanpy's usual choice)
 OVERSAMPLE = 16           # extra random directions of the randomized SVD (Halko et al. 2011)
 POWER_ITERATIONS = 4
 
@@ -100,8 +102,7 @@ def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True,
                              "Use a smaller --dim (or a lower --min-cells, or more training cells).")
         t1 = time.time()
         vectors, explained = _svd_vectors(sample, settings.dim, rng)
-        gene_of = {token: gid for gid, token in vocab.token_of.items()}
-        tables[species] = ([gene_of[int(t)] for t in sample.tokens], vectors)
+        tables[species] = ([vocab.gene_id_of_token[int(t)] for t in sample.tokens], vectors)
         summary["species"][species] = {
             "file": f"{species}.csv", "cells": int(n_cells), "genes": int(n_genes),
             "variance_explained": round(float(explained), 4), "datasets": sample.per_dataset,
@@ -168,30 +169,18 @@ def _training_datasets(cfg, vocabs: dict) -> dict[str, list[dict]]:
         raise errors[0]
     if not sources:
         raise ShardError(TRAIN_SPLIT, "lists no files.", "Add files to the split YAMLs' train lists.")
-    remote_url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
-    remote = None
-    if remote_url:
-        remote = RemoteShards(remote_url)
-        remote.check()
+    store = ShardStore.from_config(cfg)
     out: dict[str, list[dict]] = {}
     problems = []
     for sf, _ in sources:
         if sf.species not in vocabs:
             vocabs[sf.species] = load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sf.species)
-        if remote is not None:
-            where = remote.url_of(f"{sf.dataset_id}/{DATASET_JSON}")
-            record = remote.read_json(f"{sf.dataset_id}/{DATASET_JSON}")
-            read = (lambda rel: lambda name: remote.read_bytes(f"{rel}/{name}"))(sf.dataset_id)
-        else:
-            layout = DatasetLayout(Path(cfg.PATH.SHARDS_PATH), sf)
-            where, record = layout.dataset_json, read_json(layout.dataset_json)
-            read = (lambda d: lambda name: (d / name).read_bytes())(layout.dataset_dir)
-        if record is None:
-            problems.append(f"{sf.dataset_id} ({sf.name}): not sharded (no {where})")
-        elif record.get("vocabulary_fingerprint") != vocabs[sf.species].fingerprint:
-            problems.append(f"{sf.dataset_id} ({sf.name}): sharded with another token mapping")
+        # the sources need not be here (shards copied or in object storage): the vocabulary decides
+        record, problem = store.check(sf, Expectation(vocabs[sf.species]))
+        if problem is not None:
+            problems.append(f"{sf.dataset_id} ({sf.name}): {problem.reason}")
         elif int(record.get("cells_written", 0)) > 0:
-            out.setdefault(sf.species, []).append({"dataset_id": sf.dataset_id, "read": read,
+            out.setdefault(sf.species, []).append({"dataset_id": sf.dataset_id, "read": store.reader(sf),
                                                    "cells": int(record["cells_written"])})
     if problems:
         raise ShardError(TRAIN_SPLIT, f"names {len(problems)} file(s) without usable shards: "
@@ -231,7 +220,7 @@ def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSet
                     nnz[i] = nnz[i - 1] + (len(genes[-1]) if library > 0 else 0)
                     if i % 1024 == 0:
                         bar.update(1024)
-            except ShardError:
+            except UserError:
                 raise
             except Exception as exc:      # missing or corrupt shard files, a malformed index.json
                 raise ShardError(d["dataset_id"], f"cannot be read ({type(exc).__name__}: {exc}).",
@@ -281,3 +270,41 @@ def _write_csv(path: Path, gene_ids: list[str], vectors: np.ndarray) -> None:
             fh.write(gid + "," + ",".join(f"{v:.6g}" for v in row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+# ---- reading ---------------------------------------------------------------------------------
+class GeneVectorWidthError(ValueError):
+    """A gene-vector table whose width is not the model's `dim_pretrained_vocab`."""
+
+
+def read_gene_vectors(path: Path, gene_id_of_token: list[str], dim: int, warn=print) -> np.ndarray:
+    """The table [len(gene_id_of_token), dim] float32 from a `<species>.csv` (header, then rows of a
+    gene id and `dim` floats; version suffixes of the ids are ignored). Genes without a row get
+    zeros, reported once. Raises FileNotFoundError, GeneVectorWidthError, or ValueError for a file
+    that is not such a table (an empty field would load as NaN and turn every loss into NaN)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no gene vectors", str(path))
+    table = pd.read_csv(path, index_col=0)
+    if table.shape[1] != dim:
+        raise GeneVectorWidthError(f"{path}: {table.shape[1]} columns of floats, model.dim_pretrained_vocab is {dim}")
+    values = table.to_numpy(np.float32)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} row(s) with empty or non-finite values "
+                         f"(first: {table.index[int(np.flatnonzero(bad)[0])]})")
+    row_of = {str(g).split(".")[0]: i for i, g in enumerate(table.index)}
+    weight = np.zeros((len(gene_id_of_token), dim), np.float32)
+    missing = 0
+    for token, gene_id in enumerate(gene_id_of_token):
+        row = row_of.get(gene_id)
+        if row is None:
+            missing += gene_id not in (CLS, PAD, "")
+        else:
+            weight[token] = values[row]
+    if missing:
+        warn(f"[model] {path}: no vector for {missing} of {len(gene_id_of_token) - 2} "
+             f"{path.stem} genes; they start at zero.")
+    return weight

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import ShardError
+from .errors import ConfigError, ShardError, StorageError
 
 DATASET_JSON = "dataset.json"
 INDEX_JSON = "index.json"
@@ -38,7 +38,7 @@ class RemoteShards:
     def __init__(self, url: str):
         parsed = urlparse(str(url))
         if parsed.scheme != "s3" or not parsed.netloc:
-            raise ShardError("PATH.SHARDS_REMOTE", f"is `{url}`, not an s3://bucket/prefix URL.",
+            raise ConfigError("PATH.SHARDS_REMOTE", f"is `{url}`, not an s3://bucket/prefix URL.",
                              "Set it to s3://<bucket>[/<prefix>] (any S3-compatible store, with S3_ENDPOINT_URL), "
                              "or to null for local shards.")
         self.bucket = parsed.netloc
@@ -66,31 +66,31 @@ class RemoteShards:
                                                           config=config)
         return self._client
 
-    def error(self, exc: Exception, what: str) -> ShardError:
-        """A ShardError naming the URL and what to do, for a botocore exception."""
+    def error(self, exc: Exception, what: str) -> StorageError:
+        """A StorageError naming the URL and what to do, for a botocore exception."""
         from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, \
             PartialCredentialsError
 
         where = f"PATH.SHARDS_REMOTE {self.url}"
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return ShardError(where, f"no S3 credentials were found while trying to {what}.",
+            return StorageError(where, f"no S3 credentials were found while trying to {what}.",
                               "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment.")
         if isinstance(exc, EndpointConnectionError):
-            return ShardError(where, f"could not connect to {endpoint_description()} to {what} ({exc}).",
+            return StorageError(where, f"could not connect to {endpoint_description()} to {what} ({exc}).",
                               "Check that the object store is running and reachable from this node, and that "
                               "S3_ENDPOINT_URL is its URL (e.g. http://host:9000).")
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code == "NoSuchBucket" or (code == "404" and what.startswith("check")):
-                return ShardError(where, f"the bucket `{self.bucket}` does not exist at {endpoint_description()}.",
+                return StorageError(where, f"the bucket `{self.bucket}` does not exist at {endpoint_description()}.",
                                   f"Create it (`aws s3 mb s3://{self.bucket}`, with --endpoint-url for a non-AWS "
                                   "store) or fix PATH.SHARDS_REMOTE.")
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                return ShardError(where, f"access was denied while trying to {what} ({code}).",
+                return StorageError(where, f"access was denied while trying to {what} ({code}).",
                                   "Check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket's permissions.")
-            return ShardError(where, f"the object store refused to {what} ({code}: {exc}).",
+            return StorageError(where, f"the object store refused to {what} ({code}: {exc}).",
                               "Check PATH.SHARDS_REMOTE, S3_ENDPOINT_URL and the credentials.")
-        return ShardError(where, f"failed to {what} ({type(exc).__name__}: {exc}).",
+        return StorageError(where, f"failed to {what} ({type(exc).__name__}: {exc}).",
                           "Check S3_ENDPOINT_URL, the network and the credentials, then re-run.")
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -102,7 +102,7 @@ class RemoteShards:
             raise self.error(exc, what) from None
 
     def check(self) -> None:
-        """Raise a ShardError unless the bucket exists and is readable with these credentials."""
+        """Raise a StorageError unless the bucket exists and is readable with these credentials."""
         self._call(f"check bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
 
     # ---- reading -----------------------------------------------------------------------------
@@ -124,7 +124,7 @@ class RemoteShards:
             return None
 
     def read_bytes(self, rel: str) -> bytes:
-        """The object at `rel` (a ShardError naming it when it cannot be read)."""
+        """The object at `rel` (a StorageError naming it when it cannot be read)."""
         return self._call(f"read {self.url_of(rel)}",
                           lambda: self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"].read())
 

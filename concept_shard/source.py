@@ -1,8 +1,10 @@
-"""Read an AnnData file (.h5ad via h5py, .zarr via zarr) in row chunks without loading it.
+"""Sources of cells: an AnnData file (.h5ad via h5py, .zarr via zarr) read in row chunks without
+loading it, or an AnnData object in memory, behind one small interface (`RowSource`).
 
-Counts come from `raw/X` when the file has a `.raw`, else from `X`. The matrix may be CSR,
-CSC or dense; every reader yields CSR chunks over the source's columns, so memory follows the
-chunk size, not the file size. CSC files are transposed out of core (see `_CscRows`).
+Counts come from `raw/X` when there is a `.raw`, else from `X`. The matrix may be CSR, CSC or
+dense; every source yields CSR chunks over its columns, so memory follows the chunk size, not the
+file size. CSC files are transposed out of core (see `_CscRows`). The sharder and the embedder
+read through the same sources.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import scipy.sparse as sp
 
 from .errors import ShardError
-from .splits import SourceFile
 
 # Dense chunks and CSC column blocks are sized by element count to bound memory.
 MAX_ELEMENTS_PER_READ = 16_000_000
@@ -26,15 +28,34 @@ def _attr(node, name, default=None):
     return value.decode() if isinstance(value, bytes) else value
 
 
-class AnnDataSource:
-    """An open source file: its counts matrix, gene ids and obs columns."""
+class RowSource(Protocol):
+    """What the cell mapper reads: gene ids and CSR row chunks (`AnnDataSource`, `AnnDataObjectSource`)."""
 
-    def __init__(self, sf: SourceFile):
-        self.sf = sf
-        path = sf.path
+    n_cells: int
+
+    def gene_ids(self) -> np.ndarray: ...
+
+    def rows_per_read(self, chunk_size: int) -> int: ...
+
+    def csc_prepare(self, start: int, end: int, chunk_size: int, scratch: Path) -> None: ...
+
+    def read_rows(self, start: int, end: int) -> sp.csr_matrix: ...
+
+
+class AnnDataSource:
+    """An open source file: its counts matrix, gene ids and obs columns.
+
+    `gene_id_column` is the var column holding the gene ids (None: var_names); `listed_in` names
+    the config entry that listed the file (e.g. "split datamodule.split_x"), for error messages.
+    """
+
+    def __init__(self, path: Path, gene_id_column: str | None = None, listed_in: str | None = None):
+        self.path, self.gene_id_column, self.listed_in = Path(path), gene_id_column, listed_in
+        path = self.path
         if not path.exists():
             raise ShardError(path, "does not exist.",
-                             f"Fix the file name in split {sf.split_key} or copy the file to {path.parent}.")
+                             f"Fix the file name in {listed_in} or copy the file to {path.parent}." if listed_in
+                             else "Check the path.")
         try:
             if path.is_dir() or path.suffix == ".zarr":
                 import zarr
@@ -83,20 +104,22 @@ class AnnDataSource:
 
     # ---- annotations ---------------------------------------------------------------------
     def gene_ids(self) -> np.ndarray:
-        """The matrix's column ids (var_names, or the split's `var_gene_id_column`) as str."""
+        """The matrix's column ids (var_names, or the `gene_id_column`) as str."""
         var = self.root[self.var_key]
-        column = self.sf.var_gene_id_column
+        column = self.gene_id_column
         if column is None:
             ids = _read_strings(var[_attr(var, "_index")])
         else:
             if column not in var:
                 cols = [k for k in var.keys() if k != _attr(var, "_index")]
-                raise ShardError(self.sf.path, f"has no var column '{column}' in {self.var_key} "
+                raise ShardError(self.path, f"has no var column '{column}' in {self.var_key} "
                                  f"(columns: {cols}).",
-                                 f"Fix `var_gene_id_column` in split {self.sf.split_key}, or drop it to use var_names.")
+                                 f"Fix `var_gene_id_column` in {self.listed_in}, or drop it to use var_names."
+                                 if self.listed_in else "Pass the var column that holds the Ensembl ids, or none "
+                                 "to use var_names.")
             ids = _read_strings(var[column])
         if len(ids) != self.shape[1]:
-            raise ShardError(self.sf.path, f"{self.var_key} has {len(ids)} genes but {self.matrix_key} has "
+            raise ShardError(self.path, f"{self.var_key} has {len(ids)} genes but {self.matrix_key} has "
                              f"{self.shape[1]} columns.", "Re-export the AnnData object; it is inconsistent.")
         return ids
 
@@ -138,6 +161,39 @@ class AnnDataSource:
         if self.format == "dense":
             return max(1, min(chunk_size, MAX_ELEMENTS_PER_READ // max(1, self.shape[1])))
         return chunk_size
+
+
+class AnnDataObjectSource:
+    """An in-memory (or backed) AnnData object as a `RowSource`: counts from `.raw` when it is set,
+    else `X` (the file rule), read in row chunks."""
+
+    def __init__(self, adata, gene_id_column: str | None = None, label: str = "AnnData object"):
+        has_raw = adata.raw is not None
+        self.X = adata.raw.X if has_raw else adata.X
+        if sp.issparse(self.X) and self.X.format == "csc":
+            self.X = self.X.tocsr()          # row slices of CSC are O(nnz) each
+        var = adata.raw.var if has_raw else adata.var
+        where = "adata.raw.var" if has_raw else "adata.var"
+        if gene_id_column is None:
+            self._ids = np.asarray(var.index.astype(str))
+        elif gene_id_column not in var.columns:
+            raise ShardError(label, f"has no column '{gene_id_column}' in {where} (columns: {list(var.columns)}).",
+                             "Pass gene_id_column=None to use var_names, or the column that holds the Ensembl ids.")
+        else:
+            self._ids = np.asarray(var[gene_id_column].astype(str))
+        self.n_cells = int(self.X.shape[0])
+
+    def gene_ids(self) -> np.ndarray:
+        return self._ids
+
+    def rows_per_read(self, chunk_size: int) -> int:
+        return chunk_size
+
+    def csc_prepare(self, *args) -> None:
+        pass
+
+    def read_rows(self, start: int, end: int) -> sp.csr_matrix:
+        return sp.csr_matrix(self.X[start:end])
 
 
 class _ObsColumn:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .errors import ShardError
 
 LAMINDB_PREFIX = "lamindb:"
+TRAIN_SPLIT = "datamodule.dataset.train.split"      # the training loader's split list
 _INTERPOLATION = re.compile(r"^\$\{([^}]+)\}$")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pandas as pd
 from .errors import ShardError
 
 CLS, PAD = "<cls>", "<pad>"
+CLS_TOKEN, PAD_TOKEN = 0, 1     # the same in every species' token space
 _VERSION_SUFFIX = re.compile(r"\.\d+$")
 
 
@@ -28,6 +30,14 @@ class Vocabulary:
     token_of: dict[str, int]      # gene id (no version) -> token
     size: int                     # max token + 1
     fingerprint: str
+
+    @cached_property
+    def gene_id_of_token(self) -> list[str]:
+        """Token -> gene id (no version); "" for `<cls>`, `<pad>` and unused tokens."""
+        ids = [""] * self.size
+        for gene_id, token in self.token_of.items():
+            ids[token] = gene_id
+        return ids
 
     @property
     def gene_dtype(self) -> np.dtype:

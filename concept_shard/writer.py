@@ -121,7 +121,7 @@ def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, voc
 
     def prepare(a: int):
         b = min(a + step, end)
-        cells = map_chunk(src.sf.path, src.read_rows(a, b), a, gene_map, vocab, settings.allow_non_integral)
+        cells = map_chunk(src.path, src.read_rows(a, b), a, gene_map, vocab, settings.allow_non_integral)
         return a, b, cells, src.obs_strings(settings.obs_keys, a, b)
 
     chunk_starts = list(range(start, end, step))

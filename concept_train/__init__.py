@@ -5,7 +5,8 @@ Python API (see the README): `load_model(run_or_checkpoint)`, `embed(adata, mode
 """
 
 from .adapt import train
-from .embedding import embed, embed_file, embed_source, load_model
+from .embedding import embed, embed_file, embed_source
 from .model import estimate_mutual_information
+from .trainer.checkpoint import load_model
 
 __all__ = ["embed", "embed_file", "embed_source", "estimate_mutual_information", "load_model", "train"]

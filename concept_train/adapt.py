@@ -25,12 +25,12 @@ import yaml
 from omegaconf import OmegaConf
 
 from concept_shard.config import compose_config
-from concept_shard.errors import ShardError
-from concept_shard.source import AnnDataSource
-from concept_shard.splits import SourceFile
+from concept_shard.errors import TrainError
+from concept_shard.source import AnnDataObjectSource, AnnDataSource
 from concept_shard.vocabulary import load_vocabulary
 
-from .embedding import AnnDataObjectSource, LoadedModel, infer_species, load_model
+from .embedding import infer_species
+from .trainer.checkpoint import LoadedModel, load_model
 
 API_MODULE = "ApiModule"
 API_MODEL = "ApiModel"
@@ -59,21 +59,19 @@ def _as_files(inputs, work_dir: Path, gene_id_column: str | None, log) -> list[t
             continue
         path = Path(item)
         if not path.exists():
-            raise ShardError(path, "does not exist.", "Pass AnnData objects or paths of .h5ad files / .zarr stores.")
+            raise TrainError(path, "does not exist.", "Pass AnnData objects or paths of .h5ad files / .zarr stores.")
         if not (path.suffix in (".h5ad", ".zarr") or path.is_dir()):
-            raise ShardError(path, "is not an .h5ad file or an AnnData .zarr store.", "Convert it with anndata first.")
+            raise TrainError(path, "is not an .h5ad file or an AnnData .zarr store.", "Convert it with anndata first.")
         out.append(path.resolve())
     if not out:
-        raise ShardError("train(inputs=...)", "is empty.", "Pass at least one AnnData object or file.")
+        raise TrainError("train(inputs=...)", "is empty.", "Pass at least one AnnData object or file.")
     return out
 
 
 def _species_of(path: Path, vocabs: dict, gene_id_column: str | None, species: str | None) -> str:
     if species is not None:
         return species
-    sf = SourceFile(species="", source_name="api", name=path.name, path=path, split_key="train(inputs)",
-                    var_gene_id_column=gene_id_column)
-    with AnnDataSource(sf) as src:
+    with AnnDataSource(path, gene_id_column, listed_in="train(inputs)") as src:
         return infer_species(src.gene_ids(), vocabs, path)
 
 
@@ -114,9 +112,9 @@ def train(inputs, work_dir, model=None, steps: int = 200, *, species: str | None
     overrides:      any further `key=value` config overrides, applied last.
     Returns the loaded last checkpoint of the new run (its `.checkpoint.parent.parent` is the run).
     """
-    from .trainer.distributed import shutdown
-    from .trainer.loop import Trainer
     from concept_shard.build import ShardJob
+
+    from .trainer.loop import run_training
 
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -126,12 +124,12 @@ def train(inputs, work_dir, model=None, steps: int = 200, *, species: str | None
         vocabs = base.vocabs
     else:
         if gene_mappings is None:
-            raise ShardError("train(gene_mappings=...)", "is needed to train from scratch.",
+            raise TrainError("train(gene_mappings=...)", "is needed to train from scratch.",
                              "Pass the directory of <species>.csv token mappings, or model= to fine-tune.")
         mappings = Path(gene_mappings).resolve()
         found = sorted(p.stem for p in mappings.glob("*.csv")) if mappings.is_dir() else []
         if not found:
-            raise ShardError(mappings, "holds no <species>.csv token mapping.", "Point gene_mappings at the vocabulary directory.")
+            raise TrainError(mappings, "holds no <species>.csv token mapping.", "Point gene_mappings at the vocabulary directory.")
         vocabs = {sp: load_vocabulary(mappings, sp) for sp in found}
 
     files = _as_files(inputs, work_dir, gene_id_column, log)
@@ -139,7 +137,7 @@ def train(inputs, work_dir, model=None, steps: int = 200, *, species: str | None
     for path in files:
         sp = _species_of(path, vocabs, gene_id_column, species)
         if sp not in vocabs:
-            raise ShardError(path, f"was given species '{sp}', which has no vocabulary here.", f"Use one of {sorted(vocabs)}.")
+            raise TrainError(path, f"was given species '{sp}', which has no vocabulary here.", f"Use one of {sorted(vocabs)}.")
         name = OBJECTS_SOURCE if path.parent.parent.name == OBJECTS_SOURCE and path.is_relative_to(work_dir) \
             else _source_name(path.parent)
         key = f"split_{name.replace('-', '_')}_{sp}"
@@ -182,14 +180,10 @@ def train(inputs, work_dir, model=None, steps: int = 200, *, species: str | None
     if report.failed:
         raise report.failed[0]
     log(f"[train] sharded {len(report.datasets)} dataset(s) into {cfg.PATH.SHARDS_PATH}")
-    try:
-        trainer = Trainer(cfg, log=log)
-        result = trainer.fit()
-    finally:
-        shutdown()
+    result = run_training(cfg, log=log)
     keep = [a for a in args + list(overrides) if a.startswith(("datamodule=", "model=", "model.", "PATH."))
             and not a.startswith(("model.training.max_steps", "model.training.checkpoint_every"))]
-    log(f"[train] run {trainer.run_id}: {result['run_dir']} (checkpoint {result['checkpoint']})\n"
+    log(f"[train] run {result['run_id']}: {result['run_dir']} (checkpoint {result['checkpoint']})\n"
         f"[train] to continue it: concept-train {work_dir} --config-dir {work_dir / 'conf'} {' '.join(keep)} "
-        f"initialize.resume=True initialize.run_id={trainer.run_id} model.training.max_steps=<N>")
+        f"initialize.resume=True initialize.run_id={result['run_id']} model.training.max_steps=<N>")
     return load_model(result["checkpoint"])

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from concept_shard.config import compose_config
-from concept_shard.errors import ShardError
+from concept_shard.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,23 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         p.error(f"unexpected arguments {bad}: overrides are key=value")
-    trainer = None
     try:
         cfg = compose_config(args.project_path, overrides, args.config_dir)
-        from .trainer.loop import Trainer
-        trainer = Trainer(cfg)
-        result = trainer.fit()
-        is_main, run_id = trainer.d.is_main, trainer.run_id
-    except ShardError as err:
+        from .trainer.loop import run_training
+        result = run_training(cfg)
+    except UserError as err:
         print(f"concept-train: {err.paragraph()}", file=sys.stderr)
         return 2
-    finally:
-        # nothing of the run may hold the default process group when shutdown() frees it
-        trainer = None
-        from .trainer.distributed import shutdown
-        shutdown()
-    if is_main:
-        print(f"concept-train: run {run_id} finished at step {result['step']}\n"
+    if result["is_main"]:
+        print(f"concept-train: run {result['run_id']} finished at step {result['step']}\n"
               f"  run directory: {result['run_dir']}\n"
               f"  metrics:       {result['run_dir'] / 'metrics.jsonl'}\n"
               f"  curves:        {result['curves']}\n"

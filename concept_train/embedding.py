@@ -11,12 +11,9 @@ run id and checkpoint step in `uns["concept"]`.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,48 +21,12 @@ import torch
 from omegaconf import OmegaConf
 
 from concept_shard.cells import build_gene_map, map_chunk
-from concept_shard.errors import ShardError
-from concept_shard.source import AnnDataSource
-from concept_shard.splits import SourceFile
-from concept_shard.vocabulary import Vocabulary, load_vocabulary, strip_version
+from concept_shard.errors import TrainError, UserError
+from concept_shard.source import AnnDataObjectSource, AnnDataSource, RowSource
+from concept_shard.vocabulary import Vocabulary, strip_version
 
 from .data.tokenize import Cells, TokenSpec, normalized, pack, select_view
-from .model import ContrastiveModel, ModelConfig
-from .trainer.checkpoint import latest_checkpoint
-
-
-@dataclass
-class LoadedModel:
-    model: ContrastiveModel
-    cfg: object
-    run_id: str
-    step: int
-    checkpoint: Path
-    vocabs: dict[str, Vocabulary]      # the run's species -> token mapping, loaded once
-
-
-def load_model(run_or_checkpoint, device: str | torch.device | None = None) -> LoadedModel:
-    """A run directory (its latest checkpoint) or a `checkpoints/step_<N>` directory -> model in eval mode."""
-    import torch.distributed.checkpoint as dcp
-
-    path = Path(run_or_checkpoint)
-    ckpt = latest_checkpoint(path) or (path if (path / "trainer_state.json").is_file() else None)
-    if ckpt is None:
-        raise ShardError(path, "is neither a run directory with a complete checkpoint nor a checkpoint directory.",
-                         "Pass PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.")
-    run_dir = ckpt.parent.parent
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    vocabs = {sp: load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sp) for sp in cfg.datamodule.species}
-    model = ContrastiveModel(ModelConfig.from_config(cfg.model, {sp: v.size for sp, v in vocabs.items()}, pretrained=bool(cfg.PATH.get("PRETRAINED_VOCABULARY"))))
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():      # "torch.distributed is disabled ... single process": intended here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(ckpt))
-    model.load_state_dict(state["model"])
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    state_json = json.loads((ckpt / "trainer_state.json").read_text())
-    return LoadedModel(model.to(device).eval(), cfg, str(state_json.get("run_id", run_dir.name)), int(state_json["step"]),
-                       ckpt, vocabs)
+from .trainer.checkpoint import LoadedModel, load_model
 
 
 def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> str:
@@ -74,50 +35,13 @@ def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> 
     best = max(overlap.values()) if overlap else 0
     winners = [sp for sp, n in overlap.items() if n == best]
     if best == 0 or len(winners) > 1:
-        raise ShardError(path, f"matches the species vocabularies ambiguously or not at all (shared gene ids: {overlap}).",
+        raise TrainError(path, f"matches the species vocabularies ambiguously or not at all (shared gene ids: {overlap}).",
                          "Pass --species (and --gene-id-column if the Ensembl ids are in a var column).")
     return winners[0]
 
 
-class AnnDataObjectSource:
-    """An in-memory (or backed) AnnData object behind the reader interface of `AnnDataSource`:
-    counts from `.raw` when it is set, else `X` (the sharder's rule), read in row chunks."""
-
-    def __init__(self, adata, gene_id_column: str | None = None, label: str = "AnnData object"):
-        import scipy.sparse as sp
-
-        has_raw = adata.raw is not None
-        self.X = adata.raw.X if has_raw else adata.X
-        if sp.issparse(self.X) and self.X.format == "csc":
-            self.X = self.X.tocsr()          # row slices of CSC are O(nnz) each
-        var = adata.raw.var if has_raw else adata.var
-        where = "adata.raw.var" if has_raw else "adata.var"
-        if gene_id_column is None:
-            self._ids = np.asarray(var.index.astype(str))
-        elif gene_id_column not in var.columns:
-            raise ShardError(label, f"has no column '{gene_id_column}' in {where} (columns: {list(var.columns)}).",
-                             "Pass gene_id_column=None to use var_names, or the column that holds the Ensembl ids.")
-        else:
-            self._ids = np.asarray(var[gene_id_column].astype(str))
-        self.n_cells = int(self.X.shape[0])
-
-    def gene_ids(self) -> np.ndarray:
-        return self._ids
-
-    def rows_per_read(self, chunk_size: int) -> int:
-        return chunk_size
-
-    def csc_prepare(self, *args) -> None:
-        pass
-
-    def read_rows(self, start: int, end: int):
-        import scipy.sparse as sp
-
-        return sp.csr_matrix(self.X[start:end])
-
-
 @torch.no_grad()
-def embed_rows(loaded: LoadedModel, src, label, species: str | None = None, gene_id_column: str | None = None,
+def embed_rows(loaded: LoadedModel, src: RowSource, label, species: str | None = None, gene_id_column: str | None = None,
                batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096,
                progress=None) -> tuple[np.ndarray, str]:
     """(embeddings [n_cells, d] float32, species) of every row of an open source (`AnnDataSource`
@@ -125,7 +49,7 @@ def embed_rows(loaded: LoadedModel, src, label, species: str | None = None, gene
     gene get NaN embeddings."""
     cfg = loaded.cfg
     if species is not None and species not in loaded.vocabs:
-        raise ShardError(label, f"was given species '{species}', which run {loaded.run_id} was not trained on.",
+        raise TrainError(label, f"was given species '{species}', which run {loaded.run_id} was not trained on.",
                          f"Use one of {sorted(loaded.vocabs)}.")
     spec = TokenSpec(max_tokens=int(max_tokens or cfg.datamodule.dataset.train.max_tokens),
                      normalization=str(cfg.datamodule.get("normalization", "raw")),
@@ -167,9 +91,7 @@ def embed_rows(loaded: LoadedModel, src, label, species: str | None = None, gene
 def embed_source(loaded: LoadedModel, path: Path, species: str | None = None, gene_id_column: str | None = None,
                  batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096, progress=None) -> tuple[np.ndarray, str]:
     """(embeddings [n_cells, d] float32, species) of every row of an .h5ad/.zarr, read in chunks."""
-    sf = SourceFile(species=species or "", source_name="embed", name=Path(path).name, path=Path(path),
-                    split_key="concept-embed", var_gene_id_column=gene_id_column)
-    with AnnDataSource(sf) as src:
+    with AnnDataSource(Path(path), gene_id_column) as src:
         return embed_rows(loaded, src, path, species, gene_id_column, batch_size, max_tokens, chunk_size, progress)
 
 
@@ -185,8 +107,7 @@ def embed(adata, model, species: str | None = None, gene_id_column: str | None =
     src = AnnDataObjectSource(adata, gene_id_column)
     z, species = embed_rows(loaded, src, "AnnData object", species, gene_id_column, batch_size, max_tokens)
     adata.obsm[key] = z
-    adata.uns["concept"] = {"run_id": loaded.run_id, "step": loaded.step, "species": species,
-                            "checkpoint": str(loaded.checkpoint)}
+    adata.uns["concept"] = loaded.provenance(species)
     return z
 
 
@@ -203,15 +124,14 @@ def embed_file(run_or_checkpoint, input_path, out_path, species=None, gene_id_co
         import anndata as ad
         adata = ad.read_zarr(input_path)        # .zarr -> .h5ad goes through memory
         adata.obsm["X_concept"] = z
-        adata.uns["concept"] = {"run_id": loaded.run_id, "step": loaded.step, "species": species}
+        adata.uns["concept"] = loaded.provenance(species)
         adata.write_h5ad(out_path)
         return out_path
     tmp = out_path.with_name(out_path.name + ".tmp")
     shutil.copyfile(input_path, tmp)             # the matrix is copied, not loaded
     with h5py.File(tmp, "r+") as f:
         write_elem(f, "obsm/X_concept", z)
-        write_elem(f, "uns/concept", {"run_id": loaded.run_id, "step": loaded.step, "species": species,
-                                      "checkpoint": str(loaded.checkpoint)})
+        write_elem(f, "uns/concept", loaded.provenance(species))
     tmp.replace(out_path)
     return out_path
 
@@ -229,7 +149,7 @@ def main(argv=None) -> int:
     try:
         out = embed_file(args.run_or_checkpoint, args.input, args.out, args.species, args.gene_id_column, args.batch_size,
                          max_tokens=args.max_tokens)
-    except ShardError as err:
+    except UserError as err:
         print(f"concept-embed: {err.paragraph()}", file=sys.stderr)
         return 2
     print(f"concept-embed: wrote {out} (obsm['X_concept'])")

@@ -8,7 +8,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from concept_shard.errors import ShardError
+from concept_shard.errors import UserError
 from concept_train import embed, load_model, train
 from concept_train.cli import main as train_main
 
@@ -60,11 +60,11 @@ def test_fine_tuning_starts_from_the_loaded_weights(example_source, tmp_path):
 
 def test_bad_inputs_name_the_problem(example_source, tmp_path):
     mappings = example_source / "references/vocabulary/token_mappings_per_specie"
-    with pytest.raises(ShardError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         train([tmp_path / "missing.h5ad"], tmp_path / "w", gene_mappings=mappings, log=_quiet)
-    with pytest.raises(ShardError, match="gene_mappings"):
+    with pytest.raises(UserError, match="gene_mappings"):
         train([example_source / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"], tmp_path / "w", log=_quiet)
     adata = ad.read_h5ad(example_source / "data/synth_hsapiens/h5ads/hs_val_e.h5ad")[:10].copy()
     adata.var_names = [f"GENE{i}" for i in range(adata.n_vars)]
-    with pytest.raises(ShardError, match="species"):
+    with pytest.raises(UserError, match="species"):
         train([adata], tmp_path / "w", gene_mappings=mappings, log=_quiet)

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from concept_train.cli import main as train_main
 from concept_train.data import DataModule
 from concept_train import embed
-from concept_train.embedding import embed_source, load_model, main as embed_main
-from concept_shard.errors import ShardError
+from concept_train import load_model
+from concept_train.embedding import embed_source, main as embed_main
+from concept_shard.errors import UserError
 
 TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
         "model.training.max_steps=2", "model.training.warmup=1", "model.training.val_check_interval=0",
@@ -72,7 +73,7 @@ def test_species_is_inferred_and_ambiguity_is_an_error(trained_run, tmp_path):
     adata = ad.read_h5ad(project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad")
     adata.var_names = [f"GENE{i}" for i in range(adata.n_vars)]
     adata.write_h5ad(tmp_path / "no_ids.h5ad")
-    with pytest.raises(ShardError, match="--species"):
+    with pytest.raises(UserError, match="--species"):
         embed_source(loaded, tmp_path / "no_ids.h5ad")
 
 
@@ -83,5 +84,5 @@ def test_embed_adata_reads_raw_counts_and_names_bad_columns(trained_run):
     z_file, _ = embed_source(loaded, path)
     adata = ad.read_h5ad(path)
     np.testing.assert_allclose(embed(adata, loaded), z_file, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ShardError, match="no column 'ensembl'"):
+    with pytest.raises(UserError, match="no column 'ensembl'"):
         embed(adata, loaded, gene_id_column="ensembl")

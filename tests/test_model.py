@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from concept_train.model import ContrastiveModel, ModelConfig, contrastive_loss
 from concept_train.model.attention import HAS_FLASH_ATTN, grouped_attention, varlen_attention
+from concept_shard.gene_vectors import read_gene_vectors
 from concept_train.trainer.validate import knn_accuracy
 
 
@@ -142,7 +143,8 @@ def test_pretrained_gene_vectors_fill_the_tables_and_missing_genes_start_at_zero
     (tmp_path / "hsapiens.csv").write_text("gene_id,a,b,c\nENSG1.4,1,2,3\nENSG3,4,5,6\nENSG_OTHER,7,8,9\n")
     warnings = []
     ids = ["<cls>", "<pad>", "ENSG1", "ENSG2", "ENSG3"]
-    model.load_pretrained_vectors(tmp_path, {"hsapiens": ids}, warn=warnings.append)
+    weight = read_gene_vectors(tmp_path / "hsapiens.csv", ids, cfg.dim_pretrained_vocab, warn=warnings.append)
+    model.set_gene_vectors("hsapiens", torch.from_numpy(weight))
     w = model.gene_embeddings["hsapiens"].weight.detach()
     torch.testing.assert_close(w[2], torch.tensor([1.0, 2, 3]))
     torch.testing.assert_close(w[4], torch.tensor([4.0, 5, 6]))

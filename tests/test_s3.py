@@ -21,7 +21,7 @@ import boto3
 import pytest
 import torch
 
-from concept_train.data import DataError
+from concept_shard.errors import UserError
 from conftest import ADVANCED, shard
 from data_helpers import data_module
 from test_train_resume import TINY, _rows
@@ -184,7 +184,7 @@ def test_missing_bucket_and_unreachable_endpoint_are_named(s3_server, project, c
     assert shard("build", project, *ADVANCED, missing, "--no-progress") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "s3://no-such-bucket/shards" in err and "does not exist" in err and "aws s3 mb" in err
-    with pytest.raises(DataError) as exc:
+    with pytest.raises(UserError) as exc:
         data_module(project, [missing])
     assert "s3://no-such-bucket/shards" in str(exc.value) and "does not exist" in str(exc.value)
 

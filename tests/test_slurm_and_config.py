@@ -60,10 +60,10 @@ def test_missing_config_dir_and_project_path_are_clear_errors(tmp_path, capsys):
 
 def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
     from concept_shard.config import compose_config
-    from concept_shard.errors import ShardError
+    from concept_shard.errors import UserError
 
     (tmp_path / "datamodule").mkdir()
     (tmp_path / "datamodule" / "Broken.yaml").write_text("dataset:\n  train:\n    split: [${datamodule.split_x}]\n")
-    with pytest.raises(ShardError) as err:
+    with pytest.raises(UserError) as err:
         compose_config(tmp_path, ["datamodule=Broken"], config_dir=tmp_path)
     assert err.value.where.endswith("Broken.yaml, line 3") and "not valid YAML" in err.value.problem

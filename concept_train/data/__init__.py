@@ -9,9 +9,10 @@ loader     g -> this rank's Batch through DataLoader workers; resumable state
 datamodule the training and validation loaders of a composed config
 """
 
+from concept_shard.errors import DataError
+
 from .batch import Batch
 from .datamodule import DataModule
-from .errors import DataError
 from .loader import Loader
 
 __all__ = ["Batch", "DataError", "DataModule", "Loader"]

@@ -24,14 +24,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from concept_shard.fingerprint import source_fingerprint
-from concept_shard.errors import ShardError
-from concept_shard.layout import DatasetLayout, read_json
-from concept_shard.remote import DATASET_JSON, RemoteShards
+from concept_shard.datasets import Expectation, ShardStore
+from concept_shard.errors import DataError
 from concept_shard.splits import SourceFile, loader_sources
 from concept_shard.vocabulary import Vocabulary, load_vocabulary
-
-from .errors import DataError
 
 
 @dataclass
@@ -57,15 +53,9 @@ class Catalog:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.shards_root = Path(cfg.PATH.SHARDS_PATH)
-        remote_url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
-        self.remote = None
-        if remote_url:
-            try:
-                self.remote = RemoteShards(remote_url)
-                self.remote.check()
-            except ShardError as err:
-                raise DataError(err.where, err.problem, err.fix) from None
+        self.store = ShardStore.from_config(cfg)
+        self.remote = self.store.remote
+        if self.remote is not None:
             local_dir = OmegaConf.select(cfg, "PATH.LOCAL_DIR") or Path(cfg.PATH.PROJECT_PATH) / "shard_cache"
             self.cache_root = Path(local_dir) / self.remote.bucket / self.remote.prefix
         self.vocabs: dict[str, Vocabulary] = {}
@@ -96,9 +86,9 @@ class Catalog:
         for sf, weights in sources:
             try:
                 out.append(self._shard_set(sf, weights))
-            except _NotUsable as why:
-                problems.append(f"{sf.dataset_id} ({sf.name}): {why}")
-                sources_gone += why.source_gone
+            except _NotUsable as exc:
+                problems.append(f"{sf.dataset_id} ({sf.name}): {exc.problem.reason}")
+                sources_gone += exc.problem.source_gone
         if problems:
             shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
             rebuild = (f"Run `concept-shard build {self.cfg.PATH.PROJECT_PATH}` with the same --config-dir "
@@ -115,27 +105,12 @@ class Catalog:
     def _shard_set(self, sf: SourceFile, weights: dict) -> ShardSet:
         if sf.dataset_id in self._sets:
             return replace(self._sets[sf.dataset_id], weights=dict(weights))
-        layout = DatasetLayout(self.shards_root, sf)
-        if self.remote is None:
-            record, where = read_json(layout.dataset_json), layout.dataset_json
-        else:
-            where = self.remote.url_of(f"{sf.dataset_id}/{DATASET_JSON}")
-            try:
-                record = self.remote.read_json(f"{sf.dataset_id}/{DATASET_JSON}")
-            except ShardError as err:
-                raise DataError(err.where, err.problem, err.fix) from None
-        if record is None:
-            raise _NotUsable(f"not sharded (no {where})")
-        vocab = self.vocab(sf.species)
-        if record.get("vocabulary_fingerprint") != vocab.fingerprint:
-            raise _NotUsable(f"the token mapping {vocab.path} changed since it was sharded")
-        if self._check_sources and sf.lamindb_key is None:
-            if not sf.path.exists():
-                raise _NotUsable(f"its source {sf.path} no longer exists", source_gone=True)
-            fp, _ = source_fingerprint(sf.path)
-            if fp != record.get("source_fingerprint"):
-                raise _NotUsable(f"the source {sf.path} changed since it was sharded")
-        directory, remote = layout.dataset_dir, None
+        # the shard settings are not checked: the reader takes whatever columns the shards hold
+        source = sf.path if self._check_sources and sf.lamindb_key is None else None
+        record, problem = self.store.check(sf, Expectation(self.vocab(sf.species), source))
+        if problem is not None:
+            raise _NotUsable(problem)
+        directory, remote = self.store.local(sf).dataset_dir, None
         if self.remote is not None:
             directory, remote = self._cache_dir(sf.dataset_id, record), self.remote.url_of(sf.dataset_id)
         shard_set = ShardSet(dataset_id=sf.dataset_id, species=sf.species, directory=directory,
@@ -161,6 +136,6 @@ class Catalog:
 
 
 class _NotUsable(Exception):
-    def __init__(self, why: str, source_gone: bool = False):
-        super().__init__(why)
-        self.source_gone = source_gone      # the shards are fine; their source file is not here
+    def __init__(self, problem):
+        super().__init__(problem.reason)
+        self.problem = problem

@@ -7,15 +7,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from concept_shard.errors import DataError
+from concept_shard.splits import TRAIN_SPLIT
+
 from .catalog import Catalog, ShardSet
-from .errors import DataError
 from .loader import BatchMaker, Loader, RankSlice
 from .panels import DesignedPanel, PanelSampler, curriculum_specs, load_designed_panels
 from .plan import BatchPlan
 from .store import SampleStore
 from .tokenize import TokenSpec
-
-TRAIN_SPLIT = "datamodule.dataset.train.split"
 
 
 class DataModule:

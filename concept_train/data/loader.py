@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from concept_shard.errors import DataError
+
 from .batch import Batch, as_tensor, label_code
 from .catalog import ShardSet
-from .errors import DataError
 from .panels import PanelSampler
 from .plan import BatchPlan
 from .store import SampleStore

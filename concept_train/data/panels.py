@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from concept_shard.errors import DataError
 from concept_shard.vocabulary import Vocabulary, strip_version
-
-from .errors import DataError
 
 TARGETED_ASSAY_GENES = 10_000
 SELECTIONS = ("random", "preselected", "mixed")

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from concept_shard.errors import DataError
+
 from .catalog import ShardSet
-from .errors import DataError
 
 BATCHING = ("per_dataset", "mixed")
 

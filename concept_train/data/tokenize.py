@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DataError
-
-CLS_TOKEN = 0
-TARGET_SUM = 1e4            # `totalcount` scales each cell to this library size (scanpy's usual choice)
+from concept_shard.cells import TARGET_SUM
+from concept_shard.errors import DataError
+from concept_shard.vocabulary import CLS_TOKEN
 STRATEGIES = ("top-nonzero", "random-nonzero", "top", "random")
 _NORMALIZATION = re.compile(r"^(raw|log1p|totalcount|totalcount/log1p|binning/(\d+))$")
 

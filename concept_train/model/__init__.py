@@ -1,6 +1,6 @@
 """The contrastive encoder (model.py), its varlen attention paths (attention.py) and the loss (loss.py)."""
 
-from .loss import contrastive_loss, estimate_mutual_information, retrieval_metrics
-from .model import ContrastiveModel, GeneVectorWidthError, ModelConfig
+from .loss import ContrastiveObjective, contrastive_loss, estimate_mutual_information, retrieval_metrics
+from .model import ContrastiveModel, ModelConfig
 
-__all__ = ["ContrastiveModel", "GeneVectorWidthError", "ModelConfig", "contrastive_loss", "estimate_mutual_information", "retrieval_metrics"]
+__all__ = ["ContrastiveModel", "ContrastiveObjective", "ModelConfig", "contrastive_loss", "estimate_mutual_information", "retrieval_metrics"]

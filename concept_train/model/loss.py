@@ -4,7 +4,8 @@ Embeddings of all ranks are all-gathered WITH gradient (torch.distributed.nn), s
 computes the same loss over the global batch and gradients flow back to the rank that produced
 each embedding. Cells whose view was empty (`items_mask` False) are left out of the logits.
 Before `loss_switch_step` the loss is CLIP's (z1 against z2 and back); from it on, SimCLR's
-2N x 2N loss (each view against all other 2N - 1 embeddings).
+2N x 2N loss (each view against all other 2N - 1 embeddings): `ContrastiveObjective` owns that
+switch for training and validation alike.
 """
 
 from __future__ import annotations
@@ -81,6 +82,30 @@ def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, logit_scale: torch.Tens
         metrics = retrieval_metrics(logits.detach())
     metrics["n_items"] = n
     return loss, metrics
+
+
+class ContrastiveObjective:
+    """The configured contrastive loss at a given optimizer step (`model.contrastive_loss`,
+    `model.loss_switch_step`)."""
+
+    KINDS = ("multiclass",)
+
+    def __init__(self, switch_step: int | None = None):
+        self.switch_step = switch_step
+
+    @classmethod
+    def from_config(cls, model_cfg) -> "ContrastiveObjective":
+        kind = str(model_cfg.get("contrastive_loss", "multiclass"))
+        if kind not in cls.KINDS:
+            raise ValueError(f"is '{kind}'; only 'multiclass' (symmetric InfoNCE) is implemented here")
+        switch = model_cfg.get("loss_switch_step")
+        return cls(None if switch is None else int(switch))
+
+    def simclr(self, step: int) -> bool:
+        return self.switch_step is not None and step >= self.switch_step
+
+    def __call__(self, z1, z2, logit_scale, mask, step: int) -> tuple[torch.Tensor, dict]:
+        return contrastive_loss(z1, z2, logit_scale, mask, simclr=self.simclr(step))
 
 
 def retrieval_metrics(logits: torch.Tensor) -> dict:

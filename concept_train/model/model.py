@@ -10,19 +10,16 @@ projected, L2-normalised, are the cell embeddings.
 
 from __future__ import annotations
 
-import errno
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import inverse_permutation, length_order, resolve_backend, varlen_attention
+from concept_shard.vocabulary import CLS_TOKEN
 
-CLS_TOKEN = 0
+from .attention import inverse_permutation, length_order, resolve_backend, varlen_attention
 
 
 @dataclass
@@ -43,6 +40,12 @@ class ModelConfig:
     pe_max_len: int = 5000
     logit_scale_init_value: float = 3.0
     attention_backend: str = "auto"    # auto | flash | varlen | grouped
+
+    @classmethod
+    def from_run_config(cls, cfg, vocab_sizes: dict[str, int]) -> "ModelConfig":
+        """From a whole run config: `model`, and `PATH.PRETRAINED_VOCABULARY` (which decides the
+        gene tables' layout)."""
+        return cls.from_config(cfg.model, vocab_sizes, pretrained=bool(cfg.PATH.get("PRETRAINED_VOCABULARY")))
 
     @classmethod
     def from_config(cls, model_cfg, vocab_sizes: dict[str, int], pretrained: bool) -> "ModelConfig":
@@ -106,10 +109,6 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-class GeneVectorWidthError(ValueError):
-    """A pretrained gene-vector table whose width is not model.dim_pretrained_vocab."""
-
-
 class ContrastiveModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,36 +139,11 @@ class ContrastiveModel(nn.Module):
         self.projection = nn.Linear(cfg.dim_model, cfg.projection_dim) if cfg.projection_dim else None
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init_value)))   # 1-D: FSDP2 shards no scalars
 
-    def load_pretrained_vectors(self, directory: Path, gene_ids_by_token: dict[str, list[str]], warn=print) -> None:
-        """Fill the gene tables from `<directory>/<species>.csv` (gene id, then dim_pretrained_vocab floats);
-        genes without a vector get zeros, reported once per species."""
-        import pandas as pd
-        for sp, ids in gene_ids_by_token.items():
-            path = Path(directory) / f"{sp}.csv"
-            if not path.is_file():
-                raise FileNotFoundError(errno.ENOENT, "no gene vectors", str(path))
-            table = pd.read_csv(path, index_col=0)
-            if table.shape[1] != self.cfg.dim_pretrained_vocab:
-                raise GeneVectorWidthError(f"{path}: {table.shape[1]} columns of floats, model.dim_pretrained_vocab "
-                                           f"is {self.cfg.dim_pretrained_vocab}")
-            weight = np.zeros((len(ids), table.shape[1]), np.float32)
-            index = {str(g).split(".")[0]: i for i, g in enumerate(table.index)}
-            values = table.to_numpy(np.float32)
-            bad = ~np.isfinite(values).all(axis=1)
-            if bad.any():          # an empty field reads as NaN and would turn every loss into NaN
-                raise ValueError(f"{path}: {int(bad.sum())} row(s) with empty or non-finite values "
-                                 f"(first: {table.index[int(np.flatnonzero(bad)[0])]})")
-            missing = 0
-            for token, gid in enumerate(ids):
-                row = index.get(gid)
-                if row is None:
-                    missing += gid not in ("<cls>", "<pad>", "")
-                else:
-                    weight[token] = values[row]
-            if missing:
-                warn(f"[model] {path}: no vector for {missing} of {len(ids) - 2} {sp} genes; they start at zero.")
-            with torch.no_grad():
-                self.gene_embeddings[sp].weight.copy_(torch.from_numpy(weight))
+    @torch.no_grad()
+    def set_gene_vectors(self, species: str, weight: torch.Tensor) -> None:
+        """Start a species' gene table from pretrained vectors [vocab size, dim_pretrained_vocab]
+        (`concept_shard.gene_vectors.read_gene_vectors`)."""
+        self.gene_embeddings[species].weight.copy_(weight)
 
     def embed_tokens(self, tokens, values, positions, species: str, mlm_mask=None) -> torch.Tensor:
         x = self.gene_embeddings[species](tokens)

@@ -1,4 +1,6 @@
-"""Checkpoints as DESIGN.md Part 2 says: `checkpoints/step_<N>/`, `latest` moved last.
+"""Checkpoints (docs/design.md, "Runs and checkpoints"): `checkpoints/step_<N>/`, `latest` moved last;
+and the one way to find and load one (`resolve_checkpoint`, `load_model`), used by the trainer,
+the embedder and the Python API.
 
 A checkpoint is written into `step_<N>.tmp/` (model and optimizer through
 torch.distributed.checkpoint, sharded across ranks; `trainer_state.json` with step, scheduler and
@@ -14,14 +16,20 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from concept_shard.errors import TrainError
+from concept_shard.vocabulary import Vocabulary, load_vocabulary
+
+from ..model import ContrastiveModel, ModelConfig
 from .distributed import Dist
 
 
@@ -44,6 +52,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text().strip()
     return path if (path / "trainer_state.json").is_file() else None
+
+
+def resolve_checkpoint(path) -> Path | None:
+    """A run directory (its latest complete checkpoint) or a `checkpoints/step_<N>` directory."""
+    path = Path(path)
+    return latest_checkpoint(path) or (path if (path / "trainer_state.json").is_file() else None)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, d: Dist, keep_last: int) -> Path:
@@ -112,3 +126,40 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = 
         if mine.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(mine["cuda"])
     return trainer_state
+
+
+@dataclass
+class LoadedModel:
+    model: ContrastiveModel            # in eval mode
+    cfg: object                        # the run's config.yaml
+    run_id: str
+    step: int
+    checkpoint: Path
+    vocabs: dict[str, Vocabulary]      # the run's species -> token mapping, loaded once
+
+    def provenance(self, species: str) -> dict:
+        """What `uns["concept"]` records beside embeddings made with this model."""
+        return {"run_id": self.run_id, "step": self.step, "species": species, "checkpoint": str(self.checkpoint)}
+
+
+def load_model(run_or_checkpoint, device=None) -> LoadedModel:
+    """A run directory (its latest checkpoint) or a `checkpoints/step_<N>` directory -> model in eval
+    mode, built from the run's config.yaml."""
+    path = Path(run_or_checkpoint)
+    ckpt = resolve_checkpoint(path)
+    if ckpt is None:
+        raise TrainError(path, "is neither a run directory with a complete checkpoint nor a checkpoint directory.",
+                         "Pass PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.")
+    run_dir = ckpt.parent.parent
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    vocabs = {sp: load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sp) for sp in cfg.datamodule.species}
+    model = ContrastiveModel(ModelConfig.from_run_config(cfg, {sp: v.size for sp, v in vocabs.items()}))
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():      # "torch.distributed is disabled ... single process": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt))
+    model.load_state_dict(state["model"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    state_json = json.loads((ckpt / "trainer_state.json").read_text())
+    return LoadedModel(model.to(device).eval(), cfg, str(state_json.get("run_id", run_dir.name)), int(state_json["step"]),
+                       ckpt, vocabs)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from concept_shard.errors import ShardError
+from concept_shard.errors import TrainError
 from concept_shard.lamin import INIT_HINT, LaminError, LaminRun, check_instance
 
 TRANSFORM = "concept-train"
@@ -25,7 +25,7 @@ class TrainLineage:
         self.project = Path(cfg.PATH.PROJECT_PATH).resolve()
         self.run_id, self.run_dir = run_id, Path(run_dir)
         if cfg.PATH.get("SHARDS_REMOTE"):
-            raise ShardError("lamindb.enabled", f"cannot track a run that streams from {cfg.PATH.SHARDS_REMOTE}: "
+            raise TrainError("lamindb.enabled", f"cannot track a run that streams from {cfg.PATH.SHARDS_REMOTE}: "
                              "lamindb registers local files in place only.",
                              "Train from local shards, or set lamindb.enabled=false.")
         try:
@@ -36,7 +36,7 @@ class TrainLineage:
                 "max_steps": int(cfg.model.training.max_steps), "seed": int(cfg.get("seed", 0)),
                 "resumed_from": str(resumed_from) if resumed_from else None})
         except LaminError as err:
-            raise ShardError("lamindb.enabled", str(err), INIT_HINT) from None
+            raise TrainError("lamindb.enabled", str(err), INIT_HINT) from None
 
     def add_inputs(self, shard_sets) -> None:
         """Every shard dataset the run reads (training and validation) as an input artifact."""
@@ -45,7 +45,7 @@ class TrainLineage:
             try:
                 self.run.register_source(Path(s.directory), key=key)
             except LaminError as err:
-                raise ShardError(s.directory, f"is read by this run but cannot be registered in lamindb: {err}",
+                raise TrainError(s.directory, f"is read by this run but cannot be registered in lamindb: {err}",
                                  INIT_HINT) from None
 
     def add_outputs(self, checkpoint: Path) -> None:
@@ -59,7 +59,7 @@ class TrainLineage:
             try:
                 self.run.register_output(path, key=key, inputs=[], description=description)
             except LaminError as err:
-                raise ShardError(path, f"was written but could not be registered in lamindb: {err}", INIT_HINT) from None
+                raise TrainError(path, f"was written but could not be registered in lamindb: {err}", INIT_HINT) from None
 
     def close(self, failed: bool = False) -> None:
         self.run.__exit__(RuntimeError if failed else None, None, None)

@@ -22,22 +22,19 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from concept_shard.errors import ShardError
+from concept_shard.errors import TrainError, UserError
+from concept_shard.gene_vectors import GeneVectorWidthError, read_gene_vectors
 
 from ..data import DataModule
-from ..model import ContrastiveModel, GeneVectorWidthError, ModelConfig, contrastive_loss
-from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import Dist, fsdp_mesh, init_distributed
+from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
+from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .distributed import Dist, apply_fsdp, init_distributed, shutdown
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer, lr_lambda
 from .validate import validate
 
 H100_BF16_PEAK_FLOPS = 989e12
 MLM_MASK_PROB = 0.15
-
-
-class TrainError(ShardError):
-    """A run that cannot start as configured (which run, which checkpoint, what to do)."""
 
 
 def _broadcast(obj, d: Dist):
@@ -53,10 +50,10 @@ class Trainer:
         self.cfg, self.d = cfg, init_distributed()
         self.log = log if self.d.is_main else (lambda *a, **k: None)
         self.training = cfg.model.training
-        loss_kind = str(cfg.model.get("contrastive_loss", "multiclass"))
-        if loss_kind != "multiclass":
-            raise TrainError("model.contrastive_loss", f"is '{loss_kind}'; only 'multiclass' (symmetric InfoNCE) is "
-                             "implemented here.", "Use model.contrastive_loss=multiclass.")
+        try:
+            self.objective = ContrastiveObjective.from_config(cfg.model)
+        except ValueError as err:
+            raise TrainError("model.contrastive_loss", f"{err}.", "Use model.contrastive_loss=multiclass.") from None
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
         if self.d.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -113,7 +110,7 @@ class Trainer:
         else:
             if init.get("checkpoint"):
                 path = Path(str(init.checkpoint))
-                weights_from = latest_checkpoint(path) or (path if (path / "trainer_state.json").is_file() else None)
+                weights_from = resolve_checkpoint(path)
                 if weights_from is None:
                     raise TrainError(f"initialize.checkpoint={path}", "is neither a run directory with a "
                                      "complete checkpoint nor a checkpoint directory.",
@@ -131,19 +128,16 @@ class Trainer:
     def _build_model(self) -> ContrastiveModel:
         vocab_sizes = {sp: self.data.catalog.vocab(sp).size for sp in self.data.species}
         pretrained_dir = self.cfg.PATH.get("PRETRAINED_VOCABULARY")
-        mcfg = ModelConfig.from_config(self.cfg.model, vocab_sizes, pretrained=bool(pretrained_dir))
+        mcfg = ModelConfig.from_run_config(self.cfg, vocab_sizes)
         torch.manual_seed(int(self.cfg.get("seed", 0)))      # identical initial weights on every rank
         model = ContrastiveModel(mcfg)
         if pretrained_dir and self.resume_from is None and self.weights_from is None:    # else the checkpoint has them
-            ids = {}
-            for sp in self.data.species:
-                vocab = self.data.catalog.vocab(sp)
-                by_token = [""] * vocab.size
-                for gid, tok in vocab.token_of.items():
-                    by_token[tok] = gid
-                ids[sp] = by_token
             try:
-                model.load_pretrained_vectors(Path(pretrained_dir), ids, warn=self.log)
+                for sp in self.data.species:
+                    weight = read_gene_vectors(Path(pretrained_dir) / f"{sp}.csv",
+                                               self.data.catalog.vocab(sp).gene_id_of_token,
+                                               mcfg.dim_pretrained_vocab, warn=self.log)
+                    model.set_gene_vectors(sp, torch.from_numpy(weight))
             except FileNotFoundError as exc:
                 raise TrainError("PATH.PRETRAINED_VOCABULARY", f"is {pretrained_dir}, which has no {Path(exc.filename).name}.",
                                  "Point it at a directory of <species>.csv gene vectors, make co-expression vectors "
@@ -156,19 +150,7 @@ class Trainer:
                                  "Each <species>.csv needs a header, then rows of a gene id and "
                                  "model.dim_pretrained_vocab floats.") from None
         model.to(self.d.device)
-        if self.d.world_size > 1:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mesh = fsdp_mesh(self.d)
-            mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if self.d.device.type == "cuda" else MixedPrecisionPolicy())
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh, mp_policy=mp)
-            for table in model.gene_embeddings.values():       # only the batch's species runs per step
-                fully_shard(table, mesh=mesh, mp_policy=mp)
-            fully_shard(model, mesh=mesh, mp_policy=mp)
-        if self.training.get("compile", False):
-            model.compile_blocks()
-        return model
+        return apply_fsdp(model, self.d, compile_blocks=bool(self.training.get("compile", False)))
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
@@ -222,7 +204,6 @@ class Trainer:
 
     def train_step(self, it) -> dict:
         acc = int(self.training.get("accumulate_grad_batches", 1))
-        simclr = self.step >= int(self.cfg.model.get("loss_switch_step", 10**12))
         mlm_w = float(self.cfg.model.get("mlm_loss_weight", 0.0))
         mlm = mlm_w > 0 and self.cfg.model.get("input_encoding") == "value_encoding"
         cont_w = float(self.cfg.model.get("cont_loss_weight", 1.0))
@@ -233,7 +214,7 @@ class Trainer:
             batches.append(batch)
             z1, z2, (hidden, mask, values, scale) = self.forward_views(batch, mlm=mlm)
             scale_value = float(scale.detach())   # before backward: FSDP2 frees the whole parameter after it
-            loss, m = contrastive_loss(z1, z2, scale, batch.items_mask.to(z1.device), simclr=simclr)
+            loss, m = self.objective(z1, z2, scale, batch.items_mask.to(z1.device), self.step)
             loss = cont_w * loss
             if mlm and mask is not None and mask.any():
                 pred = self.model.predict_values(hidden[mask].float())
@@ -275,8 +256,7 @@ class Trainer:
                                keep_last=int(self.training.get("keep_last_checkpoints", 3)))
 
     def run_validation(self) -> None:
-        simclr = self.step >= int(self.cfg.model.get("loss_switch_step", 10**12))
-        row = validate(self.model, self.val_loaders, self.forward_views, self.data.obs_keys, simclr)
+        row = validate(self.model, self.val_loaders, self.forward_views, self.data.obs_keys, self.objective, self.step)
         self.metrics.write({"kind": "val", "step": self.step, **row})
 
     def fit(self) -> dict:
@@ -329,3 +309,28 @@ class Trainer:
         self.log(f"[train] profiling steps 2-4 into {out}")
         return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
                        on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.d.rank}"))
+
+
+def run_training(cfg: DictConfig, log=print) -> dict:
+    """One training run from a composed config, as `concept-train` and `train()` run it: build the
+    trainer, fit, and free the process group whatever happens. Returns `Trainer.fit()`'s result
+    with `run_id` and `is_main`.
+
+    Nothing of the run may hold the default process group when shutdown() frees it (see
+    distributed.shutdown): the trainer lives only in `_fit_once`'s frame, and a user error is
+    re-raised without its traceback, whose frames would hold the trainer."""
+    error = None
+    try:
+        return _fit_once(cfg, log)
+    except UserError as exc:      # printed as a paragraph: neither its traceback nor its chain is shown
+        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+        error = exc
+    finally:
+        shutdown()
+    raise error
+
+
+def _fit_once(cfg: DictConfig, log) -> dict:
+    trainer = Trainer(cfg, log=log)
+    result = trainer.fit()
+    return dict(result, run_id=trainer.run_id, is_main=trainer.d.is_main)

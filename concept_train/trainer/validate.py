@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.loss import contrastive_loss, gather_no_grad
+from ..model.loss import ContrastiveObjective, gather_no_grad
 
 KNN_K = 5
 
@@ -34,14 +34,15 @@ def knn_accuracy(z: torch.Tensor, labels: torch.Tensor, k: int = KNN_K, chunk: i
 
 
 @torch.no_grad()
-def validate(model, loaders: dict, forward_views, obs_keys: list[str], simclr: bool) -> dict:
+def validate(model, loaders: dict, forward_views, obs_keys: list[str], objective: ContrastiveObjective,
+             step: int) -> dict:
     model.eval()
     out = {}
     for name, loader in loaders.items():
         losses, r1, r5, zs, labels = [], [], [], [], {k: [] for k in obs_keys}
         for batch in loader:
             z1, z2, (*_, scale) = forward_views(batch)
-            loss, m = contrastive_loss(z1, z2, scale, batch.items_mask.to(z1.device), simclr=simclr)
+            loss, m = objective(z1, z2, scale, batch.items_mask.to(z1.device), step)
             if m["n_items"] >= 2:          # a loader whose view 2 is empty has no loss, only kNN
                 losses.append(float(loss))
                 r1.append(m["recall@1"])

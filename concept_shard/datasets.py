@@ -1,0 +1,145 @@
+"""A published shard dataset as its readers see it: where it is, its `dataset.json`, and whether it
+is complete and current. The one answer to "can this file's shards be used?" for the build (reuse
+or rebuild), the training catalog (train from it or stop) and gene-vectors (sample from it).
+
+    <root>/<species>/<source_name>/<stem>/index.json, shard.NNNNN.mds[.zstd], dataset.json
+
+`root` is `PATH.SHARDS_PATH`, or `PATH.SHARDS_REMOTE` (s3://...) when set. `dataset.json` is
+written last (finalize.py locally, remote.py in object storage), so a dataset is complete exactly
+when its `dataset.json` can be read. It is current when its fingerprints match what would be
+written now:
+
+    source_fingerprint       the source file's sampled content hash (fingerprint.py)
+    vocabulary_fingerprint   the species' token mapping (vocabulary.py)
+    settings_digest          the shard settings that change the samples (writer.PartSettings),
+                             and the split's var_gene_id_column
+
+The build checks all three. Training checks the source (unless `datamodule.check_sources=false`:
+shards copied without their sources) and the vocabulary; gene-vectors checks the vocabulary only.
+Neither of them checks the settings: their reader takes any column set it finds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from .fingerprint import source_fingerprint
+from .layout import DatasetLayout, read_json
+from .remote import DATASET_JSON, RemoteShards
+from .splits import SourceFile
+from .vocabulary import Vocabulary
+
+IDENTITY_KEYS = ("source_fingerprint", "vocabulary_fingerprint", "settings_digest")
+
+
+def settings_digest(digest_fields: dict, var_gene_id_column: str | None) -> str:
+    """The `settings_digest` of dataset.json, from `PartSettings.digest_fields(vocab)`."""
+    fields = dict(digest_fields, var_gene_id_column=var_gene_id_column)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a dataset cannot be used as it is."""
+
+    reason: str
+    source_gone: bool = False      # the shards may be fine; their source file is not on this machine
+
+
+class Expectation:
+    """What a dataset must match to be current: always the vocabulary; the source file and the
+    settings digest when given. The source's fingerprint is computed once, on first use."""
+
+    def __init__(self, vocab: Vocabulary, source: Path | None = None, digest: str | None = None):
+        self.vocab, self.source, self.digest = vocab, None if source is None else Path(source), digest
+        self._fingerprint: tuple[str, int] | None = None
+
+    @property
+    def source_fingerprint(self) -> str:
+        return self._source()[0]
+
+    @property
+    def source_size(self) -> int:
+        return self._source()[1]
+
+    def _source(self) -> tuple[str, int]:
+        if self._fingerprint is None:
+            self._fingerprint = source_fingerprint(self.source)
+        return self._fingerprint
+
+    def identity(self) -> dict:
+        """The three fingerprints a finished part or dataset must carry (source and digest needed)."""
+        return {"source_fingerprint": self.source_fingerprint, "vocabulary_fingerprint": self.vocab.fingerprint,
+                "settings_digest": self.digest}
+
+    def problem(self, record: dict | None, where) -> Problem | None:
+        """None when `record` (a dataset.json, or None when there is none at `where`) is complete
+        and current; else why not, in the order a user would fix it."""
+        if record is None:
+            return Problem(f"not sharded (no {where})")
+        if self.source is not None:
+            if not self.source.exists():
+                return Problem(f"its source {self.source} no longer exists", source_gone=True)
+            if record.get("source_fingerprint") != self.source_fingerprint:
+                return Problem("the source file changed since it was sharded")
+        if record.get("vocabulary_fingerprint") != self.vocab.fingerprint:
+            return Problem(f"the token mapping {self.vocab.path} changed since it was sharded")
+        if self.digest is not None and record.get("settings_digest") != self.digest:
+            return Problem("shard settings (obs_keys, var_gene_id_column, compression, ...) changed")
+        return None
+
+
+class ShardStore:
+    """The published datasets under one root: local `PATH.SHARDS_PATH`, or `PATH.SHARDS_REMOTE`."""
+
+    def __init__(self, shards_root: Path, remote: RemoteShards | None = None):
+        self.root, self.remote = Path(shards_root), remote
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "ShardStore":
+        """The store the config names; a remote one is checked (bucket, credentials) here."""
+        url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
+        remote = None
+        if url:
+            remote = RemoteShards(url)
+            remote.check()
+        return cls(Path(cfg.PATH.SHARDS_PATH), remote)
+
+    @property
+    def url(self) -> str:
+        return self.remote.url if self.remote is not None else str(self.root)
+
+    def local(self, sf: SourceFile) -> DatasetLayout:
+        """The dataset's local directories (the dataset itself, or its staging copy when remote)."""
+        return DatasetLayout(self.root, sf)
+
+    def where(self, sf: SourceFile) -> str:
+        """Path or URL of the dataset's dataset.json, for messages."""
+        if self.remote is not None:
+            return self.remote.url_of(f"{sf.dataset_id}/{DATASET_JSON}")
+        return str(self.local(sf).dataset_json)
+
+    def record(self, sf: SourceFile) -> dict | None:
+        """The published dataset.json, or None when the dataset is not complete."""
+        if self.remote is not None:
+            return self.remote.read_json(f"{sf.dataset_id}/{DATASET_JSON}")
+        return read_json(self.local(sf).dataset_json)
+
+    def reader(self, sf: SourceFile) -> Callable[[str], bytes]:
+        """`read(basename) -> bytes` for the files of the dataset (index.json, shards)."""
+        if self.remote is not None:
+            remote, rel = self.remote, sf.dataset_id
+            return lambda name: remote.read_bytes(f"{rel}/{name}")
+        directory = self.local(sf).dataset_dir
+        return lambda name: (directory / name).read_bytes()
+
+    def check(self, sf: SourceFile, expected: Expectation) -> tuple[dict | None, Problem | None]:
+        """(dataset.json or None, why it cannot be used or None)."""
+        record = self.record(sf)
+        return record, expected.problem(record, self.where(sf))
