@@ -35,9 +35,6 @@ from .remote import DATASET_JSON, RemoteShards
 from .splits import SourceFile
 from .vocabulary import Vocabulary
 
-IDENTITY_KEYS = ("source_fingerprint", "vocabulary_fingerprint", "settings_digest")
-
-
 def settings_digest(digest_fields: dict, var_gene_id_column: str | None) -> str:
     """The `settings_digest` of dataset.json, from `PartSettings.digest_fields(vocab)`."""
     fields = dict(digest_fields, var_gene_id_column=var_gene_id_column)

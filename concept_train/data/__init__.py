@@ -1,4 +1,4 @@
-"""Everything between the MDS shards and a model-ready batch (DESIGN.md Part 1, "Data semantics").
+"""Everything between the MDS shards and a model-ready batch (docs/design.md, "Batches, panels and tokens").
 
 catalog    split lists -> shard datasets (local, or in PATH.SHARDS_REMOTE), checked against their sources
 store      one mosaicml-streaming dataset (a Stream per file): random access to cells

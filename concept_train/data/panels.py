@@ -1,6 +1,6 @@
 """The two gene panels of a global batch, drawn from (seed, batch index) alone.
 
-Semantics of the reference (DESIGN.md Part 1), over the n in-vocabulary genes of the batch's file:
+Semantics of the reference (docs/design.md, "Batches, panels and tokens"), over the n in-vocabulary genes of the batch's file:
 view 1 is random if n < 10,000 (a targeted assay), else random or a designed panel per
 `panel_selection` (`mixed`: random with probability `panel_selection_mixed_prob`). A designed panel
 is drawn uniformly from the species' panel CSVs whose name matches `panel_filter_regex`; each of

@@ -1,8 +1,8 @@
 """Symmetric InfoNCE over the GLOBAL batch, and cross-view retrieval metrics.
 
-Embeddings of all ranks are all-gathered WITH gradient (torch.distributed.nn), so every rank
-computes the same loss over the global batch and gradients flow back to the rank that produced
-each embedding. Cells whose view was empty (`items_mask` False) are left out of the logits.
+Embeddings of all ranks are all-gathered with gradient (`gather_with_grad`, our own autograd
+function), so every rank computes the same loss over the global batch and each rank's embeddings
+receive the gradient summed over ranks. Cells whose view was empty (`items_mask` False) are left out of the logits.
 Before `loss_switch_step` the loss is CLIP's (z1 against z2 and back); from it on, SimCLR's
 2N x 2N loss (each view against all other 2N - 1 embeddings): `ContrastiveObjective` owns that
 switch for training and validation alike.

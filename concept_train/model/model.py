@@ -1,4 +1,4 @@
-"""The contrastive cell encoder (DESIGN.md Part 1, "Model and loss"): a plain nn.Module that
+"""The contrastive cell encoder (docs/design.md, "Model and loss"): a plain nn.Module that
 knows nothing of distribution.
 
 tokens -> per-species gene embedding (optionally pretrained vectors through a shared adapter)

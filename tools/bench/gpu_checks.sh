@@ -34,7 +34,7 @@ step() {   # step NAME SECONDS CMD...: run CMD with a time limit into OUT/NAME.t
 
 nvidia-smi -L
 $PY -c "import torch, streaming, hydra; print('torch', torch.__version__, torch.cuda.get_device_name(), 'streaming', streaming.__version__)" || exit 1
-step cuda_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_model.py -k cuda
+step cuda_tests 90 $PY -m pytest -q -p no:cacheprovider tests/train/model/test_model.py -k cuda
 step bench_eager 200 $PY tools/bench/model.py "$PROJECT" --device cuda --configs 30m --cases realistic,full --profile "$@"
 step bench_compile 180 $PY tools/bench/model.py "$PROJECT" --device cuda --configs 30m --cases realistic,full --batches 10 --repeats 2 --compile --profile "$@"
 RUNS=$(mktemp -d)

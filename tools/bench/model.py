@@ -6,7 +6,7 @@ Usage::
     python tools/bench/model.py PROJECT_PATH [--configs tiny,medium] [--cases realistic,uniform,full]
                                 [--device cpu|cuda] [--dtype fp32|bf16] [--batch-size N] [--batches N]
                                 [--repeats R] [--threads N] [--compile] [--profile] [key=value ...]
-    # on an H100 / H200, the 30M model of DESIGN.md (dim_model 512, 8 layers, max_tokens 1000, bf16):
+    # on an H100 / H200, the 30M model of conf/model/ContrastiveModel.yaml (dim_model 512, 8 layers, max_tokens 1000, bf16):
     python tools/bench/model.py PROJECT_PATH --device cuda --configs 30m --cases realistic,full [--compile] [--profile]
 
 PROJECT_PATH is the example project, sharded (`python tools/make_example_project.py DIR` then
@@ -78,7 +78,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-PAD_TOKEN = 1
+from concept_shard.vocabulary import PAD_TOKEN  # noqa: E402
 
 CONFIGS = {
     "tiny": ["model=ContrastiveModelTiny"],

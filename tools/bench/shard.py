@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark `concept-shard build` against the DESIGN.md Part 3 sharding figures (not a test).
+"""Benchmark `concept-shard build` against the sharding figures of docs/design.md (not a test).
 
 Usage::
 
@@ -8,7 +8,7 @@ Usage::
 
 For each size N it
 
-1. makes (or reuses from the workdir cache) a project laid out as DESIGN.md says::
+1. makes (or reuses from the workdir cache) a project laid out as docs/design.md says::
 
        WORKDIR/project_<N>_<nnz>_<genes>_s<seed>/
            data/bench/h5ads/bench_<N>.h5ad          CSR float32 integer counts
@@ -467,7 +467,7 @@ def main(argv=None) -> int:
     if marginal:
         log(f"\nmarginal rate between {min(sizes):,} and {max(sizes):,} cells: {marginal:,.0f} cells/s")
 
-    # ---- targets (DESIGN.md Part 3)
+    # ---- targets (docs/design.md, "Figures we aim at")
     rate_ok = {str(n): r["shard"]["cells_per_s"] >= 20_000 for n, r in results.items()}
     bytes_ok = {str(n): r["shard"]["bytes_per_nnz"] <= 4.0 for n, r in results.items()}
     rss_ratio = None
@@ -475,7 +475,7 @@ def main(argv=None) -> int:
         rss_ratio = results[max(sizes)]["shard"]["peak_rss_mb"] / results[min(sizes)]["shard"]["peak_rss_mb"]
     targets = {"cells_per_s_ge_20000": all(rate_ok.values()), "bytes_per_nnz_le_4": all(bytes_ok.values()),
                "rss_bounded_within_20pct": None if rss_ratio is None else rss_ratio <= 1.2}
-    log("\ntargets (DESIGN.md Part 3):")
+    log("\ntargets (docs/design.md):")
     for n, r in results.items():
         log(f"  [{'PASS' if rate_ok[str(n)] else 'FAIL'}] >= 20,000 cells/s per process at {n:,} cells: "
             f"{r['shard']['cells_per_s']:,.0f}")

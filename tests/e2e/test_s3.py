@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from concept_shard.errors import UserError
-from conftest import ADVANCED, shard
-from data_helpers import data_module
-from test_train_resume import TINY, _rows
+from helpers import ADVANCED, shard
+from helpers import data_module
+from helpers import TINY_RESUME as TINY, metric_rows as _rows
 
 SMALL_SHARDS = "shard.shard_size_limit=65536"     # ~30 shards per file, so a small cache must evict
 BATCHES = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]

@@ -30,7 +30,7 @@ def _train_and_report(rank: int, project: str, store: str, out: dict) -> None:
     import torch.distributed as dist
 
     from concept_train.cli import main
-    from tests.test_train_cli import TINY
+    from helpers import TINY
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)   # concept-train keeps it
     world = weakref.ref(dist.group.WORLD)

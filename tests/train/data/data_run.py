@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from data_helpers import data_module  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # tests/, for helpers.py
+from helpers import data_module  # noqa: E402
 
 
 def main():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("lamindb") is None, reason="lamindb is not installed (extra: lamindb)"

@@ -7,12 +7,7 @@ import json
 import pytest
 
 from concept_train.cli import main
-
-TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
-        "model.training.max_steps=3", "model.training.log_every_n_steps=1", "model.training.warmup=1",
-        "model.training.val_check_interval=0", "model.training.validate_before_training=False",
-        "datamodule.dataloader.train.batch_size=16", "datamodule.dataloader.train.num_workers=0",
-        "datamodule.dataset.train.max_tokens=50"]
+from helpers import TINY
 
 
 def test_unknown_key_is_a_clear_error(sharded_project_copy, capsys):

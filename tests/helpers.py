@@ -1,15 +1,75 @@
-"""Helpers for the data-pipeline tests: a data module over a sharded example project, and an
-independent per-cell reference of what a view must hold, computed from the SOURCE files."""
+"""Helpers shared by the tests (fixtures are in conftest.py): running `concept-shard` in-process,
+reading shards back with plain streaming, small model configs, metrics rows, a data module over a
+sharded example project, and an independent per-cell reference of what a view must hold,
+computed from the SOURCE files."""
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+REPO = Path(__file__).resolve().parent.parent
 ADVANCED = ["datamodule=DataModuleAdvanced"]
+
+# A model small enough for a few CPU steps in a test (concept-train overrides).
+TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
+        "model.training.max_steps=3", "model.training.log_every_n_steps=1", "model.training.warmup=1",
+        "model.training.val_check_interval=0", "model.training.validate_before_training=False",
+        "datamodule.dataloader.train.batch_size=16", "datamodule.dataloader.train.num_workers=0",
+        "datamodule.dataset.train.max_tokens=50"]
+
+# 20 steps with a checkpoint every 5: the stop-and-go runs (learns enough that losses differ per step).
+TINY_RESUME = ["model.dim_model=32", "model.nlayers=2", "model.num_head=2", "model.dim_hid=64",
+               "model.dim_gene_embs=32", "model.training.lr=1e-3", "model.training.warmup=4",
+               "model.training.max_steps=20", "model.training.log_every_n_steps=1",
+               "model.training.checkpoint_every_n_steps=5", "model.training.val_check_interval=0",
+               "model.training.validate_before_training=False", "datamodule.dataloader.train.batch_size=32",
+               "datamodule.dataset.train.max_tokens=100", "datamodule=DataModuleAdvanced"]
+
+
+def shard(*args) -> int:
+    """Run `concept-shard` in-process (no 10 s interpreter start per call)."""
+    from concept_shard.cli import main
+    return main([str(a) for a in args])
+
+
+def read_dataset(path: Path) -> list[dict]:
+    """Every sample of an MDS dataset, in order, through plain streaming.StreamingDataset."""
+    from streaming import StreamingDataset
+    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+    return [ds[i] for i in range(len(ds))]
+
+
+def dataset_dirs(project: Path) -> list[Path]:
+    return sorted(p.parent for p in (project / "shards").glob("*/*/*/dataset.json"))
+
+
+def assert_same_samples(a: Path, b: Path, n_datasets: int = 9) -> None:
+    """Both projects hold the same datasets with equal samples, column by column."""
+    da = {d.relative_to(a): d for d in dataset_dirs(a)}
+    db = {d.relative_to(b): d for d in dataset_dirs(b)}
+    assert da.keys() == db.keys() and len(da) == n_datasets
+    for rel in da:
+        x, y = read_dataset(da[rel]), read_dataset(db[rel])
+        assert len(x) == len(y), rel
+        for s, t in zip(x, y):
+            assert s.keys() == t.keys()
+            for col in s:
+                np.testing.assert_array_equal(s[col], t[col])
+
+
+def metric_rows(run_dir: Path) -> dict[int, dict]:
+    """The last train row written for each step (a resumed run rewrites the steps after its checkpoint)."""
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            rows[r["step"]] = r
+    return rows
 
 
 def data_module(project: Path, overrides=(), rank: int = 0, world_size: int = 1):
@@ -43,7 +103,6 @@ def _source(project: str, source_file: str, species: str, id_column: str | None)
 def source_cell(project: Path, shard_set, row: int) -> tuple[dict[int, float], float]:
     """({token: count} of the cell's nonzero in-vocabulary genes, library size over all genes), read
     from the source .h5ad with anndata: the reference the loader's output is checked against."""
-    import json
     record = json.loads((shard_set.directory / "dataset.json").read_text())
     X, tokens = _source(str(project), shard_set.source_file, shard_set.species, record.get("gene_id_column"))
     x = X[row]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from concept_train.trainer.validate import knn_accuracy
-from conftest import load_tool
+from tools.make_example_project import main as make_example_project
 
 # the demo's data settings (conf/experiment/demo.yaml): batch 96, small views, small panels too
 MODEL = ["model=ContrastiveModelTiny", "model.training.warmup=20", "model.training.log_every_n_steps=10",
@@ -36,7 +36,7 @@ def test_shard_train_two_processes_resume_embed_knn(tmp_path):
     # the example project at its default size (the session fixture's 300 cells per file are too
     # few for a kNN that means something after a short run)
     project = tmp_path / "project"
-    load_tool("make_example_project").main([str(project)])
+    make_example_project([str(project)])
     _run("concept_shard.cli", "build", str(project), "--no-progress")
     torchrun = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29000 + os.getpid() % 500),
                 "-m", "concept_train.cli", str(project), *MODEL, "initialize.run_id=e2e"]

@@ -3,8 +3,6 @@ configs and the data properties that the sharder and trainer rely on."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -15,24 +13,17 @@ import pytest
 import scipy.sparse as sp
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 SPLIT_YAMLS = sorted((REPO / "conf" / "datamodule").glob("split_*/*.yaml"))
 SPECIES = ("hsapiens", "mmusculus")
 N_CELLS = 200
 
 
-def load_tool(name: str):
-    """Import a script from tools/ (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return load_tool("make_example_project")
+    import tools.make_example_project
+    return tools.make_example_project
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from concept_train.data import DataError
 from concept_train.data.panels import DesignedPanel, PanelSampler, PanelSpec, TARGETED_ASSAY_GENES
-from data_helpers import data_module
+from helpers import data_module
 
 GENES = np.arange(100, 100 + 20_000)            # a file's in-vocabulary genes (token ids)
 

@@ -15,12 +15,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = ["model.dim_model=32", "model.nlayers=2", "model.num_head=2", "model.dim_hid=64", "model.dim_gene_embs=32",
-        "model.training.lr=1e-3", "model.training.warmup=4", "model.training.max_steps=20",
-        "model.training.log_every_n_steps=1", "model.training.checkpoint_every_n_steps=5",
-        "model.training.val_check_interval=0", "model.training.validate_before_training=False",
-        "datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=100",
-        "datamodule=DataModuleAdvanced"]
+from helpers import TINY_RESUME as TINY, metric_rows as _rows
 
 
 def _cmd(project, nproc, *overrides):
@@ -71,16 +66,6 @@ class Launch:
     def kill(self) -> None:
         for p in self.procs:
             os.killpg(p.pid, signal.SIGKILL)
-
-
-def _rows(run_dir: Path) -> dict[int, dict]:
-    """The last row written for each step (a resumed run rewrites the steps after its checkpoint)."""
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            rows[r["step"]] = r
-    return rows
 
 
 def _stop_and_go(project: Path, nproc: int, workers: int, launcher: str = "torchrun"):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ADVANCED, REPO, assert_same_samples, read_dataset, shard
+from helpers import ADVANCED, REPO, assert_same_samples, read_dataset, shard
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from concept_train.cli import main as train
-from conftest import ADVANCED, read_dataset, shard
-from test_train_cli import TINY
+from helpers import ADVANCED, read_dataset, shard
+from helpers import TINY
 
 TRAIN_FILES = ["hsapiens/synth_hsapiens/hs_blood_a", "hsapiens/synth_hsapiens/hs_lung_b",
                "hsapiens/synth_hsapiens/hs_targeted_c", "hsapiens/synth_hsapiens/hs_gut_d",

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from concept_shard.plan import WorkUnit, assign, file_ranges
-from conftest import ADVANCED, assert_same_samples, dataset_dirs, shard
+from helpers import ADVANCED, assert_same_samples, dataset_dirs, shard
 
 
 def test_file_ranges_cover_rows_in_bounded_parts():

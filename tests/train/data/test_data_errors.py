@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from concept_train.data import DataError
-from conftest import ADVANCED, shard
-from data_helpers import data_module
+from helpers import ADVANCED, shard
+from helpers import data_module
 
 
 @pytest.fixture

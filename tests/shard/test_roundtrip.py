@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from conftest import ADVANCED, dataset_dirs, read_dataset, shard
+from helpers import ADVANCED, dataset_dirs, read_dataset, shard
 
 OBS_KEYS = ["dataset", "donor_id", "tissue", "cell_type"]
 

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ADVANCED, read_dataset, shard
+from helpers import ADVANCED, read_dataset, shard
 
 HS = "data/synth_hsapiens/h5ads"
 MM = "data/synth_mmusculus/h5ads"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_helpers import data_module, expected_view, sequences, source_cell
+from helpers import data_module, expected_view, sequences, source_cell
 
 
 def _check_batch(project, dm, batch, max_tokens, normalization):

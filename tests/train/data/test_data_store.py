@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_helpers import data_module
+from helpers import data_module
 
 
 def test_fast_decoder_equals_streaming_decode_on_every_sample(sharded_example):

@@ -15,8 +15,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from concept_shard.config import compose_config
+from helpers import REPO
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+DOC = REPO / "docs" / "config.md"
 # name -> (overrides, the labels whose values the page gives as "(Tiny `x`, demo `y`)", most specific first)
 COMPOSITIONS = {
     "Basic": (["datamodule=DataModuleBasic", "model=ContrastiveModel"], []),

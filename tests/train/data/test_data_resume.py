@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from concept_train.data import DataError
-from data_helpers import data_module
+from helpers import data_module
 
 HERE = Path(__file__).parent
 SMALL = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import ADVANCED, REPO, dataset_dirs, shard
+from helpers import ADVANCED, REPO, dataset_dirs, shard
 
 
 @pytest.mark.slow
