@@ -19,6 +19,7 @@ from .datasets import Expectation, ShardStore, settings_digest
 from .errors import ConfigError, ShardError, UserError
 from .finalize import finished_parts, join_parts, write_species_indexes
 from .layout import DatasetLayout, read_json, remove_tree, write_json_atomic
+from .mds import parse_compression
 from .plan import WorkUnit, assign, file_ranges
 from .source import AnnDataSource
 from .splits import SourceFile, collect_source_files
@@ -65,9 +66,16 @@ class ShardJob:
         self.remote = self.store.remote
         s = cfg.shard
         self.settings = PartSettings(obs_keys=list(OmegaConf.select(cfg, "datamodule.obs_keys") or []),
-                                     chunk_size=int(s.chunk_size), shard_size_limit=int(s.shard_size_limit),
-                                     compression=s.compression or None, allow_non_integral=bool(s.allow_non_integral))
-        self.part_size = int(s.part_size)
+                                     chunk_size=_count(s, "chunk_size", 1), shard_size_limit=_count(s, "shard_size_limit", 1024),
+                                     compression=s.compression or None, allow_non_integral=s.allow_non_integral)
+        self.part_size = _count(s, "part_size", 1)
+        if not isinstance(self.settings.allow_non_integral, bool):
+            raise ConfigError("shard.allow_non_integral", f"is {self.settings.allow_non_integral!r}.", "Use true or false.")
+        try:
+            parse_compression(self.settings.compression)
+        except ValueError as exc:
+            raise ConfigError("shard.compression", f"is {self.settings.compression!r}: {exc}.",
+                              "Use zstd, zstd:1 .. zstd:22, or null.") from None
         self._vocabs: dict[str, Vocabulary | UserError] = {}
         files, self.config_errors = collect_source_files(cfg)
         self.jobs = [FileJob(sf, self.store.local(sf)) for sf in files]
@@ -337,6 +345,15 @@ class ShardJob:
             if record is not None:
                 out.append(record)
         return out
+
+
+def _count(section, name: str, low: int) -> int:
+    """An integer setting of `shard` that must be at least `low` (a bad one would publish empty
+    datasets that later builds call up to date)."""
+    value = section.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"shard.{name}", f"is {value!r}.", f"Use an integer of at least {low}.")
+    return value
 
 
 def _open(sf: SourceFile) -> AnnDataSource:

@@ -21,6 +21,10 @@ from .vocabulary import Vocabulary, strip_version
 # (gene-vectors): scanpy's usual choice.
 TARGET_SUM = 1e4
 
+# A cell's library size is stored as int64 (float64 with allow_non_integral) and summed in float64:
+# exact below 2^53. Raw counts are far below; a larger total means the matrix holds something else.
+MAX_LIBRARY_SIZE = 2.0 ** 53
+
 # Counts are stored per cell in the smallest unsigned dtype that holds the cell's maximum
 # (UMI counts are mostly < 256, so usually 1 byte per value).
 _COUNT_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64))
@@ -76,16 +80,19 @@ class ChunkCells:
 
 def _validate(path: Path, data: np.ndarray, indices: np.ndarray, row0: int, indptr: np.ndarray,
               allow_non_integral: bool) -> float:
-    """Raise on NaN, negative or (unless allowed) non-integral values; return the minimum."""
+    """Raise on NaN, infinite, negative or (unless allowed) non-integral values; return the minimum."""
     if len(data) == 0:
         return 1.0
     low = data.min()
     if data.dtype.kind == "u" or (data.dtype.kind == "i" and low >= 0):
         return float(low)
-    if data.dtype.kind == "f" and low >= 0 and (allow_non_integral or np.array_equal(np.floor(data), data)):
+    finite = data.dtype.kind != "f" or bool(np.isfinite(data.max()))      # NaN or inf: max is not finite
+    if finite and low >= 0 and (allow_non_integral or np.array_equal(np.floor(data), data)):
         return float(low)          # NaN fails both tests above (min of data with NaN is NaN)
     if data.dtype.kind == "f" and np.isnan(data).any():
         bad, what = np.flatnonzero(np.isnan(data))[0], "NaN"
+    elif data.dtype.kind == "f" and np.isinf(data).any():
+        bad, what = np.flatnonzero(np.isinf(data))[0], "infinite"
     elif (data < 0).any():
         bad, what = np.flatnonzero(data < 0)[0], "negative"
     else:
@@ -124,6 +131,11 @@ def map_chunk(path: Path, chunk: sp.csr_matrix, row0: int, gene_map: GeneMap, vo
     has_values = lengths > 0
     if has_values.any():
         n_counts[has_values] = _row_sums(data, indptr[:-1][has_values], not allow_non_integral)
+        if n_counts.max() >= MAX_LIBRARY_SIZE:
+            row = int(np.argmax(n_counts))
+            raise ShardError(path, f"holds a cell whose counts add up to {n_counts[row]:.3g} (row {row0 + row}), "
+                             f"beyond what is stored exactly (2^53).",
+                             "Put the raw counts in X or in .raw; values this large are not counts.")
     tokens = gene_map.col_token[indices]
     if gene_map.has_oov or low == 0:      # drop genes outside the vocabulary and stored zeros
         keep = (tokens >= 0) & (data != 0)

@@ -140,27 +140,86 @@ class AnnDataSource:
 
     # ---- counts --------------------------------------------------------------------------
     def read_rows(self, start: int, end: int, scratch: Path | None = None) -> sp.csr_matrix:
-        """Rows [start, end) as CSR over the source columns (values as stored)."""
+        """Rows [start, end) as a valid CSR matrix over the source columns (values as stored, but
+        float16 widened to float32). A file whose sparse structure is broken is refused here,
+        before any compiled routine sees it (scipy's kernels trust the structure and corrupt
+        memory when it lies)."""
         if self.format == "csr":
             indptr = np.asarray(self.X["indptr"][start:end + 1], dtype=np.int64)
+            check_indptr(self.path, f"{self.matrix_key}/indptr", indptr, int(self.X["indices"].shape[0]), start)
             lo, hi = int(indptr[0]), int(indptr[-1])
-            data = np.asarray(self.X["data"][lo:hi])
+            data = _values(self.path, self.matrix_key, np.asarray(self.X["data"][lo:hi]))
             indices = np.asarray(self.X["indices"][lo:hi])
+            check_indices(self.path, f"{self.matrix_key}/indices", indices, indptr - lo, self.shape[1], start)
             return sp.csr_matrix((data, indices, indptr - lo), shape=(end - start, self.shape[1]))
         if self.format == "dense":
-            return sp.csr_matrix(np.asarray(self.X[start:end]))
+            return sp.csr_matrix(_values(self.path, self.matrix_key, np.asarray(self.X[start:end])))
         if self._csc is None:
             raise RuntimeError("call csc_prepare(start, end, chunk_size, scratch) before reading a CSC file")
         return self._csc.read(start, end)
 
     def csc_prepare(self, start: int, end: int, chunk_size: int, scratch: Path) -> None:
         if self.format == "csc":
-            self._csc = _CscRows(self.X, self.shape, start, end, chunk_size, scratch)
+            self._csc = _CscRows(self.X, self.shape, start, end, chunk_size, scratch, self.path, self.matrix_key)
 
     def rows_per_read(self, chunk_size: int) -> int:
         if self.format == "dense":
             return max(1, min(chunk_size, MAX_ELEMENTS_PER_READ // max(1, self.shape[1])))
         return chunk_size
+
+
+def check_indptr(path, key: str, indptr: np.ndarray, n_stored: int, row0: int) -> None:
+    """A sparse matrix's pointer array (a slice of it) must be non-decreasing and within the
+    stored entries."""
+    steps = np.diff(indptr)
+    if len(steps) and steps.min() < 0:
+        bad = int(np.flatnonzero(steps < 0)[0])
+        raise ShardError(path, f"has a corrupt {key}: it decreases at position {row0 + bad + 1} "
+                         f"({int(indptr[bad])} -> {int(indptr[bad + 1])}).",
+                         "Re-export the file from its original (anndata's write_h5ad writes a valid one).")
+    if len(indptr) and (indptr[0] < 0 or indptr[-1] > n_stored):
+        raise ShardError(path, f"has a corrupt {key}: it points outside the {n_stored} stored entries "
+                         f"(from {int(indptr[0])} to {int(indptr[-1])}).",
+                         "Re-export the file from its original (anndata's write_h5ad writes a valid one).")
+
+
+def check_indices(path, key: str, indices: np.ndarray, indptr: np.ndarray, n_minor: int, major0: int,
+                  major: str = "row") -> None:
+    """Minor indices (columns of a CSR row, rows of a CSC column) must lie in [0, n_minor) and
+    appear at most once per row (a repeated index would store one gene twice). O(nnz): scipy's
+    canonical-format check in C, and a counting sort only for files whose rows are unsorted."""
+    if len(indices) == 0:
+        return
+    if int(indices.min()) < 0 or int(indices.max()) >= n_minor:
+        bad = int(np.flatnonzero((indices < 0) | (indices >= n_minor))[0])
+        at = major0 + int(np.searchsorted(indptr, bad, side="right")) - 1
+        raise ShardError(path, f"has a corrupt {key}: {major} {at} holds index {int(indices[bad])}, outside "
+                         f"0..{n_minor - 1}.", "Re-export the file from its original.")
+    block = sp.csr_matrix((np.ones(len(indices), np.int8), indices, indptr), shape=(len(indptr) - 1, n_minor))
+    if block.has_canonical_format:          # sorted, no duplicates
+        return
+    ordered = block.tocsc().tocsr()          # sorts each row, keeps duplicates
+    repeated = np.diff(ordered.indices) == 0
+    starts = ordered.indptr[1:-1]                     # entry k and k + 1 straddle a row start at k + 1
+    repeated[starts[(starts >= 1) & (starts <= len(repeated))] - 1] = False
+    if repeated.any():
+        at = int(np.flatnonzero(repeated)[0])
+        row = int(np.searchsorted(ordered.indptr, at, side="right")) - 1
+        raise ShardError(path, f"has a corrupt {key}: {major} {major0 + row} lists index "
+                         f"{int(ordered.indices[at])} twice.",
+                         "Sum the duplicates (`adata.X.sum_duplicates()`) and write the file again.")
+
+
+def _values(path, key: str, data: np.ndarray) -> np.ndarray:
+    """The stored values with a supported dtype: integers as they are, float32/float64 as they are,
+    float16 widened to float32 (exact); booleans and anything else are refused."""
+    kind = data.dtype.kind
+    if kind in "iu" or data.dtype in (np.float32, np.float64):
+        return data
+    if data.dtype == np.float16:
+        return data.astype(np.float32)
+    raise ShardError(path, f"stores {key} as {data.dtype}, which is not a count matrix.",
+                     "Put the raw counts (integers, or floats) in X or in .raw.")
 
 
 class AnnDataObjectSource:
@@ -253,11 +312,14 @@ class _CscRows:
     column block size, instead of re-scanning the whole matrix for every row chunk.
     """
 
-    def __init__(self, X, shape, start, end, chunk_size, scratch: Path):
+    def __init__(self, X, shape, start, end, chunk_size, scratch: Path, path=None, key: str = "X"):
         self.start, self.chunk_size, self.n_cols = start, chunk_size, shape[1]
         self.dir = Path(tempfile.mkdtemp(prefix="csc-", dir=scratch))
         indptr = np.asarray(X["indptr"][:], dtype=np.int64)
+        check_indptr(path, f"{key}/indptr", indptr, int(X["indices"].shape[0]), 0)
         value_dtype = np.dtype(X["data"].dtype)
+        if value_dtype == np.float16:
+            value_dtype = np.dtype(np.float32)
         self.record = np.dtype([("row", np.int64), ("col", np.int32), ("val", value_dtype)])
         col = 0
         while col < shape[1]:
@@ -266,7 +328,8 @@ class _CscRows:
             stop = min(max(stop - 1, col + 1), shape[1])
             lo, hi = int(indptr[col]), int(indptr[stop])
             rows = np.asarray(X["indices"][lo:hi], dtype=np.int64)
-            vals = np.asarray(X["data"][lo:hi])
+            check_indices(path, f"{key}/indices", rows, indptr[col:stop + 1] - lo, shape[0], col, "column")
+            vals = _values(path, key, np.asarray(X["data"][lo:hi]))
             cols = np.repeat(np.arange(col, stop, dtype=np.int32), np.diff(indptr[col:stop + 1]))
             keep = (rows >= start) & (rows < end)
             rows, cols, vals = rows[keep], cols[keep], vals[keep]

@@ -48,6 +48,19 @@ class SourceFile:
         return f"{self.species}/{self.source_name}/{self.stem}"
 
 
+def check_plain_name(value: str, key: str, error=ShardError) -> str:
+    """`value` as one directory name under a root the program owns: not empty, no path separator,
+    not `.`/`..`, no leading dot (our own `.parts`, `.tmp` live there). Config values become paths
+    (`shards/<species>/<source_name>/`, `model_checkpoints/<run_id>/`); one with `../` would make a
+    build or a run write, and replace, directories outside the project."""
+    text = str(value)
+    if (not text or text.startswith(".") or any(c in text for c in "/\\\0")
+            or any(ord(c) < 32 for c in text)):
+        raise error(key, f"is {text!r}, which is not a plain name: it would place files outside their directory.",
+                    "Use a name of letters, digits, '_', '-' and '.', without '/' and not starting with '.'.")
+    return text
+
+
 def loader_split_keys(cfg: DictConfig) -> list[tuple[str, str]]:
     """(config key of a loader's split list, its default section) for every loader in the datamodule."""
     dm = cfg.datamodule
@@ -162,7 +175,8 @@ def _files_of_split(key, split, mappings: Path, allowed_species) -> list[tuple[S
     missing = [k for k in ("source_name", "species", "source_path") if OmegaConf.select(split, k) is None]
     if missing:
         raise ShardError(key, f"lacks {', '.join(missing)}.", "Every split YAML needs source_name, species and source_path.")
-    species, source_name = str(split.species), str(split.source_name)
+    species = check_plain_name(split.species, f"{key}.species")
+    source_name = check_plain_name(split.source_name, f"{key}.source_name")
     if not (mappings / f"{species}.csv").is_file() or (allowed_species is not None and species not in allowed_species):
         known = sorted(p.stem for p in mappings.glob("*.csv")) if mappings.is_dir() else []
         raise ShardError(key, f"names species '{species}', which has no token mapping "
@@ -179,6 +193,11 @@ def _files_of_split(key, split, mappings: Path, allowed_species) -> list[tuple[S
             sf = SourceFile(species=species, source_name=source_name, name=name, path=source_path / name,
                             split_key=key, var_gene_id_column=OmegaConf.select(split, "var_gene_id_column"),
                             sections={section})
+            try:
+                check_plain_name(sf.stem, f"{key} ({source_name}/{species}): file `{name}`")
+            except ShardError as err:
+                out.append((sf, err))
+                continue
             if name.startswith(LAMINDB_PREFIX):
                 sf.lamindb_key = name[len(LAMINDB_PREFIX):]
                 out.append((sf, None))

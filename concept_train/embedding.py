@@ -96,14 +96,14 @@ def embed_source(loaded: LoadedModel, path: Path, species: str | None = None, ge
 
 
 def embed(adata, model, species: str | None = None, gene_id_column: str | None = None, batch_size: int = 256,
-          max_tokens: int | None = None, key: str = "X_concept", device=None) -> np.ndarray:
+          max_tokens: int | None = None, key: str = "X_concept", device=None, trust_pickle: bool = False) -> np.ndarray:
     """Embed the cells of an AnnData object with a trained model, in place.
 
     `model` is what `load_model()` returns, or a run / checkpoint directory. Counts are read from
     `adata.raw` when it is set, else `adata.X` (raw counts, as for sharding). Writes
     `adata.obsm[key]` (L2-normalised float32) and `adata.uns["concept"]`; returns the embeddings.
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device, trust_pickle=trust_pickle)
     src = AnnDataObjectSource(adata, gene_id_column)
     z, species = embed_rows(loaded, src, "AnnData object", species, gene_id_column, batch_size, max_tokens)
     adata.obsm[key] = z
@@ -112,13 +112,13 @@ def embed(adata, model, species: str | None = None, gene_id_column: str | None =
 
 
 def embed_file(run_or_checkpoint, input_path, out_path, species=None, gene_id_column=None, batch_size=256,
-               device=None, max_tokens=None) -> Path:
+               device=None, max_tokens=None, trust_pickle: bool = False) -> Path:
     """Write a copy of `input_path` with obsm["X_concept"] and uns["concept"] to `out_path` (.h5ad)."""
     import h5py
     from anndata.io import write_elem
 
     input_path, out_path = Path(input_path), Path(out_path)
-    loaded = load_model(run_or_checkpoint, device)
+    loaded = load_model(run_or_checkpoint, device, trust_pickle=trust_pickle)
     z, species = embed_source(loaded, input_path, species, gene_id_column, batch_size, max_tokens)
     if input_path.is_dir() or input_path.suffix == ".zarr":
         import anndata as ad
@@ -145,10 +145,13 @@ def main(argv=None) -> int:
     p.add_argument("--gene-id-column")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-tokens", type=int, help="genes per cell (default: the run's training max_tokens)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that predates model.safetensors through its pickled metadata "
+                   "(only for checkpoints you made or trust)")
     args = p.parse_args(argv)
     try:
         out = embed_file(args.run_or_checkpoint, args.input, args.out, args.species, args.gene_id_column, args.batch_size,
-                         max_tokens=args.max_tokens)
+                         max_tokens=args.max_tokens, trust_pickle=args.trust_checkpoint)
     except UserError as err:
         print(f"concept-embed: {err.paragraph()}", file=sys.stderr)
         return 2

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from concept_shard.errors import TrainError
 from concept_shard.vocabulary import Vocabulary, load_vocabulary
@@ -47,10 +48,15 @@ def checkpoint_step(path: Path) -> int:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names, if it is complete. The pointer holds one name of
+    the form step_<N>; anything else (a path that would lead out of the run) is not a checkpoint."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not re.fullmatch(r"step_\d+", name):
+        return None
+    path = pointer.parent / name
     return path if (path / "trainer_state.json").is_file() else None
 
 
@@ -60,9 +66,14 @@ def resolve_checkpoint(path) -> Path | None:
     return latest_checkpoint(path) or (path if (path / "trainer_state.json").is_file() else None)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, d: Dist, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, d: Dist, keep_last: int,
+                    run_config=None) -> Path:
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    if latest_checkpoint(run_dir) == final:
+        # a resumed run that had already reached its last step: the state is the one saved there.
+        # Replacing it would leave `latest` naming nothing for a moment, and a kill then loses the run.
+        return final
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -71,15 +82,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     with warnings.catch_warnings():      # one process without a process group is intended
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rng = _gather_objects({"cpu": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, d)
     if d.is_main:
         torch.save(rng, tmp / "rng.pt")
+        _write_shareable(tmp, weights, model.cfg, run_config)
         with open(tmp / "trainer_state.json", "w") as fh:
             json.dump(dict(trainer_state, step=step, world_size=d.world_size), fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)     # not `latest` (above): a leftover of a killed attempt
         os.replace(tmp, final)
         pointer_tmp = root / "latest.tmp"
         pointer_tmp.write_text(final.name + "\n")
@@ -95,37 +108,76 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
 
 
 def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = False) -> dict:
-    """Load `path` into model (and optimizer, RNG, unless weights_only); returns trainer_state."""
+    """Load `path` into model (and optimizer, RNG, unless weights_only); returns trainer_state.
+
+    weights_only reads the shareable `model.safetensors` (no pickle: a checkpoint from elsewhere
+    runs no code); a resume reads DCP's files, whose metadata is a pickle: a run directory is
+    trusted like any pickle (README, "Security")."""
     path = Path(path)
-    msd, osd = get_state_dict(model, optimizer)
     if weights_only:
-        state = {"model": msd}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-    else:
-        # A parameter that had no gradient before the checkpoint (the gene table of a species not yet
-        # seen) has no optimizer state in it, while a fresh optimizer's state dict has state for every
-        # parameter. Load only what was saved: the parameter then starts without state, as it would
-        # have in the uninterrupted run.
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        osd = dict(osd, state={fqn: s for fqn, s in osd["state"].items()
-                               if all(f"optim.state.{fqn}.{k}" in saved for k in s)})
-        state = {"model": msd, "optim": osd}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    if not weights_only:
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        mine = rng[d.rank] if d.rank < len(rng) else rng[0]
-        torch.set_rng_state(mine["cpu"])
-        if mine.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(mine["cuda"])
-    return trainer_state
+        weights = read_weights(path)
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        return json.loads((path / "trainer_state.json").read_text())
+    msd, osd = get_state_dict(model, optimizer)
+    # A parameter that had no gradient before the checkpoint (the gene table of a species not yet
+    # seen) has no optimizer state in it, while a fresh optimizer's state dict has state for every
+    # parameter. Load only what was saved: the parameter then starts without state, as it would
+    # have in the uninterrupted run.
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    osd = dict(osd, state={fqn: s for fqn, s in osd["state"].items()
+                           if all(f"optim.state.{fqn}.{k}" in saved for k in s)})
+    state = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
+    try:
+        rng = torch.load(path / "rng.pt", weights_only=True)      # tensors and dicts only: no code runs
+    except Exception as exc:          # a file that holds anything else (code included) is refused
+        raise TrainError(path / "rng.pt", f"is not the RNG state concept-train writes ({type(exc).__name__}).",
+                         "The checkpoint is damaged or was altered: resume from an earlier checkpoint of the run, "
+                         "or start a new run.") from None
+    mine = rng[d.rank] if d.rank < len(rng) else rng[0]
+    torch.set_rng_state(mine["cpu"])
+    if mine.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# ---- the shareable part of a checkpoint: weights and configs, no pickle ----------------------
+WEIGHTS, MODEL_JSON, CONFIG = "model.safetensors", "model.json", "config.yaml"
+
+
+def _write_shareable(directory: Path, weights: dict, model_cfg, run_config) -> None:
+    """`model.safetensors` (the full weights), `model.json` (the architecture) and `config.yaml`
+    (this run segment's resolved config): everything `load_model` needs, in formats that carry
+    data only."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS),
+              metadata={"format": "pt", "written_by": "concept-train"})
+    (directory / MODEL_JSON).write_text(json.dumps(asdict(model_cfg), indent=1, sort_keys=True) + "\n")
+    if run_config is not None:
+        OmegaConf.save(run_config, directory / CONFIG, resolve=True)
+
+
+def read_weights(checkpoint: Path) -> dict:
+    """The checkpoint's full weights from `model.safetensors` (a TrainError when it has none)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint) / WEIGHTS
+    if not path.is_file():
+        raise TrainError(checkpoint, f"has no {WEIGHTS}: it was written before checkpoints carried shareable "
+                         "weights, or it is damaged.",
+                         "Resume its run once (initialize.resume=True, one more step) to write one, or, if you "
+                         "trust where it came from, load it with trust_pickle=True (concept-embed "
+                         "--trust-checkpoint).")
+    try:
+        return load_file(str(path))
+    except Exception as exc:      # safetensors raises its own error types for a damaged header
+        raise TrainError(path, f"cannot be read ({type(exc).__name__}: {exc}).",
+                         "The file is damaged: use another checkpoint of the run.") from None
 
 
 @dataclass
@@ -142,23 +194,38 @@ class LoadedModel:
         return {"run_id": self.run_id, "step": self.step, "species": species, "checkpoint": str(self.checkpoint)}
 
 
-def load_model(run_or_checkpoint, device=None) -> LoadedModel:
+def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> LoadedModel:
     """A run directory (its latest checkpoint) or a `checkpoints/step_<N>` directory -> model in eval
-    mode, built from the run's config.yaml."""
+    mode. Reads the checkpoint's own `model.json`, `config.yaml` and `model.safetensors`: no pickle,
+    so a model from elsewhere runs no code. Checkpoints older than those files load through DCP only
+    with `trust_pickle=True`."""
     path = Path(run_or_checkpoint)
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
         raise TrainError(path, "is neither a run directory with a complete checkpoint nor a checkpoint directory.",
                          "Pass PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.")
     run_dir = ckpt.parent.parent
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    shareable = (ckpt / WEIGHTS).is_file() or not trust_pickle
+    cfg = OmegaConf.load(ckpt / CONFIG if (ckpt / CONFIG).is_file() else run_dir / CONFIG)
     vocabs = {sp: load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sp) for sp in cfg.datamodule.species}
-    model = ContrastiveModel(ModelConfig.from_run_config(cfg, {sp: v.size for sp, v in vocabs.items()}))
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():      # "torch.distributed is disabled ... single process": intended here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(ckpt))
-    model.load_state_dict(state["model"])
+    sizes = {sp: v.size for sp, v in vocabs.items()}
+    if shareable:
+        weights = read_weights(ckpt)
+        mcfg = ModelConfig(**json.loads((ckpt / MODEL_JSON).read_text())) if (ckpt / MODEL_JSON).is_file() \
+            else ModelConfig.from_run_config(cfg, sizes)
+        if mcfg.vocab_sizes != sizes:
+            raise TrainError(ckpt, f"was trained with vocabularies of {mcfg.vocab_sizes} tokens, but the token "
+                             f"mappings in {cfg.PATH.GENE_MAPPINGS_PATH} now have {sizes}.",
+                             "Restore the token mappings the run was trained with.")
+        model = ContrastiveModel(mcfg)
+        model.load_state_dict(weights)
+    else:
+        model = ContrastiveModel(ModelConfig.from_run_config(cfg, sizes))
+        state = {"model": model.state_dict()}
+        with warnings.catch_warnings():      # "torch.distributed is disabled ... single process": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(ckpt))
+        model.load_state_dict(state["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state_json = json.loads((ckpt / "trainer_state.json").read_text())
     return LoadedModel(model.to(device).eval(), cfg, str(state_json.get("run_id", run_dir.name)), int(state_json["step"]),

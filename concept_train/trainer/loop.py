@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from concept_shard.errors import TrainError, UserError
 from concept_shard.gene_vectors import GeneVectorWidthError, read_gene_vectors
+from concept_shard.splits import check_plain_name
 
 from ..data import DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
@@ -98,6 +99,8 @@ class Trainer:
         init = self.cfg.initialize
         root = Path(self.cfg.PATH.CHECKPOINT_ROOT)
         run_id = init.get("run_id")
+        if run_id:       # a folder under PATH.CHECKPOINT_ROOT, never a path out of it
+            run_id = check_plain_name(run_id, "initialize.run_id", TrainError)
         resume_from = weights_from = None
         if init.get("resume"):
             if not run_id:
@@ -253,7 +256,7 @@ class Trainer:
     def checkpoint(self) -> Path:
         state = {"scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict(), "run_id": self.run_id}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.d,
-                               keep_last=int(self.training.get("keep_last_checkpoints", 3)))
+                               keep_last=int(self.training.get("keep_last_checkpoints", 3)), run_config=self.cfg)
 
     def run_validation(self) -> None:
         row = validate(self.model, self.val_loaders, self.forward_views, self.data.obs_keys, self.objective, self.step)

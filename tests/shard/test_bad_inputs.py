@@ -27,6 +27,37 @@ def _set_value(rel: str, value: float):
     return apply
 
 
+def _edit_matrix(rel: str, key: str, edit):
+    """Change one array of the file's sparse X in place (a corrupt but readable file)."""
+    def apply(project: Path):
+        with h5py.File(project / rel, "r+") as f:
+            values = f[f"X/{key}"][:]
+            edit(values, f["X/indptr"][:])
+            f[f"X/{key}"][:] = values
+    return apply
+
+
+def _swap_pointers(values, indptr):
+    values[10], values[11] = values[11], values[10]           # rows 9 and 10 overlap: not monotone
+
+
+def _negative_index(values, indptr):
+    values[int(indptr[3])] = -1
+
+
+def _repeat_index(values, indptr):
+    start = int(indptr[4])
+    values[start + 1] = values[start]                          # row 4 names its first gene twice
+
+
+def _retype(rel: str, dtype):
+    def apply(project: Path):
+        adata = ad.read_h5ad(project / rel)
+        adata.X = adata.X.astype(dtype)
+        adata.write_h5ad(project / rel)
+    return apply
+
+
 def _rewrite_var(rel: str, change):
     def apply(project: Path):
         adata = ad.read_h5ad(project / rel)
@@ -66,6 +97,17 @@ CASES = {
     "NaN counts": (_set_value(f"{MM}/mm_brain_a.h5ad", np.nan), ["mm_brain_a.h5ad", "NaN counts"], 1),
     "non-integral counts": (_set_value(f"{HS}/hs_blood_a.h5ad", 0.5),
                             ["hs_blood_a.h5ad", "non-integral", "allow_non_integral"], 1),
+    # corrupt but readable: refused before a compiled routine sees them (the first aborted the
+    # process with "free(): invalid next size", the others stored wrong genes)
+    "non-monotone indptr": (_edit_matrix(f"{HS}/hs_blood_a.h5ad", "indptr", _swap_pointers),
+                            ["hs_blood_a.h5ad", "corrupt X/indptr", "decreases"], 1),
+    "negative column index": (_edit_matrix(f"{MM}/mm_brain_a.h5ad", "indices", _negative_index),
+                              ["mm_brain_a.h5ad", "corrupt X/indices", "row 3 holds index -1"], 1),
+    "repeated column index": (_edit_matrix(f"{HS}/hs_val_e.h5ad", "indices", _repeat_index),
+                              ["hs_val_e.h5ad", "corrupt X/indices", "row 4 lists index", "twice"], 1),
+    "infinite counts": (_set_value(f"{MM}/mm_brain_a.h5ad", np.inf), ["mm_brain_a.h5ad", "infinite counts"], 1),
+    "counts beyond 2^53": (_set_value(f"{MM}/mm_kidney_b.h5ad", 1e20), ["mm_kidney_b.h5ad", "add up to 1e+20"], 1),
+    "boolean matrix": (_retype(f"{HS}/hs_val_e.h5ad", bool), ["hs_val_e.h5ad", "as bool", "not a count matrix"], 1),
     "no vocabulary overlap": (_rewrite_var(f"{MM}/mm_kidney_b.h5ad", lambda n: np.array([f"Gene{i}" for i in range(len(n))])),
                               ["mm_kidney_b.h5ad", "shares no gene id", "var_gene_id_column"], 1),
     "duplicate gene ids": (_rewrite_var(f"{HS}/hs_val_e.h5ad", _dup_ids), ["hs_val_e.h5ad", "duplicate gene ids"], 1),
@@ -155,3 +197,49 @@ def test_missing_var_gene_id_column_names_the_column(project, tmp_path, capsys):
     assert shard("build", project, "--config-dir", conf, "datamodule=WithExtra", "--no-progress") == 1
     err = " ".join(capsys.readouterr().err.split())     # messages are wrapped at the terminal width
     assert "no var column 'ensembl'" in err and "var_gene_id_column" in err
+
+
+def test_float16_counts_are_widened_not_refused(project):
+    """float16 holds small integers exactly: such a file is sharded as its float32 copy would be."""
+    rel = f"{MM}/mm_val_c.h5ad"
+    X = ad.read_h5ad(project / rel).X.tocsr().astype(np.float64)
+    with h5py.File(project / rel, "r+") as f:      # scipy has no float16 matrices; files can
+        data = f["X/data"][:]
+        del f["X/data"]
+        f["X/data"] = data.astype(np.float16)
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    cells = read_dataset(project / "shards/mmusculus/synth_mmusculus/mm_val_c")
+    first = cells[0]
+    row = X[int(first["row"])]
+    assert first["counts"].astype(np.float64).sum() == row.sum() and int(first["n_counts"]) == int(row.sum())
+
+
+@pytest.mark.parametrize("name_key,value", [("source_name", "../../../victim"), ("source_name", ".parts"),
+                                            ("species", "../hsapiens")])
+def test_split_names_that_would_leave_the_shards_root_are_refused(name_key, value, project, tmp_path, capsys):
+    """A source_name of ../../../victim once made the build delete and replace a directory outside
+    the project (exit 0)."""
+    victim = project.parent.parent / "victim"
+    victim.mkdir(exist_ok=True)
+    (victim / "precious.txt").write_text("keep me")
+    fields = {"source_name": "extra", "species": "hsapiens"} | {name_key: value}
+    conf = _config_dir_with_split(tmp_path, f"source_name: '{fields['source_name']}'\nspecies: '{fields['species']}'\n"
+                                  "source_path: ${PATH.PROJECT_PATH}/data/synth_hsapiens/h5ads\ntrain: [hs_val_e.h5ad]\n")
+    assert shard("build", project, "--config-dir", conf, "datamodule=WithExtra", "--no-progress") == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"datamodule.split_extra_hsapiens.{name_key}" in err and "not a plain name" in err, err
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert len(list(project.glob("shards/*/*/*/dataset.json"))) == 9        # the other files completed
+
+
+@pytest.mark.parametrize("override,key", [("shard.chunk_size=-1", "shard.chunk_size"), ("shard.part_size=0", "shard.part_size"),
+                                          ("shard.shard_size_limit=10", "shard.shard_size_limit"),
+                                          ("shard.compression=gzip", "shard.compression"),
+                                          ("shard.allow_non_integral=maybe", "shard.allow_non_integral")])
+def test_shard_settings_out_of_range_are_refused_before_any_work(override, key, project, capsys):
+    """shard.chunk_size=-1 once published every dataset with 0 cells (exit 0), and later builds
+    called them up to date."""
+    assert shard("build", project, *ADVANCED, override, "--no-progress") == 2
+    assert key in " ".join(capsys.readouterr().err.split())
+    assert not (project / "shards").exists()

@@ -1,0 +1,89 @@
+"""Checkpoints that travel: a model from elsewhere runs no code when loaded, names in the config
+cannot lead out of the run directory, and resuming a finished run never removes its checkpoint."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from concept_shard.errors import UserError
+from concept_train import embed, load_model
+from concept_train.cli import main as train
+from helpers import TINY
+
+
+class _Plant:
+    """Unpickling this creates a file: proof that loading ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _run(project: Path, run_id: str = "shared") -> Path:
+    assert train([str(project), *TINY, f"initialize.run_id={run_id}"]) == 0
+    return project / "model_checkpoints" / run_id
+
+
+def test_loading_a_shared_model_reads_no_pickle(sharded_project_copy, tmp_path):
+    """A crafted DCP `.metadata` (a pickle) once ran code during concept-embed; models load from
+    model.safetensors, model.json and config.yaml only."""
+    import anndata as ad
+
+    run = _run(sharded_project_copy)
+    ckpt = run / "checkpoints" / "step_3"
+    assert {"model.safetensors", "model.json", "config.yaml"} <= {p.name for p in ckpt.iterdir()}
+    adata = ad.read_h5ad(sharded_project_copy / "data/synth_hsapiens/h5ads/hs_val_e.h5ad")[:40].copy()
+    before = embed(adata.copy(), load_model(run, "cpu"))
+    marker = tmp_path / "code-ran"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Plant(marker)))
+    after = embed(adata, load_model(run, "cpu"))
+    assert not marker.exists()
+    np.testing.assert_array_equal(before, after)
+
+
+def test_a_crafted_rng_file_is_refused_on_resume(sharded_project_copy, tmp_path, capsys):
+    """rng.pt was loaded with weights_only=False: a crafted one ran code on initialize.resume=True."""
+    run = _run(sharded_project_copy)
+    marker = tmp_path / "code-ran"
+    (run / "checkpoints" / "step_3" / "rng.pt").write_bytes(pickle.dumps(_Plant(marker)))
+    assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True",
+                  "model.training.max_steps=4"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "rng.pt" in err and "not the RNG state" in err
+    assert not marker.exists()
+
+
+def test_a_run_id_is_a_name_not_a_path(sharded_project_copy, capsys):
+    outside = sharded_project_copy.parent / "elsewhere"
+    assert train([str(sharded_project_copy), *TINY, "initialize.run_id=../../elsewhere"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "initialize.run_id" in err and "not a plain name" in err
+    assert not outside.exists()
+
+
+def test_a_latest_pointer_out_of_the_run_is_no_checkpoint(sharded_project_copy, capsys):
+    run = _run(sharded_project_copy)
+    (run / "checkpoints" / "latest").write_text("../../../elsewhere\n")
+    assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True"]) == 2
+    assert "no complete checkpoint" in " ".join(capsys.readouterr().err.split())
+    try:
+        load_model(run, "cpu")
+        raise AssertionError("load_model followed a pointer out of the run")
+    except UserError as err:
+        assert "neither a run directory" in str(err)
+
+
+def test_resuming_a_finished_run_keeps_its_last_checkpoint(sharded_project_copy):
+    """The resume re-saved step_N by deleting it first: a kill in that gap left `latest` naming
+    nothing."""
+    run = _run(sharded_project_copy)
+    ckpt = run / "checkpoints" / "step_3"
+    stamps = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == stamps
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
