@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from .cells import GeneMap, build_gene_map
 from .datasets import Expectation, ShardStore, settings_digest
 from .errors import ConfigError, ShardError, UserError
-from .finalize import finished_parts, join_parts, write_species_indexes
-from .layout import DatasetLayout, read_json, remove_tree, write_json_atomic
+from .finalize import PartsMismatch, finished_parts, join_parts, write_species_indexes
+from .layout import DatasetLayout, exclusive, read_json, remove_tree, write_json_atomic
 from .mds import parse_compression
 from .plan import WorkUnit, assign, file_ranges
 from .source import AnnDataSource
@@ -234,12 +234,21 @@ class ShardJob:
                     mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True)
 
     def _write_units(self, job: FileJob, units: list[WorkUnit], report: BuildReport, bar) -> bool:
-        """Write a file's pending units; on the first error mark the file failed and move on."""
+        """Write a file's pending units; on the first error mark the file failed and move on.
+        False when the file cannot be joined now (an error, or rows another build is writing)."""
         gene_map: list = []
+        complete = True
         for i, unit in enumerate(units):
             try:
-                self._write_unit(job, unit, gene_map, bar)
-                job.layout.failed_marker(unit.start).unlink(missing_ok=True)
+                with exclusive(job.layout.part_lock(unit.start, unit.end)) as mine:
+                    if not mine:       # a re-submitted array while the first still runs: never share a part
+                        self.log(f"[concept-shard] {job.sf.dataset_id}: rows {unit.start}-{unit.end} are being "
+                                 "written by another build; skipped here.")
+                        complete = False
+                    elif not self._unit_done(job, unit):   # another build may have finished it meanwhile
+                        self._write_unit(job, unit, gene_map, bar)
+                    job.layout.failed_marker(unit.start).unlink(missing_ok=True)
+                bar.update(0)
             except Exception as exc:   # one bad file must not stop the others
                 err = exc if isinstance(exc, UserError) else ShardError(
                     job.sf.path, f"failed while sharding rows {unit.start}-{unit.end} "
@@ -250,7 +259,15 @@ class ShardJob:
                 remove_tree(job.layout.part_tmp(unit.start, unit.end))
                 bar.update(sum(u.cells for u in units[i:]))
                 return False
-        return True
+        if not complete:
+            report.waiting.append(job.sf.dataset_id)
+        return complete
+
+    def _unit_done(self, job: FileJob, unit: WorkUnit) -> bool:
+        """The unit's part is finished and current, or the whole dataset already is."""
+        if (unit.start, unit.end) in finished_parts(job.layout, self.identity(job)):
+            return True
+        return self._state(job, read_json(job.layout.dataset_json))[0] == "done"
 
     def _write_unit(self, job: FileJob, unit: WorkUnit, gene_map: list, bar) -> None:
         vocab = self.vocab(job.sf.species)
@@ -292,6 +309,23 @@ class ShardJob:
         return ranges if ranges and pos == job.ranges[-1][1] else None
 
     def _join(self, job: FileJob, report: BuildReport) -> None:
+        """Join the file's parts into its dataset, under the file's join lock."""
+        with exclusive(job.layout.join_lock) as mine:
+            if not mine:
+                self.log(f"[concept-shard] {job.sf.dataset_id}: another build is joining it; skipped here.")
+                report.waiting.append(job.sf.dataset_id)
+                return
+            self._join_locked(job, report)
+
+    def _join_locked(self, job: FileJob, report: BuildReport) -> None:
+        if self._state(job, read_json(job.layout.dataset_json))[0] == "done":     # joined meanwhile
+            if self.remote is not None:
+                self._publish(job, report)
+            else:
+                report.up_to_date.append(job.sf.dataset_id)
+            return
+        for leftover in job.layout.leftovers():      # of a join killed half-way: never counted, never kept
+            remove_tree(leftover)
         ranges = self._tiling(job)
         if ranges is None:
             report.waiting.append(job.sf.dataset_id)
@@ -301,7 +335,14 @@ class ShardJob:
         info = {k: v for k, v in first.items() if k not in ("start", "end", "cells_written", "nonzeros",
                                                              "cells_dropped_no_nonzero", "shard_bytes",
                                                              "obs_keys_absent")}
-        record = join_parts(job.layout, ranges, parts, info)
+        try:
+            record = join_parts(job.layout, ranges, parts, info)
+        except PartsMismatch as exc:
+            remove_tree(job.layout.parts_dir)        # the next build writes them again
+            self._fail(job, ranges[0][0], ShardError(job.sf.path, f"could not be joined: {exc}; its parts were "
+                                                     "removed.", "Re-run `concept-shard build`: it writes them again."),
+                       report)
+            return
         if self.remote is not None:
             self._publish(job, report)
             return

@@ -32,6 +32,37 @@ def finished_parts(layout: DatasetLayout, identity: dict) -> dict[tuple[int, int
     return parts
 
 
+class PartsMismatch(Exception):
+    """The finished parts do not add up to the source file (a part lost shards, or was written by
+    two processes at once): publishing them would lose cells for good."""
+
+
+def check_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dict, n_cells_source: int) -> None:
+    """Before publishing: every part's index lists as many samples as it wrote cells, its shard
+    files are on disk at the recorded size, and written + dropped cells add up to the source."""
+    total = 0
+    for start, end in ranges:
+        rec, part = parts[(start, end)], layout.part_dir(start, end) / "mds"
+        try:
+            shards = json.loads((part / "index.json").read_text())["shards"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise PartsMismatch(f"rows {start}-{end} have no readable index.json ({type(exc).__name__})") from None
+        listed = sum(int(s["samples"]) for s in shards)
+        if listed != rec["cells_written"]:
+            raise PartsMismatch(f"rows {start}-{end} list {listed} samples but wrote {rec['cells_written']} cells")
+        for shard in shards:
+            stored = shard.get("zip_data") or shard["raw_data"]
+            file = part / stored["basename"]
+            if not file.is_file() or file.stat().st_size != int(stored["bytes"]):
+                raise PartsMismatch(f"rows {start}-{end} lack shard {stored['basename']} or hold it truncated")
+        if rec["cells_written"] + rec["cells_dropped_no_nonzero"] != end - start:
+            raise PartsMismatch(f"rows {start}-{end} account for {rec['cells_written']} written and "
+                                f"{rec['cells_dropped_no_nonzero']} dropped cells, not {end - start}")
+        total += end - start
+    if total != n_cells_source:
+        raise PartsMismatch(f"the parts cover {total} of the source's {n_cells_source} cells")
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -40,7 +71,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def join_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dict, dataset_info: dict) -> dict:
-    """Publish the dataset made of `ranges` (all finished). Returns the dataset.json record."""
+    """Publish the dataset made of `ranges` (all finished, checked by `check_parts` first). Returns
+    the dataset.json record. Called under the file's join lock."""
+    check_parts(layout, ranges, parts, int(dataset_info["n_cells_source"]))
     join = layout.dataset_dir.with_name(layout.dataset_dir.name + ".join.tmp")
     remove_tree(join)
     join.mkdir(parents=True)
@@ -91,6 +124,8 @@ def write_species_indexes(shards_root: Path) -> dict[str, int]:
         shards, datasets = [], []
         for ds_json in sorted(species_dir.glob("*/*/dataset.json")):
             ds_dir = ds_json.parent
+            if ds_dir.name.endswith(".tmp") or ds_dir.parent.name.startswith("."):
+                continue       # the previous version of a dataset whose join was killed, not a dataset
             rel = ds_dir.relative_to(species_dir).as_posix()
             info = read_json(ds_json)
             for shard in json.loads((ds_dir / "index.json").read_text())["shards"]:

@@ -321,6 +321,7 @@ class _CscRows:
         if value_dtype == np.float16:
             value_dtype = np.dtype(np.float32)
         self.record = np.dtype([("row", np.int64), ("col", np.int32), ("val", value_dtype)])
+        self.written: set[int] = set()       # buckets that hold entries: a missing one is an error, not "no nonzeros"
         col = 0
         while col < shape[1]:
             # grow the block until it holds about MAX_ELEMENTS_PER_READ nonzeros
@@ -342,7 +343,9 @@ class _CscRows:
                     continue
                 rec = np.empty(len(b_rows), dtype=self.record)
                 rec["row"], rec["col"], rec["val"] = b_rows, b_cols, b_vals
-                with open(self.dir / f"{(b_rows[0] - start) // chunk_size}.bin", "ab") as fh:
+                bucket_id = int((b_rows[0] - start) // chunk_size)
+                self.written.add(bucket_id)
+                with open(self.dir / f"{bucket_id}.bin", "ab") as fh:
                     rec.tofile(fh)
             col = stop
 
@@ -351,6 +354,9 @@ class _CscRows:
         if (start - self.start) % self.chunk_size or end - start > self.chunk_size:
             raise ValueError("CSC chunks must align with the prepared chunk size")
         path = self.dir / f"{bucket}.bin"
+        if bucket in self.written and not path.exists():
+            raise RuntimeError(f"the scratch file {path} of a CSC transpose vanished (another process cleaned "
+                               "this part's directory?)")
         rec = np.fromfile(path, dtype=self.record) if path.exists() else np.empty(0, dtype=self.record)
         if path.exists():
             os.unlink(path)
