@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cells import GeneMap, build_gene_map
 from .datasets import Expectation, ShardStore, settings_digest
+from .fingerprint import source_mtime_ns
 from .errors import ConfigError, ShardError, UserError
 from .finalize import PartsMismatch, finished_parts, join_parts, write_species_indexes
 from .layout import DatasetLayout, exclusive, read_json, remove_tree, write_json_atomic
@@ -137,6 +138,15 @@ class ShardJob:
             return "stale", record, str(exc)
         return ("done", record, None) if problem is None else ("stale", record, problem.reason)
 
+    def _note_mtime(self, job: FileJob, record: dict) -> None:
+        """A source whose mtime moved but whose content is unchanged (copied, touched) was found
+        current by a full content check; record its new mtime so the next check is cheap again."""
+        if self.remote is not None or record.get("source_mtime_ns") in (None, source_mtime_ns(job.sf.path)):
+            return
+        with exclusive(job.layout.join_lock) as mine:
+            if mine and read_json(job.layout.dataset_json) == record:
+                write_json_atomic(job.layout.dataset_json, dict(record, source_mtime_ns=source_mtime_ns(job.sf.path)))
+
     def units(self) -> list[WorkUnit]:
         return [WorkUnit(j.sf.dataset_id, a, b) for j in self.jobs for a, b in j.ranges]
 
@@ -160,6 +170,7 @@ class ShardJob:
                 continue
             if state == "done":
                 report.up_to_date.append(ds_id)
+                self._note_mtime(job, record)
                 self._register(job, record, report)
                 continue
             if state == "stale":
@@ -275,8 +286,11 @@ class ShardJob:
             if not gene_map:     # once per file, shared by its units
                 gene_map.append(build_gene_map(job.sf.path, src.gene_ids(), vocab, job.sf.var_gene_id_column))
             gm = gene_map[0]
+            expected = self.expected(job)
+            expected.start_content_hash()
             info = self._dataset_info(job, src, gm, vocab)
-            write_part(src, job.layout, gm, vocab, unit.start, unit.end, self.settings, info, progress=bar)
+            write_part(src, job.layout, gm, vocab, unit.start, unit.end, self.settings, info, progress=bar,
+                       late=lambda: {"source_content_hash": expected.content_hash()})
 
     def _dataset_info(self, job: FileJob, src: AnnDataSource, gm: GeneMap, vocab: Vocabulary) -> dict:
         ident = self.identity(job)
@@ -285,6 +299,7 @@ class ShardJob:
             ident,
             species=sf.species, source_name=sf.source_name,
             source_file=_relative(sf.path, self.project), source_size=self.expected(job).source_size,
+            source_mtime_ns=source_mtime_ns(sf.path),
             lamindb_key=sf.lamindb_key,
             vocabulary_file=_relative(vocab.path, self.project),
             matrix=src.matrix_key, matrix_format=src.format, gene_id_column=sf.var_gene_id_column,

@@ -9,7 +9,9 @@ written last (finalize.py locally, remote.py in object storage), so a dataset is
 when its `dataset.json` can be read. It is current when its fingerprints match what would be
 written now:
 
-    source_fingerprint       the source file's sampled content hash (fingerprint.py)
+    source_fingerprint       the source file's sampled content hash (fingerprint.py); when the
+                             source's mtime is not the recorded `source_mtime_ns`, also the hash
+                             of its whole content (`source_content_hash`)
     vocabulary_fingerprint   the species' token mapping (vocabulary.py)
     settings_digest          the shard settings that change the samples (writer.PartSettings),
                              and the split's var_gene_id_column
@@ -23,17 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .fingerprint import source_fingerprint
+from .fingerprint import content_hash, source_fingerprint, source_mtime_ns
 from .layout import DatasetLayout, read_json
 from .remote import DATASET_JSON, RemoteShards
 from .splits import SourceFile
 from .vocabulary import Vocabulary
+
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="content-hash")
+
 
 def settings_digest(digest_fields: dict, var_gene_id_column: str | None) -> str:
     """The `settings_digest` of dataset.json, from `PartSettings.digest_fields(vocab)`."""
@@ -56,6 +62,17 @@ class Expectation:
     def __init__(self, vocab: Vocabulary, source: Path | None = None, digest: str | None = None):
         self.vocab, self.source, self.digest = vocab, None if source is None else Path(source), digest
         self._fingerprint: tuple[str, int] | None = None
+        self._content: Future | None = None
+
+    def start_content_hash(self) -> None:
+        """Begin hashing every byte of the source on a thread (hashlib releases the GIL), so that
+        the writer's work hides it."""
+        if self._content is None:
+            self._content = _HASHERS.submit(content_hash, self.source)
+
+    def content_hash(self) -> str:
+        self.start_content_hash()
+        return self._content.result()
 
     @property
     def source_fingerprint(self) -> str:
@@ -85,6 +102,11 @@ class Expectation:
                 return Problem(f"its source {self.source} no longer exists", source_gone=True)
             if record.get("source_fingerprint") != self.source_fingerprint:
                 return Problem("the source file changed since it was sharded")
+            recorded = record.get("source_mtime_ns")     # absent in datasets built before it was recorded
+            if (recorded is not None and source_mtime_ns(self.source) != recorded
+                    and record.get("source_content_hash") != self.content_hash()):
+                return Problem("the source file changed since it was sharded (found by a full content check "
+                               "after its modification time changed)")
         if record.get("vocabulary_fingerprint") != self.vocab.fingerprint:
             return Problem(f"the token mapping {self.vocab.path} changed since it was sharded")
         if self.digest is not None and record.get("settings_digest") != self.digest:

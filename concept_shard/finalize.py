@@ -41,6 +41,10 @@ def check_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dic
     """Before publishing: every part's index lists as many samples as it wrote cells, its shard
     files are on disk at the recorded size, and written + dropped cells add up to the source."""
     total = 0
+    contents = {parts[r].get("source_content_hash") for r in ranges}
+    if len(contents) > 1:
+        raise PartsMismatch("its parts were written from different contents of the source (it changed during "
+                            "the build)")
     for start, end in ranges:
         rec, part = parts[(start, end)], layout.part_dir(start, end) / "mds"
         try:

@@ -1,10 +1,13 @@
-"""Cheap content fingerprints of source files, so a re-run notices a changed input.
+"""Content fingerprints of source files, so a re-run notices a changed input.
 
-Hashing every byte of hundreds of multi-GB files on each `build` and `status` would cost more
-than sharding them, so the fingerprint hashes the size plus 16 evenly spaced 64 KiB blocks
-(head and tail included). Any rewrite of an .h5ad changes its HDF5 superblock or metadata
-blocks, which the sampled blocks include; an in-place edit of a few bytes in the middle of a
-chunk could escape it, which is why the size and mtime are recorded beside it.
+Hashing every byte of hundreds of multi-GB files on each `build`, `status` and training start
+would cost more than sharding them, so the everyday fingerprint hashes the size plus 16 evenly
+spaced 64 KiB blocks (head and tail included). Any rewrite of an .h5ad changes its HDF5 superblock
+or metadata blocks, which the sampled blocks include; an in-place edit of a few bytes between
+them escapes it. So a dataset also records the source's mtime and a hash of every byte
+(`content_hash`, computed once while the file is sharded, on a thread beside the writer): when the
+mtime differs from the recorded one, the whole content is compared (datasets.Expectation).
+`tests/shard/test_build_resume.py` holds both to these claims.
 """
 
 from __future__ import annotations
@@ -28,6 +31,33 @@ def _hash_file(digest, path: Path) -> int:
                 fh.seek((size - BLOCK) * i // (N_BLOCKS - 1))
                 digest.update(fh.read(BLOCK))
     return size
+
+
+def source_mtime_ns(path: Path) -> int:
+    """The file's mtime, or for a .zarr directory the latest mtime of its files (ns)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.stat().st_mtime_ns
+    latest = path.stat().st_mtime_ns
+    for root, _, names in os.walk(path):
+        for name in names:
+            latest = max(latest, (Path(root) / name).stat().st_mtime_ns)
+    return latest
+
+
+def content_hash(path: Path) -> str:
+    """A hash of every byte of an .h5ad file, or of every file (and its name) of a .zarr store."""
+    digest = hashlib.blake2b(digest_size=16)
+    path = Path(path)
+    files = [path] if not path.is_dir() else sorted(
+        Path(root) / name for root, _, names in os.walk(path) for name in names)
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
+    return "blake2b:" + digest.hexdigest()
 
 
 def source_fingerprint(path: Path) -> tuple[str, int]:

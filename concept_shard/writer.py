@@ -107,8 +107,10 @@ class _CellEncoder:
 
 
 def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, vocab: Vocabulary,
-               start: int, end: int, settings: PartSettings, identity: dict, progress=None) -> dict:
-    """Write rows [start, end) and return the part's record (also saved as part.json)."""
+               start: int, end: int, settings: PartSettings, identity: dict, progress=None, late=None) -> dict:
+    """Write rows [start, end) and return the part's record (also saved as part.json). `late()`
+    returns fields known only once the rows are written (the source's content hash, computed on
+    a thread meanwhile)."""
     tmp, final = layout.part_tmp(start, end), layout.part_dir(start, end)
     remove_tree(tmp)
     tmp.mkdir(parents=True)
@@ -144,7 +146,7 @@ def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, voc
     remove_tree(scratch)
     shard_bytes = sum(f.stat().st_size for f in (tmp / "mds").iterdir())
     record = dict(identity, start=start, end=end, cells_written=written, cells_dropped_no_nonzero=empty,
-                  nonzeros=nonzeros, shard_bytes=shard_bytes, obs_keys_absent=absent_obs)
+                  nonzeros=nonzeros, shard_bytes=shard_bytes, obs_keys_absent=absent_obs, **(late() if late else {}))
     write_json_atomic(tmp / "part.json", record)
     remove_tree(final)       # a stale part of an older source, if any
     os.replace(tmp, final)   # the rename publishes the part

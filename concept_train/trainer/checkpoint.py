@@ -145,6 +145,52 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = 
     return json.loads((path / "trainer_state.json").read_text())
 
 
+# ---- resuming with another config ------------------------------------------------------------
+# Keys that decide the parameters' shapes or what they compute: a resume that changes one would
+# load weights into another model (or fail deep inside DCP). The batch sequence is the loader's
+# to guard (its state refuses another plan by name).
+ARCHITECTURE_KEYS = ("model.dim_model", "model.nlayers", "model.num_head", "model.dim_hid", "model.dim_gene_embs",
+                     "model.dim_pretrained_vocab", "model.projection_dim", "model.norm_scheme", "model.activation",
+                     "model.input_encoding", "model.pe_max_len", "datamodule.species")
+# Keys that say where things are, or how this run is started: they differ on every resume.
+RESUME_KEYS = ("initialize.",)
+
+
+def _flat(cfg, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_changes(checkpoint: Path, cfg) -> list[str]:
+    """The keys whose values differ from the config the checkpoint was written with, as
+    "key (old -> new)"; a TrainError naming the first architecture key that differs."""
+    checkpoint = Path(checkpoint)
+    saved = checkpoint / CONFIG if (checkpoint / CONFIG).is_file() else checkpoint.parent.parent / CONFIG
+    if not saved.is_file():
+        return []
+    old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
+    new = _flat(OmegaConf.to_container(cfg, resolve=True))
+    old["PATH.PRETRAINED_VOCABULARY"] = bool(old.get("PATH.PRETRAINED_VOCABULARY"))    # only its presence
+    new["PATH.PRETRAINED_VOCABULARY"] = bool(new.get("PATH.PRETRAINED_VOCABULARY"))    # shapes the tables
+    for key in ARCHITECTURE_KEYS + ("PATH.PRETRAINED_VOCABULARY",):
+        if key == "model.dim_pretrained_vocab" and not new["PATH.PRETRAINED_VOCABULARY"]:
+            continue          # no pretrained tables: the width is unused
+        if old.get(key) != new.get(key):
+            raise TrainError(key, f"is {new.get(key)!r}, but checkpoint {checkpoint} was written with "
+                             f"{old.get(key)!r}: a resume continues the same model.",
+                             f"Resume with {key}={old.get(key)!r}, or start a new run from its weights "
+                             f"(initialize.checkpoint={checkpoint} initialize.create_new_run=True) if only "
+                             "non-shape keys differ.")
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(RESUME_KEYS)]
+
+
 # ---- the shareable part of a checkpoint: weights and configs, no pickle ----------------------
 WEIGHTS, MODEL_JSON, CONFIG = "model.safetensors", "model.json", "config.yaml"
 

@@ -28,7 +28,8 @@ from concept_shard.splits import check_plain_name
 
 from ..data import DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
-from .checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (checkpoint_step, config_changes, latest_checkpoint, load_checkpoint, resolve_checkpoint,
+                         save_checkpoint)
 from .distributed import Dist, apply_fsdp, init_distributed, shutdown
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer, lr_lambda
@@ -56,6 +57,11 @@ class Trainer:
         except ValueError as err:
             raise TrainError("model.contrastive_loss", f"{err}.", "Use model.contrastive_loss=multiclass.") from None
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
+        if self.resume_from is not None:
+            changed = config_changes(self.resume_from, cfg)
+            if changed:
+                self.log(f"[train] resuming with {len(changed)} key(s) changed since the checkpoint: "
+                         + ", ".join(changed))
         if self.d.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             # the run's config stays as it started; a resume records its own (overrides may differ)

@@ -124,3 +124,45 @@ def test_fingerprint_sees_content_and_size(tmp_path):
     fp_dir = source_fingerprint(d)[0]
     (d / "X" / "0").write_bytes(b"abd")
     assert source_fingerprint(d)[0] != fp_dir
+
+
+def test_an_in_place_edit_the_sampled_fingerprint_misses_is_found(project, capsys):
+    """One count changed in place (same size) between the fingerprint's sampled blocks: the sampled
+    fingerprint cannot see it, the recorded mtime and full content hash do."""
+    import h5py
+
+    from concept_shard.fingerprint import BLOCK, N_BLOCKS, source_fingerprint
+
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    capsys.readouterr()
+    src = project / "data/synth_hsapiens/h5ads/hs_blood_a.h5ad"
+    size, before = src.stat().st_size, source_fingerprint(src)[0]
+    sampled = [((size - BLOCK) * j // (N_BLOCKS - 1), (size - BLOCK) * j // (N_BLOCKS - 1) + BLOCK)
+               for j in range(N_BLOCKS)]
+    with h5py.File(src, "r+") as f:
+        data = f["X/data"]
+        item, chunk = data.dtype.itemsize, data.chunks[0]
+        for i in range(0, data.shape[0], 97):          # an element whose bytes no sampled block covers
+            info = data.id.get_chunk_info_by_coord((i // chunk * chunk,))
+            at = info.byte_offset + (i % chunk) * item
+            if not any(a - item < at < b for a, b in sampled):
+                break
+        data[i] = data[i] + 1
+    assert src.stat().st_size == size and source_fingerprint(src)[0] == before      # invisible to sampling
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "hs_blood_a: the source file changed since it was sharded (found by a full content check" in out
+    assert "1 built, 8 up to date" in out
+
+
+def test_a_touched_source_with_the_same_content_stays_current(project, capsys):
+    import os
+
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    src = project / "data/synth_hsapiens/h5ads/hs_lung_b.h5ad"
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    assert "0 built, 9 up to date" in capsys.readouterr().out
+    record = json.loads((project / "shards/hsapiens/synth_hsapiens/hs_lung_b/dataset.json").read_text())
+    assert record["source_mtime_ns"] == src.stat().st_mtime_ns       # the next check is cheap again

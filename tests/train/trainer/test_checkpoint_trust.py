@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from concept_shard.errors import UserError
 from concept_train import embed, load_model
@@ -46,6 +47,7 @@ def test_loading_a_shared_model_reads_no_pickle(sharded_project_copy, tmp_path):
     np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")      # the crafted file's, on purpose
 def test_a_crafted_rng_file_is_refused_on_resume(sharded_project_copy, tmp_path, capsys):
     """rng.pt was loaded with weights_only=False: a crafted one ran code on initialize.resume=True."""
     run = _run(sharded_project_copy)
@@ -87,3 +89,21 @@ def test_resuming_a_finished_run_keeps_its_last_checkpoint(sharded_project_copy)
     assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == stamps
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
+
+
+def test_a_resume_that_changes_the_architecture_is_refused_by_name(sharded_project_copy, capsys):
+    """model.activation changed on resume was accepted in silence, and load_model then rebuilt the
+    model from the run's first config: wrong embeddings. Shape changes gave raw DCP tracebacks."""
+    _run(sharded_project_copy)
+    resume = [str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True",
+              "model.training.max_steps=4"]
+    for change in ("model.activation=relu", "model.dim_hid=64"):
+        assert train(resume + [change]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        key = change.split("=")[0]
+        assert f"{key}: is" in err and "was written with" in err and "initialize.create_new_run=True" in err
+    assert train(resume + ["model.training.lr=0.01"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "key(s) changed since the checkpoint" in out and "model.training.lr" in out
+    loaded = load_model(sharded_project_copy / "model_checkpoints" / "shared", "cpu")
+    assert loaded.step == 4 and float(loaded.cfg.model.training.lr) == 0.01      # the checkpoint's own config
