@@ -15,6 +15,7 @@ from .errors import ShardError
 
 CLS, PAD = "<cls>", "<pad>"
 CLS_TOKEN, PAD_TOKEN = 0, 1     # the same in every species' token space
+MAX_TOKENS = 1 << 22            # 4.2M tokens: far above any species' ~60k genes, and a table that fits
 _VERSION_SUFFIX = re.compile(r"\.\d+$")
 
 
@@ -61,6 +62,16 @@ def load_vocabulary(mappings_dir: Path, species: str) -> Vocabulary:
     if tokens.isna().any() or (tokens < 0).any():
         bad = table.loc[tokens.isna() | (tokens < 0), "gene_id"].head(3).tolist()
         raise ShardError(path, f"has missing or negative tokens (e.g. for {bad}).", fix)
+    # tokens index the model's embedding table: one of 3e9 would ask for a table of 3e9 rows
+    too_large = (tokens >= MAX_TOKENS) | (tokens != np.floor(tokens))
+    if too_large.any():
+        bad = table.loc[too_large, ["gene_id", "token"]].head(3).values.tolist()
+        raise ShardError(path, f"has tokens that are not integers below {MAX_TOKENS:,} (e.g. {bad}).",
+                         fix + " Number the genes 2, 3, ... without gaps.")
+    blank = table["gene_id"].str.strip() == ""
+    if blank.any():
+        raise ShardError(path, f"has {int(blank.sum())} row(s) without a gene id (first at data row "
+                         f"{int(np.flatnonzero(blank.to_numpy())[0]) + 1}).", fix)
     tokens = tokens.astype(np.int64)
     ids = table["gene_id"].map(strip_version)
     token_of = dict(zip(ids, tokens))

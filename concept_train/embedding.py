@@ -11,6 +11,7 @@ run id and checkpoint step in `uns["concept"]`.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -118,22 +119,44 @@ def embed_file(run_or_checkpoint, input_path, out_path, species=None, gene_id_co
     from anndata.io import write_elem
 
     input_path, out_path = Path(input_path), Path(out_path)
+    _check_output(input_path, out_path)           # before minutes of embedding, not after
     loaded = load_model(run_or_checkpoint, device, trust_pickle=trust_pickle)
     z, species = embed_source(loaded, input_path, species, gene_id_column, batch_size, max_tokens)
-    if input_path.is_dir() or input_path.suffix == ".zarr":
-        import anndata as ad
-        adata = ad.read_zarr(input_path)        # .zarr -> .h5ad goes through memory
-        adata.obsm["X_concept"] = z
-        adata.uns["concept"] = loaded.provenance(species)
-        adata.write_h5ad(out_path)
-        return out_path
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    shutil.copyfile(input_path, tmp)             # the matrix is copied, not loaded
-    with h5py.File(tmp, "r+") as f:
-        write_elem(f, "obsm/X_concept", z)
-        write_elem(f, "uns/concept", loaded.provenance(species))
-    tmp.replace(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        if input_path.is_dir() or input_path.suffix == ".zarr":
+            import anndata as ad
+            adata = ad.read_zarr(input_path)        # .zarr -> .h5ad goes through memory
+            adata.obsm["X_concept"] = z
+            adata.uns["concept"] = loaded.provenance(species)
+            adata.write_h5ad(tmp)
+        else:
+            shutil.copyfile(input_path, tmp)        # the matrix is copied, not loaded
+            with h5py.File(tmp, "r+") as f:
+                write_elem(f, "obsm/X_concept", z)
+                write_elem(f, "uns/concept", loaded.provenance(species))
+        tmp.replace(out_path)
+    except OSError as exc:
+        raise TrainError(f"--out {out_path}", f"could not be written ({type(exc).__name__}: {exc}).",
+                         "Check free space and permissions there.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out_path
+
+
+def _check_output(input_path: Path, out_path: Path) -> None:
+    """The output is a new or replaceable .h5ad file in an existing directory, and not the input."""
+    resolved, source = out_path.resolve(), input_path.resolve()
+    if resolved == source or source in resolved.parents:
+        raise TrainError(f"--out {out_path}", "is the input itself (or inside it).",
+                         "Write the embedded copy to another file; the input is never changed.")
+    if out_path.is_dir():
+        raise TrainError(f"--out {out_path}", "is a directory.", "Name a file inside it: --out DIR/<name>.h5ad.")
+    if not out_path.parent.is_dir():
+        raise TrainError(f"--out {out_path}", f"is in {out_path.parent}, which does not exist.",
+                         f"Create it first (mkdir -p {out_path.parent}).")
+    if out_path.suffix != ".h5ad":
+        raise TrainError(f"--out {out_path}", "is not a .h5ad file name.", "Name the output <something>.h5ad.")
 
 
 def main(argv=None) -> int:

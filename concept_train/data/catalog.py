@@ -42,6 +42,7 @@ class ShardSet:
     source_file: str
     weights: dict = field(default_factory=dict)    # `proportion` / `repeat` of its split entry
     remote: str | None = None     # s3://.../<species>/<source>/<stem> when streamed from object storage
+    obs_keys_absent: tuple = ()   # obs keys the source file had no column for
 
     @property
     def n_genes(self) -> int:
@@ -51,8 +52,8 @@ class ShardSet:
 class Catalog:
     """All shard datasets of all loaders of a composed config, and the species' vocabularies."""
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DictConfig, log=print):
+        self.cfg, self.log = cfg, log
         self.store = ShardStore.from_config(cfg)
         self.remote = self.store.remote
         if self.remote is not None:
@@ -100,6 +101,18 @@ class Catalog:
                                 f"{shown}.", f"{copied} Otherwise put the files back where they were sharded from.")
             raise DataError(list_key, f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.",
                             rebuild + (f" {copied}" if sources_gone else ""))
+        empty = [s for s in out if s.n_samples == 0]
+        if empty:        # a file whose cells all lacked in-vocabulary genes: no stream can hold it
+            for s in empty:
+                self._sets.pop(s.dataset_id, None)
+            if len(empty) == len(out):
+                raise DataError(list_key, f"names only files whose shards hold no cells: "
+                                f"{', '.join(s.dataset_id for s in empty[:10])}.",
+                                "Add files with cells (`concept-shard status` and each dataset.json say why "
+                                "cells were dropped).")
+            self.log(f"[data] {list_key}: skipping {len(empty)} file(s) whose shards hold no cells: "
+                     f"{', '.join(s.dataset_id for s in empty[:10])}")
+            out = [s for s in out if s.n_samples > 0]
         return out
 
     def _shard_set(self, sf: SourceFile, weights: dict) -> ShardSet:
@@ -116,7 +129,7 @@ class Catalog:
         shard_set = ShardSet(dataset_id=sf.dataset_id, species=sf.species, directory=directory,
                              n_samples=int(record["cells_written"]), genes=np.asarray(record["genes"], np.int64),
                              source_file=str(record.get("source_file", sf.name)), weights=dict(weights),
-                             remote=remote)
+                             remote=remote, obs_keys_absent=tuple(record.get("obs_keys_absent", ())))
         self._sets[sf.dataset_id] = shard_set
         return shard_set
 

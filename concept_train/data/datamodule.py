@@ -25,11 +25,16 @@ class DataModule:
         dm = cfg.datamodule
         self.species = list(dm.species)
         self.obs_keys = list(dm.get("obs_keys") or [])
-        self.catalog = Catalog(cfg)
+        self.catalog = Catalog(cfg, log=log)
         self.train_sets = self.catalog.loader(TRAIN_SPLIT, "train")
         self.val_sets: dict[str, list[ShardSet]] = {}
         for name in (OmegaConf.select(dm, "dataset.val") or {}):
             self.val_sets[name] = self.catalog.loader(f"datamodule.dataset.val.{name}.split", "val")
+        for name, sets in self.val_sets.items():
+            for key in self.obs_keys:      # kNN accuracy of a key no file has is null: say so once
+                if all(key in s.obs_keys_absent for s in sets):
+                    log(f"[data] datamodule.obs_keys: '{key}' is a column of none of the files of validation "
+                        f"loader {name}; its kNN accuracy will be null.")
         self.store = SampleStore(self.catalog.all_sets(), cache_limit=dm.get("cache_limit"))
         self._panels: dict[tuple[str, str], list[DesignedPanel]] = {}
 

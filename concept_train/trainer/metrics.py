@@ -12,6 +12,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, cfg, enabled: bool, run_id: str, log=print):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled, self.log = enabled, log
+        if enabled:
+            _drop_torn_tail(self.path)
         self.wandb = None
         if enabled and bool(cfg.wandb.get("enabled", False)):
             import wandb
@@ -40,6 +42,28 @@ class MetricsLog:
             self.wandb.finish()
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """A run killed while writing a row leaves a last line without its newline; the next row would
+    be glued to it. Cut the file back to its last complete row."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
+def read_rows(metrics_path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line that is not JSON (torn by a kill) is skipped."""
+    rows = []
+    for line in Path(metrics_path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     """Loss and recall@1 against step, training and validation, from metrics.jsonl."""
     if not metrics_path.is_file():
@@ -47,7 +71,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_rows(metrics_path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, suffix, title in ((axes[0], "loss", "loss"), (axes[1], "recall@1", "recall@1 across views")):
         train = [(r["step"], r[suffix]) for r in rows if r.get(suffix) is not None and r.get("kind") == "train"]

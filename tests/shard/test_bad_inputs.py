@@ -113,6 +113,10 @@ CASES = {
     "duplicate gene ids": (_rewrite_var(f"{HS}/hs_val_e.h5ad", _dup_ids), ["hs_val_e.h5ad", "duplicate gene ids"], 1),
     "mapping without <cls>": (_edit_mapping("mmusculus", lambda l: [l[0]] + l[2:]),
                               ["mmusculus.csv", "<cls> to 0"], 3),
+    "mapping with a blank gene id": (_edit_mapping("mmusculus", lambda l: l + [",NOID,99999"]),
+                                     ["mmusculus.csv", "without a gene id"], 3),
+    "mapping with a token of 3e9": (_edit_mapping("mmusculus", lambda l: l + ["ENSMUSGFAKE,X,3000000000"]),
+                                    ["mmusculus.csv", "not integers below"], 3),
     "mapping with duplicate tokens": (_edit_mapping("mmusculus", lambda l: l[:5] + [l[5].rsplit(",", 1)[0] + ",3"] + l[6:]),
                                       ["mmusculus.csv", "same token"], 3),
 }
@@ -243,3 +247,20 @@ def test_shard_settings_out_of_range_are_refused_before_any_work(override, key, 
     assert shard("build", project, *ADVANCED, override, "--no-progress") == 2
     assert key in " ".join(capsys.readouterr().err.split())
     assert not (project / "shards").exists()
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(sharded_project_copy, capsys):
+    """A kill while a row was written left a line without its newline: every later resume of the
+    run failed at the end (drawing the curves), and the next row was glued to the torn one."""
+    import json as json_
+
+    from concept_train.cli import main as train
+    from helpers import TINY
+    run = [str(sharded_project_copy), *TINY, "initialize.run_id=torn"]
+    assert train(run) == 0
+    metrics = sharded_project_copy / "model_checkpoints/torn/metrics.jsonl"
+    with open(metrics, "a") as fh:
+        fh.write('{"kind": "train", "step": 4, "lo')
+    assert train(run + ["initialize.resume=True", "model.training.max_steps=5"]) == 0
+    rows = [json_.loads(line) for line in metrics.read_text().splitlines()]      # every line is whole
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5]

@@ -86,3 +86,17 @@ def test_embed_adata_reads_raw_counts_and_names_bad_columns(trained_run):
     np.testing.assert_allclose(embed(adata, loaded), z_file, rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="no column 'ensembl'"):
         embed(adata, loaded, gene_id_column="ensembl")
+
+
+@pytest.mark.parametrize("where,expected", [("missing/out.h5ad", "does not exist"), ("adir", "is a directory"),
+                                            ("INPUT", "is the input itself"), ("out.txt", "not a .h5ad")])
+def test_bad_output_paths_are_named_before_any_work(trained_run, tmp_path, where, expected, capsys):
+    """They gave raw tracebacks after the embedding was computed, and left *.tmp files behind."""
+    project, run = trained_run
+    src = project / "data/synth_hsapiens/h5ads/hs_gut_d.zarr"
+    (tmp_path / "adir").mkdir()
+    out = src if where == "INPUT" else tmp_path / where
+    assert embed_main([str(run), str(src), "--out", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--out" in err and expected in err
+    assert not list(tmp_path.rglob("*.tmp")) and not list(src.parent.glob("*.tmp"))

@@ -87,3 +87,26 @@ def test_bad_loader_options_name_the_key(sharded):
         with pytest.raises(DataError) as err:
             data_module(sharded, [override]).train_loader()
         assert key in " ".join(str(err.value).split())
+
+
+def test_a_file_without_cells_is_skipped_with_a_word_and_an_absent_obs_key_is_named(project):
+    """A 0-cell dataset broke training with streaming's "Stream contains no samples"; an obs key
+    that no file has gave null kNN in silence."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    src = ad.read_h5ad(project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad")
+    empty = ad.AnnData(X=sp.csr_matrix((20, src.n_vars), dtype="float32"), var=src.var[[]])
+    empty.write_h5ad(project / "data/synth_hsapiens/h5ads/hs_empty.h5ad")
+    split = ["datamodule.split_synth_hsapiens.train=[hs_blood_a.h5ad,hs_empty.h5ad]",
+             "datamodule.obs_keys=[cell_type,no_such_column]"]
+    assert shard("build", project, *ADVANCED, *split, "--no-progress") == 0
+    lines = []
+    from concept_shard.config import compose_config
+    from concept_train.data import DataModule
+    dm = DataModule(compose_config(project, ADVANCED + split), log=lines.append)
+    text = " ".join(lines)
+    assert "skipping 1 file(s) whose shards hold no cells: hsapiens/synth_hsapiens/hs_empty" in text
+    assert "hs_empty" not in {s.dataset_id.split("/")[-1] for s in dm.train_sets}
+    assert "'no_such_column' is a column of none of the files" in text
+    next(iter(dm.train_loader()))
