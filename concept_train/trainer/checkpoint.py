@@ -12,6 +12,7 @@ either the previous checkpoint as latest, or the new one complete. Older checkpo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -60,6 +61,42 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "trainer_state.json").is_file() else None
 
 
+def damage(checkpoint: Path, only: tuple[str, ...] | None = None) -> str | None:
+    """None when every file of the checkpoint (or those in `only`) matches `checksums.json`; else
+    the first file that is missing or differs. Checkpoints written before checksums were recorded
+    cannot be checked."""
+    listed = Path(checkpoint) / CHECKSUMS
+    if not listed.is_file():
+        return None
+    try:
+        expected = json.loads(listed.read_text())
+    except ValueError:
+        return CHECKSUMS
+    for name, digest in sorted(expected.items()):
+        if only is not None and name not in only:
+            continue
+        file = Path(checkpoint) / name
+        if not file.is_file() or _file_hash(file) != digest:
+            return name
+    return None
+
+
+def intact_checkpoint(run_dir: Path, log=print) -> Path | None:
+    """The newest complete checkpoint of the run whose files match their checksums: the one
+    `latest` names, else (with a warning naming each damaged one) the next older one."""
+    root = Path(run_dir) / "checkpoints"
+    first = latest_checkpoint(run_dir)
+    others = sorted((p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)
+                     and (p / "trainer_state.json").is_file() and p != first), key=checkpoint_step, reverse=True)
+    for ckpt in ([first] if first is not None else []) + others:
+        bad = damage(ckpt)
+        if bad is None:
+            return ckpt
+        log(f"[train] WARNING: checkpoint {ckpt} is damaged ({bad} does not match its checksum); "
+            "trying the previous one.")
+    return None
+
+
 def resolve_checkpoint(path) -> Path | None:
     """A run directory (its latest complete checkpoint) or a `checkpoints/step_<N>` directory."""
     path = Path(path)
@@ -67,10 +104,10 @@ def resolve_checkpoint(path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, d: Dist, keep_last: int,
-                    run_config=None) -> Path:
+                    run_config=None, resumed_from: Path | None = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
-    if latest_checkpoint(run_dir) == final:
+    if resumed_from is not None and Path(resumed_from) == final:
         # a resumed run that had already reached its last step: the state is the one saved there.
         # Replacing it would leave `latest` naming nothing for a moment, and a kill then loses the run.
         return final
@@ -88,6 +125,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     if d.is_main:
         torch.save(rng, tmp / "rng.pt")
         _write_shareable(tmp, weights, model.cfg, run_config)
+        # every file but the two small JSONs, so that a resume or a load can tell a damaged checkpoint
+        checksums = {p.name: _file_hash(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1) + "\n")
         with open(tmp / "trainer_state.json", "w") as fh:
             json.dump(dict(trainer_state, step=step, world_size=d.world_size), fh, indent=1)
             fh.flush()
@@ -192,7 +232,15 @@ def config_changes(checkpoint: Path, cfg) -> list[str]:
 
 
 # ---- the shareable part of a checkpoint: weights and configs, no pickle ----------------------
-WEIGHTS, MODEL_JSON, CONFIG = "model.safetensors", "model.json", "config.yaml"
+WEIGHTS, MODEL_JSON, CONFIG, CHECKSUMS = "model.safetensors", "model.json", "config.yaml", "checksums.json"
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_shareable(directory: Path, weights: dict, model_cfg, run_config) -> None:
@@ -213,6 +261,9 @@ def read_weights(checkpoint: Path) -> dict:
     from safetensors.torch import load_file
 
     path = Path(checkpoint) / WEIGHTS
+    if path.is_file() and damage(checkpoint, only=(WEIGHTS, MODEL_JSON, CONFIG)) is not None:
+        raise TrainError(path, "does not match the checksum recorded when the checkpoint was written: it is "
+                         "damaged (or was altered).", "Use another checkpoint of the run, or copy it again.")
     if not path.is_file():
         raise TrainError(checkpoint, f"has no {WEIGHTS}: it was written before checkpoints carried shareable "
                          "weights, or it is damaged.",

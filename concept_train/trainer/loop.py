@@ -28,8 +28,8 @@ from concept_shard.splits import check_plain_name
 
 from ..data import DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
-from .checkpoint import (checkpoint_step, config_changes, latest_checkpoint, load_checkpoint, resolve_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (checkpoint_step, config_changes, intact_checkpoint, latest_checkpoint, load_checkpoint,
+                         resolve_checkpoint, save_checkpoint)
 from .distributed import Dist, apply_fsdp, init_distributed, shutdown
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer, lr_lambda
@@ -112,7 +112,9 @@ class Trainer:
             if not run_id:
                 raise TrainError("initialize.resume", "is true but initialize.run_id is not set.",
                                  "Pass initialize.run_id=<the run's id> (its folder under PATH.CHECKPOINT_ROOT).")
-            resume_from = latest_checkpoint(root / str(run_id))
+            # rank 0 checks the checksums and picks; every rank resumes from the same checkpoint
+            resume_from = _broadcast(intact_checkpoint(root / str(run_id), self.log) if self.d.is_main else None,
+                                     self.d)
             if resume_from is None:
                 raise TrainError(root / str(run_id), "has no complete checkpoint to resume from.",
                                  "Start it anew without initialize.resume, or check initialize.run_id.")
@@ -262,7 +264,8 @@ class Trainer:
     def checkpoint(self) -> Path:
         state = {"scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict(), "run_id": self.run_id}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.d,
-                               keep_last=int(self.training.get("keep_last_checkpoints", 3)), run_config=self.cfg)
+                               keep_last=int(self.training.get("keep_last_checkpoints", 3)), run_config=self.cfg,
+                               resumed_from=self.resume_from)
 
     def run_validation(self) -> None:
         row = validate(self.model, self.val_loaders, self.forward_views, self.data.obs_keys, self.objective, self.step)

@@ -3,6 +3,7 @@ cannot lead out of the run directory, and resuming a finished run never removes 
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from concept_shard.errors import UserError
 from concept_train import embed, load_model
 from concept_train.cli import main as train
+from concept_train.trainer.checkpoint import _file_hash
 from helpers import TINY
 
 
@@ -52,7 +54,12 @@ def test_a_crafted_rng_file_is_refused_on_resume(sharded_project_copy, tmp_path,
     """rng.pt was loaded with weights_only=False: a crafted one ran code on initialize.resume=True."""
     run = _run(sharded_project_copy)
     marker = tmp_path / "code-ran"
-    (run / "checkpoints" / "step_3" / "rng.pt").write_bytes(pickle.dumps(_Plant(marker)))
+    ckpt = run / "checkpoints" / "step_3"
+    (ckpt / "rng.pt").write_bytes(pickle.dumps(_Plant(marker)))
+    # whoever crafts the file can also rewrite the checksums: the load itself must refuse it
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    sums["rng.pt"] = _file_hash(ckpt / "rng.pt")
+    (ckpt / "checksums.json").write_text(json.dumps(sums))
     assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True",
                   "model.training.max_steps=4"]) == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -71,13 +78,15 @@ def test_a_run_id_is_a_name_not_a_path(sharded_project_copy, capsys):
 def test_a_latest_pointer_out_of_the_run_is_no_checkpoint(sharded_project_copy, capsys):
     run = _run(sharded_project_copy)
     (run / "checkpoints" / "latest").write_text("../../../elsewhere\n")
-    assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True"]) == 2
-    assert "no complete checkpoint" in " ".join(capsys.readouterr().err.split())
     try:
         load_model(run, "cpu")
         raise AssertionError("load_model followed a pointer out of the run")
     except UserError as err:
         assert "neither a run directory" in str(err)
+    # a resume does not follow it either: it takes the run's newest intact checkpoint
+    assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True",
+                  "model.training.max_steps=4"]) == 0
+    assert "resumed run shared from " + str(run / "checkpoints" / "step_3") in " ".join(capsys.readouterr().out.split())
 
 
 def test_resuming_a_finished_run_keeps_its_last_checkpoint(sharded_project_copy):
@@ -107,3 +116,30 @@ def test_a_resume_that_changes_the_architecture_is_refused_by_name(sharded_proje
     assert "key(s) changed since the checkpoint" in out and "model.training.lr" in out
     loaded = load_model(sharded_project_copy / "model_checkpoints" / "shared", "cpu")
     assert loaded.step == 4 and float(loaded.cfg.model.training.lr) == 0.01      # the checkpoint's own config
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(sharded_project_copy, capsys):
+    """Flipped bytes inside tensor data loaded silently; corrupt files gave raw tracebacks."""
+    from helpers import metric_rows
+
+    args = [str(sharded_project_copy), *TINY, "initialize.run_id=shared", "model.training.max_steps=4",
+            "model.training.checkpoint_every_n_steps=2"]
+    assert train(args) == 0
+    run = sharded_project_copy / "model_checkpoints" / "shared"
+    full = metric_rows(run)
+    data = next((run / "checkpoints" / "step_4").glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                              # one flipped byte inside the tensors
+    data.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert train(args + ["initialize.resume=True", "model.training.max_steps=6"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"checkpoint {run / 'checkpoints' / 'step_4'} is damaged" in out and "from " + str(run / "checkpoints" / "step_2") in out
+    again = metric_rows(run)
+    assert [again[s]["loss"] for s in (3, 4)] == [full[s]["loss"] for s in (3, 4)]     # redone exactly
+    (run / "checkpoints" / "step_6" / "model.safetensors").write_bytes(b"\0" * 64)
+    try:
+        load_model(run, "cpu")
+        raise AssertionError("a damaged model.safetensors loaded")
+    except UserError as err:
+        assert "model.safetensors" in str(err) and "checksum" in str(err)
