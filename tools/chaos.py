@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Kill -9 builds and training runs at random moments, then check that nothing was lost or doubled.
+
+    python tools/chaos.py WORKDIR [--kills 20] [--seed 0] [--cells 300]
+
+1. Makes the example project (`tools/make_example_project.py`, `--cells` per synthetic file)
+   and, in a copy, builds it uninterrupted and trains a tiny model for a few steps uninterrupted:
+   the references.
+2. Builds: `--kills` times, starts `concept-shard build` (small chunks, parts and shards, so
+   there are many part writes and joins to land in) and kills it with SIGKILL after a random
+   delay within the reference build's duration; then one build runs to the end. Every dataset is
+   checked against its source (written + dropped cells = source cells, every written row once, in
+   order) and against the uninterrupted build, sample for sample.
+3. Training: `--kills` times, starts (or resumes) the run and kills it after a random delay
+   within the reference run's duration; then it is resumed to the end. Every step's loss and
+   batch digest must equal the uninterrupted run's, bit for bit.
+
+What the filesystem held at each kill (a part, a join, a checkpoint being written) is counted,
+so the report says where the kills landed. Exit status 0 when every check passed. This is a
+benchmark-style tool, not a unit test; tests/e2e/test_chaos.py runs it with a small --kills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ADVANCED = ["datamodule=DataModuleAdvanced"]
+BUILD = [*ADVANCED, "shard.chunk_size=16", "shard.part_size=100", "shard.shard_size_limit=65536", "--no-progress"]
+TRAIN = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
+         "model.training.max_steps=12", "model.training.log_every_n_steps=1", "model.training.warmup=2",
+         "model.training.checkpoint_every_n_steps=2", "model.training.val_check_interval=0",
+         "model.training.validate_before_training=False", "datamodule.dataloader.train.batch_size=16",
+         "datamodule.dataloader.train.num_workers=0", "datamodule.dataset.train.max_tokens=50", *ADVANCED]
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _build_cmd(project: Path) -> list[str]:
+    return [sys.executable, "-m", "concept_shard.cli", "build", str(project), *BUILD]
+
+
+def _train_cmd(project: Path, run_id: str, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "concept_train.cli", str(project), *TRAIN, f"initialize.run_id={run_id}",
+            f"initialize.resume={resume}"]
+
+
+def _run(cmd: list[str], timeout: float = 900) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def _kill_after(cmd: list[str], delay: float, where) -> tuple[bool, str]:
+    """Start cmd, SIGKILL its process group after `delay` s; (killed before it ended, what was on disk)."""
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.perf_counter() + delay
+    while time.perf_counter() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        return False, "finished"
+    state = where()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True, state
+
+
+def _build_state(project: Path) -> str:
+    shards = project / "shards"
+    if list(shards.glob("*/*/*.join.tmp")) or list(shards.glob("*/*/*.old.*.tmp")):
+        return "inside a join"
+    if list(shards.glob("*/*/.parts/*/part_*.tmp")):
+        return "writing a part"
+    return "between steps"
+
+
+def _train_state(run: Path) -> str:
+    if list((run / "checkpoints").glob("step_*.tmp")):
+        return "inside a checkpoint write"
+    return "training" if (run / "checkpoints").is_dir() else "starting up"
+
+
+# ---- checks ----------------------------------------------------------------------------------
+def _datasets(project: Path) -> dict[str, Path]:
+    return {str(p.parent.relative_to(project / "shards")): p.parent
+            for p in (project / "shards").glob("*/*/*/dataset.json") if not p.parent.name.endswith(".tmp")}
+
+
+def _samples(directory: Path) -> list[dict]:
+    from concept_shard.mds import read_rows
+
+    index = json.loads((directory / "index.json").read_text())
+    total = sum(s["samples"] for s in index["shards"])
+    cols = ["genes", "counts", "n_counts", "row", "cell_id"]
+    return [s for _, s in read_rows(lambda name: (directory / name).read_bytes(), range(total), cols)]
+
+
+def check_build(project: Path, reference: Path) -> list[str]:
+    """Problems with the project's datasets: against their sources, and against the reference."""
+    problems = []
+    mine, ref = _datasets(project), _datasets(reference)
+    if mine.keys() != ref.keys():
+        problems.append(f"datasets differ: {sorted(mine.keys() ^ ref.keys())}")
+    for name in sorted(mine.keys() & ref.keys()):
+        record = json.loads((mine[name] / "dataset.json").read_text())
+        try:
+            cells = _samples(mine[name])
+        except (OSError, ValueError, KeyError) as exc:
+            problems.append(f"{name}: cannot be read ({type(exc).__name__}: {exc})")
+            continue
+        rows = [int(s["row"]) for s in cells]
+        dropped = sum(record["cells_dropped"].values())
+        if len(cells) != record["cells_written"] or len(cells) + dropped != record["n_cells_source"]:
+            problems.append(f"{name}: {len(cells)} samples, {record['cells_written']} written + {dropped} dropped, "
+                            f"source has {record['n_cells_source']}")
+        if rows != sorted(set(rows)) or (rows and (rows[0] < 0 or rows[-1] >= record["n_cells_source"])):
+            problems.append(f"{name}: source rows lost, doubled or out of order")
+        want = _samples(ref[name])
+        if len(want) != len(cells) or any(
+                a["row"] != b["row"] or a["cell_id"] != b["cell_id"] or a["n_counts"] != b["n_counts"]
+                or (a["genes"] != b["genes"]).any() or (a["counts"] != b["counts"]).any() for a, b in zip(cells, want)):
+            problems.append(f"{name}: samples differ from the uninterrupted build")
+    leftovers = [p for p in (project / "shards").rglob("*.tmp")]
+    if leftovers:
+        problems.append(f"leftovers: {leftovers[:3]}")
+    return problems
+
+
+def _rows(run: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            rows[r["step"]] = r
+    return rows
+
+
+def check_training(run: Path, reference: Path) -> list[str]:
+    mine, ref = _rows(run), _rows(reference)
+    if sorted(mine) != sorted(ref):
+        return [f"steps differ: {sorted(mine)} vs {sorted(ref)}"]
+    return [f"step {s}: loss {mine[s]['loss']!r} vs {ref[s]['loss']!r}" for s in sorted(ref)
+            if mine[s]["loss"] != ref[s]["loss"] or mine[s]["batch_digest"] != ref[s]["batch_digest"]]
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("workdir", type=Path)
+    p.add_argument("--kills", type=int, default=20, help="kills of builds, and as many of training runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cells", type=int, default=300, help="cells per synthetic file of the example project")
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    work = args.workdir.resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sys.path.insert(0, str(REPO))
+    from tools.make_example_project import main as make_example_project
+
+    source = work / "source"
+    make_example_project([str(source), "--cells", str(args.cells)])
+    reference, project = work / "reference", work / "project"
+    shutil.copytree(source, reference)
+    shutil.copytree(source, project)
+
+    t_build = _run(_build_cmd(reference))
+    t0 = time.perf_counter()
+    _run(_train_cmd(reference, "run", resume=False))
+    t_train = time.perf_counter() - t0
+    print(f"[chaos] reference build {t_build:.1f} s, reference training {t_train:.1f} s")
+
+    landed = Counter()
+    kills, attempts = 0, 0
+    while kills < args.kills and attempts < 4 * args.kills:
+        attempts += 1
+        hit, state = _kill_after(_build_cmd(project), rng.uniform(1.0, t_build), lambda: _build_state(project))
+        kills += hit
+        if hit:
+            landed["build: " + state] += 1
+        if not hit:            # it finished first: start the next round from nothing
+            shutil.rmtree(project / "shards", ignore_errors=True)
+    build_kills = kills
+    _run(_build_cmd(project))
+    build_problems = check_build(project, reference)
+
+    shutil.rmtree(project / "shards")                       # train from shards equal to the reference's
+    shutil.copytree(reference / "shards", project / "shards")
+    run = project / "model_checkpoints" / "run"
+    kills = attempts = 0
+    while kills < args.kills and attempts < 4 * args.kills:
+        attempts += 1
+        resume = (run / "checkpoints" / "latest").is_file()
+        hit, state = _kill_after(_train_cmd(project, "run", resume), rng.uniform(2.0, t_train),
+                                 lambda: _train_state(run))
+        kills += hit
+        if hit:
+            landed["train: " + state] += 1
+        if not hit:            # it reached the last step: start the next round from nothing
+            shutil.rmtree(run, ignore_errors=True)
+    train_kills = kills
+    _run(_train_cmd(project, "run", resume=(run / "checkpoints" / "latest").is_file()))
+    train_problems = check_training(run, reference / "model_checkpoints" / "run")
+
+    n_cells = sum(json.loads((d / "dataset.json").read_text())["n_cells_source"] for d in _datasets(project).values())
+    report = {"build_kills": build_kills, "train_kills": train_kills, "where": dict(sorted(landed.items())), "datasets": len(_datasets(project)),
+              "source_cells": n_cells, "build_problems": build_problems, "training_problems": train_problems,
+              "steps_compared": len(_rows(run))}
+    print(json.dumps(report, indent=1))
+    (work / "chaos.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0 if not build_problems and not train_problems else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
