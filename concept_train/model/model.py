@@ -54,13 +54,25 @@ class ModelConfig:
         for key, allowed in CHOICES.items():      # a typo must not silently pick the other branch
             if str(get(key, allowed[0])) not in allowed:
                 raise ValueError(f"model.{key}={get(key)}: use one of {', '.join(allowed)}")
-        return cls(vocab_sizes=dict(vocab_sizes), dim_model=int(get("dim_model")), nlayers=int(get("nlayers")),
-                   num_head=int(get("num_head")), dim_hid=int(get("dim_hid")), dropout=float(get("dropout", 0.0)),
-                   dim_gene_embs=int(get("dim_gene_embs")), dim_pretrained_vocab=int(get("dim_pretrained_vocab", 640)),
-                   pretrained=pretrained, projection_dim=get("projection_dim"), norm_scheme=str(get("norm_scheme", "pre")),
-                   activation=str(get("activation", "gelu")), input_encoding=str(get("input_encoding", "rank_encoding")),
-                   pe_max_len=int(get("pe_max_len", 5000)), logit_scale_init_value=float(get("logit_scale_init_value", 3.0)),
-                   attention_backend=backend)
+        sizes = {key: _positive_int(model_cfg, key, default) for key, default in
+                 (("dim_model", None), ("nlayers", None), ("num_head", None), ("dim_hid", None),
+                  ("dim_gene_embs", None), ("dim_pretrained_vocab", 640), ("pe_max_len", 5000))}
+        projection = get("projection_dim")
+        dropout = float(get("dropout", 0.0))
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout={dropout}: use a probability in [0, 1)")
+        return cls(vocab_sizes=dict(vocab_sizes), **sizes, dropout=dropout, pretrained=pretrained,
+                   projection_dim=None if projection is None else _positive_int(model_cfg, "projection_dim", None),
+                   norm_scheme=str(get("norm_scheme", "pre")), activation=str(get("activation", "gelu")),
+                   input_encoding=str(get("input_encoding", "rank_encoding")),
+                   logit_scale_init_value=float(get("logit_scale_init_value", 3.0)), attention_backend=backend)
+
+
+def _positive_int(model_cfg, key: str, default) -> int:
+    value = model_cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"model.{key}={value}: use a positive integer")
+    return value
 
 
 CHOICES = {"norm_scheme": ("pre", "post"), "activation": ("gelu", "relu"),

@@ -12,6 +12,7 @@ continue exactly as if the run had not stopped.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -81,6 +82,8 @@ class Trainer:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.training))
         except ValueError as err:
             key, _, problem = str(err).partition(": ")
+            if not re.fullmatch(r"(model|datamodule|PATH)\.[\w.]+(=.*)?", key):   # torch's own words, no key
+                key, problem = "model", str(err)
             raise TrainError(key, f"is not valid ({problem}).", "Fix it in the config or override it.") from None
         self.step = 0
         self._dense_params: int | None = None

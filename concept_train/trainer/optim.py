@@ -22,6 +22,8 @@ def build_optimizer(model: nn.Module, training) -> torch.optim.Optimizer:
         else:
             decay.append(p)
     wd = float(training.get("weight_decay", 0.0))
+    if float(training.lr) < 0 or wd < 0:
+        raise ValueError(f"model.training.{'lr' if float(training.lr) < 0 else 'weight_decay'}: must not be negative")
     return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
                              lr=float(training.lr), betas=(0.9, 0.999))
 

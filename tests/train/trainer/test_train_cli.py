@@ -61,3 +61,12 @@ def test_new_run_from_weights_wandb_offline_and_profiler(sharded_project_copy, c
     assert [r["step"] for r in second if r["kind"] == "train"] == [1, 2, 3]
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+@pytest.mark.parametrize("override,key", [("model.dropout=2", "model.dropout=2"), ("model.dim_hid=0", "model.dim_hid=0"),
+                                          ("model.nlayers=2.5", "model.nlayers=2.5"),
+                                          ("model.training.lr=-1", "model.training.lr")])
+def test_a_bad_value_is_named_by_its_key(sharded_project_copy, capsys, override, key):
+    """torch's own ValueErrors ("dropout probability has to be between 0 and 1") lost the key."""
+    assert main([str(sharded_project_copy), *TINY, override]) == 2
+    assert key in " ".join(capsys.readouterr().err.split())
