@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from concept_shard.errors import DataError
+from concept_shard.errors import DataError, UserError
 
 from .batch import Batch, as_tensor, label_code
 from .catalog import ShardSet
@@ -91,8 +91,25 @@ class _BatchStream(IterableDataset):
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
         g = self.start + w
         while self.stop is None or g < self.stop:
-            yield self.maker.make(g)
+            try:
+                yield self.maker.make(g)
+            except UserError as err:      # crosses the worker boundary as data, raised again by Loader
+                yield _Failure(type(err), err.where, err.problem, err.fix)
+                return
             g += W
+
+
+@dataclass
+class _Failure:
+    """A user error met while making a batch, carried out of a DataLoader worker (which would turn
+    it into a RuntimeError holding a traceback)."""
+    kind: type
+    where: str
+    problem: str
+    fix: str
+
+    def error(self) -> UserError:
+        return self.kind(self.where, self.problem, self.fix)
 
 
 class Loader:
@@ -124,6 +141,8 @@ class Loader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(self.maker.seed), **kwargs)
         for batch in loader:
+            if isinstance(batch, _Failure):
+                raise batch.error()
             self.position = batch.index + 1
             yield batch
 

@@ -92,9 +92,16 @@ class SampleStore:
         shard_id, in_shard = self.dataset.spanner[sample_id]
         reader = self.dataset.shards[shard_id]
         try:
-            data = reader.get_sample_data(in_shard)
-        except FileNotFoundError:        # not local yet: streaming prepares the shard
-            return self.dataset.get_item(sample_id)
+            try:
+                data = reader.get_sample_data(in_shard)
+            except FileNotFoundError:        # not local yet: streaming prepares the shard
+                return self.dataset.get_item(sample_id)
+        except Exception as exc:             # a shard deleted or rebuilt under a running run
+            s = self.sets[dataset_index]
+            raise DataError(s.remote or s.directory, f"could not be read while training ({type(exc).__name__}: "
+                            f"{exc}); its shards were deleted, rebuilt or damaged after the run started.",
+                            "Let any `concept-shard build` finish, then resume the run (initialize.resume=True): "
+                            "it restarts from its last checkpoint with the shards as they are then.") from None
         self.dataset._shard_access_times[shard_id] = time_ns()   # what get_item does, for cache eviction
         decoder = self._decoders.get(shard_id)
         if decoder is None:

@@ -119,8 +119,14 @@ class Trainer:
             resume_from = _broadcast(intact_checkpoint(root / str(run_id), self.log) if self.d.is_main else None,
                                      self.d)
             if resume_from is None:
-                raise TrainError(root / str(run_id), "has no complete checkpoint to resume from.",
-                                 "Start it anew without initialize.resume, or check initialize.run_id.")
+                if (root / str(run_id)).exists():       # starting it anew would overwrite what is there
+                    raise TrainError(root / str(run_id), "has no complete checkpoint to resume from (none whose "
+                                     "files match their checksums).",
+                                     "Check initialize.run_id; to train from scratch, start a new run with another "
+                                     "initialize.run_id (this one's directory is kept as it is).")
+                raise TrainError(root / str(run_id), "has no complete checkpoint to resume from: there is no such run.",
+                                 "Check initialize.run_id and PATH.CHECKPOINT_ROOT, or start a new run without "
+                                 "initialize.resume.")
         else:
             if init.get("checkpoint"):
                 path = Path(str(init.checkpoint))

@@ -110,3 +110,19 @@ def test_a_file_without_cells_is_skipped_with_a_word_and_an_absent_obs_key_is_na
     assert "hs_empty" not in {s.dataset_id.split("/")[-1] for s in dm.train_sets}
     assert "'no_such_column' is a column of none of the files" in text
     next(iter(dm.train_loader()))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_deleted_under_a_running_loader_are_a_named_error(sharded, workers):
+    """Deleting or rebuilding shards under a running training gave streaming's raw errors (and,
+    from a DataLoader worker, a RuntimeError holding a traceback)."""
+    dm = data_module(sharded, [f"datamodule.dataloader.train.num_workers={workers}"])
+    loader = dm.train_loader()
+    with pytest.raises(DataError) as err:
+        for i, _ in enumerate(loader):
+            if i == 0:
+                for species in ("hsapiens", "mmusculus"):
+                    shutil.rmtree(sharded / "shards" / species)
+            assert i < 200, "the loader went on reading shards that were deleted"
+    text = " ".join(str(err.value).split())
+    assert "could not be read while training" in text and "initialize.resume=True" in text
