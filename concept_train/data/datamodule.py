@@ -14,6 +14,7 @@ from .catalog import Catalog, ShardSet
 from .loader import BatchMaker, Loader, RankSlice
 from .panels import DesignedPanel, PanelSampler, curriculum_specs, load_designed_panels
 from .plan import BatchPlan
+from .shm import check_free_shm
 from .store import SampleStore
 from .tokenize import TokenSpec
 
@@ -35,6 +36,9 @@ class DataModule:
                 if all(key in s.obs_keys_absent for s in sets):
                     log(f"[data] datamodule.obs_keys: '{key}' is a column of none of the files of validation "
                         f"loader {name}; its kNN accuracy will be null.")
+        workers = max([int(OmegaConf.select(dm, "dataloader.train.num_workers", default=0) or 0)]
+                      + [int(v.get("num_workers", 0) or 0) for v in (OmegaConf.select(dm, "dataloader.val") or {}).values()])
+        check_free_shm(workers)
         self.store = SampleStore(self.catalog.all_sets(), cache_limit=dm.get("cache_limit"))
         self._panels: dict[tuple[str, str], list[DesignedPanel]] = {}
 

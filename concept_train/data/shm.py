@@ -1,4 +1,5 @@
-"""Remove the /dev/shm segments that mosaicml-streaming leaves behind when a process is killed.
+"""/dev/shm for the data pipeline: remove the segments mosaicml-streaming leaves behind when a
+process is killed, and check there is room before a run depends on it.
 
 Streaming registers every StreamingDataset in named shared memory (`/dev/shm/NNNNNN_locals`, ...)
 and refuses to start a dataset over local directories that a registered one already uses. After
@@ -60,3 +61,26 @@ def clean_stale_streaming_shm() -> list[str]:
         except OSError:
             continue
     return removed
+
+
+# streaming's registries, its per-shard arrays and semaphores, and DataLoader workers handing
+# batches over (torch shares their tensors through /dev/shm): a few MB, and ~8 MB per worker for
+# the batches in flight at the default batch size. Measured: with 400 KB free a run hung before
+# its first batch; with 64 KB it stopped in a SemLock with ENOSPC; a full one ends in "Bus error".
+MIN_FREE_SHM = 16 << 20
+PER_WORKER_SHM = 8 << 20
+
+
+def check_free_shm(num_workers: int) -> None:
+    """Raise a DataError when /dev/shm has too little room for streaming and the loader workers."""
+    from concept_shard.errors import DataError
+
+    if not SHM_DIR.is_dir():
+        return
+    stat = os.statvfs(SHM_DIR)
+    free, need = stat.f_bavail * stat.f_frsize, MIN_FREE_SHM + PER_WORKER_SHM * max(0, int(num_workers))
+    if free < need:
+        raise DataError(SHM_DIR, f"has {free / 2**20:.1f} MiB free; the shard streams and {num_workers} loader "
+                        f"worker(s) need about {need / 2**20:.0f} MiB (a full /dev/shm ends a run in 'Bus error').",
+                        "Free it (stale segments of killed runs: `ls -la /dev/shm`), give the container more "
+                        "(docker --shm-size, a larger tmpfs), or lower datamodule.dataloader.*.num_workers.")

@@ -70,3 +70,20 @@ def test_a_bad_value_is_named_by_its_key(sharded_project_copy, capsys, override,
     """torch's own ValueErrors ("dropout probability has to be between 0 and 1") lost the key."""
     assert main([str(sharded_project_copy), *TINY, override]) == 2
     assert key in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_full_dev_shm_is_named_before_the_run_starts(sharded_project_copy, tmp_path):
+    """With /dev/shm (nearly) full a run hung before its first batch or ended in a bare "Bus
+    error". A real small /dev/shm: a tmpfs of 1 MiB mounted in a private mount namespace."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
+        pytest.skip("needs a private mount namespace (unshare -m, as root)")
+    cmd = " ".join([sys.executable, "-m", "concept_train.cli", str(sharded_project_copy), *TINY])
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs /dev/shm && {cmd}"],
+                          capture_output=True, text=True, timeout=300)
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, err[-2000:]
+    assert "/dev/shm: has" in err and "MiB free" in err and "--shm-size" in err
