@@ -3,6 +3,9 @@
 
     python tools/chaos.py WORKDIR [--kills 20] [--seed 0] [--cells 300]
 
+Half the kills come at a random moment, the others as soon as the filesystem shows the moment
+aimed at (a part being written, a join, a checkpoint being written).
+
 1. Makes the example project (`tools/make_example_project.py`, `--cells` per synthetic file)
    and, in a copy, builds it uninterrupted and trains a tiny model for a few steps uninterrupted:
    the references.
@@ -66,13 +69,18 @@ def _run(cmd: list[str], timeout: float = 900) -> float:
     return time.perf_counter() - t0
 
 
-def _kill_after(cmd: list[str], delay: float, where) -> tuple[bool, str]:
-    """Start cmd, SIGKILL its process group after `delay` s; (killed before it ended, what was on disk)."""
+def _kill_after(cmd: list[str], delay: float, where, target: str | None = None) -> tuple[bool, str]:
+    """Start cmd and SIGKILL its process group after `delay` s or, with `target`, as soon as
+    `where()` reports that state (polled every millisecond); (killed before it ended, the state)."""
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.perf_counter() + delay
-    while time.perf_counter() < deadline and proc.poll() is None:
-        time.sleep(0.005)
+    while proc.poll() is None:
+        if target is None and time.perf_counter() >= deadline:
+            break
+        if target is not None and where() == target:
+            break
+        time.sleep(0.001 if target is not None else 0.005)
     if proc.poll() is not None:
         return False, "finished"
     state = where()
@@ -190,7 +198,9 @@ def main(argv=None) -> int:
     kills, attempts = 0, 0
     while kills < args.kills and attempts < 4 * args.kills:
         attempts += 1
-        hit, state = _kill_after(_build_cmd(project), rng.uniform(1.0, t_build), lambda: _build_state(project))
+        # a third each: at a random moment, as soon as a part is being written, as soon as a join runs
+        target = rng.choice([None, "writing a part", "inside a join"])
+        hit, state = _kill_after(_build_cmd(project), rng.uniform(1.0, t_build), lambda: _build_state(project), target)
         kills += hit
         if hit:
             landed["build: " + state] += 1
@@ -207,8 +217,9 @@ def main(argv=None) -> int:
     while kills < args.kills and attempts < 4 * args.kills:
         attempts += 1
         resume = (run / "checkpoints" / "latest").is_file()
+        target = rng.choice([None, "inside a checkpoint write"])
         hit, state = _kill_after(_train_cmd(project, "run", resume), rng.uniform(2.0, t_train),
-                                 lambda: _train_state(run))
+                                 lambda: _train_state(run), target)
         kills += hit
         if hit:
             landed["train: " + state] += 1
