@@ -63,13 +63,9 @@ def assert_same_samples(a: Path, b: Path, n_datasets: int = 9) -> None:
 
 
 def metric_rows(run_dir: Path) -> dict[int, dict]:
-    """The last train row written for each step (a resumed run rewrites the steps after its checkpoint)."""
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            rows[r["step"]] = r
-    return rows
+    """The last train row written for each step of a run."""
+    from concept_train.trainer.metrics import train_rows_by_step
+    return train_rows_by_step(run_dir / "metrics.jsonl")
 
 
 def data_module(project: Path, overrides=(), rank: int = 0, world_size: int = 1):

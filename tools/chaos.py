@@ -151,12 +151,8 @@ def check_build(project: Path, reference: Path) -> list[str]:
 
 
 def _rows(run: Path) -> dict[int, dict]:
-    rows = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r["kind"] == "train":
-            rows[r["step"]] = r
-    return rows
+    from concept_train.trainer.metrics import train_rows_by_step
+    return train_rows_by_step(run / "metrics.jsonl")
 
 
 def check_training(run: Path, reference: Path) -> list[str]:

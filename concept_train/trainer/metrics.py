@@ -64,6 +64,12 @@ def read_rows(metrics_path: Path) -> list[dict]:
     return rows
 
 
+def train_rows_by_step(metrics_path: Path) -> dict[int, dict]:
+    """The last train row written for each step (a resumed run rewrites the steps after its
+    checkpoint): what resumption tests and tools/chaos.py compare with an uninterrupted run."""
+    return {r["step"]: r for r in read_rows(metrics_path) if r.get("kind") == "train"}
+
+
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     """Loss and recall@1 against step, training and validation, from metrics.jsonl."""
     if not metrics_path.is_file():
