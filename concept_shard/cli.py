@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
     from .build import ShardJob
-    from .config import compose_config
+    from .config import PACKAGED_CONF_DIR, compose_config
 
     try:
         cfg = compose_config(args.project_path, args.overrides, args.config_dir)
@@ -100,7 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nconcept-shard: error\n{err.paragraph()}", file=sys.stderr)
         return 2
     _print_report(report, time.time() - t0, args.command)
+    if report.failed and _only_packaged_configs(args) and all(e.problem == "does not exist." for e in report.failed):
+        print(f"\nEvery listed file is missing: the split files used are the packaged example's ({PACKAGED_CONF_DIR}/"
+              "datamodule). Put your own split YAMLs and data module in PROJECT_PATH/conf/datamodule/ (used "
+              "automatically), or pass --config-dir DIR, and select your data module with datamodule=<name>.",
+              file=sys.stderr)
     return report.exit_code
+
+
+def _only_packaged_configs(args) -> bool:
+    return args.config_dir is None and not (Path(args.project_path) / "conf").is_dir()
 
 
 def _gene_vectors(cfg, args) -> int:

@@ -67,3 +67,14 @@ def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
     with pytest.raises(UserError) as err:
         compose_config(tmp_path, ["datamodule=Broken"], config_dir=tmp_path)
     assert err.value.where.endswith("Broken.yaml, line 3") and "not valid YAML" in err.value.problem
+
+
+def test_a_user_project_built_with_the_packaged_splits_is_told_where_its_configs_go(example_source, tmp_path, capsys):
+    """`concept-shard build PROJECT_PATH` on a user's project reported the example's files as
+    missing, with no hint."""
+    import shutil
+    project = tmp_path / "mine"
+    shutil.copytree(example_source / "references", project / "references")
+    assert shard("build", project, "--no-progress") == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "packaged example's" in err and "PROJECT_PATH/conf/datamodule/" in err and "--config-dir" in err
