@@ -141,11 +141,14 @@ class ShardJob:
     def _note_mtime(self, job: FileJob, record: dict) -> None:
         """A source whose mtime moved but whose content is unchanged (copied, touched) was found
         current by a full content check; record its new mtime so the next check is cheap again."""
-        if self.remote is not None or record.get("source_mtime_ns") in (None, source_mtime_ns(job.sf.path)):
+        if self.remote is not None or record.get("source_mtime_ns") is None:
+            return
+        mtime = source_mtime_ns(job.sf.path)
+        if mtime == record["source_mtime_ns"]:
             return
         with exclusive(job.layout.join_lock) as mine:
             if mine and read_json(job.layout.dataset_json) == record:
-                write_json_atomic(job.layout.dataset_json, dict(record, source_mtime_ns=source_mtime_ns(job.sf.path)))
+                write_json_atomic(job.layout.dataset_json, dict(record, source_mtime_ns=mtime))
 
     def units(self) -> list[WorkUnit]:
         return [WorkUnit(j.sf.dataset_id, a, b) for j in self.jobs for a, b in j.ranges]
@@ -256,10 +259,11 @@ class ShardJob:
                         self.log(f"[concept-shard] {job.sf.dataset_id}: rows {unit.start}-{unit.end} are being "
                                  "written by another build; skipped here.")
                         complete = False
-                    elif not self._unit_done(job, unit):   # another build may have finished it meanwhile
-                        self._write_unit(job, unit, gene_map, bar)
+                    if mine and not self._unit_done(job, unit):   # another build may have finished it meanwhile
+                        self._write_unit(job, unit, gene_map, bar)     # (write_part advances the bar)
+                    else:
+                        bar.update(unit.cells)
                     job.layout.failed_marker(unit.start).unlink(missing_ok=True)
-                bar.update(0)
             except Exception as exc:   # one bad file must not stop the others
                 err = exc if isinstance(exc, UserError) else ShardError(
                     job.sf.path, f"failed while sharding rows {unit.start}-{unit.end} "

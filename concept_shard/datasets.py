@@ -130,10 +130,6 @@ class ShardStore:
             remote.check()
         return cls(Path(cfg.PATH.SHARDS_PATH), remote)
 
-    @property
-    def url(self) -> str:
-        return self.remote.url if self.remote is not None else str(self.root)
-
     def local(self, sf: SourceFile) -> DatasetLayout:
         """The dataset's local directories (the dataset itself, or its staging copy when remote)."""
         return DatasetLayout(self.root, sf)

@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from concept_shard.errors import DataError
+
 SHM_DIR = Path("/dev/shm")
 _STREAMING_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|"
                              r"resume|epoch_shape|epoch_data)$")
@@ -73,8 +75,6 @@ PER_WORKER_SHM = 8 << 20
 
 def check_free_shm(num_workers: int) -> None:
     """Raise a DataError when /dev/shm has too little room for streaming and the loader workers."""
-    from concept_shard.errors import DataError
-
     if not SHM_DIR.is_dir():
         return
     stat = os.statvfs(SHM_DIR)

@@ -12,7 +12,6 @@ either the previous checkpoint as latest, or the new one complete. Older checkpo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from concept_shard.errors import TrainError
+from concept_shard.fingerprint import content_hash
 from concept_shard.vocabulary import Vocabulary, load_vocabulary
 
 from ..model import ContrastiveModel, ModelConfig
@@ -76,7 +76,7 @@ def damage(checkpoint: Path, only: tuple[str, ...] | None = None) -> str | None:
         if only is not None and name not in only:
             continue
         file = Path(checkpoint) / name
-        if not file.is_file() or _file_hash(file) != digest:
+        if not file.is_file() or content_hash(file) != digest:
             return name
     return None
 
@@ -126,7 +126,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         torch.save(rng, tmp / "rng.pt")
         _write_shareable(tmp, weights, model.cfg, run_config)
         # every file but the two small JSONs, so that a resume or a load can tell a damaged checkpoint
-        checksums = {p.name: _file_hash(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+        checksums = {p.name: content_hash(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != CHECKSUMS}
         (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1) + "\n")
         with open(tmp / "trainer_state.json", "w") as fh:
             json.dump(dict(trainer_state, step=step, world_size=d.world_size), fh, indent=1)
@@ -233,14 +233,6 @@ def config_changes(checkpoint: Path, cfg) -> list[str]:
 
 # ---- the shareable part of a checkpoint: weights and configs, no pickle ----------------------
 WEIGHTS, MODEL_JSON, CONFIG, CHECKSUMS = "model.safetensors", "model.json", "config.yaml", "checksums.json"
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_shareable(directory: Path, weights: dict, model_cfg, run_config) -> None:

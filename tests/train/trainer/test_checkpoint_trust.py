@@ -13,7 +13,7 @@ import pytest
 from concept_shard.errors import UserError
 from concept_train import embed, load_model
 from concept_train.cli import main as train
-from concept_train.trainer.checkpoint import _file_hash
+from concept_shard.fingerprint import content_hash
 from helpers import TINY
 
 
@@ -58,7 +58,7 @@ def test_a_crafted_rng_file_is_refused_on_resume(sharded_project_copy, tmp_path,
     (ckpt / "rng.pt").write_bytes(pickle.dumps(_Plant(marker)))
     # whoever crafts the file can also rewrite the checksums: the load itself must refuse it
     sums = json.loads((ckpt / "checksums.json").read_text())
-    sums["rng.pt"] = _file_hash(ckpt / "rng.pt")
+    sums["rng.pt"] = content_hash(ckpt / "rng.pt")
     (ckpt / "checksums.json").write_text(json.dumps(sums))
     assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True",
                   "model.training.max_steps=4"]) == 2
