@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import defaultdict
@@ -48,17 +47,10 @@ def _parser() -> argparse.ArgumentParser:
             continue
         s.add_argument("--lamindb", action="store_true", help="register sources and shards in the current lamindb instance")
         if name == "build":
-            s.add_argument("--task-index", type=int, default=None, help="this task (default: $SLURM_ARRAY_TASK_ID)")
+            s.add_argument("--task-index", type=int, default=None, help="this task (default: from $SLURM_ARRAY_TASK_ID)")
             s.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT)")
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def _slurm_task() -> tuple[int, int]:
-    if "SLURM_ARRAY_TASK_ID" not in os.environ:
-        return 0, 1
-    task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-    return task, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(args.overrides) + extra
     from .build import ShardJob
     from .config import PACKAGED_CONF_DIR, compose_config
+    from .plan import array_task
 
     try:
+        if args.command == "build":     # before any work: a SLURM array that cannot share it is refused
+            task, count = args.task_index, args.num_tasks
+            if task is None or count is None:
+                env_task, env_count = array_task() or (0, 1)
+                task = env_task if task is None else task
+                count = env_count if count is None else count
+            if not 0 <= task < count:
+                raise ConfigError("--task-index", f"is {task} but --num-tasks is {count}.",
+                                  "Use 0 <= task-index < num-tasks.")
         cfg = compose_config(args.project_path, args.overrides, args.config_dir)
         if args.command == "gene-vectors":
             return _gene_vectors(cfg, args)
@@ -87,11 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _print_status(job)    # no run was created, so nothing to close
         if args.command == "build":
-            env_task, env_count = _slurm_task()
-            task = env_task if args.task_index is None else args.task_index
-            count = env_count if args.num_tasks is None else args.num_tasks
-            if not 0 <= task < count:
-                raise ConfigError("--task-index", f"is {task} but --num-tasks is {count}.", "Use 0 <= task-index < num-tasks.")
             report = job.run_task(task, count)
         else:
             report = job.merge()

@@ -1,12 +1,14 @@
 """Compose the project config exactly as the trainer will: Hydra, `conf/`, the user's config
-directory, overrides.
+directory, overrides; then check it against the typed schema (`concept_train.schema.Root`).
 
 The user's directory is `--config-dir`, else `PROJECT_PATH/conf` when it exists; it is searched
 before the packaged `conf/`, so it can add groups (`datamodule=MyModule`, its own split files) and
-replace packaged files of the same name, the root `config.yaml` included. A root config that lacks
-our own keys (scConcept's, unchanged: no `shard`, `seed`, `lamindb`, `PATH.SHARDS_PATH`, ...) is
-completed from `conf/concept/base.yaml`, the user's values winning; overrides of those keys are
-applied after the completion.
+replace packaged files of the same name, the root `config.yaml` included: scConcept's root config,
+unchanged, works, because every key's default comes from the schema, not from our YAML files.
+
+Overrides: Hydra applies the group choices (`model=X`, `+experiment=demo`) and the `+key` / `++key`
+/ `~key` forms; a plain `key=value` is applied after the schema merge, so it may set any key the
+schema knows, also one that no YAML file mentions, and an unknown one is refused with a suggestion.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import os
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import ConfigError
+from .schema import SPLIT_PREFIX, split_node
+from .strict import check_values, inert_warning, merge_typed, origin_of, set_override, suggestion, unknown_keys
 
 # The packaged config tree sits beside the packages (repo root); CONCEPT_CONF_DIR overrides it.
 PACKAGED_CONF_DIR = Path(os.environ.get("CONCEPT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
-OUR_KEYS = PACKAGED_CONF_DIR / "concept" / "base.yaml"      # what a foreign root config is completed from
 
 
 def compose_config(
@@ -29,8 +32,11 @@ def compose_config(
     overrides: list[str] | tuple[str, ...] = (),
     config_dir: str | os.PathLike | None = None,
     config_name: str = "config",
+    log=None,
 ) -> DictConfig:
-    """Compose `config_name` from the packaged tree, with the user's config directory searched FIRST."""
+    """Compose `config_name` from the packaged tree, with the user's config directory searched
+    FIRST, and check it against the schema. `log` receives the one warning line about scConcept
+    keys that have no effect here (default: stderr)."""
     if not PACKAGED_CONF_DIR.is_dir():
         raise ConfigError(PACKAGED_CONF_DIR, "the packaged config tree is missing.",
                           "Install the repo with `bash tools/install.sh` or set CONCEPT_CONF_DIR.")
@@ -45,14 +51,91 @@ def compose_config(
         if not user_dir.is_dir():
             raise ConfigError(f"--config-dir {config_dir}", "is not a directory.",
                               "Pass the directory that holds your datamodule/ and split YAMLs.")
-    root = user_dir / f"{config_name}.yaml" if user_dir is not None else None
-    if root is not None and root.is_file() and _lacks_our_keys(root):
-        cfg = _compose_foreign(overrides, user_dir, config_name)
-    else:
-        cfg = _compose(overrides, user_dir, config_name)
+    search = [d for d in (user_dir, PACKAGED_CONF_DIR) if d is not None]
+    hydra_side, settings = _split_overrides(overrides, search)
+    cfg = _compose(hydra_side, user_dir, config_name)
+    cfg = _typed(cfg, overrides, search)
+    for dotted, value in settings:
+        parts = dotted.split(".")
+        if parts[:3] == ["datamodule", "dataloader", "val"] and len(parts) > 4:
+            _check_loader_names(cfg, overrides, search, [parts[3]])
+        if not _has_key(cfg, dotted):
+            from concept_train.schema import Root
+            parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+            raise ConfigError(dotted, "is not a key of the config (on the command line).",
+                              suggestion(dotted, siblings, Root))
+        set_override(cfg, dotted, value)
+    _check_loader_names(cfg, overrides, search)
     if OmegaConf.is_missing(cfg.PATH, "PROJECT_PATH"):
         raise ConfigError("PATH.PROJECT_PATH", "is not set.", "Pass PROJECT_PATH as the first argument.")
+    from concept_train.schema import Root
+    inert = check_values(cfg, Root, dynamic=split_node)
+    line = inert_warning(inert)
+    if line:
+        (log or _stderr)(line)
     return cfg
+
+
+def _stderr(line: str) -> None:
+    import sys
+    print(line, file=sys.stderr)
+
+
+def _split_overrides(overrides: list[str], search: list[Path]) -> tuple[list[str], list[tuple[str, object]]]:
+    """Hydra's share (group choices, +key, ++key, ~key) and ours (plain key=value, parsed with
+    Hydra's grammar: quoting, lists, null)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError("command line", f"has an override Hydra cannot parse ({exc}).",
+                          "Write overrides as key=value; quote values with spaces or commas: key='a b'.") from None
+    hydra_side, settings = [], []
+    for text, o in zip(overrides, parsed):
+        group = o.key_or_group.split("@")[0]
+        is_group = any((d / group).is_dir() for d in search)
+        if o.type == OverrideType.CHANGE and not is_group and not o.is_sweep_override():
+            settings.append((o.key_or_group, o.value()))
+        else:
+            hydra_side.append(text)
+    return hydra_side, settings
+
+
+def typed_config(cfg: DictConfig) -> DictConfig:
+    """A config saved by a run (its resolved `config.yaml`) in the current schema: keys a later
+    version added take their defaults, so code reads every key without a fallback of its own."""
+    return _typed(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)), [], [])
+
+
+def _typed(cfg: DictConfig, overrides: list[str], search: list[Path]) -> DictConfig:
+    """The composed config merged into the schema: unknown keys named with where they were set and
+    the closest known key; wrong types named by key; the schema's defaults filled in."""
+    from concept_train.schema import Root
+    unknown = unknown_keys(cfg, Root, dynamic=split_node)
+    if unknown:
+        path, siblings = unknown[0]
+        more = f" (and {len(unknown) - 1} more: {', '.join(p for p, _ in unknown[1:4])})" if len(unknown) > 1 else ""
+        raise ConfigError(path, f"is not a key of the config; it is set {origin_of(path, overrides, search)}{more}.",
+                          suggestion(path, siblings, Root))
+    OmegaConf.set_struct(cfg, False)
+    splits = {}
+    if isinstance(cfg.get("datamodule"), DictConfig):
+        for name in [k for k in cfg.datamodule.keys() if str(k).startswith(SPLIT_PREFIX)]:
+            splits[name] = cfg.datamodule._get_node(name)
+            del cfg.datamodule[name]
+    typed = merge_typed(cfg, Root)
+    # split files keep exactly their own keys (absent `repeat` / `proportion` mean something, and
+    # split settings feed the shards' settings digest): checked for unknown keys above and for
+    # values by check_values, not filled with defaults
+    with open_dict(typed.datamodule):
+        for name, node in splits.items():
+            typed.datamodule[name] = node
+    OmegaConf.set_struct(typed, True)
+    return typed
 
 
 def _quoted(path: Path) -> str:
@@ -60,14 +143,6 @@ def _quoted(path: Path) -> str:
     taken literally."""
     text = str(path).replace("\\", "\\\\").replace("'", "\\'")
     return f"'{text}'"
-
-
-def _lacks_our_keys(root: Path) -> bool:
-    try:
-        text = yaml.safe_load(root.read_text()) or {}
-    except yaml.YAMLError:
-        return False          # _compose reports it with its line
-    return isinstance(text, dict) and "shard" not in text and "concept" not in str(text.get("defaults", ""))
 
 
 def _compose(overrides: list[str], user_dir: Path | None, config_name: str) -> DictConfig:
@@ -99,31 +174,19 @@ def _compose(overrides: list[str], user_dir: Path | None, config_name: str) -> D
         GlobalHydra.instance().clear()
 
 
-def _compose_foreign(overrides: list[str], user_dir: Path, config_name: str) -> DictConfig:
-    """The user's root config completed with our keys: theirs win; overrides of keys only we
-    define are applied after the completion (Hydra would refuse them as unknown)."""
-    def is_group(item: str) -> bool:           # `datamodule=X`, `+experiment=demo`: a config group
-        name = item.split("=", 1)[0].lstrip("+~")
-        return (user_dir / name).is_dir() or (PACKAGED_CONF_DIR / name).is_dir()
-
-    known = _compose([o for o in overrides if is_group(o)], user_dir, config_name)
-    hydra_side, ours = [], []
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if not is_group(item) and not key.startswith(("+", "~")) and not _has_key(known, key):
-            ours.append(item)
-        else:
-            hydra_side.append(item)
-    cfg = _compose(hydra_side, user_dir, config_name)
-    merged = OmegaConf.merge(OmegaConf.load(OUR_KEYS), cfg)
-    for item in ours:
-        key, _, value = item.partition("=")
-        if not _has_key(merged, key):
-            raise ConfigError(key, "is not a key of the config (nor of concept-pretrain's own keys).",
-                              "Check its spelling (docs/config.md lists every key), or add it with +key=value.")
-        OmegaConf.update(merged, key, yaml.safe_load(value), merge=True)
-    OmegaConf.set_struct(merged, True)
-    return merged
+def _check_loader_names(cfg: DictConfig, overrides: list[str], search: list[Path], names=None) -> None:
+    """A `dataloader.val.<name>` needs a `dataset.val.<name>`: settings under a misspelled loader
+    name would otherwise configure nothing."""
+    import difflib
+    datasets = [str(k) for k in cfg.datamodule.dataset.val.keys()]
+    for name in (cfg.datamodule.dataloader.val.keys() if names is None else names):
+        if name not in datasets:
+            path = f"datamodule.dataloader.val.{name}"
+            close = difflib.get_close_matches(str(name), datasets, n=1, cutoff=0.6)
+            raise ConfigError(path, f"configures a validation loader that datamodule.dataset.val does not define "
+                              f"(set {origin_of(path, overrides, search)}; loaders: {datasets}).",
+                              f"Did you mean `{close[0]}`?" if close else
+                              f"Add datamodule.dataset.val.{name} (with its split), or remove this entry.")
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:

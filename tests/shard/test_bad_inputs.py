@@ -191,7 +191,7 @@ def test_failure_after_a_good_build_keeps_the_old_dataset(project, capsys):
 def test_unknown_override_key_is_a_clear_error(project, capsys):
     assert shard("build", project, "shard.chunksize=10") == 2
     err = " ".join(capsys.readouterr().err.split())     # messages are wrapped at the terminal width
-    assert "shard.chunksize" in err and "override" in err.lower()
+    assert "shard.chunksize" in err and "Did you mean `shard.chunk_size`?" in err
 
 
 def test_missing_var_gene_id_column_names_the_column(project, tmp_path, capsys):

@@ -78,3 +78,19 @@ def test_a_user_project_built_with_the_packaged_splits_is_told_where_its_configs
     assert shard("build", project, "--no-progress") == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "packaged example's" in err and "PROJECT_PATH/conf/datamodule/" in err and "--config-dir" in err
+
+
+def test_shard_array_sbatch_refuses_a_listed_array_before_queuing_or_building(project, tmp_path):
+    """`sbatch --array=0,1,5`: every task stops with the reason; the first queues no merge."""
+    venv = os.environ.get("CONCEPT_VENV", str(REPO / ".venv"))
+    (tmp_path / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/queued\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    for task in ("0", "1", "5"):
+        env = dict(os.environ, CONCEPT_VENV=venv, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_ARRAY_JOB_ID="42",
+                   SLURM_ARRAY_TASK_ID=task, SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX="5",
+                   SLURM_ARRAY_TASK_STEP="1", SLURM_ARRAY_TASK_COUNT="3")
+        proc = subprocess.run(["bash", str(REPO / "tools/slurm/shard_array.sbatch"), str(project), *ADVANCED],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "evenly spaced" in " ".join(proc.stderr.split())
+    assert not (tmp_path / "queued").exists() and not (project / "shards").exists()

@@ -1,0 +1,69 @@
+"""The config keys concept-shard owns: `PATH`, `seed`, `lamindb`, `shard` and the split files
+(mounted at `datamodule.split_<source>_<species>`). Their defaults live here only
+(docs/config.md documents them; tests/shard/test_config_doc.py checks the page against this)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from .strict import MISSING, key
+
+
+def _compression(value) -> str | None:
+    if value is None or value == "zstd" or re.fullmatch(r"zstd:([1-9]|1\d|2[0-2])", str(value)):
+        return None
+    return "must be `zstd` (level 3), `zstd:N` with N in 1..22, or null (no compression)"
+
+
+@dataclass
+class PathKeys:
+    PROJECT_PATH: str = key(MISSING, "the project root (the positional PROJECT_PATH)")
+    CHECKPOINT_ROOT: str = key("${PATH.PROJECT_PATH}/model_checkpoints", "runs live in <CHECKPOINT_ROOT>/<run_id>/")
+    PANELS_PATH: str = key("${PATH.PROJECT_PATH}/panels", "designed panels: <PANELS_PATH>/<species>/<panel>.csv")
+    GENE_MAPPINGS_PATH: str = key("${PATH.PROJECT_PATH}/references/vocabulary/token_mappings_per_specie",
+                                  "one token mapping <species>.csv per species")
+    PRETRAINED_VOCABULARY: Optional[str] = key(None, "dir of <species>.csv gene vectors, or null")
+    LOCAL_DIR: Optional[str] = key(None, "node-local cache of remote shards, or null")
+    SHARDS_PATH: str = key("${PATH.PROJECT_PATH}/shards", "where concept-shard writes the shards")
+    SHARDS_REMOTE: Optional[str] = key(None, "s3://bucket/prefix the shards live in, or null")
+    # scConcept's own keys that mean nothing here (listed in one warning when set)
+    GENE_MAPPING_PATH: Optional[str] = key(None, inert="scConcept's single multi-species mapping file; token "
+                                           "mappings are read per species from PATH.GENE_MAPPINGS_PATH")
+    SPECIES: Optional[List[str]] = key(None, inert="the species come from datamodule.species and the split files")
+
+
+@dataclass
+class LamindbKeys:
+    enabled: bool = key(False, "register sources and shard datasets in the current lamindb instance")
+
+
+@dataclass
+class ShardKeys:
+    chunk_size: int = key(2048, "rows read at once", gt=0)
+    part_size: int = key(1_000_000, "files with more cells are split into row-range parts", gt=0)
+    shard_size_limit: int = key(1 << 25, "raw MDS bytes per shard file before compression", gt=0)
+    compression: Optional[str] = key("zstd:1", "compression of the shard files", check=_compression)
+    allow_non_integral: bool = key(False, "store float32 counts instead of rejecting normalised data")
+
+
+@dataclass
+class SplitKeys:
+    """One split file (scConcept's format), mounted at `datamodule.split_<source>_<species>`."""
+    source_name: str = key(MISSING, "the source's name: shards/<species>/<source_name>/")
+    species: str = key(MISSING, "the species (token space) of all its files")
+    source_path: str = key("${PATH.PROJECT_PATH}/data/${.source_name}/h5ads", "the folder of its files")
+    var_gene_id_column: Optional[str] = key(None, "the var column holding Ensembl ids; null = var_names")
+    train: List[str] = key([], "training files")
+    val: List[str] = key([], "validation files")
+    repeat: Optional[float] = key(None, "the split's files count `repeat` times per epoch", ge=0)
+    proportion: Optional[float] = key(None, "the split's share of an epoch", ge=0)
+
+
+SPLIT_PREFIX = "split_"     # data-module keys of this prefix hold split files
+
+
+def split_node(parent: str, name: str) -> Any:
+    """The schema of a key the data module's dataclass leaves open: split files."""
+    return SplitKeys if parent == "datamodule" and name.startswith(SPLIT_PREFIX) else None
