@@ -19,6 +19,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field, replace
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,10 @@ class Catalog:
         self.store = ShardStore.from_config(cfg)
         self.remote = self.store.remote
         if self.remote is not None:
-            local_dir = OmegaConf.select(cfg, "PATH.LOCAL_DIR") or Path(cfg.PATH.PROJECT_PATH) / "shard_cache"
+            # PATH.LOCAL_DIR, else the node-local scratch a launcher names (tools/slurm/train.sbatch
+            # exports CONCEPT_LOCAL_DIR, so a LOCAL_DIR set in a YAML file still wins)
+            local_dir = (OmegaConf.select(cfg, "PATH.LOCAL_DIR") or os.environ.get("CONCEPT_LOCAL_DIR")
+                         or Path(cfg.PATH.PROJECT_PATH) / "shard_cache")
             self.cache_root = Path(local_dir) / self.remote.bucket / self.remote.prefix
         self.vocabs: dict[str, Vocabulary] = {}
         self._sets: dict[str, ShardSet] = {}
@@ -142,6 +146,25 @@ class Catalog:
                 if old.name != version:
                     shutil.rmtree(old, ignore_errors=True)
         return parent / version
+
+    def reader(self, shard_set: ShardSet):
+        """`read(basename) -> bytes` for the files of a dataset: its local directory, or for remote
+        shards the local cache (what streaming downloaded) and else the object store. A raw
+        (decompressed) shard that is not local raises FileNotFoundError: remotely only the
+        compressed one exists."""
+        local = Path(shard_set.directory)
+        if shard_set.remote is None:
+            return lambda name: (local / name).read_bytes()
+        remote, rel = self.remote, shard_set.dataset_id
+
+        def read(name: str) -> bytes:
+            path = local / name
+            if path.is_file():
+                return path.read_bytes()
+            if name.endswith(".mds"):
+                raise FileNotFoundError(path)
+            return remote.read_bytes(f"{rel}/{name}")
+        return read
 
     def all_sets(self) -> list[ShardSet]:
         """Every dataset resolved so far, in a stable order (by id): the streams of the sample store."""

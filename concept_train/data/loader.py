@@ -2,9 +2,11 @@
 
 `BatchMaker.make(g)` is a pure function of (seed, g): the plan picks the cells, the panels come
 from a generator seeded with (seed, g), random gene sampling from (seed, g, view, position of the
-cell in the global batch). Worker w of W makes batches start + w, start + w + W, ...; the
-DataLoader hands them out round-robin, i.e. in order of g. So a loader's whole state is the next
-g, and resuming at g in a fresh process, with any number of workers, gives the same batches.
+cell in the global batch), the training view filters (filters.py) from (seed, g) and that position
+(the token budget from this rank's cells). Worker w of W makes batches start + w, start + w + W,
+...; the DataLoader hands them out round-robin, i.e. in order of g. So a loader's whole state is
+the next g, and resuming at g in a fresh process, with any number of workers, gives the same
+batches.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from concept_shard.errors import DataError, UserError
 
 from .batch import Batch, as_tensor, label_code
 from .catalog import ShardSet
+from .filters import ViewFilters
 from .panels import PanelSampler
 from .plan import BatchPlan
 from .store import SampleStore
@@ -36,19 +39,30 @@ class RankSlice:
 class BatchMaker:
     def __init__(self, name: str, sets: list[ShardSet], store: SampleStore, plan: BatchPlan,
                  samplers: list[tuple[int, PanelSampler]], token_spec: TokenSpec, vocab_sizes: dict[str, int],
-                 species: list[str], obs_keys: list[str], ranks: RankSlice, seed: int):
+                 species: list[str], obs_keys: list[str], ranks: RankSlice, seed: int,
+                 filters: ViewFilters | None = None):
         # samplers: [(first global batch, sampler)] in batch order; more than one with a panel curriculum
         self.name, self.sets, self.store, self.plan, self.samplers = name, sets, store, plan, samplers
         self.token_spec, self.vocab_sizes, self.species, self.obs_keys = token_spec, vocab_sizes, species, obs_keys
         self.ranks, self.seed = ranks, int(seed)
+        self.filters = filters if filters is not None and filters.active else None
         self.store_index = np.array([store.index_of[s.dataset_id] for s in sets], np.int64)
-        # mixed batches draw panels over the union of the genes of the species' files
-        self.species_genes = {sp: np.unique(np.concatenate([s.genes for s in sets if s.species == sp]))
-                              for sp in {s.species for s in sets}}
+        self._genes: dict[tuple, np.ndarray] = {}
+
+    def genes_of(self, files: tuple) -> np.ndarray:
+        """The genes a batch's panels are drawn over: its file's, or the union of the files of its
+        group (mixed batches: of every file of the species)."""
+        if len(files) == 1:
+            return self.sets[files[0]].genes
+        if files not in self._genes:
+            if len(self._genes) >= 256:
+                self._genes.pop(next(iter(self._genes)))
+            self._genes[files] = np.unique(np.concatenate([self.sets[f].genes for f in files]))
+        return self._genes[files]
 
     def make(self, g: int) -> Batch:
         pb = self.plan.batch(g)
-        genes = self.sets[int(pb.datasets[0])].genes if self.plan.batching == "per_dataset" else self.species_genes[pb.species]
+        genes = self.genes_of(pb.files)
         sampler = next(smp for start, smp in reversed(self.samplers) if g >= start)
         panels = sampler.draw(np.random.default_rng([self.seed, int(g), 1]), genes, pb.species)
         # this rank's cells: a contiguous slice of the global batch (even split; uneven only for a last partial batch)
@@ -58,12 +72,19 @@ class BatchMaker:
         cells = Cells.from_samples(samples)
         values, keys = normalized(self.token_spec, cells)
         vocab_size = self.vocab_sizes[pb.species]
+        rate = self.filters.drop_rate(self.seed, g) if self.filters is not None else 0.0
         views = []
         for v, panel in enumerate((panels.view1, panels.view2)):
             rngs = None
             if self.token_spec.strategy in ("random", "random-nonzero"):
                 rngs = [np.random.default_rng([self.seed, int(g), 2, v, int(p)]) for p in positions]
-            views.append(select_view(self.token_spec, cells, values, keys, panel, vocab_size, rngs))
+            keep = ViewFilters.keep(self.seed, int(g), v, positions, rate) if rate > 0 else None
+            views.append(select_view(self.token_spec, cells, values, keys, panel, vocab_size, rngs, keep))
+        if self.filters is not None:      # masked cells are delivered as <cls> alone
+            lengths = np.stack([np.bincount(c, minlength=cells.n_cells) for c, _, _ in views])
+            masked = self.filters.masked(lengths, (len(panels.view1), len(panels.view2)))
+            if masked.any():
+                views = [(c[~masked[c]], t[~masked[c]], x[~masked[c]]) for c, t, x in views]
         packed = pack(cells.n_cells, views)
         species_idx = self.species.index(pb.species)
         return Batch(
@@ -73,11 +94,18 @@ class BatchMaker:
             species=torch.full((cells.n_cells,), species_idx, dtype=torch.int64),
             dataset=as_tensor(datasets.astype(np.int64)),
             row=torch.tensor([int(s["row"]) for s in samples], dtype=torch.int64),
-            labels={k: torch.tensor([label_code(s.get(f"obs.{k}", "")) for s in samples], dtype=torch.int64)
-                    for k in self.obs_keys},
+            labels={k: torch.tensor([label_code(self._label(s, k, d)) for s, d in zip(samples, datasets)],
+                                    dtype=torch.int64) for k in self.obs_keys},
             panels=(as_tensor(panels.view1), as_tensor(panels.view2)), panel_kinds=(panels.kind1, panels.kind2),
             index=int(g), epoch=pb.epoch, cell_ids=[s["cell_id"] for s in samples],
         )
+
+    def _label(self, sample: dict, key: str, dataset: int) -> str:
+        """The cell's obs value; `dataset` is the file's own column, or else the file (its dataset id)."""
+        value = sample.get(f"obs.{key}", "")
+        if value == "" and key == "dataset":
+            return self.sets[int(dataset)].dataset_id
+        return value
 
 
 class _BatchStream(IterableDataset):

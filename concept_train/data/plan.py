@@ -1,16 +1,22 @@
 """Which cells make global batch g: a pure function of (seed, g) and the loader's datasets.
 
-An epoch draws, for every dataset, `c_f` rows (its size, or `repeat` x its size, or its share
-under `proportion`), shuffled. Batches are then cut:
+Batches are cut from units, each a set of cells that may share a batch:
 
-- `per_dataset` (default, as the reference): batches of one file each; the order of all files'
-  batches is shuffled, so files contribute in proportion to their (weighted) size;
-- `mixed`: the rows of all files of one species are pooled and shuffled, then cut; a batch holds
-  one species but many files.
+- `per_dataset` (default, as the reference's `within_group_sampling: dataset`): a unit per file;
+  an epoch draws `c_f` of its rows (its size, or `repeat` x its size, or its share under
+  `proportion`);
+- `groups` (`within_group_sampling` with obs keys, groups.py): a unit per group of cells sharing
+  the keys' values, within one species, after the loader's fixed cut (`num_samples`,
+  `num_groups`, `sample_groups_equally`);
+- `mixed` (`within_group_sampling: null`): the rows of all files of one species are pooled and
+  shuffled, then cut; a batch holds one species but many files.
 
-Global batch g is batch `g mod K` of epoch `g // K` (K batches per epoch, constant). Nothing here
-depends on the number of ranks or workers, so every rank computes the same plan, and resuming at
-batch g needs nothing but g.
+Each epoch shuffles every unit's cells and cuts them into full global batches (a last partial
+one only with drop_last false), and the order of all units' batches is shuffled, so units
+contribute in proportion to their size. Global batch g is batch `g mod K` of epoch `g // K` (K
+batches per epoch, constant; `limit` keeps the first K of an epoch's shuffled batches, as
+Lightning's limit_train_batches). Nothing here depends on the number of ranks or workers, so every
+rank computes the same plan, and resuming at batch g needs nothing but g.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import numpy as np
 from concept_shard.errors import DataError
 
 from .catalog import ShardSet
+from .groups import Group, file_groups
 
 BATCHING = ("per_dataset", "mixed")
 
@@ -36,42 +43,75 @@ class PlannedBatch:
     species: str
     datasets: np.ndarray      # per cell: index of its dataset in the loader's list (int32)
     rows: np.ndarray          # per cell: row (sample index) within that dataset (int64)
+    unit: int = 0             # the file, group or species the batch was cut from
+    files: tuple = ()         # the datasets of that unit (its panels are drawn over their genes)
 
 
 class BatchPlan:
     def __init__(self, sets: list[ShardSet], batch_size: int, seed: int, batching: str = "per_dataset",
-                 shuffle: bool = True, drop_last: bool = True, epoch_size: int | None = None, where: str = "loader"):
-        if batching not in BATCHING:
+                 shuffle: bool = True, drop_last: bool = True, epoch_size: int | None = None, where: str = "loader",
+                 groups: list[Group] | None = None, group_spec: dict | None = None, limit=None,
+                 limit_key: str = "model.training.limit_train_batches"):
+        """`groups` (with batching="groups"): the loader's units, already cut; `group_spec`: what
+        made them (keys, cut settings), for the digest; `limit`: limit_train_batches."""
+        if batching not in BATCHING + ("groups",):
             raise DataError(f"{where}.batching", f"is '{batching}'.", f"Use one of {list(BATCHING)}.")
         if batch_size < 1:
             raise DataError(f"{where}.batch_size", f"is {batch_size}.", "Use a positive global batch size.")
         self.sets, self.batch_size, self.seed = sets, int(batch_size), int(seed)
         self.batching, self.shuffle, self.drop_last = batching, bool(shuffle), bool(drop_last)
         self.species = sorted({s.species for s in sets})
-        self.per_epoch = _samples_per_epoch(sets, epoch_size, where)
+        self.group_spec = group_spec
         B = self.batch_size
         cut = (lambda c: c // B) if drop_last else (lambda c: -(-c // B))
-        if batching == "per_dataset":
+        if batching == "groups":
+            if groups is None:
+                raise ValueError("batching='groups' needs groups")
+            self.groups = list(groups)
+            self.per_epoch = [g.size for g in self.groups]
             self._units = [int(cut(c)) for c in self.per_epoch]
         else:
-            self._units = [int(cut(sum(c for c, s in zip(self.per_epoch, sets) if s.species == sp)))
-                           for sp in self.species]
-        self.batches_per_epoch = sum(self._units)
-        if self.batches_per_epoch == 0:
+            self.per_epoch = _samples_per_epoch(sets, epoch_size, where)
+            if batching == "per_dataset":
+                self.groups = file_groups(sets)
+                self._units = [int(cut(c)) for c in self.per_epoch]
+            else:
+                self.groups = None
+                self._units = [int(cut(sum(c for c, s in zip(self.per_epoch, sets) if s.species == sp)))
+                               for sp in self.species]
+        self.full_epoch = sum(self._units)
+        if self.full_epoch == 0:
+            unit = {"per_dataset": "file", "mixed": "species", "groups": "group"}[batching]
             raise DataError(where, f"yields no batch: its {sum(self.per_epoch)} cells per epoch are fewer than "
-                            f"one global batch of {B} in every {'file' if batching == 'per_dataset' else 'species'}.",
+                            f"one global batch of {B} in every {unit}.",
                             "Lower the batch size, add files, or set drop_last: false.")
+        self.limit = limit
+        self.batches_per_epoch = _limited(self.full_epoch, limit, limit_key)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._draws: dict[tuple[int, int], np.ndarray] = {}
         self._pools: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._digest = None
+        self._files: dict[int, tuple] = {}
 
     @property
     def digest(self) -> str:
         """Identifies the batch sequence: a resumed loader must have the same."""
-        spec = {"sets": [[s.dataset_id, s.n_samples] for s in self.sets], "per_epoch": self.per_epoch,
-                "batch_size": self.batch_size, "seed": self.seed, "batching": self.batching,
-                "shuffle": self.shuffle, "drop_last": self.drop_last}
-        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+        if self._digest is None:
+            spec = {"sets": [[s.dataset_id, s.n_samples] for s in self.sets], "per_epoch": self.per_epoch,
+                    "batch_size": self.batch_size, "seed": self.seed, "batching": self.batching,
+                    "shuffle": self.shuffle, "drop_last": self.drop_last}
+            if self.batching == "groups":            # which cells each group holds, in pool order
+                h = hashlib.sha256()
+                for g in self.groups:
+                    datasets, rows = g.members()
+                    h.update(g.species.encode() + b"\0")
+                    h.update(np.ascontiguousarray(datasets, np.int32).tobytes())
+                    h.update(np.ascontiguousarray(rows, np.int64).tobytes())
+                spec["groups"] = [self.group_spec, h.hexdigest()]
+            if self.batches_per_epoch != self.full_epoch:
+                spec["batches_per_epoch"] = self.batches_per_epoch
+            self._digest = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+        return self._digest
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
@@ -92,23 +132,26 @@ class BatchPlan:
             self._epochs[epoch] = (units, occurrence)
         return self._epochs[epoch]
 
-    def _rows(self, epoch: int, f: int) -> np.ndarray:
-        """The c_f rows dataset f contributes to `epoch`, in epoch order."""
-        key = (epoch, f)
+    def _draw(self, epoch: int, u: int, n: int, c: int) -> np.ndarray:
+        """The c positions (into n cells) unit u contributes to `epoch`, in epoch order."""
+        key = (epoch, u)
         if key not in self._draws:
-            n, c = self.sets[f].n_samples, self.per_epoch[f]
             if n == 0 or c == 0:             # a file whose cells were all dropped by the sharder
-                rows = np.zeros(0, np.int64)
+                pos = np.zeros(0, np.int64)
             elif not self.shuffle:
-                rows = np.arange(c, dtype=np.int64) % n
+                pos = np.arange(c, dtype=np.int64) % n
             else:
-                rng = self._rng(epoch, 1, f)
+                rng = self._rng(epoch, 1, u)
                 full, rest = divmod(c, n)
-                rows = np.concatenate([rng.permutation(n) for _ in range(full)] + [rng.permutation(n)[:rest]])
+                pos = np.concatenate([rng.permutation(n) for _ in range(full)] + [rng.permutation(n)[:rest]])
             if len(self._draws) >= 64:
                 self._draws.pop(next(iter(self._draws)))
-            self._draws[key] = rows.astype(np.int64, copy=False)
+            self._draws[key] = pos.astype(np.int64, copy=False)
         return self._draws[key]
+
+    def _rows(self, epoch: int, f: int) -> np.ndarray:
+        """The c_f rows dataset f contributes to `epoch`, in epoch order (per_dataset and mixed)."""
+        return self._draw(epoch, f, self.sets[f].n_samples, self.per_epoch[f])
 
     def _pool(self, epoch: int, sp: int) -> tuple[np.ndarray, np.ndarray]:
         key = (epoch, sp)
@@ -124,6 +167,15 @@ class BatchPlan:
             self._pools[key] = (ds, rows)
         return self._pools[key]
 
+    def files_of(self, unit: int) -> tuple:
+        """The datasets of a unit (ascending); its batches' panels are drawn over their genes."""
+        if unit not in self._files:
+            if self.batching == "mixed":
+                self._files[unit] = tuple(f for f, s in enumerate(self.sets) if s.species == self.species[unit])
+            else:
+                self._files[unit] = tuple(int(f) for f in self.groups[unit].files)
+        return self._files[unit]
+
     # ---- one batch ----------------------------------------------------------------------------
     def batch(self, g: int) -> PlannedBatch:
         epoch, k = divmod(int(g), self.batches_per_epoch)
@@ -134,11 +186,34 @@ class BatchPlan:
             rows = self._rows(epoch, unit)[j * B:(j + 1) * B]
             datasets = np.full(len(rows), unit, np.int32)
             species = self.sets[unit].species
+        elif self.batching == "groups":
+            group = self.groups[unit]
+            pos = self._draw(epoch, unit, group.size, group.size)[j * B:(j + 1) * B]
+            if group.file is not None:
+                datasets, rows = np.full(len(pos), group.file, np.int32), pos
+            else:
+                datasets, rows = group.datasets[pos], group.rows[pos]
+            species = group.species
         else:
             ds, all_rows = self._pool(epoch, unit)
             datasets, rows = ds[j * B:(j + 1) * B], all_rows[j * B:(j + 1) * B]
             species = self.species[unit]
-        return PlannedBatch(int(g), epoch, k, species, datasets, rows)
+        return PlannedBatch(int(g), epoch, k, species, datasets, rows, unit, self.files_of(unit))
+
+
+def _limited(full: int, limit, key: str) -> int:
+    """Batches per epoch under Lightning's limit_train_batches: a float in (0, 1] is a fraction of
+    the epoch (rounded down), an int >= 1 a count (at most the epoch)."""
+    if limit is None:
+        return full
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or \
+            (isinstance(limit, float) and not 0 < limit <= 1) or (isinstance(limit, int) and limit < 1):
+        raise DataError(key, f"is {limit!r}.", "Use a fraction in (0, 1] of an epoch's batches, or a count >= 1.")
+    n = int(full * limit) if isinstance(limit, float) else min(full, int(limit))
+    if n < 1:
+        raise DataError(key, f"is {limit}, which leaves no batch of the {full} of an epoch.",
+                        "Use a larger fraction, or a count of batches.")
+    return n
 
 
 def _samples_per_epoch(sets: list[ShardSet], epoch_size: int | None, where: str) -> list[int]:

@@ -121,17 +121,23 @@ def _rank_in_cell(sorted_cell: np.ndarray, n_cells: int) -> np.ndarray:
 
 
 def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndarray, panel: np.ndarray,
-                vocab_size: int, cell_rngs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cell, token, value) of the kept entries of one view, ordered by cell then position."""
+                vocab_size: int, cell_rngs=None, keep=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cell, token, value) of the kept entries of one view, ordered by cell then position.
+
+    `keep(cell, token) -> bool per entry` (training's `feature_max_drop_rate`): a candidate gene
+    it rejects is dropped before the `max_tokens` cut; it must be a pure function of its inputs."""
     in_panel = np.zeros(vocab_size, bool)
     in_panel[panel] = True
     sel = np.flatnonzero(in_panel[cells.genes] & (cells.counts != 0))     # indices: 4 takes beat 4 masks
     cell, tok, val, key = cells.cell.take(sel), cells.genes.take(sel), values.take(sel), keys.take(sel)
+    if keep is not None:
+        kept = keep(cell, tok)
+        cell, tok, val, key = cell[kept], tok[kept], val[kept], key[kept]
     if spec.strategy in ("top", "random"):
-        cell, tok, val, key = _with_zeros(spec, cells.n_cells, cell, tok, val, key, panel, cell_rngs)
+        cell, tok, val, key = _with_zeros(spec, cells.n_cells, cell, tok, val, key, panel, cell_rngs, keep)
     elif spec.strategy == "random-nonzero":
-        keep = _random_subset(cell, cells.n_cells, spec.max_tokens, cell_rngs)
-        cell, tok, val, key = cell[keep], tok[keep], val[keep], key[keep]
+        chosen = _random_subset(cell, cells.n_cells, spec.max_tokens, cell_rngs)
+        cell, tok, val, key = cell[chosen], tok[chosen], val[chosen], key[chosen]
     order = _order(cell, key, tok)
     cell, tok, val = cell[order], tok[order], val[order]
     keep = _rank_in_cell(cell, cells.n_cells) < spec.max_tokens
@@ -151,17 +157,21 @@ def _random_subset(cell: np.ndarray, n_cells: int, k: int, cell_rngs) -> np.ndar
     return np.concatenate(keep) if keep else np.zeros(0, np.int64)
 
 
-def _with_zeros(spec: TokenSpec, n_cells: int, cell, tok, val, key, panel: np.ndarray, cell_rngs):
+def _with_zeros(spec: TokenSpec, n_cells: int, cell, tok, val, key, panel: np.ndarray, cell_rngs, keep=None):
     """`top` / `random`: the panel's genes of each cell including zero-valued ones.
 
     `top` only needs the nonzeros plus the first zero-valued panel genes (token order) that fill
-    up to max_tokens; `random` draws max_tokens of the panel's genes per cell.
+    up to max_tokens; `random` draws max_tokens of the panel's genes per cell. With `keep`, each
+    cell's candidates are the panel genes it keeps (the nonzeros came filtered by the same `keep`).
     """
     k = spec.max_tokens
     bounds = _cell_bounds(cell, n_cells)
     parts_c, parts_t, parts_v, parts_k = [], [], [], []
+    all_panel = panel
     for i in range(n_cells):
         a, b = int(bounds[i]), int(bounds[i + 1])
+        if keep is not None:
+            panel = all_panel[keep(np.full(len(all_panel), i, np.int64), all_panel)]
         nz_t, nz_v, nz_k = tok[a:b], val[a:b], key[a:b]
         if spec.strategy == "top":
             need = k - (b - a)

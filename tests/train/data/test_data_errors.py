@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from concept_train.data import DataError
+from concept_shard.errors import ConfigError, UserError
 from helpers import ADVANCED, shard
 from helpers import data_module
 
@@ -43,7 +44,7 @@ def test_shards_copied_without_their_sources_train_with_check_sources_off(sharde
     text = " ".join(str(err.value).split())
     assert "hs_blood_a.h5ad no longer exists" in text and "datamodule.check_sources=false" in text
     assert "not on this machine" in text and "concept-shard build" not in text     # rebuilding cannot help
-    with pytest.raises(DataError, match="datamodule.check_sources"):
+    with pytest.raises(ConfigError, match="datamodule.check_sources"):       # the schema: a bool
         data_module(sharded, ["datamodule.check_sources=maybe"])
     copied = next(iter(data_module(sharded, ["datamodule.check_sources=false"]).train_loader()))
     assert torch.equal(copied.tokens, reference.tokens) and torch.equal(copied.values, reference.values)
@@ -84,7 +85,7 @@ def test_bad_loader_options_name_the_key(sharded):
                           ("datamodule.dataset.train.panel_selection=fancy", "panel_selection"),
                           ("datamodule.dataset.train.batching=whatever", "batching"),
                           ("datamodule.dataloader.train.batch_size=100000", "yields no batch")]:
-        with pytest.raises(DataError) as err:
+        with pytest.raises(UserError) as err:      # the schema's ConfigError, or the loader's DataError
             data_module(sharded, [override]).train_loader()
         assert key in " ".join(str(err.value).split())
 
