@@ -6,6 +6,13 @@ value with ties by token id, after `<cls>`. The input is read in row chunks with
 reader (CSR, CSC, dense, `raw/X` first, `.zarr`), so a file larger than memory works; the
 embeddings (L2-normalised, float32) go to `obsm["X_concept"]` of a copy of the input, with the
 run id and checkpoint step in `uns["concept"]`.
+
+A model trained with pretrained gene vectors has learnable per-species residual tables on top of
+them (`model.training.use_learnable_embs_freq`). They are added, as in training, when the run added
+them at all (a fraction > 0); `use_learnable_embs=False` (`--no-learnable-embs`) leaves them out:
+then a gene is embedded only through its pretrained vector and the shared adapter, the same map for
+every species, which aligns the embeddings of cells of different species better (scConcept's
+`use_learnable_embs` of `extract_embeddings`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,16 @@ from concept_shard.source import AnnDataObjectSource, AnnDataSource, RowSource
 from concept_shard.vocabulary import Vocabulary, strip_version
 
 from .data.tokenize import Cells, TokenSpec, normalized, pack, select_view
+from .model.model import learnable_embs_freq
 from .trainer.checkpoint import LoadedModel, load_model
+
+
+def adds_learnable_embs(loaded: LoadedModel, use_learnable_embs: bool = True) -> bool:
+    """Whether embeddings of this model add the learnable residual tables: only a model with
+    pretrained vectors has them, only a run that used them (a fraction > 0) trained them, and
+    `use_learnable_embs=False` switches them off."""
+    freq = learnable_embs_freq(loaded.cfg.model)
+    return bool(use_learnable_embs and loaded.model.cfg.pretrained and freq is not None)   # as validation does
 
 
 def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> str:
@@ -44,18 +60,20 @@ def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> 
 @torch.no_grad()
 def embed_rows(loaded: LoadedModel, src: RowSource, label, species: str | None = None, gene_id_column: str | None = None,
                batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096,
-               progress=None) -> tuple[np.ndarray, str]:
+               progress=None, use_learnable_embs: bool = True) -> tuple[np.ndarray, str]:
     """(embeddings [n_cells, d] float32, species) of every row of an open source (`AnnDataSource`
     or `AnnDataObjectSource`); `label` names it in errors. Rows without any in-vocabulary nonzero
-    gene get NaN embeddings."""
+    gene get NaN embeddings. `use_learnable_embs=False`: without the learnable gene residual
+    (module docstring)."""
     cfg = loaded.cfg
     if species is not None and species not in loaded.vocabs:
         raise TrainError(label, f"was given species '{species}', which run {loaded.run_id} was not trained on.",
                          f"Use one of {sorted(loaded.vocabs)}.")
     spec = TokenSpec(max_tokens=int(max_tokens or cfg.datamodule.dataset.train.max_tokens),
-                     normalization=str(cfg.datamodule.get("normalization", "raw")),
+                     normalization=str(cfg.datamodule.normalization),
                      strategy="top-nonzero")
     model = loaded.model
+    add_learnable = adds_learnable_embs(loaded, use_learnable_embs)
     device = next(model.parameters()).device
     allow_non_integral = bool(OmegaConf.select(cfg, "shard.allow_non_integral", default=False))
     label = Path(str(label))
@@ -82,7 +100,7 @@ def embed_rows(loaded: LoadedModel, src: RowSource, label, species: str | None =
                 packed = pack(batch.n_cells, [select_view(spec, batch, values, keys, all_tokens, vocab.size)])
                 z, _, _ = model(torch.from_numpy(packed.tokens).to(device), torch.from_numpy(packed.values).to(device),
                                 torch.from_numpy(packed.positions).to(device), torch.from_numpy(packed.cu_seqlens).to(device),
-                                packed.max_seqlen, species)
+                                packed.max_seqlen, species, add_learnable=add_learnable)
                 out[a + cells.local[s:e]] = z.float().cpu().numpy()
             if progress is not None:
                 progress(b)
@@ -90,30 +108,43 @@ def embed_rows(loaded: LoadedModel, src: RowSource, label, species: str | None =
 
 
 def embed_source(loaded: LoadedModel, path: Path, species: str | None = None, gene_id_column: str | None = None,
-                 batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096, progress=None) -> tuple[np.ndarray, str]:
+                 batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096, progress=None,
+                 use_learnable_embs: bool = True) -> tuple[np.ndarray, str]:
     """(embeddings [n_cells, d] float32, species) of every row of an .h5ad/.zarr, read in chunks."""
     with AnnDataSource(Path(path), gene_id_column) as src:
-        return embed_rows(loaded, src, path, species, gene_id_column, batch_size, max_tokens, chunk_size, progress)
+        return embed_rows(loaded, src, path, species, gene_id_column, batch_size, max_tokens, chunk_size, progress,
+                          use_learnable_embs)
+
+
+def _provenance(loaded: LoadedModel, species: str, use_learnable_embs: bool) -> dict:
+    out = loaded.provenance(species)
+    if loaded.model.cfg.pretrained:      # recorded where there is a choice
+        out["learnable_embs"] = adds_learnable_embs(loaded, use_learnable_embs)
+    return out
 
 
 def embed(adata, model, species: str | None = None, gene_id_column: str | None = None, batch_size: int = 256,
-          max_tokens: int | None = None, key: str = "X_concept", device=None, trust_pickle: bool = False) -> np.ndarray:
+          max_tokens: int | None = None, key: str = "X_concept", device=None, trust_pickle: bool = False,
+          use_learnable_embs: bool = True) -> np.ndarray:
     """Embed the cells of an AnnData object with a trained model, in place.
 
     `model` is what `load_model()` returns, or a run / checkpoint directory. Counts are read from
     `adata.raw` when it is set, else `adata.X` (raw counts, as for sharding). Writes
     `adata.obsm[key]` (L2-normalised float32) and `adata.uns["concept"]`; returns the embeddings.
+    `use_learnable_embs=False` leaves out the learnable gene residual of a model trained with
+    pretrained gene vectors: better aligned embeddings across species (module docstring).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, trust_pickle=trust_pickle)
     src = AnnDataObjectSource(adata, gene_id_column)
-    z, species = embed_rows(loaded, src, "AnnData object", species, gene_id_column, batch_size, max_tokens)
+    z, species = embed_rows(loaded, src, "AnnData object", species, gene_id_column, batch_size, max_tokens,
+                            use_learnable_embs=use_learnable_embs)
     adata.obsm[key] = z
-    adata.uns["concept"] = loaded.provenance(species)
+    adata.uns["concept"] = _provenance(loaded, species, use_learnable_embs)
     return z
 
 
 def embed_file(run_or_checkpoint, input_path, out_path, species=None, gene_id_column=None, batch_size=256,
-               device=None, max_tokens=None, trust_pickle: bool = False) -> Path:
+               device=None, max_tokens=None, trust_pickle: bool = False, use_learnable_embs: bool = True) -> Path:
     """Write a copy of `input_path` with obsm["X_concept"] and uns["concept"] to `out_path` (.h5ad)."""
     import h5py
     from anndata.io import write_elem
@@ -121,20 +152,23 @@ def embed_file(run_or_checkpoint, input_path, out_path, species=None, gene_id_co
     input_path, out_path = Path(input_path), Path(out_path)
     _check_output(input_path, out_path)           # before minutes of embedding, not after
     loaded = load_model(run_or_checkpoint, device, trust_pickle=trust_pickle)
-    z, species = embed_source(loaded, input_path, species, gene_id_column, batch_size, max_tokens)
+    z, species = embed_source(loaded, input_path, species, gene_id_column, batch_size, max_tokens,
+                              use_learnable_embs=use_learnable_embs)
+    provenance = _provenance(loaded, species, use_learnable_embs)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
         if input_path.is_dir() or input_path.suffix == ".zarr":
             import anndata as ad
             adata = ad.read_zarr(input_path)        # .zarr -> .h5ad goes through memory
             adata.obsm["X_concept"] = z
-            adata.uns["concept"] = loaded.provenance(species)
+            adata.uns["concept"] = provenance
             adata.write_h5ad(tmp)
         else:
             shutil.copyfile(input_path, tmp)        # the matrix is copied, not loaded
             with h5py.File(tmp, "r+") as f:
-                write_elem(f, "obsm/X_concept", z)
-                write_elem(f, "uns/concept", loaded.provenance(species))
+                # anndata >= 0.13 refuses a key with "/": write into the group
+                write_elem(f.require_group("obsm"), "X_concept", z)
+                write_elem(f.require_group("uns"), "concept", provenance)
         tmp.replace(out_path)
     except OSError as exc:
         raise TrainError(f"--out {out_path}", f"could not be written ({type(exc).__name__}: {exc}).",
@@ -168,13 +202,17 @@ def main(argv=None) -> int:
     p.add_argument("--gene-id-column")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-tokens", type=int, help="genes per cell (default: the run's training max_tokens)")
+    p.add_argument("--no-learnable-embs", dest="use_learnable_embs", action="store_false",
+                   help="leave out the learnable gene residual of a model trained with pretrained gene vectors "
+                   "(better aligned embeddings across species)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint that predates model.safetensors through its pickled metadata "
                    "(only for checkpoints you made or trust)")
     args = p.parse_args(argv)
     try:
         out = embed_file(args.run_or_checkpoint, args.input, args.out, args.species, args.gene_id_column, args.batch_size,
-                         max_tokens=args.max_tokens, trust_pickle=args.trust_checkpoint)
+                         max_tokens=args.max_tokens, trust_pickle=args.trust_checkpoint,
+                         use_learnable_embs=args.use_learnable_embs)
     except UserError as err:
         print(f"concept-embed: {err.paragraph()}", file=sys.stderr)
         return 2

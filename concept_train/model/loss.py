@@ -6,17 +6,26 @@ receive the gradient summed over ranks. Cells whose view was empty (`items_mask`
 Before `loss_switch_step` the loss is CLIP's (z1 against z2 and back); from it on, SimCLR's
 2N x 2N loss (each view against all other 2N - 1 embeddings): `ContrastiveObjective` owns that
 switch for training and validation alike.
+
+`model.contrastive_loss: binary` (scConcept's other loss): the sigmoid of the same logits, the
+positive pairs against as many sampled negative pairs, binary cross-entropy. The negatives are a
+pure function of (seed, step, batch index), the same on every rank, so a resumed run draws the
+same ones.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 MAX_LOGIT_SCALE = math.log(100.0)     # as CLIP: the temperature never goes below 0.01
+# Random streams are keyed [seed, STREAM, ...]: numpy zero-pads a short key, so a tag in the
+# second place keeps this stream apart from the data plan's [seed, epoch, ...] and the panels'.
+NEGATIVES_STREAM = 0x6E656761          # binary loss: the sampled negative pairs
 
 
 def _distributed() -> bool:
@@ -58,9 +67,49 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return _gather_rows(x) if _distributed() else x
 
 
+def sample_negative_pairs(n: int, k: int, rng: np.random.Generator, simclr: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """k distinct (row, column) pairs, drawn uniformly without replacement, of an n x n logit matrix
+    off its diagonal (CLIP form), or of the 2n x 2n SimCLR matrix off its diagonal and off each
+    view's partner (column (row + n) mod 2n). Floyd's sampling inside numpy's `choice`: no list of
+    all pairs (n^2) is made."""
+    size = 2 * n if simclr else n
+    per_row = size - 2 if simclr else size - 1
+    picks = rng.choice(size * per_row, size=min(k, size * per_row), replace=False)
+    rows, r = np.divmod(picks, per_row)
+    if simclr:       # skip the row itself and its partner, in column order
+        partner = (rows + n) % size
+        lo, hi = np.minimum(rows, partner), np.maximum(rows, partner)
+        cols = r + (r >= lo)
+        cols = cols + (cols >= hi)
+    else:
+        cols = r + (r >= rows)
+    return rows, cols
+
+
+def _binary_loss(z1, z2, scale, simclr: bool, rng: np.random.Generator) -> torch.Tensor:
+    """BCE of sigmoid(logit) against 1 for every positive pair and 0 for as many sampled negative
+    pairs (the reference's balanced sampling; it draws from the upper triangle only)."""
+    n = z1.shape[0]
+    if simclr:
+        z = torch.cat([z1, z2])
+        logits = scale * z @ z.T
+        rows = torch.arange(2 * n, device=logits.device)
+        pos = logits[rows, (rows + n) % (2 * n)]
+    else:
+        logits = scale * z1 @ z2.T
+        pos = logits.diagonal()
+    rows, cols = sample_negative_pairs(n, pos.shape[0], rng, simclr)
+    neg = logits[torch.from_numpy(rows).to(logits.device), torch.from_numpy(cols).to(logits.device)]
+    pred = torch.cat([pos, neg])
+    target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
+    return F.binary_cross_entropy_with_logits(pred, target)      # = BCE(sigmoid(pred)), stable
+
+
 def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, logit_scale: torch.Tensor, mask: torch.Tensor,
-                     simclr: bool = False) -> tuple[torch.Tensor, dict]:
-    """(loss, metrics) for local embeddings z1, z2 [n, d] and the local items_mask [n]."""
+                     simclr: bool = False, kind: str = "multiclass",
+                     rng: np.random.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """(loss, metrics) for local embeddings z1, z2 [n, d] and the local items_mask [n]. `kind`
+    binary draws its negative pairs from `rng` (the same generator on every rank)."""
     z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
     mask = gather_no_grad(mask.to(torch.int64)).bool()
     z1, z2 = z1[mask], z2[mask]
@@ -71,7 +120,9 @@ def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, logit_scale: torch.Tens
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     target = torch.arange(n, device=z1.device)
     logits = scale * z1 @ z2.T
-    if simclr:
+    if kind == "binary":
+        loss = _binary_loss(z1, z2, scale, simclr, rng if rng is not None else np.random.default_rng(0))
+    elif simclr:
         z = torch.cat([z1, z2])
         sim = scale * z @ z.T
         sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
@@ -86,26 +137,26 @@ def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, logit_scale: torch.Tens
 
 class ContrastiveObjective:
     """The configured contrastive loss at a given optimizer step (`model.contrastive_loss`,
-    `model.loss_switch_step`)."""
+    `model.loss_switch_step`); `seed` keys the binary loss's negative pairs."""
 
-    KINDS = ("multiclass",)
+    KINDS = ("multiclass", "binary")
 
-    def __init__(self, switch_step: int | None = None):
-        self.switch_step = switch_step
+    def __init__(self, switch_step: int | None = None, kind: str = "multiclass", seed: int = 0):
+        self.switch_step, self.kind, self.seed = switch_step, kind, int(seed)
 
     @classmethod
-    def from_config(cls, model_cfg) -> "ContrastiveObjective":
-        kind = str(model_cfg.get("contrastive_loss", "multiclass"))
-        if kind not in cls.KINDS:
-            raise ValueError(f"is '{kind}'; only 'multiclass' (symmetric InfoNCE) is implemented here")
-        switch = model_cfg.get("loss_switch_step")
-        return cls(None if switch is None else int(switch))
+    def from_config(cls, model_cfg, seed: int = 0) -> "ContrastiveObjective":
+        kind = str(model_cfg.contrastive_loss)           # one of KINDS: the schema checked it
+        switch = model_cfg.loss_switch_step
+        return cls(None if switch is None else int(switch), kind, seed)
 
     def simclr(self, step: int) -> bool:
         return self.switch_step is not None and step >= self.switch_step
 
-    def __call__(self, z1, z2, logit_scale, mask, step: int) -> tuple[torch.Tensor, dict]:
-        return contrastive_loss(z1, z2, logit_scale, mask, simclr=self.simclr(step))
+    def __call__(self, z1, z2, logit_scale, mask, step: int, key: int = 0) -> tuple[torch.Tensor, dict]:
+        """`key`: the batch's index, so that the micro-batches of one step draw different negatives."""
+        rng = np.random.default_rng([self.seed, NEGATIVES_STREAM, int(step), int(key)]) if self.kind == "binary" else None
+        return contrastive_loss(z1, z2, logit_scale, mask, simclr=self.simclr(step), kind=self.kind, rng=rng)
 
 
 def retrieval_metrics(logits: torch.Tensor) -> dict:

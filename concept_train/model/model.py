@@ -1,11 +1,19 @@
 """The contrastive cell encoder (docs/design.md, "Model and loss"): a plain nn.Module that
 knows nothing of distribution.
 
-tokens -> per-species gene embedding (optionally pretrained vectors through a shared adapter)
--> shared Linear to dim_model + LayerNorm; `<cls>` positions take a learnable CLS vector; the gene
-tokens get a rank encoding (sinusoidal, by the gene's rank in its view) or a value encoding;
-encoder blocks (pre- or post-norm) over the packed batch; no final norm; the CLS outputs, optionally
-projected, L2-normalised, are the cell embeddings.
+tokens -> per-species gene embedding (optionally pretrained vectors through a shared adapter, plus a
+zero-initialised learnable residual table per species) -> shared Linear to dim_model + LayerNorm;
+`<cls>` positions take a learnable CLS vector; the gene tokens get a rank encoding (sinusoidal, by
+the gene's rank in its view) or a value encoding; encoder blocks (pre- or post-norm) over the packed
+batch; no final norm; the CLS outputs, optionally projected, L2-normalised, are the cell embeddings.
+An optional per-token decoder head predicts values (the MLM loss, `decoder`).
+
+With pretrained vectors (scConcept's semantics): the pretrained tables (`gene_embeddings`, frozen by
+`freeze_pretrained_vocabulary`) go through the shared `adapter`; the learnable tables
+(`learnable_embeddings`, dim_gene_embs, zeros at the start) are added after it on a deterministic
+fraction of the training steps (`adds_learnable_embs`). Zeros make a checkpoint written before the
+tables existed load unchanged: the residual it lacks is exactly the one a new model starts with.
+Without pretrained vectors `gene_embeddings` are the learnable tables, as before.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ class ModelConfig:
     pe_max_len: int = 5000
     logit_scale_init_value: float = 3.0
     attention_backend: str = "auto"    # auto | flash | varlen | grouped
+    decoder_head: bool = False         # a per-token value decoder (MLM); absent from older model.json: False
 
     @classmethod
     def from_run_config(cls, cfg, vocab_sizes: dict[str, int]) -> "ModelConfig":
@@ -65,7 +74,8 @@ class ModelConfig:
                    projection_dim=None if projection is None else _positive_int(model_cfg, "projection_dim", None),
                    norm_scheme=str(get("norm_scheme", "pre")), activation=str(get("activation", "gelu")),
                    input_encoding=str(get("input_encoding", "rank_encoding")),
-                   logit_scale_init_value=float(get("logit_scale_init_value", 3.0)), attention_backend=backend)
+                   logit_scale_init_value=float(get("logit_scale_init_value", 3.0)), attention_backend=backend,
+                   decoder_head=bool(get("decoder_head", False)) or mlm_loss_on(model_cfg))
 
 
 def _positive_int(model_cfg, key: str, default) -> int:
@@ -77,6 +87,50 @@ def _positive_int(model_cfg, key: str, default) -> int:
 
 CHOICES = {"norm_scheme": ("pre", "post"), "activation": ("gelu", "relu"),
            "input_encoding": ("rank_encoding", "value_encoding")}
+
+
+# ---- what the training keys make of the model (read by the trainer and the embedder alike) -----------
+def _training(model_cfg):
+    """`model.training` (the schema's defaults where a partial config, e.g. a test's, has none)."""
+    training = model_cfg.get("training")
+    if training is None:
+        from omegaconf import OmegaConf
+        from concept_train.trainer.schema import TrainingKeys
+        return OmegaConf.structured(TrainingKeys)
+    return training
+
+
+def masking_rate(model_cfg) -> float:
+    """`model.training.masking_rate`: the fraction of gene values replaced by `model.mask_value`."""
+    return float(_training(model_cfg).masking_rate)
+
+
+def mlm_loss_on(model_cfg) -> bool:
+    """The MLM loss is computed (and needs the decoder head): values are masked and weighted > 0."""
+    return masking_rate(model_cfg) > 0 and float(model_cfg.mlm_loss_weight) > 0
+
+
+def learnable_embs_freq(model_cfg) -> float | None:
+    """The fraction of training steps that add the learnable residual tables (pretrained vectors
+    only): `model.training.use_learnable_embs_freq`, forced to 1 by `train_vocab_only` (the
+    reference's rule); None = never."""
+    training = _training(model_cfg)
+    if training.train_vocab_only:
+        return 1.0
+    freq = training.use_learnable_embs_freq
+    return None if freq is None else float(freq)
+
+
+def adds_learnable_embs(freq: float | None, step: int | None) -> bool:
+    """Whether optimizer step `step` (0-based: the number of steps already taken) adds the learnable
+    residual: on a deterministic fraction `freq` of the steps, step s when floor((s+1)f) > floor(sf)
+    (scConcept's rule: f = 0.25 adds it on steps 3, 7, 11, ...). `step=None` is validation: always,
+    unless `freq` is None (never)."""
+    if freq is None:
+        return False
+    if step is None:
+        return True
+    return int((step + 1) * freq) > int(step * freq)
 
 
 class Attention(nn.Module):
@@ -134,6 +188,13 @@ class ContrastiveModel(nn.Module):
             # example project, cross-view learning starts within ~100 steps instead of stalling
             nn.init.normal_(table.weight, std=0.02)
         self.adapter = nn.Linear(cfg.dim_pretrained_vocab, cfg.dim_gene_embs) if cfg.pretrained else None
+        self.learnable_embeddings = None
+        if cfg.pretrained:       # the residual to the adapted vectors: zeros, so it starts as no change
+            # given as zeros, not initialised and zeroed: no draw from torch's RNG, so every other
+            # parameter starts as it did before these tables existed (same seed, same model)
+            self.learnable_embeddings = nn.ModuleDict({
+                sp: nn.Embedding(n, cfg.dim_gene_embs, _weight=torch.zeros(n, cfg.dim_gene_embs))
+                for sp, n in cfg.vocab_sizes.items()})
         self.input_proj = nn.Linear(cfg.dim_gene_embs, cfg.dim_model)
         # a random bias would outweigh the small gene vectors and give every gene nearly the same
         # token after the LayerNorm: all cells would start on one embedding (loss log(batch))
@@ -142,10 +203,12 @@ class ContrastiveModel(nn.Module):
         self.cls = nn.Parameter(torch.randn(cfg.dim_model) * 0.02)
         if cfg.input_encoding == "value_encoding":
             self.value_encoder = nn.Sequential(nn.Linear(1, cfg.dim_model), nn.GELU(), nn.Linear(cfg.dim_model, cfg.dim_model))
-            self.value_head = nn.Linear(cfg.dim_model, 1)        # MLM: predicts masked values
-            self.mask_value = nn.Parameter(torch.zeros(cfg.dim_model))
         elif cfg.input_encoding != "rank_encoding":
             raise ValueError(f"model.input_encoding={cfg.input_encoding}: use rank_encoding or value_encoding")
+        # the reference's GeneExpressionDecoder: a value per token from its output (MLM)
+        self.decoder = nn.Sequential(nn.Linear(cfg.dim_model, cfg.dim_model), nn.LeakyReLU(),
+                                     nn.Linear(cfg.dim_model, cfg.dim_model), nn.LeakyReLU(),
+                                     nn.Linear(cfg.dim_model, 1)) if cfg.decoder_head else None
         self.register_buffer("rank_table", sinusoidal_table(cfg.pe_max_len + 1, cfg.dim_model), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.nlayers))
         self.projection = nn.Linear(cfg.dim_model, cfg.projection_dim) if cfg.projection_dim else None
@@ -157,10 +220,39 @@ class ContrastiveModel(nn.Module):
         (`concept_shard.gene_vectors.read_gene_vectors`)."""
         self.gene_embeddings[species].weight.copy_(weight)
 
-    def embed_tokens(self, tokens, values, positions, species: str, mlm_mask=None) -> torch.Tensor:
+    def learnable_tables(self) -> nn.ModuleDict:
+        """The gene tables learnt from scratch: the residual tables with pretrained vectors, else the
+        gene tables themselves (what `train_vocab_only` trains)."""
+        return self.learnable_embeddings if self.learnable_embeddings is not None else self.gene_embeddings
+
+    def set_trainable(self, freeze_pretrained: bool = False, vocab_only: bool = False) -> None:
+        """`freeze_pretrained_vocabulary`: the pretrained tables get no gradient (the adapter and the
+        rest still learn); `train_vocab_only`: nothing but the learnable tables does."""
+        if vocab_only:
+            self.requires_grad_(False)
+            self.learnable_tables().requires_grad_(True)
+        if freeze_pretrained and self.cfg.pretrained:
+            self.gene_embeddings.requires_grad_(False)
+
+    def load_weights(self, weights: dict) -> None:
+        """Load a full state dict, also one written before the learnable residual tables existed
+        (they stay zeros: the same model) or with the parameters of the former MLM head (dropped:
+        they shaped no embedding)."""
+        weights = {k: v for k, v in weights.items() if k not in LEGACY_KEYS}
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.startswith(OPTIONAL_PREFIXES)]
+        if missing or unexpected:
+            raise RuntimeError(f"the weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def embed_tokens(self, tokens, values, positions, species: str, add_learnable: bool | None = True) -> torch.Tensor:
         x = self.gene_embeddings[species](tokens)
         if self.adapter is not None:
             x = self.adapter(x)
+            if add_learnable is not None:
+                # False multiplies by 0 rather than skipping (the reference's way): on a training step
+                # without the residual the tables get a zero gradient and Adam's moments keep moving
+                # them. None (a run that never adds them) leaves them out of the graph altogether.
+                x = x + self.learnable_embeddings[species](tokens) * float(add_learnable)
         x = self.input_norm(self.input_proj(x))
         is_cls = (tokens == CLS_TOKEN)[:, None]
         x = torch.where(is_cls, self.cls.to(x.dtype), x)
@@ -168,17 +260,18 @@ class ContrastiveModel(nn.Module):
             enc = self.rank_table[positions.clamp(max=self.cfg.pe_max_len)].to(x.dtype)
         else:
             enc = self.value_encoder(values[:, None].to(x.dtype))
-            if mlm_mask is not None:
-                enc = torch.where(mlm_mask[:, None], self.mask_value.to(x.dtype), enc)
         # <cls> is not a gene and has no rank or value; its rank-0 vector would be one large offset
         # shared by every cell's embedding (there is no final norm)
         return x + torch.where(is_cls, torch.zeros_like(enc), enc)
 
-    def forward(self, tokens, values, positions, cu_seqlens, max_seqlen: int, species: str, mlm_mask=None):
+    def forward(self, tokens, values, positions, cu_seqlens, max_seqlen: int, species: str,
+                add_learnable: bool | None = True):
         """Returns (cell embeddings [S, d], L2-normalised; per-token outputs [T, dim_model]; the logit
         log-scale). The scale is returned rather than read from the attribute by the loss, because
         under FSDP2 parameters are whole only inside forward (and cloned: FSDP2 warns about an
-        output that is a view of a parameter)."""
+        output that is a view of a parameter). `add_learnable`: add the learnable residual tables
+        (pretrained vectors only; see `adds_learnable_embs`): True adds them, False adds them times
+        0 (in the graph, zero gradient), None leaves them out. Masked values (MLM) come in `values`."""
         reorder = length_order(cu_seqlens) if self._grouped_attention(tokens) else None
         if reorder is not None:
             # the grouped (CPU) attention works on runs of equal-length sequences: put the batch in
@@ -186,8 +279,7 @@ class ContrastiveModel(nn.Module):
             # per token, so only the outputs are put back
             perm, cu_seqlens, seq_order = reorder
             tokens, values, positions = tokens[perm], values[perm], positions[perm]
-            mlm_mask = None if mlm_mask is None else mlm_mask[perm]
-        x = self.embed_tokens(tokens, values, positions, species, mlm_mask)
+        x = self.embed_tokens(tokens, values, positions, species, add_learnable)
         for block in self.blocks:
             x = block(x, cu_seqlens, max_seqlen)
         z = x[cu_seqlens[:-1].long()]
@@ -212,4 +304,15 @@ class ContrastiveModel(nn.Module):
         return resolve_backend(self.cfg.attention_backend, tokens.is_cuda, dtype) == "grouped"
 
     def predict_values(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.value_head(hidden).squeeze(-1)
+        """The decoder head's value for each per-token output [n, dim_model] -> [n]. The trainer
+        shards `decoder` as an FSDP unit of its own, so it may run outside `forward`."""
+        if self.decoder is None:
+            raise RuntimeError("this model has no decoder head (model.decoder_head)")
+        return self.decoder(hidden).squeeze(-1)
+
+
+# Parameters of the former MLM head (a learnable mask vector and a Linear): older value_encoding
+# checkpoints hold them; they never shaped an embedding.
+LEGACY_KEYS = ("value_head.weight", "value_head.bias", "mask_value")
+# Parameters that a checkpoint may lack: the model keeps their initial values (zeros).
+OPTIONAL_PREFIXES = ("learnable_embeddings.",)

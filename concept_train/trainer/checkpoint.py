@@ -27,11 +27,13 @@ from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from concept_shard.config import typed_config
 from concept_shard.errors import TrainError
 from concept_shard.fingerprint import content_hash
 from concept_shard.vocabulary import Vocabulary, load_vocabulary
 
 from ..model import ContrastiveModel, ModelConfig
+from ..model.model import LEGACY_KEYS, OPTIONAL_PREFIXES
 from .distributed import Dist
 
 
@@ -147,31 +149,52 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = False) -> dict:
-    """Load `path` into model (and optimizer, RNG, unless weights_only); returns trainer_state.
+def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = False, rng: bool = True) -> dict:
+    """Load `path` into model (and optimizer, and RNG unless `rng` is False, unless weights_only);
+    returns trainer_state.
 
     weights_only reads the shareable `model.safetensors` (no pickle: a checkpoint from elsewhere
     runs no code); a resume reads DCP's files, whose metadata is a pickle: a run directory is
     trusted like any pickle (README, "Security")."""
     path = Path(path)
     if weights_only:
-        weights = read_weights(path)
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        # a new run: a decoder head (a training head) may come or go; the residual tables may be new
+        mine = set(model.state_dict())
+        weights = {k: v for k, v in read_weights(path).items()
+                   if k not in LEGACY_KEYS and (k in mine or not k.startswith("decoder."))}
+        missing, unexpected = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
+                                                                                           strict=False))
+        missing = [k for k in missing if not k.startswith(OPTIONAL_PREFIXES + ("decoder.",))]
+        if missing or unexpected:
+            raise TrainError(path, f"holds weights that do not fit this model (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}).", "Start from a checkpoint of the same architecture.")
         return json.loads((path / "trainer_state.json").read_text())
     msd, osd = get_state_dict(model, optimizer)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    # The old MLM parameters got optimizer state only in runs that trained MLM; other runs of a
+    # value-encoding model resume (the parameters are simply not loaded)
+    if any(key.startswith(f"optim.state.{k}.") for k in LEGACY_KEYS for key in saved):
+        raise TrainError(path, "was written by a version whose MLM head (a learnable mask vector) differs from "
+                         "today's (values replaced by model.mask_value, a decoder head): its optimizer state does "
+                         "not fit.", f"Start a new run from its weights: initialize.checkpoint={path} "
+                         "initialize.create_new_run=True.")
+    # The learnable residual tables of a model with pretrained vectors are younger than some
+    # checkpoints: those keep their zeros (what a checkpoint without them means).
+    msd = {k: v for k, v in msd.items() if f"model.{k}" in saved or not k.startswith(OPTIONAL_PREFIXES)}
     # A parameter that had no gradient before the checkpoint (the gene table of a species not yet
     # seen) has no optimizer state in it, while a fresh optimizer's state dict has state for every
     # parameter. Load only what was saved: the parameter then starts without state, as it would
     # have in the uninterrupted run.
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     osd = dict(osd, state={fqn: s for fqn, s in osd["state"].items()
                            if all(f"optim.state.{fqn}.{k}" in saved for k in s)})
     state = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
+    if not rng:
+        return json.loads((path / "trainer_state.json").read_text())
     try:
         rng = torch.load(path / "rng.pt", weights_only=True)      # tensors and dicts only: no code runs
     except Exception as exc:          # a file that holds anything else (code included) is refused
@@ -207,9 +230,11 @@ def _flat(cfg, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(checkpoint: Path, cfg) -> list[str]:
+def config_changes(checkpoint: Path, cfg, fresh: bool = False) -> list[str]:
     """The keys whose values differ from the config the checkpoint was written with, as
-    "key (old -> new)"; a TrainError naming the first architecture key that differs."""
+    "key (old -> new)"; a TrainError naming the first architecture key that differs (`fresh`:
+    for initialize.fresh_training, which also needs the same model). Keys the checkpoint's config
+    does not hold (added by a later version, at their defaults) are not changes."""
     checkpoint = Path(checkpoint)
     saved = checkpoint / CONFIG if (checkpoint / CONFIG).is_file() else checkpoint.parent.parent / CONFIG
     if not saved.is_file():
@@ -223,12 +248,33 @@ def config_changes(checkpoint: Path, cfg) -> list[str]:
             continue          # no pretrained tables: the width is unused
         if old.get(key) != new.get(key):
             raise TrainError(key, f"is {new.get(key)!r}, but checkpoint {checkpoint} was written with "
-                             f"{old.get(key)!r}: a resume continues the same model.",
-                             f"Resume with {key}={old.get(key)!r}, or start a new run from its weights "
-                             f"(initialize.checkpoint={checkpoint} initialize.create_new_run=True) if only "
-                             "non-shape keys differ.")
-    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
+                             f"{old.get(key)!r}: " + ("fresh_training loads its optimizer state, which needs the "
+                                                      "same model." if fresh else "a resume continues the same model."),
+                             f"Set {key}={old.get(key)!r}" + (", or drop initialize.fresh_training to take only the "
+                                                               "weights that fit" if fresh else
+                                                               ", or start a new run from its weights (initialize."
+                                                               f"checkpoint={checkpoint} initialize.create_new_run="
+                                                               "True) if only non-shape keys differ") + ".")
+    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(old)
             if old.get(k) != new.get(k) and not k.startswith(RESUME_KEYS)]
+
+
+def check_layout(checkpoint: Path, model_cfg) -> None:
+    """A TrainError when the checkpoint's model has parameters this model lacks or the other way
+    round beyond what `load_checkpoint` bridges: today the decoder head (`model.decoder_head`, or
+    the MLM loss on: `masking_rate` > 0 and `mlm_loss_weight` > 0), which no config key alone shows."""
+    path = Path(checkpoint) / MODEL_JSON
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("decoder_head", False)
+    if bool(old) != bool(model_cfg.decoder_head):
+        have = "has" if old else "has no"
+        raise TrainError("model.decoder_head", f"makes a model {'with' if model_cfg.decoder_head else 'without'} a "
+                         f"decoder head, but checkpoint {checkpoint} {have} one (the MLM loss needs it: "
+                         "model.training.masking_rate > 0 with model.mlm_loss_weight > 0).",
+                         f"Set model.decoder_head={bool(old)} (and the MLM keys as the checkpoint's run had them), or "
+                         f"start a new run from its weights (initialize.checkpoint={checkpoint} "
+                         "initialize.create_new_run=True).")
 
 
 # ---- the shareable part of a checkpoint: weights and configs, no pickle ----------------------
@@ -295,7 +341,7 @@ def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> Lo
                          "Pass PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.")
     run_dir = ckpt.parent.parent
     shareable = (ckpt / WEIGHTS).is_file() or not trust_pickle
-    cfg = OmegaConf.load(ckpt / CONFIG if (ckpt / CONFIG).is_file() else run_dir / CONFIG)
+    cfg = typed_config(OmegaConf.load(ckpt / CONFIG if (ckpt / CONFIG).is_file() else run_dir / CONFIG))
     vocabs = {sp: load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sp) for sp in cfg.datamodule.species}
     sizes = {sp: v.size for sp, v in vocabs.items()}
     if shareable:
@@ -307,14 +353,20 @@ def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> Lo
                              f"mappings in {cfg.PATH.GENE_MAPPINGS_PATH} now have {sizes}.",
                              "Restore the token mappings the run was trained with.")
         model = ContrastiveModel(mcfg)
-        model.load_state_dict(weights)
+        try:
+            model.load_weights(weights)
+        except RuntimeError as exc:
+            raise TrainError(ckpt, f"holds weights that do not fit its model.json ({exc}).",
+                             "The checkpoint is damaged or was altered: use another checkpoint of the run.") from None
     else:
         model = ContrastiveModel(ModelConfig.from_run_config(cfg, sizes))
-        state = {"model": model.state_dict()}
+        saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+        state = {"model": {k: v for k, v in model.state_dict().items()
+                           if f"model.{k}" in saved or not k.startswith(OPTIONAL_PREFIXES)}}
         with warnings.catch_warnings():      # "torch.distributed is disabled ... single process": intended here
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(ckpt))
-        model.load_state_dict(state["model"])
+        model.load_weights(state["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state_json = json.loads((ckpt / "trainer_state.json").read_text())
     return LoadedModel(model.to(device).eval(), cfg, str(state_json.get("run_id", run_dir.name)), int(state_json["step"]),

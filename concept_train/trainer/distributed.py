@@ -83,7 +83,7 @@ def fsdp_mesh(d: Dist):
 def apply_fsdp(model, d: Dist, compile_blocks: bool = False):
     """Everything distribution and compilation do to the model, in one place and in torchtitan's
     order: compile each encoder block first, then shard with FSDP2 (each block, each species' gene
-    table, then the root) when there is more than one process. On GPU, FSDP2 gathers parameters in
+    tables, the decoder head, then the root) when there is more than one process. On GPU, FSDP2 gathers parameters in
     bf16 and reduces gradients in fp32; one process keeps fp32 weights and autocasts (the
     measured set-up of BENCHMARKS.md "On a GPU"). The model itself knows nothing of this."""
     if compile_blocks:
@@ -97,8 +97,13 @@ def apply_fsdp(model, d: Dist, compile_blocks: bool = False):
           if d.device.type == "cuda" else MixedPrecisionPolicy())
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    for table in model.gene_embeddings.values():       # only the batch's species runs per step
+    tables = list(model.gene_embeddings.values())
+    if model.learnable_embeddings is not None:
+        tables += list(model.learnable_embeddings.values())
+    for table in tables:       # only the batch's species runs per step
         fully_shard(table, mesh=mesh, mp_policy=mp)
+    if model.decoder is not None:      # a unit of its own: the trainer runs it after forward (MLM)
+        fully_shard(model.decoder, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 

@@ -33,7 +33,7 @@ class TrainLineage:
             self.run = LaminRun(TRANSFORM, params={
                 "run_id": run_id, "project": str(self.project), "datamodule": cfg.datamodule.get("name"),
                 "model": {k: cfg.model.get(k) for k in ("dim_model", "nlayers", "num_head", "dim_hid")},
-                "max_steps": int(cfg.model.training.max_steps), "seed": int(cfg.get("seed", 0)),
+                "max_steps": int(cfg.model.training.max_steps), "seed": int(cfg.seed),
                 "resumed_from": str(resumed_from) if resumed_from else None})
         except LaminError as err:
             raise TrainError("lamindb.enabled", str(err), INIT_HINT) from None

@@ -2,11 +2,16 @@
 is more than one process.
 
 Per optimizer step: `accumulate_grad_batches` global batches -> both views in one forward pass ->
-InfoNCE over the global batch -> backward -> clip -> AdamW -> schedule. Every
-`log_every_n_steps` a metrics row, every `val_check_interval` validation, every
-`checkpoint_every_n_steps` (and at the end) a checkpoint. Resuming restores model, optimizer,
-scheduler, step, RNG and the loader's position, so the batch sequence and (on CPU) the losses
-continue exactly as if the run had not stopped.
+contrastive loss over the global batch (+ the MLM loss) -> backward -> clip -> AdamW/Adam ->
+schedule. Every `log_every_n_steps` a metrics row, every `val_check_interval` steps and after every
+`check_val_every_n_epoch`-th epoch validation, every `checkpoint_every_n_steps` (and at the end) a
+checkpoint. Resuming restores model, optimizer, scheduler, step, RNG and the loader's position, so
+the batch sequence and (on CPU) the losses continue exactly as if the run had not stopped.
+
+Everything random that a step adds to its batch is a function of (seed, step, batch index, rank),
+never of a global RNG: the MLM mask (`_mlm_mask`), the binary loss's negatives (loss.py), and
+whether the step adds the learnable gene residual (`adds_learnable_embs`). Dropout is the one user
+of torch's RNG, whose state every checkpoint saves.
 """
 
 from __future__ import annotations
@@ -26,18 +31,20 @@ from omegaconf import DictConfig, OmegaConf
 from concept_shard.errors import TrainError, UserError
 from concept_shard.gene_vectors import GeneVectorWidthError, read_gene_vectors
 from concept_shard.splits import check_plain_name
+from concept_shard.vocabulary import CLS_TOKEN
 
 from ..data import DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
-from .checkpoint import (checkpoint_step, config_changes, intact_checkpoint, latest_checkpoint, load_checkpoint,
-                         resolve_checkpoint, save_checkpoint)
+from ..model.model import adds_learnable_embs, learnable_embs_freq, masking_rate, mlm_loss_on
+from .checkpoint import (check_layout, checkpoint_step, config_changes, intact_checkpoint, latest_checkpoint,
+                         load_checkpoint, resolve_checkpoint, save_checkpoint)
 from .distributed import Dist, apply_fsdp, init_distributed, shutdown
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer, lr_lambda
 from .validate import validate
 
 H100_BF16_PEAK_FLOPS = 989e12
-MLM_MASK_PROB = 0.15
+MLM_STREAM = 0x6D6C6D     # the MLM mask's random stream, keyed [seed, MLM_STREAM, g, rank] (see loss.NEGATIVES_STREAM)
 
 
 def _broadcast(obj, d: Dist):
@@ -53,15 +60,22 @@ class Trainer:
         self.cfg, self.d = cfg, init_distributed()
         self.log = log if self.d.is_main else (lambda *a, **k: None)
         self.training = cfg.model.training
-        try:
-            self.objective = ContrastiveObjective.from_config(cfg.model)
-        except ValueError as err:
-            raise TrainError("model.contrastive_loss", f"{err}.", "Use model.contrastive_loss=multiclass.") from None
+        self.objective = ContrastiveObjective.from_config(cfg.model, seed=int(cfg.seed))   # the schema checked the kind
+        self._read_options()
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
+        self.fresh = self.resume_from is None and self.weights_from is not None \
+            and bool(cfg.initialize.fresh_training)
         if self.resume_from is not None:
             changed = config_changes(self.resume_from, cfg)
             if changed:
                 self.log(f"[train] resuming with {len(changed)} key(s) changed since the checkpoint: "
+                         + ", ".join(changed))
+            if cfg.initialize.get("fresh_training"):
+                self.log("[train] initialize.fresh_training is ignored on a resume: the run continues at its step")
+        elif self.fresh:          # weights and optimizer state: the same model is needed
+            changed = config_changes(self.weights_from, cfg, fresh=True)
+            if changed:
+                self.log(f"[train] fresh training from {self.weights_from} with {len(changed)} key(s) changed: "
                          + ", ".join(changed))
         if self.d.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -88,11 +102,14 @@ class Trainer:
         self.step = 0
         self._dense_params: int | None = None
         if self.resume_from is not None:
+            check_layout(self.resume_from, self.model.cfg)
             state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.d)
             self.step = int(state["step"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.train_loader.load_state_dict(state["loader"])
             self.log(f"[train] resumed run {self.run_id} from {self.resume_from} (step {self.step})")
+        elif self.fresh:
+            self._load_fresh(self.weights_from)
         elif self.weights_from is not None:
             load_checkpoint(self.weights_from, self.model, self.optimizer, self.d, weights_only=True)
             self.log(f"[train] new run {self.run_id} starts from the weights of {self.weights_from}")
@@ -104,6 +121,42 @@ class Trainer:
             self.lineage.add_inputs(self.data.catalog.all_sets())
 
     # ---- set-up -----------------------------------------------------------------------------
+    def _read_options(self) -> None:
+        """The training keys that change what a step computes (types and ranges are the schema's,
+        concept_train/trainer/schema.py); combinations checked here, named when wrong."""
+        model_cfg, t = self.cfg.model, self.training
+        self.residual_freq = learnable_embs_freq(model_cfg)
+        rate = masking_rate(model_cfg)
+        value_encoding = model_cfg.input_encoding == "value_encoding"
+        if rate > 0 and not value_encoding:
+            raise TrainError(f"model.training.masking_rate={rate}", "masks values, but model.input_encoding="
+                             f"{model_cfg.get('input_encoding')} does not embed values (only their rank): masking "
+                             "would change nothing the model sees.",
+                             "Use model.input_encoding=value_encoding, or model.training.masking_rate=0.")
+        self.masking_rate = rate
+        self.mask_value = float(model_cfg.mask_value)
+        self.mlm_weight = float(model_cfg.mlm_loss_weight)
+        self.mlm = mlm_loss_on(model_cfg)
+        if self.mlm_weight > 0 and rate == 0:
+            self.log(f"[train] WARNING: model.mlm_loss_weight={self.mlm_weight} but model.training.masking_rate=0: "
+                     "no value is masked, so there is no MLM loss (set masking_rate, e.g. 0.15, with value_encoding)")
+        self.val_every_epochs = t.check_val_every_n_epoch
+
+    def _load_fresh(self, path: Path) -> None:
+        """`initialize.fresh_training`: weights and optimizer state (Adam's moments) from `path`; the
+        step, the LR schedule (warm-up included) and the data position start at 0, as a new run's:
+        the batch sequence stays a function of (seed, batch index) from 0, so this run resumes
+        exactly like any other, and the old loader state need not fit the new data config. The
+        optimizer's hyperparameters (lr, betas, weight decay) are this config's, and torch's RNG is
+        seeded anew rather than restored."""
+        check_layout(path, self.model.cfg)
+        hyper = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        load_checkpoint(path, self.model, self.optimizer, self.d, rng=False)
+        for group, mine in zip(self.optimizer.param_groups, hyper):
+            group.update(mine)
+        self.log(f"[train] new run {self.run_id} starts from the weights and optimizer state of {path} "
+                 "(initialize.fresh_training: step 0, schedule and data from their start)")
+
     def _resolve_run(self):
         init = self.cfg.initialize
         root = Path(self.cfg.PATH.CHECKPOINT_ROOT)
@@ -111,13 +164,34 @@ class Trainer:
         if run_id:       # a folder under PATH.CHECKPOINT_ROOT, never a path out of it
             run_id = check_plain_name(run_id, "initialize.run_id", TrainError)
         resume_from = weights_from = None
-        if init.get("resume"):
+        resume, checked = init.get("resume"), False
+        if isinstance(resume, str):
+            # `auto` (what train.sbatch passes, so that a requeued job continues its run whatever
+            # config file set the run id and PATH.CHECKPOINT_ROOT): resume the run when it has a
+            # checkpoint, else start it
+            if resume != "auto":
+                raise TrainError(f"initialize.resume={resume}", "is none of true, false and auto.",
+                                 "Use true (resume the run), false (start it) or auto (resume it when it has a "
+                                 "checkpoint, else start it).")
+            if not run_id:
+                resume = False
+                self.log("[train] initialize.resume=auto without initialize.run_id: starting a new run (set "
+                         "initialize.run_id for a resubmitted job to continue it)")
+            else:
+                resume_from, has_any = _broadcast((intact_checkpoint(root / str(run_id), self.log),
+                                                   latest_checkpoint(root / str(run_id)) is not None)
+                                                  if self.d.is_main else None, self.d)
+                resume, checked = resume_from is not None or has_any, True   # a damaged run is not started over
+                self.log(f"[train] initialize.resume=auto: run {run_id} in {root} "
+                         + ("has a checkpoint: resuming it" if resume else "has no checkpoint yet: starting it"))
+        if resume:
             if not run_id:
                 raise TrainError("initialize.resume", "is true but initialize.run_id is not set.",
                                  "Pass initialize.run_id=<the run's id> (its folder under PATH.CHECKPOINT_ROOT).")
             # rank 0 checks the checksums and picks; every rank resumes from the same checkpoint
-            resume_from = _broadcast(intact_checkpoint(root / str(run_id), self.log) if self.d.is_main else None,
-                                     self.d)
+            if not checked:
+                resume_from = _broadcast(intact_checkpoint(root / str(run_id), self.log) if self.d.is_main else None,
+                                         self.d)
             if resume_from is None:
                 if (root / str(run_id)).exists():       # starting it anew would overwrite what is there
                     raise TrainError(root / str(run_id), "has no complete checkpoint to resume from (none whose "
@@ -135,14 +209,20 @@ class Trainer:
                     raise TrainError(f"initialize.checkpoint={path}", "is neither a run directory with a "
                                      "complete checkpoint nor a checkpoint directory.",
                                      "Point it at PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.")
-                if not init.get("create_new_run"):
+                if not (init.get("create_new_run") or init.get("fresh_training")):
                     raise TrainError("initialize.checkpoint", "loads weights only into a NEW run.",
-                                     "Add initialize.create_new_run=True (or resume the run with initialize.resume=True).")
+                                     "Add initialize.create_new_run=True (weights only) or initialize.fresh_training=True "
+                                     "(weights and optimizer state), or resume the run with initialize.resume=True.")
+            elif init.get("fresh_training"):
+                raise TrainError("initialize.fresh_training", "is true but initialize.checkpoint is not set.",
+                                 "Point initialize.checkpoint at the run (or checkpoint) whose weights and optimizer "
+                                 "state the new run starts from.")
             if not run_id:
                 run_id = _broadcast(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), self.d)
             if latest_checkpoint(root / str(run_id)) is not None:
                 raise TrainError(root / str(run_id), "already holds a run with checkpoints.",
-                                 "Resume it with initialize.resume=True, or choose another initialize.run_id.")
+                                 "Resume it with initialize.resume=True (or auto), or choose another "
+                                 "initialize.run_id.")
         return str(run_id), root / str(run_id), resume_from, weights_from
 
     def _build_model(self) -> ContrastiveModel:
@@ -169,8 +249,16 @@ class Trainer:
                 raise TrainError("PATH.PRETRAINED_VOCABULARY", f"holds a file that cannot be read as gene vectors ({exc}).",
                                  "Each <species>.csv needs a header, then rows of a gene id and "
                                  "model.dim_pretrained_vocab floats.") from None
+        freeze = bool(self.training.freeze_pretrained_vocabulary)
+        vocab_only = bool(self.training.train_vocab_only)
+        model.set_trainable(freeze_pretrained=freeze, vocab_only=vocab_only)
+        if freeze and not mcfg.pretrained:
+            self.log("[train] model.training.freeze_pretrained_vocabulary has no effect: PATH.PRETRAINED_VOCABULARY "
+                     "is not set (the gene tables are learnt)")
+        if vocab_only:
+            self.log("[train] model.training.train_vocab_only: only the learnable gene tables are trained")
         model.to(self.d.device)
-        return apply_fsdp(model, self.d, compile_blocks=bool(self.training.get("compile", False)))
+        return apply_fsdp(model, self.d, compile_blocks=bool(self.training.compile))
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
@@ -179,15 +267,51 @@ class Trainer:
         return nullcontext()
 
     def forward_views(self, batch, mlm: bool = False):
+        """Both views of `batch` through the model: (z1, z2, (per-token outputs, MLM mask or None,
+        the unmasked values, logit log-scale)). `mlm`: mask values (`model.training.masking_rate`).
+        In train mode the learnable gene residual follows the step's schedule; in eval mode
+        (validation) it is always added (unless never: use_learnable_embs_freq null)."""
         b = batch.to(self.d.device)
         species = self.data.species[int(batch.species[0])] if batch.n_cells else self.data.species[0]
-        mlm_mask = None
+        values, mlm_mask = b.values, None
         if mlm:
-            mlm_mask = (torch.rand(b.tokens.shape, device=b.tokens.device) < MLM_MASK_PROB) & (b.tokens != 0)
+            mlm_mask = self._mlm_mask(batch).to(b.tokens.device)
+            values = torch.where(mlm_mask, torch.tensor(self.mask_value, dtype=values.dtype, device=values.device),
+                                 values)
+        # None when the run never adds the residual: the tables stay out of the graph (no gradient,
+        # no optimizer state), so a run without them computes exactly what it did before they existed
+        add = None if self.residual_freq is None else \
+            adds_learnable_embs(self.residual_freq, self.step if self.model.training else None)
         with self._autocast():
-            z, hidden, scale = self.model(b.tokens, b.values, b.positions, b.cu_seqlens, b.max_seqlen, species, mlm_mask)
+            z, hidden, scale = self.model(b.tokens, values, b.positions, b.cu_seqlens, b.max_seqlen, species,
+                                          add_learnable=add)
         n = batch.n_cells
         return z[:n], z[n:], (hidden, mlm_mask, b.values, scale)
+
+    def _mlm_mask(self, batch) -> torch.Tensor:
+        """Which tokens of this rank's part of `batch` get their value masked: each gene token (never
+        `<cls>`) with probability masking_rate, from a generator seeded with (seed, batch index,
+        rank), so a resumed run masks the same values."""
+        rng = np.random.default_rng([int(self.cfg.seed), MLM_STREAM, int(batch.index), self.d.rank])
+        draw = torch.from_numpy(rng.random(batch.tokens.shape[0]) < self.masking_rate)
+        return draw.to(batch.tokens.device) & (batch.tokens != CLS_TOKEN)
+
+    def _mlm_loss(self, batch, hidden, mlm_mask, values) -> torch.Tensor:
+        """The reference's MLM loss: per view, the mean squared error of the decoder's values at the
+        masked tokens, summed over the two views. Tokens of masked items (`items_mask`) are left out.
+        The decoder runs on every rank every step, on no rows if need be: FSDP reduces its gradient
+        on all ranks together."""
+        n = batch.n_cells
+        lengths = torch.diff(batch.cu_seqlens.to(torch.int64)).to(hidden.device)
+        seq = torch.repeat_interleave(torch.arange(2 * n, device=hidden.device), lengths)
+        keep = mlm_mask & batch.items_mask.to(hidden.device).repeat(2)[seq]
+        pred = self.model.predict_values(hidden[keep].float()).float()
+        err = (pred - values[keep].float()) ** 2
+        view2 = seq[keep] >= n
+        loss = pred.sum() * 0.0
+        for in_view in (~view2, view2):
+            loss = loss + err[in_view].sum() / in_view.sum().clamp(min=1)
+        return loss
 
     def _batch_digest(self, batches) -> str:
         h = hashlib.blake2b(digest_size=8)
@@ -210,7 +334,7 @@ class Trainer:
         c = self.model_cfg
         if self._dense_params is None:      # embedding lookups are not matmuls: left out of N
             self._dense_params = sum(p.numel() for name, p in self.model.named_parameters()
-                                     if "gene_embeddings" not in name)
+                                     if "embeddings" not in name)
         n_params = self._dense_params
         flops = 0.0
         for batch in batches:
@@ -223,22 +347,23 @@ class Trainer:
         return self.model.cfg
 
     def train_step(self, it) -> dict:
-        acc = int(self.training.get("accumulate_grad_batches", 1))
-        mlm_w = float(self.cfg.model.get("mlm_loss_weight", 0.0))
-        mlm = mlm_w > 0 and self.cfg.model.get("input_encoding") == "value_encoding"
-        cont_w = float(self.cfg.model.get("cont_loss_weight", 1.0))
+        acc = int(self.training.accumulate_grad_batches)
+        masking = self.masking_rate > 0
+        cont_w = float(self.cfg.model.cont_loss_weight)
         t0 = time.perf_counter()
-        batches, losses, r1, r5, tokens, cells = [], [], [], [], 0, 0
+        batches, losses, mlm_losses, r1, r5, tokens, cells = [], [], [], [], [], 0, 0
         for _ in range(acc):
             batch = next(it)
             batches.append(batch)
-            z1, z2, (hidden, mask, values, scale) = self.forward_views(batch, mlm=mlm)
+            # masking_rate > 0 masks values also without an MLM loss (the reference does: input noise)
+            z1, z2, (hidden, mask, values, scale) = self.forward_views(batch, mlm=masking)
             scale_value = float(scale.detach())   # before backward: FSDP2 frees the whole parameter after it
-            loss, m = self.objective(z1, z2, scale, batch.items_mask.to(z1.device), self.step)
+            loss, m = self.objective(z1, z2, scale, batch.items_mask.to(z1.device), self.step, key=batch.index)
             loss = cont_w * loss
-            if mlm and mask is not None and mask.any():
-                pred = self.model.predict_values(hidden[mask].float())
-                loss = loss + mlm_w * torch.nn.functional.mse_loss(pred, values[mask].float())
+            if self.mlm:
+                loss_mlm = self._mlm_loss(batch, hidden, mask, values)
+                mlm_losses.append(float(loss_mlm.detach()))
+                loss = loss + self.mlm_weight * loss_mlm
             (loss / acc).backward()
             losses.append(float(loss.detach()))
             r1.append(m["recall@1"])
@@ -264,6 +389,8 @@ class Trainer:
                "logit_scale": scale_value,
                "grad_norm": grad_norm, "cells_per_s": cells / dt, "tokens_per_s": tokens / dt, "step_s": dt,
                "batch_digest": self._batch_digest(batches), "batches_seen": self.train_loader.position}
+        if self.mlm:
+            row["loss_mlm"] = sum(mlm_losses) / len(mlm_losses)
         if self.d.device.type == "cuda":
             flops = self._sum(self._flops_per_step(batches))
             row["mfu"] = flops / dt / (H100_BF16_PEAK_FLOPS * self.d.world_size)
@@ -273,7 +400,7 @@ class Trainer:
     def checkpoint(self) -> Path:
         state = {"scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict(), "run_id": self.run_id}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.d,
-                               keep_last=int(self.training.get("keep_last_checkpoints", 3)), run_config=self.cfg,
+                               keep_last=int(self.training.keep_last_checkpoints), run_config=self.cfg,
                                resumed_from=self.resume_from)
 
     def run_validation(self) -> None:
@@ -295,10 +422,10 @@ class Trainer:
     def _fit(self) -> dict:
         t = self.training
         max_steps = int(t.max_steps)
-        log_every = max(1, int(t.get("log_every_n_steps", 100)))
+        log_every = max(1, int(t.log_every_n_steps))
         val_every = int(t.get("val_check_interval") or 0)
         ckpt_every = int(t.get("checkpoint_every_n_steps") or 0)
-        if t.get("validate_before_training", True) and self.step == 0 and self.val_loaders:
+        if t.validate_before_training and self.step == 0 and self.val_loaders:
             self.run_validation()
         profiler = self._profiler()
         it = iter(self.train_loader)
@@ -311,7 +438,7 @@ class Trainer:
                     profiler.step()
                 if self.step % log_every == 0 or self.step == max_steps:
                     self.metrics.write(row)
-                if val_every and self.step % val_every == 0 and self.val_loaders:
+                if self.val_loaders and (val_every and self.step % val_every == 0 or self._epoch_ended()):
                     self.run_validation()
                 if ckpt_every and self.step % ckpt_every == 0:
                     last_ckpt = self.checkpoint()
@@ -321,8 +448,20 @@ class Trainer:
         self.metrics.close()
         return {"run_dir": self.run_dir, "checkpoint": last_ckpt, "curves": curves, "step": self.step}
 
+    def _epoch_ended(self) -> bool:
+        """`check_val_every_n_epoch` (Lightning's sense): whether this step consumed the last batch of
+        an epoch e with (e + 1) % N == 0 (epochs of the training loader, counted from 0)."""
+        every = self.val_every_epochs
+        if not every:
+            return False
+        per_epoch = self.train_loader.plan.batches_per_epoch
+        last = self.train_loader.position - 1                      # g of this step's last batch
+        first = last - int(self.training.get("accumulate_grad_batches", 1)) + 1
+        # epochs whose last batch, g = (e + 1) * per_epoch - 1, lies in [first, last]
+        return any((e + 1) % every == 0 for e in range(first // per_epoch, (last + 1) // per_epoch))
+
     def _profiler(self):
-        if not self.cfg.get("profiler", {}).get("enabled", False):
+        if not self.cfg.profiler.enabled:
             return None
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.d.device.type == "cuda" else [])

@@ -15,7 +15,7 @@ class MetricsLog:
         if enabled:
             _drop_torn_tail(self.path)
         self.wandb = None
-        if enabled and bool(cfg.wandb.get("enabled", False)):
+        if enabled and bool(cfg.wandb.enabled):
             import wandb
             from omegaconf import OmegaConf
             self.wandb = wandb.init(project=cfg.wandb.get("project") or "concept", entity=cfg.wandb.get("entity"),

@@ -42,7 +42,7 @@ def validate(model, loaders: dict, forward_views, obs_keys: list[str], objective
         losses, r1, r5, zs, labels = [], [], [], [], {k: [] for k in obs_keys}
         for batch in loader:
             z1, z2, (*_, scale) = forward_views(batch)
-            loss, m = objective(z1, z2, scale, batch.items_mask.to(z1.device), step)
+            loss, m = objective(z1, z2, scale, batch.items_mask.to(z1.device), step, key=batch.index)
             if m["n_items"] >= 2:          # a loader whose view 2 is empty has no loss, only kNN
                 losses.append(float(loss))
                 r1.append(m["recall@1"])

@@ -4,6 +4,8 @@ averages gradients, is the single-process gradient of that loss."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -22,29 +24,35 @@ def _batch():
     return z1, z2, mask
 
 
-def _rank(rank: int, store: str, out: dict) -> None:
+def _loss(z1, z2, scale, mask, kind):
+    """The binary loss draws its negatives from a generator every rank seeds alike."""
+    return contrastive_loss(z1, z2, scale, mask, kind=kind, rng=np.random.default_rng(11))
+
+
+def _rank(rank: int, store: str, out: dict, kind: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         z1, z2, mask = _batch()
         rows = slice(rank * ROWS, (rank + 1) * ROWS)
         a, b = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
         scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-        loss, metrics = contrastive_loss(a, b, scale, mask[rows])
+        loss, metrics = _loss(a, b, scale, mask[rows], kind)
         loss.backward()
         out[rank] = (float(loss), a.grad, b.grad, scale.grad, metrics["n_items"])
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_give_the_global_loss_and_its_gradient(tmp_path):
+@pytest.mark.parametrize("kind", ["multiclass", "binary"])
+def test_two_ranks_give_the_global_loss_and_its_gradient(tmp_path, kind):
     z1, z2, mask = _batch()
     a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    want, _ = contrastive_loss(a, b, scale, mask)
+    want, _ = _loss(a, b, scale, mask, kind)
     want.backward()
 
     out = mp.Manager().dict()
-    mp.spawn(_rank, args=(str(tmp_path / "store"), out), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(str(tmp_path / "store"), out, kind), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         loss, ga, gb, gs, n_items = out[rank]
         rows = slice(rank * ROWS, (rank + 1) * ROWS)

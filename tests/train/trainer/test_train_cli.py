@@ -19,9 +19,9 @@ def test_unknown_key_is_a_clear_error(sharded_project_copy, capsys):
 def test_a_value_typo_is_an_error_not_the_other_branch(sharded_project_copy, capsys):
     assert main([str(sharded_project_copy), *TINY, "model.norm_scheme=prenorm"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "model.norm_scheme=prenorm" in err and "pre, post" in err
-    assert main([str(sharded_project_copy), *TINY, "model.contrastive_loss=binary"]) == 2
-    assert "only 'multiclass'" in " ".join(capsys.readouterr().err.split())
+    assert "model.norm_scheme: is 'prenorm'" in err and "['pre', 'post']" in err
+    assert main([str(sharded_project_copy), *TINY, "model.contrastive_loss=binaryy"]) == 2
+    assert "['multiclass', 'binary']" in " ".join(capsys.readouterr().err.split())
 
 
 def test_data_not_sharded_says_what_to_run(project, capsys):
@@ -63,9 +63,9 @@ def test_new_run_from_weights_wandb_offline_and_profiler(sharded_project_copy, c
         main(["--help"])
 
 
-@pytest.mark.parametrize("override,key", [("model.dropout=2", "model.dropout=2"), ("model.dim_hid=0", "model.dim_hid=0"),
-                                          ("model.nlayers=2.5", "model.nlayers=2.5"),
-                                          ("model.training.lr=-1", "model.training.lr")])
+@pytest.mark.parametrize("override,key", [("model.dropout=2", "model.dropout: is 2.0"), ("model.dim_hid=0", "model.dim_hid: is 0"),
+                                          ("model.nlayers=2.5", "model.nlayers: cannot take 2.5"),
+                                          ("model.training.lr=-1", "model.training.lr: is -1.0")])
 def test_a_bad_value_is_named_by_its_key(sharded_project_copy, capsys, override, key):
     """torch's own ValueErrors ("dropout probability has to be between 0 and 1") lost the key."""
     assert main([str(sharded_project_copy), *TINY, override]) == 2
