@@ -9,7 +9,11 @@ lowest task index.
 from __future__ import annotations
 
 import heapq
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -41,3 +45,49 @@ def assign(units: list[WorkUnit], num_tasks: int) -> list[list[WorkUnit]]:
     for t in tasks:
         t.sort(key=lambda u: (u.dataset_id, u.start))
     return tasks
+
+
+def array_task(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """(this task's index, number of tasks) of a SLURM array job, from SLURM's variables; None
+    outside an array.
+
+    A stepped range (`sbatch --array=0-8:2`: ids 0, 2, 4, 6, 8) maps id -> (id - MIN) / STEP, so
+    its 5 tasks take shares 0..4 of 5. An array whose ids are not one evenly spaced range
+    (`--array=0,1,5`) gives no task a way to know the others' ids, so shares would be skipped:
+    every task refuses it, before any work (tests/shard/test_array_tasks.py)."""
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    try:
+        task_id = int(env["SLURM_ARRAY_TASK_ID"])
+        first = int(env.get("SLURM_ARRAY_TASK_MIN") or 0)
+        step = int(env.get("SLURM_ARRAY_TASK_STEP") or 1)
+        count = int(env["SLURM_ARRAY_TASK_COUNT"]) if env.get("SLURM_ARRAY_TASK_COUNT") else None
+        last = int(env["SLURM_ARRAY_TASK_MAX"]) if env.get("SLURM_ARRAY_TASK_MAX") else None
+    except ValueError:
+        raise ConfigError("SLURM_ARRAY_TASK_*", "hold a value that is not a whole number.",
+                          "Run the array under sbatch, or pass --task-index and --num-tasks.") from None
+    if count is None and last is None:
+        raise ConfigError("SLURM_ARRAY_TASK_COUNT", "is not set (nor SLURM_ARRAY_TASK_MAX), so this task "
+                          f"(id {task_id}) cannot tell how many tasks share the work.",
+                          "Pass --task-index and --num-tasks.")
+    if count is None:
+        count = (last - first) // step + 1 if step > 0 else 0
+    last = first + step * (count - 1) if last is None else last
+    if step < 1 or count < 1 or last != first + step * (count - 1) or (task_id - first) % step \
+            or not first <= task_id <= last:
+        raise ConfigError("sbatch --array", f"gives task ids that are not one evenly spaced range (this task "
+                          f"{task_id}; min {first}, max {last}, step {step}, {count} tasks), so the tasks cannot "
+                          "share the work without skipping some.",
+                          "Submit one range, e.g. --array=0-63 or --array=0-126:2 (a % limit is fine), or start "
+                          "each task as `concept-shard build ... --task-index I --num-tasks N`.")
+    return (task_id - first) // step, count
+
+
+if __name__ == "__main__":      # `python -m concept_shard.plan`: shard_array.sbatch checks the array first
+    import sys
+    try:
+        print("concept-shard: array task {} of {}".format(*(array_task() or (0, 1))))
+    except ConfigError as err:
+        print(f"concept-shard: error\n{err.paragraph()}", file=sys.stderr)
+        sys.exit(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from concept_shard.plan import WorkUnit, assign, file_ranges
 from helpers import ADVANCED, assert_same_samples, dataset_dirs, shard
@@ -63,3 +64,66 @@ def test_slurm_array_variables_pick_the_task(example_source, tmp_path, monkeypat
         assert shard("build", project, *ADVANCED, "--no-progress") == 0
     assert shard("merge", project, *ADVANCED) == 0
     assert len(dataset_dirs(project)) == 9
+
+
+def _array_env(task_id: int, first: int, last: int, step: int, count: int) -> dict:
+    """What SLURM sets in each task of `sbatch --array=FIRST-LAST:STEP`."""
+    return {"SLURM_ARRAY_JOB_ID": "42", "SLURM_ARRAY_TASK_ID": str(task_id), "SLURM_ARRAY_TASK_MIN": str(first),
+            "SLURM_ARRAY_TASK_MAX": str(last), "SLURM_ARRAY_TASK_STEP": str(step),
+            "SLURM_ARRAY_TASK_COUNT": str(count)}
+
+
+@pytest.mark.parametrize("first,last,step", [(0, 4, 2), (1, 7, 2), (0, 126, 2), (5, 50, 5), (3, 3, 1), (0, 63, 1),
+                                             (2, 9, 3)])
+def test_a_stepped_array_gives_every_unit_to_exactly_one_task(first, last, step):
+    """`--array=0-4:2` runs tasks 0, 2, 4 (SLURM_ARRAY_TASK_COUNT=3): task ids minus MIN were used
+    as indices, so task 4 was refused and share 1 was never built."""
+    from concept_shard.plan import array_task
+    ids = list(range(first, last + 1, step))         # SLURM_ARRAY_TASK_MAX is the last id (8 for 2-9:3)
+    shares = [array_task(_array_env(i, first, ids[-1], step, len(ids))) for i in ids]
+    assert sorted(shares) == [(k, len(ids)) for k in range(len(ids))]
+    # SLURM versions that leave out COUNT or MAX: the other one is enough
+    for i, share in zip(ids, shares):
+        env = _array_env(i, first, ids[-1], step, len(ids))
+        assert array_task({k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_COUNT"}) == share
+        assert array_task({k: v for k, v in env.items() if k != "SLURM_ARRAY_TASK_MAX"}) == share
+    units = [WorkUnit(f"hs/src/f{i}", 0, 10 * i + 1) for i in range(37)]
+    plan = assign(units, len(ids))
+    done = [u for k, _ in shares for u in plan[k]]
+    assert sorted(done, key=lambda u: u.dataset_id) == sorted(units, key=lambda u: u.dataset_id)
+    assert array_task({}) is None
+
+
+@pytest.mark.parametrize("ids,step", [([0, 1, 5], 1), ([0, 1, 5], None), ([1, 3, 4, 9], 1), ([0, 2, 4, 7], 2),
+                                      ([0, 2, 4, 5], 2), ([3, 8], 0)])
+def test_an_array_that_is_not_one_even_range_is_refused_by_every_task(ids, step):
+    """`--array=0,1,5`: no task can know the other ids, so each refuses, before any work."""
+    from concept_shard.errors import ConfigError
+    from concept_shard.plan import array_task
+    for i in ids:
+        env = _array_env(i, min(ids), max(ids), step or 0, len(ids))
+        if step is None:
+            del env["SLURM_ARRAY_TASK_STEP"]
+        with pytest.raises(ConfigError) as err:
+            array_task(env)
+        assert "evenly spaced" in err.value.problem and "--array=0-63" in err.value.fix
+
+
+def test_stepped_array_tasks_then_merge_equal_single_process(sharded_example, project, monkeypatch):
+    """`sbatch --array=1-5:2` (tasks 1, 3, 5) with files split into row ranges across the tasks."""
+    for i in (1, 3, 5):
+        for k, v in _array_env(i, 1, 5, 2, 3).items():
+            monkeypatch.setenv(k, v)
+        assert shard("build", project, *ADVANCED, "shard.part_size=100", "--no-progress") == 0
+    assert shard("merge", project, *ADVANCED) == 0
+    assert_same_samples(sharded_example, project)
+
+
+def test_a_listed_array_is_refused_before_the_build_touches_anything(project, monkeypatch, capsys):
+    for k, v in _array_env(5, 0, 5, 1, 3).items():      # --array=0,1,5
+        monkeypatch.setenv(k, v)
+    assert shard("build", project, *ADVANCED, "--no-progress") == 2
+    assert "evenly spaced" in " ".join(capsys.readouterr().err.split())
+    assert not (project / "shards").exists()
+    # explicit indices need no SLURM variables
+    assert shard("build", project, *ADVANCED, "--no-progress", "--task-index", 0, "--num-tasks", 1) == 0
