@@ -42,7 +42,7 @@ SUITES ?= tests/e2e tests/shard tests/train/data "tests/train/model tests/train/
 
 test: install
 	@rc=0; for suite in $(SUITES); do \
-	  echo "[test] $$suite"; CONCEPT_VENV=$(VENV) $(PY) -m pytest -q $$suite || rc=1; \
+	  echo "[test] $$suite"; CONCEPT_VENV=$(VENV) $(PY) -m pytest -q --durations=8 $$suite || rc=1; \
 	done; exit $$rc
 	@if [ -z "$(ALSO_PYTHON)" ]; then exit 0; fi; \
 	if [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(ALSO_PYTHON)" ]; then exit 0; fi; \
@@ -54,7 +54,7 @@ test: install
 
 test-fast: install
 	@rc=0; for suite in $(if $(TESTS),"$(TESTS)",$(SUITES)); do \
-	  echo "[test-fast] $$suite"; CONCEPT_VENV=$(VENV) $(PY) -m pytest -q -m "not slow" $$suite || rc=1; \
+	  echo "[test-fast] $$suite"; CONCEPT_VENV=$(VENV) $(PY) -m pytest -q --durations=8 -m "not slow" $$suite || rc=1; \
 	done; exit $$rc
 
 bench: install
