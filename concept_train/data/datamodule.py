@@ -214,8 +214,22 @@ class DataModule:
         limit = OmegaConf.select(self.cfg, "model.training.limit_train_batches", default=None)
         filters = ViewFilters.from_config(dm.dataset.train, "datamodule.dataset.train")
         maker = self._maker("train", self.train_sets, self._settings("train"), seed, limit=limit, filters=filters)
+        self._say_unused(maker.plan)
         workers = capped_workers(dl.num_workers, "datamodule.dataloader.train.num_workers", self.log)
         return Loader(maker, num_workers=workers)
+
+    def _say_unused(self, plan: BatchPlan) -> None:
+        """One line when an epoch leaves cells out: per-file (or per-group) batches drop each
+        unit's last partial batch, which for corpora of small files is a large share."""
+        left, total, empty = plan.unused()
+        if left == 0 or plan.batching == "mixed":
+            return
+        unit = "file" if plan.batching == "per_dataset" else "group"
+        none = f"; {empty} {unit}(s) hold fewer cells than one batch and are never used" if empty else ""
+        self.log(f"[data] each training epoch leaves {left:,} of {total:,} cells ({100 * left / total:.1f}%) unused: "
+                 f"a batch holds the cells of one {unit} and each {unit}'s last partial batch of "
+                 f"< {plan.batch_size} is dropped, as in the reference{none}. "
+                 "datamodule.dataloader.train.drop_last=false uses them in smaller last batches.")
 
     def val_loaders(self) -> dict[str, Loader]:
         """Each with a fixed cell budget (`num_samples`) and a fixed order and panels: the same

@@ -9,7 +9,9 @@ Batches are cut from units, each a set of cells that may share a batch:
   the keys' values, within one species, after the loader's fixed cut (`num_samples`,
   `num_groups`, `sample_groups_equally`);
 - `mixed` (`within_group_sampling: null`): the rows of all files of one species are pooled and
-  shuffled, then cut; a batch holds one species but many files.
+  shuffled, then cut; a batch holds one species but many files. The pool is never materialised:
+  position p of its shuffled order is a keyed permutation evaluated on demand (permutation.py),
+  so memory per process does not grow with the cells and no epoch starts with a stall.
 
 Each epoch shuffles every unit's cells and cuts them into full global batches (a last partial
 one only with drop_last false), and the order of all units' batches is shuffled, so units
@@ -31,6 +33,7 @@ from concept_shard.errors import DataError
 
 from .catalog import ShardSet
 from .groups import Group, file_groups
+from .permutation import key_of, permute
 
 BATCHING = ("per_dataset", "mixed")
 
@@ -89,9 +92,10 @@ class BatchPlan:
         self.batches_per_epoch = _limited(self.full_epoch, limit, limit_key)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._draws: dict[tuple[int, int], np.ndarray] = {}
-        self._pools: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._pools: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._digest = None
         self._files: dict[int, tuple] = {}
+        self._n_samples = np.array([s.n_samples for s in sets], np.int64)
 
     @property
     def digest(self) -> str:
@@ -108,10 +112,22 @@ class BatchPlan:
                     h.update(np.ascontiguousarray(datasets, np.int32).tobytes())
                     h.update(np.ascontiguousarray(rows, np.int64).tobytes())
                 spec["groups"] = [self.group_spec, h.hexdigest()]
+            if self.batching == "mixed":              # the on-demand order, not the materialised one
+                spec["order"] = "feistel-1"
             if self.batches_per_epoch != self.full_epoch:
                 spec["batches_per_epoch"] = self.batches_per_epoch
             self._digest = hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
         return self._digest
+
+    def unused(self) -> tuple[int, int, int]:
+        """(cells an epoch leaves out, cells per epoch, units without one full batch): with
+        drop_last every unit's last partial batch is dropped, as in the reference."""
+        per_unit = self.per_epoch if self.batching != "mixed" else \
+            [sum(c for c, s in zip(self.per_epoch, self.sets) if s.species == sp) for sp in self.species]
+        if not self.drop_last:
+            return 0, sum(per_unit), 0
+        used = sum(k * self.batch_size for k in self._units)
+        return sum(per_unit) - used, sum(per_unit), sum(1 for k in self._units if k == 0)
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
@@ -153,19 +169,30 @@ class BatchPlan:
         """The c_f rows dataset f contributes to `epoch`, in epoch order (per_dataset and mixed)."""
         return self._draw(epoch, f, self.sets[f].n_samples, self.per_epoch[f])
 
-    def _pool(self, epoch: int, sp: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (epoch, sp)
-        if key not in self._pools:
-            members = [f for f, s in enumerate(self.sets) if s.species == self.species[sp]]
-            ds = np.concatenate([np.full(self.per_epoch[f], f, np.int32) for f in members])
-            rows = np.concatenate([self._rows(epoch, f) for f in members])
-            if self.shuffle:
-                perm = self._rng(epoch, 2, sp).permutation(len(rows))
-                ds, rows = ds[perm], rows[perm]
-            if len(self._pools) >= 2 * len(self.species):
-                self._pools.pop(next(iter(self._pools)))
-            self._pools[key] = (ds, rows)
-        return self._pools[key]
+    def _pool(self, sp: int) -> tuple[np.ndarray, np.ndarray]:
+        """(files of species sp, where each file's cells start in its pool; last entry: the pool size)."""
+        if sp not in self._pools:
+            members = np.array([f for f, s in enumerate(self.sets) if s.species == self.species[sp]], np.int64)
+            starts = np.concatenate([[0], np.cumsum([self.per_epoch[f] for f in members])]).astype(np.int64)
+            self._pools[sp] = (members, starts)
+        return self._pools[sp]
+
+    def _mixed(self, epoch: int, sp: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset, row) of positions start..stop of species sp's shuffled pool in `epoch`. The pool
+        lists each file's c_f draws in file order: draw o of file f is row o mod n_f, its
+        (o // n_f)-th pass over the file shuffled by a keyed permutation of its own."""
+        members, starts = self._pool(sp)
+        positions = np.arange(start, stop, dtype=np.int64)
+        if self.shuffle:
+            positions = permute(positions, starts[-1], key_of(self.seed, epoch, 2, sp))
+        which = np.searchsorted(starts, positions, side="right") - 1
+        files = members[which]
+        offset = positions - starts[which]
+        n = self._n_samples[files]
+        passes, rows = np.divmod(offset, n)
+        if self.shuffle:
+            rows = permute(rows, n, key_of(self.seed, epoch, 1, files, passes))
+        return files.astype(np.int32), rows
 
     def files_of(self, unit: int) -> tuple:
         """The datasets of a unit (ascending); its batches' panels are drawn over their genes."""
@@ -195,8 +222,8 @@ class BatchPlan:
                 datasets, rows = group.datasets[pos], group.rows[pos]
             species = group.species
         else:
-            ds, all_rows = self._pool(epoch, unit)
-            datasets, rows = ds[j * B:(j + 1) * B], all_rows[j * B:(j + 1) * B]
+            size = int(self._pool(unit)[1][-1])
+            datasets, rows = self._mixed(epoch, unit, min(j * B, size), min((j + 1) * B, size))
             species = self.species[unit]
         return PlannedBatch(int(g), epoch, k, species, datasets, rows, unit, self.files_of(unit))
 
