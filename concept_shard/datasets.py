@@ -19,6 +19,12 @@ written now:
 The build checks all three. Training checks the source (unless `datamodule.check_sources=false`:
 shards copied without their sources) and the vocabulary; gene-vectors checks the vocabulary only.
 Neither of them checks the settings: their reader takes any column set it finds.
+
+Training trusts a source whose size and mtime are the recorded `source_size` and
+`source_mtime_ns` (one stat per file, `quick`): at 3,000 files the sampled fingerprints cost 30
+s and ~50,000 random reads of a network filesystem before the first batch. Only when size or
+mtime differ does it read the source; `datamodule.check_sources=full` (and every build) reads
+the sampled fingerprint of every source regardless.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .fingerprint import content_hash, source_fingerprint, source_mtime_ns
+from .fingerprint import content_hash, source_fingerprint, source_mtime_ns, source_stat
 from .layout import DatasetLayout, read_json
 from .remote import DATASET_JSON, RemoteShards
 from .splits import SourceFile
@@ -57,10 +63,13 @@ class Problem:
 
 class Expectation:
     """What a dataset must match to be current: always the vocabulary; the source file and the
-    settings digest when given. The source's fingerprint is computed once, on first use."""
+    settings digest when given. The source's fingerprint is computed once, on first use. `quick`:
+    a source whose size and mtime are the recorded ones is current without being read."""
 
-    def __init__(self, vocab: Vocabulary, source: Path | None = None, digest: str | None = None):
+    def __init__(self, vocab: Vocabulary, source: Path | None = None, digest: str | None = None,
+                 quick: bool = False):
         self.vocab, self.source, self.digest = vocab, None if source is None else Path(source), digest
+        self.quick = quick
         self._fingerprint: tuple[str, int] | None = None
         self._content: Future | None = None
 
@@ -87,6 +96,20 @@ class Expectation:
             self._fingerprint = source_fingerprint(self.source)
         return self._fingerprint
 
+    def _unchanged_on_disk(self, record: dict) -> bool:
+        size, mtime = record.get("source_size"), record.get("source_mtime_ns")
+        return size is not None and mtime is not None and source_stat(self.source) == (size, mtime)
+
+    def _source_problem(self, record: dict) -> Problem | None:
+        if record.get("source_fingerprint") != self.source_fingerprint:
+            return Problem("the source file changed since it was sharded")
+        recorded = record.get("source_mtime_ns")     # absent in datasets built before it was recorded
+        if (recorded is not None and source_mtime_ns(self.source) != recorded
+                and record.get("source_content_hash") != self.content_hash()):
+            return Problem("the source file changed since it was sharded (found by a full content check "
+                           "after its modification time changed)")
+        return None
+
     def identity(self) -> dict:
         """The three fingerprints a finished part or dataset must carry (source and digest needed)."""
         return {"source_fingerprint": self.source_fingerprint, "vocabulary_fingerprint": self.vocab.fingerprint,
@@ -100,13 +123,10 @@ class Expectation:
         if self.source is not None:
             if not self.source.exists():
                 return Problem(f"its source {self.source} no longer exists", source_gone=True)
-            if record.get("source_fingerprint") != self.source_fingerprint:
-                return Problem("the source file changed since it was sharded")
-            recorded = record.get("source_mtime_ns")     # absent in datasets built before it was recorded
-            if (recorded is not None and source_mtime_ns(self.source) != recorded
-                    and record.get("source_content_hash") != self.content_hash()):
-                return Problem("the source file changed since it was sharded (found by a full content check "
-                               "after its modification time changed)")
+            if not (self.quick and self._unchanged_on_disk(record)):
+                problem = self._source_problem(record)
+                if problem is not None:
+                    return problem
         if record.get("vocabulary_fingerprint") != self.vocab.fingerprint:
             return Problem(f"the token mapping {self.vocab.path} changed since it was sharded")
         if self.digest is not None and record.get("settings_digest") != self.digest:

@@ -66,12 +66,10 @@ class Catalog:
         self.vocabs: dict[str, Vocabulary] = {}
         self._sets: dict[str, ShardSet] = {}
         # off (`datamodule.check_sources=false`) where the shards were copied to this machine, or
-        # live in object storage, without the source files they were built from
-        configured = OmegaConf.select(cfg, "datamodule.check_sources", default=True)
-        if not isinstance(configured, bool):
-            raise DataError("datamodule.check_sources", f"is {configured!r}.",
-                            "Use true (check that every file's shards match its source) or false (skip that check).")
-        self._check_sources = configured
+        # live in object storage, without the source files they were built from; `true` trusts a
+        # source whose size and mtime are unchanged, `full` reads every source (datasets.py)
+        mode = OmegaConf.select(cfg, "datamodule.check_sources", default=True)
+        self._check_sources, self._quick = mode is not False, mode is True
 
     def vocab(self, species: str) -> Vocabulary:
         if species not in self.vocabs:
@@ -124,7 +122,7 @@ class Catalog:
             return replace(self._sets[sf.dataset_id], weights=dict(weights))
         # the shard settings are not checked: the reader takes whatever columns the shards hold
         source = sf.path if self._check_sources and sf.lamindb_key is None else None
-        record, problem = self.store.check(sf, Expectation(self.vocab(sf.species), source))
+        record, problem = self.store.check(sf, Expectation(self.vocab(sf.species), source, quick=self._quick))
         if problem is not None:
             raise _NotUsable(problem)
         directory, remote = self.store.local(sf).dataset_dir, None

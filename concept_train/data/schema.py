@@ -56,6 +56,10 @@ def _cache_limit(value) -> str | None:
     return "must be a size such as 10gb, a byte count, or null"
 
 
+def _check_sources(value) -> str | None:
+    return None if value in (True, False, "full") else "must be true, full or false"
+
+
 @dataclass
 class PanelKeys:
     """The view keys shared by the training loader and each validation loader."""
@@ -139,7 +143,8 @@ class DataModuleKeys:
                                       choices=("top-nonzero", "random-nonzero", "top", "random"))
     val_seed: int = key(0, "seed of the validation loaders' cells and panels")
     cache_limit: Any = key(None, "bound on the local cache of remote shards", check=_cache_limit)
-    check_sources: bool = key(True, "check every listed file's shards against its source")
+    check_sources: Any = key(True, "true: a source is current when its size and mtime are the recorded ones; "
+                             "full: read every source's fingerprint; false: no source check", check=_check_sources)
     dataset: DatasetKeys = key(DatasetKeys())
     dataloader: DataloaderKeys = key(DataloaderKeys())
     # scConcept's keys with no effect here

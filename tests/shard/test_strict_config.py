@@ -43,7 +43,8 @@ def test_a_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
 @pytest.mark.parametrize("override,expected", [
     ("model.nlayers=2.5", "model.nlayers: cannot take 2.5"),
     ("model.training.lr=abc", "model.training.lr: cannot take 'abc'"),
-    ("datamodule.check_sources=maybe", "datamodule.check_sources: cannot take 'maybe'"),
+    ("datamodule.dataloader.train.shuffle=maybe", "datamodule.dataloader.train.shuffle: cannot take 'maybe'"),
+    ("datamodule.check_sources=maybe", "datamodule.check_sources: is 'maybe'; it must be true, full or false"),
     ("shard.chunk_size=0", "shard.chunk_size: is 0; it must be a number > 0"),
     ("model.training.accumulate_grad_batches=0", "it must be a number >= 1"),
     ("datamodule.dataloader.train.num_workers=-1", "it must be a number >= 0"),

@@ -44,13 +44,35 @@ def test_shards_copied_without_their_sources_train_with_check_sources_off(sharde
     text = " ".join(str(err.value).split())
     assert "hs_blood_a.h5ad no longer exists" in text and "datamodule.check_sources=false" in text
     assert "not on this machine" in text and "concept-shard build" not in text     # rebuilding cannot help
-    with pytest.raises(ConfigError, match="datamodule.check_sources"):       # the schema: a bool
+    with pytest.raises(ConfigError, match="datamodule.check_sources"):       # the schema: true, full or false
         data_module(sharded, ["datamodule.check_sources=maybe"])
     copied = next(iter(data_module(sharded, ["datamodule.check_sources=false"]).train_loader()))
     assert torch.equal(copied.tokens, reference.tokens) and torch.equal(copied.values, reference.values)
     shutil.rmtree(sharded / "shards/hsapiens/synth_hsapiens/hs_lung_b")
     with pytest.raises(DataError, match="not sharded"):
         data_module(sharded, ["datamodule.check_sources=false"])
+
+
+def test_start_up_trusts_size_and_mtime_and_full_reads_every_source(sharded):
+    """By default a source whose size and mtime are the recorded ones is not read (3,000 files on
+    a network filesystem); `check_sources=full` reads each one's fingerprint and sees an edit whose
+    mtime was put back."""
+    import os
+
+    src = sharded / "data/synth_mmusculus/h5ads/mm_brain_a.h5ad"
+    st = src.stat()
+    with open(src, "r+b") as fh:            # same size, new content in the last sampled block
+        fh.seek(-16, 2)
+        tail = fh.read(16)
+        fh.seek(-16, 2)
+        fh.write(bytes(255 - b for b in tail))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data_module(sharded).train_sets                  # trusted: size and mtime unchanged
+    with pytest.raises(DataError, match=r"(?s)mm_brain_a.*changed since it was"):
+        data_module(sharded, ["datamodule.check_sources=full"])
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match=r"(?s)mm_brain_a.*changed since it was"):
+        data_module(sharded)                                # a new mtime: the source is read
 
 
 def test_changed_vocabulary_makes_shards_stale(sharded):
