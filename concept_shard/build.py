@@ -36,6 +36,9 @@ class FileJob:
     _expected: Expectation | None = None
 
 
+SUMMARY_FIELDS = ("species", "cells_written", "nonzeros", "shard_bytes", "cells_dropped")
+
+
 @dataclass
 class BuildReport:
     built: list[str] = field(default_factory=list)
@@ -44,7 +47,7 @@ class BuildReport:
     waiting: list[str] = field(default_factory=list)       # parts owned by other tasks
     failed: list[UserError] = field(default_factory=list)
     failed_ids: set[str] = field(default_factory=set)
-    datasets: list[dict] = field(default_factory=list)     # dataset.json of complete datasets
+    datasets: list[dict] = field(default_factory=list)     # SUMMARY_FIELDS of each complete dataset
 
     @property
     def exit_code(self) -> int:
@@ -399,11 +402,14 @@ class ShardJob:
             pass
 
     def _complete_datasets(self) -> list[dict]:
+        """The summary table's fields of every complete dataset: a whole dataset.json holds the
+        file's gene list (MBs at 60k genes), and keeping thousands of them grew the build's memory
+        with the number of files."""
         out = []
         for job in self.jobs:
             record = self.store.record(job.sf)
             if record is not None:
-                out.append(record)
+                out.append({k: record[k] for k in SUMMARY_FIELDS})
         return out
 
 

@@ -16,11 +16,12 @@ nodes that build at once: local disks, NFSv4, Lustre mounted with `flock`, GPFS,
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+import msgspec
 
 from .splits import SourceFile
 
@@ -83,10 +84,25 @@ def exclusive(path: Path):
         os.close(fd)
 
 
+def encode_json(obj) -> bytes:
+    """Our JSON files (dataset.json, markers, part indexes): sorted keys, one item per line.
+    msgspec, because Python's json took 20 ms to write and 4 ms to read a dataset.json of 60k genes,
+    a minute per 3,000 files."""
+    return msgspec.json.format(msgspec.json.encode(obj, order="sorted"), indent=1) + b"\n"
+
+
+def decode_json(data: bytes | str):
+    """The value of a JSON document; raises ValueError when it is not valid JSON."""
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def read_json(path: Path) -> dict | None:
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return decode_json(Path(path).read_bytes())
+    except (FileNotFoundError, ValueError):
         return None
 
 
@@ -94,9 +110,8 @@ def write_json_atomic(path: Path, obj) -> None:
     """Write to a temp file in the same directory, fsync, then rename over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.write("\n")
+    with open(tmp, "wb") as fh:
+        fh.write(encode_json(obj))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

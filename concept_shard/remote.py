@@ -16,12 +16,12 @@ from boto3's usual chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROF
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import ConfigError, ShardError, StorageError
+from .layout import decode_json, encode_json
 
 DATASET_JSON = "dataset.json"
 INDEX_JSON = "index.json"
@@ -119,8 +119,8 @@ class RemoteShards:
         except BotoCoreError as exc:
             raise self.error(exc, f"read {self.url_of(rel)}") from None
         try:
-            return json.loads(body)
-        except json.JSONDecodeError:
+            return decode_json(body)
+        except ValueError:
             return None
 
     def read_bytes(self, rel: str) -> bytes:
@@ -144,7 +144,7 @@ class RemoteShards:
 
     # ---- writing -----------------------------------------------------------------------------
     def put_json(self, rel: str, obj) -> None:
-        body = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+        body = encode_json(obj)
         self._call(f"write {self.url_of(rel)}", self.client.put_object, Bucket=self.bucket, Key=self.key(rel),
                    Body=body, ContentType="application/json")
 
