@@ -11,6 +11,13 @@ for the checks, and each dataset gets a local cache directory for streaming unde
 `PATH.LOCAL_DIR` (default `PROJECT_PATH/shard_cache`), named after the remote URL and a digest of
 the `dataset.json`. streaming trusts whatever `index.json` a cache directory already holds, so a
 dataset rebuilt remotely must get a new directory rather than the old one.
+
+Local shards are read in place, unless `datamodule.cache_limit` is set: then they take the same
+path as remote ones, the local dataset directory being the "remote" (streaming copies a shard's
+`.zstd` into the cache, decompresses it there, deletes the copy and evicts least recently used
+shards). Read in place, streaming leaves a decompressed copy of every shard it touched beside
+the shards, about twice their size, for good; through the cache the disk used stays the shards
+plus the limit.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ class ShardSet:
     genes: np.ndarray             # the file's in-vocabulary genes as token ids, ascending
     source_file: str
     weights: dict = field(default_factory=dict)    # `proportion` / `repeat` of its split entry
-    remote: str | None = None     # s3://.../<species>/<source>/<stem> when streamed from object storage
+    # what streaming copies shards from into `directory`: s3://.../<species>/<source>/<stem> for
+    # object storage, the local dataset directory under datamodule.cache_limit, else None
+    remote: str | None = None
     obs_keys_absent: tuple = ()   # obs keys the source file had no column for
 
     @property
@@ -57,12 +66,16 @@ class Catalog:
         self.cfg, self.log = cfg, log
         self.store = ShardStore.from_config(cfg)
         self.remote = self.store.remote
-        if self.remote is not None:
-            # PATH.LOCAL_DIR, else the node-local scratch a launcher names (tools/slurm/train.sbatch
-            # exports CONCEPT_LOCAL_DIR, so a LOCAL_DIR set in a YAML file still wins)
-            local_dir = (OmegaConf.select(cfg, "PATH.LOCAL_DIR") or os.environ.get("CONCEPT_LOCAL_DIR")
+        # PATH.LOCAL_DIR, else the node-local scratch a launcher names (tools/slurm/train.sbatch
+        # exports CONCEPT_LOCAL_DIR, so a LOCAL_DIR set in a YAML file still wins)
+        local_dir = Path(OmegaConf.select(cfg, "PATH.LOCAL_DIR") or os.environ.get("CONCEPT_LOCAL_DIR")
                          or Path(cfg.PATH.PROJECT_PATH) / "shard_cache")
-            self.cache_root = Path(local_dir) / self.remote.bucket / self.remote.prefix
+        self.cache_local = self.remote is None and OmegaConf.select(cfg, "datamodule.cache_limit") is not None
+        if self.remote is not None:
+            self.cache_root = local_dir / self.remote.bucket / self.remote.prefix
+        elif self.cache_local:       # one cache per shards root, wherever LOCAL_DIR is shared
+            root = str(self.store.root.resolve())
+            self.cache_root = local_dir / "local" / hashlib.sha256(root.encode()).hexdigest()[:12]
         self.vocabs: dict[str, Vocabulary] = {}
         self._sets: dict[str, ShardSet] = {}
         # off (`datamodule.check_sources=false`) where the shards were copied to this machine, or
@@ -128,6 +141,8 @@ class Catalog:
         directory, remote = self.store.local(sf).dataset_dir, None
         if self.remote is not None:
             directory, remote = self._cache_dir(sf.dataset_id, record), self.remote.url_of(sf.dataset_id)
+        elif self.cache_local:
+            directory, remote = self._cache_dir(sf.dataset_id, record), str(directory)
         shard_set = ShardSet(dataset_id=sf.dataset_id, species=sf.species, directory=directory,
                              n_samples=int(record["cells_written"]), genes=np.asarray(record["genes"], np.int64),
                              source_file=str(record.get("source_file", sf.name)), weights=dict(weights),
@@ -153,6 +168,9 @@ class Catalog:
         local = Path(shard_set.directory)
         if shard_set.remote is None:
             return lambda name: (local / name).read_bytes()
+        if self.remote is None:           # local shards read through the cache: read them where they are
+            dataset = Path(shard_set.remote)
+            return lambda name: (dataset / name).read_bytes()
         remote, rel = self.remote, shard_set.dataset_id
 
         def read(name: str) -> bytes:

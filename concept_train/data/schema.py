@@ -142,7 +142,8 @@ class DataModuleKeys:
     gene_sampling_strategy: str = key("top-nonzero", "which genes of a view become tokens",
                                       choices=("top-nonzero", "random-nonzero", "top", "random"))
     val_seed: int = key(0, "seed of the validation loaders' cells and panels")
-    cache_limit: Any = key(None, "bound on the local cache of remote shards", check=_cache_limit)
+    cache_limit: Any = key(None, "bound on the cache that remote shards, and with it local ones, are read through",
+                           check=_cache_limit)
     check_sources: Any = key(True, "true: a source is current when its size and mtime are the recorded ones; "
                              "full: read every source's fingerprint; false: no source check", check=_check_sources)
     dataset: DatasetKeys = key(DatasetKeys())

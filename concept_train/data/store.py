@@ -6,9 +6,10 @@ local directory in one process. Batches are planned by `plan.py`, not by streami
 this module only maps (dataset index, row within it) to a decoded sample.
 
 Local shards are read in place (streaming decompresses each shard next to its `.zstd` on first use
-and keeps the `.zstd`). Remote shards (`PATH.SHARDS_REMOTE`) are streamed into the cache
-directories the catalog chose (one per dataset version); streaming downloads a shard on first
-use and, with `datamodule.cache_limit`, evicts the least recently used ones to stay under it.
+and keeps the `.zstd`). Remote shards (`PATH.SHARDS_REMOTE`), and local ones under
+`datamodule.cache_limit`, are streamed into the cache directories the catalog chose (one per
+dataset version); streaming copies a shard on first use and, with `datamodule.cache_limit`,
+evicts the least recently used ones to stay under it.
 """
 
 from __future__ import annotations

@@ -23,3 +23,43 @@ def test_fast_decoder_equals_streaming_decode_on_every_sample(sharded_example):
                     assert a == b and type(a) is type(b) or (isinstance(b, int) and a == b), (key, a, b)
             checked += 1
     assert checked == sum(s.n_samples for s in store.sets) > 2000
+
+
+def _raw_shards(root) -> set:
+    return {p for p in root.rglob("shard.*.mds")}
+
+
+def _batches(dm, n: int):
+    it = iter(dm.train_loader())
+    return [next(it) for _ in range(n)]
+
+
+def test_local_shards_through_a_bounded_cache_leave_no_copy_beside_them(sharded_project_copy, tmp_path):
+    """With datamodule.cache_limit, local shards are read through the cache streaming keeps for
+    remote ones: the same batches, nothing decompressed beside the shards, the cache under its
+    limit; without it they are read in place (and streaming keeps a decompressed copy there)."""
+    import torch
+
+    import json
+
+    project, cache = sharded_project_copy, tmp_path / "scratch"
+    for raw in _raw_shards(project / "shards"):          # copies left by earlier readers of the example
+        raw.unlink()
+    shards = [s for index in (project / "shards").rglob("index.json")
+              for s in json.loads(index.read_text())["shards"]]
+    per_shard = [s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in shards]
+    limit = max(4 * max(per_shard), sum(per_shard) // 4)     # a quarter of what reading every shard takes
+    assert len(shards) > 16 and limit < sum(per_shard)
+    cached = data_module(project, [f"PATH.LOCAL_DIR={cache}", f"datamodule.cache_limit={limit}",
+                                   "datamodule.dataloader.train.num_workers=0"])
+    assert all(s.remote and s.directory.is_relative_to(cache) for s in cached.train_sets)
+    got = _batches(cached, 40)
+    assert not _raw_shards(project / "shards")
+    used = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and ".obs_codes" not in p.parts
+               and p.name != "index.json")
+    assert 0 < used <= limit
+    in_place = data_module(project, ["datamodule.dataloader.train.num_workers=0"])
+    want = _batches(in_place, 40)
+    for a, b in zip(got, want):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.values, b.values)
+    assert _raw_shards(project / "shards")         # in place, copies appear beside the shards
