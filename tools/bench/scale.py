@@ -20,7 +20,10 @@ Parts, each with a baseline measured in the same run:
    - `concept-shard build` (wall, peak RSS; per file),
    - start to first training batch (compose, catalog check, plan, first batch) with the default
      quick source check (size + mtime) and with `datamodule.check_sources=full`, alternating,
-     median of `--repeats`.
+     median of `--repeats`,
+   - disk (shards + cache) after one epoch of tokenized training batches read through a cache
+     bounded by `datamodule.cache_limit` (a quarter of the shards, at least 4 shards), then in place
+     (the baseline: streaming's decompressed copies stay beside the shards).
 
 Prints a table; the LAST line is one JSON object with every figure.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,8 +65,28 @@ t2 = time.perf_counter()
 batch = next(iter(dm.train_loader()))
 t3 = time.perf_counter()
 print(json.dumps({"compose_s": t1 - t0, "catalog_s": t2 - t1, "first_batch_s": t3 - t2, "total_s": t3 - t0,
-                  "cells": int(batch.tokens.shape[0])}))
+                  "tokens": int(batch.tokens.shape[0])}))
 """
+
+
+EPOCH = r"""
+import sys, time, json
+from pathlib import Path
+from concept_shard.config import compose_config
+from concept_train.data import DataModule
+project, overrides = Path(sys.argv[1]), sys.argv[2:]
+cfg = compose_config(project, ["datamodule=Many", *overrides], config_dir=project / "conf")
+dm = DataModule(cfg, log=lambda *a: None)
+loader = dm.train_loader()
+n, t0 = loader.plan.batches_per_epoch, time.perf_counter()
+for i, batch in zip(range(n), loader):
+    pass
+print(json.dumps({"batches": n, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
 
 
 def log(msg: str) -> None:
@@ -182,7 +206,6 @@ def child_json(cmd: list[str]) -> dict:
 
 def files_figures(workdir: Path, n_files: int, args) -> dict:
     project = many_files_project(workdir, n_files, args.cells, args.genes, args.nnz)
-    import shutil
     shutil.rmtree(project / "shards", ignore_errors=True)
     exe = Path(sys.executable).parent / "concept-shard"
     build = [str(exe), "build", str(project), "--config-dir", str(project / "conf"), "datamodule=Many", "--no-progress"]
@@ -199,6 +222,21 @@ def files_figures(workdir: Path, n_files: int, args) -> dict:
     for mode, rs in runs.items():
         out[f"first_batch_{mode}"] = {k: statistics.median(r[k] for r in rs)
                                       for k in ("compose_s", "catalog_s", "first_batch_s", "total_s")}
+    # disk after one epoch: through a bounded cache, then in place (the baseline, which leaves a
+    # decompressed copy of every shard beside it)
+    built = du(project / "shards")
+    cache = workdir / f"cache_{n_files}"
+    shutil.rmtree(cache, ignore_errors=True)
+    shards = [s for index in (project / "shards").rglob("index.json") for s in json.loads(index.read_text())["shards"]]
+    limit = max(built // 4, 4 * max(s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in shards))
+    epoch_cached = child_json([sys.executable, "-c", EPOCH, str(project), f"PATH.LOCAL_DIR={cache}",
+                               f"datamodule.cache_limit={limit}"])
+    cached_disk = du(project / "shards") + du(cache)
+    epoch_in_place = child_json([sys.executable, "-c", EPOCH, str(project)])
+    out["disk"] = {"built_MB": built / 1e6, "cache_limit_MB": limit / 1e6,
+                   "after_epoch_cached_MB": cached_disk / 1e6, "after_epoch_in_place_MB": du(project / "shards") / 1e6,
+                   "epoch_cached_s": epoch_cached["seconds"], "epoch_in_place_s": epoch_in_place["seconds"]}
+    shutil.rmtree(cache, ignore_errors=True)
     return out
 
 
@@ -240,6 +278,11 @@ def main(argv=None) -> int:
             f"no-op re-run {f['noop_build_s']:.1f} s")
         log(f"  start to first batch: quick check {q['total_s']:.2f} s (catalog {q['catalog_s']:.2f} s), "
             f"full check {full['total_s']:.2f} s (catalog {full['catalog_s']:.2f} s)")
+        d = f["disk"]
+        log(f"  disk after one epoch: built {d['built_MB']:.0f} MB; through a {d['cache_limit_MB']:.0f} MB cache "
+            f"{d['after_epoch_cached_MB']:.0f} MB (x{d['after_epoch_cached_MB'] / d['built_MB']:.2f}, epoch "
+            f"{d['epoch_cached_s']:.0f} s); in place {d['after_epoch_in_place_MB']:.0f} MB "
+            f"(x{d['after_epoch_in_place_MB'] / d['built_MB']:.2f}, epoch {d['epoch_in_place_s']:.0f} s)")
     if len(result["files"]) > 1:
         a, b = result["files"][0], result["files"][-1]
         log(f"== growth from {a['files']} to {b['files']} files: build peak RSS x{b['build_peak_MB'] / a['build_peak_MB']:.2f}; "
