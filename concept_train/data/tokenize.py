@@ -8,10 +8,15 @@ ascending, after one `<cls>` token. `max_tokens` counts genes: a sequence holds 
 
 The packed layout puts view 1 of every cell, then view 2 of every cell, back to back:
 sequence i is cell i's view 1 and sequence B + i its view 2; `cu_seqlens` delimits them.
+
+The NumPy code here is the reference for every step; the default view (`top-nonzero` without
+view filters) and the packing of two views run compiled (kernel.py) when numba is installed,
+with identical output. `CONCEPT_KERNEL=numpy` forces the reference.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -20,6 +25,9 @@ import numpy as np
 from concept_shard.cells import TARGET_SUM
 from concept_shard.errors import DataError
 from concept_shard.vocabulary import CLS_TOKEN
+
+from . import kernel
+
 STRATEGIES = ("top-nonzero", "random-nonzero", "top", "random")
 _NORMALIZATION = re.compile(r"^(raw|log1p|totalcount|totalcount/log1p|binning/(\d+))$")
 
@@ -120,12 +128,21 @@ def _rank_in_cell(sorted_cell: np.ndarray, n_cells: int) -> np.ndarray:
     return np.arange(len(sorted_cell)) - _cell_bounds(sorted_cell, n_cells)[sorted_cell]
 
 
+def use_kernel() -> bool:
+    return kernel.available() and os.environ.get("CONCEPT_KERNEL", "numba") != "numpy"
+
+
 def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndarray, panel: np.ndarray,
-                vocab_size: int, cell_rngs=None, keep=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                vocab_size: int, cell_rngs=None, keep=None, compiled: bool | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cell, token, value) of the kept entries of one view, ordered by cell then position.
 
     `keep(cell, token) -> bool per entry` (training's `feature_max_drop_rate`): a candidate gene
-    it rejects is dropped before the `max_tokens` cut; it must be a pure function of its inputs."""
+    it rejects is dropped before the `max_tokens` cut; it must be a pure function of its inputs.
+    `compiled`: the kernel (True), the NumPy reference (False), or the kernel where it applies."""
+    if spec.strategy == "top-nonzero" and keep is None and (use_kernel() if compiled is None else compiled):
+        return kernel.top_nonzero(cells.genes, cells.counts, np.asarray(keys, np.float64), np.asarray(values, np.float64),
+                                  _cell_bounds(cells.cell, cells.n_cells), panel, vocab_size, spec.max_tokens)
     in_panel = np.zeros(vocab_size, bool)
     in_panel[panel] = True
     sel = np.flatnonzero(in_panel[cells.genes] & (cells.counts != 0))     # indices: 4 takes beat 4 masks
@@ -208,8 +225,10 @@ class Packed:
     view_lengths: np.ndarray  # int64 [2, B]: genes per view (0 = empty view)
 
 
-def pack(n_cells: int, views: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Packed:
+def pack(n_cells: int, views: list[tuple[np.ndarray, np.ndarray, np.ndarray]], compiled: bool | None = None) -> Packed:
     """Pack the ordered (cell, token, value) entries of the views, one <cls> per sequence."""
+    if len(views) == 2 and n_cells > 0 and (use_kernel() if compiled is None else compiled):
+        return Packed(*kernel.pack_two(n_cells, views[0], views[1], CLS_TOKEN))
     lengths = np.stack([np.bincount(c, minlength=n_cells) for c, _, _ in views])      # [V, B]
     seq_len = (lengths + 1).reshape(-1)
     cu = np.zeros(len(seq_len) + 1, np.int64)
