@@ -87,16 +87,23 @@ class BatchMaker:
                 views = [(c[~masked[c]], t[~masked[c]], x[~masked[c]]) for c, t, x in views]
         packed = pack(cells.n_cells, views)
         species_idx = self.species.index(pb.species)
+        n = cells.n_cells
+        # the int64 arrays as views of ONE tensor: a DataLoader worker hands each storage over
+        # separately (a shared-memory segment and a descriptor each), so 10 storages cost more
+        # than 1 (tests/train/data/test_data_resume.py compares batches across worker counts)
+        ints = {"tokens": packed.tokens, "positions": packed.positions, "species": np.full(n, species_idx, np.int64),
+                "dataset": datasets.astype(np.int64), "row": np.array([int(s["row"]) for s in samples], np.int64),
+                **{f"labels.{k}": np.array([label_code(self._label(s, k, d)) for s, d in zip(samples, datasets)],
+                                           np.int64) for k in self.obs_keys},
+                "panel1": np.asarray(panels.view1, np.int64), "panel2": np.asarray(panels.view2, np.int64)}
+        t = dict(zip(ints, as_tensor(np.concatenate(list(ints.values()))).split([len(a) for a in ints.values()])))
         return Batch(
-            tokens=as_tensor(packed.tokens), values=as_tensor(packed.values), positions=as_tensor(packed.positions),
+            tokens=t["tokens"], values=as_tensor(packed.values), positions=t["positions"],
             cu_seqlens=as_tensor(packed.cu_seqlens), max_seqlen=packed.max_seqlen,
             items_mask=as_tensor((packed.view_lengths > 0).all(axis=0)),
-            species=torch.full((cells.n_cells,), species_idx, dtype=torch.int64),
-            dataset=as_tensor(datasets.astype(np.int64)),
-            row=torch.tensor([int(s["row"]) for s in samples], dtype=torch.int64),
-            labels={k: torch.tensor([label_code(self._label(s, k, d)) for s, d in zip(samples, datasets)],
-                                    dtype=torch.int64) for k in self.obs_keys},
-            panels=(as_tensor(panels.view1), as_tensor(panels.view2)), panel_kinds=(panels.kind1, panels.kind2),
+            species=t["species"], dataset=t["dataset"], row=t["row"],
+            labels={k: t[f"labels.{k}"] for k in self.obs_keys},
+            panels=(t["panel1"], t["panel2"]), panel_kinds=(panels.kind1, panels.kind2),
             index=int(g), epoch=pb.epoch, cell_ids=[s["cell_id"] for s in samples],
         )
 
