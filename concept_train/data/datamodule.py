@@ -229,7 +229,9 @@ class DataModule:
         self.log(f"[data] each training epoch leaves {left:,} of {total:,} cells ({100 * left / total:.1f}%) unused: "
                  f"a batch holds the cells of one {unit} and each {unit}'s last partial batch of "
                  f"< {plan.batch_size} is dropped, as in the reference{none}. "
-                 "datamodule.dataloader.train.drop_last=false uses them in smaller last batches.")
+                 "datamodule.dataloader.train.drop_last=false uses them in smaller last batches."
+                 + (f" (Counted before model.training.limit_train_batches, which keeps {plan.batches_per_epoch:,} "
+                    f"of the epoch's {plan.full_epoch:,} batches.)" if plan.batches_per_epoch != plan.full_epoch else ""))
 
     def val_loaders(self) -> dict[str, Loader]:
         """Each with a fixed cell budget (`num_samples`) and a fixed order and panels: the same

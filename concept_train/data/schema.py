@@ -57,7 +57,7 @@ def _cache_limit(value) -> str | None:
 
 
 def _check_sources(value) -> str | None:
-    return None if value in (True, False, "full") else "must be true, full or false"
+    return None if type(value) is bool or value == "full" else "must be true, full or false"
 
 
 @dataclass

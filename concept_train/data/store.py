@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from time import time_ns
 
 import numpy as np
@@ -25,6 +26,10 @@ from concept_shard.mds import SampleDecoder
 
 from .catalog import ShardSet
 from .shm import clean_stale_streaming_shm
+
+
+_NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+_LOCAL = 3           # streaming.base.dataset._ShardState.LOCAL: the shard's files are in the cache
 
 
 # One StreamingDataset per process and list of streams, shared by every SampleStore over them:
@@ -72,7 +77,9 @@ def _explain(exc: ValueError, directories, remotes) -> Exception:
     return exc
 
 
-MAPPED = 512         # shard files kept mapped per process (address space only; pages are the OS's)
+# shard files kept mapped per process: each mapping holds a file descriptor (before Python 3.13)
+# and keeps an evicted file's disk space until it is dropped
+MAPPED = 128
 
 
 class SampleStore:
@@ -89,6 +96,7 @@ class SampleStore:
         self.offsets = offsets
         self._decoders: dict[int, SampleDecoder] = {}
         self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+        self._evicts = self.dataset.cache_limit is not None
 
     def get(self, dataset_index: int, row: int) -> dict:
         """The decoded sample. The shard's bytes come from its decompressed file, mapped into memory
@@ -119,15 +127,19 @@ class SampleStore:
 
     def _sample_bytes(self, shard_id: int, in_shard: int) -> bytes:
         """Sample `in_shard` of a decompressed MDS shard file: u32 count, u32 offsets[count + 1]
-        (from the file's start), then the samples. The newest MAPPED shards stay mapped; an
-        evicted (deleted) shard file stays readable through its mapping until it is dropped here,
-        with the same bytes a re-download would give."""
+        (from the file's start), then the samples. The newest MAPPED shards stay mapped. Under a
+        cache limit, a shard streaming has evicted is unmapped at once (a deleted file's space is
+        freed only with its last mapping) and read again through streaming."""
         mapped = self._maps.get(shard_id)
+        if self._evicts and self.dataset._shard_states[shard_id] != _LOCAL:
+            if mapped is not None:
+                del self._maps[shard_id]
+            raise FileNotFoundError(shard_id)
         if mapped is None:
             reader = self.dataset.shards[shard_id]
             path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
             with open(path, "rb") as fh:
-                view = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                view = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ, **_NO_FD)
             count = int(np.frombuffer(view, np.uint32, count=1)[0])
             if count != reader.samples:
                 raise ValueError(f"{path} holds {count} samples, its index says {reader.samples}")

@@ -45,6 +45,7 @@ def test_a_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
     ("model.training.lr=abc", "model.training.lr: cannot take 'abc'"),
     ("datamodule.dataloader.train.shuffle=maybe", "datamodule.dataloader.train.shuffle: cannot take 'maybe'"),
     ("datamodule.check_sources=maybe", "datamodule.check_sources: is 'maybe'; it must be true, full or false"),
+    ("datamodule.check_sources=0", "datamodule.check_sources: is 0; it must be true, full or false"),
     ("shard.chunk_size=0", "shard.chunk_size: is 0; it must be a number > 0"),
     ("model.training.accumulate_grad_batches=0", "it must be a number >= 1"),
     ("datamodule.dataloader.train.num_workers=-1", "it must be a number >= 0"),

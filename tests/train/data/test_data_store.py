@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from helpers import data_module
@@ -55,6 +57,20 @@ def test_local_shards_through_a_bounded_cache_leave_no_copy_beside_them(sharded_
     assert all(s.remote and s.directory.is_relative_to(cache) for s in cached.train_sets)
     got = _batches(cached, 40)
     assert not _raw_shards(project / "shards")
+    # an evicted shard is unmapped too (a deleted file still mapped keeps its disk space), and
+    # read again through streaming
+    store = cached.store
+    d, row = store.index_of[cached.train_sets[0].dataset_id], 0
+    before_eviction = store.get(d, row)
+    shard_id = store.dataset.spanner[int(store.offsets[d] + row)][0]
+    assert shard_id in store._maps
+    store.dataset.evict_shard(shard_id)
+    again = store.get(d, row)
+    assert all(np.array_equal(again[k], v) if isinstance(v, np.ndarray) else again[k] == v
+               for k, v in before_eviction.items())
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    assert not [m for m in maps if str(cache) in m and m.endswith("(deleted)")]
+    assert [m for m in maps if str(cache) in m]             # the shards in the cache are read mapped
     used = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and ".obs_codes" not in p.parts
                and p.name != "index.json")
     assert 0 < used <= limit
