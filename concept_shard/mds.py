@@ -216,13 +216,19 @@ def _ndarray(enc: str, data: bytes, pos: int, size: int) -> np.ndarray:
         dtype = CODE_DTYPE[data[pos]]
         pos += 1
     else:
-        dtype = np.dtype(enc.split(":")[1])
+        dtype = _ENC_DTYPE.get(enc) or _ENC_DTYPE.setdefault(enc, np.dtype(enc.split(":")[1]))
     head = data[pos]
-    ndim, fmt = head >> 2, _SHAPE_FORMATS[head & 3]
-    step = struct.calcsize(fmt)
-    shape = struct.unpack_from(f"<{ndim}{fmt[1]}", data, pos + 1)
-    pos += 1 + ndim * step
+    shape_of = _SHAPES.get(head)
+    if shape_of is None:              # the shape header's struct, made once per (ndim, width)
+        ndim, fmt = head >> 2, _SHAPE_FORMATS[head & 3]
+        shape_of = _SHAPES[head] = struct.Struct(f"<{ndim}{fmt[1]}")
+    shape = shape_of.unpack_from(data, pos + 1)
+    pos += 1 + shape_of.size
     return np.frombuffer(data, dtype, count=(end - pos) // dtype.itemsize, offset=pos).reshape(shape)
+
+
+_ENC_DTYPE: dict[str, np.dtype] = {}
+_SHAPES: dict[int, struct.Struct] = {}
 
 
 def read_rows(read_file, rows, columns: list[str]):

@@ -68,7 +68,7 @@ class BatchMaker:
         # this rank's cells: a contiguous slice of the global batch (even split; uneven only for a last partial batch)
         positions = np.array_split(np.arange(len(pb.rows)), self.ranks.world)[self.ranks.rank]
         datasets, rows = pb.datasets[positions], pb.rows[positions]
-        samples = [self.store.get(int(self.store_index[d]), int(r)) for d, r in zip(datasets, rows)]
+        samples = self.store.get_many(self.store_index[datasets], rows)
         cells = Cells.from_samples(samples)
         values, keys = normalized(self.token_spec, cells)
         vocab_size = self.vocab_sizes[pb.species]
