@@ -58,6 +58,14 @@ class ShardSet:
     def n_genes(self) -> int:
         return len(self.genes)
 
+    @property
+    def dataset_dir(self) -> Path | None:
+        """The dataset's own directory on this machine (what `concept-shard build` wrote, not a
+        cache of it), or None for a dataset in object storage."""
+        if self.remote is None:
+            return Path(self.directory)
+        return None if "://" in self.remote else Path(self.remote)
+
 
 class Catalog:
     """All shard datasets of all loaders of a composed config, and the species' vocabularies."""
@@ -165,13 +173,10 @@ class Catalog:
         shards the local cache (what streaming downloaded) and else the object store. A raw
         (decompressed) shard that is not local raises FileNotFoundError: remotely only the
         compressed one exists."""
-        local = Path(shard_set.directory)
-        if shard_set.remote is None:
-            return lambda name: (local / name).read_bytes()
-        if self.remote is None:           # local shards read through the cache: read them where they are
-            dataset = Path(shard_set.remote)
+        dataset = shard_set.dataset_dir     # local shards, also when streaming reads them through a cache
+        if dataset is not None:
             return lambda name: (dataset / name).read_bytes()
-        remote, rel = self.remote, shard_set.dataset_id
+        local, remote, rel = Path(shard_set.directory), self.remote, shard_set.dataset_id
 
         def read(name: str) -> bytes:
             path = local / name

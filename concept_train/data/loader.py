@@ -88,15 +88,15 @@ class BatchMaker:
         packed = pack(cells.n_cells, views)
         species_idx = self.species.index(pb.species)
         n = cells.n_cells
-        # the int64 arrays as views of ONE tensor: a DataLoader worker hands each storage over
-        # separately (a shared-memory segment and a descriptor each), so 10 storages cost more
-        # than 1 (tests/train/data/test_data_resume.py compares batches across worker counts)
-        ints = {"tokens": packed.tokens, "positions": packed.positions, "species": np.full(n, species_idx, np.int64),
-                "dataset": datasets.astype(np.int64), "row": np.array([int(s["row"]) for s in samples], np.int64),
-                **{f"labels.{k}": np.array([label_code(self._label(s, k, d)) for s, d in zip(samples, datasets)],
-                                           np.int64) for k in self.obs_keys},
-                "panel1": np.asarray(panels.view1, np.int64), "panel2": np.asarray(panels.view2, np.int64)}
-        t = dict(zip(ints, as_tensor(np.concatenate(list(ints.values()))).split([len(a) for a in ints.values()])))
+        # the int64 arrays as views of two tensors, per token and per cell: a DataLoader worker
+        # hands each storage over separately (a shared-memory segment and a descriptor each), and
+        # a per-cell tensor kept after the batch (validation's labels) holds only the per-cell one
+        t = _views({"tokens": packed.tokens, "positions": packed.positions,
+                    "panel1": np.asarray(panels.view1, np.int64), "panel2": np.asarray(panels.view2, np.int64)})
+        t.update(_views({"species": np.full(n, species_idx, np.int64), "dataset": datasets.astype(np.int64),
+                         "row": np.array([int(s["row"]) for s in samples], np.int64),
+                         **{f"labels.{k}": np.array([label_code(self._label(s, k, d)) for s, d in zip(samples, datasets)],
+                                                    np.int64) for k in self.obs_keys}}))
         return Batch(
             tokens=t["tokens"], values=as_tensor(packed.values), positions=t["positions"],
             cu_seqlens=as_tensor(packed.cu_seqlens), max_seqlen=packed.max_seqlen,
@@ -113,6 +113,12 @@ class BatchMaker:
         if value == "" and key == "dataset":
             return self.sets[int(dataset)].dataset_id
         return value
+
+
+def _views(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The int64 arrays as views of one tensor (one storage), by name."""
+    joined = as_tensor(np.concatenate(list(arrays.values())))
+    return dict(zip(arrays, joined.split([len(a) for a in arrays.values()])))
 
 
 class _BatchStream(IterableDataset):

@@ -72,16 +72,17 @@ class BatchPlan:
                 raise ValueError("batching='groups' needs groups")
             self.groups = list(groups)
             self.per_epoch = [g.size for g in self.groups]
-            self._units = [int(cut(c)) for c in self.per_epoch]
+            unit_cells = self.per_epoch
         else:
             self.per_epoch = _samples_per_epoch(sets, epoch_size, where)
             if batching == "per_dataset":
                 self.groups = file_groups(sets)
-                self._units = [int(cut(c)) for c in self.per_epoch]
+                unit_cells = self.per_epoch
             else:
                 self.groups = None
-                self._units = [int(cut(sum(c for c, s in zip(self.per_epoch, sets) if s.species == sp)))
-                               for sp in self.species]
+                unit_cells = [sum(c for c, s in zip(self.per_epoch, sets) if s.species == sp) for sp in self.species]
+        self._unit_cells = [int(c) for c in unit_cells]      # cells per epoch of each unit
+        self._units = [int(cut(c)) for c in self._unit_cells]  # its batches per epoch
         self.full_epoch = sum(self._units)
         if self.full_epoch == 0:
             unit = {"per_dataset": "file", "mixed": "species", "groups": "group"}[batching]
@@ -122,12 +123,10 @@ class BatchPlan:
     def unused(self) -> tuple[int, int, int]:
         """(cells an epoch leaves out, cells per epoch, units without one full batch): with
         drop_last every unit's last partial batch is dropped, as in the reference."""
-        per_unit = self.per_epoch if self.batching != "mixed" else \
-            [sum(c for c, s in zip(self.per_epoch, self.sets) if s.species == sp) for sp in self.species]
+        total = sum(self._unit_cells)
         if not self.drop_last:
-            return 0, sum(per_unit), 0
-        used = sum(k * self.batch_size for k in self._units)
-        return sum(per_unit) - used, sum(per_unit), sum(1 for k in self._units if k == 0)
+            return 0, total, 0
+        return total - self.batch_size * self.full_epoch, total, self._units.count(0)
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *key])
@@ -172,7 +171,7 @@ class BatchPlan:
     def _pool(self, sp: int) -> tuple[np.ndarray, np.ndarray]:
         """(files of species sp, where each file's cells start in its pool; last entry: the pool size)."""
         if sp not in self._pools:
-            members = np.array([f for f, s in enumerate(self.sets) if s.species == self.species[sp]], np.int64)
+            members = np.array(self.files_of(sp), np.int64)
             starts = np.concatenate([[0], np.cumsum([self.per_epoch[f] for f in members])]).astype(np.int64)
             self._pools[sp] = (members, starts)
         return self._pools[sp]
@@ -222,7 +221,7 @@ class BatchPlan:
                 datasets, rows = group.datasets[pos], group.rows[pos]
             species = group.species
         else:
-            size = int(self._pool(unit)[1][-1])
+            size = self._unit_cells[unit]
             datasets, rows = self._mixed(epoch, unit, min(j * B, size), min((j + 1) * B, size))
             species = self.species[unit]
         return PlannedBatch(int(g), epoch, k, species, datasets, rows, unit, self.files_of(unit))

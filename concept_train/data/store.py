@@ -100,20 +100,17 @@ class SampleStore:
         self._shard_ends = np.cumsum(self.dataset.samples_per_shard)
 
     def get(self, dataset_index: int, row: int) -> dict:
-        """The decoded sample. The shard's bytes come from its decompressed file, mapped into memory
-        once per process (streaming's reader opens the file, seeks and reads twice per sample:
-        a quarter of the loader's time); a shard not decompressed yet goes through streaming,
-        which downloads, decompresses and evicts shards. The columns are decoded by the shard
-        codec's own decoder (mds.py), several times faster than streaming's generic one."""
-        sample_id = int(self.offsets[dataset_index] + row)
-        shard_id, in_shard = self.dataset.spanner[sample_id]
-        sample = self._decode(dataset_index, sample_id, shard_id, in_shard)
-        self.dataset._shard_access_times[shard_id] = time_ns()   # what get_item does, for cache eviction
-        return sample
+        """The decoded sample (`get_many` of one)."""
+        return self.get_many(np.array([dataset_index]), np.array([row]))[0]
 
     def get_many(self, dataset_indices: np.ndarray, rows: np.ndarray) -> list[dict]:
-        """`get` of every (dataset, row) pair, in order: the shards found for all at once and each
-        shard's access time written once (per sample, both cost as much as decoding it)."""
+        """The decoded samples of the (dataset, row) pairs, in order. The shards are found for all
+        at once and each shard's access time (streaming's eviction order) written once: per
+        sample, both cost as much as decoding it. A sample's bytes come from its decompressed
+        shard file, mapped into memory once per process (streaming's reader opens the file,
+        seeks and reads twice per sample); a shard not decompressed yet goes through streaming,
+        which downloads, decompresses and evicts shards. The columns are decoded by the shard
+        codec's own decoder (mds.py), several times faster than streaming's generic one."""
         ids = self.offsets[np.asarray(dataset_indices, np.int64)] + np.asarray(rows, np.int64)
         shards = np.searchsorted(self._shard_ends, ids, side="right")
         in_shard = ids - self.dataset.sample_offset_per_shard[shards]

@@ -128,7 +128,11 @@ def _rank_in_cell(sorted_cell: np.ndarray, n_cells: int) -> np.ndarray:
     return np.arange(len(sorted_cell)) - _cell_bounds(sorted_cell, n_cells)[sorted_cell]
 
 
-def use_kernel() -> bool:
+def use_kernel(compiled: bool | None = None) -> bool:
+    """`compiled` when given (tests compare both paths), else the kernel unless it is missing or
+    CONCEPT_KERNEL=numpy."""
+    if compiled is not None:
+        return compiled
     return kernel.available() and os.environ.get("CONCEPT_KERNEL", "numba") != "numpy"
 
 
@@ -140,7 +144,7 @@ def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndar
     `keep(cell, token) -> bool per entry` (training's `feature_max_drop_rate`): a candidate gene
     it rejects is dropped before the `max_tokens` cut; it must be a pure function of its inputs.
     `compiled`: the kernel (True), the NumPy reference (False), or the kernel where it applies."""
-    if spec.strategy == "top-nonzero" and keep is None and (use_kernel() if compiled is None else compiled):
+    if spec.strategy == "top-nonzero" and keep is None and use_kernel(compiled):
         return kernel.top_nonzero(cells.genes, cells.counts, np.asarray(keys, np.float64), np.asarray(values, np.float64),
                                   _cell_bounds(cells.cell, cells.n_cells), panel, vocab_size, spec.max_tokens)
     in_panel = np.zeros(vocab_size, bool)
@@ -227,7 +231,7 @@ class Packed:
 
 def pack(n_cells: int, views: list[tuple[np.ndarray, np.ndarray, np.ndarray]], compiled: bool | None = None) -> Packed:
     """Pack the ordered (cell, token, value) entries of the views, one <cls> per sequence."""
-    if len(views) == 2 and n_cells > 0 and (use_kernel() if compiled is None else compiled):
+    if len(views) == 2 and n_cells > 0 and use_kernel(compiled):
         return Packed(*kernel.pack_two(n_cells, views[0], views[1], CLS_TOKEN))
     lengths = np.stack([np.bincount(c, minlength=n_cells) for c, _, _ in views])      # [V, B]
     seq_len = (lengths + 1).reshape(-1)

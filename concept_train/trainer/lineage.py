@@ -42,10 +42,8 @@ class TrainLineage:
         """Every shard dataset the run reads (training and validation) as an input artifact."""
         for s in shard_sets:
             key = f"shards/{s.dataset_id}"
-            # local shards read through the cache (datamodule.cache_limit): the dataset, not its cache
-            where = Path(s.remote) if s.remote and "://" not in s.remote else Path(s.directory)
             try:
-                self.run.register_source(where, key=key)
+                self.run.register_source(s.dataset_dir or Path(s.directory), key=key)
             except LaminError as err:
                 raise TrainError(s.directory, f"is read by this run but cannot be registered in lamindb: {err}",
                                  INIT_HINT) from None

@@ -49,8 +49,7 @@ def validate(model, loaders: dict, forward_views, obs_keys: list[str], objective
                 r5.append(m["recall@5"])
             zs.append(gather_no_grad(z1.float().contiguous()).cpu())
             for key in obs_keys:
-                # clone: a label tensor is a view of the batch's one int64 storage (tokens included)
-                labels[key].append(gather_no_grad(batch.labels[key].to(z1.device)).cpu().clone())
+                labels[key].append(gather_no_grad(batch.labels[key].to(z1.device)).cpu())
         if not zs:
             continue
         if losses:
