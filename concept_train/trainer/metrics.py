@@ -70,8 +70,21 @@ def train_rows_by_step(metrics_path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_rows(metrics_path) if r.get("kind") == "train"}
 
 
+def smoothed(values, window: int) -> list[float]:
+    """Exponential moving average with the weight of a `window`-point running mean (beta =
+    1 - 2 / (window + 1)), bias-corrected so the first points are not pulled towards zero."""
+    beta = 1 - 2 / (max(1, window) + 1)
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * float(v)
+        out.append(avg / (1 - beta ** i) if beta > 0 else avg)
+    return out
+
+
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
-    """Loss and recall@1 against step, training and validation, from metrics.jsonl."""
+    """Loss and recall@1 against step, training and validation, from metrics.jsonl. Training points
+    are drawn faintly with their moving average (a window of 1/20 of the run, at least 5 steps)
+    over them: per-file batches make single steps noisy, the average shows the trend."""
     if not metrics_path.is_file():
         return None
     import matplotlib
@@ -82,7 +95,11 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     for ax, suffix, title in ((axes[0], "loss", "loss"), (axes[1], "recall@1", "recall@1 across views")):
         train = [(r["step"], r[suffix]) for r in rows if r.get(suffix) is not None and r.get("kind") == "train"]
         if train:
-            ax.plot(*zip(*train), label=f"train {suffix}")
+            steps, values = zip(*train)
+            raw = ax.plot(steps, values, alpha=0.25, linewidth=0.8, label=f"train {suffix}")[0]
+            window = max(5, len(values) // 20)
+            ax.plot(steps, smoothed(values, window), color=raw.get_color(), linewidth=1.8,
+                    label=f"train {suffix}, moving average ({window} steps)")
         for key in sorted({k for r in rows for k in r if k.startswith("val/") and k.endswith("/" + suffix)}):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             ax.plot(*zip(*pts), marker="o", label=key)
