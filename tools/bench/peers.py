@@ -1,0 +1,648 @@
+#!/usr/bin/env python
+"""This project against the fast single-cell loaders on the same files, in one run (issue 15; not a test).
+
+Usage::
+
+    .venv/bin/python tools/bench/peers.py [--quick] [--sizes 20000,200000] [--repeats 3]
+                                          [--seconds 6] [--workdir DIR] [--no-install]
+
+Peers (pinned in tools/bench/peers-requirements.txt) live in a side venv, `.venv-peers`
+(Python 3.12), created and filled on the first run; this project runs from the main `.venv`.
+A peer that cannot be installed or imported is reported as such and left out; the others go on.
+
+Inputs: the synthetic projects of tools/bench/shard.py (CSR .h5ad of raw integer counts, 20,000
+genes, ~1,500 nonzeros per cell, obs `cell_type`), one per size, cached in the workdir.
+
+Measured, each figure in a fresh subprocess, alternating (ours, peer, ours, peer ...), medians
+over --repeats rounds:
+
+- preprocessing the .h5ad: `concept-shard build` (as tools/bench/shard.py measures it: wall of
+  the build minus the wall of its no-op re-run) against annbatch's `DatasetCollection.add_adatas`
+  (shuffled zarr collection) and bionemo-scdl's `SingleCellMemMapDataset(h5ad_path=...)`
+  (time of the conversion call in the child): cells/s, peak RSS (ru_maxrss of the child's
+  process tree: the largest process), bytes on disk per nonzero;
+- raw shuffled minibatches of 128 cells (CSR rows), 0 and 2 DataLoader workers, on the largest
+  size: our shards through the training loader's own plan and `SampleStore.get_many`, annbatch
+  over its collection, scdataset over anndata backed mode (block shuffling), scdl memmaps with a
+  shuffling torch sampler;
+- tokenized training batches, one process (global batch 128, `max_tokens` 1000, random disjoint
+  panels, top-nonzero): our `DataModule` training loader against scConcept's reference loader,
+  lamin-dataloader's `LaminDiskCollection` + `TokenizedDataset` with a collate that does the
+  work of scConcept's `Collate(split_input=True)` (written here from its description: permute
+  the file's genes, two disjoint log-uniform random panels, nonzero genes, top by value capped at
+  max_tokens, padded).
+
+Every loader's batches are checked for shuffling: per batch, the std of the source rows relative
+to a uniform draw (1.0 = uniform, ~0 = sequential) and the share of adjacent rows; a loader whose
+batches look sequential is reported as FAILED and the script exits 1 after printing its figures.
+
+The LAST line printed is one JSON object with every figure and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+PEERS_VENV = REPO / ".venv-peers"
+PEERS_PYTHON_BASE = "/root/.pyenv/versions/3.12.1/bin/python3.12"
+REQUIREMENTS = REPO / "tools" / "bench" / "peers-requirements.txt"
+BATCH = 128
+MAX_TOKENS = 1000
+PANEL_MIN_FRACTION = 0.02      # our default panel_size_min (a fraction of the file's genes)
+PANEL_MAX = 60000              # our default panel_size_max
+SEED = 0
+# what each peer needs to import for its measurements
+PEER_IMPORTS = {
+    "annbatch": "import annbatch, zarr",
+    "scdataset": "import scdataset, anndata",
+    "bionemo-scdl": "from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset",
+    "lamin-dataloader": "from lamin_dataloader.lamin_disk_collection import LaminDiskCollection",
+}
+ANNBATCH_LOADER = {"chunk_size": 32, "preload_nchunks": 256}     # annbatch's README example ratio
+SCDATASET_LOADER = {"block_size": 4, "fetch_factor": 16}
+OBS_OURS = ["datamodule=Bench", "datamodule.dataset.train.panel_selection=random"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# =========================================================================== shuffle check
+def spread(rows_per_batch: list[np.ndarray], n_rows: int) -> dict:
+    """Median over batches of std(source rows) / std(uniform over n_rows), and of the share of
+    sorted neighbours that are adjacent rows."""
+    uniform = n_rows / np.sqrt(12)
+    rows_per_batch = [np.asarray(r) for r in rows_per_batch]      # a worker may hand over tensors
+    stds = [float(np.std(r)) / uniform for r in rows_per_batch if len(r) > 1]
+    adjacent = [float(np.mean(np.diff(np.sort(r)) == 1)) for r in rows_per_batch if len(r) > 1]
+    return {"std_vs_uniform": round(float(np.median(stds)), 3) if stds else None,
+            "adjacent_share": round(float(np.median(adjacent)), 3) if adjacent else None,
+            "batches_checked": len(stds)}
+
+
+def shuffled(stats: dict) -> bool:
+    return bool(stats.get("std_vs_uniform") is not None and stats["std_vs_uniform"] >= 0.5
+                and stats["adjacent_share"] < 0.9)
+
+
+def timed_batches(batches, seconds: float, rows_of, cells_of) -> dict:
+    """One warm-up batch, then batches for `seconds`; the rows of each batch for the check."""
+    t0 = time.perf_counter()
+    first = next(batches)
+    warmup = time.perf_counter() - t0
+    rows, cells, n = [rows_of(first)], 0, 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        b = next(batches)
+        cells += cells_of(b)
+        n += 1
+        if len(rows) < 400:
+            rows.append(rows_of(b))
+    dt = time.perf_counter() - t0
+    return {"cells_per_s": cells / dt, "batches": n, "seconds": dt, "warmup_s": warmup, "rows": rows}
+
+
+# =========================================================================== child tasks
+# Each runs in its own process (`peers.py --task NAME JSON`): ours under .venv, peers under
+# .venv-peers (which lacks this project). Each prints one JSON line.
+def task_convert_annbatch(h5ad: str, out: str) -> dict:
+    import annbatch
+    t0 = time.perf_counter()
+    annbatch.DatasetCollection(out).add_adatas([h5ad], shuffle=True, rng=np.random.default_rng(SEED))
+    return {"convert_s": time.perf_counter() - t0}
+
+
+def task_convert_scdl(h5ad: str, out: str) -> dict:
+    from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+    t0 = time.perf_counter()
+    ds = SingleCellMemMapDataset(out, h5ad_path=h5ad, use_X_not_raw=True)
+    n = ds.number_of_rows()
+    return {"convert_s": time.perf_counter() - t0, "cells": int(n)}
+
+
+def _loader(dataset, workers: int, **kw):
+    from torch.utils.data import DataLoader
+    extra = {"prefetch_factor": 4, "persistent_workers": True} if workers else {}
+    return DataLoader(dataset, num_workers=workers, **kw, **extra)
+
+
+def endless(iterable):
+    """Epoch after epoch (a peer's loader stops at the end of its epoch)."""
+    while True:
+        yield from iterable
+
+
+def task_raw_ours(project: str, workers: int, seconds: float) -> dict:
+    sys.path.insert(0, str(REPO))
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    from concept_shard.config import compose_config
+    from concept_train.data import DataModule
+
+    cfg = compose_config(project, OBS_OURS, str(Path(project) / "conf"))
+    maker = DataModule(cfg, log=lambda *a: None).train_loader().maker
+
+    class RawBatches(IterableDataset):
+        """Global batch g of the training plan as CSR rows: g = w, w + W, ... in worker w of W."""
+        def __iter__(self):
+            info = get_worker_info()
+            w, step = (info.id, info.num_workers) if info else (0, 1)
+            g = w
+            while True:
+                pb = maker.plan.batch(g)
+                samples = maker.store.get_many(maker.store_index[pb.datasets], pb.rows)
+                yield csr_of(samples, [s["row"] for s in samples])
+                g += step
+
+    it = iter(_loader(RawBatches(), workers, batch_size=None))
+    return timed_batches(it, seconds, lambda b: np.asarray(b["rows"]), lambda b: len(b["indptr"]) - 1)
+
+
+def csr_of(samples: list[dict], rows) -> dict:
+    """The samples' genes and counts as one CSR batch (indptr, indices, data) plus source rows."""
+    lengths = np.fromiter((len(s["genes"]) for s in samples), np.int64, count=len(samples))
+    indptr = np.zeros(len(samples) + 1, np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return {"indptr": indptr, "indices": np.concatenate([s["genes"] for s in samples]),
+            "data": np.concatenate([s["counts"] for s in samples]), "rows": np.asarray(rows, np.int64)}
+
+
+def source_rows(names) -> np.ndarray:
+    """cell_00001234 -> 1234 (the generator's obs names are the source rows)."""
+    return np.array([int(str(s).rsplit("_", 1)[1].split("-")[0]) for s in names], np.int64)
+
+
+def task_raw_annbatch(store: str, workers: int, seconds: float) -> dict:
+    import annbatch
+    coll = annbatch.DatasetCollection(store, mode="r")
+    order = np.concatenate([source_rows(coll_obs.index) for coll_obs in [coll.obs()]])
+    loader = annbatch.Loader(batch_size=BATCH, shuffle=True, drop_last=True, return_index=True,
+                             preload_to_gpu=False, rng=np.random.default_rng(SEED),
+                             **ANNBATCH_LOADER).use_collection(coll)
+    it = endless(_loader(loader, workers, batch_size=None) if workers else loader)
+    return timed_batches(it, seconds, lambda b: order[np.asarray(b["index"])], lambda b: b["X"].shape[0])
+
+
+class _Backed:
+    """An .h5ad in anndata backed mode, opened in the process that reads it (DataLoader workers
+    must not share an h5py handle opened before the fork)."""
+
+    def __init__(self, path: str):
+        import h5py
+        self.path, self._X = path, None
+        with h5py.File(path, "r") as f:
+            self.n = int(f["X"].attrs["shape"][0])
+
+    def __len__(self):
+        return self.n
+
+    def rows(self, idx):
+        if self._X is None:
+            import anndata as ad
+            self._X = ad.read_h5ad(self.path, backed="r").X
+        return self._X[idx]
+
+
+def task_raw_scdataset(h5ad: str, workers: int, seconds: float) -> dict:
+    from scdataset import scDataset
+    from scdataset.strategy import BlockShuffling
+    data = _Backed(h5ad)
+    ds = scDataset(data, BlockShuffling(block_size=SCDATASET_LOADER["block_size"]), batch_size=BATCH,
+                   fetch_factor=SCDATASET_LOADER["fetch_factor"], drop_last=True, seed=SEED,
+                   fetch_callback=lambda coll, idx: (coll.rows(idx), np.asarray(idx)),
+                   batch_callback=lambda fetched, b: (fetched[0][b], fetched[1][b]))
+    it = endless(_loader(ds, workers, batch_size=None) if workers else ds)
+    return timed_batches(it, seconds, lambda b: b[1], lambda b: b[0].shape[0])
+
+
+def task_raw_scdl(out: str, workers: int, seconds: float) -> dict:
+    import torch
+    from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+    from bionemo.scdl.util.torch_dataloader_utils import collate_sparse_matrix_batch
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    ds = SingleCellMemMapDataset(out)
+    drawn: list[np.ndarray] = []
+
+    class Recorded(BatchSampler):
+        """The shuffled index batches, recorded in the main process as the loader draws them."""
+        def __iter__(self):
+            for b in super().__iter__():
+                drawn.append(np.asarray(b))
+                yield b
+
+    sampler = Recorded(RandomSampler(ds, generator=torch.Generator().manual_seed(SEED)), BATCH, drop_last=True)
+    it = enumerate(endless(_loader(ds, workers, batch_sampler=sampler, collate_fn=collate_sparse_matrix_batch)))
+    return timed_batches(it, seconds, lambda kb: drawn[kb[0]], lambda kb: kb[1].shape[0])
+
+
+def task_tok_ours(project: str, seconds: float) -> dict:
+    sys.path.insert(0, str(REPO))
+    from concept_shard.config import compose_config
+    from concept_train.data import DataModule
+
+    cfg = compose_config(project, OBS_OURS, str(Path(project) / "conf"))
+    loader = DataModule(cfg, log=lambda *a: None).train_loader()
+    loader.num_workers = 0
+    res = timed_batches(iter(loader), seconds, lambda b: b.row.numpy(), lambda b: b.n_cells)
+    res["max_tokens"] = loader.maker.token_spec.max_tokens
+    return res
+
+
+def task_tok_reference(h5ad: str, vocab_csv: str, seconds: float) -> dict:
+    import pandas as pd
+    from lamin_dataloader import GeneIdTokenizer, TokenizedDataset
+    from lamin_dataloader.lamin_disk_collection import LaminDiskCollection
+
+    vocab = pd.read_csv(vocab_csv)
+    tokenizer = GeneIdTokenizer(dict(zip(vocab["gene_id"], vocab["token"])))
+    coll = LaminDiskCollection(path_list=[h5ad], obs_keys=["cell_type"], keys_to_cache=None)
+    ds = RowTagged(TokenizedDataset(coll, tokenizer, obs_keys=["cell_type"], normalization="raw"))
+    n_genes = len(ds.inner.tokenized_vars_masked[0])
+    collate = reference_collate_class()(tokenizer, MAX_TOKENS, panel_size_min=round(PANEL_MIN_FRACTION * n_genes),
+                                        panel_size_max=PANEL_MAX)
+    from torch.utils.data import BatchSampler, RandomSampler
+    import torch
+    sampler = BatchSampler(RandomSampler(ds, generator=torch.Generator().manual_seed(SEED)), BATCH, drop_last=True)
+    it = endless(_loader(ds, 0, batch_sampler=sampler, collate_fn=collate))
+    res = timed_batches(it, seconds, lambda b: b["row"].numpy(), lambda b: len(b["row"]))
+    res["panel_size_min"] = round(PANEL_MIN_FRACTION * n_genes)
+    return res
+
+
+class RowTagged:
+    """A map-style dataset whose items also carry their index (for the shuffle check)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        item = self.inner[i]
+        item["row"] = i
+        return item
+
+
+def reference_collate_class():
+    """scConcept's training collate (`concept.data.collate.Collate`, split_input=True, random
+    panels, no drop, no QC threshold): the same steps, written for this benchmark on top of
+    lamin-dataloader's BaseCollate (its `select_features` and `resize_and_pad` are the library's)."""
+    from lamin_dataloader import BaseCollate
+    from torch.utils.data import default_collate
+
+    class ReferenceCollate(BaseCollate):
+        def __init__(self, tokenizer, max_tokens, panel_size_min, panel_size_max):
+            super().__init__(PAD_TOKEN=tokenizer.PAD_TOKEN, max_tokens=max_tokens,
+                             gene_sampling_strategy="top-nonzero")
+            self.size_min, self.size_max = panel_size_min, panel_size_max
+
+        def log_uniform(self, low, high):
+            if low == high:
+                return low
+            return max(min(int(np.exp2(self.rng.uniform(np.log2(low), np.log2(high)))), high), low)
+
+        def view(self, items, idx):
+            picked = [self.select_features({"tokens": it["tokens"][idx], "values": it["values"][idx]})
+                      for it in items]
+            longest = min(max(len(p["tokens"]) for p in picked), self.max_tokens)
+            padded = [self.resize_and_pad(p, longest) for p in picked]
+            return (default_collate([p["tokens"].astype(np.int64) for p in padded]),
+                    default_collate([p["values"].astype(np.float32) for p in padded]))
+
+        def __call__(self, batch):
+            n = len(batch[0]["tokens"])
+            order = self.rng.permutation(n)
+            items = [{"tokens": it["tokens"][order], "values": it["values"][order]} for it in batch]
+            free = max(n - self.size_min, 0)                   # view 1 leaves room for a disjoint view 2
+            idx1 = self.rng.choice(n, self.log_uniform(min(self.size_min, free), min(self.size_max, free)),
+                                   replace=False)
+            rest = np.setdiff1d(np.arange(n), idx1, assume_unique=True)
+            k2 = self.log_uniform(min(self.size_min, len(rest)), min(self.size_max, len(rest)))
+            idx2 = self.rng.choice(rest, k2, replace=False)
+            tokens_1, values_1 = self.view(items, idx1)
+            tokens_2, values_2 = self.view(items, idx2)
+            return {"tokens_1": tokens_1, "values_1": values_1, "tokens_2": tokens_2, "values_2": values_2,
+                    "panel_1": default_collate([it["tokens"][idx1] for it in items]),
+                    "panel_2": default_collate([it["tokens"][idx2] for it in items]),
+                    **{k: default_collate([it[k] for it in batch]) for k in batch[0] if k not in ("tokens", "values")}}
+
+    return ReferenceCollate
+
+
+TASKS = {name[5:]: fn for name, fn in globals().items() if name.startswith("task_")}
+
+
+def run_task(argv: list[str]) -> int:
+    """`--task NAME KWARGS_JSON N_ROWS`: run it, replace its batches' rows by their spread."""
+    name, kwargs, n_rows = argv[0], json.loads(argv[1]), int(argv[2])
+    out = TASKS[name](**kwargs)
+    if "rows" in out:
+        out["spread"] = spread(out.pop("rows"), n_rows)
+    print(json.dumps(out, default=float), flush=True)
+    return 0
+
+
+# =========================================================================== the run (parent)
+def bench_shard():
+    """tools/bench/shard.py as a module: its inputs, its measured wrapper, its build measurement."""
+    if "bench_shard" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_shard", REPO / "tools" / "bench" / "shard.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_shard"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_shard"]
+
+
+def peers_python() -> Path:
+    return PEERS_VENV / "bin" / "python"
+
+
+def install_peers() -> str:
+    """Create .venv-peers and install the pinned peers; '' or pip's last lines on failure."""
+    if not peers_python().is_file():
+        subprocess.run([PEERS_PYTHON_BASE, "-m", "venv", str(PEERS_VENV)], check=True)
+    log(f"installing {REQUIREMENTS.name} into {PEERS_VENV} (pip) ...")
+    proc = subprocess.run([str(peers_python()), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return "" if proc.returncode == 0 else "\n".join(proc.stdout.strip().splitlines()[-5:])
+
+
+def probe_peers() -> dict[str, str]:
+    """'ok' for each peer that imports in the side venv, else why not."""
+    status = {}
+    for peer, stmt in PEER_IMPORTS.items():
+        if not peers_python().is_file():
+            status[peer] = "no side venv (.venv-peers)"
+            continue
+        proc = subprocess.run([str(peers_python()), "-c", stmt], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        status[peer] = "ok" if proc.returncode == 0 else "import failed: " + proc.stdout.strip().splitlines()[-1]
+    return status
+
+
+def child(python: Path | str, task: str, kwargs: dict, n_rows: int, workdir: Path) -> dict:
+    """One task in a fresh process under tools/bench/shard.py's wrapper (wall, peak RSS)."""
+    cmd = [str(python), str(Path(__file__).resolve()), "--task", task, json.dumps(kwargs), str(n_rows)]
+    rec, out = bench_shard().measured(cmd, workdir, task)
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+    if rec["rc"] != 0 or not lines:
+        tail = " | ".join(out.strip().splitlines()[-3:])
+        log(f"    {task}: FAILED (rc {rec['rc']}): {tail}")
+        return {"error": f"rc {rec['rc']}: {tail}"}
+    res = json.loads(lines[-1])
+    res.update(wall_s=rec["wall_s"], peak_rss_mb=rec["maxrss_kib"] / 1024)
+    return res
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- preprocessing
+def convert_peer(peer: str, h5ad: Path, n: int, nnz: int, workdir: Path) -> dict:
+    out = workdir / (f"annbatch_{n}.zarr" if peer == "annbatch" else f"scdl_{n}")
+    shutil.rmtree(out, ignore_errors=True)
+    task = "convert_annbatch" if peer == "annbatch" else "convert_scdl"
+    res = child(peers_python(), task, {"h5ad": str(h5ad), "out": str(out)}, 0, workdir)
+    if "error" in res:
+        return res
+    return {"cells_per_s": n / res["convert_s"], "cells_per_s_incl_startup": n / res["wall_s"],
+            "peak_rss_mb": res["peak_rss_mb"], "bytes_per_nnz": disk_bytes(out) / nnz, "path": str(out)}
+
+
+def convert_ours(project: Path, n: int, workdir: Path) -> dict:
+    r = bench_shard().shard_run(project, n, workdir)
+    return {"cells_per_s": r["cells_per_s"], "cells_per_s_incl_startup": r["cells_per_s_incl_startup"],
+            "peak_rss_mb": r["peak_rss_mb"], "bytes_per_nnz": r["bytes_per_nnz"]}
+
+
+def preprocessing(size: int, project: Path, h5ad: Path, nnz: int, peers: list[str], repeats: int,
+                  workdir: Path) -> dict:
+    """Rounds of ours, annbatch, scdl (alternating); the outputs of the last round stay."""
+    runs: dict[str, list] = {"ours": [], **{p: [] for p in peers}}
+    for rnd in range(repeats):
+        runs["ours"].append(convert_ours(project, size, workdir))
+        for peer in peers:
+            runs[peer].append(convert_peer(peer, h5ad, size, nnz, workdir))
+        log(f"  [{size:,}] round {rnd + 1}: " + ", ".join(f"{k} {fmt_rate(v[-1])}" for k, v in runs.items()))
+    return {k: medians(v) for k, v in runs.items()}
+
+
+def fmt_rate(r: dict) -> str:
+    return r["error"][:60] if "error" in r else f"{r['cells_per_s']:,.0f} cells/s"
+
+
+def medians(runs: list[dict]) -> dict:
+    """Median of every numeric figure over the runs that worked (the first error otherwise)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[0]["error"]}
+    out = {k: float(np.median([r[k] for r in ok])) for k, v in ok[0].items() if isinstance(v, (int, float))}
+    out["runs"] = [round(r["cells_per_s"]) for r in ok]
+    for k in ("spread", "path", "max_tokens", "panel_size_min"):
+        if k in ok[0]:
+            out[k] = ok[-1][k]
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+def raw_jobs(size: int, project: Path, h5ad: Path, peers: list[str], workdir: Path, seconds: float) -> dict:
+    """Per loader: (python, task, kwargs) of a raw-minibatch measurement (workers added later)."""
+    jobs = {"ours": (sys.executable, "raw_ours", {"project": str(project)})}
+    if "annbatch" in peers:
+        jobs["annbatch"] = (peers_python(), "raw_annbatch", {"store": str(workdir / f"annbatch_{size}.zarr")})
+    if "scdataset" in peers:
+        jobs["scdataset"] = (peers_python(), "raw_scdataset", {"h5ad": str(h5ad)})
+    if "bionemo-scdl" in peers:
+        jobs["bionemo-scdl"] = (peers_python(), "raw_scdl", {"out": str(workdir / f"scdl_{size}")})
+    for _, _, kw in jobs.values():
+        kw["seconds"] = seconds
+    return jobs
+
+
+def loading(jobs: dict, size: int, workers: list[int], repeats: int, workdir: Path) -> dict:
+    """Rounds over worker counts and loaders in turn; medians per (loader, workers)."""
+    runs: dict[str, list] = {f"{name}/{w}": [] for name in jobs for w in workers}
+    for rnd in range(repeats):
+        for w in workers:
+            for name, (python, task, kw) in jobs.items():
+                runs[f"{name}/{w}"].append(child(python, task, dict(kw, workers=w), size, workdir))
+            log(f"  raw, {w} workers, round {rnd + 1}: "
+                + ", ".join(f"{k.split('/')[0]} {fmt_rate(v[-1])}" for k, v in runs.items() if k.endswith(f"/{w}")))
+    return {k: medians(v) for k, v in runs.items()}
+
+
+def tokenized(project: Path, h5ad: Path, vocab: Path, size: int, reference_ok: bool, seconds: float,
+              repeats: int, workdir: Path) -> dict:
+    runs: dict[str, list] = {"ours": [], **({"scConcept reference": []} if reference_ok else {})}
+    for rnd in range(repeats):
+        runs["ours"].append(child(sys.executable, "tok_ours", {"project": str(project), "seconds": seconds},
+                                  size, workdir))
+        if reference_ok:
+            runs["scConcept reference"].append(child(peers_python(), "tok_reference", {
+                "h5ad": str(h5ad), "vocab_csv": str(vocab), "seconds": seconds}, size, workdir))
+        log(f"  tokenized, round {rnd + 1}: " + ", ".join(f"{k} {fmt_rate(v[-1])}" for k, v in runs.items()))
+    return {k: medians(v) for k, v in runs.items()}
+
+
+# --------------------------------------------------------------------------- report
+def ratio(a, b):
+    return None if a is None or b is None or not b else round(a / b, 2)
+
+
+def rate(res: dict):
+    return None if "error" in res else res["cells_per_s"]
+
+
+def fastest_peer(results: dict, suffix: str = "") -> tuple[str | None, float | None]:
+    peers = {k: rate(v) for k, v in results.items() if not k.startswith("ours") and k.endswith(suffix) and rate(v)}
+    if not peers:
+        return None, None
+    name = max(peers, key=peers.get)
+    return name, peers[name]
+
+
+def print_preprocessing(pre: dict) -> None:
+    log(f"\n{'preprocessing':<28} {'cells/s':>10} {'incl. start':>12} {'peak RSS MB':>12} {'B/nnz':>7}")
+    for size, res in pre.items():
+        for name, r in res.items():
+            if "error" in r:
+                log(f"{name + ' @ ' + str(size):<28} {r['error']}")
+            else:
+                log(f"{name + ' @ ' + str(size):<28} {r['cells_per_s']:>10,.0f} {r['cells_per_s_incl_startup']:>12,.0f} "
+                    f"{r['peak_rss_mb']:>12,.0f} {r['bytes_per_nnz']:>7.2f}")
+
+
+def print_loading(title: str, res: dict) -> None:
+    log(f"\n{title:<28} {'cells/s':>10} {'runs':>24} {'std/uniform':>12} {'adjacent':>9}")
+    for name, r in res.items():
+        if "error" in r:
+            log(f"{name:<28} {r['error']}")
+            continue
+        sp = r.get("spread", {})
+        log(f"{name:<28} {r['cells_per_s']:>10,.0f} {str(r['runs']):>24} {sp.get('std_vs_uniform')!s:>12} "
+            f"{sp.get('adjacent_share')!s:>9}")
+
+
+def shuffle_failures(*groups: dict) -> list[str]:
+    bad = []
+    for group in groups:
+        for name, r in group.items():
+            if "error" not in r and not shuffled(r.get("spread", {})):
+                bad.append(name)
+    return bad
+
+
+def rounded(d):
+    if isinstance(d, dict):
+        return {k: rounded(v) for k, v in d.items()}
+    if isinstance(d, float):
+        return round(d, 3) if abs(d) < 100 else round(d)
+    return d
+
+
+def summarize(pre: dict, raw: dict, tok: dict, status: dict, args, workers: list[int], total_s: float) -> dict:
+    raw_ratios = {}
+    for w in workers:
+        peer, best = fastest_peer(raw, f"/{w}")
+        raw_ratios[str(w)] = {"fastest_peer": peer, "ours_over_fastest_peer": ratio(rate(raw.get(f"ours/{w}", {})), best)}
+    _, best_any = fastest_peer(raw)
+    ours_best = max((rate(v) or 0) for k, v in raw.items() if k.startswith("ours/"))
+    pre_ratios = {str(s): {p: ratio(rate(r["ours"]), rate(r[p])) for p in r if p != "ours"} for s, r in pre.items()}
+    tok_ours = rate(tok.get("ours", {}))
+    tok_ref = rate(tok.get("scConcept reference", {"error": "not run"}))
+    return {
+        "preprocessing": rounded(pre), "preprocessing_ratio_ours_over_peer": pre_ratios,
+        "raw_minibatches": rounded(raw), "raw_ratio_ours_over_fastest_peer": raw_ratios,
+        "raw_best_ours_over_best_peer_any_workers": ratio(ours_best, best_any),
+        "tokenized": rounded(tok), "tokenized_ratio_ours_over_reference": ratio(tok_ours, tok_ref),
+        "targets_met": {"raw_ge_2x_fastest_peer": None if best_any is None else ours_best >= 2 * best_any,
+                        "tokenized_ge_25000_cells_per_s_one_process": None if tok_ours is None else tok_ours >= 25000},
+        "shuffle_check_failed": shuffle_failures(raw, tok), "peers": status,
+        "batch_size": BATCH, "max_tokens": MAX_TOKENS, "sizes": args.sizes, "repeats": args.repeats,
+        "seconds": args.seconds, "benchmark_s": round(total_s, 1), "machine": bench_shard().machine(),
+    }
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="20000,200000", help="cells per file (default 20000,200000); loading uses the largest")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds per measurement (default 3)")
+    p.add_argument("--seconds", type=float, default=6.0, help="timed seconds per loading run (default 6)")
+    p.add_argument("--workers", default="0,2", help="DataLoader workers for raw minibatches (default 0,2)")
+    p.add_argument("--nnz", type=int, default=1500)
+    p.add_argument("--genes", type=int, default=20000)
+    p.add_argument("--workdir", default="/tmp/concept_peers_bench")
+    p.add_argument("--no-install", action="store_true", help="do not create or update .venv-peers")
+    p.add_argument("--quick", action="store_true", help="20,000 cells, 2 rounds, 3 s per loading run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats, args.seconds = "20000", 2, 3.0
+    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    return args
+
+
+def peer_status(install: bool) -> dict[str, str]:
+    failure = install_peers() if install else ""
+    status = probe_peers()
+    if failure:
+        log(f"pip install reported a failure (peers that import are still measured): {failure}")
+        status["pip"] = failure
+    for peer, st in status.items():
+        log(f"  peer {peer}: {st}")
+    return status
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    workers = [int(w) for w in args.workers.split(",")]
+    shard = bench_shard()
+    log(f"peers benchmark: sizes {args.sizes}, {args.repeats} rounds, {args.seconds} s per loading run; "
+        f"machine: {shard.machine()}")
+    status = peer_status(not args.no_install)
+    ok = [p for p, st in status.items() if st == "ok" and p in PEER_IMPORTS]
+    vocab = shard.vocabulary_csv(workdir)
+    cache: list = []
+    inputs = {n: shard.ensure_project(workdir, n, args.genes, args.nnz, SEED, vocab, cache) for n in args.sizes}
+    pre = {}
+    for n, (project, h5ad, facts) in inputs.items():
+        log(f"preprocessing {n:,} cells ({facts['nonzeros']:,} nonzeros) ...")
+        pre[n] = preprocessing(n, project, h5ad, facts["nonzeros"],
+                               [p for p in ("annbatch", "bionemo-scdl") if p in ok], args.repeats, workdir)
+    size = max(args.sizes)
+    project, h5ad, _ = inputs[size]
+    log(f"raw minibatches of {BATCH} at {size:,} cells ...")
+    raw = loading(raw_jobs(size, project, h5ad, ok, workdir, args.seconds), size, workers, args.repeats, workdir)
+    log(f"tokenized batches at {size:,} cells ...")
+    tok = tokenized(project, h5ad, project / "references" / "vocabulary" / "token_mappings_per_specie" / "hsapiens.csv",
+                    size, "lamin-dataloader" in ok, args.seconds, args.repeats, workdir)
+    print_preprocessing(pre)
+    print_loading(f"raw minibatches @ {size}", raw)
+    print_loading(f"tokenized @ {size}", tok)
+    summary = summarize(pre, raw, tok, status, args, workers, time.perf_counter() - t0)
+    for name in summary["shuffle_check_failed"]:
+        log(f"SHUFFLE CHECK FAILED: {name} returns batches of neighbouring rows")
+    log(f"targets: {summary['targets_met']}; raw ours / fastest peer: {summary['raw_ratio_ours_over_fastest_peer']}")
+    print(json.dumps(summary), flush=True)
+    return 1 if summary["shuffle_check_failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_task(sys.argv[2:]) if sys.argv[1:2] == ["--task"] else main())
