@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--name", default="coexpression", help="output: PROJECT/references/embeddings/NAME/")
             s.add_argument("--max-cells", type=int, default=50_000, help="training cells sampled per species (default 50,000)")
             s.add_argument("--min-cells", type=int, default=10, help="genes seen in fewer sampled cells get no vector (default 10)")
+            s.add_argument("--spread", type=int, default=4,
+                           help="read only the shards of spread x max-cells cells (at most all) and sample among "
+                                "them: a larger spread reads more shards and files (default 4)")
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
             continue
@@ -114,7 +117,7 @@ def _gene_vectors(cfg, args) -> int:
     from .gene_vectors import GeneVectorSettings, write_gene_vectors
 
     settings = GeneVectorSettings(name=args.name, dim=args.dim, max_cells=args.max_cells, min_cells=args.min_cells,
-                                  seed=args.seed)
+                                  seed=args.seed, spread=args.spread)
     out_dir = write_gene_vectors(cfg, settings, progress=not args.no_progress)
     print(f"\nconcept-shard gene-vectors: wrote {out_dir}\nTrain from them with: "
           f"PATH.PRETRAINED_VOCABULARY={out_dir} model.dim_pretrained_vocab={settings.dim}")

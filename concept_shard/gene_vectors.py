@@ -15,6 +15,21 @@ source files need not be on this machine). The sampled rows are read shard by sh
 (`mds.read_rows`): no streaming shared memory, no decompressed copies next to the shards. Memory
 peaks near 24 bytes per sampled nonzero (50,000 cells of 2,500 genes: ~3 GB).
 
+Which cells (`_pick_rows`): every training cell of a species is equally likely to be sampled
+(max_cells / cells). When --spread x --max-cells covers every cell (the example project, any
+corpus under 200,000 cells at the defaults) the sample is a uniform one of all cells, as it always
+was, and reads every shard holding a sampled cell: nearly all of them. On a larger corpus a
+uniform sample would still touch (and decompress) nearly every shard, so the sample is a cluster
+sample instead: the shards of all files in a random order, a random window of spread x max_cells
+cells over them, max_cells cells drawn uniformly from the window. Only the shards under the window
+are read (about spread x max_cells / cells-per-shard of them, plus two at its ends; each file's
+index.json is read once, as before). The trade-off: a shard is a contiguous block of one file's
+rows, so the sample comes from fewer files and fewer parts of each file than a uniform one would
+(10,000 cells at spread 4 from 32 MiB shards of ~4,000 cells: about a dozen shards, hence
+at most that many files), and neighbouring cells of a file tend to be alike; each cell is still
+as likely as any other, so means and co-expression are unbiased, only noisier. A larger --spread
+reads more shards for a more diverse sample; --max-cells at least the cells reads everything.
+
 Reading (`read_gene_vectors`) is here too: the trainer hands the model the table it returns,
 for these vectors and for any others in the same format (scConcept's ESM2 vectors).
 
@@ -32,6 +47,7 @@ import errno
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +58,7 @@ from .cells import TARGET_SUM
 from .datasets import Expectation, ShardStore
 from .errors import ShardError, UserError
 from .layout import write_json_atomic
-from .mds import read_rows
+from .mds import read_rows, read_shard_index
 from .splits import TRAIN_SPLIT, loader_sources
 from .vocabulary import CLS, PAD, load_vocabulary
 
@@ -57,9 +73,11 @@ class GeneVectorSettings:
     max_cells: int = 50_000
     min_cells: int = 10
     seed: int = 0
+    spread: int = 4
 
     def check(self) -> None:
-        for key, value, low in (("--dim", self.dim, 1), ("--max-cells", self.max_cells, 2), ("--min-cells", self.min_cells, 1)):
+        for key, value, low in (("--dim", self.dim, 1), ("--max-cells", self.max_cells, 2), ("--min-cells", self.min_cells, 1),
+                                ("--spread", self.spread, 1)):
             if value < low:
                 raise ShardError(key, f"is {value}.", f"Use at least {low}.")
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -74,6 +92,8 @@ class CellSample:
     mean: np.ndarray          # per kept gene, over the sampled cells (zeros included)
     sd: np.ndarray            # per kept gene, plus 1e-8
     per_dataset: dict[str, int]   # cells taken from each file
+    shards_read: int = 0      # shards holding a sampled cell (the only ones read)
+    shards: int = 0           # shards of the species' training files
 
 
 def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True, log=print) -> Path:
@@ -86,7 +106,7 @@ def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True,
     _recover(out_dir, log)
     vocabs: dict = {}
     datasets = _training_datasets(cfg, vocabs)
-    summary = {"dim": settings.dim, "seed": settings.seed, "max_cells": settings.max_cells,
+    summary = {"dim": settings.dim, "seed": settings.seed, "max_cells": settings.max_cells, "spread": settings.spread,
                "min_cells": settings.min_cells, "normalisation": f"log1p(counts / n_counts x {TARGET_SUM:g}), "
                "each gene standardised", "species": {}}
     tables = {}
@@ -106,9 +126,13 @@ def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True,
         summary["species"][species] = {
             "file": f"{species}.csv", "cells": int(n_cells), "genes": int(n_genes),
             "variance_explained": round(float(explained), 4), "datasets": sample.per_dataset,
+            "shards_read": sample.shards_read, "shards": sample.shards,
             "vocabulary_fingerprint": vocab.fingerprint}
+        used = sum(1 for n in sample.per_dataset.values() if n)
+        files = f"{used:,} of {len(datasets[species]):,}" if used < len(datasets[species]) else f"{used:,}"
         log(f"[gene-vectors] {species}: {n_genes:,} genes x {settings.dim} from {n_cells:,} cells of "
-            f"{len(datasets[species])} training file(s), {explained:.1%} of the variance (read {t1 - t0:.1f} s, "
+            f"{files} training file(s), {explained:.1%} of the variance (read {sample.shards_read:,} "
+            f"of {sample.shards:,} shards in {t1 - t0:.1f} s, "
             f"SVD {time.time() - t1:.1f} s)")
     summary["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _publish(out_dir, tables, summary)
@@ -194,24 +218,29 @@ def _training_datasets(cfg, vocabs: dict) -> dict[str, list[dict]]:
 
 def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSettings, rng,
                   progress: bool) -> CellSample:
-    """A uniform sample of the species' training cells, kept to the genes seen in >= min_cells of
-    them and not constant, with each kept gene's mean and standard deviation."""
+    """A sample of the species' training cells (every cell equally likely; `_pick_rows`), kept to
+    the genes seen in >= min_cells of them and not constant, with each kept gene's mean and
+    standard deviation."""
     from tqdm import tqdm
 
-    sizes = np.array([d["cells"] for d in datasets])
-    total = int(sizes.sum())
-    picked = np.sort(rng.choice(total, min(settings.max_cells, total), replace=False))
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    nnz = np.zeros(len(picked) + 1, np.int64)
+    indexes = []
+    for d in datasets:
+        with _named_if_damaged(d):
+            indexes.append(_shard_index(d))
+    rows_of = _pick_rows([[int(shard["samples"]) for shard in index] for index in indexes],
+                         settings.max_cells, settings.spread, rng)
+    picked = sum(len(rows) for rows in rows_of)
+    nnz = np.zeros(picked + 1, np.int64)
     genes, values, per_dataset = [], [], {}
-    i = 0
-    with tqdm(total=len(picked), unit="cells", unit_scale=True, desc="gene-vectors", disable=not progress,
+    i = shards_read = 0
+    with tqdm(total=picked, unit="cells", unit_scale=True, desc="gene-vectors", disable=not progress,
               mininterval=1 if os.isatty(2) else 30, dynamic_ncols=True) as bar:
-        for k, d in enumerate(datasets):
-            rows = picked[(picked >= starts[k]) & (picked < starts[k + 1])] - starts[k]
+        for d, rows, index in zip(datasets, rows_of, indexes):
             per_dataset[d["dataset_id"]] = int(len(rows))
-            try:
-                for _, s in read_rows(d["read"], rows, ["genes", "counts", "n_counts"]):
+            ends = np.cumsum([int(shard["samples"]) for shard in index])
+            shards_read += len(np.unique(np.searchsorted(ends, rows, side="right")))
+            with _named_if_damaged(d):
+                for _, s in read_rows(d["read"], rows, ["genes", "counts", "n_counts"], index):
                     library = float(s["n_counts"])
                     if library > 0:       # (a cell without counts adds an empty row)
                         genes.append(s["genes"].astype(np.int32))
@@ -220,15 +249,11 @@ def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSet
                     nnz[i] = nnz[i - 1] + (len(genes[-1]) if library > 0 else 0)
                     if i % 1024 == 0:
                         bar.update(1024)
-            except UserError:
-                raise
-            except Exception as exc:      # missing or corrupt shard files, a malformed index.json
-                raise ShardError(d["dataset_id"], f"cannot be read ({type(exc).__name__}: {exc}).",
-                                 "Rebuild it: delete its shard directory and re-run `concept-shard build`.") from None
             bar.update(i - bar.n)
+    shards = sum(len(index) for index in indexes)
     indices, data = np.concatenate(genes), np.concatenate(values)
     del genes, values
-    x = sp.csr_matrix((data, indices, nnz), shape=(len(picked), vocab_size))
+    x = sp.csr_matrix((data, indices, nnz), shape=(picked, vocab_size))
     del indices, data
     n = x.shape[0]
     seen = np.bincount(x.indices, minlength=vocab_size)
@@ -237,7 +262,69 @@ def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSet
     varies = square - mean ** 2 > 1e-10 * np.maximum(square, 1e-30)
     used = np.flatnonzero((seen >= settings.min_cells) & varies)
     sd = np.sqrt(np.maximum(square[used] - mean[used] ** 2, 0)) + 1e-8
-    return CellSample(x[:, used].tocsr(), used, mean[used], sd, per_dataset)
+    return CellSample(x[:, used].tocsr(), used, mean[used], sd, per_dataset, shards_read, shards)
+
+
+@contextmanager
+def _named_if_damaged(d: dict):
+    """A failure to read dataset `d` (missing or corrupt shard files, a malformed index.json or one
+    that disagrees with dataset.json) raised as a ShardError that names it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise ShardError(d["dataset_id"], f"cannot be read ({type(exc).__name__}: {exc}).",
+                         "Rebuild it: delete its shard directory and re-run `concept-shard build`.") from None
+
+
+def _shard_index(d: dict) -> list[dict]:
+    """The shards of dataset `d` as its index.json lists them, holding its dataset.json's cells."""
+    index = read_shard_index(d["read"])
+    held = sum(int(shard["samples"]) for shard in index)
+    if held != d["cells"]:
+        raise ValueError(f"index.json lists {held} samples, dataset.json {d['cells']} cells")
+    return index
+
+
+def _pick_rows(shard_sizes: list[list[int]], max_cells: int, spread: int, rng) -> list[np.ndarray]:
+    """Ascending rows to read of each file: min(max_cells, cells) of them in all, every cell as likely
+    as any other (max_cells / cells) to be among them, from the shards of about spread x max_cells
+    cells (`shard_sizes`: each file's shards' cells, in order).
+
+    When spread x max_cells covers every cell: a uniform sample of all cells, drawn as it always was
+    (the same rows, and `rng` moved on exactly as before, so the SVD's random directions and the
+    vectors do not change). Otherwise cluster sampling: the shards of all files are laid end to end
+    in a random order, the cells of each in a random order, and the window of spread x max_cells
+    consecutive cells from a uniformly random start (wrapping round the end) is taken: a cell lies
+    in it for window-many of the cells-many starts, whatever the order. max_cells of the window's
+    cells are then drawn uniformly, so each cell is taken with probability max_cells / cells, and
+    only shards under the window are read (those inside it and at most two it covers in part).
+    """
+    sizes = [np.asarray(s, np.int64) for s in shard_sizes]
+    starts = np.concatenate([[0], np.cumsum([int(s.sum()) for s in sizes])])
+    total = int(starts[-1])
+    window = spread * max_cells
+    if window >= total:
+        picked = np.sort(rng.choice(total, min(max_cells, total), replace=False))
+        return [picked[(picked >= starts[k]) & (picked < starts[k + 1])] - starts[k] for k in range(len(sizes))]
+    unit_file = np.concatenate([np.full(len(s), k) for k, s in enumerate(sizes)])
+    unit_first = np.concatenate([np.cumsum(s) - s for s in sizes])      # its first row in the file
+    unit_size = np.concatenate(sizes)
+    order = rng.permutation(len(unit_size))
+    end = np.cumsum(unit_size[order])
+    begin = end - unit_size[order]
+    a = int(rng.integers(total))
+    b = a + window                      # the window [a, b), and [0, b - total) when it wraps
+    covered = np.clip(np.minimum(end, b) - np.maximum(begin, a), 0, None)
+    covered += np.clip(np.minimum(end, b - total) - begin, 0, None)
+    units = order[covered > 0]
+    rows = np.concatenate([unit_first[u] + (rng.choice(unit_size[u], c, replace=False) if c < unit_size[u]
+                                            else np.arange(c)) for u, c in zip(units, covered[covered > 0])])
+    files = np.repeat(unit_file[units], covered[covered > 0])
+    take = rng.choice(window, max_cells, replace=False)
+    rows, files = rows[take], files[take]
+    return [np.sort(rows[files == k]) for k in range(len(sizes))]
 
 
 def _svd_vectors(sample: CellSample, dim: int, rng) -> tuple[np.ndarray, float]:

@@ -231,11 +231,18 @@ _ENC_DTYPE: dict[str, np.dtype] = {}
 _SHAPES: dict[int, struct.Struct] = {}
 
 
-def read_rows(read_file, rows, columns: list[str]):
-    """Yield (row, {column: value}) for the ascending dataset `rows`, each shard read once, in memory.
+def read_shard_index(read_file) -> list[dict]:
+    """The `shards` list of a dataset's `index.json` (`read_file(basename) -> bytes`)."""
+    return json.loads(read_file("index.json"))["shards"]
+
+
+def read_rows(read_file, rows, columns: list[str], shards: list[dict] | None = None):
+    """Yield (row, {column: value}) for the ascending dataset `rows`, each shard read once, in memory;
+    a shard holding none of them is not read.
 
     `read_file(basename) -> bytes` reads a file of the dataset directory (local or remote);
-    `index.json` says which shard holds which rows and how its samples are encoded. The samples
+    `index.json` (or `shards`, its list when the caller has read it) says which shard holds which
+    rows and how its samples are encoded. The samples
     of one MDS v2 shard: u32 count, u32 offsets[count + 1], then each sample as u32 sizes of its
     variable-size columns followed by every column's bytes in column order.
     """
@@ -246,7 +253,8 @@ def read_rows(read_file, rows, columns: list[str]):
         return
     if (np.diff(rows) <= 0).any() or rows[0] < 0:
         raise ValueError("read_rows needs ascending, distinct, non-negative rows")
-    shards = json.loads(read_file("index.json"))["shards"]
+    if shards is None:
+        shards = read_shard_index(read_file)
     total = sum(int(shard["samples"]) for shard in shards)
     if rows[-1] >= total:
         raise ValueError(f"row {rows[-1]} asked, but index.json lists {total} samples")

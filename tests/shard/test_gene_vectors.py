@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from concept_shard.gene_vectors import _pick_rows
 from concept_train.cli import main as train
 from helpers import ADVANCED, read_dataset, shard
 from helpers import TINY
@@ -103,6 +104,65 @@ def test_max_cells_samples_every_training_file_of_each_species_in_proportion(sha
         assert m["cells"] == sum(taken.values()) == min(600, total)
         for d, n in sizes.items():     # hypergeometric: standard deviation under 10 cells here
             assert abs(taken[d] - m["cells"] * n / total) < 40, (d, taken[d], n)
+
+
+def test_a_small_sample_reads_only_the_shards_under_its_window(project, monkeypatch, capsys):
+    from concept_shard.datasets import ShardStore
+
+    assert shard("build", project, "shard.shard_size_limit=65536", "--no-progress") == 0    # 4-62 shards a file
+    reads: list[tuple[str, str]] = []
+    reader = ShardStore.reader
+
+    def counting_reader(self, sf):
+        read = reader(self, sf)
+        return lambda name: reads.append((sf.dataset_id, name)) or read(name)
+
+    monkeypatch.setattr(ShardStore, "reader", counting_reader)
+    out_dir = project / "references/embeddings/coexpression"
+    samples = {d: [int(s["samples"]) for s in json.loads((project / "shards" / d / "index.json").read_text())["shards"]]
+               for d in TRAIN_FILES}
+
+    def run(*args):
+        reads.clear()
+        assert shard("gene-vectors", project, "--dim", 4, "--min-cells", 2, "--no-progress", *args) == 0
+        meta = json.loads((out_dir / "gene_vectors.json").read_text())["species"]["hsapiens"]
+        shards = [(d, name) for d, name in reads if name.startswith("shard.")]
+        assert len(set(shards)) == len(shards) == meta["shards_read"]            # each read once, and counted
+        assert sorted(set(reads) - set(shards)) == sorted((d, "index.json") for d in TRAIN_FILES)
+        assert len(reads) == len(shards) + len(TRAIN_FILES)                    # index.json once a file
+        assert meta["shards"] == sum(map(len, samples.values()))
+        assert sorted(meta["datasets"]) == sorted(TRAIN_FILES) and sum(meta["datasets"].values()) == meta["cells"]
+        held = sorted(samples[d][int(name.split(".")[1])] for d, name in shards)
+        return meta, set(shards), held, (out_dir / "hsapiens.csv").read_bytes()
+
+    meta, read, held, csv = run("--max-cells", 60)      # the shards of a 240-cell window, of 1,459 cells
+    assert meta["cells"] == 60
+    assert sum(held[:-2]) <= 4 * 60 and len(read) < meta["shards"] / 3, (len(read), held)
+    assert f"(read {len(read)} of {meta['shards']} shards in" in capsys.readouterr().out
+    assert run("--max-cells", 60)[1:] == (read, held, csv)                  # the same seed: the same sample
+    assert run("--max-cells", 60, "--seed", 1)[1] != read
+    meta, read, held, _ = run("--max-cells", 60, "--spread", 1)
+    assert meta["cells"] == 60 and sum(held[:-2]) <= 60 and len(read) <= 12, held
+    # a sample of every cell reads every shard once and takes every cell, as it always did
+    meta, read, _, _ = run("--max-cells", 100000)
+    assert len(read) == meta["shards"] and meta["datasets"] == {d: sum(n) for d, n in samples.items()}
+
+
+def test_every_cell_is_equally_likely_and_a_window_of_all_cells_draws_as_before():
+    sizes = [[5, 3, 7], [2], [10, 1]]        # three files' shards
+    hits = np.zeros(28)
+    for seed in range(3000):
+        rows = _pick_rows(sizes, 3, 2, np.random.default_rng(seed))
+        assert sum(map(len, rows)) == 3 and all(len(np.unique(r)) == len(r) for r in rows)
+        for r, first in zip(rows, (0, 15, 17)):
+            hits[first + r] += 1
+    assert np.abs(hits / 3000 - 3 / 28).max() < 0.025, hits / 3000      # 0.107 each; sd 0.006
+    for max_cells, spread in ((28, 1), (1000, 1), (10, 3)):              # the window holds every cell
+        rng, before = np.random.default_rng(7), np.random.default_rng(7)
+        picked = np.sort(before.choice(28, min(max_cells, 28), replace=False))
+        got = _pick_rows(sizes, max_cells, spread, rng)
+        assert np.array_equal(np.concatenate([r + first for r, first in zip(got, (0, 15, 17))]), picked)
+        assert rng.random() == before.random()       # the SVD's random directions do not change either
 
 
 def test_a_damaged_dataset_is_named(sharded_project_copy, capsys):
