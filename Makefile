@@ -24,12 +24,14 @@ install:
 
 # The main job on the bundled example project: build it, shard it, derive co-expression gene
 # vectors from its training shards, pre-train a small model on
-# the CPU for a few minutes (conf/experiment/demo.yaml), print where the run, curves and checkpoint are.
+# the CPU for a few minutes (conf/experiment/demo.yaml), print where the run, curves and checkpoint are,
+# then evaluate it on the validation cells against PCA(50) (concept-eval: the table, umap.png).
 demo: install
 	$(PY) tools/make_example_project.py $(EXAMPLE)
 	$(VENV)/bin/concept-shard build $(EXAMPLE) datamodule=DataModuleAdvanced
 	$(VENV)/bin/concept-shard gene-vectors $(EXAMPLE)
 	$(VENV)/bin/concept-train $(EXAMPLE) +experiment=demo
+	$(VENV)/bin/concept-eval "$$(ls -dt $(EXAMPLE)/model_checkpoints/*/ | head -n 1)"
 
 # The whole suite, slow end-to-end tests included, then the fast tests of ALSO_TESTS on
 # $(ALSO_PYTHON) (this is what CI runs). CONCEPT_VENV tells the tests that run the SLURM scripts
@@ -38,7 +40,7 @@ demo: install
 # live dataset each time a StreamingDataset is built, so descriptors grow with the square of the
 # datasets one process builds, and the whole suite in one process passed the 20,000 limit
 # ("Too many open files").
-SUITES ?= tests/e2e tests/shard tests/train/data "tests/train/model tests/train/trainer tests/train/test_api_train.py tests/train/test_embed.py"
+SUITES ?= tests/e2e tests/shard tests/train/data "tests/train/model tests/train/trainer tests/train/test_api_train.py tests/train/test_embed.py" tests/train/eval
 
 test: install
 	@rc=0; for suite in $(SUITES); do \

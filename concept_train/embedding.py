@@ -57,6 +57,28 @@ def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> 
     return winners[0]
 
 
+def cells_of(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, n_counts: np.ndarray, start: int, stop: int) -> Cells:
+    """Cells [start, stop) of a CSR block (token ids, raw values, library sizes) as `Cells`."""
+    lo, hi = indptr[start], indptr[stop]
+    return Cells(genes=genes[lo:hi].astype(np.int64), counts=counts[lo:hi].astype(np.float64),
+                 cell=np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1])),
+                 n_counts=n_counts[start:stop].astype(np.float64), n_cells=stop - start)
+
+
+@torch.no_grad()
+def embed_cells(model, spec: TokenSpec, cells: Cells, panel: np.ndarray, vocab_size: int, species: str,
+                add_learnable: bool) -> np.ndarray:
+    """Embeddings [n_cells, d] float32 of one batch of cells seen through `panel` (ascending token
+    ids; all of the vocabulary for the whole cell): tokenized as training's view 1 is."""
+    values, keys = normalized(spec, cells)
+    packed = pack(cells.n_cells, [select_view(spec, cells, values, keys, panel, vocab_size)])
+    device = next(model.parameters()).device
+    z, _, _ = model(torch.from_numpy(packed.tokens).to(device), torch.from_numpy(packed.values).to(device),
+                    torch.from_numpy(packed.positions).to(device), torch.from_numpy(packed.cu_seqlens).to(device),
+                    packed.max_seqlen, species, add_learnable=add_learnable)
+    return z.float().cpu().numpy()
+
+
 @torch.no_grad()
 def embed_rows(loaded: LoadedModel, src: RowSource, label, species: str | None = None, gene_id_column: str | None = None,
                batch_size: int = 256, max_tokens: int | None = None, chunk_size: int = 4096,
@@ -74,7 +96,6 @@ def embed_rows(loaded: LoadedModel, src: RowSource, label, species: str | None =
                      strategy="top-nonzero")
     model = loaded.model
     add_learnable = adds_learnable_embs(loaded, use_learnable_embs)
-    device = next(model.parameters()).device
     allow_non_integral = bool(OmegaConf.select(cfg, "shard.allow_non_integral", default=False))
     label = Path(str(label))
     with tempfile.TemporaryDirectory(prefix="concept-embed-") as scratch:
@@ -91,17 +112,8 @@ def embed_rows(loaded: LoadedModel, src: RowSource, label, species: str | None =
             cells = map_chunk(label, src.read_rows(a, b), a, gene_map, vocab, allow_non_integral)
             for s in range(0, len(cells.local), batch_size):
                 e = min(s + batch_size, len(cells.local))
-                lo, hi = cells.indptr[s], cells.indptr[e]
-                lengths = np.diff(cells.indptr[s:e + 1])
-                batch = Cells(genes=cells.genes[lo:hi].astype(np.int64), counts=cells.counts[lo:hi].astype(np.float64),
-                              cell=np.repeat(np.arange(e - s), lengths), n_counts=cells.n_counts[s:e].astype(np.float64),
-                              n_cells=e - s)
-                values, keys = normalized(spec, batch)
-                packed = pack(batch.n_cells, [select_view(spec, batch, values, keys, all_tokens, vocab.size)])
-                z, _, _ = model(torch.from_numpy(packed.tokens).to(device), torch.from_numpy(packed.values).to(device),
-                                torch.from_numpy(packed.positions).to(device), torch.from_numpy(packed.cu_seqlens).to(device),
-                                packed.max_seqlen, species, add_learnable=add_learnable)
-                out[a + cells.local[s:e]] = z.float().cpu().numpy()
+                batch = cells_of(cells.indptr, cells.genes, cells.counts, cells.n_counts, s, e)
+                out[a + cells.local[s:e]] = embed_cells(model, spec, batch, all_tokens, vocab.size, species, add_learnable)
             if progress is not None:
                 progress(b)
     return out, species

@@ -1,0 +1,141 @@
+"""`evaluate()`: does a trained model's embedding beat the baselines on the same cells?
+
+Steps, in order: read the cells (cells.py) -> the model's whole-cell embeddings (views.py) -> the
+baselines (baselines.py) -> per embedding, the scIB metrics (scib.py) and kNN accuracy for every
+categorical obs key -> the model's cross-view recall@1 for random panels of 200 / 800 / 6400 genes
+-> UMAP coordinates -> the files of report.py. Embedding memory is bounded by the batch size; the
+metrics work on the [cells x d] embeddings only.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from concept_shard.errors import TrainError
+
+from ..trainer.checkpoint import LoadedModel, load_model
+from . import baselines, report
+from .cells import EvalCells, from_files, from_validation_shards
+from .scib import MIN_CELLS, scib_scores
+from .views import Embedder, cross_view_recall
+
+PANEL_SIZES = (200, 800, 6400)
+MODEL = "concept"
+MAX_CLASSES = 1000          # an obs column with more distinct values is an id, not a label
+
+
+def _codes(values: pd.Series) -> np.ndarray:
+    """int64 class per cell, -1 where the value is missing ("")."""
+    codes = pd.Categorical(values.where(values != "")).codes.astype(np.int64)
+    return codes
+
+
+def label_columns(obs: pd.DataFrame) -> list[str]:
+    """The obs columns kNN accuracy is reported for: 2 to MAX_CLASSES distinct values, fewer than
+    half the cells (ids and constants are left out)."""
+    keep = []
+    for key in obs.columns:
+        values = obs[key][obs[key] != ""]
+        distinct = values.nunique()
+        if 2 <= distinct <= MAX_CLASSES and distinct < max(2, len(values) // 2):
+            keep.append(key)
+    return keep
+
+
+def knn_accuracies(z: np.ndarray, obs: pd.DataFrame, keys: list[str], metrics=("dot",)) -> dict[str, float]:
+    """Leave-one-out 5-NN accuracy per key (the trainer's validation kNN); several metrics: the best."""
+    import torch
+
+    from ..trainer.validate import knn_accuracy
+
+    zt = torch.from_numpy(np.ascontiguousarray(z, np.float32))
+    unit = torch.nn.functional.normalize(zt, dim=1)
+    out = {}
+    for key in keys:
+        labels = torch.from_numpy(_codes(obs[key]))
+        out[key] = max(knn_accuracy(unit if m == "dot" else zt, labels, metric=m) for m in metrics)
+    return out
+
+
+def _varying(obs: pd.DataFrame, flag: str, key: str, label_keys: list[str]) -> np.ndarray:
+    """The column `key` as an array; refused unless it has at least two values among the cells."""
+    values = obs[key].to_numpy()
+    distinct = sorted(set(values) - {""})
+    if len(distinct) < 2:
+        raise TrainError(f"{flag} {key}", f"has {len(distinct)} distinct value(s) {distinct[:3]} in the evaluated "
+                         "cells; the scIB metrics compare at least two.",
+                         f"Use a column with several values (here: {label_keys}), or evaluate more inputs.")
+    return values
+
+
+def _cells(loaded: LoadedModel, inputs, species, gene_id_column, max_cells, seed, required, log) -> EvalCells:
+    from tqdm import tqdm
+
+    with tqdm(unit="cells", unit_scale=True, desc="concept-eval: reading", dynamic_ncols=True) as bar:
+        if inputs:
+            cells = from_files(loaded, [Path(p) for p in inputs], species, gene_id_column, max_cells, seed, required,
+                               progress=bar.update)
+        else:
+            log(f"[eval] no inputs given: the validation files of run {loaded.run_id}, from their shards")
+            cells = from_validation_shards(loaded, species, max_cells, seed, required, progress=bar.update)
+    if cells.n_cells < MIN_CELLS:
+        raise TrainError("the inputs", f"hold {cells.n_cells} cells with counts in the vocabulary; the scIB metrics "
+                         f"need at least {MIN_CELLS}.", "Evaluate more cells (more inputs, or a larger --max-cells).")
+    total = sum(cells.input_cells)
+    log(f"[eval] {cells.n_cells:,} {cells.species} cells" + (f" sampled from {total:,}" if total > cells.n_cells else "")
+        + f" in {len(cells.inputs)} input(s)")
+    return cells
+
+
+def evaluate(run_or_checkpoint, inputs=(), out_dir=None, *, label_key: str = "cell_type",
+             batch_key: str = "donor_id", species: str | None = None, gene_id_column: str | None = None,
+             max_cells: int = 20_000, panel_sizes=PANEL_SIZES, seed: int = 0, batch_size: int = 256,
+             device=None, use_learnable_embs: bool = True, umap: bool = True, trust_pickle: bool = False,
+             log=print) -> dict:
+    """Evaluate a run (or checkpoint) on `inputs` (.h5ad/.zarr files; none: the run's validation
+    shards). Returns the metrics (what `metrics.json` holds); with `out_dir`, writes the files of
+    `concept_train.eval.report` there."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = run_or_checkpoint if isinstance(run_or_checkpoint, LoadedModel) else load_model(
+        run_or_checkpoint, device, trust_pickle=trust_pickle)
+    required = {"--label-key": label_key, "--batch-key": batch_key}
+    cells = _cells(loaded, inputs, species, gene_id_column, max_cells, seed, required, log)
+    keys = label_columns(cells.obs)
+    labels, batches = (_varying(cells.obs, flag, key, keys) for flag, key in required.items())
+    t0 = time.time()
+    embedder = Embedder(loaded, cells, batch_size, use_learnable_embs=use_learnable_embs)
+    with tqdm(total=cells.n_cells, unit="cells", unit_scale=True, desc="concept-eval: embedding",
+              dynamic_ncols=True) as bar:
+        embeddings = {MODEL: embedder.whole_cells(bar.update)}
+    embeddings["pca"] = baselines.pca(cells, seed=seed)
+    log(f"[eval] embeddings in {time.time() - t0:.1f} s; scIB metrics ...")
+    scib, knn = {}, {}
+    for name, z in embeddings.items():
+        scib[name] = scib_scores(z, labels, batches)
+        # the model's space is cosine (its training objective); PCA gets the better of cosine and Euclidean
+        knn[name] = knn_accuracies(z, cells.obs, keys, ("dot",) if name == MODEL else ("dot", "euclidean"))
+    recall = {str(n): cross_view_recall(embedder, n, seed=seed) for n in panel_sizes}
+    result = {
+        "model": {"run_id": loaded.run_id, "step": int(loaded.step), "checkpoint": str(loaded.checkpoint)},
+        "cells": {"species": cells.species, "evaluated": cells.n_cells, "held": int(sum(cells.input_cells)),
+                  "inputs": cells.inputs},
+        "settings": {"label_key": label_key, "batch_key": batch_key, "max_cells": max_cells, "seed": seed,
+                     "max_tokens": embedder.max_tokens, "knn_k": 5},
+        "scib": scib, "knn": knn, "recall": recall,
+    }
+    if out_dir is not None:
+        report.write_metrics(out_dir, result)
+        report.write_scib_csv(out_dir, scib)
+        if umap:
+            coordinates = {name: report.umap_coordinates(z, seed) for name, z in embeddings.items()}
+            report.write_umap_png(out_dir, coordinates, {label_key: labels, batch_key: batches})
+        report.write_report(out_dir, result)
+    return result

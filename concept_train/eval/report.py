@@ -1,0 +1,109 @@
+"""What `concept-eval` writes into its output directory.
+
+- `metrics.json`: everything measured, per embedding, with what was evaluated;
+- `scib.csv`: one row per embedding, the scIB metrics and their aggregates (scib.py);
+- `umap.png`: one row per embedding, coloured by the label key and by the batch key;
+- `report.md`: the model's row beside the baselines, in a few lines.
+Each file is written under a temporary name and renamed, so a killed evaluation leaves no half file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .scib import METRICS, TOTAL, BIO, BATCH
+
+MAX_LEGEND = 20          # categories named in a UMAP legend; the rest are drawn grey
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_metrics(out_dir: Path, result: dict) -> None:
+    _atomic(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+
+
+def write_scib_csv(out_dir: Path, scib: dict[str, dict[str, float]]) -> None:
+    columns = [*METRICS, BIO, BATCH, TOTAL]
+
+    def write(p: Path) -> None:
+        lines = ["Embedding," + ",".join(columns)]
+        lines += [name + "," + ",".join(f"{scores[c]:.6g}" for c in columns) for name, scores in scib.items()]
+        p.write_text("\n".join(lines) + "\n")
+    _atomic(out_dir / "scib.csv", write)
+
+
+def umap_coordinates(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    import umap
+
+    n_neighbors = max(2, min(15, len(x) - 1))
+    return umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(x)
+
+
+def write_umap_png(out_dir: Path, coordinates: dict[str, np.ndarray], colour_by: dict[str, np.ndarray]) -> None:
+    """A grid: rows = embeddings, columns = obs keys (label, batch)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(coordinates), len(colour_by)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.5 * rows), squeeze=False)
+    for i, (name, xy) in enumerate(coordinates.items()):
+        for j, (key, values) in enumerate(colour_by.items()):
+            ax = axes[i][j]
+            kinds, counts = np.unique(values, return_counts=True)
+            named = kinds[np.argsort(-counts)][:MAX_LEGEND]
+            palette = plt.get_cmap("tab20")
+            other = ~np.isin(values, named)
+            if other.any():
+                ax.scatter(xy[other, 0], xy[other, 1], s=2, c="lightgrey", label="other", rasterized=True)
+            for c, kind in enumerate(sorted(named)):
+                sel = values == kind
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=2, color=palette(c % 20), label=str(kind) or "(missing)",
+                           rasterized=True)
+            ax.set_title(f"{name}: {key}")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.legend(fontsize=6, markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    fig.tight_layout()
+    _atomic(out_dir / "umap.png", lambda p: fig.savefig(p, dpi=90, format="png"))
+    plt.close(fig)
+
+
+def report_markdown(result: dict) -> str:
+    """The table a reader wants first: each embedding's aggregates and kNN accuracy, recall."""
+    s = result["settings"]
+    keys = list(next(iter(result["knn"].values())).keys())
+    lines = [f"# concept-eval: {result['model']['run_id']} at step {result['model']['step']}", "",
+             f"{result['cells']['evaluated']:,} {result['cells']['species']} cells from "
+             f"{len(result['cells']['inputs'])} input(s); label `{s['label_key']}`, batch `{s['batch_key']}`.", "",
+             "| embedding | scIB total | bio conservation | batch correction | "
+             + " | ".join(f"kNN {k}" for k in keys) + " |",
+             "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+    for name, scores in result["scib"].items():
+        knn = result["knn"][name]
+        lines.append(f"| {name} | {scores[TOTAL]:.3f} | {scores[BIO]:.3f} | {scores[BATCH]:.3f} | "
+                     + " | ".join(f"{knn[k]:.3f}" for k in keys) + " |")
+    lines += ["", "Cross-view recall@1 (two disjoint random panels per block of cells, chance in brackets):", ""]
+    for size, r in result["recall"].items():
+        lines.append(f"- {size} genes: " + (f"{r['recall@1']:.3f} ({r['chance']:.4f}), {r['cells']:,} cells"
+                                            if r["recall@1"] is not None else f"not measured: {r['reason']}"))
+    lines += ["", "Files: `scib.csv` (every scIB metric), `umap.png`, `metrics.json`.", ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, result: dict) -> str:
+    text = report_markdown(result)
+    _atomic(out_dir / "report.md", lambda p: p.write_text(text))
+    return text

@@ -1,0 +1,103 @@
+"""concept-eval: the scIB metrics bound the model between a perfect and a random embedding, the
+files it writes, and its errors for keys and species."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from concept_shard.errors import UserError
+from concept_train.cli import main as train_main
+from concept_train.eval import evaluate
+from concept_train.eval.cli import main as eval_main
+from concept_train.eval.scib import BATCH, BIO, TOTAL, scib_scores
+
+TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
+        "model.training.max_steps=20", "model.training.warmup=2", "model.training.val_check_interval=0",
+        "model.training.validate_before_training=False", "datamodule.dataloader.train.batch_size=32",
+        "datamodule.dataloader.train.num_workers=0", "datamodule=DataModuleAdvanced"]
+HUMAN = "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
+MOUSE = "data/synth_mmusculus/h5ads/mm_val_c.h5ad"
+
+
+@pytest.fixture(scope="module")
+def trained_run(sharded_example, tmp_path_factory):
+    """One small run for the module's tests (they only read it)."""
+    project = tmp_path_factory.mktemp("eval") / "project"
+    shutil.copytree(sharded_example, project, symlinks=True)
+    assert train_main([str(project), *TINY, "initialize.run_id=ev"]) == 0
+    return project, project / "model_checkpoints" / "ev"
+
+
+@pytest.mark.slow
+def test_model_is_bounded_by_a_perfect_and_a_random_embedding(trained_run, tmp_path):
+    project, run = trained_run
+    cells = ad.read_h5ad(project / HUMAN)          # every cell has counts: all kept, in file order
+    n = cells.n_obs
+    out = tmp_path / "eval"
+    assert eval_main([str(run), str(project / HUMAN), "--out", str(out), "--panels", "200,800"]) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cells"]["evaluated"] == n >= 256 and metrics["cells"]["species"] == "hsapiens"
+    model, pca = metrics["scib"]["concept"], metrics["scib"]["pca"]
+    labels, batches = cells.obs["cell_type"].astype(str).to_numpy(), cells.obs["donor_id"].astype(str).to_numpy()
+    rng = np.random.default_rng(0)
+    kinds = np.unique(labels, return_inverse=True)[1]
+    perfect = scib_scores(np.eye(16)[kinds] + rng.normal(0, 1e-3, (len(labels), 16)), labels, batches)
+    random = scib_scores(rng.normal(size=(len(labels), 16)), labels, batches)
+    # a random embedding mixes batches perfectly: it bounds bio conservation from below, not the
+    # batch correction (nor so the total); the perfect one (labels apart, batches mixed) bounds all
+    for scores in (model, pca):
+        assert random[BIO] < scores[BIO] <= perfect[BIO]
+        assert scores[BATCH] <= perfect[BATCH] and scores[TOTAL] <= perfect[TOTAL]
+    assert perfect[BIO] > 0.9 and random[BIO] < 0.5
+
+    # the files, each embedding a row of scib.csv; kNN for every label-like obs key; recall vs chance
+    rows = (out / "scib.csv").read_text().splitlines()
+    assert rows[0].startswith("Embedding,Isolated labels") and [r.split(",")[0] for r in rows[1:]] == ["concept", "pca"]
+    assert set(metrics["knn"]["concept"]) >= {"cell_type", "donor_id"} and "dataset" not in metrics["knn"]["concept"]
+    for size in ("200", "800"):
+        r = metrics["recall"][size]
+        assert r["cells"] == n and r["chance"] == pytest.approx(-(-n // 256) / n) and 0 <= r["recall@1"] <= 1
+    assert (out / "umap.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "| concept |" in report and "| pca |" in report
+    assert not list(out.glob(".*tmp"))
+
+
+def refused(call, pattern: str) -> None:
+    """`call()` raises a UserError whose message (its line breaks undone) matches `pattern`."""
+    with pytest.raises(UserError) as err:
+        call()
+    assert re.search(pattern, " ".join(str(err.value).split())), str(err.value)
+
+
+def test_missing_keys_name_the_key_and_list_the_obs_columns(trained_run):
+    project, run = trained_run
+    refused(lambda: evaluate(run, [project / HUMAN], label_key="celltype"),
+            r"hs_val_e.h5ad: has no obs column 'celltype' \(--label-key\); its obs columns are \['cell_type', "
+            r"'dataset', 'donor_id', 'tissue'\]\. Pass one of them with --label-key")
+    refused(lambda: evaluate(run, [project / HUMAN], batch_key="batch"), r"no obs column 'batch' \(--batch-key\)")
+    # the validation shards (no inputs): the same check, from dataset.json
+    refused(lambda: evaluate(run, batch_key="batch"), r"\(shards .*\): has no obs column 'batch' \(--batch-key\).*'donor_id'")
+
+
+def test_cells_of_the_other_species_are_refused(trained_run, tmp_path, capsys):
+    project, run = trained_run
+    assert eval_main([str(run), str(project / HUMAN), str(project / MOUSE), "--out", str(tmp_path / "e")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "mm_val_c.h5ad" in err and "mmusculus cells" in err and "one concept-eval per species" in err
+    refused(lambda: evaluate(run, [project / HUMAN], species="mmusculus"), "shares no gene id with the mmusculus vocabulary")
+    refused(lambda: evaluate(run, [project / HUMAN], species="drosophila"), "--species.*was not trained on")
+    assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_a_batch_key_with_one_value_is_refused(trained_run):
+    project, run = trained_run
+    refused(lambda: evaluate(run, [project / HUMAN], batch_key="dataset", max_cells=300),
+            r"--batch-key dataset: has 1 distinct value\(s\) \['hs_val_e'\]")
