@@ -66,5 +66,27 @@ class Batch:
         return Batch(**moved)
 
 
-def as_tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a))
+class Layout:
+    """Named 1-D arrays of several dtypes in one byte buffer (each 8-byte aligned), as NumPy
+    arrays to fill and as tensors of one storage. Why one storage: a DataLoader worker hands
+    each storage over separately (a shared-memory segment, and its descriptor through a socket
+    round trip to the worker), which cost more than making the batch's arrays."""
+
+    def __init__(self, parts: list[tuple[str, int, np.dtype]]):
+        self.parts, offset = [], 0
+        for name, n, dtype in parts:
+            dtype = np.dtype(dtype)
+            self.parts.append((name, offset, int(n), dtype))
+            offset += -(-int(n) * dtype.itemsize // 8) * 8
+        self.nbytes = offset
+
+    def arrays(self, raw: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: raw[o:o + n * dt.itemsize].view(dt) for name, o, n, dt in self.parts}
+
+    def tensors(self, raw: np.ndarray) -> dict[str, torch.Tensor]:
+        joined = torch.from_numpy(raw)
+        return {name: joined[o:o + n * dt.itemsize].view(_TORCH[dt]) for name, o, n, dt in self.parts}
+
+
+_TORCH = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32,
+          np.dtype(np.bool_): torch.bool}

@@ -27,69 +27,81 @@ def available() -> bool:
 
 if numba is not None:
     @numba.njit(cache=True, nogil=True)
-    def _top_nonzero(genes, counts, keys, bounds, in_panel, max_tokens, out_cell, out_tok, out_val, values):
-        """Per cell: its nonzero in-panel entries, stably sorted by key descending (entries come
-        in token order, so ties stay by token ascending), the first max_tokens. Returns the count.
-        Integer keys below 2^16 (raw counts) take a counting sort, others a merge sort."""
-        n = 0
+    def _rank(cand, m, keys, ranked, tally):
+        """ranked[:m] = the entries cand[:m] (in token order) stably sorted by key descending, so
+        ties stay by token ascending. Integer keys below 2^16 (raw counts) take a counting sort
+        when their range is not much larger than m, others a merge sort: the same order."""
+        top = 0.0
+        integral = True
+        for j in range(m):
+            k = keys[cand[j]]
+            if k > top:
+                top = k
+            if not (k >= 0 and k <= 65535 and k == np.floor(k)):
+                integral = False
+        if integral and top <= 4 * m + 256:
+            hi = int(top)
+            for j in range(m):                       # slot hi - key: descending keys
+                tally[hi - int(keys[cand[j]]) + 1] += 1
+            for b in range(1, hi + 2):
+                tally[b] += tally[b - 1]
+            for j in range(m):                       # in token order: stable
+                slot = hi - int(keys[cand[j]])
+                ranked[tally[slot]] = cand[j]
+                tally[slot] += 1
+            tally[:hi + 2] = 0
+        else:
+            order = np.argsort(-keys[cand[:m]], kind="mergesort")
+            for j in range(m):
+                ranked[j] = cand[order[j]]
+
+    @numba.njit(cache=True, nogil=True)
+    def _top_nonzero(genes, counts, keys, values, bounds, member, n_views, max_tokens, out_cell, out_tok,
+                     out_val, n_out):
+        """Per cell and view v: its nonzero entries whose gene has bit v in `member`, ranked
+        (_rank), the first max_tokens into out_*[v] from n_out[v] on. One pass over a cell's
+        entries finds the candidates of both views (without branches: the scan is most of the
+        work, and a gene's membership is random)."""
         size = 0
         for i in range(len(bounds) - 1):
             size = max(size, bounds[i + 1] - bounds[i])
-        cand = np.empty(size, np.int64)
+        cand = np.empty((2, size), np.int64)
         ranked = np.empty(size, np.int64)
         tally = np.zeros(65537, np.int64)
         for i in range(len(bounds) - 1):
-            m = 0
-            top = 0.0
-            integral = True
+            m0 = 0
+            m1 = 0
             for e in range(bounds[i], bounds[i + 1]):
-                if counts[e] != 0 and in_panel[genes[e]]:
-                    cand[m] = e
-                    m += 1
-                    k = keys[e]
-                    if k > top:
-                        top = k
-                    if not (k >= 0 and k <= 65535 and k == np.floor(k)):
-                        integral = False
-            if m == 0:
-                continue
-            if integral:
-                hi = int(top)
-                for j in range(m):                       # slot hi - key: descending keys
-                    tally[hi - int(keys[cand[j]]) + 1] += 1
-                for b in range(1, hi + 2):
-                    tally[b] += tally[b - 1]
-                for j in range(m):                       # in token order: stable
-                    slot = hi - int(keys[cand[j]])
-                    ranked[tally[slot]] = cand[j]
-                    tally[slot] += 1
-                tally[:hi + 2] = 0
-            else:
-                order = np.argsort(-keys[cand[:m]], kind="mergesort")
-                for j in range(m):
-                    ranked[j] = cand[order[j]]
-            for r in range(min(m, max_tokens)):
-                e = ranked[r]
-                out_cell[n] = i
-                out_tok[n] = genes[e]
-                out_val[n] = values[e]
-                n += 1
-        return n
+                g = member[genes[e]] * (counts[e] != 0)
+                cand[0, m0] = e
+                m0 += g & 1
+                cand[1, m1] = e
+                m1 += g >> 1
+            for v in range(n_views):
+                m = m0 if v == 0 else m1
+                if m == 0:
+                    continue
+                _rank(cand[v], m, keys, ranked, tally)
+                n = n_out[v]
+                for r in range(min(m, max_tokens)):
+                    e = ranked[r]
+                    out_cell[v, n] = i
+                    out_tok[v, n] = genes[e]
+                    out_val[v, n] = values[e]
+                    n += 1
+                n_out[v] = n
 
     @numba.njit(cache=True, nogil=True)
-    def _pack(n_cells, cells1, toks1, vals1, cells2, toks2, vals2, cls_token, tokens, values, positions, cu,
-              lengths):
-        """Views 1 and 2 (entries ordered by cell then rank) into one packed batch: sequence v*B + i
-        is <cls> then view v of cell i; fills cu (cumulative sequence starts) and lengths [2, B]."""
-        for v in range(2):
-            cells = cells1 if v == 0 else cells2
-            for e in range(len(cells)):
-                lengths[v, cells[e]] += 1
+    def _pack(n_cells, toks1, vals1, toks2, vals2, cls_token, lengths, tokens, values, positions,
+              cu):
+        """Views 1 and 2 (entries ordered by cell then rank; lengths [2, B] per cell) into one
+        packed batch: sequence v*B + i is <cls> then view v of cell i; fills cu (sequence starts)."""
         cu[0] = 0
+        start = 0
         for s in range(2 * n_cells):
-            cu[s + 1] = cu[s] + lengths[s // n_cells, s % n_cells] + 1
+            start += lengths[s // n_cells, s % n_cells] + 1
+            cu[s + 1] = start
         for v in range(2):
-            cells = cells1 if v == 0 else cells2
             toks = toks1 if v == 0 else toks2
             vals = vals1 if v == 0 else vals2
             e = 0
@@ -105,21 +117,23 @@ if numba is not None:
                     e += 1
 
 
-def top_nonzero(genes, counts, keys, values, bounds, panel, vocab_size: int, max_tokens: int):
-    """(cell, token, value) of one `top-nonzero` view, ordered by cell then rank (tokenize.select_view)."""
-    in_panel = np.zeros(vocab_size, np.bool_)
-    in_panel[panel] = True
-    total = len(genes)
-    out_cell, out_tok, out_val = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.float64)
-    n = _top_nonzero(genes, counts, keys, bounds, in_panel, max_tokens, out_cell, out_tok, out_val, values)
-    return out_cell[:n], out_tok[:n], out_val[:n]
+def top_nonzero(genes, counts, keys, values, bounds, panels, vocab_size: int, max_tokens: int):
+    """[(cell, token, value)] of the `top-nonzero` view of each of one or two panels, ordered by
+    cell then rank (tokenize.select_view), from one pass over the entries."""
+    if not 1 <= len(panels) <= 2:
+        raise ValueError("one or two panels")
+    member = np.zeros(vocab_size, np.uint8)
+    for v, panel in enumerate(panels):
+        member[panel] |= 1 << v
+    shape = (len(panels), len(genes))
+    out_cell, out_tok, out_val = np.empty(shape, np.int64), np.empty(shape, np.int64), np.empty(shape, np.float64)
+    n_out = np.zeros(len(panels), np.int64)
+    _top_nonzero(genes, counts, keys, values, bounds, member, len(panels), max_tokens, out_cell, out_tok, out_val,
+                 n_out)
+    return [(out_cell[v, :n], out_tok[v, :n], out_val[v, :n]) for v, n in enumerate(n_out.tolist())]
 
 
-def pack_two(n_cells: int, view1, view2, cls_token: int):
-    """(tokens, values, positions, cu_seqlens, max_seqlen, view_lengths) of two views (tokenize.pack)."""
-    total = 2 * n_cells + len(view1[0]) + len(view2[0])
-    tokens, values = np.empty(total, np.int64), np.empty(total, np.float32)
-    positions, cu = np.empty(total, np.int64), np.empty(2 * n_cells + 1, np.int64)
-    lengths = np.zeros((2, n_cells), np.int64)
-    _pack(n_cells, *view1, *view2, cls_token, tokens, values, positions, cu, lengths)
-    return tokens, values, positions, cu.astype(np.int32), int((lengths + 1).max(initial=1)), lengths
+def pack_two(n_cells: int, view1, view2, cls_token: int, lengths, tokens, values, positions, cu) -> None:
+    """Two views packed into the given arrays (tokenize.pack): the <cls> tokens, values and
+    positions [T], and cu_seqlens [2B + 1] (int32)."""
+    _pack(n_cells, view1[1], view1[2], view2[1], view2[2], cls_token, lengths, tokens, values, positions, cu)

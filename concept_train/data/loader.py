@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from concept_shard.errors import DataError, UserError
 
-from .batch import Batch, as_tensor, label_code
+from .batch import Batch, Layout, label_code
 from .catalog import ShardSet
 from .filters import ViewFilters
 from .panels import PanelSampler
 from .plan import BatchPlan
+from .decode import SampleBatch
 from .store import SampleStore
-from .tokenize import STRATEGIES, Cells, TokenSpec, normalized, pack, select_view
+from .tokenize import STRATEGIES, Cells, TokenSpec, normalized, pack, select_views, use_kernel
 
 STATE_VERSION = 1
 
@@ -48,6 +49,7 @@ class BatchMaker:
         self.filters = filters if filters is not None and filters.active else None
         self.store_index = np.array([store.index_of[s.dataset_id] for s in sets], np.int64)
         self._genes: dict[tuple, np.ndarray] = {}
+        self._columns = ["n_counts", "row", "cell_id", *(f"obs.{k}" for k in obs_keys)]
 
     def genes_of(self, files: tuple) -> np.ndarray:
         """The genes a batch's panels are drawn over: its file's, or the union of the files of its
@@ -68,57 +70,55 @@ class BatchMaker:
         # this rank's cells: a contiguous slice of the global batch (even split; uneven only for a last partial batch)
         positions = np.array_split(np.arange(len(pb.rows)), self.ranks.world)[self.ranks.rank]
         datasets, rows = pb.datasets[positions], pb.rows[positions]
-        samples = self.store.get_many(self.store_index[datasets], rows)
-        cells = Cells.from_samples(samples)
+        columns = self.store.get_batch(self.store_index[datasets], rows, self._columns, compiled=use_kernel())
+        cells = Cells.from_batch(columns)
         values, keys = normalized(self.token_spec, cells)
         vocab_size = self.vocab_sizes[pb.species]
         rate = self.filters.drop_rate(self.seed, g) if self.filters is not None else 0.0
-        views = []
-        for v, panel in enumerate((panels.view1, panels.view2)):
-            rngs = None
+        rngs, keeps = [None, None], [None, None]
+        for v in range(2):
             if self.token_spec.strategy in ("random", "random-nonzero"):
-                rngs = [np.random.default_rng([self.seed, int(g), 2, v, int(p)]) for p in positions]
-            keep = ViewFilters.keep(self.seed, int(g), v, positions, rate) if rate > 0 else None
-            views.append(select_view(self.token_spec, cells, values, keys, panel, vocab_size, rngs, keep))
+                rngs[v] = [np.random.default_rng([self.seed, int(g), 2, v, int(p)]) for p in positions]
+            keeps[v] = ViewFilters.keep(self.seed, int(g), v, positions, rate) if rate > 0 else None
+        views = select_views(self.token_spec, cells, values, keys, (panels.view1, panels.view2), vocab_size,
+                             rngs, keeps)
         if self.filters is not None:      # masked cells are delivered as <cls> alone
             lengths = np.stack([np.bincount(c, minlength=cells.n_cells) for c, _, _ in views])
             masked = self.filters.masked(lengths, (len(panels.view1), len(panels.view2)))
             if masked.any():
                 views = [(c[~masked[c]], t[~masked[c]], x[~masked[c]]) for c, t, x in views]
-        packed = pack(cells.n_cells, views)
-        species_idx = self.species.index(pb.species)
+        # a batch's arrays in two storages, per token and per cell: a DataLoader worker hands each
+        # storage over separately, and a per-cell tensor kept after the batch (validation's
+        # labels) holds only the per-cell one
+        packed = pack(cells.n_cells, views, extra={"panel1": np.asarray(panels.view1, np.int64),
+                                                   "panel2": np.asarray(panels.view2, np.int64)})
+        t = packed.layout.tensors(packed.raw)
         n = cells.n_cells
-        # the int64 arrays as views of two tensors, per token and per cell: a DataLoader worker
-        # hands each storage over separately (a shared-memory segment and a descriptor each), and
-        # a per-cell tensor kept after the batch (validation's labels) holds only the per-cell one
-        t = _views({"tokens": packed.tokens, "positions": packed.positions,
-                    "panel1": np.asarray(panels.view1, np.int64), "panel2": np.asarray(panels.view2, np.int64)})
-        t.update(_views({"species": np.full(n, species_idx, np.int64), "dataset": datasets.astype(np.int64),
-                         "row": np.array([int(s["row"]) for s in samples], np.int64),
-                         **{f"labels.{k}": np.array([label_code(self._label(s, k, d)) for s, d in zip(samples, datasets)],
-                                                    np.int64) for k in self.obs_keys}}))
+        per_cell = {"species": np.full(n, self.species.index(pb.species), np.int64), "dataset": datasets,
+                    "row": columns.scalars["row"], **{f"labels.{k}": self._labels(columns, k, datasets)
+                                                      for k in self.obs_keys},
+                    "items_mask": (packed.view_lengths > 0).all(axis=0)}
+        layout = Layout([(k, n, np.bool_ if k == "items_mask" else np.int64) for k in per_cell])
+        raw = np.empty(layout.nbytes, np.uint8)
+        for k, a in layout.arrays(raw).items():
+            a[:] = per_cell[k]
+        t.update(layout.tensors(raw))
         return Batch(
-            tokens=t["tokens"], values=as_tensor(packed.values), positions=t["positions"],
-            cu_seqlens=as_tensor(packed.cu_seqlens), max_seqlen=packed.max_seqlen,
-            items_mask=as_tensor((packed.view_lengths > 0).all(axis=0)),
+            tokens=t["tokens"], values=t["values"], positions=t["positions"], cu_seqlens=t["cu_seqlens"],
+            max_seqlen=packed.max_seqlen, items_mask=t["items_mask"],
             species=t["species"], dataset=t["dataset"], row=t["row"],
             labels={k: t[f"labels.{k}"] for k in self.obs_keys},
             panels=(t["panel1"], t["panel2"]), panel_kinds=(panels.kind1, panels.kind2),
-            index=int(g), epoch=pb.epoch, cell_ids=[s["cell_id"] for s in samples],
+            index=int(g), epoch=pb.epoch, cell_ids=columns.strings["cell_id"],
         )
 
-    def _label(self, sample: dict, key: str, dataset: int) -> str:
-        """The cell's obs value; `dataset` is the file's own column, or else the file (its dataset id)."""
-        value = sample.get(f"obs.{key}", "")
-        if value == "" and key == "dataset":
-            return self.sets[int(dataset)].dataset_id
-        return value
-
-
-def _views(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The int64 arrays as views of one tensor (one storage), by name."""
-    joined = as_tensor(np.concatenate(list(arrays.values())))
-    return dict(zip(arrays, joined.split([len(a) for a in arrays.values()])))
+    def _labels(self, columns: SampleBatch, key: str, datasets: np.ndarray) -> np.ndarray:
+        """Label codes of the cells' obs values; for `dataset`, the file's own column, or else the
+        file (its dataset id)."""
+        values = columns.strings.get(f"obs.{key}") or [""] * len(datasets)
+        if key == "dataset":
+            values = [v or self.sets[d].dataset_id for v, d in zip(values, datasets.tolist())]
+        return np.array([label_code(v) for v in values], np.int64)
 
 
 class _BatchStream(IterableDataset):

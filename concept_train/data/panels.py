@@ -180,14 +180,27 @@ class PanelSampler:
         if use_designed:
             panel = panels[int(rng.integers(len(panels)))]
             kept = panel.tokens[rng.random(len(panel.tokens)) >= rng.uniform(0, spec.max_drop_rate)]
-            view1 = np.intersect1d(kept, genes, assume_unique=True)
+            taken = np.zeros(n, bool)          # np.intersect1d(kept, genes), without its sort
+            at = np.minimum(np.searchsorted(genes, kept), n - 1)
+            taken[at[genes[at] == kept]] = True
+            view1 = genes[taken]
             kind1 = f"designed:{panel.name}"
         if view1 is None or len(view1) == 0:      # random, or a designed panel with none of the file's genes
-            view1 = np.sort(rng.choice(genes, self._size(rng, n, max(1, room)), replace=False))
+            view1, taken = _sorted_choice(rng, genes, self._size(rng, n, max(1, room)))
             kind1 = "random"
-        rest = np.setdiff1d(genes, view1, assume_unique=True)
+        rest = genes[~taken]                      # np.setdiff1d(genes, view1)
         if spec.view2 == "complement":
             return Panels(view1, rest, kind1, "complement")
         if overlap:
-            return Panels(view1, np.sort(rng.choice(genes, self._size(rng, n, n), replace=False)), kind1, "random-overlap")
-        return Panels(view1, np.sort(rng.choice(rest, self._size(rng, n, len(rest)), replace=False)), kind1, "random")
+            return Panels(view1, _sorted_choice(rng, genes, self._size(rng, n, n))[0], kind1, "random-overlap")
+        return Panels(view1, _sorted_choice(rng, rest, self._size(rng, n, len(rest)))[0], kind1, "random")
+
+
+def _sorted_choice(rng: np.random.Generator, pool: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """np.sort(rng.choice(pool, size, replace=False)) of an ascending pool, and which of its
+    elements that took, without the sort (a third of a batch's panel time): numpy's choice over an
+    array draws indices exactly as over its length, then takes them; ascending indices of an
+    ascending pool are ascending values."""
+    taken = np.zeros(len(pool), bool)
+    taken[rng.choice(len(pool), size, replace=False)] = True
+    return pool[taken], taken

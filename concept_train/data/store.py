@@ -25,6 +25,7 @@ from concept_shard.errors import DataError
 from concept_shard.mds import SampleDecoder
 
 from .catalog import ShardSet
+from .decode import SampleBatch, ShardLayout, copy_values, locate
 from .shm import clean_stale_streaming_shm
 
 
@@ -95,7 +96,8 @@ class SampleStore:
                                    f"{s.n_samples}; re-run `concept-shard build`.")
         self.offsets = offsets
         self._decoders: dict[int, SampleDecoder] = {}
-        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+        self._layouts: dict[tuple, ShardLayout] = {}
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray, np.ndarray]] = {}
         self._evicts = self.dataset.cache_limit is not None
         self._shard_ends = np.cumsum(self.dataset.samples_per_shard)
 
@@ -104,35 +106,103 @@ class SampleStore:
         return self.get_many(np.array([dataset_index]), np.array([row]))[0]
 
     def get_many(self, dataset_indices: np.ndarray, rows: np.ndarray) -> list[dict]:
-        """The decoded samples of the (dataset, row) pairs, in order. The shards are found for all
-        at once and each shard's access time (streaming's eviction order) written once: per
-        sample, both cost as much as decoding it. A sample's bytes come from its decompressed
-        shard file, mapped into memory once per process (streaming's reader opens the file,
-        seeks and reads twice per sample); a shard not decompressed yet goes through streaming,
-        which downloads, decompresses and evicts shards. The columns are decoded by the shard
-        codec's own decoder (mds.py), several times faster than streaming's generic one."""
+        """The decoded samples of the (dataset, row) pairs, in order, one dict each: the shard
+        codec's own decoder (mds.py), several times faster than streaming's generic one, and the
+        reference for `get_batch`."""
+        ids, shards, in_shard = self._locate(dataset_indices, rows)
+        return [self._decode(d, sample_id, shard_id, k) for d, sample_id, shard_id, k in
+                zip(np.asarray(dataset_indices).tolist(), ids.tolist(), shards.tolist(), in_shard.tolist())]
+
+    def get_batch(self, dataset_indices: np.ndarray, rows: np.ndarray, names: list[str],
+                  compiled: bool = True) -> SampleBatch:
+        """The samples of the (dataset, row) pairs as one SampleBatch (genes and counts
+        concatenated, plus the columns `names`), decoded a shard at a time by decode.py's kernels
+        (`compiled`), else from `get_many`. A batch with a shard that is not local yet, or of a
+        schema the kernels do not read, goes through `get_many` too (streaming prepares the
+        shard there)."""
+        if not compiled:
+            return SampleBatch.from_samples(self.get_many(dataset_indices, rows), names)
+        ids, shards, in_shard = self._locate(dataset_indices, rows)
+        groups = []
+        try:
+            for shard_id in np.unique(shards).tolist():
+                members = np.flatnonzero(shards == shard_id)
+                view, offsets, buf = self._mapped(shard_id)
+                layout = self._layout(shard_id, names)
+                if not layout.supported:
+                    raise FileNotFoundError(shard_id)
+                groups.append((members, view, buf, layout, locate(layout, buf, offsets[in_shard[members]])))
+        except FileNotFoundError:
+            return SampleBatch.from_samples(self.get_many(dataset_indices, rows), names)
+        except Exception as exc:
+            raise self._unreadable(int(np.asarray(dataset_indices)[0]), exc) from None
+        lengths = np.zeros(len(ids), np.int64)
+        for members, _, _, _, (_, _, _, count, _) in groups:
+            lengths[members] = count[:, 0]
+            if not np.array_equal(count[:, 0], count[:, 1]):
+                raise self._unreadable(int(np.asarray(dataset_indices)[members[0]]),
+                                       ValueError("a sample's genes and counts differ in length"))
+        dest = np.zeros(len(ids), np.int64)
+        np.cumsum(lengths[:-1], out=dest[1:])
+        genes, counts = np.empty(int(lengths.sum()), np.int64), np.empty(int(lengths.sum()), np.float64)
+        strings, parts = {}, {}
+        for members, view, buf, layout, (pos, size, first, count, code) in groups:
+            at = dest[members]
+            copy_values(buf, first[:, 0], count[:, 0], code[:, 0], at, genes)
+            copy_values(buf, first[:, 1], count[:, 1], code[:, 1], at, counts)
+            for name, enc, c in layout.columns:
+                if enc == "str":                # a dataset without the column: "" (as get_many's .get)
+                    col = strings.setdefault(name, [""] * len(ids))
+                    for i, a, n in zip(members.tolist(), pos[:, c].tolist(), size[:, c].tolist()):
+                        col[i] = view[a:a + n].decode()
+                else:                           # int64 / float64: 8 bytes each
+                    values = buf[pos[:, c, None] + np.arange(8)].view(np.dtype(enc).newbyteorder("<")).ravel()
+                    parts.setdefault(name, []).append((members, values))
+        scalars = {}
+        for name, pieces in parts.items():      # n_counts is int64 in some datasets, float64 in others
+            col = scalars[name] = np.empty(len(ids), np.result_type(*[v.dtype.newbyteorder("=") for _, v in pieces]))
+            for members, values in pieces:
+                col[members] = values
+        return SampleBatch(genes=genes, counts=counts, lengths=lengths, scalars=scalars, strings=strings)
+
+    def _locate(self, dataset_indices: np.ndarray, rows: np.ndarray):
+        """(sample id, shard, index in shard) of each pair. The shards are found for all at once
+        and each shard's access time (streaming's eviction order) written once: per sample, both
+        would cost as much as decoding it."""
         ids = self.offsets[np.asarray(dataset_indices, np.int64)] + np.asarray(rows, np.int64)
         shards = np.searchsorted(self._shard_ends, ids, side="right")
         in_shard = ids - self.dataset.sample_offset_per_shard[shards]
-        out = [self._decode(d, sample_id, shard_id, k) for d, sample_id, shard_id, k in
-               zip(np.asarray(dataset_indices).tolist(), ids.tolist(), shards.tolist(), in_shard.tolist())]
         now = time_ns()
         for shard_id in set(shards.tolist()):
             self.dataset._shard_access_times[shard_id] = now
-        return out
+        return ids, shards, in_shard
+
+    def _layout(self, shard_id: int, names: list[str]) -> ShardLayout:
+        key = (shard_id, tuple(names))
+        layout = self._layouts.get(key)
+        if layout is None:
+            reader = self.dataset.shards[shard_id]
+            layout = self._layouts[key] = ShardLayout(reader.column_names, reader.column_encodings,
+                                                      reader.column_sizes, names)
+        return layout
+
+    def _unreadable(self, dataset_index: int, exc: Exception) -> DataError:
+        """A shard deleted or rebuilt under a running run, as the error that says what to do."""
+        s = self.sets[dataset_index]
+        return DataError(s.remote or s.directory, f"could not be read while training ({type(exc).__name__}: "
+                         f"{exc}); its shards were deleted, rebuilt or damaged after the run started.",
+                         "Let any `concept-shard build` finish, then resume the run (initialize.resume=True): "
+                         "it restarts from its last checkpoint with the shards as they are then.")
 
     def _decode(self, dataset_index: int, sample_id: int, shard_id: int, in_shard: int) -> dict:
         try:
             try:
-                data = self._sample_bytes(shard_id, in_shard)
+                view, offsets, _ = self._mapped(shard_id)
+                data = view[int(offsets[in_shard]):int(offsets[in_shard + 1])]
             except FileNotFoundError:        # not local yet: streaming prepares the shard
                 return self.dataset.get_item(sample_id)
-        except Exception as exc:             # a shard deleted or rebuilt under a running run
-            s = self.sets[dataset_index]
-            raise DataError(s.remote or s.directory, f"could not be read while training ({type(exc).__name__}: "
-                            f"{exc}); its shards were deleted, rebuilt or damaged after the run started.",
-                            "Let any `concept-shard build` finish, then resume the run (initialize.resume=True): "
-                            "it restarts from its last checkpoint with the shards as they are then.") from None
+        except Exception as exc:
+            raise self._unreadable(dataset_index, exc) from None
         decoder = self._decoders.get(shard_id)
         if decoder is None:
             reader = self.dataset.shards[shard_id]
@@ -140,11 +210,13 @@ class SampleStore:
                                                                reader.column_sizes)
         return decoder(data)
 
-    def _sample_bytes(self, shard_id: int, in_shard: int) -> bytes:
-        """Sample `in_shard` of a decompressed MDS shard file: u32 count, u32 offsets[count + 1]
-        (from the file's start), then the samples. The newest MAPPED shards stay mapped. Under a
-        cache limit, a shard streaming has evicted is unmapped at once (a deleted file's space is
-        freed only with its last mapping) and read again through streaming."""
+    def _mapped(self, shard_id: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray]:
+        """A decompressed MDS shard file (u32 count, u32 offsets[count + 1] from the file's start,
+        then the samples) mapped into memory once per process, as (mapping, sample offsets, the
+        mapping's bytes as an array); streaming's reader would open the file, seek and read twice
+        per sample. The newest MAPPED shards stay mapped. Under a cache limit, a shard streaming
+        has evicted is unmapped at once (a deleted file's space is freed only with its last
+        mapping) and read again through streaming (FileNotFoundError)."""
         mapped = self._maps.get(shard_id)
         if self._evicts and self.dataset._shard_states[shard_id] != _LOCAL:
             if mapped is not None:
@@ -160,6 +232,6 @@ class SampleStore:
                 raise ValueError(f"{path} holds {count} samples, its index says {reader.samples}")
             if len(self._maps) >= MAPPED:
                 self._maps.pop(next(iter(self._maps)))
-            mapped = self._maps[shard_id] = (view, np.frombuffer(view, np.uint32, count=count + 1, offset=4))
-        view, offsets = mapped
-        return view[int(offsets[in_shard]):int(offsets[in_shard + 1])]
+            offsets = np.frombuffer(view, np.uint32, count=count + 1, offset=4).astype(np.int64)
+            mapped = self._maps[shard_id] = (view, offsets, np.frombuffer(view, np.uint8))
+        return mapped

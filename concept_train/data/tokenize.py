@@ -27,6 +27,8 @@ from concept_shard.errors import DataError
 from concept_shard.vocabulary import CLS_TOKEN
 
 from . import kernel
+from .batch import Layout
+from .decode import SampleBatch
 
 STRATEGIES = ("top-nonzero", "random-nonzero", "top", "random")
 _NORMALIZATION = re.compile(r"^(raw|log1p|totalcount|totalcount/log1p|binning/(\d+))$")
@@ -63,12 +65,15 @@ class Cells:
 
     @classmethod
     def from_samples(cls, samples: list[dict]) -> "Cells":
-        genes = [np.asarray(s["genes"]) for s in samples]
-        lengths = np.fromiter((len(g) for g in genes), np.int64, count=len(genes))
-        return cls(genes=np.concatenate(genes).astype(np.int64) if genes else np.zeros(0, np.int64),
-                   counts=np.concatenate([np.asarray(s["counts"], np.float64) for s in samples]) if samples else np.zeros(0),
-                   cell=np.repeat(np.arange(len(samples), dtype=np.int64), lengths),
-                   n_counts=np.array([float(s["n_counts"]) for s in samples], np.float64), n_cells=len(samples))
+        return cls.from_batch(SampleBatch.from_samples(samples, ["n_counts"]))
+
+    @classmethod
+    def from_batch(cls, columns: SampleBatch) -> "Cells":
+        n = len(columns.lengths)
+        n_counts = columns.scalars["n_counts"] if n else np.zeros(0)
+        return cls(genes=columns.genes, counts=columns.counts,
+                   cell=np.repeat(np.arange(n, dtype=np.int64), columns.lengths),
+                   n_counts=n_counts.astype(np.float64), n_cells=n)
 
 
 def _cell_bounds(cell: np.ndarray, n_cells: int) -> np.ndarray:
@@ -145,8 +150,7 @@ def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndar
     it rejects is dropped before the `max_tokens` cut; it must be a pure function of its inputs.
     `compiled`: the kernel (True), the NumPy reference (False), or the kernel where it applies."""
     if spec.strategy == "top-nonzero" and keep is None and use_kernel(compiled):
-        return kernel.top_nonzero(cells.genes, cells.counts, np.asarray(keys, np.float64), np.asarray(values, np.float64),
-                                  _cell_bounds(cells.cell, cells.n_cells), panel, vocab_size, spec.max_tokens)
+        return _kernel_views(spec, cells, values, keys, [panel], vocab_size)[0]
     in_panel = np.zeros(vocab_size, bool)
     in_panel[panel] = True
     sel = np.flatnonzero(in_panel[cells.genes] & (cells.counts != 0))     # indices: 4 takes beat 4 masks
@@ -163,6 +167,20 @@ def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndar
     cell, tok, val = cell[order], tok[order], val[order]
     keep = _rank_in_cell(cell, cells.n_cells) < spec.max_tokens
     return cell[keep], tok[keep], val[keep]
+
+
+def select_views(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndarray, panels, vocab_size: int,
+                 cell_rngs=(None, None), keeps=(None, None), compiled: bool | None = None) -> list[tuple]:
+    """`select_view` of each panel; the kernel makes both views in one pass over the entries."""
+    if spec.strategy == "top-nonzero" and all(k is None for k in keeps) and use_kernel(compiled):
+        return _kernel_views(spec, cells, values, keys, panels, vocab_size)
+    return [select_view(spec, cells, values, keys, panel, vocab_size, rngs, keep, compiled)
+            for panel, rngs, keep in zip(panels, cell_rngs, keeps)]
+
+
+def _kernel_views(spec: TokenSpec, cells: Cells, values, keys, panels, vocab_size: int) -> list[tuple]:
+    return kernel.top_nonzero(cells.genes, cells.counts, np.asarray(keys, np.float64), np.asarray(values, np.float64),
+                              _cell_bounds(cells.cell, cells.n_cells), panels, vocab_size, spec.max_tokens)
 
 
 def _random_subset(cell: np.ndarray, n_cells: int, k: int, cell_rngs) -> np.ndarray:
@@ -227,23 +245,35 @@ class Packed:
     cu_seqlens: np.ndarray    # int32 [2B + 1]
     max_seqlen: int
     view_lengths: np.ndarray  # int64 [2, B]: genes per view (0 = empty view)
+    raw: np.ndarray           # uint8: the one buffer that holds the arrays above and `extra` (layout)
+    layout: Layout
 
 
-def pack(n_cells: int, views: list[tuple[np.ndarray, np.ndarray, np.ndarray]], compiled: bool | None = None) -> Packed:
-    """Pack the ordered (cell, token, value) entries of the views, one <cls> per sequence."""
-    if len(views) == 2 and n_cells > 0 and use_kernel(compiled):
-        return Packed(*kernel.pack_two(n_cells, views[0], views[1], CLS_TOKEN))
-    lengths = np.stack([np.bincount(c, minlength=n_cells) for c, _, _ in views])      # [V, B]
+def pack(n_cells: int, views: list[tuple[np.ndarray, np.ndarray, np.ndarray]], compiled: bool | None = None,
+         extra: dict[str, np.ndarray] | None = None) -> Packed:
+    """Pack the ordered (cell, token, value) entries of the views, one <cls> per sequence, into
+    one buffer that also holds copies of the `extra` arrays (the batch's panels: one storage)."""
+    extra = extra or {}
+    lengths = np.stack([np.diff(_cell_bounds(c, n_cells)) for c, _, _ in views])      # [V, B]
     seq_len = (lengths + 1).reshape(-1)
-    cu = np.zeros(len(seq_len) + 1, np.int64)
-    np.cumsum(seq_len, out=cu[1:])
-    total = int(cu[-1])
-    tokens = np.full(total, CLS_TOKEN, np.int64)
-    values = np.zeros(total, np.float32)
-    positions = np.zeros(total, np.int64)
-    for v, (cell, tok, val) in enumerate(views):
-        seq = v * n_cells + cell
-        rank = _rank_in_cell(cell, n_cells) + 1
-        where = cu[seq] + rank
-        tokens[where], values[where], positions[where] = tok, val, rank
-    return Packed(tokens, values, positions, cu.astype(np.int32), int(seq_len.max(initial=1)), lengths)
+    total = int(seq_len.sum())
+    layout = Layout([("tokens", total, np.int64), ("positions", total, np.int64),
+                     *[(k, len(a), a.dtype) for k, a in extra.items()],
+                     ("values", total, np.float32), ("cu_seqlens", len(seq_len) + 1, np.int32)])
+    raw = np.empty(layout.nbytes, np.uint8)
+    out = layout.arrays(raw)
+    for k, a in extra.items():
+        out[k][:] = a
+    tokens, values, positions, cu = out["tokens"], out["values"], out["positions"], out["cu_seqlens"]
+    if len(views) == 2 and n_cells > 0 and use_kernel(compiled):
+        kernel.pack_two(n_cells, views[0], views[1], CLS_TOKEN, lengths, tokens, values, positions, cu)
+    else:
+        cu[0] = 0
+        np.cumsum(seq_len, out=cu[1:])
+        tokens[:], values[:], positions[:] = CLS_TOKEN, 0, 0
+        for v, (cell, tok, val) in enumerate(views):
+            seq = v * n_cells + cell
+            rank = _rank_in_cell(cell, n_cells) + 1
+            where = cu[seq].astype(np.int64) + rank
+            tokens[where], values[where], positions[where] = tok, val, rank
+    return Packed(tokens, values, positions, cu, int(seq_len.max(initial=1)), lengths, raw, layout)

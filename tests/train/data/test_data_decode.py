@@ -1,0 +1,64 @@
+"""The batch decoder (decode.py, SampleStore.get_batch) gives what the per-sample decoder gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from concept_shard.mds import VALUE_DTYPE_CODE, MDSDatasetWriter, SampleDecoder
+from concept_train.data import kernel
+from concept_train.data.decode import SampleBatch, ShardLayout, copy_values, locate
+from helpers import data_module
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="numba is not installed")
+
+NAMES = ["n_counts", "row", "cell_id", "obs.cell_type", "obs.absent"]
+
+
+def _assert_same(a: SampleBatch, b: SampleBatch):
+    for field in ("genes", "counts", "lengths"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.dtype == y.dtype and np.array_equal(x, y), field
+    assert a.scalars.keys() == b.scalars.keys() and a.strings == b.strings
+    for k in a.scalars:
+        assert a.scalars[k].dtype == b.scalars[k].dtype and np.array_equal(a.scalars[k], b.scalars[k]), k
+
+
+def test_batch_decoder_equals_the_sample_decoder_on_every_sample(sharded_example):
+    store = data_module(sharded_example).store
+    pairs = np.array([(d, r) for d, s in enumerate(store.sets) for r in range(s.n_samples)])
+    pairs = pairs[np.random.default_rng(0).permutation(len(pairs))]      # many shards per batch, any order
+    for chunk in np.array_split(pairs, 20):
+        fast = store.get_batch(chunk[:, 0], chunk[:, 1], NAMES)
+        _assert_same(fast, store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, compiled=False))
+        assert "obs.absent" not in fast.strings
+
+
+@pytest.mark.parametrize("genes_enc", ["ndarray:uint16", "ndarray:uint32", "ndarray"])
+def test_every_value_dtype_is_cast_as_numpy_casts(tmp_path, genes_enc):
+    """Counts of every dtype MDS codes (float16 through the NumPy fallback), between other samples."""
+    columns = {"genes": genes_enc, "counts": "ndarray", "n_counts": "float64", "cell_id": "str", "row": "int64"}
+    writer = MDSDatasetWriter(tmp_path, columns, None, 1 << 20)
+    rng = np.random.default_rng(1)
+    samples = []
+    for i, dtype in enumerate([*VALUE_DTYPE_CODE, "float16", "uint8"]):
+        n = int(rng.integers(1, 300))
+        gdt = genes_enc.partition(":")[2] or "int32"
+        samples.append({"genes": np.sort(rng.choice(60000, n, replace=False)).astype(gdt),
+                        "counts": (rng.random(n) * 100).astype(dtype), "n_counts": float(i) + 0.5,
+                        "cell_id": f"cell-{i}-é", "row": i - 3})
+    encoded = [writer.encode_sample(s) for s in samples]
+    writer.abort()
+    buf = np.frombuffer(b"xx" + b"".join(encoded), np.uint8)     # unaligned on purpose
+    starts = 2 + np.cumsum([0] + [len(e) for e in encoded[:-1]])
+    decoder = SampleDecoder(writer.names, writer.encodings, writer.sizes)
+    layout = ShardLayout(writer.names, writer.encodings, writer.sizes, NAMES)
+    order = rng.permutation(len(samples))
+    pos, size, first, count, code = locate(layout, buf, starts[order])
+    ref = SampleBatch.from_samples([decoder(e) for e in (encoded[i] for i in order)], NAMES)
+    assert np.array_equal(count[:, 0], ref.lengths) and np.array_equal(count[:, 1], ref.lengths)
+    dest = np.concatenate([[0], np.cumsum(ref.lengths)[:-1]])
+    genes, counts = np.empty(len(ref.genes), np.int64), np.empty(len(ref.counts), np.float64)
+    copy_values(buf, first[:, 0], count[:, 0], code[:, 0], dest, genes)
+    copy_values(buf, first[:, 1], count[:, 1], code[:, 1], dest, counts)
+    assert np.array_equal(genes, ref.genes) and np.array_equal(counts, ref.counts)
