@@ -24,7 +24,8 @@ over --repeats rounds:
 - raw shuffled minibatches of 128 cells (CSR rows), 0 and 2 DataLoader workers, on the largest
   size: our shards through the training loader's own plan and `SampleStore.get_many`, annbatch
   over its collection, scdataset over anndata backed mode (block shuffling), scdl memmaps with a
-  shuffling torch sampler;
+  shuffling torch sampler; and a "no-work ceiling", a loader that hands over one pre-made batch
+  shaped as ours (what the DataLoader's hand-off alone allows; not a peer);
 - tokenized training batches, one process (global batch 128, `max_tokens` 1000, random disjoint
   panels, top-nonzero): our `DataModule` training loader against scConcept's reference loader,
   lamin-dataloader's `LaminDiskCollection` + `TokenizedDataset` with a collate that does the
@@ -62,6 +63,7 @@ MAX_TOKENS = 1000
 PANEL_MIN_FRACTION = 0.02      # our default panel_size_min (a fraction of the file's genes)
 PANEL_MAX = 60000              # our default panel_size_max
 SEED = 0
+CEILING = "no-work ceiling"    # the hand-off alone; not a peer
 # what each peer needs to import for its measurements
 PEER_IMPORTS = {
     "annbatch": "import annbatch, zarr",
@@ -187,7 +189,7 @@ def source_rows(names) -> np.ndarray:
 def task_raw_annbatch(store: str, workers: int, seconds: float) -> dict:
     import annbatch
     coll = annbatch.DatasetCollection(store, mode="r")
-    order = np.concatenate([source_rows(coll_obs.index) for coll_obs in [coll.obs()]])
+    order = source_rows(coll.obs().index)          # collection row -> source row
     loader = annbatch.Loader(batch_size=BATCH, shuffle=True, drop_last=True, return_index=True,
                              preload_to_gpu=False, rng=np.random.default_rng(SEED),
                              **ANNBATCH_LOADER).use_collection(coll)
@@ -246,6 +248,27 @@ def task_raw_scdl(out: str, workers: int, seconds: float) -> dict:
     sampler = Recorded(RandomSampler(ds, generator=torch.Generator().manual_seed(SEED)), BATCH, drop_last=True)
     it = enumerate(endless(_loader(ds, workers, batch_sampler=sampler, collate_fn=collate_sparse_matrix_batch)))
     return timed_batches(it, seconds, lambda kb: drawn[kb[0]], lambda kb: kb[1].shape[0])
+
+
+def task_raw_ceiling(workers: int, seconds: float, n_rows: int, nnz: int = 1500) -> dict:
+    """The DataLoader's hand-off alone: a loader that does no work and yields one pre-made batch
+    shaped as ours (uint16 genes, uint8 counts, random rows), so the figure is what crossing from
+    the workers costs."""
+    from torch.utils.data import IterableDataset
+
+    rng = np.random.default_rng(SEED)
+    n = BATCH * nnz
+    batch = {"indptr": np.arange(BATCH + 1, dtype=np.int64) * nnz,
+             "indices": rng.integers(0, 60000, n).astype(np.uint16),
+             "data": rng.integers(1, 9, n).astype(np.uint8), "rows": np.zeros(BATCH, np.int64)}
+
+    class Same(IterableDataset):
+        def __iter__(self):
+            while True:
+                yield dict(batch, rows=rng.integers(0, n_rows, BATCH))
+
+    it = iter(_loader(Same(), workers, batch_size=None))
+    return timed_batches(it, seconds, lambda b: np.asarray(b["rows"]), lambda b: len(b["indptr"]) - 1)
 
 
 def task_tok_ours(project: str, seconds: float) -> dict:
@@ -469,6 +492,7 @@ def raw_jobs(size: int, project: Path, h5ad: Path, peers: list[str], workdir: Pa
         jobs["scdataset"] = (peers_python(), "raw_scdataset", {"h5ad": str(h5ad)})
     if "bionemo-scdl" in peers:
         jobs["bionemo-scdl"] = (peers_python(), "raw_scdl", {"out": str(workdir / f"scdl_{size}")})
+    jobs[CEILING] = (sys.executable, "raw_ceiling", {"n_rows": size})
     for _, _, kw in jobs.values():
         kw["seconds"] = seconds
     return jobs
@@ -509,7 +533,8 @@ def rate(res: dict):
 
 
 def fastest_peer(results: dict, suffix: str = "") -> tuple[str | None, float | None]:
-    peers = {k: rate(v) for k, v in results.items() if not k.startswith("ours") and k.endswith(suffix) and rate(v)}
+    peers = {k: rate(v) for k, v in results.items()
+             if not k.startswith(("ours", CEILING)) and k.endswith(suffix) and rate(v)}
     if not peers:
         return None, None
     name = max(peers, key=peers.get)
