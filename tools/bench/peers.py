@@ -22,7 +22,8 @@ over --repeats rounds:
   (time of the conversion call in the child): cells/s, peak RSS (ru_maxrss of the child's
   process tree: the largest process), bytes on disk per nonzero;
 - raw shuffled minibatches of 128 cells (CSR rows), 0 and 2 DataLoader workers, on the largest
-  size: our shards through the training loader's own plan and `SampleStore.get_many`, annbatch
+  size: our shards through the training loader's own plan and store reads (`get_batch`, the
+  loader's; `get_many`, one dict per sample), annbatch
   over its collection, scdataset over anndata backed mode (block shuffling), scdl memmaps with a
   shuffling torch sampler; and a "no-work ceiling", a loader that hands over one pre-made batch
   shaped as ours (what the DataLoader's hand-off alone allows; not a peer);
@@ -146,7 +147,7 @@ def endless(iterable):
         yield from iterable
 
 
-def task_raw_ours(project: str, workers: int, seconds: float) -> dict:
+def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_batch") -> dict:
     sys.path.insert(0, str(REPO))
     from torch.utils.data import IterableDataset, get_worker_info
 
@@ -163,22 +164,30 @@ def task_raw_ours(project: str, workers: int, seconds: float) -> dict:
             w, step = (info.id, info.num_workers) if info else (0, 1)
             g = w
             while True:
-                pb = maker.plan.batch(g)
-                samples = maker.store.get_many(maker.store_index[pb.datasets], pb.rows)
-                yield csr_of(samples, [s["row"] for s in samples])
+                yield raw_batch(maker, maker.plan.batch(g), path)
                 g += step
 
     it = iter(_loader(RawBatches(), workers, batch_size=None))
     return timed_batches(it, seconds, lambda b: np.asarray(b["rows"]), lambda b: len(b["indptr"]) - 1)
 
 
-def csr_of(samples: list[dict], rows) -> dict:
-    """The samples' genes and counts as one CSR batch (indptr, indices, data) plus source rows."""
-    lengths = np.fromiter((len(s["genes"]) for s in samples), np.int64, count=len(samples))
-    indptr = np.zeros(len(samples) + 1, np.int64)
+def raw_batch(maker, pb, path: str) -> dict:
+    """A planned batch's cells as CSR (indptr, indices = genes, data = counts) plus source rows,
+    through `SampleStore.get_batch` (the training loader's read: a batch decoded at once, genes
+    int64 and counts float64) where the store has it and `path` asks for it, else `get_many`
+    (one dict per sample, the shard's own dtypes, joined here)."""
+    idx = maker.store_index[pb.datasets]
+    if path == "get_batch" and hasattr(maker.store, "get_batch"):
+        b = maker.store.get_batch(idx, pb.rows, ["row"])
+        genes, counts, lengths, rows = b.genes, b.counts, b.lengths, b.scalars["row"]
+    else:
+        samples = maker.store.get_many(idx, pb.rows)
+        lengths = np.fromiter((len(s["genes"]) for s in samples), np.int64, count=len(samples))
+        genes, counts = np.concatenate([s["genes"] for s in samples]), np.concatenate([s["counts"] for s in samples])
+        rows = [s["row"] for s in samples]
+    indptr = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    return {"indptr": indptr, "indices": np.concatenate([s["genes"] for s in samples]),
-            "data": np.concatenate([s["counts"] for s in samples]), "rows": np.asarray(rows, np.int64)}
+    return {"indptr": indptr, "indices": genes, "data": counts, "rows": np.asarray(rows, np.int64)}
 
 
 def source_rows(names) -> np.ndarray:
@@ -485,7 +494,8 @@ def medians(runs: list[dict]) -> dict:
 # --------------------------------------------------------------------------- loading
 def raw_jobs(size: int, project: Path, h5ad: Path, peers: list[str], workdir: Path, seconds: float) -> dict:
     """Per loader: (python, task, kwargs) of a raw-minibatch measurement (workers added later)."""
-    jobs = {"ours": (sys.executable, "raw_ours", {"project": str(project)})}
+    jobs = {"ours": (sys.executable, "raw_ours", {"project": str(project)}),
+            "ours get_many": (sys.executable, "raw_ours", {"project": str(project), "path": "get_many"})}
     if "annbatch" in peers:
         jobs["annbatch"] = (peers_python(), "raw_annbatch", {"store": str(workdir / f"annbatch_{size}.zarr")})
     if "scdataset" in peers:
@@ -584,9 +594,10 @@ def summarize(pre: dict, raw: dict, tok: dict, status: dict, args, workers: list
     raw_ratios = {}
     for w in workers:
         peer, best = fastest_peer(raw, f"/{w}")
-        raw_ratios[str(w)] = {"fastest_peer": peer, "ours_over_fastest_peer": ratio(rate(raw.get(f"ours/{w}", {})), best)}
+        raw_ratios[str(w)] = {"fastest_peer": peer, **{f"{o}_over_fastest_peer": ratio(rate(raw.get(f"{o}/{w}", {})), best)
+                                                       for o in ("ours", "ours get_many")}}
     _, best_any = fastest_peer(raw)
-    ours_best = max((rate(v) or 0) for k, v in raw.items() if k.startswith("ours/"))
+    ours_best = max((rate(v) or 0) for k, v in raw.items() if k.startswith("ours"))
     pre_ratios = {str(s): {p: ratio(rate(r["ours"]), rate(r[p])) for p in r if p != "ours"} for s, r in pre.items()}
     tok_ours = rate(tok.get("ours", {}))
     tok_ref = rate(tok.get("scConcept reference", {"error": "not run"}))
