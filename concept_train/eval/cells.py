@@ -5,7 +5,7 @@ All inputs must be of one species, given or inferred from the gene ids as `conce
 input of another species is refused by name (embeddings of two species' cells are not comparable in
 one scIB table). At most `max_cells` cells are kept, a uniform sample over all inputs (seeded). The
 counts of the kept cells are held in memory as CSR (the PCA baseline and the panel views need
-them: ~12 bytes per nonzero, 20,000 cells of 2,000 genes ~0.5 GB); files are read in row chunks,
+them: ~12 bytes per nonzero, 10,000 cells of 2,000 genes ~0.25 GB); files are read in row chunks,
 shards shard by shard (`concept_shard.mds.read_rows`: no streaming, no decompressed copies).
 """
 

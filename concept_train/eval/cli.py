@@ -25,8 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--species", help="the inputs' species (default: inferred from the gene ids; for the validation "
                    "shards, the first species of the run)")
     p.add_argument("--gene-id-column", help="var column holding the Ensembl ids (default: var_names)")
-    p.add_argument("--max-cells", type=int, default=20_000, help="evaluate a uniform sample of at most this many "
-                   "cells (default 20,000)")
+    p.add_argument("--max-cells", type=int, default=10_000, help="evaluate a uniform sample of at most this many "
+                   "cells (default 10,000; a CPU embeds ~20-300 cells/s, a GPU thousands)")
+    p.add_argument("--max-tokens", type=int, help="genes per whole cell (default: the larger of the run's training "
+                   "max_tokens and 1,000, as the trainer's whole-cell validation)")
     p.add_argument("--panels", default=",".join(map(str, PANEL_SIZES)), help="panel sizes for cross-view recall@1 "
                    "(default 200,800,6400)")
     p.add_argument("--seed", type=int, default=0)
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
     try:
         result = evaluate(args.run_or_checkpoint, args.inputs, out, label_key=args.label_key, batch_key=args.batch_key,
                           species=args.species, gene_id_column=args.gene_id_column, max_cells=args.max_cells,
+                          max_tokens=args.max_tokens,
                           panel_sizes=panels, seed=args.seed, batch_size=args.batch_size, umap=args.umap,
                           use_learnable_embs=args.use_learnable_embs, trust_pickle=args.trust_checkpoint,
                           log=lambda m: print(m, file=sys.stderr, flush=True))

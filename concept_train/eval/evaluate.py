@@ -93,11 +93,13 @@ def _cells(loaded: LoadedModel, inputs, species, gene_id_column, max_cells, seed
 
 def evaluate(run_or_checkpoint, inputs=(), out_dir=None, *, label_key: str = "cell_type",
              batch_key: str = "donor_id", species: str | None = None, gene_id_column: str | None = None,
-             max_cells: int = 20_000, panel_sizes=PANEL_SIZES, seed: int = 0, batch_size: int = 256,
+             max_cells: int = 10_000, max_tokens: int | None = None, panel_sizes=PANEL_SIZES, seed: int = 0,
+             batch_size: int = 256,
              device=None, use_learnable_embs: bool = True, umap: bool = True, trust_pickle: bool = False,
              log=print) -> dict:
     """Evaluate a run (or checkpoint) on `inputs` (.h5ad/.zarr files; none: the run's validation
-    shards). Returns the metrics (what `metrics.json` holds); with `out_dir`, writes the files of
+    shards). `max_tokens`: genes per whole cell (default: the larger of the run's training
+    max_tokens and 1,000, as the trainer's whole-cell validation). Returns the metrics (what `metrics.json` holds); with `out_dir`, writes the files of
     `concept_train.eval.report` there."""
     from tqdm import tqdm
 
@@ -111,7 +113,7 @@ def evaluate(run_or_checkpoint, inputs=(), out_dir=None, *, label_key: str = "ce
     keys = label_columns(cells.obs)
     labels, batches = (_varying(cells.obs, flag, key, keys) for flag, key in required.items())
     t0 = time.time()
-    embedder = Embedder(loaded, cells, batch_size, use_learnable_embs=use_learnable_embs)
+    embedder = Embedder(loaded, cells, batch_size, max_tokens, use_learnable_embs=use_learnable_embs)
     with tqdm(total=cells.n_cells, unit="cells", unit_scale=True, desc="concept-eval: embedding",
               dynamic_ncols=True) as bar:
         embeddings = {MODEL: embedder.whole_cells(bar.update)}
