@@ -118,13 +118,18 @@ def evaluate(run_or_checkpoint, inputs=(), out_dir=None, *, label_key: str = "ce
               dynamic_ncols=True) as bar:
         embeddings = {MODEL: embedder.whole_cells(bar.update)}
     embeddings["pca"] = baselines.pca(cells, seed=seed)
-    log(f"[eval] embeddings in {time.time() - t0:.1f} s; scIB metrics ...")
+    log(f"[eval] embeddings in {time.time() - t0:.1f} s; scIB metrics (the first kBET of a process compiles "
+        "pynndescent: about a minute)")
     scib, knn = {}, {}
     for name, z in embeddings.items():
+        t0 = time.time()
         scib[name] = scib_scores(z, labels, batches)
+        log(f"[eval] {name}: scIB total {scib[name]['Total']:.3f} ({time.time() - t0:.0f} s)")
         # the model's space is cosine (its training objective); PCA gets the better of cosine and Euclidean
         knn[name] = knn_accuracies(z, cells.obs, keys, ("dot",) if name == MODEL else ("dot", "euclidean"))
-    recall = {str(n): cross_view_recall(embedder, n, seed=seed) for n in panel_sizes}
+    recall = {}
+    for n in tqdm(panel_sizes, desc="concept-eval: cross-view recall", unit="panel size", dynamic_ncols=True):
+        recall[str(n)] = cross_view_recall(embedder, n, seed=seed)
     result = {
         "model": {"run_id": loaded.run_id, "step": int(loaded.step), "checkpoint": str(loaded.checkpoint)},
         "cells": {"species": cells.species, "evaluated": cells.n_cells, "held": int(sum(cells.input_cells)),
