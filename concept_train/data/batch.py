@@ -78,7 +78,7 @@ class Layout:
             dtype = np.dtype(dtype)
             self.parts.append((name, offset, int(n), dtype))
             offset += -(-int(n) * dtype.itemsize // 8) * 8
-        self.nbytes = offset
+        self.nbytes = max(offset, 8)      # torch views no dtype over an empty byte tensor (an empty rank slice)
 
     def arrays(self, raw: np.ndarray) -> dict[str, np.ndarray]:
         return {name: raw[o:o + n * dt.itemsize].view(dt) for name, o, n, dt in self.parts}

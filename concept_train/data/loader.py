@@ -95,7 +95,7 @@ class BatchMaker:
         t = packed.layout.tensors(packed.raw)
         n = cells.n_cells
         per_cell = {"species": np.full(n, self.species.index(pb.species), np.int64), "dataset": datasets,
-                    "row": columns.scalars["row"], **{f"labels.{k}": self._labels(columns, k, datasets)
+                    "row": columns.scalars["row"] if n else np.zeros(0, np.int64), **{f"labels.{k}": self._labels(columns, k, datasets)
                                                       for k in self.obs_keys},
                     "items_mask": (packed.view_lengths > 0).all(axis=0)}
         layout = Layout([(k, n, np.bool_ if k == "items_mask" else np.int64) for k in per_cell])
@@ -109,7 +109,7 @@ class BatchMaker:
             species=t["species"], dataset=t["dataset"], row=t["row"],
             labels={k: t[f"labels.{k}"] for k in self.obs_keys},
             panels=(t["panel1"], t["panel2"]), panel_kinds=(panels.kind1, panels.kind2),
-            index=int(g), epoch=pb.epoch, cell_ids=columns.strings["cell_id"],
+            index=int(g), epoch=pb.epoch, cell_ids=columns.strings["cell_id"] if n else [],
         )
 
     def _labels(self, columns: SampleBatch, key: str, datasets: np.ndarray) -> np.ndarray:

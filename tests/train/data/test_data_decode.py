@@ -8,6 +8,7 @@ import pytest
 from concept_shard.mds import VALUE_DTYPE_CODE, MDSDatasetWriter, SampleDecoder
 from concept_train.data import kernel
 from concept_train.data.decode import SampleBatch, ShardLayout, copy_values, locate
+from concept_train.data.loader import RankSlice
 from helpers import data_module
 
 pytestmark = pytest.mark.skipif(not kernel.available(), reason="numba is not installed")
@@ -62,3 +63,13 @@ def test_every_value_dtype_is_cast_as_numpy_casts(tmp_path, genes_enc):
     copy_values(buf, first[:, 0], count[:, 0], code[:, 0], dest, genes)
     copy_values(buf, first[:, 1], count[:, 1], code[:, 1], dest, counts)
     assert np.array_equal(genes, ref.genes) and np.array_equal(counts, ref.counts)
+
+
+def test_an_empty_rank_slice_gives_an_empty_batch(sharded_example):
+    """More ranks than cells in a batch: some ranks make a batch of no cells, as before the decoder."""
+    maker = data_module(sharded_example, ["datamodule.dataloader.train.num_workers=0"]).train_loader().maker
+    world = maker.plan.batch_size + 2
+    maker.ranks = RankSlice(rank=world - 1, world=world)
+    batch = maker.make(0)
+    assert batch.n_cells == 0 and batch.cell_ids == [] and batch.tokens.numel() == 0
+    assert batch.cu_seqlens.tolist() == [0] and all(t.numel() == 0 for t in batch.labels.values())
