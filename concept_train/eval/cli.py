@@ -49,18 +49,18 @@ def main(argv=None) -> int:
         run = Path(args.run_or_checkpoint)
         out = run / "eval" if (run / "checkpoints").is_dir() else Path("concept-eval")
     try:
-        result = evaluate(args.run_or_checkpoint, args.inputs, out, label_key=args.label_key, batch_key=args.batch_key,
-                          species=args.species, gene_id_column=args.gene_id_column, max_cells=args.max_cells,
-                          max_tokens=args.max_tokens,
-                          panel_sizes=panels, seed=args.seed, batch_size=args.batch_size, umap=args.umap,
-                          use_learnable_embs=args.use_learnable_embs, trust_pickle=args.trust_checkpoint,
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+        evaluate(args.run_or_checkpoint, args.inputs, out, label_key=args.label_key, batch_key=args.batch_key,
+                 species=args.species, gene_id_column=args.gene_id_column, max_cells=args.max_cells,
+                 max_tokens=args.max_tokens, panel_sizes=panels, seed=args.seed, batch_size=args.batch_size,
+                 umap=args.umap, use_learnable_embs=args.use_learnable_embs, trust_pickle=args.trust_checkpoint,
+                 log=lambda m: print(m, file=sys.stderr, flush=True))
     except UserError as err:
         print(f"concept-eval: {err.paragraph()}", file=sys.stderr)
         return 2
     print((out / "report.md").read_text())
-    print(f"concept-eval: wrote {out}/ (report.md, scib.csv, umap.png, metrics.json)")
-    return 0 if result else 1
+    written = ["report.md", "scib.csv", *(["umap.png"] if args.umap else []), "metrics.json"]
+    print(f"concept-eval: wrote {out}/ ({', '.join(written)})")
+    return 0
 
 
 if __name__ == "__main__":
