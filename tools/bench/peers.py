@@ -6,6 +6,9 @@ Usage::
     .venv/bin/python tools/bench/peers.py [--quick] [--sizes 20000,200000] [--repeats 3]
                                           [--seconds 6] [--workdir DIR] [--no-install]
 
+The default run takes ~15 min on 2 shared cores (--quick: ~6 min); it needs ~10 GB of free memory
+(annbatch's conversion of the 200,000-cell file peaks at 9.6 GB) and ~7 GB of disk in the workdir (inputs and every converted copy stay there).
+
 Peers (pinned in tools/bench/peers-requirements.txt) live in a side venv, `.venv-peers`
 (Python 3.12), created and filled on the first run; this project runs from the main `.venv`.
 A peer that cannot be installed or imported is reported as such and left out; the others go on.
@@ -75,7 +78,7 @@ PEER_IMPORTS = {
 # each peer's own defaults (annbatch at chunk_size 32, preload_nchunks 256 read 2.2x slower here)
 ANNBATCH_LOADER = {"chunk_size": 512, "preload_nchunks": 32}     # contiguous rows of its pre-shuffled collection
 SCDATASET_LOADER = {"block_size": 8, "fetch_factor": 16}
-OBS_OURS = ["datamodule=Bench", "datamodule.dataset.train.panel_selection=random"]
+OURS_OVERRIDES = ["datamodule=Bench", "datamodule.dataset.train.panel_selection=random"]
 
 
 def log(msg: str) -> None:
@@ -154,7 +157,7 @@ def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_b
     from concept_shard.config import compose_config
     from concept_train.data import DataModule
 
-    cfg = compose_config(project, OBS_OURS, str(Path(project) / "conf"))
+    cfg = compose_config(project, OURS_OVERRIDES, str(Path(project) / "conf"))
     maker = DataModule(cfg, log=lambda *a: None).train_loader().maker
 
     class RawBatches(IterableDataset):
@@ -285,7 +288,7 @@ def task_tok_ours(project: str, seconds: float) -> dict:
     from concept_shard.config import compose_config
     from concept_train.data import DataModule
 
-    cfg = compose_config(project, OBS_OURS, str(Path(project) / "conf"))
+    cfg = compose_config(project, OURS_OVERRIDES, str(Path(project) / "conf"))
     loader = DataModule(cfg, log=lambda *a: None).train_loader()
     loader.num_workers = 0
     res = timed_batches(iter(loader), seconds, lambda b: b.row.numpy(), lambda b: b.n_cells)
