@@ -57,6 +57,18 @@ class Batch:
                 out.update({"panels.0": v[0], "panels.1": v[1]})
         return out
 
+    def rest(self) -> dict:
+        """Every field that is not a tensor (with `tensors()`, the whole batch)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("labels", "panels") and not isinstance(getattr(self, f.name), torch.Tensor)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], **rest) -> "Batch":
+        """The inverse of (`tensors()`, `rest()`)."""
+        labels = {k[len("labels."):]: t for k, t in tensors.items() if k.startswith("labels.")}
+        plain = {k: t for k, t in tensors.items() if not k.startswith(("labels.", "panels."))}
+        return cls(**plain, labels=labels, panels=(tensors["panels.0"], tensors["panels.1"]), **rest)
+
     def to(self, device, non_blocking: bool = True) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in moved.items():

@@ -25,6 +25,7 @@ from .filters import ViewFilters
 from .panels import PanelSampler
 from .plan import BatchPlan
 from .decode import SampleBatch
+from .handoff import Parcel, SlotRing
 from .store import SampleStore
 from .tokenize import STRATEGIES, Cells, TokenSpec, normalized, pack, select_views, use_kernel
 
@@ -122,10 +123,11 @@ class BatchMaker:
 
 
 class _BatchStream(IterableDataset):
-    """Batches start + w, start + w + W, ... (worker w of W), up to `stop` (None: forever)."""
+    """Batches start + w, start + w + W, ... (worker w of W), up to `stop` (None: forever); through
+    the ring's slots when there is one (a batch that does not go through crosses as itself)."""
 
-    def __init__(self, maker: BatchMaker, start: int, stop: int | None):
-        self.maker, self.start, self.stop = maker, start, stop
+    def __init__(self, maker: BatchMaker, start: int, stop: int | None, ring: SlotRing | None = None):
+        self.maker, self.start, self.stop, self.ring = maker, start, stop, ring
 
     def __iter__(self):
         info = get_worker_info()
@@ -133,11 +135,23 @@ class _BatchStream(IterableDataset):
         g = self.start + w
         while self.stop is None or g < self.stop:
             try:
-                yield self.maker.make(g)
+                batch = self.maker.make(g)
             except UserError as err:      # crosses the worker boundary as data, raised again by Loader
                 yield _Failure(type(err), err.where, err.problem, err.fix)
                 return
+            parcel = self.ring.pack(batch.tensors()) if self.ring is not None else None
+            yield batch if parcel is None else _Handed(parcel, batch.rest())
             g += W
+
+
+@dataclass
+class _Handed:
+    """A batch whose tensors wait in a hand-off slot."""
+    parcel: Parcel
+    rest: dict
+
+    def open(self, ring: SlotRing) -> Batch:
+        return Batch.from_tensors(ring.unpack(self.parcel), **self.rest)
 
 
 @dataclass
@@ -157,9 +171,12 @@ class Loader:
     """Iterates batches from its position on; `state_dict()` is what a checkpoint stores."""
 
     def __init__(self, maker: BatchMaker, num_workers: int = 0, stop: int | None = None,
-                 prefetch_factor: int = 2, pin_memory: bool = False, rewind: bool = False):
+                 prefetch_factor: int = 2, pin_memory: bool = False, rewind: bool = False,
+                 handoff_slots: bool = True):
         # rewind: every pass starts at batch 0 (validation); else a pass continues where the last stopped
+        # handoff_slots: workers hand batches over through shared slots (handoff.py), else the torch way
         self.maker, self.num_workers, self.stop, self.rewind = maker, int(num_workers), stop, rewind
+        self.handoff_slots = handoff_slots
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.position = 0            # g of the next batch to deliver
 
@@ -175,17 +192,28 @@ class Loader:
     def __iter__(self):
         if self.rewind:
             self.position = 0
-        stream = _BatchStream(self.maker, self.position, self.stop)
+        # slots per worker: the DataLoader sends a worker its next index before it yields the batch
+        # that index replaces, so up to prefetch_factor + 1 of its batches are unread, and a worker
+        # with no work to do packs the next before the consumer has copied the last one out
+        ring = SlotRing(self.num_workers, self.prefetch_factor + 2) \
+            if self.num_workers > 0 and self.handoff_slots and SlotRing.available() else None
+        stream = _BatchStream(self.maker, self.position, self.stop, ring)
         kwargs = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
         # own generator: creating the iterator must not draw from the global torch RNG, or a resumed
         # run's dropout would not match the uninterrupted one
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(self.maker.seed), **kwargs)
-        for batch in loader:
-            if isinstance(batch, _Failure):
-                raise batch.error()
-            self.position = batch.index + 1
-            yield batch
+        try:
+            for batch in loader:
+                if isinstance(batch, _Failure):
+                    raise batch.error()
+                if isinstance(batch, _Handed):
+                    batch = batch.open(ring)
+                self.position = batch.index + 1
+                yield batch
+        finally:
+            if ring is not None:
+                ring.close()
 
     def state_dict(self) -> dict:
         epoch, in_epoch = divmod(self.position, self.plan.batches_per_epoch)

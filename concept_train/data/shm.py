@@ -6,6 +6,7 @@ and refuses to start a dataset over local directories that a registered one alre
 a `kill -9` those segments stay, and the next run would stop with "Reused local directory".
 `streaming.base.util.clean_stale_shared_memory()` unlinks ALL such segments on the node, including
 those of a live run next to ours; here only segments that no live process maps are removed.
+The loader's own hand-off slots (handoff.py), left by a killed run, are swept the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from concept_shard.errors import DataError
 SHM_DIR = Path("/dev/shm")
 _STREAMING_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|"
                              r"resume|epoch_shape|epoch_data)$")
+HANDOFF_PREFIX = "concept-handoff-"       # + owner pid, a random token, worker and slot (handoff.py)
 
 
 def _mapped_shm_names() -> set[str] | None:
@@ -41,11 +43,27 @@ def _mapped_shm_names() -> set[str] | None:
     return names
 
 
+def _owner_alive(name: str) -> bool:
+    """Whether the process that created a hand-off segment still runs (its pid is in the name)."""
+    pid = name[len(HANDOFF_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # alive, another user's
+        return True
+    return True
+
+
 def clean_stale_streaming_shm() -> list[str]:
-    """Unlink streaming's segments that no live process maps; returns the names removed."""
+    """Unlink streaming's segments (and hand-off slots of dead runs) that no live process maps; returns
+    the names removed."""
     if not SHM_DIR.is_dir():
         return []
-    candidates = [p for p in SHM_DIR.iterdir() if _STREAMING_NAME.match(p.name)]
+    candidates = [p for p in SHM_DIR.iterdir()
+                  if _STREAMING_NAME.match(p.name) or (p.name.startswith(HANDOFF_PREFIX) and not _owner_alive(p.name))]
     if not candidates:
         return []
     mapped = _mapped_shm_names()
@@ -66,8 +84,9 @@ def clean_stale_streaming_shm() -> list[str]:
 
 
 # streaming's registries, its per-shard arrays and semaphores, and DataLoader workers handing
-# batches over (torch shares their tensors through /dev/shm): a few MB, and ~8 MB per worker for
-# the batches in flight at the default batch size. Measured: with 400 KB free a run hung before
+# batches over (handoff.py's slots, prefetch_factor + 2 per worker, hold the bytes each batch
+# wrote: ~1.5 MB a batch at the default batch size, up to ~5 MB at max_tokens 1000): a few MB, and
+# ~8 MB per worker. A slot that cannot be reserved sends its batch the torch way (also /dev/shm). Measured: with 400 KB free a run hung before
 # its first batch; with 64 KB it stopped in a SemLock with ENOSPC; a full one ends in "Bus error".
 MIN_FREE_SHM = 16 << 20
 PER_WORKER_SHM = 8 << 20

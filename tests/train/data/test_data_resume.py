@@ -85,8 +85,9 @@ def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
     # the killed run's segments: new ones no live process maps (another test session on the node
     # may hold live segments of its own)
-    from concept_train.data.shm import _mapped_shm_names
+    from concept_train.data.shm import HANDOFF_PREFIX, _mapped_shm_names
     stale = (set(os.listdir("/dev/shm")) - before) - (_mapped_shm_names() or set())
     assert any(name.endswith("_locals") for name in stale)         # the killed run left its segments
+    assert any(name.startswith(HANDOFF_PREFIX) for name in stale)   # and its hand-off slots
     _run(sharded_example, tmp_path / "after.pt", 3, workers=2)     # and the next run starts anyway
     assert not (stale & set(os.listdir("/dev/shm")))               # having removed them

@@ -1,0 +1,126 @@
+"""Worker hand-off through shared slots (handoff.py): the same batches as torch's own hand-off and
+as the main process alone; a batch that cannot go through a slot crosses the torch way; the slots
+are gone after the pass."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from concept_train.data.handoff import SlotRing
+from concept_train.data.shm import HANDOFF_PREFIX, SHM_DIR
+from helpers import data_module
+
+SMALL = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
+TAKE = 10
+
+
+def _batches(project, workers: int, slots: bool) -> list:
+    loader = data_module(project, SMALL + [f"datamodule.dataloader.train.num_workers={workers}"]).train_loader()
+    loader.handoff_slots = slots
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == TAKE:
+            break
+    return out
+
+
+def _ours() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(f"{HANDOFF_PREFIX}{os.getpid()}-")}
+
+
+def test_slots_deliver_the_batches_of_the_main_process_and_of_torchs_handoff(sharded_example):
+    alone = _batches(sharded_example, 0, True)
+    slots = _batches(sharded_example, 2, True)
+    torch_way = _batches(sharded_example, 2, False)
+    assert not _ours()                                   # the pass removed its slots
+    for a, s, t in zip(alone, slots, torch_way, strict=True):
+        assert a.index == s.index == t.index
+        assert a.rest() == s.rest() == t.rest()          # cell ids, max_seqlen, panel kinds, epoch
+        ta, ts, tt = a.tensors(), s.tensors(), t.tensors()
+        assert ta.keys() == ts.keys() == tt.keys()
+        for k in ta:
+            assert ta[k].dtype == ts[k].dtype and torch.equal(ta[k], ts[k]) and torch.equal(ta[k], tt[k]), (a.index, k)
+        # through a slot the tensors are the consumer's own memory; torch's way, shared segments
+        assert not any(v.is_shared() for v in ts.values())
+        assert all(v.is_shared() for v in tt.values())
+
+
+class _Parcels(IterableDataset):
+    """Packs what it is given in a real worker; yields (what pack returned, the arrays)."""
+
+    def __init__(self, ring: SlotRing, arrays: list[dict]):
+        self.ring, self.arrays = ring, arrays
+
+    def __iter__(self):
+        for arrays in self.arrays:
+            yield self.ring.pack(arrays), arrays
+
+
+def _through(ring, arrays):
+    out = []
+    for parcel, sent in DataLoader(_Parcels(ring, arrays), batch_size=None, num_workers=1):
+        out.append((None if parcel is None else ring.unpack(parcel), sent))
+    return out
+
+
+def test_arrays_of_every_dtype_and_shared_storages_round_trip():
+    rng = np.random.default_rng(0)
+    joined = torch.from_numpy(rng.integers(0, 255, 4096).astype(np.uint8))
+    sent = [{"a": rng.integers(-5, 5, 100).astype(np.int64), "b": rng.random(33).astype(np.float32),
+             "c": rng.random(7) > 0.5, "d": np.zeros(0, np.int32), "e": np.arange(12, dtype=np.int16).reshape(3, 4),
+             # two views of one storage (the loader's layout): copied once, viewed at their offsets
+             "f": joined[8:808].view(torch.int64), "g": joined[1024:2048].view(torch.float32)}
+            for _ in range(5)]
+    ring = SlotRing(1, 3)
+    try:
+        got = _through(ring, sent)
+    finally:
+        ring.close()
+    assert len(got) == 5
+    for received, original in got:
+        assert received is not None
+        for k, v in original.items():
+            want = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+            assert received[k].dtype == want.dtype and received[k].shape == want.shape and torch.equal(received[k], want), k
+
+
+def test_a_batch_larger_than_a_slot_or_without_a_free_slot_goes_the_torch_way():
+    big = {"x": np.ones(5000, np.int64)}                   # 40 kB in 16 kB slots
+    small = {"x": np.arange(10, dtype=np.int64)}
+    ring = SlotRing(1, 2, slot_bytes=16 << 10)
+    try:
+        got = _through(ring, [big, small])
+        assert got[0][0] is None and got[1][0] is not None and torch.equal(got[1][0]["x"], torch.arange(10))
+
+        class Unread(IterableDataset):       # packs three without the consumer reading any
+            def __iter__(self):
+                yield [ring.pack(small) is not None for _ in range(3)]
+        (packed,) = list(DataLoader(Unread(), batch_size=None, num_workers=1))
+        assert packed == [True, True, False]             # two slots, then the torch way: no deadlock
+    finally:
+        ring.close()
+    assert not _ours()
+
+
+def test_outside_a_worker_nothing_is_packed():
+    ring = SlotRing(1, 1)
+    try:
+        assert ring.pack({"x": np.zeros(3)}) is None
+    finally:
+        ring.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stopping_early_leaves_no_slots(sharded_example, workers):
+    loader = data_module(sharded_example, SMALL + [f"datamodule.dataloader.train.num_workers={workers}"]).train_loader()
+    it = iter(loader)
+    next(it)
+    assert len(_ours()) == workers * (loader.prefetch_factor + 2)
+    it.close()
+    assert not _ours()
