@@ -26,10 +26,11 @@ over --repeats rounds:
   process tree: the largest process), bytes on disk per nonzero;
 - raw shuffled minibatches of 128 cells (CSR rows), 0 and 2 DataLoader workers, on the largest
   size: our shards through the training loader's own plan and store reads (`get_batch`, the
-  loader's; `get_many`, one dict per sample), annbatch
+  loader's; `get_many`, one dict per sample; from workers through the loader's shared slots,
+  concept_train/data/handoff.py), annbatch
   over its collection, scdataset over anndata backed mode (block shuffling), scdl memmaps with a
   shuffling torch sampler; and a "no-work ceiling", a loader that hands over one pre-made batch
-  shaped as ours (what the DataLoader's hand-off alone allows; not a peer);
+  shaped as ours the torch way (what torch's hand-off alone allows, as the peers use it; not a peer);
 - tokenized training batches, one process (global batch 128, `max_tokens` 1000, random disjoint
   panels, top-nonzero): our `DataModule` training loader against scConcept's reference loader,
   lamin-dataloader's `LaminDiskCollection` + `TokenizedDataset` with a collate that does the
@@ -160,6 +161,10 @@ def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_b
     cfg = compose_config(project, OURS_OVERRIDES, str(Path(project) / "conf"))
     maker = DataModule(cfg, log=lambda *a: None).train_loader().maker
 
+    from concept_train.data.handoff import SlotRing
+    # with workers, our loader's own hand-off: shared slots (a batch that misses one goes the torch way)
+    ring = SlotRing(workers, 4 + 2) if workers else None     # prefetch_factor 4 (_loader) + 2
+
     class RawBatches(IterableDataset):
         """Global batch g of the training plan as CSR rows: g = w, w + W, ... in worker w of W."""
         def __iter__(self):
@@ -167,11 +172,21 @@ def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_b
             w, step = (info.id, info.num_workers) if info else (0, 1)
             g = w
             while True:
-                yield raw_batch(maker, maker.plan.batch(g), path)
+                batch = raw_batch(maker, maker.plan.batch(g), path)
+                parcel = ring.pack(batch) if ring is not None else None
+                yield batch if parcel is None else parcel
                 g += step
 
-    it = iter(_loader(RawBatches(), workers, batch_size=None))
-    return timed_batches(it, seconds, lambda b: np.asarray(b["rows"]), lambda b: len(b["indptr"]) - 1)
+    def received(it):
+        for b in it:
+            yield b if isinstance(b, dict) else ring.unpack(b)
+
+    try:
+        it = received(iter(_loader(RawBatches(), workers, batch_size=None)))
+        return timed_batches(it, seconds, lambda b: np.asarray(b["rows"]), lambda b: len(b["indptr"]) - 1)
+    finally:
+        if ring is not None:
+            ring.close()
 
 
 def raw_batch(maker, pb, path: str) -> dict:
