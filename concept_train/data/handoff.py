@@ -22,6 +22,7 @@ import mmap
 import multiprocessing
 import os
 import secrets
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,9 @@ class SlotRing:
         self._written: dict[tuple[int, int], int] = {}     # bytes reserved on tmpfs per slot (this worker)
         self._next = 0                                    # this worker's next slot
         self._owner = os.getpid()
+        # removed at close(), or when the ring is collected, or at the consumer's exit (a loader
+        # iterator never closed); a killed run's are swept at the next start (shm.py)
+        self._unlink = weakref.finalize(self, _unlink, [p for row in self.paths for p in row], self._owner)
         for w, row in enumerate(self.paths):
             for s, path in enumerate(row):
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -73,6 +77,7 @@ class SlotRing:
     def __getstate__(self):      # to a spawned worker: names and semaphores, not this process's maps
         state = dict(self.__dict__)
         state["_maps"], state["_written"], state["_next"] = {}, {}, 0
+        del state["_unlink"]
         return state
 
     def _map(self, w: int, s: int) -> mmap.mmap:
@@ -156,14 +161,18 @@ class SlotRing:
             except BufferError:      # a view still exported (an interrupted copy): the GC unmaps it
                 pass
         self._maps.clear()
-        if os.getpid() != self._owner:
-            return
-        for row in self.paths:
-            for path in row:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        if os.getpid() == self._owner:
+            self._unlink()
+
+
+def _unlink(paths: list[str], owner: int) -> None:
+    if os.getpid() != owner:        # a forked worker inherits the finalizer, not the slots
+        return
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:

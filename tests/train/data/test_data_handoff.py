@@ -5,6 +5,9 @@ are gone after the pass."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from concept_train.data.handoff import SlotRing
 from concept_train.data.shm import HANDOFF_PREFIX, SHM_DIR
 from helpers import data_module
 
+TESTS = Path(__file__).resolve().parents[2]      # tests/, for helpers.py
 SMALL = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
 TAKE = 10
 
@@ -124,3 +128,13 @@ def test_stopping_early_leaves_no_slots(sharded_example, workers):
     assert len(_ours()) == workers * (loader.prefetch_factor + 2)
     it.close()
     assert not _ours()
+
+
+def test_a_process_that_exits_without_closing_its_loader_leaves_no_slots(sharded_example):
+    code = ("import sys, os; sys.path.insert(0, sys.argv[2]); from helpers import data_module; "
+            "it = iter(data_module(sys.argv[1], sys.argv[3:]).train_loader()); next(it); print(os.getpid())")
+    proc = subprocess.run([sys.executable, "-c", code, str(sharded_example), str(TESTS),
+                           *SMALL, "datamodule.dataloader.train.num_workers=2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    pid = proc.stdout.split()[-1]
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(f"{HANDOFF_PREFIX}{pid}-")]
