@@ -39,9 +39,10 @@ class SampleBatch:
     strings: dict[str, list[str]]    # str columns (cell_id, obs.*)
 
     @classmethod
-    def from_samples(cls, samples: list[dict], names: list[str]) -> "SampleBatch":
+    def from_samples(cls, samples: list[dict], names: list[str], shard_dtypes: bool = False) -> "SampleBatch":
         """The same from per-sample dicts (SampleDecoder's output); `names`: the scalar and
-        string columns to keep."""
+        string columns to keep; `shard_dtypes`: genes and counts in the samples' own dtypes
+        (NumPy's concatenation promotes mixed ones), else int64 and float64."""
         genes = [np.asarray(s["genes"]) for s in samples]
         lengths = np.fromiter((len(g) for g in genes), np.int64, count=len(genes))
         scalars, strings = {}, {}
@@ -51,6 +52,9 @@ class SampleBatch:
                 strings[name] = [s.get(name, "") for s in samples]
             elif having is not None:
                 scalars[name] = np.array([s[name] for s in samples])
+        if shard_dtypes and samples:
+            return cls(genes=np.concatenate(genes), counts=np.concatenate([np.asarray(s["counts"]) for s in samples]),
+                       lengths=lengths, scalars=scalars, strings=strings)
         return cls(genes=np.concatenate(genes).astype(np.int64) if genes else np.zeros(0, np.int64),
                    counts=np.concatenate([np.asarray(s["counts"], np.float64) for s in samples]) if samples
                    else np.zeros(0), lengths=lengths, scalars=scalars, strings=strings)

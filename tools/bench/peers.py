@@ -25,8 +25,9 @@ over --repeats rounds:
   (time of the conversion call in the child): cells/s, peak RSS (ru_maxrss of the child's
   process tree: the largest process), bytes on disk per nonzero;
 - raw shuffled minibatches of 128 cells (CSR rows), 0 and 2 DataLoader workers, on the largest
-  size: our shards through the training loader's own plan and store reads (`get_batch`, the
-  loader's; `get_many`, one dict per sample; from workers through the loader's shared slots,
+  size: our shards through the training loader's own plan and store reads (`get_batch` in the
+  shards' dtypes; the same widened to int64 / float64 as the loader tokenizes them; `get_many`,
+  one dict per sample; from workers through the loader's shared slots,
   concept_train/data/handoff.py), annbatch
   over its collection, scdataset over anndata backed mode (block shuffling), scdl memmaps with a
   shuffling torch sampler; and a "no-work ceiling", a loader that hands over one pre-made batch
@@ -191,12 +192,14 @@ def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_b
 
 def raw_batch(maker, pb, path: str) -> dict:
     """A planned batch's cells as CSR (indptr, indices = genes, data = counts) plus source rows,
-    through `SampleStore.get_batch` (the training loader's read: a batch decoded at once, genes
-    int64 and counts float64) where the store has it and `path` asks for it, else `get_many`
-    (one dict per sample, the shard's own dtypes, joined here)."""
+    through `SampleStore.get_batch` (a batch decoded at once) in the shard's own dtypes
+    (`get_batch`: what a reader of raw counts asks for) or widened to int64 genes and float64
+    counts (`get_batch_wide`: what the training loader tokenizes), else `get_many` (one dict per
+    sample, the shard's own dtypes, joined here)."""
     idx = maker.store_index[pb.datasets]
-    if path == "get_batch" and hasattr(maker.store, "get_batch"):
-        b = maker.store.get_batch(idx, pb.rows, ["row"])
+    if path in ("get_batch", "get_batch_wide") and hasattr(maker.store, "get_batch"):
+        own = {"shard_dtypes": True} if path == "get_batch" else {}
+        b = maker.store.get_batch(idx, pb.rows, ["row"], **own)
         genes, counts, lengths, rows = b.genes, b.counts, b.lengths, b.scalars["row"]
     else:
         samples = maker.store.get_many(idx, pb.rows)
@@ -513,6 +516,7 @@ def medians(runs: list[dict]) -> dict:
 def raw_jobs(size: int, project: Path, h5ad: Path, peers: list[str], workdir: Path, seconds: float) -> dict:
     """Per loader: (python, task, kwargs) of a raw-minibatch measurement (workers added later)."""
     jobs = {"ours": (sys.executable, "raw_ours", {"project": str(project)}),
+            "ours widened": (sys.executable, "raw_ours", {"project": str(project), "path": "get_batch_wide"}),
             "ours get_many": (sys.executable, "raw_ours", {"project": str(project), "path": "get_many"})}
     if "annbatch" in peers:
         jobs["annbatch"] = (peers_python(), "raw_annbatch", {"store": str(workdir / f"annbatch_{size}.zarr")})
@@ -613,7 +617,7 @@ def summarize(pre: dict, raw: dict, tok: dict, status: dict, args, workers: list
     for w in workers:
         peer, best = fastest_peer(raw, f"/{w}")
         raw_ratios[str(w)] = {"fastest_peer": peer, **{f"{o}_over_fastest_peer": ratio(rate(raw.get(f"{o}/{w}", {})), best)
-                                                       for o in ("ours", "ours get_many")}}
+                                                       for o in ("ours", "ours widened", "ours get_many")}}
     _, best_any = fastest_peer(raw)
     ours_best = max((rate(v) or 0) for k, v in raw.items() if k.startswith("ours"))
     pre_ratios = {str(s): {p: ratio(rate(r["ours"]), rate(r[p])) for p in r if p != "ours"} for s, r in pre.items()}
@@ -643,6 +647,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--genes", type=int, default=20000)
     p.add_argument("--workdir", default="/tmp/concept_peers_bench")
     p.add_argument("--no-install", action="store_true", help="do not create or update .venv-peers")
+    p.add_argument("--loading-only", action="store_true",
+                   help="skip preprocessing; load from the shards and peer stores an earlier run left in --workdir")
     p.add_argument("--quick", action="store_true", help="20,000 cells, 2 rounds, 3 s per loading run")
     args = p.parse_args(argv)
     if args.quick:
@@ -677,7 +683,7 @@ def main(argv=None) -> int:
     cache: list = []
     inputs = {n: shard.ensure_project(workdir, n, args.genes, args.nnz, SEED, vocab, cache) for n in args.sizes}
     pre = {}
-    for n, (project, h5ad, facts) in inputs.items():
+    for n, (project, h5ad, facts) in ({} if args.loading_only else inputs).items():
         log(f"preprocessing {n:,} cells ({facts['nonzeros']:,} nonzeros) ...")
         pre[n] = preprocessing(n, project, h5ad, facts["nonzeros"],
                                [p for p in ("annbatch", "bionemo-scdl") if p in ok], args.repeats, workdir)

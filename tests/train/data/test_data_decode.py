@@ -35,6 +35,23 @@ def test_batch_decoder_equals_the_sample_decoder_on_every_sample(sharded_example
         assert "obs.absent" not in fast.strings
 
 
+def test_shard_dtypes_give_the_same_values_in_the_shards_own_dtypes(sharded_example):
+    store = data_module(sharded_example).store
+    pairs = np.array([(d, r) for d, s in enumerate(store.sets) for r in range(0, s.n_samples, 7)])
+    pairs = pairs[np.random.default_rng(1).permutation(len(pairs))]
+    seen = set()
+    for chunk in [*np.array_split(pairs, 6), pairs[pairs[:, 0] == 0][:50]]:     # mixed files, then one file
+        own = store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, shard_dtypes=True)
+        _assert_same(own, store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, compiled=False, shard_dtypes=True))
+        wide = store.get_batch(chunk[:, 0], chunk[:, 1], NAMES)
+        assert np.array_equal(own.genes, wide.genes) and np.array_equal(own.counts, wide.counts)
+        samples = store.get_many(chunk[:, 0], chunk[:, 1])
+        assert own.genes.dtype == np.result_type(*{s["genes"].dtype for s in samples})
+        assert own.counts.dtype == np.result_type(*{s["counts"].dtype for s in samples})
+        seen.add((own.genes.dtype.itemsize < 8, own.counts.dtype != np.float64))
+    assert (True, True) in seen                     # the example holds files in narrow dtypes
+
+
 @pytest.mark.parametrize("genes_enc", ["ndarray:uint16", "ndarray:uint32", "ndarray"])
 def test_every_value_dtype_is_cast_as_numpy_casts(tmp_path, genes_enc):
     """Counts of every dtype MDS codes (float16 through the NumPy fallback), between other samples."""
