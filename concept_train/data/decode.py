@@ -147,6 +147,11 @@ def copy_values(buf: np.ndarray, first: np.ndarray, count: np.ndarray, code: np.
                 out: np.ndarray) -> None:
     """The values of each sample into `out` at `dest`, cast to out's dtype: one kernel call per
     dtype among them; float16 (which numba does not read) through NumPy, a sample at a time."""
+    if len(code) and (code == code[0]).all():     # one dtype (a shard's usual case): no sorting, no gathers
+        dtype = CODE_DTYPE[int(code[0])]
+        if dtype != np.float16:
+            _copy(buf, first, count, dtype.itemsize, dest, out, dtype)
+            return
     for k in np.unique(code).tolist():
         dtype, these = CODE_DTYPE[k], np.flatnonzero(code == k)
         if dtype == np.float16:
