@@ -10,10 +10,11 @@ the main process alone.
 Here the main process creates, per pass, `slots` segments per worker (names under /dev/shm,
 sized large but allocated only as written). A worker copies a batch's storages into its next
 slot and sends only a small `Parcel` (slot, offsets, dtypes, shapes) through the queue; the main
-process copies the bytes out into fresh tensors and frees the slot. A semaphore per worker
-counts its free slots: a worker never writes a slot the main process has not read, and when it
-finds none free (a consumer holding many batches) or a batch does not fit, it hands that batch
-over the torch way. Batches are identical either way (tests/train/data/test_data_handoff.py).
+process copies the bytes out into fresh tensors (before it yields the batch) and frees the slot.
+A semaphore per worker counts its free slots: a worker never writes a slot the main process has
+not read, and when it finds none free (other workers ran out of batches and it makes more than
+its share) or a batch does not fit, it hands that batch over the torch way. Batches are
+identical either way (tests/train/data/test_data_handoff.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .shm import HANDOFF_PREFIX, SHM_DIR
+from .shm import HANDOFF_PREFIX, SHM_DIR, owner_tag
 
 SLOT_BYTES = 64 << 20        # virtual size (tmpfs allocates the pages a batch writes); a larger batch goes the torch way
 _ALIGN = 64
@@ -50,7 +51,7 @@ class SlotRing:
     def __init__(self, workers: int, slots: int, slot_bytes: int = SLOT_BYTES, context=None):
         # context: the DataLoader's multiprocessing context (None: the default, as the DataLoader's)
         self.workers, self.slots, self.slot_bytes = int(workers), int(slots), int(slot_bytes)
-        stem = f"{HANDOFF_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        stem = f"{HANDOFF_PREFIX}{owner_tag(os.getpid())}-{secrets.token_hex(4)}"
         self.paths = [[str(SHM_DIR / f"{stem}-{w}-{s}") for s in range(self.slots)] for w in range(self.workers)]
         self.free = [(context or multiprocessing.get_context()).Semaphore(self.slots) for _ in range(self.workers)]
         self._maps: dict[tuple[int, int], mmap.mmap] = {}
@@ -60,15 +61,19 @@ class SlotRing:
         # removed at close(), or when the ring is collected, or at the consumer's exit (a loader
         # iterator never closed); a killed run's are swept at the next start (shm.py)
         self._unlink = weakref.finalize(self, _unlink, [p for row in self.paths for p in row], self._owner)
-        for w, row in enumerate(self.paths):
-            for s, path in enumerate(row):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.ftruncate(fd, self.slot_bytes)
-                    # mapped at once: a stale-segment sweep by another run spares mapped segments
-                    self._maps[(w, s)] = mmap.mmap(fd, self.slot_bytes)
-                finally:
-                    os.close(fd)
+        try:
+            for w, row in enumerate(self.paths):
+                for s, path in enumerate(row):
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        os.ftruncate(fd, self.slot_bytes)
+                        # mapped at once: a stale-segment sweep by another run spares mapped segments
+                        self._maps[(w, s)] = mmap.mmap(fd, self.slot_bytes)
+                    finally:
+                        os.close(fd)
+        except OSError:          # no room for the mappings (ulimit -v), /dev/shm refused: none made
+            self.close()
+            raise
 
     @staticmethod
     def available() -> bool:
@@ -104,7 +109,7 @@ class SlotRing:
         storages, index, specs, offset = [], {}, {}, 0
         for name, t in as_torch.items():
             st = t.untyped_storage()
-            key = st.data_ptr()
+            key = (st.data_ptr(), st.nbytes())     # two arrays over one buffer may see storages of two sizes
             if key not in index:
                 index[key] = len(storages)
                 storages.append((st, offset))

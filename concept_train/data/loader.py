@@ -11,6 +11,7 @@ batches.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,15 +196,19 @@ class Loader:
         # slots per worker: the DataLoader sends a worker its next index before it yields the batch
         # that index replaces, so up to prefetch_factor + 1 of its batches are unread, and a worker
         # with no work to do packs the next before the consumer has copied the last one out
-        ring = SlotRing(self.num_workers, self.prefetch_factor + 2) \
-            if self.num_workers > 0 and self.handoff_slots and SlotRing.available() else None
+        ring = None
+        if self.num_workers > 0 and self.handoff_slots and SlotRing.available():
+            try:
+                ring = SlotRing(self.num_workers, self.prefetch_factor + 2)
+            except OSError as err:
+                warnings.warn(f"loader hand-off slots unavailable ({err}); batches cross the torch way")
         stream = _BatchStream(self.maker, self.position, self.stop, ring)
         kwargs = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
-        # own generator: creating the iterator must not draw from the global torch RNG, or a resumed
-        # run's dropout would not match the uninterrupted one
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(self.maker.seed), **kwargs)
         try:
+            # own generator: creating the iterator must not draw from the global torch RNG, or a
+            # resumed run's dropout would not match the uninterrupted one
+            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                generator=torch.Generator().manual_seed(self.maker.seed), **kwargs)
             for batch in loader:
                 if isinstance(batch, _Failure):
                     raise batch.error()

@@ -20,7 +20,7 @@ from concept_shard.errors import DataError
 SHM_DIR = Path("/dev/shm")
 _STREAMING_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|"
                              r"resume|epoch_shape|epoch_data)$")
-HANDOFF_PREFIX = "concept-handoff-"       # + owner pid, a random token, worker and slot (handoff.py)
+HANDOFF_PREFIX = "concept-handoff-"       # + owner_tag, a random token, worker and slot (handoff.py)
 
 
 def _mapped_shm_names() -> set[str] | None:
@@ -43,9 +43,26 @@ def _mapped_shm_names() -> set[str] | None:
     return names
 
 
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), "0" where
+    /proc does not say: with the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "0"
+
+
+def owner_tag(pid: int) -> str:
+    """PID.STARTTIME: what a hand-off segment's name holds of the process that made it."""
+    return f"{pid}.{_start_time(pid)}"
+
+
 def _owner_alive(name: str) -> bool:
-    """Whether the process that created a hand-off segment still runs (its pid is in the name)."""
-    pid = name[len(HANDOFF_PREFIX):].split("-", 1)[0]
+    """Whether the process that created a hand-off segment still runs (its pid and start time are
+    in the name; a pid alone may have been reused by another process since)."""
+    tag = name[len(HANDOFF_PREFIX):].split("-", 1)[0]
+    pid, _, started = tag.partition(".")
     if not pid.isdigit():
         return False
     try:
@@ -53,8 +70,8 @@ def _owner_alive(name: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:      # alive, another user's
-        return True
-    return True
+        pass
+    return started in ("", "0") or _start_time(int(pid)) in (started, "0")
 
 
 def clean_stale_streaming_shm() -> list[str]:

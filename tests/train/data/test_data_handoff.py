@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from concept_train.data.handoff import SlotRing
-from concept_train.data.shm import HANDOFF_PREFIX, SHM_DIR
+from concept_train.data.shm import HANDOFF_PREFIX, SHM_DIR, clean_stale_streaming_shm, owner_tag
 from helpers import data_module
 
 TESTS = Path(__file__).resolve().parents[2]      # tests/, for helpers.py
@@ -35,7 +35,7 @@ def _batches(project, workers: int, slots: bool) -> list:
 
 
 def _ours() -> set[str]:
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(f"{HANDOFF_PREFIX}{os.getpid()}-")}
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(f"{HANDOFF_PREFIX}{owner_tag(os.getpid())}-")}
 
 
 def test_slots_deliver_the_batches_of_the_main_process_and_of_torchs_handoff(sharded_example):
@@ -66,24 +66,33 @@ class _Parcels(IterableDataset):
             yield self.ring.pack(arrays), arrays
 
 
-def _through(ring, arrays):
+def _through(ring, arrays, context=None):
     out = []
-    for parcel, sent in DataLoader(_Parcels(ring, arrays), batch_size=None, num_workers=1):
+    for parcel, sent in DataLoader(_Parcels(ring, arrays), batch_size=None, num_workers=1,
+                                   multiprocessing_context=context):
         out.append((None if parcel is None else ring.unpack(parcel), sent))
     return out
 
 
-def test_arrays_of_every_dtype_and_shared_storages_round_trip():
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_arrays_of_every_dtype_and_shared_storages_round_trip(method):
+    """Under fork the worker inherits the ring's maps; under spawn (forkserver alike) it gets the
+    names and semaphores and maps the slots itself."""
+    import multiprocessing
+    context = multiprocessing.get_context(method)
     rng = np.random.default_rng(0)
     joined = torch.from_numpy(rng.integers(0, 255, 4096).astype(np.uint8))
+    base = np.arange(50, dtype=np.int64)
     sent = [{"a": rng.integers(-5, 5, 100).astype(np.int64), "b": rng.random(33).astype(np.float32),
              "c": rng.random(7) > 0.5, "d": np.zeros(0, np.int32), "e": np.arange(12, dtype=np.int16).reshape(3, 4),
              # two views of one storage (the loader's layout): copied once, viewed at their offsets
-             "f": joined[8:808].view(torch.int64), "g": joined[1024:2048].view(torch.float32)}
+             "f": joined[8:808].view(torch.int64), "g": joined[1024:2048].view(torch.float32),
+             # NumPy views of one buffer: storages at one address, of two sizes
+             "h": base[:10], "i": base}
             for _ in range(5)]
-    ring = SlotRing(1, 3)
+    ring = SlotRing(1, 3, context=context)
     try:
-        got = _through(ring, sent)
+        got = _through(ring, sent, context)
     finally:
         ring.close()
     assert len(got) == 5
@@ -137,4 +146,20 @@ def test_a_process_that_exits_without_closing_its_loader_leaves_no_slots(sharded
                            *SMALL, "datamodule.dataloader.train.num_workers=2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     pid = proc.stdout.split()[-1]
-    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(f"{HANDOFF_PREFIX}{pid}-")]
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(f"{HANDOFF_PREFIX}{pid}.")]
+
+
+def test_the_sweep_removes_slots_of_a_dead_owner_or_of_a_reused_pid_and_keeps_live_ones():
+    live = SlotRing(1, 1)
+    reused = SHM_DIR / f"{HANDOFF_PREFIX}{os.getpid()}.1-feedbeef-0-0"     # our pid, another start time
+    dead = SHM_DIR / f"{HANDOFF_PREFIX}999999999.5-feedbeef-0-0"
+    try:
+        for path in (reused, dead):
+            path.write_bytes(b"x")
+        removed = set(clean_stale_streaming_shm())
+        assert {reused.name, dead.name} <= removed and not (set(_ours()) & removed)
+        assert not reused.exists() and not dead.exists() and len(_ours()) == 1
+    finally:
+        live.close()
+        for path in (reused, dead):
+            path.unlink(missing_ok=True)
