@@ -19,10 +19,12 @@ identical either way (tests/train/data/test_data_handoff.py).
 
 from __future__ import annotations
 
+import math
 import mmap
 import multiprocessing
 import os
 import secrets
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -43,6 +45,22 @@ class Parcel:
     slot: int
     storages: list[tuple[int, int]]                      # (offset in the slot, nbytes)
     tensors: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]   # name -> (storage, byte offset, dtype, shape)
+
+
+def ring_for(num_workers: int, prefetch_factor: int) -> "SlotRing | None":
+    """The slots for one pass of a DataLoader with these settings, or None (the torch way) without
+    workers, without /dev/shm, or when they cannot be made (said in a warning).
+
+    Slots per worker: the DataLoader sends a worker its next index before it yields the batch
+    that index replaces, so up to prefetch_factor + 1 of its batches are unread, and a worker with
+    no work to do packs the next before the consumer has copied the last one out."""
+    if num_workers <= 0 or not SlotRing.available():
+        return None
+    try:
+        return SlotRing(num_workers, prefetch_factor + 2)
+    except OSError as err:
+        warnings.warn(f"loader hand-off slots unavailable ({err}); batches cross the torch way")
+        return None
 
 
 class SlotRing:
@@ -154,7 +172,7 @@ class SlotRing:
             del view
         finally:
             self.free[parcel.worker].release()
-        return {name: own[i][off:off + _nbytes(dtype, shape)].view(dtype).view(shape)
+        return {name: own[i][off:off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
                 for name, (i, off, dtype, shape) in parcel.tensors.items()}
 
     def close(self) -> None:
@@ -179,9 +197,3 @@ def _unlink(paths: list[str], owner: int) -> None:
         except FileNotFoundError:
             pass
 
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n

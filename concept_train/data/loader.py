@@ -11,7 +11,6 @@ batches.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +25,7 @@ from .filters import ViewFilters
 from .panels import PanelSampler
 from .plan import BatchPlan
 from .decode import SampleBatch
-from .handoff import Parcel, SlotRing
+from .handoff import Parcel, SlotRing, ring_for
 from .store import SampleStore
 from .tokenize import STRATEGIES, Cells, TokenSpec, normalized, pack, select_views, use_kernel
 
@@ -193,15 +192,7 @@ class Loader:
     def __iter__(self):
         if self.rewind:
             self.position = 0
-        # slots per worker: the DataLoader sends a worker its next index before it yields the batch
-        # that index replaces, so up to prefetch_factor + 1 of its batches are unread, and a worker
-        # with no work to do packs the next before the consumer has copied the last one out
-        ring = None
-        if self.num_workers > 0 and self.handoff_slots and SlotRing.available():
-            try:
-                ring = SlotRing(self.num_workers, self.prefetch_factor + 2)
-            except OSError as err:
-                warnings.warn(f"loader hand-off slots unavailable ({err}); batches cross the torch way")
+        ring = ring_for(self.num_workers, self.prefetch_factor) if self.handoff_slots else None
         stream = _BatchStream(self.maker, self.position, self.stop, ring)
         kwargs = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
         try:

@@ -71,7 +71,7 @@ def _owner_alive(name: str) -> bool:
         return False
     except PermissionError:      # alive, another user's
         pass
-    return started in ("", "0") or _start_time(int(pid)) in (started, "0")
+    return started == "0" or _start_time(int(pid)) in (started, "0")     # "0": /proc did not say
 
 
 def clean_stale_streaming_shm() -> list[str]:
@@ -102,9 +102,10 @@ def clean_stale_streaming_shm() -> list[str]:
 
 # streaming's registries, its per-shard arrays and semaphores, and DataLoader workers handing
 # batches over (handoff.py's slots, prefetch_factor + 2 per worker, hold the bytes each batch
-# wrote: ~1.5 MB a batch at the default batch size, up to ~5 MB at max_tokens 1000): a few MB, and
-# ~8 MB per worker. A slot that cannot be reserved sends its batch the torch way (also /dev/shm). Measured: with 400 KB free a run hung before
-# its first batch; with 64 KB it stopped in a SemLock with ENOSPC; a full one ends in "Bus error".
+# wrote: ~1.5 MB a batch at the default batch size, up to ~5 MB at max_tokens 1000; a slot that
+# cannot be reserved sends its batch the torch way, also through /dev/shm): a few MB, and ~8 MB
+# per worker. Measured: with 400 KB free a run hung before its first batch; with 64 KB it
+# stopped in a SemLock with ENOSPC; a full one ends in "Bus error".
 MIN_FREE_SHM = 16 << 20
 PER_WORKER_SHM = 8 << 20
 

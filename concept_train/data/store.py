@@ -148,7 +148,8 @@ class SampleStore:
         np.cumsum(lengths[:-1], out=dest[1:])
         gene_dtype, count_dtype = np.int64, np.float64
         if shard_dtypes and groups:
-            codes = [np.unique(np.concatenate([g[4][4][:, a] for g in groups])).tolist() for a in (0, 1)]
+            codes = [np.unique(np.concatenate([code[:, a] for *_, (_, _, _, _, code) in groups])).tolist()
+                     for a in (0, 1)]
             gene_dtype, count_dtype = (np.result_type(*[CODE_DTYPE[k] for k in c]) for c in codes)
         genes, counts = np.empty(int(lengths.sum()), gene_dtype), np.empty(int(lengths.sum()), count_dtype)
         strings, parts = {}, {}

@@ -80,6 +80,7 @@ PEER_IMPORTS = {
 # each peer's own defaults (annbatch at chunk_size 32, preload_nchunks 256 read 2.2x slower here)
 ANNBATCH_LOADER = {"chunk_size": 512, "preload_nchunks": 32}     # contiguous rows of its pre-shuffled collection
 SCDATASET_LOADER = {"block_size": 8, "fetch_factor": 16}
+PREFETCH = 4                    # every loader's DataLoader prefetch_factor with workers
 OURS_OVERRIDES = ["datamodule=Bench", "datamodule.dataset.train.panel_selection=random"]
 
 
@@ -142,7 +143,7 @@ def task_convert_scdl(h5ad: str, out: str) -> dict:
 
 def _loader(dataset, workers: int, **kw):
     from torch.utils.data import DataLoader
-    extra = {"prefetch_factor": 4, "persistent_workers": True} if workers else {}
+    extra = {"prefetch_factor": PREFETCH, "persistent_workers": True} if workers else {}
     return DataLoader(dataset, num_workers=workers, **kw, **extra)
 
 
@@ -162,9 +163,9 @@ def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_b
     cfg = compose_config(project, OURS_OVERRIDES, str(Path(project) / "conf"))
     maker = DataModule(cfg, log=lambda *a: None).train_loader().maker
 
-    from concept_train.data.handoff import SlotRing
+    from concept_train.data.handoff import ring_for
     # with workers, our loader's own hand-off: shared slots (a batch that misses one goes the torch way)
-    ring = SlotRing(workers, 4 + 2) if workers else None     # prefetch_factor 4 (_loader) + 2
+    ring = ring_for(workers, PREFETCH)
 
     class RawBatches(IterableDataset):
         """Global batch g of the training plan as CSR rows: g = w, w + W, ... in worker w of W."""
