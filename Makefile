@@ -10,14 +10,19 @@ PY := $(VENV)/bin/python
 # (CI=true), where it fails. ALSO_TESTS: the tests whose libraries differ between the versions'
 # locks (anndata 0.12/0.13, pandas 2/3, zarr, scipy): reading sources, sharding, embedding into
 # .h5ad, AnnData objects, CSV panels, the end-to-end runs (the model and trainer tests run the same
-# torch on every version); ALSO_TESTS=tests for the whole fast suite (about 5 minutes more).
+# torch on every version), in groups as SUITES (one pytest process each, a group in double quotes);
+# ALSO_TESTS=tests for the whole fast suite in one process (about 5 minutes more).
 ALSO_PYTHON ?= 3.11
-ALSO_TESTS ?= tests/shard tests/e2e tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py
+# tests/shard in two groups: the first holds the tests that compare whole builds (each reads ~20
+# datasets back with streaming; see SUITES below)
+SHARD_BUILDS := tests/shard/test_array_tasks.py tests/shard/test_build_resume.py
+SHARD_OTHERS := tests/shard $(SHARD_BUILDS:%=--ignore=%)
+ALSO_TESTS ?= "$(SHARD_BUILDS)" "$(SHARD_OTHERS) tests/e2e tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py"
 # test-fast runs these (default: all of tests/)
 TESTS ?=
 EXAMPLE ?= example_project
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast lint bench
 
 install:
 	CONCEPT_VENV=$(VENV) PYTHON=$(PYTHON) bash tools/install.sh
@@ -33,16 +38,22 @@ demo: install
 	$(VENV)/bin/concept-train $(EXAMPLE) +experiment=demo
 	$(VENV)/bin/concept-eval "$$(ls -dt $(EXAMPLE)/model_checkpoints/*/ | head -n 1)"
 
-# The whole suite, slow end-to-end tests included, then the fast tests of ALSO_TESTS on
+# ruff (lint), then the whole suite, slow end-to-end tests included, then the fast tests of ALSO_TESTS on
 # $(ALSO_PYTHON) (this is what CI runs). CONCEPT_VENV tells the tests that run the SLURM scripts
 # which venv to use.
 # One pytest process per group: mosaicml-streaming keeps a handle on the shared memory of every
 # live dataset each time a StreamingDataset is built, so descriptors grow with the square of the
 # datasets one process builds, and the whole suite in one process passed the 20,000 limit
-# ("Too many open files").
-SUITES ?= tests/e2e tests/shard tests/train/data "tests/train/model tests/train/trainer tests/train/test_api_train.py tests/train/test_embed.py" tests/train/eval
+# ("Too many open files"); tests/shard alone came close. The example project and its shards are
+# built once for all of them (tests/helpers.py: cached_copy, in .pytest_cache/d/concept-fixtures/).
+SUITES ?= tests/e2e "$(SHARD_BUILDS)" "$(SHARD_OTHERS)" tests/train/data "tests/train/model tests/train/trainer tests/train/test_api_train.py tests/train/test_embed.py tests/train/eval"
 
-test: install
+# ruff's lint and format check over the packages, tests and tools (pyproject.toml [tool.ruff])
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	@rc=0; for suite in $(SUITES); do \
 	  echo "[test] $$suite"; CONCEPT_VENV=$(VENV) $(PY) -m pytest -q --durations=8 $$suite || rc=1; \
 	done; exit $$rc
@@ -52,7 +63,7 @@ test: install
 	  if [ "$${CI:-}" = true ]; then exit 1; fi; \
 	  echo "[test] skipped the fast suite on Python $(ALSO_PYTHON): none found (CI runs it; ALSO_PYTHON= hides this)"; exit 0; \
 	fi; \
-	$(MAKE) --no-print-directory test-fast PYTHON=$(ALSO_PYTHON) VENV=.venv-$(ALSO_PYTHON) TESTS="$(ALSO_TESTS)"
+	$(MAKE) --no-print-directory test-fast PYTHON=$(ALSO_PYTHON) VENV=.venv-$(ALSO_PYTHON) TESTS= SUITES='$(ALSO_TESTS)'
 
 test-fast: install
 	@rc=0; for suite in $(if $(TESTS),"$(TESTS)",$(SUITES)); do \

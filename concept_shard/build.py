@@ -12,20 +12,21 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from concept_config.data import DataModuleKeys
+from concept_config.project import PathKeys, ShardKeys
 
 from .cells import GeneMap, build_gene_map
 from .datasets import Expectation, ShardStore, settings_digest
-from .fingerprint import source_mtime_ns
 from .errors import ConfigError, ShardError, UserError
 from .finalize import PartsMismatch, finished_parts, join_parts, write_species_indexes
+from .fingerprint import source_mtime_ns
 from .layout import DatasetLayout, exclusive, read_json, remove_tree, write_json_atomic
-from .mds import parse_compression
 from .plan import WorkUnit, assign, file_ranges
 from .source import AnnDataSource
 from .splits import SourceFile, collect_source_files
 from .vocabulary import Vocabulary, load_vocabulary
 from .writer import PartSettings, write_part
+
 
 @dataclass
 class FileJob:
@@ -44,10 +45,10 @@ class BuildReport:
     built: list[str] = field(default_factory=list)
     up_to_date: list[str] = field(default_factory=list)
     rebuilt: list[str] = field(default_factory=list)
-    waiting: list[str] = field(default_factory=list)       # parts owned by other tasks
+    waiting: list[str] = field(default_factory=list)  # parts owned by other tasks
     failed: list[UserError] = field(default_factory=list)
     failed_ids: set[str] = field(default_factory=set)
-    datasets: list[dict] = field(default_factory=list)     # SUMMARY_FIELDS of each complete dataset
+    datasets: list[dict] = field(default_factory=list)  # SUMMARY_FIELDS of each complete dataset
 
     @property
     def exit_code(self) -> int:
@@ -57,31 +58,33 @@ class BuildReport:
 class ShardJob:
     """The composed config's files, their plan and their state on disk."""
 
-    def __init__(self, cfg: DictConfig, progress: bool = True, lamin=None, log=print):
-        self.cfg, self.progress, self.lamin, self.log = cfg, progress, lamin, log
-        self.project = Path(cfg.PATH.PROJECT_PATH)
-        remote_url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
+    def __init__(
+        self, paths: PathKeys, shard: ShardKeys, dm: DataModuleKeys, progress: bool = True, lamin=None, log=print
+    ):
+        self.paths, self.progress, self.lamin, self.log = paths, progress, lamin, log
+        self.project = Path(paths.PROJECT_PATH)
+        remote_url = paths.SHARDS_REMOTE
         if remote_url and lamin is not None:
-            raise ConfigError("--lamindb", f"registers shards in place, which is not supported for remote shards "
-                              f"(PATH.SHARDS_REMOTE={remote_url}).",
-                              "Run without --lamindb, or shard to a local PATH.SHARDS_PATH inside the instance.")
-        self.store = ShardStore.from_config(cfg)
-        self.shards_root = self.store.root     # where datasets are built (staged, when remote)
+            raise ConfigError(
+                "--lamindb",
+                f"registers shards in place, which is not supported for remote shards "
+                f"(PATH.SHARDS_REMOTE={remote_url}).",
+                "Run without --lamindb, or shard to a local PATH.SHARDS_PATH inside the instance.",
+            )
+        self.store = ShardStore.from_paths(paths)
+        self.shards_root = self.store.root  # where datasets are built (staged, when remote)
         self.remote = self.store.remote
-        s = cfg.shard
-        self.settings = PartSettings(obs_keys=list(OmegaConf.select(cfg, "datamodule.obs_keys") or []),
-                                     chunk_size=_count(s, "chunk_size", 1), shard_size_limit=_count(s, "shard_size_limit", 1024),
-                                     compression=s.compression or None, allow_non_integral=s.allow_non_integral)
-        self.part_size = _count(s, "part_size", 1)
-        if not isinstance(self.settings.allow_non_integral, bool):
-            raise ConfigError("shard.allow_non_integral", f"is {self.settings.allow_non_integral!r}.", "Use true or false.")
-        try:
-            parse_compression(self.settings.compression)
-        except ValueError as exc:
-            raise ConfigError("shard.compression", f"is {self.settings.compression!r}: {exc}.",
-                              "Use zstd, zstd:1 .. zstd:22, or null.") from None
+        # the schema checked every value (concept_config.project.ShardKeys)
+        self.settings = PartSettings(
+            obs_keys=list(dm.obs_keys),
+            chunk_size=shard.chunk_size,
+            shard_size_limit=shard.shard_size_limit,
+            compression=shard.compression or None,
+            allow_non_integral=shard.allow_non_integral,
+        )
+        self.part_size = shard.part_size
         self._vocabs: dict[str, Vocabulary | UserError] = {}
-        files, self.config_errors = collect_source_files(cfg)
+        files, self.config_errors = collect_source_files(paths, dm)
         self.jobs = [FileJob(sf, self.store.local(sf)) for sf in files]
         for job in self.jobs:
             self._probe(job)
@@ -90,7 +93,7 @@ class ShardJob:
     def vocab(self, species: str) -> Vocabulary:
         if species not in self._vocabs:
             try:
-                self._vocabs[species] = load_vocabulary(Path(self.cfg.PATH.GENE_MAPPINGS_PATH), species)
+                self._vocabs[species] = load_vocabulary(Path(self.paths.GENE_MAPPINGS_PATH), species)
             except UserError as err:
                 self._vocabs[species] = err
         v = self._vocabs[species]
@@ -103,8 +106,11 @@ class ShardJob:
         try:
             if job.sf.lamindb_key is not None:
                 if self.lamin is None:
-                    raise ShardError(job.sf.split_key, f"lists lamindb artifact `{job.sf.name}`.",
-                                     "Run with --lamindb (or lamindb.enabled=true) to resolve artifact keys.")
+                    raise ShardError(
+                        job.sf.split_key,
+                        f"lists lamindb artifact `{job.sf.name}`.",
+                        "Run with --lamindb (or lamindb.enabled=true) to resolve artifact keys.",
+                    )
                 job.sf.path = self.lamin.resolve_key(job.sf.lamindb_key)
             with _open(job.sf) as src:
                 job.ranges = file_ranges(src.n_cells, self.part_size)
@@ -247,8 +253,15 @@ class ShardJob:
     def _progress_bar(self, total: int):
         from tqdm import tqdm
 
-        return tqdm(total=total, unit="cells", unit_scale=True, desc="concept-shard", disable=not self.progress,
-                    mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True)
+        return tqdm(
+            total=total,
+            unit="cells",
+            unit_scale=True,
+            desc="concept-shard",
+            disable=not self.progress,
+            mininterval=1 if sys.stderr.isatty() else 30,
+            dynamic_ncols=True,
+        )
 
     def _write_units(self, job: FileJob, units: list[WorkUnit], report: BuildReport, bar) -> bool:
         """Write a file's pending units; on the first error mark the file failed and move on.
@@ -258,21 +271,28 @@ class ShardJob:
         for i, unit in enumerate(units):
             try:
                 with exclusive(job.layout.part_lock(unit.start, unit.end)) as mine:
-                    if not mine:       # a re-submitted array while the first still runs: never share a part
-                        self.log(f"[concept-shard] {job.sf.dataset_id}: rows {unit.start}-{unit.end} are being "
-                                 "written by another build; skipped here.")
+                    if not mine:  # a re-submitted array while the first still runs: never share a part
+                        self.log(
+                            f"[concept-shard] {job.sf.dataset_id}: rows {unit.start}-{unit.end} are being "
+                            "written by another build; skipped here."
+                        )
                         complete = False
-                    if mine and not self._unit_done(job, unit):   # another build may have finished it meanwhile
-                        self._write_unit(job, unit, gene_map, bar)     # (write_part advances the bar)
+                    if mine and not self._unit_done(job, unit):  # another build may have finished it meanwhile
+                        self._write_unit(job, unit, gene_map, bar)  # (write_part advances the bar)
                     else:
                         bar.update(unit.cells)
                     job.layout.failed_marker(unit.start).unlink(missing_ok=True)
-            except Exception as exc:   # one bad file must not stop the others
-                err = exc if isinstance(exc, UserError) else ShardError(
-                    job.sf.path, f"failed while sharding rows {unit.start}-{unit.end} "
-                    f"({type(exc).__name__}: {exc}).",
-                    "See the traceback in the failed_*.json marker under the shards' .parts directory; "
-                    "re-run `concept-shard build` after fixing the cause.")
+            except Exception as exc:  # one bad file must not stop the others
+                err = (
+                    exc
+                    if isinstance(exc, UserError)
+                    else ShardError(
+                        job.sf.path,
+                        f"failed while sharding rows {unit.start}-{unit.end} ({type(exc).__name__}: {exc}).",
+                        "See the traceback in the failed_*.json marker under the shards' .parts directory; "
+                        "re-run `concept-shard build` after fixing the cause.",
+                    )
+                )
                 self._fail(job, unit.start, err, report, traceback.format_exc())
                 remove_tree(job.layout.part_tmp(unit.start, unit.end))
                 bar.update(sum(u.cells for u in units[i:]))
@@ -290,29 +310,46 @@ class ShardJob:
     def _write_unit(self, job: FileJob, unit: WorkUnit, gene_map: list, bar) -> None:
         vocab = self.vocab(job.sf.species)
         with _open(job.sf) as src:
-            if not gene_map:     # once per file, shared by its units
+            if not gene_map:  # once per file, shared by its units
                 gene_map.append(build_gene_map(job.sf.path, src.gene_ids(), vocab, job.sf.var_gene_id_column))
             gm = gene_map[0]
             expected = self.expected(job)
             expected.start_content_hash()
             info = self._dataset_info(job, src, gm, vocab)
-            write_part(src, job.layout, gm, vocab, unit.start, unit.end, self.settings, info, progress=bar,
-                       late=lambda: {"source_content_hash": expected.content_hash()})
+            write_part(
+                src,
+                job.layout,
+                gm,
+                vocab,
+                unit.start,
+                unit.end,
+                self.settings,
+                info,
+                progress=bar,
+                late=lambda: {"source_content_hash": expected.content_hash()},
+            )
 
     def _dataset_info(self, job: FileJob, src: AnnDataSource, gm: GeneMap, vocab: Vocabulary) -> dict:
         ident = self.identity(job)
         sf = job.sf
         return dict(
             ident,
-            species=sf.species, source_name=sf.source_name,
-            source_file=_relative(sf.path, self.project), source_size=self.expected(job).source_size,
+            species=sf.species,
+            source_name=sf.source_name,
+            source_file=_relative(sf.path, self.project),
+            source_size=self.expected(job).source_size,
             source_mtime_ns=source_mtime_ns(sf.path),
             lamindb_key=sf.lamindb_key,
             vocabulary_file=_relative(vocab.path, self.project),
-            matrix=src.matrix_key, matrix_format=src.format, gene_id_column=sf.var_gene_id_column,
-            n_cells_source=src.n_cells, n_genes_source=gm.n_source_genes,
-            genes=gm.tokens.tolist(), genes_dropped=gm.n_source_genes - gm.n_in_vocab,
-            genes_dropped_examples=gm.dropped_examples, obs_keys=self.settings.obs_keys,
+            matrix=src.matrix_key,
+            matrix_format=src.format,
+            gene_id_column=sf.var_gene_id_column,
+            n_cells_source=src.n_cells,
+            n_genes_source=gm.n_source_genes,
+            genes=gm.tokens.tolist(),
+            genes_dropped=gm.n_source_genes - gm.n_in_vocab,
+            genes_dropped_examples=gm.dropped_examples,
+            obs_keys=self.settings.obs_keys,
             columns=self.settings.columns(vocab),
         )
 
@@ -340,13 +377,13 @@ class ShardJob:
             self._join_locked(job, report)
 
     def _join_locked(self, job: FileJob, report: BuildReport) -> None:
-        if self._state(job, read_json(job.layout.dataset_json))[0] == "done":     # joined meanwhile
+        if self._state(job, read_json(job.layout.dataset_json))[0] == "done":  # joined meanwhile
             if self.remote is not None:
                 self._publish(job, report)
             else:
                 report.up_to_date.append(job.sf.dataset_id)
             return
-        for leftover in job.layout.leftovers():      # of a join killed half-way: never counted, never kept
+        for leftover in job.layout.leftovers():  # of a join killed half-way: never counted, never kept
             remove_tree(leftover)
         ranges = self._tiling(job)
         if ranges is None:
@@ -354,16 +391,34 @@ class ShardJob:
             return
         parts = finished_parts(job.layout, self.identity(job))
         first = parts[ranges[0]]
-        info = {k: v for k, v in first.items() if k not in ("start", "end", "cells_written", "nonzeros",
-                                                             "cells_dropped_no_nonzero", "shard_bytes",
-                                                             "obs_keys_absent")}
+        info = {
+            k: v
+            for k, v in first.items()
+            if k
+            not in (
+                "start",
+                "end",
+                "cells_written",
+                "nonzeros",
+                "cells_dropped_no_nonzero",
+                "shard_bytes",
+                "obs_keys_absent",
+            )
+        }
         try:
             record = join_parts(job.layout, ranges, parts, info)
         except PartsMismatch as exc:
-            remove_tree(job.layout.parts_dir)        # the next build writes them again
-            self._fail(job, ranges[0][0], ShardError(job.sf.path, f"could not be joined: {exc}; its parts were "
-                                                     "removed.", "Re-run `concept-shard build`: it writes them again."),
-                       report)
+            remove_tree(job.layout.parts_dir)  # the next build writes them again
+            self._fail(
+                job,
+                ranges[0][0],
+                ShardError(
+                    job.sf.path,
+                    f"could not be joined: {exc}; its parts were removed.",
+                    "Re-run `concept-shard build`: it writes them again.",
+                ),
+                report,
+            )
             return
         if self.remote is not None:
             self._publish(job, report)
@@ -411,15 +466,6 @@ class ShardJob:
             if record is not None:
                 out.append({k: record[k] for k in SUMMARY_FIELDS})
         return out
-
-
-def _count(section, name: str, low: int) -> int:
-    """An integer setting of `shard` that must be at least `low` (a bad one would publish empty
-    datasets that later builds call up to date)."""
-    value = section.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"shard.{name}", f"is {value!r}.", f"Use an integer of at least {low}.")
-    return value
 
 
 def _open(sf: SourceFile) -> AnnDataSource:

@@ -23,7 +23,7 @@ TARGET_SUM = 1e4
 
 # A cell's library size is stored as int64 (float64 with allow_non_integral) and summed in float64:
 # exact below 2^53. Raw counts are far below; a larger total means the matrix holds something else.
-MAX_LIBRARY_SIZE = 2.0 ** 53
+MAX_LIBRARY_SIZE = 2.0**53
 
 # Counts are stored per cell in the smallest unsigned dtype that holds the cell's maximum
 # (UMI counts are mostly < 256, so usually 1 byte per value).
@@ -32,10 +32,10 @@ _COUNT_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32), n
 
 @dataclass
 class GeneMap:
-    col_token: np.ndarray    # source column -> token id, or -1 outside the vocabulary (int32)
-    tokens: np.ndarray       # the file's in-vocabulary genes as token ids, ascending
-    has_oov: bool            # some columns are outside the vocabulary
-    token_ordered: bool      # in-vocabulary columns already appear in ascending token order
+    col_token: np.ndarray  # source column -> token id, or -1 outside the vocabulary (int32)
+    tokens: np.ndarray  # the file's in-vocabulary genes as token ids, ascending
+    has_oov: bool  # some columns are outside the vocabulary
+    token_ordered: bool  # in-vocabulary columns already appear in ascending token order
     n_source_genes: int
     dropped_examples: list[str]
 
@@ -49,46 +49,58 @@ def build_gene_map(path: Path, gene_ids: np.ndarray, vocab: Vocabulary, id_colum
     uniq, counts = np.unique(stripped, return_counts=True)
     if (counts > 1).any():
         dups = uniq[counts > 1][:5].tolist()
-        raise ShardError(path, f"has duplicate gene ids after removing version suffixes ({int((counts > 1).sum())} "
-                         f"ids, e.g. {dups}).",
-                         "Make the Ensembl ids unique (aggregate or drop duplicated genes) and re-export the file.")
+        raise ShardError(
+            path,
+            f"has duplicate gene ids after removing version suffixes ({int((counts > 1).sum())} ids, e.g. {dups}).",
+            "Make the Ensembl ids unique (aggregate or drop duplicated genes) and re-export the file.",
+        )
     col_token = np.fromiter((vocab.token_of.get(g, -1) for g in stripped), dtype=np.int32, count=len(stripped))
     in_vocab = col_token[col_token >= 0]
     if len(in_vocab) == 0:
         where = f"var column '{id_column}'" if id_column else "var_names"
         example_vocab = list(vocab.token_of)[:2]
-        raise ShardError(path, f"shares no gene id with the {vocab.species} vocabulary {vocab.path} "
-                         f"(its {where} look like {stripped[:3].tolist()}; the vocabulary has e.g. {example_vocab}).",
-                         "If the Ensembl ids are in a var column, set `var_gene_id_column` in the split YAML; "
-                         "otherwise check the split's species.")
-    return GeneMap(col_token, np.sort(in_vocab), bool((col_token < 0).any()),
-                   bool((np.diff(in_vocab) > 0).all()), len(col_token), stripped[col_token < 0][:10].tolist())
+        raise ShardError(
+            path,
+            f"shares no gene id with the {vocab.species} vocabulary {vocab.path} "
+            f"(its {where} look like {stripped[:3].tolist()}; the vocabulary has e.g. {example_vocab}).",
+            "If the Ensembl ids are in a var column, set `var_gene_id_column` in the split YAML; "
+            "otherwise check the split's species.",
+        )
+    return GeneMap(
+        col_token,
+        np.sort(in_vocab),
+        bool((col_token < 0).any()),
+        bool((np.diff(in_vocab) > 0).all()),
+        len(col_token),
+        stripped[col_token < 0][:10].tolist(),
+    )
 
 
 @dataclass
 class ChunkCells:
     """Cells of one chunk, ready to write; empty cells are excluded but counted."""
 
-    local: np.ndarray         # position of each kept cell within the chunk
-    indptr: np.ndarray        # into genes/counts, per kept cell
-    genes: np.ndarray         # token ids, vocabulary dtype, ascending within each cell
-    counts: np.ndarray        # values in the source dtype, same order
-    count_dtype: list         # per kept cell: the numpy dtype to store its counts in
-    n_counts: np.ndarray      # library size over all source genes, per kept cell
+    local: np.ndarray  # position of each kept cell within the chunk
+    indptr: np.ndarray  # into genes/counts, per kept cell
+    genes: np.ndarray  # token ids, vocabulary dtype, ascending within each cell
+    counts: np.ndarray  # values in the source dtype, same order
+    count_dtype: list  # per kept cell: the numpy dtype to store its counts in
+    n_counts: np.ndarray  # library size over all source genes, per kept cell
     n_empty: int
 
 
-def _validate(path: Path, data: np.ndarray, indices: np.ndarray, row0: int, indptr: np.ndarray,
-              allow_non_integral: bool) -> float:
+def _validate(
+    path: Path, data: np.ndarray, indices: np.ndarray, row0: int, indptr: np.ndarray, allow_non_integral: bool
+) -> float:
     """Raise on NaN, infinite, negative or (unless allowed) non-integral values; return the minimum."""
     if len(data) == 0:
         return 1.0
     low = data.min()
     if data.dtype.kind == "u" or (data.dtype.kind == "i" and low >= 0):
         return float(low)
-    finite = data.dtype.kind != "f" or bool(np.isfinite(data.max()))      # NaN or inf: max is not finite
+    finite = data.dtype.kind != "f" or bool(np.isfinite(data.max()))  # NaN or inf: max is not finite
     if finite and low >= 0 and (allow_non_integral or np.array_equal(np.floor(data), data)):
-        return float(low)          # NaN fails both tests above (min of data with NaN is NaN)
+        return float(low)  # NaN fails both tests above (min of data with NaN is NaN)
     if data.dtype.kind == "f" and np.isnan(data).any():
         bad, what = np.flatnonzero(np.isnan(data))[0], "NaN"
     elif data.dtype.kind == "f" and np.isinf(data).any():
@@ -99,10 +111,13 @@ def _validate(path: Path, data: np.ndarray, indices: np.ndarray, row0: int, indp
         bad, what = np.flatnonzero(data != np.floor(data))[0], "non-integral"
     row = row0 + int(np.searchsorted(indptr, bad, side="right") - 1)
     col = int(indices[bad])
-    raise ShardError(path, f"holds {what} counts (e.g. {float(data[bad]):g} in row {row}, column {col}); "
-                     "concept-shard stores raw counts and normalises on the fly.",
-                     "Put the raw integer counts in X or in .raw (layers are not read), or set "
-                     "shard.allow_non_integral=true to keep non-integral values as float32.")
+    raise ShardError(
+        path,
+        f"holds {what} counts (e.g. {float(data[bad]):g} in row {row}, column {col}); "
+        "concept-shard stores raw counts and normalises on the fly.",
+        "Put the raw integer counts in X or in .raw (layers are not read), or set "
+        "shard.allow_non_integral=true to keep non-integral values as float32.",
+    )
 
 
 def _row_sums(data: np.ndarray, starts: np.ndarray, integral: bool) -> np.ndarray:
@@ -120,8 +135,9 @@ def _row_sums(data: np.ndarray, starts: np.ndarray, integral: bool) -> np.ndarra
 SORT_BLOCK_ROWS = 128
 
 
-def map_chunk(path: Path, chunk: sp.csr_matrix, row0: int, gene_map: GeneMap, vocab: Vocabulary,
-              allow_non_integral: bool) -> ChunkCells:
+def map_chunk(
+    path: Path, chunk: sp.csr_matrix, row0: int, gene_map: GeneMap, vocab: Vocabulary, allow_non_integral: bool
+) -> ChunkCells:
     data, indices = chunk.data, chunk.indices
     indptr = chunk.indptr.astype(np.int64, copy=False)
     n_rows = chunk.shape[0]
@@ -133,11 +149,14 @@ def map_chunk(path: Path, chunk: sp.csr_matrix, row0: int, gene_map: GeneMap, vo
         n_counts[has_values] = _row_sums(data, indptr[:-1][has_values], not allow_non_integral)
         if n_counts.max() >= MAX_LIBRARY_SIZE:
             row = int(np.argmax(n_counts))
-            raise ShardError(path, f"holds a cell whose counts add up to {n_counts[row]:.3g} (row {row0 + row}), "
-                             f"beyond what is stored exactly (2^53).",
-                             "Put the raw counts in X or in .raw; values this large are not counts.")
+            raise ShardError(
+                path,
+                f"holds a cell whose counts add up to {n_counts[row]:.3g} (row {row0 + row}), "
+                f"beyond what is stored exactly (2^53).",
+                "Put the raw counts in X or in .raw; values this large are not counts.",
+            )
     tokens = gene_map.col_token[indices]
-    if gene_map.has_oov or low == 0:      # drop genes outside the vocabulary and stored zeros
+    if gene_map.has_oov or low == 0:  # drop genes outside the vocabulary and stored zeros
         keep = (tokens >= 0) & (data != 0)
         row_of = np.repeat(np.arange(n_rows), lengths)
         lengths = np.bincount(row_of[keep], minlength=n_rows)
@@ -156,8 +175,15 @@ def map_chunk(path: Path, chunk: sp.csr_matrix, row0: int, gene_map: GeneMap, vo
         count_dtype = [_COUNT_DTYPES[i] for i in level]
     # rows without kept genes have empty ranges, so the kept rows' ranges are contiguous
     cell_indptr = np.concatenate([starts, ends[-1:]]) if len(nonempty) else np.zeros(1, np.int64)
-    return ChunkCells(local=nonempty, indptr=cell_indptr, genes=genes, counts=data, count_dtype=count_dtype,
-                      n_counts=n_counts[nonempty], n_empty=int(n_rows - len(nonempty)))
+    return ChunkCells(
+        local=nonempty,
+        indptr=cell_indptr,
+        genes=genes,
+        counts=data,
+        count_dtype=count_dtype,
+        n_counts=n_counts[nonempty],
+        n_empty=int(n_rows - len(nonempty)),
+    )
 
 
 def _sort_rows(tokens: np.ndarray, data: np.ndarray, indptr: np.ndarray, n_tokens: int):
@@ -167,7 +193,7 @@ def _sort_rows(tokens: np.ndarray, data: np.ndarray, indptr: np.ndarray, n_token
     for a in range(0, n_rows, SORT_BLOCK_ROWS):
         b = min(a + SORT_BLOCK_ROWS, n_rows)
         lo, hi = int(indptr[a]), int(indptr[b])
-        block = sp.csr_matrix((data[lo:hi], tokens[lo:hi], indptr[a:b + 1] - lo), shape=(b - a, n_tokens))
+        block = sp.csr_matrix((data[lo:hi], tokens[lo:hi], indptr[a : b + 1] - lo), shape=(b - a, n_tokens))
         block = block.tocsc().tocsr()
         out_tokens[lo:hi], out_data[lo:hi] = block.indices, block.data
     return out_tokens, out_data

@@ -8,8 +8,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from .errors import ConfigError, UserError
 
 USAGE_EPILOG = """\
@@ -24,15 +22,19 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="concept-shard", description="Shard a project's .h5ad/.zarr files into "
-                                "per-species MDS datasets.", epilog=USAGE_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="concept-shard",
+        description="Shard a project's .h5ad/.zarr files into per-species MDS datasets.",
+        epilog=USAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in [("build", "shard every file listed by the split YAMLs (skips complete ones)"),
-                        ("merge", "join row-range parts written by array tasks; write species indexes"),
-                        ("status", "list files as done, pending, stale or failed"),
-                        ("gene-vectors", "co-expression gene vectors from the training shards, for "
-                         "PATH.PRETRAINED_VOCABULARY")]:
+    for name, help_ in [
+        ("build", "shard every file listed by the split YAMLs (skips complete ones)"),
+        ("merge", "join row-range parts written by array tasks; write species indexes"),
+        ("status", "list files as done, pending, stale or failed"),
+        ("gene-vectors", "co-expression gene vectors from the training shards, for PATH.PRETRAINED_VOCABULARY"),
+    ]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("project_path", metavar="PROJECT_PATH")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. shard.chunk_size=4096")
@@ -40,18 +42,32 @@ def _parser() -> argparse.ArgumentParser:
         if name == "gene-vectors":
             s.add_argument("--dim", type=int, default=64, help="vector length (model.dim_pretrained_vocab; default 64)")
             s.add_argument("--name", default="coexpression", help="output: PROJECT/references/embeddings/NAME/")
-            s.add_argument("--max-cells", type=int, default=50_000, help="training cells sampled per species (default 50,000)")
-            s.add_argument("--min-cells", type=int, default=10, help="genes seen in fewer sampled cells get no vector (default 10)")
-            s.add_argument("--spread", type=int, default=4,
-                           help="read only the shards of spread x max-cells cells (at most all) and sample among "
-                                "them: a larger spread reads more shards and files (default 4)")
+            s.add_argument(
+                "--max-cells", type=int, default=50_000, help="training cells sampled per species (default 50,000)"
+            )
+            s.add_argument(
+                "--min-cells", type=int, default=10, help="genes seen in fewer sampled cells get no vector (default 10)"
+            )
+            s.add_argument(
+                "--spread",
+                type=int,
+                default=4,
+                help="read only the shards of spread x max-cells cells (at most all) and sample among "
+                "them: a larger spread reads more shards and files (default 4)",
+            )
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
             continue
-        s.add_argument("--lamindb", action="store_true", help="register sources and shards in the current lamindb instance")
+        s.add_argument(
+            "--lamindb", action="store_true", help="register sources and shards in the current lamindb instance"
+        )
         if name == "build":
-            s.add_argument("--task-index", type=int, default=None, help="this task (default: from $SLURM_ARRAY_TASK_ID)")
-            s.add_argument("--num-tasks", type=int, default=None, help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT)")
+            s.add_argument(
+                "--task-index", type=int, default=None, help="this task (default: from $SLURM_ARRAY_TASK_ID)"
+            )
+            s.add_argument(
+                "--num-tasks", type=int, default=None, help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT)"
+            )
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -69,28 +85,30 @@ def main(argv: list[str] | None = None) -> int:
     from .plan import array_task
 
     try:
-        if args.command == "build":     # before any work: a SLURM array that cannot share it is refused
+        if args.command == "build":  # before any work: a SLURM array that cannot share it is refused
             task, count = args.task_index, args.num_tasks
             if task is None or count is None:
                 env_task, env_count = array_task() or (0, 1)
                 task = env_task if task is None else task
                 count = env_count if count is None else count
             if not 0 <= task < count:
-                raise ConfigError("--task-index", f"is {task} but --num-tasks is {count}.",
-                                  "Use 0 <= task-index < num-tasks.")
+                raise ConfigError(
+                    "--task-index", f"is {task} but --num-tasks is {count}.", "Use 0 <= task-index < num-tasks."
+                )
         cfg = compose_config(args.project_path, args.overrides, args.config_dir)
         if args.command == "gene-vectors":
             return _gene_vectors(cfg, args)
-        use_lamin = args.lamindb or bool(OmegaConf.select(cfg, "lamindb.enabled"))
+        use_lamin = args.lamindb or cfg.lamindb.enabled
         lamin = None
-        if use_lamin:     # status only resolves `lamindb:` keys; build and merge also register
+        if use_lamin:  # status only resolves `lamindb:` keys; build and merge also register
             from .lineage import ShardLineage
-            lamin = ShardLineage(cfg, args.command)
+
+            lamin = ShardLineage(cfg.PATH.PROJECT_PATH, cfg.datamodule.name, args.command)
         progress = args.command == "build" and not args.no_progress
         t0 = time.time()
-        job = ShardJob(cfg, progress=progress, lamin=lamin)
+        job = ShardJob(cfg.PATH, cfg.shard, cfg.datamodule, progress=progress, lamin=lamin)
         if args.command == "status":
-            return _print_status(job)    # no run was created, so nothing to close
+            return _print_status(job)  # no run was created, so nothing to close
         if args.command == "build":
             report = job.run_task(task, count)
         else:
@@ -102,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print_report(report, time.time() - t0, args.command)
     if report.failed and _only_packaged_configs(args) and all(e.problem == "does not exist." for e in report.failed):
-        print(f"\nEvery listed file is missing: the split files used are the packaged example's ({PACKAGED_CONF_DIR}/"
-              "datamodule). Put your own split YAMLs and data module in PROJECT_PATH/conf/datamodule/ (used "
-              "automatically), or pass --config-dir DIR, and select your data module with datamodule=<name>.",
-              file=sys.stderr)
+        print(
+            f"\nEvery listed file is missing: the split files used are the packaged example's ({PACKAGED_CONF_DIR}/"
+            "datamodule). Put your own split YAMLs and data module in PROJECT_PATH/conf/datamodule/ (used "
+            "automatically), or pass --config-dir DIR, and select your data module with datamodule=<name>.",
+            file=sys.stderr,
+        )
     return report.exit_code
 
 
@@ -116,11 +136,19 @@ def _only_packaged_configs(args) -> bool:
 def _gene_vectors(cfg, args) -> int:
     from .gene_vectors import GeneVectorSettings, write_gene_vectors
 
-    settings = GeneVectorSettings(name=args.name, dim=args.dim, max_cells=args.max_cells, min_cells=args.min_cells,
-                                  seed=args.seed, spread=args.spread)
-    out_dir = write_gene_vectors(cfg, settings, progress=not args.no_progress)
-    print(f"\nconcept-shard gene-vectors: wrote {out_dir}\nTrain from them with: "
-          f"PATH.PRETRAINED_VOCABULARY={out_dir} model.dim_pretrained_vocab={settings.dim}")
+    settings = GeneVectorSettings(
+        name=args.name,
+        dim=args.dim,
+        max_cells=args.max_cells,
+        min_cells=args.min_cells,
+        seed=args.seed,
+        spread=args.spread,
+    )
+    out_dir = write_gene_vectors(cfg.PATH, cfg.datamodule, settings, progress=not args.no_progress)
+    print(
+        f"\nconcept-shard gene-vectors: wrote {out_dir}\nTrain from them with: "
+        f"PATH.PRETRAINED_VOCABULARY={out_dir} model.dim_pretrained_vocab={settings.dim}"
+    )
     return 0
 
 
@@ -133,8 +161,10 @@ def _print_report(report, seconds: float, command: str) -> None:
         r[2] += d["nonzeros"]
         r[3] += d["shard_bytes"]
         r[4] += sum(d["cells_dropped"].values())
-    print(f"\nconcept-shard {command}: {len(report.built)} built, {len(report.up_to_date)} up to date, "
-          f"{len(report.waiting)} waiting for other tasks/merge, {len(report.failed)} failed ({seconds:.1f} s)")
+    print(
+        f"\nconcept-shard {command}: {len(report.built)} built, {len(report.up_to_date)} up to date, "
+        f"{len(report.waiting)} waiting for other tasks/merge, {len(report.failed)} failed ({seconds:.1f} s)"
+    )
     if rows:
         header = f"{'species':<12}{'files':>7}{'cells':>12}{'nonzeros':>15}{'MB':>10}{'B/nnz':>7}{'dropped':>9}"
         print(header)
@@ -147,8 +177,11 @@ def _print_report(report, seconds: float, command: str) -> None:
     for err in report.failed:
         print(f"\nFAILED {err.paragraph()}", file=sys.stderr)
     if report.failed:
-        print(f"\n{len(report.failed)} input(s) failed; the others are complete. Fix them and re-run the same "
-              "command: finished work is kept.", file=sys.stderr)
+        print(
+            f"\n{len(report.failed)} input(s) failed; the others are complete. Fix them and re-run the same "
+            "command: finished work is kept.",
+            file=sys.stderr,
+        )
 
 
 def _print_status(job) -> int:

@@ -1,5 +1,6 @@
 """Compose the project config exactly as the trainer will: Hydra, `conf/`, the user's config
-directory, overrides; then check it against the typed schema (`concept_train.schema.Root`).
+directory, overrides; then check it against the typed schema (`concept_config.Root`) and hand it
+out as typed objects: `compose_config` returns a `Root`, and each owner takes its own section.
 
 The user's directory is `--config-dir`, else `PROJECT_PATH/conf` when it exists; it is searched
 before the packaged `conf/`, so it can add groups (`datamodule=MyModule`, its own split files) and
@@ -13,17 +14,23 @@ schema knows, also one that no YAML file mentions, and an unknown one is refused
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
-from .schema import SPLIT_PREFIX, split_node
+from concept_config import Root
+from concept_config.project import SECTIONS, SPLIT_PREFIX, WEIGHT_KEYS, SplitItem, split_node
+
+from .errors import ConfigError, ShardError
 from .strict import check_values, inert_warning, merge_typed, origin_of, set_override, suggestion, unknown_keys
 
 # The packaged config tree sits beside the packages (repo root); CONCEPT_CONF_DIR overrides it.
+_INTERPOLATION = re.compile(r"^\$\{([^}]+)\}$")  # a split list item that names a split file
 PACKAGED_CONF_DIR = Path(os.environ.get("CONCEPT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 
 
@@ -31,26 +38,44 @@ def compose_config(
     project_path: str | os.PathLike | None,
     overrides: list[str] | tuple[str, ...] = (),
     config_dir: str | os.PathLike | None = None,
+    **options,
+) -> Root:
+    """The typed config: composed and checked as `compose_tree` does it (`options`: its
+    `config_name` and `log`), as a `concept_config.Root` whose sections each owner takes as they are."""
+    return to_root(compose_tree(project_path, overrides, config_dir, **options))
+
+
+def compose_tree(
+    project_path: str | os.PathLike | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    config_dir: str | os.PathLike | None = None,
     config_name: str = "config",
     log=None,
 ) -> DictConfig:
-    """Compose `config_name` from the packaged tree, with the user's config directory searched
-    FIRST, and check it against the schema. `log` receives the one warning line about scConcept
-    keys that have no effect here (default: stderr)."""
+    """`config_name` composed from the packaged tree, with the user's config directory searched
+    FIRST, and checked against the schema: OmegaConf's tree, interpolations unresolved (what
+    docs/config.md documents; code works with `compose_config`'s typed object). `log` receives the
+    one warning line about scConcept keys that have no effect here (default: stderr)."""
     if not PACKAGED_CONF_DIR.is_dir():
-        raise ConfigError(PACKAGED_CONF_DIR, "the packaged config tree is missing.",
-                          "Install the repo with `bash tools/install.sh` or set CONCEPT_CONF_DIR.")
+        raise ConfigError(
+            PACKAGED_CONF_DIR,
+            "the packaged config tree is missing.",
+            "Install the repo with `bash tools/install.sh` or set CONCEPT_CONF_DIR.",
+        )
     overrides = list(overrides)
     if project_path is not None:
         overrides = [f"PATH.PROJECT_PATH={_quoted(Path(project_path).resolve())}"] + overrides
         if config_dir is None and (Path(project_path) / "conf").is_dir():
-            config_dir = Path(project_path) / "conf"          # the project's own configs, by convention
+            config_dir = Path(project_path) / "conf"  # the project's own configs, by convention
     user_dir = None
     if config_dir is not None:
         user_dir = Path(config_dir).resolve()
         if not user_dir.is_dir():
-            raise ConfigError(f"--config-dir {config_dir}", "is not a directory.",
-                              "Pass the directory that holds your datamodule/ and split YAMLs.")
+            raise ConfigError(
+                f"--config-dir {config_dir}",
+                "is not a directory.",
+                "Pass the directory that holds your datamodule/ and split YAMLs.",
+            )
     search = [d for d in (user_dir, PACKAGED_CONF_DIR) if d is not None]
     hydra_side, settings = _split_overrides(overrides, search)
     cfg = _compose(hydra_side, user_dir, config_name)
@@ -60,17 +85,16 @@ def compose_config(
         if parts[:3] == ["datamodule", "dataloader", "val"] and len(parts) > 4:
             _check_loader_names(cfg, overrides, search, [parts[3]])
         if not _has_key(cfg, dotted):
-            from concept_train.schema import Root
             parent = dotted.rsplit(".", 1)[0] if "." in dotted else ""
             node = OmegaConf.select(cfg, parent) if parent else cfg
             siblings = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-            raise ConfigError(dotted, "is not a key of the config (on the command line).",
-                              suggestion(dotted, siblings, Root))
+            raise ConfigError(
+                dotted, "is not a key of the config (on the command line).", suggestion(dotted, siblings, Root)
+            )
         set_override(cfg, dotted, value)
     _check_loader_names(cfg, overrides, search)
     if OmegaConf.is_missing(cfg.PATH, "PROJECT_PATH"):
         raise ConfigError("PATH.PROJECT_PATH", "is not set.", "Pass PROJECT_PATH as the first argument.")
-    from concept_train.schema import Root
     inert = check_values(cfg, Root, dynamic=split_node)
     line = inert_warning(inert)
     if line:
@@ -80,6 +104,7 @@ def compose_config(
 
 def _stderr(line: str) -> None:
     import sys
+
     print(line, file=sys.stderr)
 
 
@@ -89,11 +114,15 @@ def _split_overrides(overrides: list[str], search: list[Path]) -> tuple[list[str
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
     from hydra.errors import HydraException
+
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
-        raise ConfigError("command line", f"has an override Hydra cannot parse ({exc}).",
-                          "Write overrides as key=value; quote values with spaces or commas: key='a b'.") from None
+        raise ConfigError(
+            "command line",
+            f"has an override Hydra cannot parse ({exc}).",
+            "Write overrides as key=value; quote values with spaces or commas: key='a b'.",
+        ) from None
     hydra_side, settings = [], []
     for text, o in zip(overrides, parsed):
         group = o.key_or_group.split("@")[0]
@@ -105,22 +134,152 @@ def _split_overrides(overrides: list[str], search: list[Path]) -> tuple[list[str
     return hydra_side, settings
 
 
-def typed_config(cfg: DictConfig) -> DictConfig:
+def typed_config(cfg: DictConfig | dict) -> Root:
     """A config saved by a run (its resolved `config.yaml`) in the current schema: keys a later
     version added take their defaults, so code reads every key without a fallback of its own."""
-    return _typed(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)), [], [])
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+    return to_root(_typed(OmegaConf.create(cfg), [], []))
+
+
+def to_root(cfg: DictConfig) -> Root:
+    """The checked tree as typed objects, every interpolation resolved: split files go to
+    `datamodule.mounted_splits`, each loader's split list becomes `SplitItem`s."""
+    lists = {where: _split_items(cfg, where) for where in _split_lists(cfg)}
+    files = {}
+    for name in [k for k in cfg.datamodule.keys() if str(k).startswith(SPLIT_PREFIX)]:
+        files[str(name)] = _resolved(cfg.datamodule, name)
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    for name in files:
+        del tree["datamodule"][name]
+    for where in lists:
+        _set(tree, where, [])
+    try:
+        root = OmegaConf.to_object(merge_typed(OmegaConf.create(tree), Root))
+    except OmegaConfBaseException as exc:
+        where = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(
+            where,
+            f"cannot be resolved ({str(exc).strip().splitlines()[0]}).",
+            "Fix the interpolation ${...} it uses, or set the key to a value.",
+        ) from None
+    root.datamodule.mounted_splits = files
+    for where, items in lists.items():
+        _set_attr(root, where, items)
+    return root
+
+
+def as_dict(root: Root) -> dict:
+    """The typed config as plain containers, laid out as the YAML tree (split files at
+    `datamodule.split_<x>`, split lists as written): what a run records in its config.yaml."""
+
+    def plain(value):
+        if isinstance(value, SplitItem):
+            return plain(value.written)
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    tree = plain(root)
+    tree["datamodule"].update(tree["datamodule"].pop("mounted_splits"))
+    return tree
+
+
+def _split_lists(cfg: DictConfig) -> list[str]:
+    """The config keys of every loader's split list."""
+    dm = cfg.datamodule
+    return ["datamodule.dataset.train.split"] + [f"datamodule.dataset.val.{name}.split" for name in dm.dataset.val]
+
+
+def _resolved(parent: DictConfig, name) -> object:
+    try:
+        node = parent._get_node(name)
+        return (
+            OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else parent[name]
+        )
+    except OmegaConfBaseException as exc:
+        raise ConfigError(
+            f"datamodule.{name}",
+            f"cannot be resolved ({str(exc).strip().splitlines()[0]}).",
+            "Fix the interpolation ${...} it uses, or set the key to a value.",
+        ) from None
+
+
+def _split_items(cfg: DictConfig, where: str) -> list[SplitItem]:
+    """A loader's split list as SplitItems: `${datamodule.split_x}` references (keyed by the split
+    file), `{source: ..., key: train|val, proportion/repeat}` items and inline split dicts."""
+    parent = OmegaConf.select(cfg, where.rsplit(".", 1)[0])
+    raw = OmegaConf.to_container(parent, resolve=False)["split"]
+    written = _resolved(parent, "split")
+    if isinstance(raw, (str, dict)):
+        raw, written = [raw], [written]
+    items = []
+    for i, (item, shown) in enumerate(zip(raw, written)):
+        key, section, weights = f"{where}[{i}]", None, {}
+        if isinstance(item, dict) and "source" in item:
+            section = item.get("key")
+            weights = {k: item[k] for k in WEIGHT_KEYS if item.get(k) is not None}
+            item = item["source"]
+            if section not in SECTIONS:
+                raise ShardError(key, f"has `key: {section}`.", "Use `key: train` or `key: val`.")
+        if isinstance(item, str) and (m := _INTERPOLATION.match(item)):
+            key = m.group(1)
+            if OmegaConf.select(cfg, key) is None:
+                raise ShardError(
+                    key,
+                    "is referenced by a split list but not defined.",
+                    "Add it to the datamodule's defaults list, e.g. `- split_x_hsapiens: my_split`.",
+                )
+            split = OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
+        elif isinstance(item, dict):  # inline: its ${PATH...} interpolations resolved against PATH
+            split = OmegaConf.to_container(
+                OmegaConf.merge(OmegaConf.create({"PATH": cfg.PATH}), {"_": item})["_"], resolve=True
+            )
+        else:
+            split = item
+        if isinstance(split, dict):
+            weights = {k: split[k] for k in WEIGHT_KEYS if split.get(k) is not None} | weights
+        items.append(SplitItem(key=key, split=split, section=section, weights=weights, written=shown))
+    return items
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[leaf] = value
+
+
+def _set_attr(root, dotted: str, value) -> None:
+    node = root
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    setattr(node, leaf, value)
 
 
 def _typed(cfg: DictConfig, overrides: list[str], search: list[Path]) -> DictConfig:
     """The composed config merged into the schema: unknown keys named with where they were set and
     the closest known key; wrong types named by key; the schema's defaults filled in."""
-    from concept_train.schema import Root
     unknown = unknown_keys(cfg, Root, dynamic=split_node)
     if unknown:
         path, siblings = unknown[0]
         more = f" (and {len(unknown) - 1} more: {', '.join(p for p, _ in unknown[1:4])})" if len(unknown) > 1 else ""
-        raise ConfigError(path, f"is not a key of the config; it is set {origin_of(path, overrides, search)}{more}.",
-                          suggestion(path, siblings, Root))
+        raise ConfigError(
+            path,
+            f"is not a key of the config; it is set {origin_of(path, overrides, search)}{more}.",
+            suggestion(path, siblings, Root),
+        )
+    if isinstance(cfg.get("datamodule"), DictConfig) and "mounted_splits" in cfg.datamodule:
+        raise ConfigError(
+            "datamodule.mounted_splits",
+            f"is set {origin_of('datamodule.mounted_splits', overrides, search)}; it is filled from the split files.",
+            "Mount split files as datamodule.split_<source>_<species>.",
+        )
     OmegaConf.set_struct(cfg, False)
     splits = {}
     if isinstance(cfg.get("datamodule"), DictConfig):
@@ -161,15 +320,21 @@ def _compose(overrides: list[str], user_dir: Path | None, config_name: str) -> D
     try:
         return compose(config_name=config_name, overrides=overrides)
     except HydraException as exc:
-        raise ConfigError("config", f"Hydra could not compose the config: {exc}",
-                          "Check the override keys and group names (`datamodule=...`) and --config-dir.") from exc
-    except yaml.YAMLError as exc:         # a config file that is not valid YAML
+        raise ConfigError(
+            "config",
+            f"Hydra could not compose the config: {exc}",
+            "Check the override keys and group names (`datamodule=...`) and --config-dir.",
+        ) from exc
+    except yaml.YAMLError as exc:  # a config file that is not valid YAML
         mark = getattr(exc, "problem_mark", None)
         where = f"{mark.name}, line {mark.line + 1}" if mark is not None else "a config file"
         problem = " ".join(str(exc).split())
-        raise ConfigError(where, f"is not valid YAML ({problem}).",
-                          "Fix the file; a list that holds ${...} interpolations must be written one item "
-                          "per line (`- ${datamodule.split_x}`), not as [${...}].") from None
+        raise ConfigError(
+            where,
+            f"is not valid YAML ({problem}).",
+            "Fix the file; a list that holds ${...} interpolations must be written one item "
+            "per line (`- ${datamodule.split_x}`), not as [${...}].",
+        ) from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -178,15 +343,20 @@ def _check_loader_names(cfg: DictConfig, overrides: list[str], search: list[Path
     """A `dataloader.val.<name>` needs a `dataset.val.<name>`: settings under a misspelled loader
     name would otherwise configure nothing."""
     import difflib
+
     datasets = [str(k) for k in cfg.datamodule.dataset.val.keys()]
-    for name in (cfg.datamodule.dataloader.val.keys() if names is None else names):
+    for name in cfg.datamodule.dataloader.val.keys() if names is None else names:
         if name not in datasets:
             path = f"datamodule.dataloader.val.{name}"
             close = difflib.get_close_matches(str(name), datasets, n=1, cutoff=0.6)
-            raise ConfigError(path, f"configures a validation loader that datamodule.dataset.val does not define "
-                              f"(set {origin_of(path, overrides, search)}; loaders: {datasets}).",
-                              f"Did you mean `{close[0]}`?" if close else
-                              f"Add datamodule.dataset.val.{name} (with its split), or remove this entry.")
+            raise ConfigError(
+                path,
+                f"configures a validation loader that datamodule.dataset.val does not define "
+                f"(set {origin_of(path, overrides, search)}; loaders: {datasets}).",
+                f"Did you mean `{close[0]}`?"
+                if close
+                else f"Add datamodule.dataset.val.{name} (with its split), or remove this entry.",
+            )
 
 
 def _has_key(cfg: DictConfig, dotted: str) -> bool:

@@ -18,7 +18,8 @@ written now:
 
 The build checks all three. Training checks the source (unless `datamodule.check_sources=false`:
 shards copied without their sources) and the vocabulary; gene-vectors checks the vocabulary only.
-Neither of them checks the settings: their reader takes any column set it finds.
+Neither of them checks the settings: their reader takes any column set it finds. Both, once they
+open a dataset's index.json, check that it lists the cells dataset.json wrote (`index_problem`).
 
 Training trusts a source whose size and mtime are the recorded `source_size` and
 `source_mtime_ns` (one stat per file, `quick`): at 3,000 files the sampled fingerprints cost 30
@@ -31,12 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from concept_config.project import PathKeys
 
 from .fingerprint import content_hash, source_fingerprint, source_mtime_ns, source_stat
 from .layout import DatasetLayout, read_json
@@ -58,7 +59,15 @@ class Problem:
     """Why a dataset cannot be used as it is."""
 
     reason: str
-    source_gone: bool = False      # the shards may be fine; their source file is not on this machine
+    source_gone: bool = False  # the shards may be fine; their source file is not on this machine
+
+
+def index_problem(index_samples: int, cells_written: int) -> Problem | None:
+    """None when a dataset's index.json lists as many samples as its dataset.json wrote cells; else
+    why not (a shard lost, or an index.json of another build): its rows would not be its cells."""
+    if int(index_samples) == int(cells_written):
+        return None
+    return Problem(f"index.json lists {int(index_samples)} samples, dataset.json {int(cells_written)} cells")
 
 
 class Expectation:
@@ -66,8 +75,7 @@ class Expectation:
     settings digest when given. The source's fingerprint is computed once, on first use. `quick`:
     a source whose size and mtime are the recorded ones is current without being read."""
 
-    def __init__(self, vocab: Vocabulary, source: Path | None = None, digest: str | None = None,
-                 quick: bool = False):
+    def __init__(self, vocab: Vocabulary, source: Path | None = None, digest: str | None = None, quick: bool = False):
         self.vocab, self.source, self.digest = vocab, None if source is None else Path(source), digest
         self.quick = quick
         self._fingerprint: tuple[str, int] | None = None
@@ -103,17 +111,25 @@ class Expectation:
     def _source_problem(self, record: dict) -> Problem | None:
         if record.get("source_fingerprint") != self.source_fingerprint:
             return Problem("the source file changed since it was sharded")
-        recorded = record.get("source_mtime_ns")     # absent in datasets built before it was recorded
-        if (recorded is not None and source_mtime_ns(self.source) != recorded
-                and record.get("source_content_hash") != self.content_hash()):
-            return Problem("the source file changed since it was sharded (found by a full content check "
-                           "after its modification time changed)")
+        recorded = record.get("source_mtime_ns")  # absent in datasets built before it was recorded
+        if (
+            recorded is not None
+            and source_mtime_ns(self.source) != recorded
+            and record.get("source_content_hash") != self.content_hash()
+        ):
+            return Problem(
+                "the source file changed since it was sharded (found by a full content check "
+                "after its modification time changed)"
+            )
         return None
 
     def identity(self) -> dict:
         """The three fingerprints a finished part or dataset must carry (source and digest needed)."""
-        return {"source_fingerprint": self.source_fingerprint, "vocabulary_fingerprint": self.vocab.fingerprint,
-                "settings_digest": self.digest}
+        return {
+            "source_fingerprint": self.source_fingerprint,
+            "vocabulary_fingerprint": self.vocab.fingerprint,
+            "settings_digest": self.digest,
+        }
 
     def problem(self, record: dict | None, where) -> Problem | None:
         """None when `record` (a dataset.json, or None when there is none at `where`) is complete
@@ -141,14 +157,13 @@ class ShardStore:
         self.root, self.remote = Path(shards_root), remote
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "ShardStore":
-        """The store the config names; a remote one is checked (bucket, credentials) here."""
-        url = OmegaConf.select(cfg, "PATH.SHARDS_REMOTE")
+    def from_paths(cls, paths: PathKeys) -> ShardStore:
+        """The store `PATH` names; a remote one is checked (bucket, credentials) here."""
         remote = None
-        if url:
-            remote = RemoteShards(url)
+        if paths.SHARDS_REMOTE:
+            remote = RemoteShards(paths.SHARDS_REMOTE)
             remote.check()
-        return cls(Path(cfg.PATH.SHARDS_PATH), remote)
+        return cls(Path(paths.SHARDS_PATH), remote)
 
     def local(self, sf: SourceFile) -> DatasetLayout:
         """The dataset's local directories (the dataset itself, or its staging copy when remote)."""

@@ -43,8 +43,9 @@ def check_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dic
     total = 0
     contents = {parts[r].get("source_content_hash") for r in ranges}
     if len(contents) > 1:
-        raise PartsMismatch("its parts were written from different contents of the source (it changed during "
-                            "the build)")
+        raise PartsMismatch(
+            "its parts were written from different contents of the source (it changed during the build)"
+        )
     for start, end in ranges:
         rec, part = parts[(start, end)], layout.part_dir(start, end) / "mds"
         try:
@@ -60,8 +61,10 @@ def check_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dic
             if not file.is_file() or file.stat().st_size != int(stored["bytes"]):
                 raise PartsMismatch(f"rows {start}-{end} lack shard {stored['basename']} or hold it truncated")
         if rec["cells_written"] + rec["cells_dropped_no_nonzero"] != end - start:
-            raise PartsMismatch(f"rows {start}-{end} account for {rec['cells_written']} written and "
-                                f"{rec['cells_dropped_no_nonzero']} dropped cells, not {end - start}")
+            raise PartsMismatch(
+                f"rows {start}-{end} account for {rec['cells_written']} written and "
+                f"{rec['cells_dropped_no_nonzero']} dropped cells, not {end - start}"
+            )
         total += end - start
     if total != n_cells_source:
         raise PartsMismatch(f"the parts cover {total} of the source's {n_cells_source} cells")
@@ -70,7 +73,7 @@ def check_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dic
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
-    except OSError:           # filesystems without hard links, or across devices
+    except OSError:  # filesystems without hard links, or across devices
         shutil.copy2(src, dst)
 
 
@@ -85,9 +88,9 @@ def join_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dict
     for start, end in ranges:
         part = layout.part_dir(start, end) / "mds"
         for shard in json.loads((part / "index.json").read_text())["shards"]:
-            stored = (shard.get("zip_data") or shard["raw_data"])["basename"]   # the file on disk
+            stored = (shard.get("zip_data") or shard["raw_data"])["basename"]  # the file on disk
             for key in ("raw_data", "zip_data"):
-                if shard.get(key):   # shard.00003.mds[.zstd] -> shard.<dataset-wide number>.mds[.zstd]
+                if shard.get(key):  # shard.00003.mds[.zstd] -> shard.<dataset-wide number>.mds[.zstd]
                     name = shard[key]["basename"]
                     shard[key]["basename"] = f"shard.{len(index_shards):05d}." + name.split(".", 2)[2]
             _link_or_copy(part / stored, join / (shard.get("zip_data") or shard["raw_data"])["basename"])
@@ -111,7 +114,7 @@ def join_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dict
     if layout.dataset_dir.exists():
         os.replace(layout.dataset_dir, old)
     os.replace(join, layout.dataset_dir)
-    write_json_atomic(layout.dataset_json, record)     # LAST: its presence means complete
+    write_json_atomic(layout.dataset_json, record)  # LAST: its presence means complete
     remove_tree(old)
     remove_tree(layout.parts_dir)
     return record
@@ -125,20 +128,33 @@ def write_species_indexes(shards_root: Path) -> dict[str, int]:
     """
     counts = {}
     for species_dir in sorted(p for p in Path(shards_root).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        shards, datasets = [], []
-        for ds_json in sorted(species_dir.glob("*/*/dataset.json")):
-            ds_dir = ds_json.parent
-            if ds_dir.name.endswith(".tmp") or ds_dir.parent.name.startswith("."):
-                continue       # the previous version of a dataset whose join was killed, not a dataset
-            rel = ds_dir.relative_to(species_dir).as_posix()
-            info = read_json(ds_json)
-            for shard in json.loads((ds_dir / "index.json").read_text())["shards"]:
-                for key in ("raw_data", "zip_data"):
-                    if shard.get(key):
-                        shard[key]["basename"] = f"{rel}/{shard[key]['basename']}"
-                shards.append(shard)
-            datasets.append({"path": rel, "cells": info["cells_written"], "source_file": info["source_file"]})
-        write_json_atomic(species_dir / "index.json", {"version": 2, "shards": shards})
-        write_json_atomic(species_dir / "datasets.json", {"species": species_dir.name, "datasets": datasets})
-        counts[species_dir.name] = len(datasets)
+        index, listed = species_index(species_dir.name, _complete_datasets(species_dir))
+        write_json_atomic(species_dir / "index.json", index)
+        write_json_atomic(species_dir / "datasets.json", listed)
+        counts[species_dir.name] = len(listed["datasets"])
     return counts
+
+
+def _complete_datasets(species_dir: Path):
+    """(`<source>/<stem>`, dataset.json, index.json) of each complete dataset of a species, in order."""
+    for ds_json in sorted(species_dir.glob("*/*/dataset.json")):
+        ds_dir = ds_json.parent
+        if ds_dir.name.endswith(".tmp") or ds_dir.parent.name.startswith("."):
+            continue  # the previous version of a dataset whose join was killed, not a dataset
+        info = read_json(ds_json)
+        yield ds_dir.relative_to(species_dir).as_posix(), info, json.loads((ds_dir / "index.json").read_text())
+
+
+def species_index(species: str, datasets) -> tuple[dict, dict]:
+    """(index.json, datasets.json) of a species from its datasets, given as (`<source>/<stem>`,
+    dataset.json, index.json): every dataset's shards listed under its path, as streaming's
+    merge_index does. The one format of a species index, local (above) or remote (remote.py)."""
+    shards, listed = [], []
+    for rel, info, index in datasets:
+        for shard in index["shards"]:
+            for key in ("raw_data", "zip_data"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{rel}/{shard[key]['basename']}"
+            shards.append(shard)
+        listed.append({"path": rel, "cells": info["cells_written"], "source_file": info["source_file"]})
+    return {"version": 2, "shards": shards}, {"species": species, "datasets": listed}

@@ -27,7 +27,7 @@ def _hash_file(digest, path: Path) -> int:
         if size <= BLOCK * N_BLOCKS:
             digest.update(fh.read())
         else:
-            for i in range(N_BLOCKS):   # the first block starts at 0, the last ends at EOF
+            for i in range(N_BLOCKS):  # the first block starts at 0, the last ends at EOF
                 fh.seek((size - BLOCK) * i // (N_BLOCKS - 1))
                 digest.update(fh.read(BLOCK))
     return size
@@ -62,8 +62,9 @@ def content_hash(path: Path) -> str:
 
     digest = xxhash.xxh3_128()
     path = Path(path)
-    files = [path] if not path.is_dir() else sorted(
-        Path(root) / name for root, _, names in os.walk(path) for name in names)
+    files = (
+        [path] if not path.is_dir() else sorted(Path(root) / name for root, _, names in os.walk(path) for name in names)
+    )
     for file in files:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode())

@@ -54,15 +54,18 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from concept_config.data import DataModuleKeys
+from concept_config.project import PathKeys
+
 from .cells import TARGET_SUM
-from .datasets import Expectation, ShardStore
+from .datasets import Expectation, ShardStore, index_problem
 from .errors import ShardError, UserError
 from .layout import write_json_atomic
 from .mds import read_rows, read_shard_index
 from .splits import TRAIN_SPLIT, loader_sources
 from .vocabulary import CLS, PAD, load_vocabulary
 
-OVERSAMPLE = 16           # extra random directions of the randomized SVD (Halko et al. 2011)
+OVERSAMPLE = 16  # extra random directions of the randomized SVD (Halko et al. 2011)
 POWER_ITERATIONS = 4
 
 
@@ -76,8 +79,12 @@ class GeneVectorSettings:
     spread: int = 4
 
     def check(self) -> None:
-        for key, value, low in (("--dim", self.dim, 1), ("--max-cells", self.max_cells, 2), ("--min-cells", self.min_cells, 1),
-                                ("--spread", self.spread, 1)):
+        for key, value, low in (
+            ("--dim", self.dim, 1),
+            ("--max-cells", self.max_cells, 2),
+            ("--min-cells", self.min_cells, 1),
+            ("--spread", self.spread, 1),
+        ):
             if value < low:
                 raise ShardError(key, f"is {value}.", f"Use at least {low}.")
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -87,28 +94,40 @@ class GeneVectorSettings:
 @dataclass
 class CellSample:
     """The sampled training cells of one species: log1p-normalised values over the kept genes."""
-    x: sp.csr_matrix          # cells x kept genes (columns in token order)
-    tokens: np.ndarray        # the kept genes' token ids
-    mean: np.ndarray          # per kept gene, over the sampled cells (zeros included)
-    sd: np.ndarray            # per kept gene, plus 1e-8
-    per_dataset: dict[str, int]   # cells taken from each file
-    shards_read: int = 0      # shards holding a sampled cell (the only ones read)
-    shards: int = 0           # shards of the species' training files
+
+    x: sp.csr_matrix  # cells x kept genes (columns in token order)
+    tokens: np.ndarray  # the kept genes' token ids
+    mean: np.ndarray  # per kept gene, over the sampled cells (zeros included)
+    sd: np.ndarray  # per kept gene, plus 1e-8
+    per_dataset: dict[str, int]  # cells taken from each file
+    shards_read: int = 0  # shards holding a sampled cell (the only ones read)
+    shards: int = 0  # shards of the species' training files
 
 
-def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True, log=print) -> Path:
+def write_gene_vectors(
+    paths: PathKeys, dm: DataModuleKeys, settings: GeneVectorSettings, progress: bool = True, log=print
+) -> Path:
     """Compute and write the vectors of every species the training loader reads; returns the directory."""
     settings.check()
     if settings.dim >= settings.max_cells:
-        raise ShardError("--dim", f"is {settings.dim}, not below --max-cells {settings.max_cells}.",
-                         "Use a smaller --dim or a larger --max-cells.")
-    out_dir = Path(cfg.PATH.PROJECT_PATH) / "references" / "embeddings" / settings.name
+        raise ShardError(
+            "--dim",
+            f"is {settings.dim}, not below --max-cells {settings.max_cells}.",
+            "Use a smaller --dim or a larger --max-cells.",
+        )
+    out_dir = Path(paths.PROJECT_PATH) / "references" / "embeddings" / settings.name
     _recover(out_dir, log)
     vocabs: dict = {}
-    datasets = _training_datasets(cfg, vocabs)
-    summary = {"dim": settings.dim, "seed": settings.seed, "max_cells": settings.max_cells, "spread": settings.spread,
-               "min_cells": settings.min_cells, "normalisation": f"log1p(counts / n_counts x {TARGET_SUM:g}), "
-               "each gene standardised", "species": {}}
+    datasets = _training_datasets(paths, dm, vocabs)
+    summary = {
+        "dim": settings.dim,
+        "seed": settings.seed,
+        "max_cells": settings.max_cells,
+        "spread": settings.spread,
+        "min_cells": settings.min_cells,
+        "normalisation": f"log1p(counts / n_counts x {TARGET_SUM:g}), each gene standardised",
+        "species": {},
+    }
     tables = {}
     for species in sorted(datasets):
         t0 = time.time()
@@ -117,23 +136,33 @@ def write_gene_vectors(cfg, settings: GeneVectorSettings, progress: bool = True,
         sample = _sample_cells(datasets[species], vocab.size, settings, rng, progress)
         n_cells, n_genes = sample.x.shape
         if n_genes <= settings.dim or n_cells <= settings.dim:
-            raise ShardError("--dim", f"is {settings.dim}, but {species} has only {n_cells} sampled cells "
-                             f"and {n_genes} genes seen in at least {settings.min_cells} of them.",
-                             "Use a smaller --dim (or a lower --min-cells, or more training cells).")
+            raise ShardError(
+                "--dim",
+                f"is {settings.dim}, but {species} has only {n_cells} sampled cells "
+                f"and {n_genes} genes seen in at least {settings.min_cells} of them.",
+                "Use a smaller --dim (or a lower --min-cells, or more training cells).",
+            )
         t1 = time.time()
         vectors, explained = _svd_vectors(sample, settings.dim, rng)
         tables[species] = ([vocab.gene_id_of_token[int(t)] for t in sample.tokens], vectors)
         summary["species"][species] = {
-            "file": f"{species}.csv", "cells": int(n_cells), "genes": int(n_genes),
-            "variance_explained": round(float(explained), 4), "datasets": sample.per_dataset,
-            "shards_read": sample.shards_read, "shards": sample.shards,
-            "vocabulary_fingerprint": vocab.fingerprint}
+            "file": f"{species}.csv",
+            "cells": int(n_cells),
+            "genes": int(n_genes),
+            "variance_explained": round(float(explained), 4),
+            "datasets": sample.per_dataset,
+            "shards_read": sample.shards_read,
+            "shards": sample.shards,
+            "vocabulary_fingerprint": vocab.fingerprint,
+        }
         used = sum(1 for n in sample.per_dataset.values() if n)
         files = f"{used:,} of {len(datasets[species]):,}" if used < len(datasets[species]) else f"{used:,}"
-        log(f"[gene-vectors] {species}: {n_genes:,} genes x {settings.dim} from {n_cells:,} cells of "
+        log(
+            f"[gene-vectors] {species}: {n_genes:,} genes x {settings.dim} from {n_cells:,} cells of "
             f"{files} training file(s), {explained:.1%} of the variance (read {sample.shards_read:,} "
             f"of {sample.shards:,} shards in {t1 - t0:.1f} s, "
-            f"SVD {time.time() - t1:.1f} s)")
+            f"SVD {time.time() - t1:.1f} s)"
+        )
     summary["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _publish(out_dir, tables, summary)
     return out_dir
@@ -164,8 +193,11 @@ def _publish(out_dir: Path, tables: dict, summary: dict) -> None:
                 os.replace(old, out_dir)
             raise
     except OSError as exc:
-        raise ShardError(out_dir, f"could not be written ({type(exc).__name__}: {exc}); the previous vectors, if "
-                         "any, are kept.", "Check free space and permissions there, then re-run.") from None
+        raise ShardError(
+            out_dir,
+            f"could not be written ({type(exc).__name__}: {exc}); the previous vectors, if any, are kept.",
+            "Check free space and permissions there, then re-run.",
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
@@ -185,39 +217,45 @@ def _recover(out_dir: Path, log=print) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _training_datasets(cfg, vocabs: dict) -> dict[str, list[dict]]:
+def _training_datasets(paths: PathKeys, dm: DataModuleKeys, vocabs: dict) -> dict[str, list[dict]]:
     """{species: [{dataset_id, cells, read}]} of the training loader's files, each sharded with the
     current token mapping (filled into `vocabs`); `read(basename) -> bytes` reads its files."""
-    sources, errors = loader_sources(cfg, TRAIN_SPLIT, "train")
+    sources, errors = loader_sources(paths, dm, TRAIN_SPLIT, "train")
     if errors:
         raise errors[0]
     if not sources:
         raise ShardError(TRAIN_SPLIT, "lists no files.", "Add files to the split YAMLs' train lists.")
-    store = ShardStore.from_config(cfg)
+    store = ShardStore.from_paths(paths)
     out: dict[str, list[dict]] = {}
     problems = []
     for sf, _ in sources:
         if sf.species not in vocabs:
-            vocabs[sf.species] = load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sf.species)
+            vocabs[sf.species] = load_vocabulary(Path(paths.GENE_MAPPINGS_PATH), sf.species)
         # the sources need not be here (shards copied or in object storage): the vocabulary decides
         record, problem = store.check(sf, Expectation(vocabs[sf.species]))
         if problem is not None:
             problems.append(f"{sf.dataset_id} ({sf.name}): {problem.reason}")
         elif int(record.get("cells_written", 0)) > 0:
-            out.setdefault(sf.species, []).append({"dataset_id": sf.dataset_id, "read": store.reader(sf),
-                                                   "cells": int(record["cells_written"])})
+            out.setdefault(sf.species, []).append(
+                {"dataset_id": sf.dataset_id, "read": store.reader(sf), "cells": int(record["cells_written"])}
+            )
     if problems:
-        raise ShardError(TRAIN_SPLIT, f"names {len(problems)} file(s) without usable shards: "
-                         + "; ".join(problems[:10]) + ("; ..." if len(problems) > 10 else "") + ".",
-                         f"Run `concept-shard build {cfg.PATH.PROJECT_PATH}` (same --config-dir and overrides) "
-                         "first.")
+        raise ShardError(
+            TRAIN_SPLIT,
+            f"names {len(problems)} file(s) without usable shards: "
+            + "; ".join(problems[:10])
+            + ("; ..." if len(problems) > 10 else "")
+            + ".",
+            f"Run `concept-shard build {paths.PROJECT_PATH}` (same --config-dir and overrides) first.",
+        )
     if not out:
         raise ShardError(TRAIN_SPLIT, "names files whose shards hold no cells.", "Add training files with cells.")
     return out
 
 
-def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSettings, rng,
-                  progress: bool) -> CellSample:
+def _sample_cells(
+    datasets: list[dict], vocab_size: int, settings: GeneVectorSettings, rng, progress: bool
+) -> CellSample:
     """A sample of the species' training cells (every cell equally likely; `_pick_rows`), kept to
     the genes seen in >= min_cells of them and not constant, with each kept gene's mean and
     standard deviation."""
@@ -227,14 +265,22 @@ def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSet
     for d in datasets:
         with _named_if_damaged(d):
             indexes.append(_shard_index(d))
-    rows_of = _pick_rows([[int(shard["samples"]) for shard in index] for index in indexes],
-                         settings.max_cells, settings.spread, rng)
+    rows_of = _pick_rows(
+        [[int(shard["samples"]) for shard in index] for index in indexes], settings.max_cells, settings.spread, rng
+    )
     picked = sum(len(rows) for rows in rows_of)
     nnz = np.zeros(picked + 1, np.int64)
     genes, values, per_dataset = [], [], {}
     i = shards_read = 0
-    with tqdm(total=picked, unit="cells", unit_scale=True, desc="gene-vectors", disable=not progress,
-              mininterval=1 if os.isatty(2) else 30, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=picked,
+        unit="cells",
+        unit_scale=True,
+        desc="gene-vectors",
+        disable=not progress,
+        mininterval=1 if os.isatty(2) else 30,
+        dynamic_ncols=True,
+    ) as bar:
         for d, rows, index in zip(datasets, rows_of, indexes):
             per_dataset[d["dataset_id"]] = int(len(rows))
             ends = np.cumsum([int(shard["samples"]) for shard in index])
@@ -242,7 +288,7 @@ def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSet
             with _named_if_damaged(d):
                 for _, s in read_rows(d["read"], rows, ["genes", "counts", "n_counts"], index):
                     library = float(s["n_counts"])
-                    if library > 0:       # (a cell without counts adds an empty row)
+                    if library > 0:  # (a cell without counts adds an empty row)
                         genes.append(s["genes"].astype(np.int32))
                         values.append(np.log1p(s["counts"].astype(np.float32) * np.float32(TARGET_SUM / library)))
                     i += 1
@@ -259,7 +305,7 @@ def _sample_cells(datasets: list[dict], vocab_size: int, settings: GeneVectorSet
     seen = np.bincount(x.indices, minlength=vocab_size)
     mean = np.bincount(x.indices, weights=x.data, minlength=vocab_size) / n
     square = np.bincount(x.indices, weights=np.square(x.data, dtype=np.float64), minlength=vocab_size) / n
-    varies = square - mean ** 2 > 1e-10 * np.maximum(square, 1e-30)
+    varies = square - mean**2 > 1e-10 * np.maximum(square, 1e-30)
     used = np.flatnonzero((seen >= settings.min_cells) & varies)
     sd = np.sqrt(np.maximum(square[used] - mean[used] ** 2, 0)) + 1e-8
     return CellSample(x[:, used].tocsr(), used, mean[used], sd, per_dataset, shards_read, shards)
@@ -274,16 +320,19 @@ def _named_if_damaged(d: dict):
     except UserError:
         raise
     except Exception as exc:
-        raise ShardError(d["dataset_id"], f"cannot be read ({type(exc).__name__}: {exc}).",
-                         "Rebuild it: delete its shard directory and re-run `concept-shard build`.") from None
+        raise ShardError(
+            d["dataset_id"],
+            f"cannot be read ({type(exc).__name__}: {exc}).",
+            "Rebuild it: delete its shard directory and re-run `concept-shard build`.",
+        ) from None
 
 
 def _shard_index(d: dict) -> list[dict]:
     """The shards of dataset `d` as its index.json lists them, holding its dataset.json's cells."""
     index = read_shard_index(d["read"])
-    held = sum(int(shard["samples"]) for shard in index)
-    if held != d["cells"]:
-        raise ValueError(f"index.json lists {held} samples, dataset.json {d['cells']} cells")
+    problem = index_problem(sum(int(shard["samples"]) for shard in index), d["cells"])
+    if problem is not None:
+        raise ValueError(problem.reason)
     return index
 
 
@@ -309,18 +358,22 @@ def _pick_rows(shard_sizes: list[list[int]], max_cells: int, spread: int, rng) -
         picked = np.sort(rng.choice(total, min(max_cells, total), replace=False))
         return [picked[(picked >= starts[k]) & (picked < starts[k + 1])] - starts[k] for k in range(len(sizes))]
     unit_file = np.concatenate([np.full(len(s), k) for k, s in enumerate(sizes)])
-    unit_first = np.concatenate([np.cumsum(s) - s for s in sizes])      # its first row in the file
+    unit_first = np.concatenate([np.cumsum(s) - s for s in sizes])  # its first row in the file
     unit_size = np.concatenate(sizes)
     order = rng.permutation(len(unit_size))
     end = np.cumsum(unit_size[order])
     begin = end - unit_size[order]
     a = int(rng.integers(total))
-    b = a + window                      # the window [a, b), and [0, b - total) when it wraps
+    b = a + window  # the window [a, b), and [0, b - total) when it wraps
     covered = np.clip(np.minimum(end, b) - np.maximum(begin, a), 0, None)
     covered += np.clip(np.minimum(end, b - total) - begin, 0, None)
     units = order[covered > 0]
-    rows = np.concatenate([unit_first[u] + (rng.choice(unit_size[u], c, replace=False) if c < unit_size[u]
-                                            else np.arange(c)) for u, c in zip(units, covered[covered > 0])])
+    rows = np.concatenate(
+        [
+            unit_first[u] + (rng.choice(unit_size[u], c, replace=False) if c < unit_size[u] else np.arange(c))
+            for u, c in zip(units, covered[covered > 0])
+        ]
+    )
     files = np.repeat(unit_file[units], covered[covered > 0])
     take = rng.choice(window, max_cells, replace=False)
     rows, files = rows[take], files[take]
@@ -333,10 +386,10 @@ def _svd_vectors(sample: CellSample, dim: int, rng) -> tuple[np.ndarray, float]:
     x, mu, sd = sample.x, sample.mean, sample.sd
     n = x.shape[0]
 
-    def z_times(b):       # Z @ b, b: genes x l
+    def z_times(b):  # Z @ b, b: genes x l
         return x @ (b / sd[:, None]) - (mu / sd) @ b
 
-    def zt_times(q):      # Z^T @ q, q: cells x l
+    def zt_times(q):  # Z^T @ q, q: cells x l
         return (x.T @ q - np.outer(mu, q.sum(axis=0))) / sd[:, None]
 
     q = np.linalg.qr(z_times(rng.standard_normal((x.shape[1], dim + OVERSAMPLE))))[0]
@@ -346,7 +399,7 @@ def _svd_vectors(sample: CellSample, dim: int, rng) -> tuple[np.ndarray, float]:
     loadings = vt[:dim].T * s[:dim]
     norms = np.linalg.norm(loadings, axis=1, keepdims=True)
     vectors = loadings / np.where(norms > 0, norms, 1)
-    total_variance = float(n * np.count_nonzero(sd > 1e-8))     # every standardised gene holds n
+    total_variance = float(n * np.count_nonzero(sd > 1e-8))  # every standardised gene holds n
     return vectors.astype(np.float32), float((s[:dim] ** 2).sum() / max(total_variance, 1e-12))
 
 
@@ -380,8 +433,10 @@ def read_gene_vectors(path: Path, gene_id_of_token: list[str], dim: int, warn=pr
     values = table.to_numpy(np.float32)
     bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
-        raise ValueError(f"{path}: {int(bad.sum())} row(s) with empty or non-finite values "
-                         f"(first: {table.index[int(np.flatnonzero(bad)[0])]})")
+        raise ValueError(
+            f"{path}: {int(bad.sum())} row(s) with empty or non-finite values "
+            f"(first: {table.index[int(np.flatnonzero(bad)[0])]})"
+        )
     row_of = {str(g).split(".")[0]: i for i, g in enumerate(table.index)}
     weight = np.zeros((len(gene_id_of_token), dim), np.float32)
     missing = 0
@@ -392,6 +447,8 @@ def read_gene_vectors(path: Path, gene_id_of_token: list[str], dim: int, warn=pr
         else:
             weight[token] = values[row]
     if missing:
-        warn(f"[model] {path}: no vector for {missing} of {len(gene_id_of_token) - 2} "
-             f"{path.stem} genes; they start at zero.")
+        warn(
+            f"[model] {path}: no vector for {missing} of {len(gene_id_of_token) - 2} "
+            f"{path.stem} genes; they start at zero."
+        )
     return weight

@@ -21,7 +21,7 @@ lamindb is imported only inside these functions (``import lamindb`` takes 1-2 s)
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 INIT_HINT = (
@@ -207,7 +207,7 @@ class LaminRun:
         return ln.Artifact(path, key=key, _stats=stats, **kwargs).save()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.run.finished_at = datetime.now(timezone.utc)
+        self.run.finished_at = datetime.now(UTC)
         # lamindb's own codes (see Run.status): 0 completed, 1 errored, 2 aborted
         if exc_type is None:
             self.run._status_code = 0

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from .errors import ShardError
 from .lamin import INIT_HINT, LaminError, LaminRun, check_instance, resolve_artifact_key
 
 
 class ShardLineage:
-    def __init__(self, cfg: DictConfig, command: str):
-        self.project = Path(cfg.PATH.PROJECT_PATH).resolve()
-        self.command, self.datamodule = command, cfg.datamodule.get("name")
-        self._run: LaminRun | None = None     # created on the first registration only
+    def __init__(self, project_path: str, datamodule_name: str, command: str):
+        self.project = Path(project_path).resolve()
+        self.command, self.datamodule = command, datamodule_name
+        self._run: LaminRun | None = None  # created on the first registration only
         try:
             check_instance(self.project)
         except LaminError as err:
@@ -28,8 +26,10 @@ class ShardLineage:
     def run(self) -> LaminRun:
         if self._run is None:
             try:
-                self._run = LaminRun(f"concept-shard {self.command}",
-                                     params={"project": str(self.project), "datamodule": self.datamodule})
+                self._run = LaminRun(
+                    f"concept-shard {self.command}",
+                    params={"project": str(self.project), "datamodule": self.datamodule},
+                )
             except LaminError as err:
                 raise ShardError("lamindb", str(err), INIT_HINT) from None
         return self._run
@@ -45,8 +45,12 @@ class ShardLineage:
         try:
             source_key = sf.lamindb_key or record["source_file"]
             source = self.run.register_source(sf.path, key=source_key)
-            self.run.register_output(dataset_dir, key=f"shards/{sf.dataset_id}", inputs=[source],
-                                     description=f"MDS shards of {source_key} ({record['cells_written']} cells)")
+            self.run.register_output(
+                dataset_dir,
+                key=f"shards/{sf.dataset_id}",
+                inputs=[source],
+                description=f"MDS shards of {source_key} ({record['cells_written']} cells)",
+            )
         except LaminError as err:
             raise ShardError(sf.path, f"was sharded but could not be registered in lamindb: {err}", INIT_HINT) from None
 

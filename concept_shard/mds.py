@@ -20,19 +20,30 @@ from __future__ import annotations
 import json
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 # streaming's NDArray codes (streaming/base/format/mds/encodings.py); part of the on-disk format
-VALUE_DTYPE_CODE = {"uint8": 8, "int8": 9, "uint16": 16, "int16": 17, "float16": 18, "uint32": 32,
-                    "int32": 33, "float32": 34, "uint64": 64, "int64": 65, "float64": 66}
+VALUE_DTYPE_CODE = {
+    "uint8": 8,
+    "int8": 9,
+    "uint16": 16,
+    "int16": 17,
+    "float16": 18,
+    "uint32": 32,
+    "int32": 33,
+    "float32": 34,
+    "uint64": 64,
+    "int64": 65,
+    "float64": 66,
+}
 FIXED_SIZE = {"int64": 8, "float64": 8}
 ZSTD_LEVELS = range(1, 23)
 
 
-@lru_cache(maxsize=None)
+@cache
 def ndarray_prefix(dtype: str | None, length: int) -> bytes:
     """Header of a 1-D array of `length` values: [dtype code if dynamic][ndim<<2 | shape dtype][shape]."""
     if length <= 0:
@@ -63,15 +74,26 @@ class MDSDatasetWriter:
         self.names = sorted(columns)
         self.encodings = [columns[n] for n in self.names]
         for enc in self.encodings:
-            if not (enc == "str" or enc in FIXED_SIZE or enc == "ndarray"
-                    or (enc.startswith("ndarray:") and enc.split(":")[1] in VALUE_DTYPE_CODE)):
+            if not (
+                enc == "str"
+                or enc in FIXED_SIZE
+                or enc == "ndarray"
+                or (enc.startswith("ndarray:") and enc.split(":")[1] in VALUE_DTYPE_CODE)
+            ):
                 raise ValueError(f"unsupported MDS encoding {enc!r}")
         self.sizes = [FIXED_SIZE.get(enc) for enc in self.encodings]
         self.compression, self.size_limit = compression, size_limit
         self.level = parse_compression(compression)
-        self.config = {"version": 2, "format": "mds", "compression": compression, "hashes": [],
-                       "size_limit": size_limit, "column_names": self.names,
-                       "column_encodings": self.encodings, "column_sizes": self.sizes}
+        self.config = {
+            "version": 2,
+            "format": "mds",
+            "compression": compression,
+            "hashes": [],
+            "size_limit": size_limit,
+            "column_names": self.names,
+            "column_encodings": self.encodings,
+            "column_sizes": self.sizes,
+        }
         self.config_data = json.dumps(self.config, sort_keys=True).encode("utf-8")
         self._shard_overhead = 4 + 4 + len(self.config_data)
         self._samples: list[bytes] = []
@@ -123,11 +145,11 @@ class MDSDatasetWriter:
         offsets += 4 + 4 * (n + 1) + len(self.config_data)
         raw = b"".join([np.uint32(n).tobytes(), offsets.tobytes(), self.config_data, *samples])
         raw_name = f"shard.{index:05d}.mds"
-        entry = {"samples": n, "raw_data": {"basename": raw_name, "bytes": len(raw), "hashes": {}},
-                 "zip_data": None}
+        entry = {"samples": n, "raw_data": {"basename": raw_name, "bytes": len(raw), "hashes": {}}, "zip_data": None}
         data, name = raw, raw_name
         if self.level is not None:
             import zstd
+
             data = zstd.compress(raw, self.level)
             name = raw_name + ".zstd"
             entry["zip_data"] = {"basename": name, "bytes": len(data), "hashes": {}}
@@ -179,8 +201,9 @@ class SampleDecoder:
         self.n_var = sum(1 for _, _, size in self.columns if not size)
         self.header = struct.Struct(f"<{self.n_var}I")
         self._fallback = None
-        if any(not _native(enc) for _, enc, _ in self.columns):
+        if any(not native_encoding(enc) for _, enc, _ in self.columns):
             from streaming.base.format.mds.encodings import mds_decode
+
             self._fallback = mds_decode
 
     def __call__(self, data: bytes, wanted=None) -> dict:
@@ -192,20 +215,22 @@ class SampleDecoder:
             if wanted is not None and name not in wanted:
                 pass
             elif enc == "str":
-                out[name] = data[pos:pos + size].decode()
+                out[name] = data[pos : pos + size].decode()
             elif enc == "int64":
-                out[name] = np.int64(int.from_bytes(data[pos:pos + 8], "little", signed=True))
+                out[name] = np.int64(int.from_bytes(data[pos : pos + 8], "little", signed=True))
             elif enc == "float64":
                 out[name] = np.float64(struct.unpack_from("<d", data, pos)[0])
-            elif enc.startswith("ndarray") and _native(enc):
+            elif enc.startswith("ndarray") and native_encoding(enc):
                 out[name] = _ndarray(enc, data, pos, size)
             else:
-                out[name] = self._fallback(enc, data[pos:pos + size])
+                out[name] = self._fallback(enc, data[pos : pos + size])
             pos += size
         return out
 
 
-def _native(enc: str) -> bool:
+def native_encoding(enc: str) -> bool:
+    """Whether a column of encoding `enc` is read here, not by streaming's generic decoder: the
+    encodings this module writes. The training store's kernels (decode.py) read the same ones."""
     return enc in ("str", "int64", "float64", "ndarray") or (enc.startswith("ndarray:") and enc.count(":") == 1)
 
 
@@ -219,7 +244,7 @@ def _ndarray(enc: str, data: bytes, pos: int, size: int) -> np.ndarray:
         dtype = _ENC_DTYPE.get(enc) or _ENC_DTYPE.setdefault(enc, np.dtype(enc.split(":")[1]))
     head = data[pos]
     shape_of = _SHAPES.get(head)
-    if shape_of is None:              # the shape header's struct, made once per (ndim, width)
+    if shape_of is None:  # the shape header's struct, made once per (ndim, width)
         ndim, fmt = head >> 2, _SHAPE_FORMATS[head & 3]
         shape_of = _SHAPES[head] = struct.Struct(f"<{ndim}{fmt[1]}")
     shape = shape_of.unpack_from(data, pos + 1)
@@ -277,5 +302,5 @@ def read_rows(read_file, rows, columns: list[str], shards: list[dict] | None = N
             offsets = np.frombuffer(raw, np.uint32, count=n + 1, offset=4)
             wanted = set(columns)
             for r in mine:
-                yield first + int(r), decode(raw[offsets[r]:offsets[r + 1]], wanted)
+                yield first + int(r), decode(raw[offsets[r] : offsets[r + 1]], wanted)
         first += n

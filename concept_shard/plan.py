@@ -65,27 +65,42 @@ def array_task(env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
         count = int(env["SLURM_ARRAY_TASK_COUNT"]) if env.get("SLURM_ARRAY_TASK_COUNT") else None
         last = int(env["SLURM_ARRAY_TASK_MAX"]) if env.get("SLURM_ARRAY_TASK_MAX") else None
     except ValueError:
-        raise ConfigError("SLURM_ARRAY_TASK_*", "hold a value that is not a whole number.",
-                          "Run the array under sbatch, or pass --task-index and --num-tasks.") from None
+        raise ConfigError(
+            "SLURM_ARRAY_TASK_*",
+            "hold a value that is not a whole number.",
+            "Run the array under sbatch, or pass --task-index and --num-tasks.",
+        ) from None
     if count is None and last is None:
-        raise ConfigError("SLURM_ARRAY_TASK_COUNT", "is not set (nor SLURM_ARRAY_TASK_MAX), so this task "
-                          f"(id {task_id}) cannot tell how many tasks share the work.",
-                          "Pass --task-index and --num-tasks.")
+        raise ConfigError(
+            "SLURM_ARRAY_TASK_COUNT",
+            "is not set (nor SLURM_ARRAY_TASK_MAX), so this task "
+            f"(id {task_id}) cannot tell how many tasks share the work.",
+            "Pass --task-index and --num-tasks.",
+        )
     if count is None:
         count = (last - first) // step + 1 if step > 0 else 0
     last = first + step * (count - 1) if last is None else last
-    if step < 1 or count < 1 or last != first + step * (count - 1) or (task_id - first) % step \
-            or not first <= task_id <= last:
-        raise ConfigError("sbatch --array", f"gives task ids that are not one evenly spaced range (this task "
-                          f"{task_id}; min {first}, max {last}, step {step}, {count} tasks), so the tasks cannot "
-                          "share the work without skipping some.",
-                          "Submit one range, e.g. --array=0-63 or --array=0-126:2 (a % limit is fine), or start "
-                          "each task as `concept-shard build ... --task-index I --num-tasks N`.")
+    if (
+        step < 1
+        or count < 1
+        or last != first + step * (count - 1)
+        or (task_id - first) % step
+        or not first <= task_id <= last
+    ):
+        raise ConfigError(
+            "sbatch --array",
+            f"gives task ids that are not one evenly spaced range (this task "
+            f"{task_id}; min {first}, max {last}, step {step}, {count} tasks), so the tasks cannot "
+            "share the work without skipping some.",
+            "Submit one range, e.g. --array=0-63 or --array=0-126:2 (a % limit is fine), or start "
+            "each task as `concept-shard build ... --task-index I --num-tasks N`.",
+        )
     return (task_id - first) // step, count
 
 
-if __name__ == "__main__":      # `python -m concept_shard.plan`: shard_array.sbatch checks the array first
+if __name__ == "__main__":  # `python -m concept_shard.plan`: shard_array.sbatch checks the array first
     import sys
+
     try:
         print("concept-shard: array task {} of {}".format(*(array_task() or (0, 1))))
     except ConfigError as err:

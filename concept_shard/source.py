@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +43,17 @@ class RowSource(Protocol):
     def read_rows(self, start: int, end: int) -> sp.csr_matrix: ...
 
 
+def row_chunks(src: RowSource, chunk_size: int, scratch: Path) -> Iterator[tuple[int, int]]:
+    """The row ranges [a, b) that read all of `src` in order, `rows_per_read(chunk_size)` rows each.
+    A CSC matrix is transposed out of core into `scratch` first, so `read_rows(a, b)` costs a chunk,
+    not the file. The embedder and the evaluator read so; the sharder reads ahead on threads
+    (writer.py)."""
+    step = src.rows_per_read(chunk_size)
+    src.csc_prepare(0, src.n_cells, step, Path(scratch))
+    for a in range(0, src.n_cells, step):
+        yield a, min(a + step, src.n_cells)
+
+
 class AnnDataSource:
     """An open source file: its counts matrix, gene ids and obs columns.
 
@@ -53,15 +65,21 @@ class AnnDataSource:
         self.path, self.gene_id_column, self.listed_in = Path(path), gene_id_column, listed_in
         path = self.path
         if not path.exists():
-            raise ShardError(path, "does not exist.",
-                             f"Fix the file name in {listed_in} or copy the file to {path.parent}." if listed_in
-                             else "Check the path.")
+            raise ShardError(
+                path,
+                "does not exist.",
+                f"Fix the file name in {listed_in} or copy the file to {path.parent}."
+                if listed_in
+                else "Check the path.",
+            )
         try:
             if path.is_dir() or path.suffix == ".zarr":
                 import zarr
+
                 self.root = zarr.open_group(str(path), mode="r")
             else:
                 import h5py
+
                 self.root = h5py.File(path, "r")
             has_raw = "raw" in self.root and "X" in self.root["raw"]
             self.matrix_key = "raw/X" if has_raw else "X"
@@ -71,9 +89,12 @@ class AnnDataSource:
         except ShardError:
             raise
         except Exception as exc:
-            raise ShardError(path, f"cannot be read as AnnData ({type(exc).__name__}: {exc}); it may be "
-                             "truncated, still being copied, or not an .h5ad/.zarr.",
-                             "Re-export or re-copy the file (check its size against the original).") from None
+            raise ShardError(
+                path,
+                f"cannot be read as AnnData ({type(exc).__name__}: {exc}); it may be "
+                "truncated, still being copied, or not an .h5ad/.zarr.",
+                "Re-export or re-copy the file (check its size against the original).",
+            ) from None
         self._csc = None
         self._obs_columns: dict[str, _ObsColumn] = {}
 
@@ -112,15 +133,20 @@ class AnnDataSource:
         else:
             if column not in var:
                 cols = [k for k in var.keys() if k != _attr(var, "_index")]
-                raise ShardError(self.path, f"has no var column '{column}' in {self.var_key} "
-                                 f"(columns: {cols}).",
-                                 f"Fix `var_gene_id_column` in {self.listed_in}, or drop it to use var_names."
-                                 if self.listed_in else "Pass the var column that holds the Ensembl ids, or none "
-                                 "to use var_names.")
+                raise ShardError(
+                    self.path,
+                    f"has no var column '{column}' in {self.var_key} (columns: {cols}).",
+                    f"Fix `var_gene_id_column` in {self.listed_in}, or drop it to use var_names."
+                    if self.listed_in
+                    else "Pass the var column that holds the Ensembl ids, or none to use var_names.",
+                )
             ids = _read_strings(var[column])
         if len(ids) != self.shape[1]:
-            raise ShardError(self.path, f"{self.var_key} has {len(ids)} genes but {self.matrix_key} has "
-                             f"{self.shape[1]} columns.", "Re-export the AnnData object; it is inconsistent.")
+            raise ShardError(
+                self.path,
+                f"{self.var_key} has {len(ids)} genes but {self.matrix_key} has {self.shape[1]} columns.",
+                "Re-export the AnnData object; it is inconsistent.",
+            )
         return ids
 
     def obs_strings(self, keys: list[str], start: int, end: int) -> tuple[list[str], dict[str, list[str]], list[str]]:
@@ -145,7 +171,7 @@ class AnnDataSource:
         before any compiled routine sees it (scipy's kernels trust the structure and corrupt
         memory when it lies)."""
         if self.format == "csr":
-            indptr = np.asarray(self.X["indptr"][start:end + 1], dtype=np.int64)
+            indptr = np.asarray(self.X["indptr"][start : end + 1], dtype=np.int64)
             check_indptr(self.path, f"{self.matrix_key}/indptr", indptr, int(self.X["indices"].shape[0]), start)
             lo, hi = int(indptr[0]), int(indptr[-1])
             data = _values(self.path, self.matrix_key, np.asarray(self.X["data"][lo:hi]))
@@ -174,17 +200,24 @@ def check_indptr(path, key: str, indptr: np.ndarray, n_stored: int, row0: int) -
     steps = np.diff(indptr)
     if len(steps) and steps.min() < 0:
         bad = int(np.flatnonzero(steps < 0)[0])
-        raise ShardError(path, f"has a corrupt {key}: it decreases at position {row0 + bad + 1} "
-                         f"({int(indptr[bad])} -> {int(indptr[bad + 1])}).",
-                         "Re-export the file from its original (anndata's write_h5ad writes a valid one).")
+        raise ShardError(
+            path,
+            f"has a corrupt {key}: it decreases at position {row0 + bad + 1} "
+            f"({int(indptr[bad])} -> {int(indptr[bad + 1])}).",
+            "Re-export the file from its original (anndata's write_h5ad writes a valid one).",
+        )
     if len(indptr) and (indptr[0] < 0 or indptr[-1] > n_stored):
-        raise ShardError(path, f"has a corrupt {key}: it points outside the {n_stored} stored entries "
-                         f"(from {int(indptr[0])} to {int(indptr[-1])}).",
-                         "Re-export the file from its original (anndata's write_h5ad writes a valid one).")
+        raise ShardError(
+            path,
+            f"has a corrupt {key}: it points outside the {n_stored} stored entries "
+            f"(from {int(indptr[0])} to {int(indptr[-1])}).",
+            "Re-export the file from its original (anndata's write_h5ad writes a valid one).",
+        )
 
 
-def check_indices(path, key: str, indices: np.ndarray, indptr: np.ndarray, n_minor: int, major0: int,
-                  major: str = "row") -> None:
+def check_indices(
+    path, key: str, indices: np.ndarray, indptr: np.ndarray, n_minor: int, major0: int, major: str = "row"
+) -> None:
     """Minor indices (columns of a CSR row, rows of a CSC column) must lie in [0, n_minor) and
     appear at most once per row (a repeated index would store one gene twice). O(nnz): scipy's
     canonical-format check in C, and a counting sort only for files whose rows are unsorted."""
@@ -193,21 +226,26 @@ def check_indices(path, key: str, indices: np.ndarray, indptr: np.ndarray, n_min
     if int(indices.min()) < 0 or int(indices.max()) >= n_minor:
         bad = int(np.flatnonzero((indices < 0) | (indices >= n_minor))[0])
         at = major0 + int(np.searchsorted(indptr, bad, side="right")) - 1
-        raise ShardError(path, f"has a corrupt {key}: {major} {at} holds index {int(indices[bad])}, outside "
-                         f"0..{n_minor - 1}.", "Re-export the file from its original.")
+        raise ShardError(
+            path,
+            f"has a corrupt {key}: {major} {at} holds index {int(indices[bad])}, outside 0..{n_minor - 1}.",
+            "Re-export the file from its original.",
+        )
     block = sp.csr_matrix((np.ones(len(indices), np.int8), indices, indptr), shape=(len(indptr) - 1, n_minor))
-    if block.has_canonical_format:          # sorted, no duplicates
+    if block.has_canonical_format:  # sorted, no duplicates
         return
-    ordered = block.tocsc().tocsr()          # sorts each row, keeps duplicates
+    ordered = block.tocsc().tocsr()  # sorts each row, keeps duplicates
     repeated = np.diff(ordered.indices) == 0
-    starts = ordered.indptr[1:-1]                     # entry k and k + 1 straddle a row start at k + 1
+    starts = ordered.indptr[1:-1]  # entry k and k + 1 straddle a row start at k + 1
     repeated[starts[(starts >= 1) & (starts <= len(repeated))] - 1] = False
     if repeated.any():
         at = int(np.flatnonzero(repeated)[0])
         row = int(np.searchsorted(ordered.indptr, at, side="right")) - 1
-        raise ShardError(path, f"has a corrupt {key}: {major} {major0 + row} lists index "
-                         f"{int(ordered.indices[at])} twice.",
-                         "Sum the duplicates (`adata.X.sum_duplicates()`) and write the file again.")
+        raise ShardError(
+            path,
+            f"has a corrupt {key}: {major} {major0 + row} lists index {int(ordered.indices[at])} twice.",
+            "Sum the duplicates (`adata.X.sum_duplicates()`) and write the file again.",
+        )
 
 
 def _values(path, key: str, data: np.ndarray) -> np.ndarray:
@@ -218,8 +256,11 @@ def _values(path, key: str, data: np.ndarray) -> np.ndarray:
         return data
     if data.dtype == np.float16:
         return data.astype(np.float32)
-    raise ShardError(path, f"stores {key} as {data.dtype}, which is not a count matrix.",
-                     "Put the raw counts (integers, or floats) in X or in .raw.")
+    raise ShardError(
+        path,
+        f"stores {key} as {data.dtype}, which is not a count matrix.",
+        "Put the raw counts (integers, or floats) in X or in .raw.",
+    )
 
 
 class AnnDataObjectSource:
@@ -230,14 +271,17 @@ class AnnDataObjectSource:
         has_raw = adata.raw is not None
         self.X = adata.raw.X if has_raw else adata.X
         if sp.issparse(self.X) and self.X.format == "csc":
-            self.X = self.X.tocsr()          # row slices of CSC are O(nnz) each
+            self.X = self.X.tocsr()  # row slices of CSC are O(nnz) each
         var = adata.raw.var if has_raw else adata.var
         where = "adata.raw.var" if has_raw else "adata.var"
         if gene_id_column is None:
             self._ids = np.asarray(var.index.astype(str))
         elif gene_id_column not in var.columns:
-            raise ShardError(label, f"has no column '{gene_id_column}' in {where} (columns: {list(var.columns)}).",
-                             "Pass gene_id_column=None to use var_names, or the column that holds the Ensembl ids.")
+            raise ShardError(
+                label,
+                f"has no column '{gene_id_column}' in {where} (columns: {list(var.columns)}).",
+                "Pass gene_id_column=None to use var_names, or the column that holds the Ensembl ids.",
+            )
         else:
             self._ids = np.asarray(var[gene_id_column].astype(str))
         self.n_cells = int(self.X.shape[0])
@@ -271,6 +315,7 @@ class _ObsColumn:
             self.categories = np.append(_read_strings(node["categories"]), "")
         elif self.kind not in ("string-array", "array"):
             from anndata.io import read_elem
+
             self.cached = np.asarray(read_elem(node), dtype=object)
 
     def strings(self, start: int, end: int) -> list[str]:
@@ -292,6 +337,7 @@ def _read_strings(node) -> np.ndarray:
         values = node.asstr()[:] if hasattr(node, "asstr") else node[:]
         return np.asarray(values, dtype=object).astype(str)
     from anndata.io import read_elem
+
     return np.asarray(read_elem(node), dtype=object).astype(str)
 
 
@@ -321,7 +367,7 @@ class _CscRows:
         if value_dtype == np.float16:
             value_dtype = np.dtype(np.float32)
         self.record = np.dtype([("row", np.int64), ("col", np.int32), ("val", value_dtype)])
-        self.written: set[int] = set()       # buckets that hold entries: a missing one is an error, not "no nonzeros"
+        self.written: set[int] = set()  # buckets that hold entries: a missing one is an error, not "no nonzeros"
         col = 0
         while col < shape[1]:
             # grow the block until it holds about MAX_ELEMENTS_PER_READ nonzeros
@@ -329,9 +375,9 @@ class _CscRows:
             stop = min(max(stop - 1, col + 1), shape[1])
             lo, hi = int(indptr[col]), int(indptr[stop])
             rows = np.asarray(X["indices"][lo:hi], dtype=np.int64)
-            check_indices(path, f"{key}/indices", rows, indptr[col:stop + 1] - lo, shape[0], col, "column")
+            check_indices(path, f"{key}/indices", rows, indptr[col : stop + 1] - lo, shape[0], col, "column")
             vals = _values(path, key, np.asarray(X["data"][lo:hi]))
-            cols = np.repeat(np.arange(col, stop, dtype=np.int32), np.diff(indptr[col:stop + 1]))
+            cols = np.repeat(np.arange(col, stop, dtype=np.int32), np.diff(indptr[col : stop + 1]))
             keep = (rows >= start) & (rows < end)
             rows, cols, vals = rows[keep], cols[keep], vals[keep]
             bucket = (rows - start) // chunk_size
@@ -355,8 +401,9 @@ class _CscRows:
             raise ValueError("CSC chunks must align with the prepared chunk size")
         path = self.dir / f"{bucket}.bin"
         if bucket in self.written and not path.exists():
-            raise RuntimeError(f"the scratch file {path} of a CSC transpose vanished (another process cleaned "
-                               "this part's directory?)")
+            raise RuntimeError(
+                f"the scratch file {path} of a CSC transpose vanished (another process cleaned this part's directory?)"
+            )
         rec = np.fromfile(path, dtype=self.record) if path.exists() else np.empty(0, dtype=self.record)
         if path.exists():
             os.unlink(path)

@@ -1,9 +1,8 @@
 """A composed config checked against the typed schema: unknown keys, types, ranges, reference keys.
 
 The schema is a tree of dataclasses (OmegaConf structured configs, as lingua declares its
-configs); each owner module declares its own sub-tree (`concept_shard.schema`,
-`concept_train.data.schema`, `concept_train.model.schema`, `concept_train.trainer.schema`) and its
-defaults live there only. `apply_schema` merges a composed config into the schema:
+configs) in the package `concept_config` (one module per section; defaults live there only).
+`merge_typed` merges a composed config into it, `check_values` checks what types cannot say:
 
 - a key the schema does not know is an error naming the key, the config file or command-line
   override it came from, and the closest known key (`difflib`), also when it sits one level off
@@ -13,9 +12,7 @@ defaults live there only. `apply_schema` merges a composed config into the schem
 - reference keys that mean nothing for a shard-streaming trainer (Lightning's machinery, h5ad
   copying) are accepted; those a config sets are listed in ONE warning line.
 
-Field metadata keys: `ge`, `gt`, `le`, `lt` (bounds, for numbers), `choices`, `check` (a function
-value -> problem text or None), `inert` (the reason the key has no effect here),
-`refuse_unless` (a value other than this one is refused: the reference feature is not built).
+Field metadata: see `concept_config.fields.key`.
 """
 
 from __future__ import annotations
@@ -23,25 +20,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
-
-MISSING = "???"
-
-
-def key(default: Any = None, doc: str = "", **meta) -> Any:
-    """A schema field: its default, and range/choice metadata checked by `check_values`."""
-    meta["doc"] = doc
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    if dataclasses.is_dataclass(default):        # a nested section: a fresh one per instance
-        return dataclasses.field(default_factory=type(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
 
 
 # ---- unknown keys ---------------------------------------------------------------------------------
@@ -52,10 +38,11 @@ def _schema_fields(schema_type) -> dict[str, dataclasses.Field] | None:
 def _value_type(schema_type, name: str):
     """The declared type of a field (the dataclass for nested nodes, the value type of Dict[str, X])."""
     import typing
+
     hints = typing.get_type_hints(schema_type)
     t = hints[name]
     origin = typing.get_origin(t)
-    if origin is typing.Union:                  # Optional[X]
+    if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(t) if a is not type(None)]
         t = args[0] if len(args) == 1 else t
         origin = typing.get_origin(t)
@@ -65,6 +52,7 @@ def _value_type(schema_type, name: str):
 def _all_paths(schema_type, prefix: str = "") -> list[str]:
     """Every dotted key the schema knows (dict-valued fields as `<name>`)."""
     import typing
+
     out = []
     for name in _schema_fields(schema_type) or {}:
         t, origin = _value_type(schema_type, name)
@@ -77,13 +65,15 @@ def _all_paths(schema_type, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_keys(cfg: DictConfig, schema_type, prefix: str = "", dynamic: Callable[[str, str], Any] | None = None
-                 ) -> list[tuple[str, list[str]]]:
+def unknown_keys(
+    cfg: DictConfig, schema_type, prefix: str = "", dynamic: Callable[[str, str], Any] | None = None
+) -> list[tuple[str, list[str]]]:
     """(dotted key, its known siblings) for every key of `cfg` that the schema lacks.
 
     `dynamic(path, name)` returns the schema type of a key the dataclass leaves open (split files
     mounted at `datamodule.split_<x>`), or None."""
     import typing
+
     fields = _schema_fields(schema_type)
     if fields is None or not isinstance(cfg, DictConfig):
         return []
@@ -116,20 +106,20 @@ def unknown_keys(cfg: DictConfig, schema_type, prefix: str = "", dynamic: Callab
 def suggestion(path: str, siblings: list[str], schema_type) -> str:
     """'Did you mean ...' for an unknown key: a close sibling, else the same name elsewhere."""
     leaf = path.rsplit(".", 1)[-1]
-    generic = re.sub(r"\.val\.[^.]+\.", ".val.<name>.", path)        # a loader's name is free
+    generic = re.sub(r"\.val\.[^.]+\.", ".val.<name>.", path)  # a loader's name is free
     paths = _all_paths(schema_type)
     whole = difflib.get_close_matches(generic, paths, n=1, cutoff=0.85)
-    if whole and whole[0].rsplit(".", 1)[-1] != leaf:       # a typo in the leaf: the sibling test says it
+    if whole and whole[0].rsplit(".", 1)[-1] != leaf:  # a typo in the leaf: the sibling test says it
         whole = []
     if whole and whole[0] != generic:
         return f"Did you mean `{whole[0]}`?"
     elsewhere = [p for p in paths if p.rsplit(".", 1)[-1] == leaf]
-    if elsewhere:               # the right name one level off: `model.masking_rate`
+    if elsewhere:  # the right name one level off: `model.masking_rate`
         return f"`{leaf}` is a key of `{'`, `'.join(elsewhere[:3])}`: move it there."
     close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
     if close:
         return f"Did you mean `{path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}`?"
-    near = difflib.get_close_matches(leaf, sorted({p.rsplit('.', 1)[-1] for p in paths}), n=1, cutoff=0.75)
+    near = difflib.get_close_matches(leaf, sorted({p.rsplit(".", 1)[-1] for p in paths}), n=1, cutoff=0.75)
     if near:
         where = [p for p in paths if p.rsplit(".", 1)[-1] == near[0]]
         return f"Did you mean `{where[0]}`?"
@@ -168,6 +158,7 @@ def origin_of(path: str, overrides: list[str], config_dirs: list[Path]) -> str:
 def _walk(cfg: DictConfig, schema_type, prefix: str, dynamic):
     """(dotted key, value, field) for every schema-declared leaf of cfg (resolved values)."""
     import typing
+
     fields = _schema_fields(schema_type) or {}
     for name in cfg.keys():
         path = f"{prefix}{name}"
@@ -196,8 +187,12 @@ def _problem(value, meta: dict) -> str | None:
     if meta.get("choices") is not None and value not in meta["choices"]:
         return f"must be one of {list(meta['choices'])}"
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    for bound, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+    for bound, test, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
         if bound in meta and (not number or not test(value, meta[bound])):
             return f"must be a number {word} {meta[bound]}"
     if meta.get("check") is not None:
@@ -212,8 +207,11 @@ def check_values(cfg: DictConfig, schema_type, dynamic=None) -> list[str]:
         try:
             value = parent[name]
         except OmegaConfBaseException as exc:
-            raise ConfigError(path, f"cannot be resolved ({_first_line(exc)}).",
-                              "Fix the interpolation ${...} it uses, or set the key to a value.") from None
+            raise ConfigError(
+                path,
+                f"cannot be resolved ({_first_line(exc)}).",
+                "Fix the interpolation ${...} it uses, or set the key to a value.",
+            ) from None
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)
         meta = f.metadata
@@ -222,8 +220,12 @@ def check_values(cfg: DictConfig, schema_type, dynamic=None) -> list[str]:
                 inert.append(path)
             continue
         if "refuse_unless" in meta and value != meta["refuse_unless"]:
-            raise ConfigError(path, f"is {value!r}: {meta['doc']}", f"Set it to {meta['refuse_unless']!r} "
-                              "or remove it (docs/migrating.md lists what each scConcept key does here).")
+            raise ConfigError(
+                path,
+                f"is {value!r}: {meta['doc']}",
+                f"Set it to {meta['refuse_unless']!r} "
+                "or remove it (docs/migrating.md lists what each scConcept key does here).",
+            )
         problem = _problem(value, meta)
         if problem:
             raise ConfigError(path, f"is {value!r}; it {problem}.", f"Set {path} to a valid value (docs/config.md).")
@@ -241,8 +243,11 @@ def merge_typed(cfg: DictConfig, schema_type) -> DictConfig:
         return OmegaConf.merge(OmegaConf.structured(schema_type), cfg)
     except OmegaConfBaseException as exc:
         where = getattr(exc, "full_key", None) or "config"
-        raise ConfigError(where, f"has a value of the wrong type ({_first_line(exc)}).",
-                          f"Give {where} a value of the type docs/config.md lists.") from None
+        raise ConfigError(
+            where,
+            f"has a value of the wrong type ({_first_line(exc)}).",
+            f"Give {where} a value of the type docs/config.md lists.",
+        ) from None
 
 
 def set_override(cfg: DictConfig, dotted: str, value: Any) -> None:
@@ -250,8 +255,11 @@ def set_override(cfg: DictConfig, dotted: str, value: Any) -> None:
     try:
         OmegaConf.update(cfg, dotted, value, merge=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(dotted, f"cannot take {value!r} ({_first_line(exc)}).",
-                          f"Give {dotted} a value of the type docs/config.md lists.") from None
+        raise ConfigError(
+            dotted,
+            f"cannot take {value!r} ({_first_line(exc)}).",
+            f"Give {dotted} a value of the type docs/config.md lists.",
+        ) from None
 
 
 def inert_warning(paths: list[str]) -> str | None:
@@ -259,5 +267,8 @@ def inert_warning(paths: list[str]) -> str | None:
     if not paths:
         return None
     collapsed = sorted({re.sub(r"\.val\.[^.]+\.", ".val.<loader>.", p) for p in paths})
-    return ("[config] accepted from scConcept's config tree, no effect here: " + ", ".join(collapsed)
-            + " (docs/migrating.md says why for each).")
+    return (
+        "[config] accepted from scConcept's config tree, no effect here: "
+        + ", ".join(collapsed)
+        + " (docs/migrating.md says why for each)."
+    )

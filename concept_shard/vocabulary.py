@@ -14,8 +14,8 @@ import pandas as pd
 from .errors import ShardError
 
 CLS, PAD = "<cls>", "<pad>"
-CLS_TOKEN, PAD_TOKEN = 0, 1     # the same in every species' token space
-MAX_TOKENS = 1 << 22            # 4.2M tokens: far above any species' ~60k genes, and a table that fits
+CLS_TOKEN, PAD_TOKEN = 0, 1  # the same in every species' token space
+MAX_TOKENS = 1 << 22  # 4.2M tokens: far above any species' ~60k genes, and a table that fits
 _VERSION_SUFFIX = re.compile(r"\.\d+$")
 
 
@@ -28,8 +28,8 @@ def strip_version(gene_id: str) -> str:
 class Vocabulary:
     species: str
     path: Path
-    token_of: dict[str, int]      # gene id (no version) -> token
-    size: int                     # max token + 1
+    token_of: dict[str, int]  # gene id (no version) -> token
+    size: int  # max token + 1
     fingerprint: str
 
     @cached_property
@@ -48,8 +48,10 @@ class Vocabulary:
 
 def load_vocabulary(mappings_dir: Path, species: str) -> Vocabulary:
     path = Path(mappings_dir) / f"{species}.csv"
-    fix = ("Rebuild it with header `gene_id,gene_name,token`, rows `<cls>,,0` and `<pad>,,1` first, "
-           "then one row per gene with a unique integer token.")
+    fix = (
+        "Rebuild it with header `gene_id,gene_name,token`, rows `<cls>,,0` and `<pad>,,1` first, "
+        "then one row per gene with a unique integer token."
+    )
     try:
         table = pd.read_csv(path, dtype={"gene_id": str, "gene_name": str}, keep_default_na=False)
     except FileNotFoundError:
@@ -66,18 +68,28 @@ def load_vocabulary(mappings_dir: Path, species: str) -> Vocabulary:
     too_large = (tokens >= MAX_TOKENS) | (tokens != np.floor(tokens))
     if too_large.any():
         bad = table.loc[too_large, ["gene_id", "token"]].head(3).values.tolist()
-        raise ShardError(path, f"has tokens that are not integers below {MAX_TOKENS:,} (e.g. {bad}).",
-                         fix + " Number the genes 2, 3, ... without gaps.")
+        raise ShardError(
+            path,
+            f"has tokens that are not integers below {MAX_TOKENS:,} (e.g. {bad}).",
+            fix + " Number the genes 2, 3, ... without gaps.",
+        )
     blank = table["gene_id"].str.strip() == ""
     if blank.any():
-        raise ShardError(path, f"has {int(blank.sum())} row(s) without a gene id (first at data row "
-                         f"{int(np.flatnonzero(blank.to_numpy())[0]) + 1}).", fix)
+        raise ShardError(
+            path,
+            f"has {int(blank.sum())} row(s) without a gene id (first at data row "
+            f"{int(np.flatnonzero(blank.to_numpy())[0]) + 1}).",
+            fix,
+        )
     tokens = tokens.astype(np.int64)
     ids = table["gene_id"].map(strip_version)
     token_of = dict(zip(ids, tokens))
     if token_of.get(CLS) != 0 or token_of.get(PAD) != 1:
-        raise ShardError(path, f"must map {CLS} to 0 and {PAD} to 1 (found {CLS}={token_of.get(CLS)}, "
-                         f"{PAD}={token_of.get(PAD)}).", fix)
+        raise ShardError(
+            path,
+            f"must map {CLS} to 0 and {PAD} to 1 (found {CLS}={token_of.get(CLS)}, {PAD}={token_of.get(PAD)}).",
+            fix,
+        )
     dup_tokens = tokens[tokens.duplicated()].unique()
     if len(dup_tokens):
         raise ShardError(path, f"gives the same token to several genes (tokens {dup_tokens[:5].tolist()}).", fix)

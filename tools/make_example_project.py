@@ -119,16 +119,32 @@ HUMAN = SpeciesSpec(
     name="hsapiens",
     table="homo_sapiens-GRCh38-ensembl100",
     prefix="hs",
-    cell_types=("T cell", "B cell", "natural killer cell", "classical monocyte", "macrophage",
-                "epithelial cell", "fibroblast", "endothelial cell"),
+    cell_types=(
+        "T cell",
+        "B cell",
+        "natural killer cell",
+        "classical monocyte",
+        "macrophage",
+        "epithelial cell",
+        "fibroblast",
+        "endothelial cell",
+    ),
     panels={"immune_panel": (0, 1, 2, 3, 4), "tissue_panel": (5, 6, 7), "random_panel": ()},
 )
 MOUSE = SpeciesSpec(
     name="mmusculus",
     table="mus_musculus-GRCm38-ensembl100",
     prefix="mm",
-    cell_types=("neuron", "astrocyte", "oligodendrocyte", "microglial cell", "endothelial cell",
-                "kidney proximal tubule cell", "podocyte", "fibroblast"),
+    cell_types=(
+        "neuron",
+        "astrocyte",
+        "oligodendrocyte",
+        "microglial cell",
+        "endothelial cell",
+        "kidney proximal tubule cell",
+        "podocyte",
+        "fibroblast",
+    ),
     panels={"brain_panel": (0, 1, 2, 3), "kidney_panel": (4, 5, 6, 7), "random_panel": ()},
 )
 
@@ -136,10 +152,8 @@ FILES = {
     "hsapiens": [
         FileSpec("hs_blood_a", "csr", 20_000, "blood", 1500, enriched_types=(0, 1, 2, 3)),
         FileSpec("hs_lung_b", "csc_raw", 15_000, "lung", 1300, enriched_types=(4, 5, 6, 7)),
-        FileSpec("hs_targeted_c", "dense", 5_000, "lymph node", 500, cells_divisor=2,
-                 enriched_types=(0, 1)),
-        FileSpec("hs_gut_d", "zarr", 18_000, "colon", 1700, cells_divisor=2,
-                 enriched_types=(5, 6, 4)),
+        FileSpec("hs_targeted_c", "dense", 5_000, "lymph node", 500, cells_divisor=2, enriched_types=(0, 1)),
+        FileSpec("hs_gut_d", "zarr", 18_000, "colon", 1700, cells_divisor=2, enriched_types=(5, 6, 4)),
         FileSpec("hs_val_e", "csr", 20_000, "blood", 1500, enriched_types=(0, 1, 2, 3)),
     ],
     "mmusculus": [
@@ -241,12 +255,13 @@ def build_species_model(spec: SpeciesSpec, genes: pd.DataFrame, seed: int) -> Sp
     # programs of their own, from the same pool.
     pool = np.sort(rng.choice(coding, MARKER_POOL_SIZE, replace=False))
     programs = [lognormal_program(rng, pool, N_MARKERS_PER_TYPE) for _ in spec.cell_types]
-    subtypes = [[lognormal_program(rng, pool, N_SUBTYPE_GENES) for _ in range(N_SUBTYPES)]
-                for _ in spec.cell_types]
+    subtypes = [[lognormal_program(rng, pool, N_SUBTYPE_GENES) for _ in range(N_SUBTYPES)] for _ in spec.cell_types]
     # Modules: programs that any cell may run, whatever its type; modules may share genes.
     others = np.setdiff1d(coding, pool, assume_unique=True)
-    modules = [lognormal_program(rng, others, int(rng.integers(MODULE_GENES[0], MODULE_GENES[1] + 1)))
-               for _ in range(N_MODULES)]
+    modules = [
+        lognormal_program(rng, others, int(rng.integers(MODULE_GENES[0], MODULE_GENES[1] + 1)))
+        for _ in range(N_MODULES)
+    ]
 
     donors = [f"{spec.prefix}_donor_{k}" for k in range(1, 7)]
     # Donor (genotype) effects: a mild one on every gene, a strong one on a few.
@@ -254,8 +269,7 @@ def build_species_model(spec: SpeciesSpec, genes: pd.DataFrame, seed: int) -> Sp
     for d in range(len(donors)):
         strong = rng.choice(coding, N_DONOR_GENES, replace=False)
         donor_effect[d, strong] *= rng.lognormal(0.0, 1.5, N_DONOR_GENES)
-    return SpeciesModel(spec, genes, coding, noncoding, pool, programs, subtypes, modules, base,
-                        donors, donor_effect)
+    return SpeciesModel(spec, genes, coding, noncoding, pool, programs, subtypes, modules, base, donors, donor_effect)
 
 
 def choose_file_genes(model: SpeciesModel, n_genes: int, rng: np.random.Generator) -> np.ndarray:
@@ -268,11 +282,13 @@ def choose_file_genes(model: SpeciesModel, n_genes: int, rng: np.random.Generato
     n_noncoding = int(round(n_genes * NONCODING_FRACTION))
     n_coding = n_genes - n_noncoding - model.markers.size
     other_coding = np.setdiff1d(model.coding, model.markers, assume_unique=True)
-    picked = np.concatenate([
-        model.markers,
-        rng.choice(other_coding, n_coding, replace=False),
-        rng.choice(model.noncoding, n_noncoding, replace=False),
-    ])
+    picked = np.concatenate(
+        [
+            model.markers,
+            rng.choice(other_coding, n_coding, replace=False),
+            rng.choice(model.noncoding, n_noncoding, replace=False),
+        ]
+    )
     return np.sort(picked)
 
 
@@ -290,10 +306,10 @@ def alias_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     small = [i for i, p in enumerate(prob) if p < 1.0]
     large = [i for i, p in enumerate(prob) if p >= 1.0]
     while small and large:
-        s, l = small.pop(), large.pop()
-        alias[s] = l
-        prob[l] -= 1.0 - prob[s]
-        (small if prob[l] < 1.0 else large).append(l)
+        s, g = small.pop(), large.pop()
+        alias[s] = g
+        prob[g] -= 1.0 - prob[s]
+        (small if prob[g] < 1.0 else large).append(g)
     for i in small + large:  # leftovers are 1 up to rounding
         prob[i] = 1.0
     return np.asarray(prob), np.asarray(alias, dtype=np.int64)
@@ -325,7 +341,7 @@ class Programs:
     capture: np.ndarray  # per program: the share of its weight on genes the file measures
 
     @classmethod
-    def build(cls, progs: list, gene_pos: np.ndarray) -> "Programs":
+    def build(cls, progs: list, gene_pos: np.ndarray) -> Programs:
         """Programs restricted to the file's measured genes (renormalised; ``capture`` says how
         much of each program the file sees)."""
         cum, local, capture = [], [], []
@@ -356,13 +372,18 @@ class Cells:
     mix: np.ndarray
 
 
-def expected_rates(cells: Cells, rows: np.ndarray, bg: np.ndarray, types: Programs,
-                   subs: Programs, mods: Programs) -> np.ndarray:
+def expected_rates(
+    cells: Cells, rows: np.ndarray, bg: np.ndarray, types: Programs, subs: Programs, mods: Programs
+) -> np.ndarray:
     """Rows x file genes: each cell's expected share of events per gene."""
     m = cells.mix[rows]
     t, s = cells.cell_type[rows], cells.subtype[rows]
-    return (m[:, :1] * bg[cells.donor[rows]] + m[:, 1:2] * types.dense[t]
-            + m[:, 2:3] * subs.dense[t * N_SUBTYPES + s] + m[:, 3:] @ mods.dense)
+    return (
+        m[:, :1] * bg[cells.donor[rows]]
+        + m[:, 1:2] * types.dense[t]
+        + m[:, 2:3] * subs.dense[t * N_SUBTYPES + s]
+        + m[:, 3:] @ mods.dense
+    )
 
 
 def calibrate_scale(target: float, rates: np.ndarray, lib: np.ndarray) -> float:
@@ -380,8 +401,9 @@ def calibrate_scale(target: float, rates: np.ndarray, lib: np.ndarray) -> float:
     return float(np.exp(brentq(excess, np.log(1.0), np.log(1e8), xtol=1e-4)))
 
 
-def sample_counts(rng, cells: Cells, bg_alias: list, types: Programs, subs: Programs,
-                  mods: Programs, n_genes: int, chunk: int = 256) -> sp.csr_matrix:
+def sample_counts(
+    rng, cells: Cells, bg_alias: list, types: Programs, subs: Programs, mods: Programs, n_genes: int, chunk: int = 256
+) -> sp.csr_matrix:
     """Overdispersed counts drawn event by event, never materialising a cells x genes matrix.
 
     A cell with library size L gets Poisson(L) expression events; each event comes from one of
@@ -476,8 +498,7 @@ def make_file(model: SpeciesModel, fs: FileSpec, n_cells: int, seed: int) -> ad.
 
     # Calibrate the library-size scale on a sample of the cells' expected rates.
     sample = rng.choice(n_cells, min(n_cells, 200), replace=False)
-    scale = calibrate_scale(fs.target_nnz, expected_rates(cells, sample, bg, types, subs, mods),
-                            lib_rel[sample])
+    scale = calibrate_scale(fs.target_nnz, expected_rates(cells, sample, bg, types, subs, mods), lib_rel[sample])
     cells.lib = scale * lib_rel
 
     X = sample_counts(rng, cells, [alias_table(b) for b in bg], types, subs, mods, n_genes)
@@ -488,8 +509,7 @@ def make_file(model: SpeciesModel, fs: FileSpec, n_cells: int, seed: int) -> ad.
             "dataset": pd.Categorical([fs.stem] * n_cells),
             "donor_id": pd.Categorical(donors[donor], categories=sorted(donors)),
             "tissue": pd.Categorical([fs.tissue] * n_cells),
-            "cell_type": pd.Categorical.from_codes(cell_type,
-                                                   categories=list(model.spec.cell_types)),
+            "cell_type": pd.Categorical.from_codes(cell_type, categories=list(model.spec.cell_types)),
         },
         index=[f"{fs.stem}_{i:06d}" for i in range(n_cells)],
     )
@@ -499,6 +519,7 @@ def make_file(model: SpeciesModel, fs: FileSpec, n_cells: int, seed: int) -> ad.
         index=pd.Index(gene_ids),
     )
     return ad.AnnData(X=X, obs=obs, var=var)
+
 
 # --------------------------------------------------------------------------- writing
 def versioned(ids: pd.Index, rng: np.random.Generator) -> list[str]:
@@ -543,8 +564,7 @@ def write_panels(model: SpeciesModel, out_dir: Path, seed: int) -> dict[str, int
     out_dir.mkdir(parents=True, exist_ok=True)
     others = np.setdiff1d(model.coding, model.markers, assume_unique=True)
     for name, types in model.spec.panels.items():
-        chosen = [rng.choice(model.programs[t][0], int(0.6 * N_MARKERS_PER_TYPE), replace=False)
-                  for t in types]
+        chosen = [rng.choice(model.programs[t][0], int(0.6 * N_MARKERS_PER_TYPE), replace=False) for t in types]
         n_other = 150 if types else 400
         chosen.append(rng.choice(others, n_other, replace=False))
         ids = model.genes.index[np.unique(np.concatenate(chosen))]
@@ -555,17 +575,20 @@ def write_panels(model: SpeciesModel, out_dir: Path, seed: int) -> dict[str, int
 
 def summarize(path: Path, adata: ad.AnnData, counts: sp.spmatrix) -> str:
     nnz = counts.getnnz(axis=1)
-    return (f"  {path.parent.parent.name}/{path.name:<20} cells {adata.n_obs:>6}  "
-            f"genes {adata.n_vars:>6}  nnz/cell {nnz.mean():7.1f}  "
-            f"UMIs/cell {counts.sum() / adata.n_obs:8.1f}")
+    return (
+        f"  {path.parent.parent.name}/{path.name:<20} cells {adata.n_obs:>6}  "
+        f"genes {adata.n_vars:>6}  nnz/cell {nnz.mean():7.1f}  "
+        f"UMIs/cell {counts.sum() / adata.n_obs:8.1f}"
+    )
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Create the example project (see module docstring).")
     p.add_argument("out_dir", type=Path, help="PROJECT_PATH to create (may exist)")
-    p.add_argument("--cells", type=int, default=2000,
-                   help="cells per synthetic file (default 2000; targeted and zarr files: half)")
+    p.add_argument(
+        "--cells", type=int, default=2000, help="cells per synthetic file (default 2000; targeted and zarr files: half)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return p.parse_args(argv)
 

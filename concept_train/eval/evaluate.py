@@ -25,7 +25,7 @@ from .views import Embedder, cross_view_recall
 
 PANEL_SIZES = (200, 800, 6400)
 MODEL = "concept"
-MAX_CLASSES = 1000          # an obs column with more distinct values is an id, not a label
+MAX_CLASSES = 1000  # an obs column with more distinct values is an id, not a label
 
 
 def _codes(values: pd.Series) -> np.ndarray:
@@ -66,9 +66,12 @@ def _varying(obs: pd.DataFrame, flag: str, key: str, label_keys: list[str]) -> n
     values = obs[key].to_numpy()
     distinct = sorted(set(values) - {""})
     if len(distinct) < 2:
-        raise TrainError(f"{flag} {key}", f"has {len(distinct)} distinct value(s) {distinct[:3]} in the evaluated "
-                         "cells; the scIB metrics compare at least two.",
-                         f"Use a column with several values (here: {label_keys}), or evaluate more inputs.")
+        raise TrainError(
+            f"{flag} {key}",
+            f"has {len(distinct)} distinct value(s) {distinct[:3]} in the evaluated "
+            "cells; the scIB metrics compare at least two.",
+            f"Use a column with several values (here: {label_keys}), or evaluate more inputs.",
+        )
     return values
 
 
@@ -77,49 +80,84 @@ def _cells(loaded: LoadedModel, inputs, species, gene_id_column, max_cells, seed
 
     with tqdm(unit="cells", unit_scale=True, desc="concept-eval: reading", dynamic_ncols=True) as bar:
         if inputs:
-            cells = from_files(loaded, [Path(p) for p in inputs], species, gene_id_column, max_cells, seed, required,
-                               progress=bar.update)
+            cells = from_files(
+                loaded,
+                [Path(p) for p in inputs],
+                species,
+                gene_id_column,
+                max_cells,
+                seed,
+                required,
+                progress=bar.update,
+            )
         else:
             log(f"[eval] no inputs given: the validation files of run {loaded.run_id}, from their shards")
             cells = from_validation_shards(loaded, species, max_cells, seed, required, progress=bar.update)
     if cells.n_cells < MIN_CELLS:
-        raise TrainError("the inputs", f"hold {cells.n_cells} cells with counts in the vocabulary; the scIB metrics "
-                         f"need at least {MIN_CELLS}.", "Evaluate more cells (more inputs, or a larger --max-cells).")
+        raise TrainError(
+            "the inputs",
+            f"hold {cells.n_cells} cells with counts in the vocabulary; the scIB metrics need at least {MIN_CELLS}.",
+            "Evaluate more cells (more inputs, or a larger --max-cells).",
+        )
     total = sum(cells.input_cells)
-    log(f"[eval] {cells.n_cells:,} {cells.species} cells" + (f" sampled from {total:,}" if total > cells.n_cells else "")
-        + f" in {len(cells.inputs)} input(s)")
+    log(
+        f"[eval] {cells.n_cells:,} {cells.species} cells"
+        + (f" sampled from {total:,}" if total > cells.n_cells else "")
+        + f" in {len(cells.inputs)} input(s)"
+    )
     return cells
 
 
-def evaluate(run_or_checkpoint, inputs=(), out_dir=None, *, label_key: str = "cell_type",
-             batch_key: str = "donor_id", species: str | None = None, gene_id_column: str | None = None,
-             max_cells: int = 10_000, max_tokens: int | None = None, panel_sizes=PANEL_SIZES, seed: int = 0,
-             batch_size: int = 256,
-             device=None, use_learnable_embs: bool = True, umap: bool = True, trust_pickle: bool = False,
-             log=print) -> dict:
+def evaluate(
+    run_or_checkpoint,
+    inputs=(),
+    out_dir=None,
+    *,
+    label_key: str = "cell_type",
+    batch_key: str = "donor_id",
+    species: str | None = None,
+    gene_id_column: str | None = None,
+    max_cells: int = 10_000,
+    max_tokens: int | None = None,
+    panel_sizes=PANEL_SIZES,
+    seed: int = 0,
+    batch_size: int = 256,
+    device=None,
+    use_learnable_embs: bool = True,
+    umap: bool = True,
+    trust_pickle: bool = False,
+    log=print,
+) -> dict:
     """Evaluate a run (or checkpoint) on `inputs` (.h5ad/.zarr files; none: the run's validation
     shards). `max_tokens`: genes per whole cell (default: the larger of the run's training
-    max_tokens and 1,000, as the trainer's whole-cell validation). Returns the metrics (what `metrics.json` holds); with `out_dir`, writes the files of
+    max_tokens and 1,000, as the trainer's whole-cell validation). Returns the metrics (what `metrics.json`
+    holds); with `out_dir`, writes the files of
     `concept_train.eval.report` there."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = run_or_checkpoint if isinstance(run_or_checkpoint, LoadedModel) else load_model(
-        run_or_checkpoint, device, trust_pickle=trust_pickle)
+    loaded = (
+        run_or_checkpoint
+        if isinstance(run_or_checkpoint, LoadedModel)
+        else load_model(run_or_checkpoint, device, trust_pickle=trust_pickle)
+    )
     required = {"--label-key": label_key, "--batch-key": batch_key}
     cells = _cells(loaded, inputs, species, gene_id_column, max_cells, seed, required, log)
     keys = label_columns(cells.obs)
     labels, batches = (_varying(cells.obs, flag, key, keys) for flag, key in required.items())
     t0 = time.time()
     embedder = Embedder(loaded, cells, batch_size, max_tokens, use_learnable_embs=use_learnable_embs)
-    with tqdm(total=cells.n_cells, unit="cells", unit_scale=True, desc="concept-eval: embedding",
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=cells.n_cells, unit="cells", unit_scale=True, desc="concept-eval: embedding", dynamic_ncols=True
+    ) as bar:
         embeddings = {MODEL: embedder.whole_cells(bar.update)}
     embeddings["pca"] = baselines.pca(cells, seed=seed)
-    log(f"[eval] embeddings in {time.time() - t0:.1f} s; scIB metrics (the first kBET of a process compiles "
-        "pynndescent: about a minute)")
+    log(
+        f"[eval] embeddings in {time.time() - t0:.1f} s; scIB metrics (the first kBET of a process compiles "
+        "pynndescent: about a minute)"
+    )
     scib, knn = {}, {}
     for name, z in embeddings.items():
         t0 = time.time()
@@ -132,11 +170,23 @@ def evaluate(run_or_checkpoint, inputs=(), out_dir=None, *, label_key: str = "ce
         recall[str(n)] = cross_view_recall(embedder, n, seed=seed)
     result = {
         "model": {"run_id": loaded.run_id, "step": int(loaded.step), "checkpoint": str(loaded.checkpoint)},
-        "cells": {"species": cells.species, "evaluated": cells.n_cells, "held": int(sum(cells.input_cells)),
-                  "inputs": cells.inputs},
-        "settings": {"label_key": label_key, "batch_key": batch_key, "max_cells": max_cells, "seed": seed,
-                     "max_tokens": embedder.max_tokens, "knn_k": 5},
-        "scib": scib, "knn": knn, "recall": recall,
+        "cells": {
+            "species": cells.species,
+            "evaluated": cells.n_cells,
+            "held": int(sum(cells.input_cells)),
+            "inputs": cells.inputs,
+        },
+        "settings": {
+            "label_key": label_key,
+            "batch_key": batch_key,
+            "max_cells": max_cells,
+            "seed": seed,
+            "max_tokens": embedder.max_tokens,
+            "knn_k": 5,
+        },
+        "scib": scib,
+        "knn": knn,
+        "recall": recall,
     }
     if out_dir is not None:
         report.write_metrics(out_dir, result)

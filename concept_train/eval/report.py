@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .scib import METRICS, TOTAL, BIO, BATCH
+from .scib import BATCH, BIO, METRICS, TOTAL
 
-MAX_LEGEND = 20          # categories named in a UMAP legend; the rest are drawn grey
+MAX_LEGEND = 20  # categories named in a UMAP legend; the rest are drawn grey
 
 
 def _atomic(path: Path, write) -> None:
@@ -40,6 +40,7 @@ def write_scib_csv(out_dir: Path, scib: dict[str, dict[str, float]]) -> None:
         lines = ["Embedding," + ",".join(columns)]
         lines += [name + "," + ",".join(f"{scores[c]:.6g}" for c in columns) for name, scores in scib.items()]
         p.write_text("\n".join(lines) + "\n")
+
     _atomic(out_dir / "scib.csv", write)
 
 
@@ -53,6 +54,7 @@ def umap_coordinates(x: np.ndarray, seed: int = 0) -> np.ndarray:
 def write_umap_png(out_dir: Path, coordinates: dict[str, np.ndarray], colour_by: dict[str, np.ndarray]) -> None:
     """A grid: rows = embeddings, columns = obs keys (label, batch)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -69,8 +71,9 @@ def write_umap_png(out_dir: Path, coordinates: dict[str, np.ndarray], colour_by:
                 ax.scatter(xy[other, 0], xy[other, 1], s=2, c="lightgrey", label="other", rasterized=True)
             for c, kind in enumerate(sorted(named)):
                 sel = values == kind
-                ax.scatter(xy[sel, 0], xy[sel, 1], s=2, color=palette(c % 20), label=str(kind) or "(missing)",
-                           rasterized=True)
+                ax.scatter(
+                    xy[sel, 0], xy[sel, 1], s=2, color=palette(c % 20), label=str(kind) or "(missing)", rasterized=True
+                )
             ax.set_title(f"{name}: {key}")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -85,20 +88,34 @@ def report_markdown(result: dict) -> str:
     """The table a reader wants first: each embedding's aggregates and kNN accuracy, recall."""
     s = result["settings"]
     keys = list(next(iter(result["knn"].values())).keys())
-    lines = [f"# concept-eval: {result['model']['run_id']} at step {result['model']['step']}", "",
-             f"{result['cells']['evaluated']:,} {result['cells']['species']} cells from "
-             f"{len(result['cells']['inputs'])} input(s); label `{s['label_key']}`, batch `{s['batch_key']}`.", "",
-             "| embedding | scIB total | bio conservation | batch correction | "
-             + " | ".join(f"kNN {k}" for k in keys) + " |",
-             "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+    lines = [
+        f"# concept-eval: {result['model']['run_id']} at step {result['model']['step']}",
+        "",
+        f"{result['cells']['evaluated']:,} {result['cells']['species']} cells from "
+        f"{len(result['cells']['inputs'])} input(s); label `{s['label_key']}`, batch `{s['batch_key']}`.",
+        "",
+        "| embedding | scIB total | bio conservation | batch correction | "
+        + " | ".join(f"kNN {k}" for k in keys)
+        + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in keys) + " |",
+    ]
     for name, scores in result["scib"].items():
         knn = result["knn"][name]
-        lines.append(f"| {name} | {scores[TOTAL]:.3f} | {scores[BIO]:.3f} | {scores[BATCH]:.3f} | "
-                     + " | ".join(f"{knn[k]:.3f}" for k in keys) + " |")
+        lines.append(
+            f"| {name} | {scores[TOTAL]:.3f} | {scores[BIO]:.3f} | {scores[BATCH]:.3f} | "
+            + " | ".join(f"{knn[k]:.3f}" for k in keys)
+            + " |"
+        )
     lines += ["", "Cross-view recall@1 (two disjoint random panels per block of cells, chance in brackets):", ""]
     for size, r in result["recall"].items():
-        lines.append(f"- {size} genes: " + (f"{r['recall@1']:.3f} ({r['chance']:.4f}), {r['cells']:,} cells"
-                                            if r["recall@1"] is not None else f"not measured: {r['reason']}"))
+        lines.append(
+            f"- {size} genes: "
+            + (
+                f"{r['recall@1']:.3f} ({r['chance']:.4f}), {r['cells']:,} cells"
+                if r["recall@1"] is not None
+                else f"not measured: {r['reason']}"
+            )
+        )
     lines += ["", "Files: `scib.csv` (every scIB metric), `umap.png`, `metrics.json`.", ""]
     return "\n".join(lines)
 

@@ -21,9 +21,18 @@ BIO = "Bio conservation"
 BATCH = "Batch correction"
 TOTAL = "Total"
 # column name -> class, in the order of scib-metrics' tables
-METRICS = {"Isolated labels": BIO, "KMeans NMI": BIO, "KMeans ARI": BIO, "Silhouette label": BIO, "cLISI": BIO,
-           "Silhouette batch": BATCH, "iLISI": BATCH, "KBET": BATCH, "Graph connectivity": BATCH}
-MIN_CELLS = 100          # the 90-neighbour search needs more cells than that
+METRICS = {
+    "Isolated labels": BIO,
+    "KMeans NMI": BIO,
+    "KMeans ARI": BIO,
+    "Silhouette label": BIO,
+    "cLISI": BIO,
+    "Silhouette batch": BATCH,
+    "iLISI": BATCH,
+    "KBET": BATCH,
+    "Graph connectivity": BATCH,
+}
+MIN_CELLS = 100  # the 90-neighbour search needs more cells than that
 
 
 def scib_scores(x: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dict[str, float]:
@@ -62,8 +71,8 @@ def exact_neighbours(x: np.ndarray, k: int, chunk: int = 2048):
     indices = np.empty((len(x), k), np.int64)
     distances = np.empty((len(x), k), np.float32)
     for a in range(0, len(x), chunk):
-        d = torch.cdist(xt[a:a + chunk], xt)
-        d[torch.arange(d.shape[0]), torch.arange(a, a + d.shape[0])] = -1.0      # itself first, at distance 0
+        d = torch.cdist(xt[a : a + chunk], xt)
+        d[torch.arange(d.shape[0]), torch.arange(a, a + d.shape[0])] = -1.0  # itself first, at distance 0
         dist, idx = d.topk(k, dim=1, largest=False)
-        indices[a:a + chunk], distances[a:a + chunk] = idx.numpy(), dist.clamp_min(0).numpy()
+        indices[a : a + chunk], distances[a : a + chunk] = idx.numpy(), dist.clamp_min(0).numpy()
     return NeighborsResults(indices=indices, distances=distances)

@@ -3,7 +3,8 @@
 Whole cells are tokenized as `concept-embed` does (every in-vocabulary gene, top `max_tokens` by
 value), with `max_tokens` by default the larger of the run's training `max_tokens` and 1,000, as
 the trainer's whole-cell validation views: the demo model, trained on views of 48 genes, embeds its
-validation cells markedly better from 1,000 (scIB total 0.821 against 0.747; BENCHMARKS.md). Cross-view recall@1 follows the validation loaders `within_P{N}_B256`: the cells of one
+validation cells markedly better from 1,000 (scIB total 0.821 against 0.747; BENCHMARKS.md). Cross-view recall@1
+follows the validation loaders `within_P{N}_B256`: the cells of one
 input are shuffled (seeded) into blocks of `block` cells; each block draws two disjoint random
 panels of N genes from the input's genes; a cell counts as recalled when its view-2 embedding is
 the nearest (cosine) of the block's to its view-1 embedding. Chance is 1 / block. A view keeps at
@@ -16,10 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.tokenize import TokenSpec
+from ..data.make.tokenize import TokenSpec
 from ..embedding import adds_learnable_embs, cells_of, embed_cells
 from .cells import EvalCells
-
 
 VIEW_MAX_TOKENS = 1000
 
@@ -27,12 +27,18 @@ VIEW_MAX_TOKENS = 1000
 class Embedder:
     """Embeds blocks of the evaluated cells through a panel, with the run's tokenization."""
 
-    def __init__(self, loaded, cells: EvalCells, batch_size: int = 256, max_tokens: int | None = None,
-                 use_learnable_embs: bool = True):
+    def __init__(
+        self,
+        loaded,
+        cells: EvalCells,
+        batch_size: int = 256,
+        max_tokens: int | None = None,
+        use_learnable_embs: bool = True,
+    ):
         self.loaded, self.cells, self.batch_size = loaded, cells, batch_size
         # default: as the validation's whole-cell views (1,000, the reference's), or more if trained with more
-        self.max_tokens = int(max_tokens or max(int(loaded.cfg.datamodule.dataset.train.max_tokens), VIEW_MAX_TOKENS))
-        self.normalization = str(loaded.cfg.datamodule.normalization)
+        self.max_tokens = int(max_tokens or max(loaded.cfg.datamodule.dataset.train.max_tokens, VIEW_MAX_TOKENS))
+        self.normalization = loaded.cfg.datamodule.normalization
         self.vocab_size = loaded.vocabs[cells.species].size
         self.add_learnable = adds_learnable_embs(loaded, use_learnable_embs)
 
@@ -41,14 +47,17 @@ class Embedder:
         c = self.cells
         spec = TokenSpec(max_tokens=max_tokens, normalization=self.normalization, strategy="top-nonzero")
         lengths = np.diff(c.indptr)[rows]
-        take = np.concatenate([np.arange(c.indptr[r], c.indptr[r + 1]) for r in rows]) if len(rows) else np.zeros(0, int)
+        take = (
+            np.concatenate([np.arange(c.indptr[r], c.indptr[r + 1]) for r in rows]) if len(rows) else np.zeros(0, int)
+        )
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         out = []
         for a in range(0, len(rows), self.batch_size):
             b = min(a + self.batch_size, len(rows))
             batch = cells_of(indptr, c.genes[take], c.counts[take], c.n_counts[rows], a, b)
-            out.append(embed_cells(self.loaded.model, spec, batch, panel, self.vocab_size, c.species,
-                                   self.add_learnable))
+            out.append(
+                embed_cells(self.loaded.model, spec, batch, panel, self.vocab_size, c.species, self.add_learnable)
+            )
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def whole_cells(self, progress=None) -> np.ndarray:
@@ -62,8 +71,9 @@ class Embedder:
         return np.concatenate(chunks)
 
 
-def cross_view_recall(embedder: Embedder, panel_size: int, block: int = 256, seed: int = 0,
-                      max_cells: int = 2048) -> dict:
+def cross_view_recall(
+    embedder: Embedder, panel_size: int, block: int = 256, seed: int = 0, max_cells: int = 2048
+) -> dict:
     """{recall@1, chance, cells, blocks} over every input with at least 2 x panel_size genes, or
     {recall@1: None, reason} when none has."""
     c = embedder.cells
@@ -79,7 +89,7 @@ def cross_view_recall(embedder: Embedder, panel_size: int, block: int = 256, see
             continue
         rows = rng.permutation(np.flatnonzero((c.input_of == k) & used))
         for a in range(0, len(rows) - 1, block):
-            mine = rows[a:a + block]
+            mine = rows[a : a + block]
             if len(mine) < 2:
                 continue
             chosen = rng.choice(genes, 2 * panel_size, replace=False)
@@ -90,8 +100,10 @@ def cross_view_recall(embedder: Embedder, panel_size: int, block: int = 256, see
             cells += len(mine)
             blocks += 1
     if cells == 0:
-        return {"recall@1": None, "reason": f"no input has {2 * panel_size} genes for two disjoint panels: "
-                + ", ".join(too_small[:5])}
+        return {
+            "recall@1": None,
+            "reason": f"no input has {2 * panel_size} genes for two disjoint panels: " + ", ".join(too_small[:5]),
+        }
     # chance: 1 / block size per cell, averaged over cells = blocks / cells
     out = {"recall@1": hits / cells, "chance": blocks / cells, "cells": cells, "blocks": blocks}
     if too_small:

@@ -1,6 +1,16 @@
-"""The contrastive encoder (model.py), its varlen attention paths (attention.py) and the loss (loss.py)."""
+"""The contrastive encoder (model.py), its varlen attention paths (attention.py) and the loss (loss.py).
+Names are imported on first use (see concept_train/__init__.py)."""
 
-from .loss import ContrastiveObjective, contrastive_loss, estimate_mutual_information, retrieval_metrics
-from .model import ContrastiveModel, ModelConfig
+from concept_train.lazy import lazy_names
 
-__all__ = ["ContrastiveModel", "ContrastiveObjective", "ModelConfig", "contrastive_loss", "estimate_mutual_information", "retrieval_metrics"]
+_HOMES = {
+    "ContrastiveObjective": ".loss",
+    "contrastive_loss": ".loss",
+    "estimate_mutual_information": ".loss",
+    "retrieval_metrics": ".loss",
+    "ContrastiveModel": ".model",
+    "ModelConfig": ".model",
+}
+__all__ = sorted(_HOMES)
+
+__getattr__ = lazy_names(__name__, _HOMES)

@@ -24,11 +24,13 @@ HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 def _flash(q, k, v, cu, max_len, dropout_p):
     from flash_attn import flash_attn_varlen_func
+
     return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p)
 
 
 def _native_varlen(q, k, v, cu, max_len):
     from torch.nn.attention.varlen import varlen_attn
+
     return varlen_attn(q, k, v, cu, cu, max_len, max_len)
 
 
@@ -63,8 +65,9 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                      dropout_p: float = 0.0) -> torch.Tensor:
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
     """Exact attention within each sequence by grouping sequences of equal length.
 
     Sequences in ascending length order (ContrastiveModel sorts its input once per forward, see
@@ -86,8 +89,10 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     sizes = [length * n for length, n in zip(uniq, counts)]
     outs = []
     for length, n, qs, ks, vs in zip(uniq, counts, q.split(sizes), k.split(sizes), v.split(sizes)):
-        def block(x):   # noqa: E306 - [n*L, H, D] -> [n, H, L, D]
+
+        def block(x, n=n, length=length):  # noqa: E306 - [n*L, H, D] -> [n, H, L, D]
             return x.view(n, length, H, D).transpose(1, 2)
+
         o = F.scaled_dot_product_attention(block(qs), block(ks), block(vs), dropout_p=dropout_p)
         outs.append(o.transpose(1, 2).reshape(n * length, H, D))
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
@@ -106,7 +111,9 @@ def resolve_backend(backend: str, is_cuda: bool, dtype: torch.dtype, dropout_p: 
     return "grouped"
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, backend: str = "auto") -> torch.Tensor:
+def varlen_attention(
+    q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, backend: str = "auto"
+) -> torch.Tensor:
     """Dispatch to the fastest correct path available for these tensors (see module docstring)."""
     backend = resolve_backend(backend, q.is_cuda, q.dtype, dropout_p)
     if backend == "flash":

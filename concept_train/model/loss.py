@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-MAX_LOGIT_SCALE = math.log(100.0)     # as CLIP: the temperature never goes below 0.01
+from concept_config import ModelSection
+
+MAX_LOGIT_SCALE = math.log(100.0)  # as CLIP: the temperature never goes below 0.01
 # Random streams are keyed [seed, STREAM, ...]: numpy zero-pads a short key, so a tag in the
 # second place keeps this stream apart from the data plan's [seed, epoch, ...] and the panels'.
-NEGATIVES_STREAM = 0x6E656761          # binary loss: the sampled negative pairs
+NEGATIVES_STREAM = 0x6E656761  # binary loss: the sampled negative pairs
 
 
 def _distributed() -> bool:
@@ -51,9 +53,9 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone(memory_format=torch.contiguous_format)     # all_reduce works in place
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,9 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return _gather_rows(x) if _distributed() else x
 
 
-def sample_negative_pairs(n: int, k: int, rng: np.random.Generator, simclr: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def sample_negative_pairs(
+    n: int, k: int, rng: np.random.Generator, simclr: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """k distinct (row, column) pairs, drawn uniformly without replacement, of an n x n logit matrix
     off its diagonal (CLIP form), or of the 2n x 2n SimCLR matrix off its diagonal and off each
     view's partner (column (row + n) mod 2n). Floyd's sampling inside numpy's `choice`: no list of
@@ -76,7 +80,7 @@ def sample_negative_pairs(n: int, k: int, rng: np.random.Generator, simclr: bool
     per_row = size - 2 if simclr else size - 1
     picks = rng.choice(size * per_row, size=min(k, size * per_row), replace=False)
     rows, r = np.divmod(picks, per_row)
-    if simclr:       # skip the row itself and its partner, in column order
+    if simclr:  # skip the row itself and its partner, in column order
         partner = (rows + n) % size
         lo, hi = np.minimum(rows, partner), np.maximum(rows, partner)
         cols = r + (r >= lo)
@@ -102,12 +106,18 @@ def _binary_loss(z1, z2, scale, simclr: bool, rng: np.random.Generator) -> torch
     neg = logits[torch.from_numpy(rows).to(logits.device), torch.from_numpy(cols).to(logits.device)]
     pred = torch.cat([pos, neg])
     target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
-    return F.binary_cross_entropy_with_logits(pred, target)      # = BCE(sigmoid(pred)), stable
+    return F.binary_cross_entropy_with_logits(pred, target)  # = BCE(sigmoid(pred)), stable
 
 
-def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, logit_scale: torch.Tensor, mask: torch.Tensor,
-                     simclr: bool = False, kind: str = "multiclass",
-                     rng: np.random.Generator | None = None) -> tuple[torch.Tensor, dict]:
+def contrastive_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    logit_scale: torch.Tensor,
+    mask: torch.Tensor,
+    simclr: bool = False,
+    kind: str = "multiclass",
+    rng: np.random.Generator | None = None,
+) -> tuple[torch.Tensor, dict]:
     """(loss, metrics) for local embeddings z1, z2 [n, d] and the local items_mask [n]. `kind`
     binary draws its negative pairs from `rng` (the same generator on every rank)."""
     z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
@@ -137,25 +147,24 @@ def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, logit_scale: torch.Tens
 
 class ContrastiveObjective:
     """The configured contrastive loss at a given optimizer step (`model.contrastive_loss`,
-    `model.loss_switch_step`); `seed` keys the binary loss's negative pairs."""
-
-    KINDS = ("multiclass", "binary")
+    `model.loss_switch_step`); `seed` keys the binary loss's negative pairs. `kind` is one of
+    concept_config.model.CONTRASTIVE_LOSSES."""
 
     def __init__(self, switch_step: int | None = None, kind: str = "multiclass", seed: int = 0):
         self.switch_step, self.kind, self.seed = switch_step, kind, int(seed)
 
     @classmethod
-    def from_config(cls, model_cfg, seed: int = 0) -> "ContrastiveObjective":
-        kind = str(model_cfg.contrastive_loss)           # one of KINDS: the schema checked it
-        switch = model_cfg.loss_switch_step
-        return cls(None if switch is None else int(switch), kind, seed)
+    def from_config(cls, model: ModelSection, seed: int = 0) -> ContrastiveObjective:
+        return cls(model.loss_switch_step, model.contrastive_loss, seed)
 
     def simclr(self, step: int) -> bool:
         return self.switch_step is not None and step >= self.switch_step
 
     def __call__(self, z1, z2, logit_scale, mask, step: int, key: int = 0) -> tuple[torch.Tensor, dict]:
         """`key`: the batch's index, so that the micro-batches of one step draw different negatives."""
-        rng = np.random.default_rng([self.seed, NEGATIVES_STREAM, int(step), int(key)]) if self.kind == "binary" else None
+        rng = (
+            np.random.default_rng([self.seed, NEGATIVES_STREAM, int(step), int(key)]) if self.kind == "binary" else None
+        )
         return contrastive_loss(z1, z2, logit_scale, mask, simclr=self.simclr(step), kind=self.kind, rng=rng)
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from concept_config import ModelSection, Root
+from concept_shard.errors import TrainError
 from concept_shard.vocabulary import CLS_TOKEN
 
 from .attention import inverse_permutation, length_order, resolve_backend, varlen_attention
@@ -32,7 +34,7 @@ from .attention import inverse_permutation, length_order, resolve_backend, varle
 
 @dataclass
 class ModelConfig:
-    vocab_sizes: dict[str, int]         # species -> token count
+    vocab_sizes: dict[str, int]  # species -> token count
     dim_model: int = 512
     nlayers: int = 8
     num_head: int = 8
@@ -40,85 +42,74 @@ class ModelConfig:
     dropout: float = 0.1
     dim_gene_embs: int = 512
     dim_pretrained_vocab: int = 640
-    pretrained: bool = False           # gene tables of dim_pretrained_vocab through a shared adapter
+    pretrained: bool = False  # gene tables of dim_pretrained_vocab through a shared adapter
     projection_dim: int | None = None
     norm_scheme: str = "pre"
     activation: str = "gelu"
     input_encoding: str = "rank_encoding"
     pe_max_len: int = 5000
     logit_scale_init_value: float = 3.0
-    attention_backend: str = "auto"    # auto | flash | varlen | grouped
-    decoder_head: bool = False         # a per-token value decoder (MLM); absent from older model.json: False
+    attention_backend: str = "auto"  # auto | flash | varlen | grouped
+    decoder_head: bool = False  # a per-token value decoder (MLM); absent from older model.json: False
+
+    def __post_init__(self):
+        # the one combination of architecture keys the schema cannot check key by key
+        if self.dim_model % self.num_head:
+            raise TrainError(
+                f"model.dim_model={self.dim_model}",
+                f"is not divisible by model.num_head={self.num_head}.",
+                "Set model.dim_model to a multiple of model.num_head.",
+            )
 
     @classmethod
-    def from_run_config(cls, cfg, vocab_sizes: dict[str, int]) -> "ModelConfig":
+    def from_run_config(cls, root: Root, vocab_sizes: dict[str, int]) -> ModelConfig:
         """From a whole run config: `model`, and `PATH.PRETRAINED_VOCABULARY` (which decides the
         gene tables' layout)."""
-        return cls.from_config(cfg.model, vocab_sizes, pretrained=bool(cfg.PATH.get("PRETRAINED_VOCABULARY")))
+        return cls.from_config(root.model, vocab_sizes, pretrained=bool(root.PATH.PRETRAINED_VOCABULARY))
 
     @classmethod
-    def from_config(cls, model_cfg, vocab_sizes: dict[str, int], pretrained: bool) -> "ModelConfig":
-        get = model_cfg.get
-        backend = "auto" if get("flash_attention", True) else "grouped"
-        for key, allowed in CHOICES.items():      # a typo must not silently pick the other branch
-            if str(get(key, allowed[0])) not in allowed:
-                raise ValueError(f"model.{key}={get(key)}: use one of {', '.join(allowed)}")
-        sizes = {key: _positive_int(model_cfg, key, default) for key, default in
-                 (("dim_model", None), ("nlayers", None), ("num_head", None), ("dim_hid", None),
-                  ("dim_gene_embs", None), ("dim_pretrained_vocab", 640), ("pe_max_len", 5000))}
-        projection = get("projection_dim")
-        dropout = float(get("dropout", 0.0))
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.dropout={dropout}: use a probability in [0, 1)")
-        return cls(vocab_sizes=dict(vocab_sizes), **sizes, dropout=dropout, pretrained=pretrained,
-                   projection_dim=None if projection is None else _positive_int(model_cfg, "projection_dim", None),
-                   norm_scheme=str(get("norm_scheme", "pre")), activation=str(get("activation", "gelu")),
-                   input_encoding=str(get("input_encoding", "rank_encoding")),
-                   logit_scale_init_value=float(get("logit_scale_init_value", 3.0)), attention_backend=backend,
-                   decoder_head=bool(get("decoder_head", False)) or mlm_loss_on(model_cfg))
-
-
-def _positive_int(model_cfg, key: str, default) -> int:
-    value = model_cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"model.{key}={value}: use a positive integer")
-    return value
-
-
-CHOICES = {"norm_scheme": ("pre", "post"), "activation": ("gelu", "relu"),
-           "input_encoding": ("rank_encoding", "value_encoding")}
+    def from_config(cls, model: ModelSection, vocab_sizes: dict[str, int], pretrained: bool) -> ModelConfig:
+        """The architecture of the typed `model` section (the schema checked every value)."""
+        return cls(
+            vocab_sizes=dict(vocab_sizes),
+            dim_model=model.dim_model,
+            nlayers=model.nlayers,
+            num_head=model.num_head,
+            dim_hid=model.dim_hid,
+            dropout=model.dropout,
+            dim_gene_embs=model.dim_gene_embs,
+            dim_pretrained_vocab=model.dim_pretrained_vocab,
+            pretrained=pretrained,
+            projection_dim=model.projection_dim,
+            norm_scheme=model.norm_scheme,
+            activation=model.activation,
+            input_encoding=model.input_encoding,
+            pe_max_len=model.pe_max_len,
+            logit_scale_init_value=model.logit_scale_init_value,
+            attention_backend="auto" if model.flash_attention else "grouped",
+            decoder_head=model.decoder_head or mlm_loss_on(model),
+        )
 
 
 # ---- what the training keys make of the model (read by the trainer and the embedder alike) -----------
-def _training(model_cfg):
-    """`model.training` (the schema's defaults where a partial config, e.g. a test's, has none)."""
-    training = model_cfg.get("training")
-    if training is None:
-        from omegaconf import OmegaConf
-        from concept_train.trainer.schema import TrainingKeys
-        return OmegaConf.structured(TrainingKeys)
-    return training
-
-
-def masking_rate(model_cfg) -> float:
+def masking_rate(model: ModelSection) -> float:
     """`model.training.masking_rate`: the fraction of gene values replaced by `model.mask_value`."""
-    return float(_training(model_cfg).masking_rate)
+    return model.training.masking_rate
 
 
-def mlm_loss_on(model_cfg) -> bool:
+def mlm_loss_on(model: ModelSection) -> bool:
     """The MLM loss is computed (and needs the decoder head): values are masked and weighted > 0."""
-    return masking_rate(model_cfg) > 0 and float(model_cfg.mlm_loss_weight) > 0
+    return masking_rate(model) > 0 and model.mlm_loss_weight > 0
 
 
-def learnable_embs_freq(model_cfg) -> float | None:
+def learnable_embs_freq(model: ModelSection) -> float | None:
     """The fraction of training steps that add the learnable residual tables (pretrained vectors
     only): `model.training.use_learnable_embs_freq`, forced to 1 by `train_vocab_only` (the
     reference's rule); None = never."""
-    training = _training(model_cfg)
+    training = model.training
     if training.train_vocab_only:
         return 1.0
-    freq = training.use_learnable_embs_freq
-    return None if freq is None else float(freq)
+    return training.use_learnable_embs_freq
 
 
 def adds_learnable_embs(freq: float | None, step: int | None) -> bool:
@@ -136,8 +127,6 @@ def adds_learnable_embs(freq: float | None, step: int | None) -> bool:
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, backend: str):
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"model.dim_model={dim} is not divisible by model.num_head={heads}")
         self.heads, self.backend = heads, backend
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -154,8 +143,12 @@ class Block(nn.Module):
         self.pre = cfg.norm_scheme == "pre"
         self.attn = Attention(cfg.dim_model, cfg.num_head, cfg.attention_backend)
         self.norm1, self.norm2 = nn.LayerNorm(cfg.dim_model), nn.LayerNorm(cfg.dim_model)
-        self.ff = nn.Sequential(nn.Linear(cfg.dim_model, cfg.dim_hid), nn.GELU() if cfg.activation == "gelu" else nn.ReLU(),
-                                nn.Dropout(cfg.dropout), nn.Linear(cfg.dim_hid, cfg.dim_model))
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.dim_model, cfg.dim_hid),
+            nn.GELU() if cfg.activation == "gelu" else nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.dim_hid, cfg.dim_model),
+        )
         self.drop1, self.drop2 = nn.Dropout(cfg.dropout), nn.Dropout(cfg.dropout)
 
     def forward(self, x, cu_seqlens, max_seqlen):
@@ -189,12 +182,15 @@ class ContrastiveModel(nn.Module):
             nn.init.normal_(table.weight, std=0.02)
         self.adapter = nn.Linear(cfg.dim_pretrained_vocab, cfg.dim_gene_embs) if cfg.pretrained else None
         self.learnable_embeddings = None
-        if cfg.pretrained:       # the residual to the adapted vectors: zeros, so it starts as no change
+        if cfg.pretrained:  # the residual to the adapted vectors: zeros, so it starts as no change
             # given as zeros, not initialised and zeroed: no draw from torch's RNG, so every other
             # parameter starts as it did before these tables existed (same seed, same model)
-            self.learnable_embeddings = nn.ModuleDict({
-                sp: nn.Embedding(n, cfg.dim_gene_embs, _weight=torch.zeros(n, cfg.dim_gene_embs))
-                for sp, n in cfg.vocab_sizes.items()})
+            self.learnable_embeddings = nn.ModuleDict(
+                {
+                    sp: nn.Embedding(n, cfg.dim_gene_embs, _weight=torch.zeros(n, cfg.dim_gene_embs))
+                    for sp, n in cfg.vocab_sizes.items()
+                }
+            )
         self.input_proj = nn.Linear(cfg.dim_gene_embs, cfg.dim_model)
         # a random bias would outweigh the small gene vectors and give every gene nearly the same
         # token after the LayerNorm: all cells would start on one embedding (loss log(batch))
@@ -202,17 +198,27 @@ class ContrastiveModel(nn.Module):
         self.input_norm = nn.LayerNorm(cfg.dim_model)
         self.cls = nn.Parameter(torch.randn(cfg.dim_model) * 0.02)
         if cfg.input_encoding == "value_encoding":
-            self.value_encoder = nn.Sequential(nn.Linear(1, cfg.dim_model), nn.GELU(), nn.Linear(cfg.dim_model, cfg.dim_model))
-        elif cfg.input_encoding != "rank_encoding":
-            raise ValueError(f"model.input_encoding={cfg.input_encoding}: use rank_encoding or value_encoding")
+            self.value_encoder = nn.Sequential(
+                nn.Linear(1, cfg.dim_model), nn.GELU(), nn.Linear(cfg.dim_model, cfg.dim_model)
+            )
         # the reference's GeneExpressionDecoder: a value per token from its output (MLM)
-        self.decoder = nn.Sequential(nn.Linear(cfg.dim_model, cfg.dim_model), nn.LeakyReLU(),
-                                     nn.Linear(cfg.dim_model, cfg.dim_model), nn.LeakyReLU(),
-                                     nn.Linear(cfg.dim_model, 1)) if cfg.decoder_head else None
+        self.decoder = (
+            nn.Sequential(
+                nn.Linear(cfg.dim_model, cfg.dim_model),
+                nn.LeakyReLU(),
+                nn.Linear(cfg.dim_model, cfg.dim_model),
+                nn.LeakyReLU(),
+                nn.Linear(cfg.dim_model, 1),
+            )
+            if cfg.decoder_head
+            else None
+        )
         self.register_buffer("rank_table", sinusoidal_table(cfg.pe_max_len + 1, cfg.dim_model), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.nlayers))
         self.projection = nn.Linear(cfg.dim_model, cfg.projection_dim) if cfg.projection_dim else None
-        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init_value)))   # 1-D: FSDP2 shards no scalars
+        self.logit_scale = nn.Parameter(
+            torch.full((1,), float(cfg.logit_scale_init_value))
+        )  # 1-D: FSDP2 shards no scalars
 
     @torch.no_grad()
     def set_gene_vectors(self, species: str, weight: torch.Tensor) -> None:
@@ -264,8 +270,9 @@ class ContrastiveModel(nn.Module):
         # shared by every cell's embedding (there is no final norm)
         return x + torch.where(is_cls, torch.zeros_like(enc), enc)
 
-    def forward(self, tokens, values, positions, cu_seqlens, max_seqlen: int, species: str,
-                add_learnable: bool | None = True):
+    def forward(
+        self, tokens, values, positions, cu_seqlens, max_seqlen: int, species: str, add_learnable: bool | None = True
+    ):
         """Returns (cell embeddings [S, d], L2-normalised; per-token outputs [T, dim_model]; the logit
         log-scale). The scale is returned rather than read from the attribute by the loss, because
         under FSDP2 parameters are whole only inside forward (and cloned: FSDP2 warns about an

@@ -24,10 +24,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from concept_shard.config import typed_config
+from concept_config import Root
+from concept_shard.config import as_dict, typed_config
 from concept_shard.errors import TrainError
 from concept_shard.fingerprint import content_hash
 from concept_shard.vocabulary import Vocabulary, load_vocabulary
@@ -88,14 +94,23 @@ def intact_checkpoint(run_dir: Path, log=print) -> Path | None:
     `latest` names, else (with a warning naming each damaged one) the next older one."""
     root = Path(run_dir) / "checkpoints"
     first = latest_checkpoint(run_dir)
-    others = sorted((p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)
-                     and (p / "trainer_state.json").is_file() and p != first), key=checkpoint_step, reverse=True)
+    others = sorted(
+        (
+            p
+            for p in root.glob("step_*")
+            if re.fullmatch(r"step_\d+", p.name) and (p / "trainer_state.json").is_file() and p != first
+        ),
+        key=checkpoint_step,
+        reverse=True,
+    )
     for ckpt in ([first] if first is not None else []) + others:
         bad = damage(ckpt)
         if bad is None:
             return ckpt
-        log(f"[train] WARNING: checkpoint {ckpt} is damaged ({bad} does not match its checksum); "
-            "trying the previous one.")
+        log(
+            f"[train] WARNING: checkpoint {ckpt} is damaged ({bad} does not match its checksum); "
+            "trying the previous one."
+        )
     return None
 
 
@@ -105,8 +120,17 @@ def resolve_checkpoint(path) -> Path | None:
     return latest_checkpoint(path) or (path if (path / "trainer_state.json").is_file() else None)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, d: Dist, keep_last: int,
-                    run_config=None, resumed_from: Path | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    trainer_state: dict,
+    d: Dist,
+    keep_last: int,
+    run_config: Root | None = None,
+    resumed_from: Path | None = None,
+) -> Path:
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     if resumed_from is not None and Path(resumed_from) == final:
@@ -118,12 +142,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
         tmp.mkdir(parents=True)
     d.barrier()
     msd, osd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():      # one process without a process group is intended
+    with warnings.catch_warnings():  # one process without a process group is intended
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rng = _gather_objects({"cpu": torch.get_rng_state(),
-                           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, d)
+    rng = _gather_objects(
+        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, d
+    )
     if d.is_main:
         torch.save(rng, tmp / "rng.pt")
         _write_shareable(tmp, weights, model.cfg, run_config)
@@ -134,13 +159,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: d
             json.dump(dict(trainer_state, step=step, world_size=d.world_size), fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)     # not `latest` (above): a leftover of a killed attempt
+        shutil.rmtree(final, ignore_errors=True)  # not `latest` (above): a leftover of a killed attempt
         os.replace(tmp, final)
         pointer_tmp = root / "latest.tmp"
         pointer_tmp.write_text(final.name + "\n")
         os.replace(pointer_tmp, root / "latest")
-        done = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
-                      key=checkpoint_step)
+        done = sorted(
+            (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), key=checkpoint_step
+        )
         for old in done[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("step_*.tmp"):
@@ -160,24 +186,34 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = 
     if weights_only:
         # a new run: a decoder head (a training head) may come or go; the residual tables may be new
         mine = set(model.state_dict())
-        weights = {k: v for k, v in read_weights(path).items()
-                   if k not in LEGACY_KEYS and (k in mine or not k.startswith("decoder."))}
-        missing, unexpected = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
-                                                                                           strict=False))
+        weights = {
+            k: v
+            for k, v in read_weights(path).items()
+            if k not in LEGACY_KEYS and (k in mine or not k.startswith("decoder."))
+        }
+        missing, unexpected = set_model_state_dict(
+            model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
         missing = [k for k in missing if not k.startswith(OPTIONAL_PREFIXES + ("decoder.",))]
         if missing or unexpected:
-            raise TrainError(path, f"holds weights that do not fit this model (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}).", "Start from a checkpoint of the same architecture.")
+            raise TrainError(
+                path,
+                f"holds weights that do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}).",
+                "Start from a checkpoint of the same architecture.",
+            )
         return json.loads((path / "trainer_state.json").read_text())
     msd, osd = get_state_dict(model, optimizer)
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     # The old MLM parameters got optimizer state only in runs that trained MLM; other runs of a
     # value-encoding model resume (the parameters are simply not loaded)
     if any(key.startswith(f"optim.state.{k}.") for k in LEGACY_KEYS for key in saved):
-        raise TrainError(path, "was written by a version whose MLM head (a learnable mask vector) differs from "
-                         "today's (values replaced by model.mask_value, a decoder head): its optimizer state does "
-                         "not fit.", f"Start a new run from its weights: initialize.checkpoint={path} "
-                         "initialize.create_new_run=True.")
+        raise TrainError(
+            path,
+            "was written by a version whose MLM head (a learnable mask vector) differs from "
+            "today's (values replaced by model.mask_value, a decoder head): its optimizer state does "
+            "not fit.",
+            f"Start a new run from its weights: initialize.checkpoint={path} initialize.create_new_run=True.",
+        )
     # The learnable residual tables of a model with pretrained vectors are younger than some
     # checkpoints: those keep their zeros (what a checkpoint without them means).
     msd = {k: v for k, v in msd.items() if f"model.{k}" in saved or not k.startswith(OPTIONAL_PREFIXES)}
@@ -185,8 +221,9 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = 
     # seen) has no optimizer state in it, while a fresh optimizer's state dict has state for every
     # parameter. Load only what was saved: the parameter then starts without state, as it would
     # have in the uninterrupted run.
-    osd = dict(osd, state={fqn: s for fqn, s in osd["state"].items()
-                           if all(f"optim.state.{fqn}.{k}" in saved for k in s)})
+    osd = dict(
+        osd, state={fqn: s for fqn, s in osd["state"].items() if all(f"optim.state.{fqn}.{k}" in saved for k in s)}
+    )
     state = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -196,11 +233,14 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = 
     if not rng:
         return json.loads((path / "trainer_state.json").read_text())
     try:
-        rng = torch.load(path / "rng.pt", weights_only=True)      # tensors and dicts only: no code runs
-    except Exception as exc:          # a file that holds anything else (code included) is refused
-        raise TrainError(path / "rng.pt", f"is not the RNG state concept-train writes ({type(exc).__name__}).",
-                         "The checkpoint is damaged or was altered: resume from an earlier checkpoint of the run, "
-                         "or start a new run.") from None
+        rng = torch.load(path / "rng.pt", weights_only=True)  # tensors and dicts only: no code runs
+    except Exception as exc:  # a file that holds anything else (code included) is refused
+        raise TrainError(
+            path / "rng.pt",
+            f"is not the RNG state concept-train writes ({type(exc).__name__}).",
+            "The checkpoint is damaged or was altered: resume from an earlier checkpoint of the run, "
+            "or start a new run.",
+        ) from None
     mine = rng[d.rank] if d.rank < len(rng) else rng[0]
     torch.set_rng_state(mine["cpu"])
     if mine.get("cuda") is not None and torch.cuda.is_available():
@@ -212,9 +252,20 @@ def load_checkpoint(path: Path, model, optimizer, d: Dist, weights_only: bool = 
 # Keys that decide the parameters' shapes or what they compute: a resume that changes one would
 # load weights into another model (or fail deep inside DCP). The batch sequence is the loader's
 # to guard (its state refuses another plan by name).
-ARCHITECTURE_KEYS = ("model.dim_model", "model.nlayers", "model.num_head", "model.dim_hid", "model.dim_gene_embs",
-                     "model.dim_pretrained_vocab", "model.projection_dim", "model.norm_scheme", "model.activation",
-                     "model.input_encoding", "model.pe_max_len", "datamodule.species")
+ARCHITECTURE_KEYS = (
+    "model.dim_model",
+    "model.nlayers",
+    "model.num_head",
+    "model.dim_hid",
+    "model.dim_gene_embs",
+    "model.dim_pretrained_vocab",
+    "model.projection_dim",
+    "model.norm_scheme",
+    "model.activation",
+    "model.input_encoding",
+    "model.pe_max_len",
+    "datamodule.species",
+)
 # Keys that say where things are, or how this run is started: they differ on every resume.
 RESUME_KEYS = ("initialize.",)
 
@@ -230,36 +281,51 @@ def _flat(cfg, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(checkpoint: Path, cfg, fresh: bool = False) -> list[str]:
+def config_changes(checkpoint: Path, cfg: Root, fresh: bool = False) -> list[str]:
     """The keys whose values differ from the config the checkpoint was written with, as
     "key (old -> new)"; a TrainError naming the first architecture key that differs (`fresh`:
-    for initialize.fresh_training, which also needs the same model). Keys the checkpoint's config
-    does not hold (added by a later version, at their defaults) are not changes."""
+    for initialize.fresh_training, which also needs the same model). The checkpoint's config is
+    read in the current schema: keys a later version added hold their defaults there."""
     checkpoint = Path(checkpoint)
     saved = checkpoint / CONFIG if (checkpoint / CONFIG).is_file() else checkpoint.parent.parent / CONFIG
     if not saved.is_file():
         return []
-    old = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))
-    new = _flat(OmegaConf.to_container(cfg, resolve=True))
-    old["PATH.PRETRAINED_VOCABULARY"] = bool(old.get("PATH.PRETRAINED_VOCABULARY"))    # only its presence
-    new["PATH.PRETRAINED_VOCABULARY"] = bool(new.get("PATH.PRETRAINED_VOCABULARY"))    # shapes the tables
+    old = _flat(as_dict(typed_config(OmegaConf.load(saved))))
+    new = _flat(as_dict(cfg))
+    old["PATH.PRETRAINED_VOCABULARY"] = bool(old["PATH.PRETRAINED_VOCABULARY"])  # only its presence
+    new["PATH.PRETRAINED_VOCABULARY"] = bool(new["PATH.PRETRAINED_VOCABULARY"])  # shapes the tables
     for key in ARCHITECTURE_KEYS + ("PATH.PRETRAINED_VOCABULARY",):
         if key == "model.dim_pretrained_vocab" and not new["PATH.PRETRAINED_VOCABULARY"]:
-            continue          # no pretrained tables: the width is unused
-        if old.get(key) != new.get(key):
-            raise TrainError(key, f"is {new.get(key)!r}, but checkpoint {checkpoint} was written with "
-                             f"{old.get(key)!r}: " + ("fresh_training loads its optimizer state, which needs the "
-                                                      "same model." if fresh else "a resume continues the same model."),
-                             f"Set {key}={old.get(key)!r}" + (", or drop initialize.fresh_training to take only the "
-                                                               "weights that fit" if fresh else
-                                                               ", or start a new run from its weights (initialize."
-                                                               f"checkpoint={checkpoint} initialize.create_new_run="
-                                                               "True) if only non-shape keys differ") + ".")
-    return [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(old)
-            if old.get(k) != new.get(k) and not k.startswith(RESUME_KEYS)]
+            continue  # no pretrained tables: the width is unused
+        if old[key] != new[key]:
+            raise TrainError(
+                key,
+                f"is {new[key]!r}, but checkpoint {checkpoint} was written with "
+                f"{old[key]!r}: "
+                + (
+                    "fresh_training loads its optimizer state, which needs the same model."
+                    if fresh
+                    else "a resume continues the same model."
+                ),
+                f"Set {key}={old[key]!r}"
+                + (
+                    ", or drop initialize.fresh_training to take only the weights that fit"
+                    if fresh
+                    else ", or start a new run from its weights (initialize."
+                    f"checkpoint={checkpoint} initialize.create_new_run="
+                    "True) if only non-shape keys differ"
+                )
+                + ".",
+            )
+    # split files and validation loaders may come or go: a key on one side only is None on the other
+    return [
+        f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k) and not k.startswith(RESUME_KEYS)
+    ]
 
 
-def check_layout(checkpoint: Path, model_cfg) -> None:
+def check_layout(checkpoint: Path, model_cfg: ModelConfig) -> None:
     """A TrainError when the checkpoint's model has parameters this model lacks or the other way
     round beyond what `load_checkpoint` bridges: today the decoder head (`model.decoder_head`, or
     the MLM loss on: `masking_rate` > 0 and `mlm_loss_weight` > 0), which no config key alone shows."""
@@ -269,29 +335,40 @@ def check_layout(checkpoint: Path, model_cfg) -> None:
     old = json.loads(path.read_text()).get("decoder_head", False)
     if bool(old) != bool(model_cfg.decoder_head):
         have = "has" if old else "has no"
-        raise TrainError("model.decoder_head", f"makes a model {'with' if model_cfg.decoder_head else 'without'} a "
-                         f"decoder head, but checkpoint {checkpoint} {have} one (the MLM loss needs it: "
-                         "model.training.masking_rate > 0 with model.mlm_loss_weight > 0).",
-                         f"Set model.decoder_head={bool(old)} (and the MLM keys as the checkpoint's run had them), or "
-                         f"start a new run from its weights (initialize.checkpoint={checkpoint} "
-                         "initialize.create_new_run=True).")
+        raise TrainError(
+            "model.decoder_head",
+            f"makes a model {'with' if model_cfg.decoder_head else 'without'} a "
+            f"decoder head, but checkpoint {checkpoint} {have} one (the MLM loss needs it: "
+            "model.training.masking_rate > 0 with model.mlm_loss_weight > 0).",
+            f"Set model.decoder_head={bool(old)} (and the MLM keys as the checkpoint's run had them), or "
+            f"start a new run from its weights (initialize.checkpoint={checkpoint} "
+            "initialize.create_new_run=True).",
+        )
 
 
 # ---- the shareable part of a checkpoint: weights and configs, no pickle ----------------------
 WEIGHTS, MODEL_JSON, CONFIG, CHECKSUMS = "model.safetensors", "model.json", "config.yaml", "checksums.json"
 
 
-def _write_shareable(directory: Path, weights: dict, model_cfg, run_config) -> None:
+def write_config(cfg: Root, path: Path) -> None:
+    """The typed config as the YAML tree, every value resolved: a run's (or a checkpoint's) config.yaml."""
+    OmegaConf.save(OmegaConf.create(as_dict(cfg)), path)
+
+
+def _write_shareable(directory: Path, weights: dict, model_cfg: ModelConfig, run_config: Root | None) -> None:
     """`model.safetensors` (the full weights), `model.json` (the architecture) and `config.yaml`
     (this run segment's resolved config): everything `load_model` needs, in formats that carry
     data only."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / WEIGHTS),
-              metadata={"format": "pt", "written_by": "concept-train"})
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        str(directory / WEIGHTS),
+        metadata={"format": "pt", "written_by": "concept-train"},
+    )
     (directory / MODEL_JSON).write_text(json.dumps(asdict(model_cfg), indent=1, sort_keys=True) + "\n")
     if run_config is not None:
-        OmegaConf.save(run_config, directory / CONFIG, resolve=True)
+        write_config(run_config, directory / CONFIG)
 
 
 def read_weights(checkpoint: Path) -> dict:
@@ -300,29 +377,37 @@ def read_weights(checkpoint: Path) -> dict:
 
     path = Path(checkpoint) / WEIGHTS
     if path.is_file() and damage(checkpoint, only=(WEIGHTS, MODEL_JSON, CONFIG)) is not None:
-        raise TrainError(path, "does not match the checksum recorded when the checkpoint was written: it is "
-                         "damaged (or was altered).", "Use another checkpoint of the run, or copy it again.")
+        raise TrainError(
+            path,
+            "does not match the checksum recorded when the checkpoint was written: it is damaged (or was altered).",
+            "Use another checkpoint of the run, or copy it again.",
+        )
     if not path.is_file():
-        raise TrainError(checkpoint, f"has no {WEIGHTS}: it was written before checkpoints carried shareable "
-                         "weights, or it is damaged.",
-                         "Resume its run once (initialize.resume=True, one more step) to write one, or, if you "
-                         "trust where it came from, load it with trust_pickle=True (concept-embed "
-                         "--trust-checkpoint).")
+        raise TrainError(
+            checkpoint,
+            f"has no {WEIGHTS}: it was written before checkpoints carried shareable weights, or it is damaged.",
+            "Resume its run once (initialize.resume=True, one more step) to write one, or, if you "
+            "trust where it came from, load it with trust_pickle=True (concept-embed "
+            "--trust-checkpoint).",
+        )
     try:
         return load_file(str(path))
-    except Exception as exc:      # safetensors raises its own error types for a damaged header
-        raise TrainError(path, f"cannot be read ({type(exc).__name__}: {exc}).",
-                         "The file is damaged: use another checkpoint of the run.") from None
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise TrainError(
+            path,
+            f"cannot be read ({type(exc).__name__}: {exc}).",
+            "The file is damaged: use another checkpoint of the run.",
+        ) from None
 
 
 @dataclass
 class LoadedModel:
-    model: ContrastiveModel            # in eval mode
-    cfg: object                        # the run's config.yaml
+    model: ContrastiveModel  # in eval mode
+    cfg: Root  # the run's config.yaml, in the current schema
     run_id: str
     step: int
     checkpoint: Path
-    vocabs: dict[str, Vocabulary]      # the run's species -> token mapping, loaded once
+    vocabs: dict[str, Vocabulary]  # the run's species -> token mapping, loaded once
 
     def provenance(self, species: str) -> dict:
         """What `uns["concept"]` records beside embeddings made with this model."""
@@ -337,8 +422,11 @@ def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> Lo
     path = Path(run_or_checkpoint)
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
-        raise TrainError(path, "is neither a run directory with a complete checkpoint nor a checkpoint directory.",
-                         "Pass PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.")
+        raise TrainError(
+            path,
+            "is neither a run directory with a complete checkpoint nor a checkpoint directory.",
+            "Pass PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.",
+        )
     run_dir = ckpt.parent.parent
     shareable = (ckpt / WEIGHTS).is_file() or not trust_pickle
     cfg = typed_config(OmegaConf.load(ckpt / CONFIG if (ckpt / CONFIG).is_file() else run_dir / CONFIG))
@@ -346,28 +434,43 @@ def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> Lo
     sizes = {sp: v.size for sp, v in vocabs.items()}
     if shareable:
         weights = read_weights(ckpt)
-        mcfg = ModelConfig(**json.loads((ckpt / MODEL_JSON).read_text())) if (ckpt / MODEL_JSON).is_file() \
+        mcfg = (
+            ModelConfig(**json.loads((ckpt / MODEL_JSON).read_text()))
+            if (ckpt / MODEL_JSON).is_file()
             else ModelConfig.from_run_config(cfg, sizes)
+        )
         if mcfg.vocab_sizes != sizes:
-            raise TrainError(ckpt, f"was trained with vocabularies of {mcfg.vocab_sizes} tokens, but the token "
-                             f"mappings in {cfg.PATH.GENE_MAPPINGS_PATH} now have {sizes}.",
-                             "Restore the token mappings the run was trained with.")
+            raise TrainError(
+                ckpt,
+                f"was trained with vocabularies of {mcfg.vocab_sizes} tokens, but the token "
+                f"mappings in {cfg.PATH.GENE_MAPPINGS_PATH} now have {sizes}.",
+                "Restore the token mappings the run was trained with.",
+            )
         model = ContrastiveModel(mcfg)
         try:
             model.load_weights(weights)
         except RuntimeError as exc:
-            raise TrainError(ckpt, f"holds weights that do not fit its model.json ({exc}).",
-                             "The checkpoint is damaged or was altered: use another checkpoint of the run.") from None
+            raise TrainError(
+                ckpt,
+                f"holds weights that do not fit its model.json ({exc}).",
+                "The checkpoint is damaged or was altered: use another checkpoint of the run.",
+            ) from None
     else:
         model = ContrastiveModel(ModelConfig.from_run_config(cfg, sizes))
         saved = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-        state = {"model": {k: v for k, v in model.state_dict().items()
-                           if f"model.{k}" in saved or not k.startswith(OPTIONAL_PREFIXES)}}
-        with warnings.catch_warnings():      # "torch.distributed is disabled ... single process": intended here
+        state = {
+            "model": {
+                k: v
+                for k, v in model.state_dict().items()
+                if f"model.{k}" in saved or not k.startswith(OPTIONAL_PREFIXES)
+            }
+        }
+        with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended here
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(ckpt))
         model.load_weights(state["model"])
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     state_json = json.loads((ckpt / "trainer_state.json").read_text())
-    return LoadedModel(model.to(device).eval(), cfg, str(state_json.get("run_id", run_dir.name)), int(state_json["step"]),
-                       ckpt, vocabs)
+    return LoadedModel(
+        model.to(device).eval(), cfg, str(state_json.get("run_id", run_dir.name)), int(state_json["step"]), ckpt, vocabs
+    )

@@ -50,16 +50,21 @@ def slurm_environment(env=os.environ) -> dict[str, str]:
         return {}
     ntasks, nnodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_NNODES", "1"))
     per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or str(ntasks // max(nnodes, 1))
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(ntasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "LOCAL_WORLD_SIZE": per_node, "MASTER_ADDR": env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "")),
-            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": str(ntasks),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": per_node,
+        "MASTER_ADDR": env.get("MASTER_ADDR") or _first_host(env.get("SLURM_JOB_NODELIST", "")),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
 
 
 def init_distributed() -> Dist:
     os.environ.update(slurm_environment())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))     # mosaicml-streaming reads it
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))  # mosaicml-streaming reads it
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -75,7 +80,8 @@ def fsdp_mesh(d: Dist):
     DTensor caches keep FSDP's group alive until the process ends, and the default group, which
     carries every other collective (the loss, checkpoints), must be freed by shutdown()."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    if d.device.type == "cuda":          # NCCL: destroy_process_group itself stops its threads
+
+    if d.device.type == "cuda":  # NCCL: destroy_process_group itself stops its threads
         return init_device_mesh("cuda", (d.world_size,))
     return DeviceMesh.from_group(dist.new_group(backend="gloo"), "cpu")
 
@@ -93,16 +99,19 @@ def apply_fsdp(model, d: Dist, compile_blocks: bool = False):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = fsdp_mesh(d)
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if d.device.type == "cuda" else MixedPrecisionPolicy())
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if d.device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     tables = list(model.gene_embeddings.values())
     if model.learnable_embeddings is not None:
         tables += list(model.learnable_embeddings.values())
-    for table in tables:       # only the batch's species runs per step
+    for table in tables:  # only the batch's species runs per step
         fully_shard(table, mesh=mesh, mp_policy=mp)
-    if model.decoder is not None:      # a unit of its own: the trainer runs it after forward (MLM)
+    if model.decoder is not None:  # a unit of its own: the trainer runs it after forward (MLM)
         fully_shard(model.decoder, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

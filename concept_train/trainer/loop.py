@@ -17,17 +17,17 @@ of torch's RNG, whose state every checkpoint saves.
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 
+from concept_config import Root
+from concept_shard.config import as_dict
 from concept_shard.errors import TrainError, UserError
 from concept_shard.gene_vectors import GeneVectorWidthError, read_gene_vectors
 from concept_shard.splits import check_plain_name
@@ -36,15 +36,24 @@ from concept_shard.vocabulary import CLS_TOKEN
 from ..data import DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
 from ..model.model import adds_learnable_embs, learnable_embs_freq, masking_rate, mlm_loss_on
-from .checkpoint import (check_layout, checkpoint_step, config_changes, intact_checkpoint, latest_checkpoint,
-                         load_checkpoint, resolve_checkpoint, save_checkpoint)
+from .checkpoint import (
+    check_layout,
+    checkpoint_step,
+    config_changes,
+    intact_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_config,
+)
 from .distributed import Dist, apply_fsdp, init_distributed, shutdown
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer, lr_lambda
 from .validate import validate
 
 H100_BF16_PEAK_FLOPS = 989e12
-MLM_STREAM = 0x6D6C6D     # the MLM mask's random stream, keyed [seed, MLM_STREAM, g, rank] (see loss.NEGATIVES_STREAM)
+MLM_STREAM = 0x6D6C6D  # the MLM mask's random stream, keyed [seed, MLM_STREAM, g, rank] (see loss.NEGATIVES_STREAM)
 
 
 def _broadcast(obj, d: Dist):
@@ -55,52 +64,116 @@ def _broadcast(obj, d: Dist):
     return box[0]
 
 
+def _no_checkpoint(run_dir: Path) -> TrainError:
+    """A resume finds no complete checkpoint: starting the run anew would overwrite what is there."""
+    if run_dir.exists():
+        return TrainError(
+            run_dir,
+            "has no complete checkpoint to resume from (none whose files match their checksums).",
+            "Check initialize.run_id; to train from scratch, start a new run with another "
+            "initialize.run_id (this one's directory is kept as it is).",
+        )
+    return TrainError(
+        run_dir,
+        "has no complete checkpoint to resume from: there is no such run.",
+        "Check initialize.run_id and PATH.CHECKPOINT_ROOT, or start a new run without initialize.resume.",
+    )
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig, log=print):
+    def __init__(self, cfg: Root, log=print):
         self.cfg, self.d = cfg, init_distributed()
         self.log = log if self.d.is_main else (lambda *a, **k: None)
         self.training = cfg.model.training
-        self.objective = ContrastiveObjective.from_config(cfg.model, seed=int(cfg.seed))   # the schema checked the kind
+        self.objective = ContrastiveObjective.from_config(cfg.model, seed=cfg.seed)
         self._read_options()
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
-        self.fresh = self.resume_from is None and self.weights_from is not None \
-            and bool(cfg.initialize.fresh_training)
+        self.fresh = self.resume_from is None and self.weights_from is not None and cfg.initialize.fresh_training
+        self._report_changes()
+        self._record_config()
+        self._build()
+        self._restore()
+        self.metrics = MetricsLog(self.run_dir, cfg.wandb, as_dict(cfg), self.d.is_main, self.run_id, log=self.log)
+        self.lineage = self._lineage()
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def _read_options(self) -> None:
+        """The training keys that change what a step computes (types and ranges are the schema's,
+        concept_config/training.py); combinations checked here, named when wrong."""
+        model = self.cfg.model
+        self.residual_freq = learnable_embs_freq(model)
+        rate = masking_rate(model)
+        if rate > 0 and model.input_encoding != "value_encoding":
+            raise TrainError(
+                f"model.training.masking_rate={rate}",
+                "masks values, but model.input_encoding="
+                f"{model.input_encoding} does not embed values (only their rank): masking "
+                "would change nothing the model sees.",
+                "Use model.input_encoding=value_encoding, or model.training.masking_rate=0.",
+            )
+        self.masking_rate = rate
+        self.mask_value = model.mask_value
+        self.mlm_weight = model.mlm_loss_weight
+        self.mlm = mlm_loss_on(model)
+        if self.mlm_weight > 0 and rate == 0:
+            self.log(
+                f"[train] WARNING: model.mlm_loss_weight={self.mlm_weight} but model.training.masking_rate=0: "
+                "no value is masked, so there is no MLM loss (set masking_rate, e.g. 0.15, with value_encoding)"
+            )
+        self.val_every_epochs = self.training.check_val_every_n_epoch
+
+    def _report_changes(self) -> None:
+        """The keys changed since the checkpoint this run resumes, or whose optimizer state it loads
+        (fresh_training); `config_changes` refuses a changed architecture."""
         if self.resume_from is not None:
-            changed = config_changes(self.resume_from, cfg)
+            changed = config_changes(self.resume_from, self.cfg)
             if changed:
-                self.log(f"[train] resuming with {len(changed)} key(s) changed since the checkpoint: "
-                         + ", ".join(changed))
-            if cfg.initialize.get("fresh_training"):
+                self.log(
+                    f"[train] resuming with {len(changed)} key(s) changed since the checkpoint: " + ", ".join(changed)
+                )
+            if self.cfg.initialize.fresh_training:
                 self.log("[train] initialize.fresh_training is ignored on a resume: the run continues at its step")
-        elif self.fresh:          # weights and optimizer state: the same model is needed
-            changed = config_changes(self.weights_from, cfg, fresh=True)
+        elif self.fresh:  # weights and optimizer state: the same model is needed
+            changed = config_changes(self.weights_from, self.cfg, fresh=True)
             if changed:
-                self.log(f"[train] fresh training from {self.weights_from} with {len(changed)} key(s) changed: "
-                         + ", ".join(changed))
+                self.log(
+                    f"[train] fresh training from {self.weights_from} with {len(changed)} key(s) changed: "
+                    + ", ".join(changed)
+                )
+
+    def _record_config(self) -> None:
+        """The run's folder and its config: `config.yaml` as the run started; a resume records its
+        own (overrides may differ)."""
         if self.d.is_main:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            # the run's config stays as it started; a resume records its own (overrides may differ)
-            name = f"config.resume_step{checkpoint_step(self.resume_from)}.yaml" if self.resume_from is not None \
+            name = (
+                f"config.resume_step{checkpoint_step(self.resume_from)}.yaml"
+                if self.resume_from is not None
                 else "config.yaml"
-            OmegaConf.save(cfg, self.run_dir / name, resolve=True)
+            )
+            write_config(self.cfg, self.run_dir / name)
         self.d.barrier()
-        how = f"{self.d.world_size} processes, FSDP2 over {'nccl' if self.d.device.type == 'cuda' else 'gloo'}" \
-            if self.d.world_size > 1 else "1 process"
+        how = (
+            f"{self.d.world_size} processes, FSDP2 over {'nccl' if self.d.device.type == 'cuda' else 'gloo'}"
+            if self.d.world_size > 1
+            else "1 process"
+        )
         self.log(f"[train] run {self.run_id} in {self.run_dir}: {how}, device {self.d.device.type}")
-        self.data = DataModule(cfg, rank=self.d.rank, world_size=self.d.world_size, log=self.log)
+
+    def _build(self) -> None:
+        """The data module and its loaders, the model, the optimizer and its LR schedule."""
+        self.data = DataModule(self.cfg, rank=self.d.rank, world_size=self.d.world_size, log=self.log)
         self.train_loader = self.data.train_loader()
         self.val_loaders = self.data.val_loaders()
-        try:      # config values the model and the optimizer reject (ValueError names the key)
-            self.model = self._build_model()
-            self.optimizer = build_optimizer(self.model, self.training)
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.training))
-        except ValueError as err:
-            key, _, problem = str(err).partition(": ")
-            if not re.fullmatch(r"(model|datamodule|PATH)\.[\w.]+(=.*)?", key):   # torch's own words, no key
-                key, problem = "model", str(err)
-            raise TrainError(key, f"is not valid ({problem}).", "Fix it in the config or override it.") from None
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, self.training)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.training))
         self.step = 0
         self._dense_params: int | None = None
+
+    def _restore(self) -> None:
+        """What the run starts from: all of a checkpoint's state on a resume; weights and optimizer
+        state with fresh_training; weights only into a new run (initialize.checkpoint)."""
         if self.resume_from is not None:
             check_layout(self.resume_from, self.model.cfg)
             state = load_checkpoint(self.resume_from, self.model, self.optimizer, self.d)
@@ -113,34 +186,16 @@ class Trainer:
         elif self.weights_from is not None:
             load_checkpoint(self.weights_from, self.model, self.optimizer, self.d, weights_only=True)
             self.log(f"[train] new run {self.run_id} starts from the weights of {self.weights_from}")
-        self.metrics = MetricsLog(self.run_dir, cfg, self.d.is_main, self.run_id, log=self.log)
-        self.lineage = None
-        if self.d.is_main and OmegaConf.select(cfg, "lamindb.enabled"):
-            from .lineage import TrainLineage
-            self.lineage = TrainLineage(cfg, self.run_id, self.run_dir, self.resume_from)
-            self.lineage.add_inputs(self.data.catalog.all_sets())
 
-    # ---- set-up -----------------------------------------------------------------------------
-    def _read_options(self) -> None:
-        """The training keys that change what a step computes (types and ranges are the schema's,
-        concept_train/trainer/schema.py); combinations checked here, named when wrong."""
-        model_cfg, t = self.cfg.model, self.training
-        self.residual_freq = learnable_embs_freq(model_cfg)
-        rate = masking_rate(model_cfg)
-        value_encoding = model_cfg.input_encoding == "value_encoding"
-        if rate > 0 and not value_encoding:
-            raise TrainError(f"model.training.masking_rate={rate}", "masks values, but model.input_encoding="
-                             f"{model_cfg.get('input_encoding')} does not embed values (only their rank): masking "
-                             "would change nothing the model sees.",
-                             "Use model.input_encoding=value_encoding, or model.training.masking_rate=0.")
-        self.masking_rate = rate
-        self.mask_value = float(model_cfg.mask_value)
-        self.mlm_weight = float(model_cfg.mlm_loss_weight)
-        self.mlm = mlm_loss_on(model_cfg)
-        if self.mlm_weight > 0 and rate == 0:
-            self.log(f"[train] WARNING: model.mlm_loss_weight={self.mlm_weight} but model.training.masking_rate=0: "
-                     "no value is masked, so there is no MLM loss (set masking_rate, e.g. 0.15, with value_encoding)")
-        self.val_every_epochs = t.check_val_every_n_epoch
+    def _lineage(self):
+        """The run as a tracked lamindb run (`lamindb.enabled`, rank 0 only), its inputs registered."""
+        if not (self.d.is_main and self.cfg.lamindb.enabled):
+            return None
+        from .lineage import TrainLineage
+
+        lineage = TrainLineage(self.cfg, self.run_id, self.run_dir, self.resume_from)
+        lineage.add_inputs(self.data.catalog.all_sets())
+        return lineage
 
     def _load_fresh(self, path: Path) -> None:
         """`initialize.fresh_training`: weights and optimizer state (Adam's moments) from `path`; the
@@ -154,111 +209,155 @@ class Trainer:
         load_checkpoint(path, self.model, self.optimizer, self.d, rng=False)
         for group, mine in zip(self.optimizer.param_groups, hyper):
             group.update(mine)
-        self.log(f"[train] new run {self.run_id} starts from the weights and optimizer state of {path} "
-                 "(initialize.fresh_training: step 0, schedule and data from their start)")
+        self.log(
+            f"[train] new run {self.run_id} starts from the weights and optimizer state of {path} "
+            "(initialize.fresh_training: step 0, schedule and data from their start)"
+        )
 
-    def _resolve_run(self):
+    def _resolve_run(self) -> tuple[str, Path, Path | None, Path | None]:
+        """(run id, run directory, the checkpoint a resume continues, the checkpoint whose weights a
+        new run starts from)."""
         init = self.cfg.initialize
         root = Path(self.cfg.PATH.CHECKPOINT_ROOT)
-        run_id = init.get("run_id")
-        if run_id:       # a folder under PATH.CHECKPOINT_ROOT, never a path out of it
-            run_id = check_plain_name(run_id, "initialize.run_id", TrainError)
-        resume_from = weights_from = None
-        resume, checked = init.get("resume"), False
-        if isinstance(resume, str):
-            # `auto` (what train.sbatch passes, so that a requeued job continues its run whatever
-            # config file set the run id and PATH.CHECKPOINT_ROOT): resume the run when it has a
+        # a folder under PATH.CHECKPOINT_ROOT, never a path out of it
+        run_id = check_plain_name(init.run_id, "initialize.run_id", TrainError) if init.run_id else None
+        resume_from = self._resume_target(root, run_id)
+        if resume_from is not None:
+            return run_id, root / run_id, resume_from, None
+        weights_from = self._weights_source()
+        run_id = self._new_run(root, run_id)
+        return run_id, root / run_id, None, weights_from
+
+    def _resume_target(self, root: Path, run_id: str | None) -> Path | None:
+        """The checkpoint `initialize.resume` continues, or None for a new run. Rank 0 checks the
+        checksums and picks; every rank resumes from the same checkpoint."""
+        resume = self.cfg.initialize.resume
+        if resume == "auto":
+            # what train.sbatch passes, so that a requeued job continues its run whatever config
+            # file set the run id and PATH.CHECKPOINT_ROOT: resume the run when it has a
             # checkpoint, else start it
-            if resume != "auto":
-                raise TrainError(f"initialize.resume={resume}", "is none of true, false and auto.",
-                                 "Use true (resume the run), false (start it) or auto (resume it when it has a "
-                                 "checkpoint, else start it).")
             if not run_id:
-                resume = False
-                self.log("[train] initialize.resume=auto without initialize.run_id: starting a new run (set "
-                         "initialize.run_id for a resubmitted job to continue it)")
-            else:
-                resume_from, has_any = _broadcast((intact_checkpoint(root / str(run_id), self.log),
-                                                   latest_checkpoint(root / str(run_id)) is not None)
-                                                  if self.d.is_main else None, self.d)
-                resume, checked = resume_from is not None or has_any, True   # a damaged run is not started over
-                self.log(f"[train] initialize.resume=auto: run {run_id} in {root} "
-                         + ("has a checkpoint: resuming it" if resume else "has no checkpoint yet: starting it"))
-        if resume:
-            if not run_id:
-                raise TrainError("initialize.resume", "is true but initialize.run_id is not set.",
-                                 "Pass initialize.run_id=<the run's id> (its folder under PATH.CHECKPOINT_ROOT).")
-            # rank 0 checks the checksums and picks; every rank resumes from the same checkpoint
-            if not checked:
-                resume_from = _broadcast(intact_checkpoint(root / str(run_id), self.log) if self.d.is_main else None,
-                                         self.d)
-            if resume_from is None:
-                if (root / str(run_id)).exists():       # starting it anew would overwrite what is there
-                    raise TrainError(root / str(run_id), "has no complete checkpoint to resume from (none whose "
-                                     "files match their checksums).",
-                                     "Check initialize.run_id; to train from scratch, start a new run with another "
-                                     "initialize.run_id (this one's directory is kept as it is).")
-                raise TrainError(root / str(run_id), "has no complete checkpoint to resume from: there is no such run.",
-                                 "Check initialize.run_id and PATH.CHECKPOINT_ROOT, or start a new run without "
-                                 "initialize.resume.")
+                self.log(
+                    "[train] initialize.resume=auto without initialize.run_id: starting a new run (set "
+                    "initialize.run_id for a resubmitted job to continue it)"
+                )
+                return None
+            found, has_any = _broadcast(
+                (intact_checkpoint(root / run_id, self.log), latest_checkpoint(root / run_id) is not None)
+                if self.d.is_main
+                else None,
+                self.d,
+            )
+            resume = found is not None or has_any  # a damaged run is not started over
+            self.log(
+                f"[train] initialize.resume=auto: run {run_id} in {root} "
+                + ("has a checkpoint: resuming it" if resume else "has no checkpoint yet: starting it")
+            )
+            if not resume:
+                return None
+        elif not resume:
+            return None
+        elif not run_id:
+            raise TrainError(
+                "initialize.resume",
+                "is true but initialize.run_id is not set.",
+                "Pass initialize.run_id=<the run's id> (its folder under PATH.CHECKPOINT_ROOT).",
+            )
         else:
-            if init.get("checkpoint"):
-                path = Path(str(init.checkpoint))
-                weights_from = resolve_checkpoint(path)
-                if weights_from is None:
-                    raise TrainError(f"initialize.checkpoint={path}", "is neither a run directory with a "
-                                     "complete checkpoint nor a checkpoint directory.",
-                                     "Point it at PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.")
-                if not (init.get("create_new_run") or init.get("fresh_training")):
-                    raise TrainError("initialize.checkpoint", "loads weights only into a NEW run.",
-                                     "Add initialize.create_new_run=True (weights only) or initialize.fresh_training=True "
-                                     "(weights and optimizer state), or resume the run with initialize.resume=True.")
-            elif init.get("fresh_training"):
-                raise TrainError("initialize.fresh_training", "is true but initialize.checkpoint is not set.",
-                                 "Point initialize.checkpoint at the run (or checkpoint) whose weights and optimizer "
-                                 "state the new run starts from.")
-            if not run_id:
-                run_id = _broadcast(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"), self.d)
-            if latest_checkpoint(root / str(run_id)) is not None:
-                raise TrainError(root / str(run_id), "already holds a run with checkpoints.",
-                                 "Resume it with initialize.resume=True (or auto), or choose another "
-                                 "initialize.run_id.")
-        return str(run_id), root / str(run_id), resume_from, weights_from
+            found = _broadcast(intact_checkpoint(root / run_id, self.log) if self.d.is_main else None, self.d)
+        if found is None:
+            raise _no_checkpoint(root / run_id)
+        return found
+
+    def _weights_source(self) -> Path | None:
+        """The checkpoint `initialize.checkpoint` names: its weights (with fresh_training, and its
+        optimizer state) start a NEW run."""
+        init = self.cfg.initialize
+        if not init.checkpoint:
+            if init.fresh_training:
+                raise TrainError(
+                    "initialize.fresh_training",
+                    "is true but initialize.checkpoint is not set.",
+                    "Point initialize.checkpoint at the run (or checkpoint) whose weights and optimizer "
+                    "state the new run starts from.",
+                )
+            return None
+        path = Path(init.checkpoint)
+        weights_from = resolve_checkpoint(path)
+        if weights_from is None:
+            raise TrainError(
+                f"initialize.checkpoint={path}",
+                "is neither a run directory with a complete checkpoint nor a checkpoint directory.",
+                "Point it at PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.",
+            )
+        if not (init.create_new_run or init.fresh_training):
+            raise TrainError(
+                "initialize.checkpoint",
+                "loads weights only into a NEW run.",
+                "Add initialize.create_new_run=True (weights only) or initialize.fresh_training=True "
+                "(weights and optimizer state), or resume the run with initialize.resume=True.",
+            )
+        return weights_from
+
+    def _new_run(self, root: Path, run_id: str | None) -> str:
+        """A new run's id (initialize.run_id, else the start time), whose folder holds no run yet."""
+        if not run_id:
+            run_id = _broadcast(datetime.now(UTC).strftime("%Y%m%d-%H%M%S"), self.d)
+        if latest_checkpoint(root / run_id) is not None:
+            raise TrainError(
+                root / run_id,
+                "already holds a run with checkpoints.",
+                "Resume it with initialize.resume=True (or auto), or choose another initialize.run_id.",
+            )
+        return run_id
 
     def _build_model(self) -> ContrastiveModel:
         vocab_sizes = {sp: self.data.catalog.vocab(sp).size for sp in self.data.species}
-        pretrained_dir = self.cfg.PATH.get("PRETRAINED_VOCABULARY")
+        pretrained_dir = self.cfg.PATH.PRETRAINED_VOCABULARY
         mcfg = ModelConfig.from_run_config(self.cfg, vocab_sizes)
-        torch.manual_seed(int(self.cfg.get("seed", 0)))      # identical initial weights on every rank
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         model = ContrastiveModel(mcfg)
-        if pretrained_dir and self.resume_from is None and self.weights_from is None:    # else the checkpoint has them
+        if pretrained_dir and self.resume_from is None and self.weights_from is None:  # else the checkpoint has them
             try:
                 for sp in self.data.species:
-                    weight = read_gene_vectors(Path(pretrained_dir) / f"{sp}.csv",
-                                               self.data.catalog.vocab(sp).gene_id_of_token,
-                                               mcfg.dim_pretrained_vocab, warn=self.log)
+                    weight = read_gene_vectors(
+                        Path(pretrained_dir) / f"{sp}.csv",
+                        self.data.catalog.vocab(sp).gene_id_of_token,
+                        mcfg.dim_pretrained_vocab,
+                        warn=self.log,
+                    )
                     model.set_gene_vectors(sp, torch.from_numpy(weight))
             except FileNotFoundError as exc:
-                raise TrainError("PATH.PRETRAINED_VOCABULARY", f"is {pretrained_dir}, which has no {Path(exc.filename).name}.",
-                                 "Point it at a directory of <species>.csv gene vectors, make co-expression vectors "
-                                 f"with `concept-shard gene-vectors {self.cfg.PATH.PROJECT_PATH}`, or set it to null.") from None
+                raise TrainError(
+                    "PATH.PRETRAINED_VOCABULARY",
+                    f"is {pretrained_dir}, which has no {Path(exc.filename).name}.",
+                    "Point it at a directory of <species>.csv gene vectors, make co-expression vectors "
+                    f"with `concept-shard gene-vectors {self.cfg.PATH.PROJECT_PATH}`, or set it to null.",
+                ) from None
             except GeneVectorWidthError as exc:
-                raise TrainError("model.dim_pretrained_vocab", f"does not fit the gene vectors ({exc}).",
-                                 "Set model.dim_pretrained_vocab to the vectors' length.") from None
-            except ValueError as exc:         # pandas: not a CSV of floats
-                raise TrainError("PATH.PRETRAINED_VOCABULARY", f"holds a file that cannot be read as gene vectors ({exc}).",
-                                 "Each <species>.csv needs a header, then rows of a gene id and "
-                                 "model.dim_pretrained_vocab floats.") from None
-        freeze = bool(self.training.freeze_pretrained_vocabulary)
-        vocab_only = bool(self.training.train_vocab_only)
+                raise TrainError(
+                    "model.dim_pretrained_vocab",
+                    f"does not fit the gene vectors ({exc}).",
+                    "Set model.dim_pretrained_vocab to the vectors' length.",
+                ) from None
+            except ValueError as exc:  # pandas: not a CSV of floats
+                raise TrainError(
+                    "PATH.PRETRAINED_VOCABULARY",
+                    f"holds a file that cannot be read as gene vectors ({exc}).",
+                    "Each <species>.csv needs a header, then rows of a gene id and model.dim_pretrained_vocab floats.",
+                ) from None
+        freeze = self.training.freeze_pretrained_vocabulary
+        vocab_only = self.training.train_vocab_only
         model.set_trainable(freeze_pretrained=freeze, vocab_only=vocab_only)
         if freeze and not mcfg.pretrained:
-            self.log("[train] model.training.freeze_pretrained_vocabulary has no effect: PATH.PRETRAINED_VOCABULARY "
-                     "is not set (the gene tables are learnt)")
+            self.log(
+                "[train] model.training.freeze_pretrained_vocabulary has no effect: PATH.PRETRAINED_VOCABULARY "
+                "is not set (the gene tables are learnt)"
+            )
         if vocab_only:
             self.log("[train] model.training.train_vocab_only: only the learnable gene tables are trained")
         model.to(self.d.device)
-        return apply_fsdp(model, self.d, compile_blocks=bool(self.training.compile))
+        return apply_fsdp(model, self.d, compile_blocks=self.training.compile)
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
@@ -276,15 +375,20 @@ class Trainer:
         values, mlm_mask = b.values, None
         if mlm:
             mlm_mask = self._mlm_mask(batch).to(b.tokens.device)
-            values = torch.where(mlm_mask, torch.tensor(self.mask_value, dtype=values.dtype, device=values.device),
-                                 values)
+            values = torch.where(
+                mlm_mask, torch.tensor(self.mask_value, dtype=values.dtype, device=values.device), values
+            )
         # None when the run never adds the residual: the tables stay out of the graph (no gradient,
         # no optimizer state), so a run without them computes exactly what it did before they existed
-        add = None if self.residual_freq is None else \
-            adds_learnable_embs(self.residual_freq, self.step if self.model.training else None)
+        add = (
+            None
+            if self.residual_freq is None
+            else adds_learnable_embs(self.residual_freq, self.step if self.model.training else None)
+        )
         with self._autocast():
-            z, hidden, scale = self.model(b.tokens, values, b.positions, b.cu_seqlens, b.max_seqlen, species,
-                                          add_learnable=add)
+            z, hidden, scale = self.model(
+                b.tokens, values, b.positions, b.cu_seqlens, b.max_seqlen, species, add_learnable=add
+            )
         n = batch.n_cells
         return z[:n], z[n:], (hidden, mlm_mask, b.values, scale)
 
@@ -292,7 +396,7 @@ class Trainer:
         """Which tokens of this rank's part of `batch` get their value masked: each gene token (never
         `<cls>`) with probability masking_rate, from a generator seeded with (seed, batch index,
         rank), so a resumed run masks the same values."""
-        rng = np.random.default_rng([int(self.cfg.seed), MLM_STREAM, int(batch.index), self.d.rank])
+        rng = np.random.default_rng([self.cfg.seed, MLM_STREAM, int(batch.index), self.d.rank])
         draw = torch.from_numpy(rng.random(batch.tokens.shape[0]) < self.masking_rate)
         return draw.to(batch.tokens.device) & (batch.tokens != CLS_TOKEN)
 
@@ -332,14 +436,13 @@ class Trainer:
     def _flops_per_step(self, batches) -> float:
         """6 N per real token + attention 12 L d per token pair within a sequence (real tokens only)."""
         c = self.model_cfg
-        if self._dense_params is None:      # embedding lookups are not matmuls: left out of N
-            self._dense_params = sum(p.numel() for name, p in self.model.named_parameters()
-                                     if "embeddings" not in name)
+        if self._dense_params is None:  # embedding lookups are not matmuls: left out of N
+            self._dense_params = sum(p.numel() for name, p in self.model.named_parameters() if "embeddings" not in name)
         n_params = self._dense_params
         flops = 0.0
         for batch in batches:
             lengths = torch.diff(batch.cu_seqlens.to(torch.int64)).double()
-            flops += 6 * n_params * float(lengths.sum()) + 12 * c.nlayers * c.dim_model * float((lengths ** 2).sum())
+            flops += 6 * n_params * float(lengths.sum()) + 12 * c.nlayers * c.dim_model * float((lengths**2).sum())
         return flops
 
     @property
@@ -347,9 +450,9 @@ class Trainer:
         return self.model.cfg
 
     def train_step(self, it) -> dict:
-        acc = int(self.training.accumulate_grad_batches)
+        acc = self.training.accumulate_grad_batches
         masking = self.masking_rate > 0
-        cont_w = float(self.cfg.model.cont_loss_weight)
+        cont_w = self.cfg.model.cont_loss_weight
         t0 = time.perf_counter()
         batches, losses, mlm_losses, r1, r5, tokens, cells = [], [], [], [], [], 0, 0
         for _ in range(acc):
@@ -357,7 +460,7 @@ class Trainer:
             batches.append(batch)
             # masking_rate > 0 masks values also without an MLM loss (the reference does: input noise)
             z1, z2, (hidden, mask, values, scale) = self.forward_views(batch, mlm=masking)
-            scale_value = float(scale.detach())   # before backward: FSDP2 frees the whole parameter after it
+            scale_value = float(scale.detach())  # before backward: FSDP2 frees the whole parameter after it
             loss, m = self.objective(z1, z2, scale, batch.items_mask.to(z1.device), self.step, key=batch.index)
             loss = cont_w * loss
             if self.mlm:
@@ -370,10 +473,10 @@ class Trainer:
             r5.append(m["recall@5"])
             tokens += int(batch.tokens.numel())
             cells += batch.n_cells
-        clip = self.training.get("gradient_clip_val")
+        clip = self.training.gradient_clip_val
         grad_norm = None
         if clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -384,11 +487,22 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         tokens, cells = self._sum(tokens), self._sum(cells)
-        row = {"kind": "train", "step": self.step, "epoch": batches[-1].epoch, "loss": sum(losses) / len(losses),
-               "lr": lr, "recall@1": float(np.mean(r1)), "recall@5": float(np.mean(r5)),
-               "logit_scale": scale_value,
-               "grad_norm": grad_norm, "cells_per_s": cells / dt, "tokens_per_s": tokens / dt, "step_s": dt,
-               "batch_digest": self._batch_digest(batches), "batches_seen": self.train_loader.position}
+        row = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": batches[-1].epoch,
+            "loss": sum(losses) / len(losses),
+            "lr": lr,
+            "recall@1": float(np.mean(r1)),
+            "recall@5": float(np.mean(r5)),
+            "logit_scale": scale_value,
+            "grad_norm": grad_norm,
+            "cells_per_s": cells / dt,
+            "tokens_per_s": tokens / dt,
+            "step_s": dt,
+            "batch_digest": self._batch_digest(batches),
+            "batches_seen": self.train_loader.position,
+        }
         if self.mlm:
             row["loss_mlm"] = sum(mlm_losses) / len(mlm_losses)
         if self.d.device.type == "cuda":
@@ -398,10 +512,22 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
-        state = {"scheduler": self.scheduler.state_dict(), "loader": self.train_loader.state_dict(), "run_id": self.run_id}
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.d,
-                               keep_last=int(self.training.keep_last_checkpoints), run_config=self.cfg,
-                               resumed_from=self.resume_from)
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "run_id": self.run_id,
+        }
+        return save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.d,
+            keep_last=self.training.keep_last_checkpoints,
+            run_config=self.cfg,
+            resumed_from=self.resume_from,
+        )
 
     def run_validation(self) -> None:
         row = validate(self.model, self.val_loaders, self.forward_views, self.data.obs_keys, self.objective, self.step)
@@ -421,10 +547,10 @@ class Trainer:
 
     def _fit(self) -> dict:
         t = self.training
-        max_steps = int(t.max_steps)
-        log_every = max(1, int(t.log_every_n_steps))
-        val_every = int(t.get("val_check_interval") or 0)
-        ckpt_every = int(t.get("checkpoint_every_n_steps") or 0)
+        max_steps = t.max_steps
+        log_every = t.log_every_n_steps
+        val_every = t.val_check_interval or 0  # null or 0: never
+        ckpt_every = t.checkpoint_every_n_steps or 0
         if t.validate_before_training and self.step == 0 and self.val_loaders:
             self.run_validation()
         profiler = self._profiler()
@@ -455,8 +581,8 @@ class Trainer:
         if not every:
             return False
         per_epoch = self.train_loader.plan.batches_per_epoch
-        last = self.train_loader.position - 1                      # g of this step's last batch
-        first = last - int(self.training.get("accumulate_grad_batches", 1)) + 1
+        last = self.train_loader.position - 1  # g of this step's last batch
+        first = last - self.training.accumulate_grad_batches + 1
         # epochs whose last batch, g = (e + 1) * per_epoch - 1, lies in [first, last]
         return any((e + 1) % every == 0 for e in range(first // per_epoch, (last + 1) // per_epoch))
 
@@ -464,14 +590,18 @@ class Trainer:
         if not self.cfg.profiler.enabled:
             return None
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.d.device.type == "cuda" else [])
         out = self.run_dir / "profiler"
         self.log(f"[train] profiling steps 2-4 into {out}")
-        return profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-                       on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.d.rank}"))
+        return profile(
+            activities=activities,
+            schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+            on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.d.rank}"),
+        )
 
 
-def run_training(cfg: DictConfig, log=print) -> dict:
+def run_training(cfg: Root, log=print) -> dict:
     """One training run from a composed config, as `concept-train` and `train()` run it: build the
     trainer, fit, and free the process group whatever happens. Returns `Trainer.fit()`'s result
     with `run_id` and `is_main`.
@@ -482,7 +612,7 @@ def run_training(cfg: DictConfig, log=print) -> dict:
     error = None
     try:
         return _fit_once(cfg, log)
-    except UserError as exc:      # printed as a paragraph: neither its traceback nor its chain is shown
+    except UserError as exc:  # printed as a paragraph: neither its traceback nor its chain is shown
         exc.__traceback__ = exc.__context__ = exc.__cause__ = None
         error = exc
     finally:
@@ -490,7 +620,7 @@ def run_training(cfg: DictConfig, log=print) -> dict:
     raise error
 
 
-def _fit_once(cfg: DictConfig, log) -> dict:
+def _fit_once(cfg: Root, log) -> dict:
     trainer = Trainer(cfg, log=log)
     result = trainer.fit()
     return dict(result, run_id=trainer.run_id, is_main=trainer.d.is_main)

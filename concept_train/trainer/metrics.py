@@ -7,20 +7,30 @@ import json
 import math
 from pathlib import Path
 
+from concept_config.training import WandbKeys
+
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, cfg, enabled: bool, run_id: str, log=print):
+    def __init__(self, run_dir: Path, wandb_keys: WandbKeys, config: dict, enabled: bool, run_id: str, log=print):
+        """`wandb_keys`: the `wandb` section; `config`: the run's whole config as plain containers
+        (what wandb records with the run)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled, self.log = enabled, log
         if enabled:
             _drop_torn_tail(self.path)
         self.wandb = None
-        if enabled and bool(cfg.wandb.enabled):
+        if enabled and wandb_keys.enabled:
             import wandb
-            from omegaconf import OmegaConf
-            self.wandb = wandb.init(project=cfg.wandb.get("project") or "concept", entity=cfg.wandb.get("entity"),
-                                    name=cfg.wandb.get("run_name") or run_id, id=run_id, resume="allow",
-                                    dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True))
+
+            self.wandb = wandb.init(
+                project=wandb_keys.project or "concept",
+                entity=wandb_keys.entity,
+                name=wandb_keys.run_name or run_id,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                config=config,
+            )
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -29,12 +39,16 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
-                           step=int(row["step"]))
-        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                         if k in ("step", "loss", "lr", "recall@1", "cells_per_s", "tokens_per_s", "mfu")
-                         or k.startswith("val/") and (k.endswith("/loss") or k.endswith("recall@1")
-                                                       or k.endswith("knn/cell_type")))
+            self.wandb.log(
+                {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=int(row["step"])
+            )
+        shown = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in row.items()
+            if k in ("step", "loss", "lr", "recall@1", "cells_per_s", "tokens_per_s", "mfu")
+            or k.startswith("val/")
+            and (k.endswith("/loss") or k.endswith("recall@1") or k.endswith("knn/cell_type"))
+        )
         self.log(f"[train] {shown}")
 
     def close(self) -> None:
@@ -77,7 +91,7 @@ def smoothed(values, window: int) -> list[float]:
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = beta * avg + (1 - beta) * float(v)
-        out.append(avg / (1 - beta ** i) if beta > 0 else avg)
+        out.append(avg / (1 - beta**i) if beta > 0 else avg)
     return out
 
 
@@ -88,8 +102,10 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     if not metrics_path.is_file():
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = read_rows(metrics_path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, suffix, title in ((axes[0], "loss", "loss"), (axes[1], "recall@1", "recall@1 across views")):
@@ -98,8 +114,13 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
             steps, values = zip(*train)
             raw = ax.plot(steps, values, alpha=0.25, linewidth=0.8, label=f"train {suffix}")[0]
             window = max(5, len(values) // 20)
-            ax.plot(steps, smoothed(values, window), color=raw.get_color(), linewidth=1.8,
-                    label=f"train {suffix}, moving average ({window} steps)")
+            ax.plot(
+                steps,
+                smoothed(values, window),
+                color=raw.get_color(),
+                linewidth=1.8,
+                label=f"train {suffix}, moving average ({window} steps)",
+            )
         for key in sorted({k for r in rows for k in r if k.startswith("val/") and k.endswith("/" + suffix)}):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             ax.plot(*zip(*pts), marker="o", label=key)

@@ -7,20 +7,19 @@ import math
 import torch
 from torch import nn
 
+from concept_config.training import OPTIMIZER_CLASSES, TrainingKeys
 from concept_shard.errors import TrainError
 
 # `model.training.optimizer_class`: scConcept's two. AdamW decays the weights directly (decoupled);
 # Adam adds weight_decay x weight to the gradient (L2), as torch.optim.Adam does in the reference.
-OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
+# Keyed by the schema's choices: a choice without its torch class fails here, at import.
+OPTIMIZERS = {name: getattr(torch.optim, name) for name in OPTIMIZER_CLASSES}
 
 
-def build_optimizer(model: nn.Module, training) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, training: TrainingKeys) -> torch.optim.Optimizer:
     """The configured optimizer over the parameters that require a gradient (frozen tables, or all
-    but the learnable tables under train_vocab_only, are left out)."""
-    name = str(training.optimizer_class)
-    if name not in OPTIMIZERS:
-        raise TrainError(f"model.training.optimizer_class={name}", "is not an optimizer this trainer has.",
-                         f"Use one of {', '.join(OPTIMIZERS)} (AdamW is the default).")
+    but the learnable tables under train_vocab_only, are left out). The schema checked the
+    optimizer's name and that lr and weight_decay are >= 0."""
     decay, no_decay = [], []
     embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     for pname, p in model.named_parameters():
@@ -30,28 +29,26 @@ def build_optimizer(model: nn.Module, training) -> torch.optim.Optimizer:
             no_decay.append(p)
         else:
             decay.append(p)
-    wd = float(training.weight_decay)
-    if float(training.lr) < 0 or wd < 0:
-        raise ValueError(f"model.training.{'lr' if float(training.lr) < 0 else 'weight_decay'}: must not be negative")
+    wd = training.weight_decay
     if not decay and not no_decay:
-        raise TrainError("model.training", "leaves no parameter to train (everything is frozen).",
-                         "Unset train_vocab_only or freeze_pretrained_vocabulary, or train with gene tables.")
+        raise TrainError(
+            "model.training",
+            "leaves no parameter to train (everything is frozen).",
+            "Unset train_vocab_only or freeze_pretrained_vocabulary, or train with gene tables.",
+        )
     # no empty group (train_vocab_only leaves no weight matrix): torch's distributed state dict
     # cannot load optimizer states into groups without parameters
-    groups = [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return OPTIMIZERS[name](groups, lr=float(training.lr), betas=(0.9, 0.999))
+    groups = [
+        g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]
+    ]
+    return OPTIMIZERS[training.optimizer_class](groups, lr=training.lr, betas=(0.9, 0.999))
 
 
-def lr_lambda(training):
+def lr_lambda(training: TrainingKeys):
     """Multiplier of the base LR at an optimizer step: linear warm-up, then constant (`warmup`) or
-    cosine decay to `min_lr` at `max_steps` (`warmup_cosine`)."""
-    kind = str(training.scheduler)
-    warmup = int(training.warmup)
-    max_steps = int(training.max_steps)
-    lr = float(training.lr)
-    floor = float(training.min_lr) / lr if lr > 0 else 0.0     # lr 0: a frozen run
-    if kind not in ("warmup", "warmup_cosine"):
-        raise ValueError(f"model.training.scheduler={kind}: use warmup or warmup_cosine")
+    cosine decay to `min_lr` at `max_steps` (`warmup_cosine`; the schema checked the name)."""
+    kind, warmup, max_steps, lr = training.scheduler, training.warmup, training.max_steps, training.lr
+    floor = training.min_lr / lr if lr > 0 else 0.0  # lr 0: a frozen run
 
     def fn(step: int) -> float:
         if warmup and step < warmup:
@@ -60,4 +57,5 @@ def lr_lambda(training):
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return fn

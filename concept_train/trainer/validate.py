@@ -11,8 +11,9 @@ from ..model.loss import ContrastiveObjective, gather_no_grad
 KNN_K = 5
 
 
-def knn_accuracy(z: torch.Tensor, labels: torch.Tensor, k: int = KNN_K, chunk: int = 2048,
-                 metric: str = "dot") -> float:
+def knn_accuracy(
+    z: torch.Tensor, labels: torch.Tensor, k: int = KNN_K, chunk: int = 2048, metric: str = "dot"
+) -> float:
     """Leave-one-out majority vote of the k nearest neighbours (ties: the nearest label wins);
     cells with a missing label (-1) are neither queried nor used as neighbours. `dot` ranks by
     z.z' (cosine for L2-normalised embeddings), `euclidean` by distance."""
@@ -23,19 +24,20 @@ def knn_accuracy(z: torch.Tensor, labels: torch.Tensor, k: int = KNN_K, chunk: i
         return float("nan")
     correct = 0
     for a in range(0, n, chunk):
-        sim = z[a:a + chunk] @ z.T if metric == "dot" else -torch.cdist(z[a:a + chunk], z)
+        sim = z[a : a + chunk] @ z.T if metric == "dot" else -torch.cdist(z[a : a + chunk], z)
         sim[torch.arange(sim.shape[0]), torch.arange(a, a + sim.shape[0])] = float("-inf")
-        nn_labels = labels[sim.topk(k, dim=1).indices]                      # [q, k], nearest first
-        votes = (nn_labels[:, :, None] == nn_labels[:, None, :]).sum(-1)     # how often each neighbour's label occurs
-        weight = votes * (k + 1) - torch.arange(k)[None, :]                  # most votes, then nearest
+        nn_labels = labels[sim.topk(k, dim=1).indices]  # [q, k], nearest first
+        votes = (nn_labels[:, :, None] == nn_labels[:, None, :]).sum(-1)  # how often each neighbour's label occurs
+        weight = votes * (k + 1) - torch.arange(k)[None, :]  # most votes, then nearest
         pred = nn_labels.gather(1, weight.argmax(1, keepdim=True)).squeeze(1)
-        correct += int((pred == labels[a:a + chunk]).sum())
+        correct += int((pred == labels[a : a + chunk]).sum())
     return correct / n
 
 
 @torch.no_grad()
-def validate(model, loaders: dict, forward_views, obs_keys: list[str], objective: ContrastiveObjective,
-             step: int) -> dict:
+def validate(
+    model, loaders: dict, forward_views, obs_keys: list[str], objective: ContrastiveObjective, step: int
+) -> dict:
     model.eval()
     out = {}
     for name, loader in loaders.items():
@@ -43,7 +45,7 @@ def validate(model, loaders: dict, forward_views, obs_keys: list[str], objective
         for batch in loader:
             z1, z2, (*_, scale) = forward_views(batch)
             loss, m = objective(z1, z2, scale, batch.items_mask.to(z1.device), step, key=batch.index)
-            if m["n_items"] >= 2:          # a loader whose view 2 is empty has no loss, only kNN
+            if m["n_items"] >= 2:  # a loader whose view 2 is empty has no loss, only kNN
                 losses.append(float(loss))
                 r1.append(m["recall@1"])
                 r5.append(m["recall@5"])

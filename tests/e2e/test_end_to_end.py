@@ -12,16 +12,23 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from helpers import example_project
 
 from concept_train.trainer.validate import knn_accuracy
-from tools.make_example_project import main as make_example_project
 
 # the demo's data settings (conf/experiment/demo.yaml): batch 96, small views, small panels too
-MODEL = ["model=ContrastiveModelTiny", "model.training.warmup=20", "model.training.log_every_n_steps=10",
-         "model.training.checkpoint_every_n_steps=30", "model.training.val_check_interval=0",
-         "model.training.validate_before_training=False", "datamodule.dataloader.train.batch_size=96",
-         "datamodule.dataloader.train.num_workers=1", "datamodule.dataset.train.max_tokens=48",
-         "datamodule.dataset.train.panel_size_min=0.01"]
+MODEL = [
+    "model=ContrastiveModelTiny",
+    "model.training.warmup=20",
+    "model.training.log_every_n_steps=10",
+    "model.training.checkpoint_every_n_steps=30",
+    "model.training.val_check_interval=0",
+    "model.training.validate_before_training=False",
+    "datamodule.dataloader.train.batch_size=96",
+    "datamodule.dataloader.train.num_workers=1",
+    "datamodule.dataset.train.max_tokens=48",
+    "datamodule.dataset.train.panel_size_min=0.01",
+]
 
 
 def _run(*cmd, timeout=600):
@@ -34,12 +41,21 @@ def _run(*cmd, timeout=600):
 @pytest.mark.slow
 def test_shard_train_two_processes_resume_embed_knn(tmp_path):
     # the example project at its default size (the session fixture's 300 cells per file are too
-    # few for a kNN that means something after a short run)
-    project = tmp_path / "project"
-    make_example_project([str(project)])
+    # few for a kNN that means something after a short run), from the fixture cache (helpers.cached_copy)
+    project = example_project(tmp_path / "project")
     _run("concept_shard.cli", "build", str(project), "--no-progress")
-    torchrun = ["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29000 + os.getpid() % 500),
-                "-m", "concept_train.cli", str(project), *MODEL, "initialize.run_id=e2e"]
+    torchrun = [
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29000 + os.getpid() % 500),
+        "-m",
+        "concept_train.cli",
+        str(project),
+        *MODEL,
+        "initialize.run_id=e2e",
+    ]
     out = _run(*torchrun, "model.training.max_steps=30")
     assert "2 processes, FSDP2 over gloo" in out
     run = project / "model_checkpoints" / "e2e"
@@ -59,6 +75,6 @@ def test_shard_train_two_processes_resume_embed_knn(tmp_path):
 
     labels = torch.as_tensor(adata.obs["cell_type"].cat.codes.to_numpy().copy(), dtype=torch.int64)
     accuracy = knn_accuracy(torch.from_numpy(z), labels)
-    chance = float(adata.obs["cell_type"].value_counts(normalize=True).max())     # always the majority type
+    chance = float(adata.obs["cell_type"].value_counts(normalize=True).max())  # always the majority type
     print(f"kNN cell_type accuracy {accuracy:.3f}, majority-type rate {chance:.3f}")
     assert accuracy > min(0.95, 2 * chance), (accuracy, chance)

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
-
 from helpers import REPO
 
 SPLIT_YAMLS = sorted((REPO / "conf" / "datamodule").glob("split_*/*.yaml"))
@@ -23,15 +22,18 @@ N_CELLS = 200
 @pytest.fixture(scope="module")
 def tool():
     import tools.make_example_project
+
     return tools.make_example_project
 
 
 @pytest.fixture(scope="module")
 def generated(tool, tmp_path_factory) -> Path:
-    """A fresh project at 200 cells per file (named apart from conftest's shared `project`)."""
+    """A project at 200 cells per file (named apart from conftest's shared `project`): tool.main's
+    output, made once per version of the tool and the environment (helpers.cached_copy)."""
+    from helpers import example_project
+
     out = tmp_path_factory.mktemp("example_gen") / "project"
-    tool.main([str(out), "--cells", str(N_CELLS), "--seed", "0"])
-    return out
+    return example_project(out, "--cells", str(N_CELLS), "--seed", "0")
 
 
 def split_files() -> list[tuple[str, str, str]]:
@@ -71,7 +73,10 @@ def synthetic_files(root: Path):
 
 def test_split_yamls_found():
     assert {p.parent.name for p in SPLIT_YAMLS} >= {
-        "split_celltypist_hsapiens", "split_synth_hsapiens", "split_synth_mmusculus"}
+        "split_celltypist_hsapiens",
+        "split_synth_hsapiens",
+        "split_synth_mmusculus",
+    }
 
 
 @pytest.mark.parametrize("species", SPECIES)
@@ -117,15 +122,20 @@ def test_celltypist_copy(generated):
     assert adata.var["gene_id"].str.startswith("ENSG").all()
     assert adata.obs["cell_type"].isna().all()
     vocab = pd.read_csv(
-        generated / "references/vocabulary/token_mappings_per_specie/hsapiens.csv",
-        keep_default_na=False)
+        generated / "references/vocabulary/token_mappings_per_specie/hsapiens.csv", keep_default_na=False
+    )
     assert adata.var["gene_id"].isin(set(vocab["gene_id"])).mean() > 0.9
 
 
 def test_synthetic_files(generated):
-    vocab = {s: set(pd.read_csv(
-        generated / f"references/vocabulary/token_mappings_per_specie/{s}.csv",
-        keep_default_na=False)["gene_id"]) for s in SPECIES}
+    vocab = {
+        s: set(
+            pd.read_csv(generated / f"references/vocabulary/token_mappings_per_specie/{s}.csv", keep_default_na=False)[
+                "gene_id"
+            ]
+        )
+        for s in SPECIES
+    }
     for species, path in synthetic_files(generated):
         adata = read_any(path)
         ids = adata.var_names.str.replace(r"\.\d+$", "", regex=True)
@@ -162,9 +172,11 @@ def test_file_formats(generated):
 
 @pytest.mark.parametrize("species", SPECIES)
 def test_panels(generated, species):
-    vocab = set(pd.read_csv(
-        generated / f"references/vocabulary/token_mappings_per_specie/{species}.csv",
-        keep_default_na=False)["gene_id"])
+    vocab = set(
+        pd.read_csv(
+            generated / f"references/vocabulary/token_mappings_per_specie/{species}.csv", keep_default_na=False
+        )["gene_id"]
+    )
     panels = sorted((generated / "panels" / species).glob("*.csv"))
     assert len(panels) == 3
     for path in panels:

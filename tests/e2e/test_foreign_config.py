@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
+
+from helpers import shard
 
 from concept_shard.config import compose_config
 from concept_train.cli import main as train
-from helpers import shard
 
 ROOT = """\
 # scConcept's root config: no shard, seed, lamindb or PATH.SHARDS_PATH
@@ -50,9 +50,17 @@ species: hsapiens
 source_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads
 train: [hs_blood_a.h5ad]
 """
-TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
-        "model.training.max_steps=2", "model.training.warmup=1", "model.training.val_check_interval=0",
-        "model.training.validate_before_training=False"]
+TINY = [
+    "model.dim_model=16",
+    "model.nlayers=1",
+    "model.num_head=2",
+    "model.dim_hid=32",
+    "model.dim_gene_embs=16",
+    "model.training.max_steps=2",
+    "model.training.warmup=1",
+    "model.training.val_check_interval=0",
+    "model.training.validate_before_training=False",
+]
 
 
 def test_a_foreign_root_config_shards_and_trains_unchanged(example_source, tmp_path, capsys):
@@ -67,9 +75,9 @@ def test_a_foreign_root_config_shards_and_trains_unchanged(example_source, tmp_p
     (conf / "datamodule/split_lab_hsapiens/lab.yaml").write_text(SPLIT)
 
     cfg = compose_config(project, ["shard.chunk_size=128", "PATH.LOCAL_DIR=/scratch"])
-    assert cfg.shard.chunk_size == 128 and cfg.seed == 0 and cfg.PATH.LOCAL_DIR == "/scratch"     # ours, completed
+    assert cfg.shard.chunk_size == 128 and cfg.seed == 0 and cfg.PATH.LOCAL_DIR == "/scratch"  # ours, completed
     assert cfg.PATH.SHARDS_PATH == f"{project.resolve()}/shards"
-    assert cfg.PATH.PRETRAINED_VOCABULARY is None                                  # theirs kept
+    assert cfg.PATH.PRETRAINED_VOCABULARY is None  # theirs kept
 
     assert shard("build", project, "shard.chunk_size=128", "--no-progress") == 0
     record = json.loads((project / "shards/hsapiens/lab/hs_blood_a/dataset.json").read_text())

@@ -17,7 +17,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 pytestmark = pytest.mark.skipif(
@@ -45,7 +44,11 @@ def run_py(code: str, env: dict, cwd: Path) -> dict:
     """Run `code` in a new interpreter; it prints one JSON object as its last stdout line."""
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -67,7 +70,11 @@ def instance(tmp_path_factory):
     # `lamin init` records the instance in <cwd>/.lamin/current_instance, so run it in the project
     proc = subprocess.run(
         [sys.executable, "-m", "lamin_cli", "init", "--storage", "."],
-        env=env, cwd=project, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     elsewhere = root / "elsewhere"  # a working directory with no instance marker above it
@@ -84,7 +91,8 @@ def test_import_does_not_import_lamindb(instance):
         import concept_shard.lamin
         print(json.dumps({"lamindb": "lamindb" in sys.modules}))
         """,
-        instance["env"], instance["elsewhere"],
+        instance["env"],
+        instance["elsewhere"],
     )
     assert out == {"lamindb": False}
 
@@ -147,7 +155,8 @@ def test_register_lineage_idempotency_and_key_resolution(instance):
             "errors": errors,
         }}))
         """,
-        instance["env"], instance["elsewhere"],
+        instance["env"],
+        instance["elsewhere"],
     )
     project = instance["project"]
     # registered in place, one artifact per path; lineage: output <- run -> source
@@ -187,7 +196,8 @@ def test_project_outside_storage_root(instance, tmp_path):
         except lamin.LaminError as e:
             print(json.dumps({{"error": str(e)}}))
         """,
-        instance["env"], instance["project"],  # the instance is current here
+        instance["env"],
+        instance["project"],  # the instance is current here
     )
     assert out["error"] and "outside the storage root" in out["error"]
     assert "lamin init --storage" in out["error"]
@@ -213,7 +223,8 @@ def test_no_instance_configured(tmp_path):
                 errors.append(str(e))
         print(json.dumps({{"errors": errors}}))
         """,
-        env, project,
+        env,
+        project,
     )
     for error in out["errors"]:
         assert error and "none is configured" in error and "lamin init --storage" in error
@@ -228,29 +239,52 @@ def test_concept_shard_build_registers_lineage_and_reads_lamindb_keys(example_so
     env = lamin_env(tmp_path / "lamin")
     project = tmp_path / "project"
     shutil.copytree(example_source, project)
-    subprocess.run([sys.executable, "-m", "lamin_cli", "init", "--storage", "."], cwd=project, env=env,
-                   check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [sys.executable, "-m", "lamin_cli", "init", "--storage", "."],
+        cwd=project,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     # A split that names one file by lamindb key: register it first, as a user would.
-    run_py(f"""
+    run_py(
+        f"""
         import json, lamindb as ln
-        ln.Artifact({str(project / 'data/synth_mmusculus/h5ads/mm_val_c.h5ad')!r}, key="curated/mm_val_c.h5ad").save()
+        ln.Artifact({str(project / "data/synth_mmusculus/h5ads/mm_val_c.h5ad")!r}, key="curated/mm_val_c.h5ad").save()
         print(json.dumps({{}}))
-    """, env, project)
+    """,
+        env,
+        project,
+    )
     conf = tmp_path / "conf"
     (conf / "datamodule/split_keyed_mmusculus").mkdir(parents=True)
     (conf / "datamodule/split_keyed_mmusculus/keyed.yaml").write_text(
         "source_name: keyed\nspecies: mmusculus\nsource_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads\n"
-        "train: ['lamindb:curated/mm_val_c.h5ad']\nval: []\n")
+        "train: ['lamindb:curated/mm_val_c.h5ad']\nval: []\n"
+    )
     (conf / "datamodule/Keyed.yaml").write_text(
         "defaults:\n  - DataModuleAdvanced\n  - split_keyed_mmusculus: keyed\n  - _self_\n"
         "dataset:\n  train:\n    split:\n      - ${datamodule.split_synth_hsapiens}\n"
-        "      - ${datamodule.split_keyed_mmusculus}\n")
-    cmd = [sys.executable, "-m", "concept_shard.cli", "build", str(project), "--config-dir", str(conf),
-           "datamodule=Keyed", "--lamindb", "--no-progress"]
+        "      - ${datamodule.split_keyed_mmusculus}\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "concept_shard.cli",
+        "build",
+        str(project),
+        "--config-dir",
+        str(conf),
+        "datamodule=Keyed",
+        "--lamindb",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (project / "shards/mmusculus/keyed/mm_val_c/dataset.json").exists()
-    lineage = run_py("""
+    lineage = run_py(
+        """
         import json, lamindb as ln
         out = {}
         for key in ("shards/hsapiens/synth_hsapiens/hs_blood_a", "shards/mmusculus/keyed/mm_val_c"):
@@ -258,7 +292,10 @@ def test_concept_shard_build_registers_lineage_and_reads_lamindb_keys(example_so
             out[key] = sorted(i.key for i in a.run.input_artifacts.all())
             out["transform"] = a.run.transform.key
         print(json.dumps(out))
-    """, env, project)
+    """,
+        env,
+        project,
+    )
     assert "data/synth_hsapiens/h5ads/hs_blood_a.h5ad" in lineage["shards/hsapiens/synth_hsapiens/hs_blood_a"]
     assert "curated/mm_val_c.h5ad" in lineage["shards/mmusculus/keyed/mm_val_c"]
     assert lineage["transform"] == "concept-shard build"
@@ -277,18 +314,56 @@ def test_training_run_is_tracked_with_shard_inputs_and_checkpoint_outputs(sharde
     `concept-shard --lamindb` registered and whose outputs are the checkpoint and the config."""
     project = sharded_project_copy
     env = lamin_env(tmp_path / "lamin")
-    subprocess.run([sys.executable, "-m", "lamin_cli", "init", "--storage", "."], cwd=project, env=env,
-                   check=True, capture_output=True, timeout=180)
-    shard = subprocess.run([sys.executable, "-m", "concept_shard.cli", "build", str(project), "datamodule=DataModuleAdvanced",
-                            "--lamindb", "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "lamin_cli", "init", "--storage", "."],
+        cwd=project,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    shard = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "concept_shard.cli",
+            "build",
+            str(project),
+            "datamodule=DataModuleAdvanced",
+            "--lamindb",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert shard.returncode == 0, shard.stdout + shard.stderr
-    tiny = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
-            "model.training.max_steps=2", "model.training.val_check_interval=0", "model.training.validate_before_training=False",
-            "datamodule.dataloader.train.batch_size=16", "datamodule=DataModuleAdvanced", "initialize.run_id=tracked"]
-    train = subprocess.run([sys.executable, "-m", "concept_train.cli", str(project), *tiny, "lamindb.enabled=true"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    tiny = [
+        "model.dim_model=16",
+        "model.nlayers=1",
+        "model.num_head=2",
+        "model.dim_hid=32",
+        "model.dim_gene_embs=16",
+        "model.training.max_steps=2",
+        "model.training.val_check_interval=0",
+        "model.training.validate_before_training=False",
+        "datamodule.dataloader.train.batch_size=16",
+        "datamodule=DataModuleAdvanced",
+        "initialize.run_id=tracked",
+    ]
+    train = subprocess.run(
+        [sys.executable, "-m", "concept_train.cli", str(project), *tiny, "lamindb.enabled=true"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    out = run_py("""
+    out = run_py(
+        """
         import json, lamindb as ln
         ckpt = ln.Artifact.get(key="model_checkpoints/tracked/step_2")
         run = ckpt.run
@@ -296,12 +371,19 @@ def test_training_run_is_tracked_with_shard_inputs_and_checkpoint_outputs(sharde
         print(json.dumps({
             "transform": run.transform.key, "status": run.status, "params_run_id": run.params["run_id"],
             "inputs": sorted(a.key for a in run.input_artifacts.all()),
-            "shards_made_by": shards.run.transform.key, "shards_in_inputs": shards.uid in {a.uid for a in run.input_artifacts.all()},
+            "shards_made_by": shards.run.transform.key,
+            "shards_in_inputs": shards.uid in {a.uid for a in run.input_artifacts.all()},
             "outputs": sorted(a.key for a in ln.Artifact.filter(run=run)),
         }))
-    """, env, project)
+    """,
+        env,
+        project,
+    )
     assert out["transform"] == "concept-train" and out["status"] == "completed" and out["params_run_id"] == "tracked"
-    assert out["shards_made_by"] == "concept-shard build" and out["shards_in_inputs"]   # the same artifact, not a copy
+    assert out["shards_made_by"] == "concept-shard build" and out["shards_in_inputs"]  # the same artifact, not a copy
     assert "shards/mmusculus/synth_mmusculus/mm_brain_a" in out["inputs"]
-    assert out["outputs"] == ["model_checkpoints/tracked/config.yaml", "model_checkpoints/tracked/metrics.jsonl",
-                              "model_checkpoints/tracked/step_2"]
+    assert out["outputs"] == [
+        "model_checkpoints/tracked/config.yaml",
+        "model_checkpoints/tracked/metrics.jsonl",
+        "model_checkpoints/tracked/step_2",
+    ]

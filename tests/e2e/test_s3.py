@@ -15,18 +15,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import boto3
 import pytest
 import torch
+from helpers import ADVANCED, data_module, shard
+from helpers import TINY_RESUME as TINY
+from helpers import metric_rows as _rows
 
 from concept_shard.errors import UserError
-from helpers import ADVANCED, shard
-from helpers import data_module
-from helpers import TINY_RESUME as TINY, metric_rows as _rows
 
-SMALL_SHARDS = "shard.shard_size_limit=65536"     # ~30 shards per file, so a small cache must evict
+SMALL_SHARDS = "shard.shard_size_limit=65536"  # ~30 shards per file, so a small cache must evict
 BATCHES = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
 
 
@@ -43,8 +42,9 @@ def s3_server(tmp_path_factory):
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.time() + 60
         while True:
@@ -56,9 +56,15 @@ def s3_server(tmp_path_factory):
                     raise RuntimeError(f"moto_server did not start: {open(log.name).read()}") from None
                 time.sleep(0.2)
         with pytest.MonkeyPatch.context() as mp:
-            for key, value in dict(S3_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                                   AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
-                                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull).items():
+            for key, value in dict(
+                S3_ENDPOINT_URL=endpoint,
+                AWS_ACCESS_KEY_ID="test",
+                AWS_SECRET_ACCESS_KEY="test",
+                AWS_DEFAULT_REGION="us-east-1",
+                AWS_EC2_METADATA_DISABLED="true",
+                AWS_CONFIG_FILE=os.devnull,
+                AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+            ).items():
                 mp.setenv(key, value)
             mp.delenv("AWS_PROFILE", raising=False)
             mp.delenv("AWS_ENDPOINT_URL", raising=False)
@@ -92,13 +98,13 @@ def s3_project(s3_server, example_source, tmp_path_factory):
 def test_build_uploads_complete_datasets_and_resumes(s3_project, capsys):
     project, remote = s3_project
     objects = _objects("shards-test")
-    datasets = sorted(k[len("proj/"):-len("/dataset.json")] for k in objects if k.endswith("/dataset.json"))
+    datasets = sorted(k[len("proj/") : -len("/dataset.json")] for k in objects if k.endswith("/dataset.json"))
     assert len(datasets) == 9 and "hsapiens/celltypist/celltypist_sample" in datasets
     for ds in datasets:
         shards = [k for k in objects if k.startswith(f"proj/{ds}/shard.")]
         assert f"proj/{ds}/index.json" in objects and len(shards) >= 2, ds
     assert "proj/hsapiens/index.json" in objects and "proj/mmusculus/datasets.json" in objects
-    assert not list((project / "shards").glob("*/*/*/dataset.json"))       # staged copies removed
+    assert not list((project / "shards").glob("*/*/*/dataset.json"))  # staged copies removed
     capsys.readouterr()
     assert shard("status", project, *ADVANCED, remote) == 0
     assert "9 done" in capsys.readouterr().out
@@ -119,8 +125,10 @@ def test_batches_from_the_bucket_equal_batches_from_local_shards(s3_project, sha
     dm = data_module(project, [remote, f"PATH.LOCAL_DIR={cache}", "datamodule.cache_limit=2mb", *BATCHES])
     local = data_module(sharded_example, BATCHES)
     assert all(s.remote and s.remote.startswith("s3://shards-test/proj/") for s in dm.store.sets)
-    for loaders in ((dm.train_loader(), local.train_loader()),
-                    (dm.val_loaders()["within_P200_B256"], local.val_loaders()["within_P200_B256"])):
+    for loaders in (
+        (dm.train_loader(), local.train_loader()),
+        (dm.val_loaders()["within_P200_B256"], local.val_loaders()["within_P200_B256"]),
+    ):
         for i, (x, y) in enumerate(zip(*loaders)):
             tx, ty = x.tensors(), y.tensors()
             assert tx.keys() == ty.keys()
@@ -129,7 +137,7 @@ def test_batches_from_the_bucket_equal_batches_from_local_shards(s3_project, sha
             if i == 11:
                 break
     cached = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
-    assert 0 < cached <= 2 * 1024 ** 2             # evicted to stay under the limit (9 MB were read)
+    assert 0 < cached <= 2 * 1024**2  # evicted to stay under the limit (9 MB were read)
 
 
 def test_gene_vectors_from_the_bucket_equal_those_from_local_shards(s3_project, sharded_project_copy):
@@ -138,7 +146,7 @@ def test_gene_vectors_from_the_bucket_equal_those_from_local_shards(s3_project, 
     assert shard("gene-vectors", sharded_project_copy, "--dim", 8, "--no-progress") == 0
     got, want = (p / "references/embeddings/coexpression/hsapiens.csv" for p in (project, sharded_project_copy))
     assert got.read_bytes() == want.read_bytes()
-    assert not list((project / "shards").rglob("shard.*"))         # read in memory, nothing cached on disk
+    assert not list((project / "shards").rglob("shard.*"))  # read in memory, nothing cached on disk
 
 
 def _train(project, *overrides, wait=True):
@@ -146,16 +154,22 @@ def _train(project, *overrides, wait=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 @pytest.mark.slow
 def test_train_from_the_bucket_killed_and_resumed(s3_project, tmp_path):
     project, remote = s3_project
     root = project / "model_checkpoints"
-    common = [remote, f"PATH.LOCAL_DIR={tmp_path / 'cache'}", "datamodule.cache_limit=2mb",
-              "model.training.max_steps=10", "datamodule.dataloader.train.num_workers=2"]
+    common = [
+        remote,
+        f"PATH.LOCAL_DIR={tmp_path / 'cache'}",
+        "datamodule.cache_limit=2mb",
+        "model.training.max_steps=10",
+        "datamodule.dataloader.train.num_workers=2",
+    ]
     full = _train(project, *common, "initialize.run_id=full")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
 
@@ -188,7 +202,7 @@ def test_missing_bucket_and_unreachable_endpoint_are_named(s3_server, project, c
         data_module(project, [missing])
     assert "s3://no-such-bucket/shards" in str(exc.value) and "does not exist" in str(exc.value)
 
-    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")      # nothing listens there
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
     assert shard("status", project, *ADVANCED, missing) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "s3://no-such-bucket/shards" in err and "could not connect" in err and "S3_ENDPOINT_URL" in err

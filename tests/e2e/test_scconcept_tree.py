@@ -10,11 +10,11 @@ import json
 import shutil
 
 import pytest
+from helpers import shard
 
 from concept_shard.config import compose_config
 from concept_shard.errors import ConfigError
 from concept_train.cli import main as train
-from helpers import shard
 
 ROOT = """\
 defaults:
@@ -185,11 +185,19 @@ def test_a_scconcept_tree_shards_and_trains_unchanged(their_project, capsys):
     project = their_project
     lines = []
     cfg = compose_config(project, log=lines.append)
-    assert cfg.datamodule.dataloader.val.within_donor_P200_B32.within_group_sampling == ["dataset", "donor_id"]
-    assert cfg.shard.chunk_size == 2048 and cfg.PATH.SHARDS_PATH == f"{project.resolve()}/shards"   # ours, from the schema
-    assert len(lines) == 1                        # ONE line names every key that has no effect here
-    for inert in ("model.training.accelerator", "model.training.devices", "datamodule.dataloader.train.pin_memory",
-                  "datamodule.columns", "PATH.GENE_MAPPING_PATH", "datamodule.label_keys_to_monitor"):
+    assert cfg.datamodule.dataloader.val["within_donor_P200_B32"].within_group_sampling == ["dataset", "donor_id"]
+    assert (
+        cfg.shard.chunk_size == 2048 and cfg.PATH.SHARDS_PATH == f"{project.resolve()}/shards"
+    )  # ours, from the schema
+    assert len(lines) == 1  # ONE line names every key that has no effect here
+    for inert in (
+        "model.training.accelerator",
+        "model.training.devices",
+        "datamodule.dataloader.train.pin_memory",
+        "datamodule.columns",
+        "PATH.GENE_MAPPING_PATH",
+        "datamodule.label_keys_to_monitor",
+    ):
         assert inert in lines[0]
     assert "model.dropout" not in lines[0] and "within_group_sampling" not in lines[0]
 

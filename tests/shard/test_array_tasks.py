@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import ADVANCED, assert_same_as_reference, dataset_dirs, shard
 
 from concept_shard.plan import WorkUnit, assign, file_ranges
-from helpers import ADVANCED, assert_same_samples, dataset_dirs, shard
 
 
 def test_file_ranges_cover_rows_in_bounded_parts():
@@ -24,21 +24,25 @@ def test_assignment_is_balanced_and_covers_every_unit_once():
     rng = np.random.default_rng(0)
     units = [WorkUnit(f"hs/src/f{i}", 0, int(n)) for i, n in enumerate(rng.lognormal(9, 1.2, 300))]
     tasks = assign(units, 16)
-    key = lambda u: (u.dataset_id, u.start)
+
+    def key(u):
+        return u.dataset_id, u.start
+
     assert sorted((u for t in tasks for u in t), key=key) == sorted(units, key=key)
     loads = [sum(u.cells for u in t) for t in tasks]
     # LPT bound: no task exceeds the mean load by more than the largest unit
     assert max(loads) - sum(loads) / 16 <= max(u.cells for u in units)
     assert max(loads) / min(loads) < 1.2
-    assert assign(list(reversed(units)), 16) == tasks    # order of discovery does not matter
+    assert assign(list(reversed(units)), 16) == tasks  # order of discovery does not matter
 
 
-def test_array_tasks_then_merge_equal_single_process(example_source, tmp_path, capsys):
+def test_array_tasks_then_merge_equal_single_process(example_source, sharded_example, tmp_path, capsys):
     import shutil
-    single, array = tmp_path / "single", tmp_path / "array"
-    shutil.copytree(example_source, single)
+
+    # single: one process's build of the example project, `concept-shard build PROJECT
+    # datamodule=DataModuleAdvanced --no-progress` (exit status 0): conftest's sharded_example
+    single, array = sharded_example, tmp_path / "array"
     shutil.copytree(example_source, array)
-    assert shard("build", single, *ADVANCED, "--no-progress") == 0
     opts = [*ADVANCED, "shard.part_size=100", "--no-progress"]
     for task in range(3):
         assert shard("build", array, *opts, "--task-index", task, "--num-tasks", 3) == 0
@@ -46,15 +50,16 @@ def test_array_tasks_then_merge_equal_single_process(example_source, tmp_path, c
     assert not (array / "shards/hsapiens/synth_hsapiens/hs_blood_a/dataset.json").exists()
     assert "waiting" in capsys.readouterr().out
     assert shard("merge", array, *ADVANCED) == 0
-    assert shard("merge", array, *ADVANCED) == 0          # idempotent
+    assert shard("merge", array, *ADVANCED) == 0  # idempotent
     info = json.loads((array / "shards/hsapiens/synth_hsapiens/hs_blood_a/dataset.json").read_text())
     assert info["parts"] == [[0, 100], [100, 200], [200, 300]]
-    assert_same_samples(single, array)
-    assert not list(array.glob("shards/*/*/.parts/*"))     # parts removed after the merge
+    assert_same_as_reference(single, array)
+    assert not list(array.glob("shards/*/*/.parts/*"))  # parts removed after the merge
 
 
 def test_slurm_array_variables_pick_the_task(example_source, tmp_path, monkeypatch):
     import shutil
+
     project = tmp_path / "p"
     shutil.copytree(example_source, project)
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
@@ -68,18 +73,25 @@ def test_slurm_array_variables_pick_the_task(example_source, tmp_path, monkeypat
 
 def _array_env(task_id: int, first: int, last: int, step: int, count: int) -> dict:
     """What SLURM sets in each task of `sbatch --array=FIRST-LAST:STEP`."""
-    return {"SLURM_ARRAY_JOB_ID": "42", "SLURM_ARRAY_TASK_ID": str(task_id), "SLURM_ARRAY_TASK_MIN": str(first),
-            "SLURM_ARRAY_TASK_MAX": str(last), "SLURM_ARRAY_TASK_STEP": str(step),
-            "SLURM_ARRAY_TASK_COUNT": str(count)}
+    return {
+        "SLURM_ARRAY_JOB_ID": "42",
+        "SLURM_ARRAY_TASK_ID": str(task_id),
+        "SLURM_ARRAY_TASK_MIN": str(first),
+        "SLURM_ARRAY_TASK_MAX": str(last),
+        "SLURM_ARRAY_TASK_STEP": str(step),
+        "SLURM_ARRAY_TASK_COUNT": str(count),
+    }
 
 
-@pytest.mark.parametrize("first,last,step", [(0, 4, 2), (1, 7, 2), (0, 126, 2), (5, 50, 5), (3, 3, 1), (0, 63, 1),
-                                             (2, 9, 3)])
+@pytest.mark.parametrize(
+    "first,last,step", [(0, 4, 2), (1, 7, 2), (0, 126, 2), (5, 50, 5), (3, 3, 1), (0, 63, 1), (2, 9, 3)]
+)
 def test_a_stepped_array_gives_every_unit_to_exactly_one_task(first, last, step):
     """`--array=0-4:2` runs tasks 0, 2, 4 (SLURM_ARRAY_TASK_COUNT=3): task ids minus MIN were used
     as indices, so task 4 was refused and share 1 was never built."""
     from concept_shard.plan import array_task
-    ids = list(range(first, last + 1, step))         # SLURM_ARRAY_TASK_MAX is the last id (8 for 2-9:3)
+
+    ids = list(range(first, last + 1, step))  # SLURM_ARRAY_TASK_MAX is the last id (8 for 2-9:3)
     shares = [array_task(_array_env(i, first, ids[-1], step, len(ids))) for i in ids]
     assert sorted(shares) == [(k, len(ids)) for k in range(len(ids))]
     # SLURM versions that leave out COUNT or MAX: the other one is enough
@@ -94,12 +106,15 @@ def test_a_stepped_array_gives_every_unit_to_exactly_one_task(first, last, step)
     assert array_task({}) is None
 
 
-@pytest.mark.parametrize("ids,step", [([0, 1, 5], 1), ([0, 1, 5], None), ([1, 3, 4, 9], 1), ([0, 2, 4, 7], 2),
-                                      ([0, 2, 4, 5], 2), ([3, 8], 0)])
+@pytest.mark.parametrize(
+    "ids,step",
+    [([0, 1, 5], 1), ([0, 1, 5], None), ([1, 3, 4, 9], 1), ([0, 2, 4, 7], 2), ([0, 2, 4, 5], 2), ([3, 8], 0)],
+)
 def test_an_array_that_is_not_one_even_range_is_refused_by_every_task(ids, step):
     """`--array=0,1,5`: no task can know the other ids, so each refuses, before any work."""
     from concept_shard.errors import ConfigError
     from concept_shard.plan import array_task
+
     for i in ids:
         env = _array_env(i, min(ids), max(ids), step or 0, len(ids))
         if step is None:
@@ -116,11 +131,11 @@ def test_stepped_array_tasks_then_merge_equal_single_process(sharded_example, pr
             monkeypatch.setenv(k, v)
         assert shard("build", project, *ADVANCED, "shard.part_size=100", "--no-progress") == 0
     assert shard("merge", project, *ADVANCED) == 0
-    assert_same_samples(sharded_example, project)
+    assert_same_as_reference(sharded_example, project)
 
 
 def test_a_listed_array_is_refused_before_the_build_touches_anything(project, monkeypatch, capsys):
-    for k, v in _array_env(5, 0, 5, 1, 3).items():      # --array=0,1,5
+    for k, v in _array_env(5, 0, 5, 1, 3).items():  # --array=0,1,5
         monkeypatch.setenv(k, v)
     assert shard("build", project, *ADVANCED, "--no-progress") == 2
     assert "evenly spaced" in " ".join(capsys.readouterr().err.split())

@@ -11,19 +11,27 @@ import sys
 import time
 
 import pytest
-
-from helpers import ADVANCED, REPO, assert_same_samples, read_dataset, shard
+from helpers import ADVANCED, REPO, assert_same_as_reference, read_dataset, shard
 
 
 @pytest.mark.slow
-def test_kill_9_mid_write_then_rerun(example_source, tmp_path):
-    reference, project = tmp_path / "reference", tmp_path / "project"
-    shutil.copytree(example_source, reference)
+def test_kill_9_mid_write_then_rerun(example_source, sharded_example, tmp_path):
+    # the uninterrupted build (`build PROJECT datamodule=DataModuleAdvanced --no-progress`, exit
+    # status 0) is conftest's sharded_example
+    reference, project = sharded_example, tmp_path / "project"
     shutil.copytree(example_source, project)
-    assert shard("build", reference, *ADVANCED, "--no-progress") == 0
     # tiny chunks and shards make the run slow enough to be caught with shard files half written
-    cmd = [sys.executable, "-m", "concept_shard.cli", "build", str(project), *ADVANCED, "shard.chunk_size=2",
-           "shard.shard_size_limit=65536", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "concept_shard.cli",
+        "build",
+        str(project),
+        *ADVANCED,
+        "shard.chunk_size=2",
+        "shard.shard_size_limit=65536",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
@@ -44,18 +52,19 @@ def test_kill_9_mid_write_then_rerun(example_source, tmp_path):
         info = json.loads(ds_json.read_text())
         assert len(read_dataset(ds_json.parent)) == info["cells_written"]
     half = {p.parent.parent.name for p in project.glob("shards/*/*/.parts/*/part_*.tmp")}
-    assert half and not any((p.parent.parent.parent / n / "dataset.json").exists()
-                            for p in project.glob("shards/*/*/.parts/*/part_*.tmp") for n in half)
+    assert half and not any(
+        (p.parent.parent.parent / n / "dataset.json").exists()
+        for p in project.glob("shards/*/*/.parts/*/part_*.tmp")
+        for n in half
+    )
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     assert not list(project.glob("shards/**/*.tmp"))
-    assert_same_samples(reference, project)
+    assert_same_as_reference(reference, project)
 
 
-def test_interrupted_join_is_finished_by_merge(example_source, tmp_path):
-    reference, project = tmp_path / "reference", tmp_path / "project"
-    shutil.copytree(example_source, reference)
+def test_interrupted_join_is_finished_by_merge(example_source, sharded_example, tmp_path):
+    reference, project = sharded_example, tmp_path / "project"  # reference: as in the test above
     shutil.copytree(example_source, project)
-    assert shard("build", reference, *ADVANCED, "--no-progress") == 0
     opts = [*ADVANCED, "shard.part_size=100", "--no-progress"]
     for task in range(2):
         assert shard("build", project, *opts, "--task-index", task, "--num-tasks", 2) == 0
@@ -70,13 +79,13 @@ def test_interrupted_join_is_finished_by_merge(example_source, tmp_path):
     assert not (ds2 / "dataset.json").exists()
     assert shard("merge", project, *ADVANCED) == 0
     assert not (ds.parent / "hs_blood_a.join.tmp").exists()
-    assert_same_samples(reference, project)
+    assert_same_as_reference(reference, project)
 
 
-def test_changed_source_is_rebuilt_and_said_so(example_source, tmp_path, capsys):
+def test_changed_source_is_rebuilt_and_said_so(sharded_project_copy, capsys):
     import anndata as ad
-    project = tmp_path / "project"
-    shutil.copytree(example_source, project)
+
+    project = sharded_project_copy  # built: the build below finds it up to date
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     path = project / "data/synth_mmusculus/h5ads/mm_brain_a.h5ad"
     adata = ad.read_h5ad(path)
@@ -88,7 +97,10 @@ def test_changed_source_is_rebuilt_and_said_so(example_source, tmp_path, capsys)
     assert "mm_brain_a: the source file changed since it was sharded; rebuilding" in out
     assert "1 built, 8 up to date" in out
     info = json.loads((project / "shards/mmusculus/synth_mmusculus/mm_brain_a/dataset.json").read_text())
-    assert info["n_cells_source"] == 200 and len(read_dataset(project / "shards/mmusculus/synth_mmusculus/mm_brain_a")) == 200
+    assert (
+        info["n_cells_source"] == 200
+        and len(read_dataset(project / "shards/mmusculus/synth_mmusculus/mm_brain_a")) == 200
+    )
 
 
 def test_status_lists_done_pending_stale_failed(example_source, tmp_path, capsys):
@@ -99,7 +111,7 @@ def test_status_lists_done_pending_stale_failed(example_source, tmp_path, capsys
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     (project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad").unlink()
     with open(project / "data/synth_mmusculus/h5ads/mm_val_c.h5ad", "ab") as fh:
-        fh.write(b"\0" * 1000)     # same content plus trailing bytes: the fingerprint changes
+        fh.write(b"\0" * 1000)  # same content plus trailing bytes: the fingerprint changes
     capsys.readouterr()
     assert shard("status", project, *ADVANCED) == 1
     out = capsys.readouterr().out
@@ -110,13 +122,14 @@ def test_status_lists_done_pending_stale_failed(example_source, tmp_path, capsys
 
 def test_fingerprint_sees_content_and_size(tmp_path):
     from concept_shard.fingerprint import source_fingerprint
+
     f = tmp_path / "a.h5ad"
     f.write_bytes(b"x" * 3_000_000)
     fp, size = source_fingerprint(f)
     assert size == 3_000_000
-    f.write_bytes(b"x" * 2_999_999 + b"y")           # last block differs
+    f.write_bytes(b"x" * 2_999_999 + b"y")  # last block differs
     assert source_fingerprint(f)[0] != fp
-    f.write_bytes(b"x" * 3_000_001)                   # size differs
+    f.write_bytes(b"x" * 3_000_001)  # size differs
     assert source_fingerprint(f)[0] != fp
     d = tmp_path / "b.zarr"
     (d / "X").mkdir(parents=True)
@@ -126,38 +139,40 @@ def test_fingerprint_sees_content_and_size(tmp_path):
     assert source_fingerprint(d)[0] != fp_dir
 
 
-def test_an_in_place_edit_the_sampled_fingerprint_misses_is_found(project, capsys):
+def test_an_in_place_edit_the_sampled_fingerprint_misses_is_found(sharded_project_copy, capsys):
     """One count changed in place (same size) between the fingerprint's sampled blocks: the sampled
     fingerprint cannot see it, the recorded mtime and full content hash do."""
     import h5py
 
     from concept_shard.fingerprint import BLOCK, N_BLOCKS, source_fingerprint
 
+    project = sharded_project_copy  # built: the build below finds it up to date
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     capsys.readouterr()
     src = project / "data/synth_hsapiens/h5ads/hs_blood_a.h5ad"
     size, before = src.stat().st_size, source_fingerprint(src)[0]
-    sampled = [((size - BLOCK) * j // (N_BLOCKS - 1), (size - BLOCK) * j // (N_BLOCKS - 1) + BLOCK)
-               for j in range(N_BLOCKS)]
+    sampled = [
+        ((size - BLOCK) * j // (N_BLOCKS - 1), (size - BLOCK) * j // (N_BLOCKS - 1) + BLOCK) for j in range(N_BLOCKS)
+    ]
     with h5py.File(src, "r+") as f:
         data = f["X/data"]
         item, chunk = data.dtype.itemsize, data.chunks[0]
-        for i in range(0, data.shape[0], 97):          # an element whose bytes no sampled block covers
+        for i in range(0, data.shape[0], 97):  # an element whose bytes no sampled block covers
             info = data.id.get_chunk_info_by_coord((i // chunk * chunk,))
             at = info.byte_offset + (i % chunk) * item
             if not any(a - item < at < b for a, b in sampled):
                 break
         data[i] = data[i] + 1
-    assert src.stat().st_size == size and source_fingerprint(src)[0] == before      # invisible to sampling
+    assert src.stat().st_size == size and source_fingerprint(src)[0] == before  # invisible to sampling
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "hs_blood_a: the source file changed since it was sharded (found by a full content check" in out
     assert "1 built, 8 up to date" in out
 
 
-def test_a_touched_source_with_the_same_content_stays_current(project, capsys):
-    import os
+def test_a_touched_source_with_the_same_content_stays_current(sharded_project_copy, capsys):
 
+    project = sharded_project_copy  # built: the build below finds it up to date
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     src = project / "data/synth_hsapiens/h5ads/hs_lung_b.h5ad"
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
@@ -165,4 +180,4 @@ def test_a_touched_source_with_the_same_content_stays_current(project, capsys):
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     assert "0 built, 9 up to date" in capsys.readouterr().out
     record = json.loads((project / "shards/hsapiens/synth_hsapiens/hs_lung_b/dataset.json").read_text())
-    assert record["source_mtime_ns"] == src.stat().st_mtime_ns       # the next check is cheap again
+    assert record["source_mtime_ns"] == src.stat().st_mtime_ns  # the next check is cheap again

@@ -9,8 +9,9 @@ import shutil
 import subprocess
 import sys
 
-from concept_shard.layout import exclusive
 from helpers import ADVANCED, REPO, dataset_dirs, shard
+
+from concept_shard.layout import exclusive
 
 LUNG = "shards/hsapiens/synth_hsapiens/hs_lung_b"
 
@@ -31,7 +32,9 @@ def test_rows_held_by_another_build_are_skipped_not_shared(project, capsys):
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     assert "1 built, 8 up to date" in capsys.readouterr().out
     record = json.loads((project / LUNG / "dataset.json").read_text())
-    assert record["cells_written"] + record["cells_dropped"]["no_nonzero_in_vocabulary"] == record["n_cells_source"] == 300
+    assert (
+        record["cells_written"] + record["cells_dropped"]["no_nonzero_in_vocabulary"] == record["n_cells_source"] == 300
+    )
 
 
 def test_a_file_another_build_is_joining_is_left_to_it(project, capsys):
@@ -48,12 +51,29 @@ def test_two_builds_at_once_publish_every_cell(project):
     """Once published hs_lung_b with 8 of its 300 cells ("292 dropped: no nonzero"), and later
     builds called it up to date."""
     env = {"PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "concept_shard.cli", "build", str(project), *ADVANCED, "--no-progress",
-           "shard.chunk_size=64", "shard.part_size=100"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "concept_shard.cli",
+        "build",
+        str(project),
+        *ADVANCED,
+        "--no-progress",
+        "shard.chunk_size=64",
+        "shard.part_size=100",
+    ]
     for trial in range(3):
         shutil.rmtree(project / "shards", ignore_errors=True)
-        procs = [subprocess.Popen(cmd, env=dict(__import__("os").environ, **env), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                cmd,
+                env=dict(__import__("os").environ, **env),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         errs = [p.communicate(timeout=300)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errs
         assert shard("build", project, *ADVANCED, "--no-progress", "shard.chunk_size=64", "shard.part_size=100") == 0
@@ -66,15 +86,16 @@ def test_two_builds_at_once_publish_every_cell(project):
         assert not list(project.glob("shards/*/*/.parts/*")), trial
 
 
-def test_a_killed_join_leaves_nothing_that_is_counted(project, capsys):
+def test_a_killed_join_leaves_nothing_that_is_counted(sharded_project_copy, capsys):
     """`<stem>.old.<pid>.tmp` of a join killed between its renames stayed forever, and the species
     index listed its samples too (360 instead of 260)."""
+    project = sharded_project_copy  # built: the build below finds it up to date
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     capsys.readouterr()
     ds = project / LUNG
     stale = ds.with_name("hs_lung_b.old.4242.tmp")
     shutil.copytree(ds, stale)
-    (ds / "dataset.json").unlink()                    # the kill came before the new dataset.json
+    (ds / "dataset.json").unlink()  # the kill came before the new dataset.json
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     assert "1 built, 8 up to date" in capsys.readouterr().out
     assert not stale.exists()
@@ -84,7 +105,8 @@ def test_a_killed_join_leaves_nothing_that_is_counted(project, capsys):
     assert not any(".tmp" in d["path"] for d in species["datasets"])
 
 
-def test_species_index_ignores_leftovers_even_before_the_next_build(project):
+def test_species_index_ignores_leftovers_even_before_the_next_build(sharded_project_copy):
+    project = sharded_project_copy  # built: the build below finds it up to date
     assert shard("build", project, *ADVANCED, "--no-progress") == 0
     shutil.copytree(project / LUNG, (project / LUNG).with_name("hs_lung_b.old.99.tmp"))
     assert shard("merge", project, *ADVANCED) == 0

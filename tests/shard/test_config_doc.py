@@ -8,14 +8,13 @@ written `datamodule.split_<source>_<species>.<key>` and `datamodule.dataset.val.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 from omegaconf import OmegaConf
 
-from concept_shard.config import compose_config
-from helpers import REPO
+from concept_shard.config import compose_tree
 
 DOC = REPO / "docs" / "config.md"
 # name -> (overrides, the labels whose values the page gives as "(Tiny `x`, demo `y`)", most specific first)
@@ -51,9 +50,11 @@ def documented_name(key: str) -> str:
 
 @pytest.fixture(scope="module")
 def composed(tmp_path_factory) -> dict[str, tuple[dict[str, object], list[str]]]:
-    project = tmp_path_factory.mktemp("project")      # composing reads no file of the project
-    return {name: (leaves(OmegaConf.to_container(compose_config(project, ov), resolve=False)), labels)
-            for name, (ov, labels) in COMPOSITIONS.items()}
+    project = tmp_path_factory.mktemp("project")  # composing reads no file of the project
+    return {
+        name: (leaves(OmegaConf.to_container(compose_tree(project, ov), resolve=False)), labels)
+        for name, (ov, labels) in COMPOSITIONS.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +80,13 @@ def test_documented_defaults_match_conf(composed, doc_rows):
     wrong = []
     for name, (keys, labels) in composed.items():
         for key, value in keys.items():
-            cell = doc_rows.get(key) or ""      # pattern keys (per split / loader) are not checked
+            cell = doc_rows.get(key) or ""  # pattern keys (per split / loader) are not checked
             m = re.match(r"^`([^`]*)`", cell)
             if not m:
                 continue
             literal = m.group(1)
             for label in labels:
-                if (v := re.search(rf"\b{label} `([^`]*)`", cell)):
+                if v := re.search(rf"\b{label} `([^`]*)`", cell):
                     literal = v.group(1)
                     break
             if yaml.safe_load(literal) != value:

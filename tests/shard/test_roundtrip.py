@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-
 from helpers import ADVANCED, dataset_dirs, read_dataset, shard
 
 OBS_KEYS = ["dataset", "donor_id", "tissue", "cell_type"]
@@ -38,23 +37,33 @@ def expected_cells(project: Path, info: dict) -> list[dict]:
         for key in OBS_KEYS:
             v = adata.obs[key].iloc[row] if key in adata.obs else None
             obs[f"obs.{key}"] = "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-        cells.append(dict(genes=tokens[keep][order], counts=values[keep][order], n_counts=values.sum(),
-                          cell_id=adata.obs_names[row], row=row, **obs))
+        cells.append(
+            dict(
+                genes=tokens[keep][order],
+                counts=values[keep][order],
+                n_counts=values.sum(),
+                cell_id=adata.obs_names[row],
+                row=row,
+                **obs,
+            )
+        )
     return cells
 
 
 @pytest.fixture(scope="module")
-def built(example_source, tmp_path_factory):
+def built(sharded_example, tmp_path_factory):
+    """The example project built with DataModuleAdvanced: a copy of conftest's sharded_example (its
+    fixture asserts the build's exit status 0); test_sharding_is_deterministic builds it afresh."""
     import shutil
+
     project = tmp_path_factory.mktemp("rt") / "project"
-    shutil.copytree(example_source, project)
-    assert shard("build", project, *ADVANCED, "--no-progress") == 0
+    shutil.copytree(sharded_example, project, symlinks=True)
     return project
 
 
 def test_every_cell_round_trips(built):
     dirs = dataset_dirs(built)
-    assert len(dirs) == 9        # 6 human files (celltypist + 5 synthetic), 3 mouse
+    assert len(dirs) == 9  # 6 human files (celltypist + 5 synthetic), 3 mouse
     for ds_dir in dirs:
         info = json.loads((ds_dir / "dataset.json").read_text())
         got, want = read_dataset(ds_dir), expected_cells(built, info)
@@ -80,8 +89,17 @@ def test_dataset_json_contract(built):
     assert targeted["matrix_format"] == "dense" and len(targeted["genes"]) < 10_000
     real = json.loads((built / "shards/hsapiens/celltypist/celltypist_sample/dataset.json").read_text())
     assert real["cells_written"] == 559 and real["genes_dropped"] > 0
-    for key in ("format_version", "species", "source_name", "source_size", "source_fingerprint",
-                "vocabulary_fingerprint", "cells_dropped", "genes_dropped", "shard_bytes"):
+    for key in (
+        "format_version",
+        "species",
+        "source_name",
+        "source_size",
+        "source_fingerprint",
+        "vocabulary_fingerprint",
+        "cells_dropped",
+        "genes_dropped",
+        "shard_bytes",
+    ):
         assert key in info
     assert info["shard_bytes"] / info["nonzeros"] <= 4.0
 
@@ -91,12 +109,14 @@ def test_species_index_streams_all_files(built):
         listing = json.loads((built / "shards" / species / "datasets.json").read_text())
         assert len(listing["datasets"]) == n_files
         from streaming import StreamingDataset
+
         ds = StreamingDataset(local=str(built / "shards" / species), shuffle=False, batch_size=1)
         assert len(ds) == sum(d["cells"] for d in listing["datasets"])
 
 
 def test_sharding_is_deterministic(built, example_source, tmp_path):
     import shutil
+
     again = tmp_path / "again"
     shutil.copytree(example_source, again)
     assert shard("build", again, *ADVANCED, "--no-progress") == 0

@@ -6,27 +6,42 @@ import os
 import subprocess
 
 import pytest
-
 from helpers import ADVANCED, REPO, dataset_dirs, shard
 
 
 @pytest.mark.slow
 def test_shard_array_sbatch_then_merge(project, tmp_path):
     venv = os.environ.get("CONCEPT_VENV", str(REPO / ".venv"))
-    env = dict(os.environ, CONCEPT_VENV=venv, SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_TASK_MIN="0",
-               SLURM_ARRAY_JOB_ID="42", PATH=f"{tmp_path}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        CONCEPT_VENV=venv,
+        SLURM_ARRAY_TASK_COUNT="2",
+        SLURM_ARRAY_TASK_MIN="0",
+        SLURM_ARRAY_JOB_ID="42",
+        PATH=f"{tmp_path}:{os.environ['PATH']}",
+    )
     # a stand-in `sbatch` on PATH records what the first task queues
-    (tmp_path / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/queued\n")
+    (tmp_path / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/queued\n')
     (tmp_path / "sbatch").chmod(0o755)
     for task in ("0", "1"):
         env["SLURM_ARRAY_TASK_ID"] = task
-        proc = subprocess.run(["bash", str(REPO / "tools/slurm/shard_array.sbatch"), str(project), *ADVANCED,
-                               "shard.part_size=100"], env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            ["bash", str(REPO / "tools/slurm/shard_array.sbatch"), str(project), *ADVANCED, "shard.part_size=100"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr
     queued = (tmp_path / "queued").read_text().split()
     assert "--dependency=afterany:42" in queued and str(project) in queued and "datamodule=DataModuleAdvanced" in queued
-    proc = subprocess.run(["bash", str(REPO / "tools/slurm/shard_merge.sbatch"), str(project), *ADVANCED],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(REPO / "tools/slurm/shard_merge.sbatch"), str(project), *ADVANCED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "9 done" in proc.stdout
     assert len(dataset_dirs(project)) == 9
@@ -34,28 +49,30 @@ def test_shard_array_sbatch_then_merge(project, tmp_path):
 
 def test_config_dir_is_searched_before_the_packaged_tree(project, tmp_path):
     from concept_shard.config import compose_config
+
     conf = tmp_path / "conf"
     (conf / "datamodule/split_synth_hsapiens").mkdir(parents=True)
     # a user file with a packaged file's name wins over it
     (conf / "datamodule/split_synth_hsapiens/synth_hsapiens.yaml").write_text(
         "source_name: synth_hsapiens\nspecies: hsapiens\n"
-        "source_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads\ntrain: [hs_blood_a.h5ad]\nval: []\n")
-    (conf / "datamodule/Mine.yaml").write_text(
-        "defaults:\n  - DataModuleBasic\n  - _self_\nobs_keys: [cell_type]\n")
+        "source_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads\ntrain: [hs_blood_a.h5ad]\nval: []\n"
+    )
+    (conf / "datamodule/Mine.yaml").write_text("defaults:\n  - DataModuleBasic\n  - _self_\nobs_keys: [cell_type]\n")
     cfg = compose_config(project, ["datamodule=Mine", "shard.chunk_size=64"], config_dir=conf)
     assert list(cfg.datamodule.obs_keys) == ["cell_type"] and cfg.shard.chunk_size == 64
-    assert list(cfg.datamodule.split_synth_hsapiens.train) == ["hs_blood_a.h5ad"]
+    assert cfg.datamodule.mounted_splits["split_synth_hsapiens"]["train"] == ["hs_blood_a.h5ad"]
     assert shard("build", project, "--config-dir", conf, "datamodule=Mine", "--no-progress") == 0
     built = sorted(d.name for d in dataset_dirs(project))
     assert built == ["celltypist_sample", "hs_blood_a"]
     import json
+
     info = json.loads((project / "shards/hsapiens/synth_hsapiens/hs_blood_a/dataset.json").read_text())
     assert info["obs_keys"] == ["cell_type"] and "obs.cell_type" in info["columns"]
 
 
 def test_missing_config_dir_and_project_path_are_clear_errors(tmp_path, capsys):
     assert shard("build", tmp_path, "--config-dir", tmp_path / "nope") == 2
-    assert "is not a directory" in " ".join(capsys.readouterr().err.split())    # wrapped at the terminal width
+    assert "is not a directory" in " ".join(capsys.readouterr().err.split())  # wrapped at the terminal width
 
 
 def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
@@ -73,6 +90,7 @@ def test_a_user_project_built_with_the_packaged_splits_is_told_where_its_configs
     """`concept-shard build PROJECT_PATH` on a user's project reported the example's files as
     missing, with no hint."""
     import shutil
+
     project = tmp_path / "mine"
     shutil.copytree(example_source / "references", project / "references")
     assert shard("build", project, "--no-progress") == 1
@@ -83,14 +101,27 @@ def test_a_user_project_built_with_the_packaged_splits_is_told_where_its_configs
 def test_shard_array_sbatch_refuses_a_listed_array_before_queuing_or_building(project, tmp_path):
     """`sbatch --array=0,1,5`: every task stops with the reason; the first queues no merge."""
     venv = os.environ.get("CONCEPT_VENV", str(REPO / ".venv"))
-    (tmp_path / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/queued\n")
+    (tmp_path / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/queued\n')
     (tmp_path / "sbatch").chmod(0o755)
     for task in ("0", "1", "5"):
-        env = dict(os.environ, CONCEPT_VENV=venv, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_ARRAY_JOB_ID="42",
-                   SLURM_ARRAY_TASK_ID=task, SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_MAX="5",
-                   SLURM_ARRAY_TASK_STEP="1", SLURM_ARRAY_TASK_COUNT="3")
-        proc = subprocess.run(["bash", str(REPO / "tools/slurm/shard_array.sbatch"), str(project), *ADVANCED],
-                              env=env, capture_output=True, text=True, timeout=120)
+        env = dict(
+            os.environ,
+            CONCEPT_VENV=venv,
+            PATH=f"{tmp_path}:{os.environ['PATH']}",
+            SLURM_ARRAY_JOB_ID="42",
+            SLURM_ARRAY_TASK_ID=task,
+            SLURM_ARRAY_TASK_MIN="0",
+            SLURM_ARRAY_TASK_MAX="5",
+            SLURM_ARRAY_TASK_STEP="1",
+            SLURM_ARRAY_TASK_COUNT="3",
+        )
+        proc = subprocess.run(
+            ["bash", str(REPO / "tools/slurm/shard_array.sbatch"), str(project), *ADVANCED],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "evenly spaced" in " ".join(proc.stderr.split())
     assert not (tmp_path / "queued").exists() and not (project / "shards").exists()

@@ -1,4 +1,4 @@
-"""The typed, strict config (concept_shard/strict.py and the owners' schema.py): unknown keys are
+"""The typed, strict config (concept_shard/strict.py and the schema in concept_config/): unknown keys are
 named with the closest known key, wrong types and ranges with the key, scConcept's inert keys in one
 warning line; every key of the schema can be set with a plain key=value."""
 
@@ -20,14 +20,17 @@ def error(project, *overrides, config_dir=None) -> str:
     return " ".join(err.value.paragraph().split())
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("model.training.lrr=1", "Did you mean `model.training.lr`?"),
-    ("model.trainig.lr=1", "Did you mean `model.training.lr`?"),
-    ("+model.masking_rate=0.1", "is a key of `model.training.masking_rate`: move it there"),
-    ("shard.chunksize=4", "Did you mean `shard.chunk_size`?"),
-    ("datamodule.dataset.train.panel_overlaps=0.5", "Did you mean `datamodule.dataset.train.panel_overlap`?"),
-    ("+datamodule.dataset.train.panel_overlaps=0.5", "Did you mean `datamodule.dataset.train.panel_overlap`?"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("model.training.lrr=1", "Did you mean `model.training.lr`?"),
+        ("model.trainig.lr=1", "Did you mean `model.training.lr`?"),
+        ("+model.masking_rate=0.1", "is a key of `model.training.masking_rate`: move it there"),
+        ("shard.chunksize=4", "Did you mean `shard.chunk_size`?"),
+        ("datamodule.dataset.train.panel_overlaps=0.5", "Did you mean `datamodule.dataset.train.panel_overlap`?"),
+        ("+datamodule.dataset.train.panel_overlaps=0.5", "Did you mean `datamodule.dataset.train.panel_overlap`?"),
+    ],
+)
 def test_a_misspelled_key_on_the_command_line_is_named_with_a_suggestion(tmp_path, override, expected):
     text = error(tmp_path, override)
     assert override.lstrip("+").split("=")[0] in text and expected in text
@@ -40,23 +43,26 @@ def test_a_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
     assert "model.num_heads" in text and "Mine.yaml" in text and "Did you mean `model.num_head`?" in text
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("model.nlayers=2.5", "model.nlayers: cannot take 2.5"),
-    ("model.training.lr=abc", "model.training.lr: cannot take 'abc'"),
-    ("datamodule.dataloader.train.shuffle=maybe", "datamodule.dataloader.train.shuffle: cannot take 'maybe'"),
-    ("datamodule.check_sources=maybe", "datamodule.check_sources: is 'maybe'; it must be true, full or false"),
-    ("datamodule.check_sources=0", "datamodule.check_sources: is 0; it must be true, full or false"),
-    ("shard.chunk_size=0", "shard.chunk_size: is 0; it must be a number > 0"),
-    ("model.training.accumulate_grad_batches=0", "it must be a number >= 1"),
-    ("datamodule.dataloader.train.num_workers=-1", "it must be a number >= 0"),
-    ("model.dropout=1", "model.dropout: is 1.0; it must be a number < 1"),
-    ("datamodule.normalization=zscore", "datamodule.normalization: is 'zscore'"),
-    ("shard.compression=gzip", "shard.compression: is 'gzip'"),
-    ("model.training.val_check_interval=0.5", "here it counts optimizer steps"),
-    ("model.training.limit_train_batches=0", "model.training.limit_train_batches: is 0"),
-    ("datamodule.dataset.train.variable_size=true", "datamodule.dataset.train.variable_size: is True"),
-    ("datamodule.precomp_embs_key=X_pca", "datamodule.precomp_embs_key: is 'X_pca'"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("model.nlayers=2.5", "model.nlayers: cannot take 2.5"),
+        ("model.training.lr=abc", "model.training.lr: cannot take 'abc'"),
+        ("datamodule.dataloader.train.shuffle=maybe", "datamodule.dataloader.train.shuffle: cannot take 'maybe'"),
+        ("datamodule.check_sources=maybe", "datamodule.check_sources: is 'maybe'; it must be true, full or false"),
+        ("datamodule.check_sources=0", "datamodule.check_sources: is 0; it must be true, full or false"),
+        ("shard.chunk_size=0", "shard.chunk_size: is 0; it must be a number > 0"),
+        ("model.training.accumulate_grad_batches=0", "it must be a number >= 1"),
+        ("datamodule.dataloader.train.num_workers=-1", "it must be a number >= 0"),
+        ("model.dropout=1", "model.dropout: is 1.0; it must be a number < 1"),
+        ("datamodule.normalization=zscore", "datamodule.normalization: is 'zscore'"),
+        ("shard.compression=gzip", "shard.compression: is 'gzip'"),
+        ("model.training.val_check_interval=0.5", "here it counts optimizer steps"),
+        ("model.training.limit_train_batches=0", "model.training.limit_train_batches: is 0"),
+        ("datamodule.dataset.train.variable_size=true", "datamodule.dataset.train.variable_size: is True"),
+        ("datamodule.precomp_embs_key=X_pca", "datamodule.precomp_embs_key: is 'X_pca'"),
+    ],
+)
 def test_a_wrong_type_or_range_names_the_key(tmp_path, override, expected):
     assert expected in error(tmp_path, override)
 
@@ -67,22 +73,31 @@ def test_a_settings_block_for_an_undefined_validation_loader_is_refused(tmp_path
 
 
 def test_every_schema_key_takes_a_plain_override_and_defaults_fill_what_yaml_omits(tmp_path):
-    cfg = compose(tmp_path, "datamodule.dataset.train.epoch_size=500", "model.training.masking_rate=0.2",
-                  "datamodule.dataloader.train.within_group_sampling=[dataset,donor_id]")
+    cfg = compose(
+        tmp_path,
+        "datamodule.dataset.train.epoch_size=500",
+        "model.training.masking_rate=0.2",
+        "datamodule.dataloader.train.within_group_sampling=[dataset,donor_id]",
+    )
     assert cfg.datamodule.dataset.train.epoch_size == 500 and cfg.model.training.masking_rate == 0.2
     assert list(cfg.datamodule.dataloader.train.within_group_sampling) == ["dataset", "donor_id"]
-    assert cfg.model.dim_model == 512 and cfg.shard.chunk_size == 2048      # from the schema, not the YAML
-    assert cfg.datamodule.dataset.val.within_P200_B256.max_tokens == 200     # the YAML's own value
-    assert cfg.datamodule.dataset.val.within_P6400_B256.panel_max_drop_rate == 0.5
+    assert cfg.model.dim_model == 512 and cfg.shard.chunk_size == 2048  # from the schema, not the YAML
+    assert cfg.datamodule.dataset.val["within_P200_B256"].max_tokens == 200  # the YAML's own value
+    assert cfg.datamodule.dataset.val["within_P6400_B256"].panel_max_drop_rate == 0.5
 
 
 def test_inert_reference_keys_are_listed_in_one_warning_line(tmp_path):
     lines = []
-    compose(tmp_path, "model.training.accelerator=gpu", "datamodule.dataloader.train.pin_memory=true",
-            "model.training.devices=-1", lines=lines)
+    compose(
+        tmp_path,
+        "model.training.accelerator=gpu",
+        "datamodule.dataloader.train.pin_memory=true",
+        "model.training.devices=-1",
+        lines=lines,
+    )
     assert len(lines) == 1
     for key in ("model.training.accelerator", "datamodule.dataloader.train.pin_memory", "model.training.devices"):
         assert key in lines[0]
     quiet = []
     compose(tmp_path, lines=quiet)
-    assert quiet == []                # the packaged config sets none of them
+    assert quiet == []  # the packaged config sets none of them

@@ -23,38 +23,79 @@ def test_from_scratch_on_files_and_objects_then_resume_on_the_command_line(examp
     data = example_source / "data"
     val = ad.read_h5ad(data / "synth_hsapiens/h5ads/hs_val_e.h5ad")[:300].copy()
     work = tmp_path / "work"
-    model = train([data / "synth_hsapiens/h5ads/hs_blood_a.h5ad", val], work, steps=3, run_id="scratch",
-                  gene_mappings=example_source / "references/vocabulary/token_mappings_per_specie",
-                  batch_size=16, overrides=TINY, progress=False, log=_quiet)
+    model = train(
+        [data / "synth_hsapiens/h5ads/hs_blood_a.h5ad", val],
+        work,
+        steps=3,
+        run_id="scratch",
+        gene_mappings=example_source / "references/vocabulary/token_mappings_per_specie",
+        batch_size=16,
+        overrides=TINY,
+        progress=False,
+        log=_quiet,
+    )
     assert model.step == 3 and model.run_id == "scratch" and model.cfg.model.dim_model == 16
     run = work / "model_checkpoints/scratch"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"][-1] == 3
     # both inputs were sharded with the sharder's layout; the object under the work dir
-    assert sorted(p.parent.name for p in (work / "shards/hsapiens").glob("*/*/dataset.json")) == ["adata_1", "hs_blood_a"]
+    assert sorted(p.parent.name for p in (work / "shards/hsapiens").glob("*/*/dataset.json")) == [
+        "adata_1",
+        "hs_blood_a",
+    ]
     z = embed(val, model)
     assert z.shape == (300, 16) and np.isfinite(z).all()
     # the written configs are ordinary ones: the run resumes from the command line
     conf = ["--config-dir", str(work / "conf"), "datamodule=ApiModule", "model=ContrastiveModelTiny", *TINY]
-    assert train_main([str(work), *conf, "initialize.resume=True", "initialize.run_id=scratch",
-                       "model.training.max_steps=5", "model.training.val_check_interval=0"]) == 0
+    assert (
+        train_main(
+            [
+                str(work),
+                *conf,
+                "initialize.resume=True",
+                "initialize.run_id=scratch",
+                "model.training.max_steps=5",
+                "model.training.val_check_interval=0",
+            ]
+        )
+        == 0
+    )
     assert load_model(run, "cpu").step == 5
 
 
 def test_fine_tuning_starts_from_the_loaded_weights(example_source, tmp_path):
     data = example_source / "data/synth_hsapiens/h5ads"
     mappings = example_source / "references/vocabulary/token_mappings_per_specie"
-    base = train([data / "hs_blood_a.h5ad"], tmp_path / "base", steps=2, run_id="base", gene_mappings=mappings,
-                 batch_size=16, overrides=TINY, progress=False, log=_quiet)
+    base = train(
+        [data / "hs_blood_a.h5ad"],
+        tmp_path / "base",
+        steps=2,
+        run_id="base",
+        gene_mappings=mappings,
+        batch_size=16,
+        overrides=TINY,
+        progress=False,
+        log=_quiet,
+    )
     cells = ad.read_h5ad(data / "hs_val_e.h5ad")[:200].copy()
     # lr 0: the new run's weights must be exactly the base run's (weights loaded, nothing else)
-    same = train([cells], tmp_path / "ft", model=base, steps=1, lr=0.0, run_id="ft0", batch_size=16,
-                 progress=False, log=_quiet)
+    same = train(
+        [cells], tmp_path / "ft", model=base, steps=1, lr=0.0, run_id="ft0", batch_size=16, progress=False, log=_quiet
+    )
     np.testing.assert_array_equal(embed(cells.copy(), same), embed(cells.copy(), base))
     assert same.cfg.model.dim_model == 16 and list(same.cfg.datamodule.species) == ["hsapiens"]
     # a real fine-tune from the run directory moves the weights
-    tuned = train([cells], tmp_path / "ft", model=base.checkpoint.parent.parent, steps=2, lr=1e-2,
-                  run_id="ft1", batch_size=16, progress=False, log=_quiet)
+    tuned = train(
+        [cells],
+        tmp_path / "ft",
+        model=base.checkpoint.parent.parent,
+        steps=2,
+        lr=1e-2,
+        run_id="ft1",
+        batch_size=16,
+        progress=False,
+        log=_quiet,
+    )
     assert np.abs(embed(cells.copy(), tuned) - embed(cells.copy(), base)).max() > 1e-3
 
 

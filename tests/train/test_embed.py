@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+import shutil
+
 import anndata as ad
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from concept_shard.config import typed_config
+from concept_shard.errors import UserError
+from concept_train import embed, load_model
 from concept_train.cli import main as train_main
 from concept_train.data import DataModule
-from concept_train import embed
-from concept_train import load_model
-from concept_train.embedding import embed_source, main as embed_main
-from concept_shard.errors import UserError
+from concept_train.embedding import embed_source
+from concept_train.embedding import main as embed_main
 
-TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
-        "model.training.max_steps=2", "model.training.warmup=1", "model.training.val_check_interval=0",
-        "model.training.validate_before_training=False", "datamodule.dataloader.train.batch_size=16",
-        "datamodule.dataloader.train.num_workers=0", "datamodule=DataModuleAdvanced"]
+TINY = [
+    "model.dim_model=16",
+    "model.nlayers=1",
+    "model.num_head=2",
+    "model.dim_hid=32",
+    "model.dim_gene_embs=16",
+    "model.training.max_steps=2",
+    "model.training.warmup=1",
+    "model.training.val_check_interval=0",
+    "model.training.validate_before_training=False",
+    "datamodule.dataloader.train.batch_size=16",
+    "datamodule.dataloader.train.num_workers=0",
+    "datamodule=DataModuleAdvanced",
+]
 
 
-@pytest.fixture
-def trained_run(sharded_project_copy):
-    assert train_main([str(sharded_project_copy), *TINY, "initialize.run_id=emb"]) == 0
-    return sharded_project_copy, sharded_project_copy / "model_checkpoints" / "emb"
+@pytest.fixture(scope="module")
+def trained_run(sharded_example, tmp_path_factory):
+    """One small run for the module's tests, trained once: they only read it (and the project's
+    sources) and write their outputs under their own tmp_path."""
+    project = tmp_path_factory.mktemp("embed") / "project"
+    shutil.copytree(sharded_example, project, symlinks=True)
+    assert train_main([str(project), *TINY, "initialize.run_id=emb"]) == 0
+    return project, project / "model_checkpoints" / "emb"
 
 
 def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_path):
@@ -39,7 +56,7 @@ def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_p
     np.testing.assert_allclose(np.linalg.norm(z_cli, axis=1), 1.0, rtol=1e-5)
 
     loaded = load_model(run, device="cpu")
-    z_api, species = embed_source(loaded, source, batch_size=100)        # other batching, same result
+    z_api, species = embed_source(loaded, source, batch_size=100)  # other batching, same result
     assert species == "hsapiens"
     np.testing.assert_allclose(z_api, z_cli, rtol=1e-5, atol=1e-6)
 
@@ -52,15 +69,17 @@ def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_p
     np.testing.assert_allclose(embed(subset, run, device="cpu"), z_cli[:40], rtol=1e-5, atol=1e-6)
 
     # the trainer's validation path: the whole-cell loader (view 1 = all the file's genes), same model
-    cfg = OmegaConf.load(run / "config.yaml")
+    cfg = typed_config(OmegaConf.load(run / "config.yaml"))
     loader = DataModule(cfg, log=lambda *a: None).val_loaders()["whole_cell_B256"]
     checked = 0
     for batch in loader:
         if not all(s.endswith("hs_val_e") for s in [loader.maker.sets[int(d)].dataset_id for d in batch.dataset]):
             continue
         with torch.no_grad():
-            z, _, _ = loaded.model(batch.tokens, batch.values, batch.positions, batch.cu_seqlens, batch.max_seqlen, "hsapiens")
-        np.testing.assert_allclose(z[:batch.n_cells].numpy(), z_cli[batch.row.numpy()], rtol=1e-4, atol=1e-5)
+            z, _, _ = loaded.model(
+                batch.tokens, batch.values, batch.positions, batch.cu_seqlens, batch.max_seqlen, "hsapiens"
+            )
+        np.testing.assert_allclose(z[: batch.n_cells].numpy(), z_cli[batch.row.numpy()], rtol=1e-4, atol=1e-5)
         checked += batch.n_cells
     assert checked >= 256
 
@@ -80,7 +99,7 @@ def test_species_is_inferred_and_ambiguity_is_an_error(trained_run, tmp_path):
 def test_embed_adata_reads_raw_counts_and_names_bad_columns(trained_run):
     project, run = trained_run
     loaded = load_model(run, device="cpu")
-    path = project / "data/synth_hsapiens/h5ads/hs_lung_b.h5ad"     # X log1p (CSC), counts in .raw (CSC)
+    path = project / "data/synth_hsapiens/h5ads/hs_lung_b.h5ad"  # X log1p (CSC), counts in .raw (CSC)
     z_file, _ = embed_source(loaded, path)
     adata = ad.read_h5ad(path)
     np.testing.assert_allclose(embed(adata, loaded), z_file, rtol=1e-5, atol=1e-6)
@@ -88,8 +107,15 @@ def test_embed_adata_reads_raw_counts_and_names_bad_columns(trained_run):
         embed(adata, loaded, gene_id_column="ensembl")
 
 
-@pytest.mark.parametrize("where,expected", [("missing/out.h5ad", "does not exist"), ("adir", "is a directory"),
-                                            ("INPUT", "is the input itself"), ("out.txt", "not a .h5ad")])
+@pytest.mark.parametrize(
+    "where,expected",
+    [
+        ("missing/out.h5ad", "does not exist"),
+        ("adir", "is a directory"),
+        ("INPUT", "is the input itself"),
+        ("out.txt", "not a .h5ad"),
+    ],
+)
 def test_bad_output_paths_are_named_before_any_work(trained_run, tmp_path, where, expected, capsys):
     """They gave raw tracebacks after the embedding was computed, and left *.tmp files behind."""
     project, run = trained_run
@@ -100,3 +126,23 @@ def test_bad_output_paths_are_named_before_any_work(trained_run, tmp_path, where
     err = " ".join(capsys.readouterr().err.split())
     assert "--out" in err and expected in err
     assert not list(tmp_path.rglob("*.tmp")) and not list(src.parent.glob("*.tmp"))
+
+
+def test_row_chunks_read_every_row_in_order_after_one_transpose(tmp_path):
+    """concept_shard.source.row_chunks, the chunked read of the embedder and the evaluator: the
+    source's own chunk size, the CSC transpose prepared once over all rows, the last chunk short."""
+    from concept_shard.source import row_chunks
+
+    class Source:
+        n_cells, prepared = 10, []
+
+        def rows_per_read(self, chunk_size):
+            return chunk_size - 1  # as a wide dense matrix reads fewer rows
+
+        def csc_prepare(self, start, end, step, scratch):
+            self.prepared.append((start, end, step, scratch))
+
+    src = Source()
+    assert list(row_chunks(src, 5, tmp_path)) == [(0, 4), (4, 8), (8, 10)]
+    assert src.prepared == [(0, 10, 4, tmp_path)]
+    assert list(row_chunks(type("Empty", (Source,), {"n_cells": 0})(), 5, tmp_path)) == []

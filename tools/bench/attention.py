@@ -42,6 +42,7 @@ def load_model_bench():
 
 def paths(cu: torch.Tensor, max_len: int) -> dict:
     from concept_train.model.attention import HAS_FLASH_ATTN, varlen_attention
+
     out = {}
     if cu.is_cuda:
         out["varlen"] = lambda q, k, v: varlen_attention(q, k, v, cu, max_len, backend="varlen")
@@ -53,22 +54,28 @@ def paths(cu: torch.Tensor, max_len: int) -> dict:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def run(q, k, v):
-            q, k, v = (torch.nested.nested_tensor_from_jagged(x, offsets=cu.long(), max_seqlen=max_len).transpose(1, 2)
-                       for x in (q, k, v))
+            q, k, v = (
+                torch.nested.nested_tensor_from_jagged(x, offsets=cu.long(), max_seqlen=max_len).transpose(1, 2)
+                for x in (q, k, v)
+            )
             with sdpa_kernel(getattr(SDPBackend, backend)):
                 o = F.scaled_dot_product_attention(q, k, v)
             return o.transpose(1, 2).values()
+
         return run
-    for backend in (["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"] if cu.is_cuda else []):
+
+    for backend in ["CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"] if cu.is_cuda else []:
         out[f"nested_{backend.split('_')[0].lower()}"] = nested(backend)
     return out
 
 
 def time_path(fn, q, k, v, grad, repeats: int) -> float:
     sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
+
     def call():
-        q.grad = k.grad = v.grad = None      # no accumulation kernels in the timing
+        q.grad = k.grad = v.grad = None  # no accumulation kernels in the timing
         fn(q, k, v).backward(grad)
+
     for _ in range(2):
         call()
     sync()
@@ -99,17 +106,20 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench_attention_"))
     try:
         for case, case_overrides in (("realistic", bench.CASES["realistic"]), ("full", bench.CASES["full"])):
-            trainer = bench.build_trainer(args.project_path, ["model=ContrastiveModelTiny"] + case_overrides + extra,
-                                          root, case, "cpu", "fp32")       # the loader only
+            trainer = bench.build_trainer(
+                args.project_path, ["model=ContrastiveModelTiny"] + case_overrides + extra, root, case, "cpu", "fp32"
+            )  # the loader only
             it = iter(trainer.train_loader)
             for _ in range(args.batches):
                 cu = next(it).cu_seqlens.to(device=device, dtype=torch.int32)
                 lengths = torch.diff(cu.long()).double()
                 T, max_len = int(cu[-1]), int(lengths.max())
-                flops = 3.5 * 4 * HEADS * HEAD_DIM * float((lengths ** 2).sum())
+                flops = 3.5 * 4 * HEADS * HEAD_DIM * float((lengths**2).sum())
                 g = torch.Generator(device=device).manual_seed(0)
-                q, k, v = (torch.randn(T, HEADS, HEAD_DIM, device=device, dtype=dtype, generator=g).requires_grad_()
-                           for _ in range(3))
+                q, k, v = (
+                    torch.randn(T, HEADS, HEAD_DIM, device=device, dtype=dtype, generator=g).requires_grad_()
+                    for _ in range(3)
+                )
                 grad = torch.randn(T, HEADS, HEAD_DIM, device=device, dtype=dtype, generator=g)
                 reference = None
                 for name, fn in paths(cu, max_len).items():
@@ -117,12 +127,18 @@ def main(argv=None) -> int:
                         out = fn(q, k, v).detach().float()
                         diff = 0.0 if reference is None else float((out - reference).abs().max())
                         dt = time_path(fn, q, k, v, grad, repeats)
-                        reference = out if reference is None else reference     # a path that ran both ways
-                        print(f"{case:9s} {T:>8,} tokens, median view {int(lengths.median()):>4}: {name:16s} "
-                              f"{dt * 1e3:8.2f} ms  {flops / dt / 1e12:7.2f} TFLOP/s  max |diff| {diff:.2g}", flush=True)
-                    except Exception as err:      # a backend this torch / device lacks: say so, go on
-                        print(f"{case:9s} {name:16s} not available: {type(err).__name__}: {str(err).splitlines()[0][:160]}",
-                              flush=True)
+                        reference = out if reference is None else reference  # a path that ran both ways
+                        print(
+                            f"{case:9s} {T:>8,} tokens, median view {int(lengths.median()):>4}: {name:16s} "
+                            f"{dt * 1e3:8.2f} ms  {flops / dt / 1e12:7.2f} TFLOP/s  max |diff| {diff:.2g}",
+                            flush=True,
+                        )
+                    except Exception as err:  # a backend this torch / device lacks: say so, go on
+                        print(
+                            f"{case:9s} {name:16s} not available: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0][:160]}",
+                            flush=True,
+                        )
             del trainer
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -64,8 +64,16 @@ def run(project: Path, max_cells: int, pythonpath: str | None) -> dict:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    args = ["gene-vectors", str(project), "--config-dir", str(project / "conf"), "datamodule=Many",
-            "--max-cells", str(max_cells), "--no-progress"]
+    args = [
+        "gene-vectors",
+        str(project),
+        "--config-dir",
+        str(project / "conf"),
+        "datamodule=Many",
+        "--max-cells",
+        str(max_cells),
+        "--no-progress",
+    ]
     out = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env, cwd="/")
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines or not lines[-1].startswith("{"):
@@ -90,26 +98,41 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     project = many_files_project(args.workdir, args.files, args.cells, args.genes, args.nnz)
     exe = Path(sys.executable).parent / "concept-shard"
-    subprocess.run([str(exe), "build", str(project), "--config-dir", str(project / "conf"), "datamodule=Many",
-                    "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(exe), "build", str(project), "--config-dir", str(project / "conf"), "datamodule=Many", "--no-progress"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     indexes = [i for i in (project / "shards").rglob("index.json") if (i.parent / "dataset.json").is_file()]
     shards = [s for index in indexes for s in json.loads(index.read_text())["shards"]]
-    corpus = {"files": len(indexes), "cells": sum(int(s["samples"]) for s in shards), "shards": len(shards),
-              "shard_MB": sum(s["zip_data"]["bytes"] for s in shards) / 1e6}
-    print(f"corpus: {corpus['files']} files, {corpus['cells']:,} cells, {corpus['shards']} shards, "
-          f"{corpus['shard_MB']:.0f} MB", flush=True)
+    corpus = {
+        "files": len(indexes),
+        "cells": sum(int(s["samples"]) for s in shards),
+        "shards": len(shards),
+        "shard_MB": sum(s["zip_data"]["bytes"] for s in shards) / 1e6,
+    }
+    print(
+        f"corpus: {corpus['files']} files, {corpus['cells']:,} cells, {corpus['shards']} shards, "
+        f"{corpus['shard_MB']:.0f} MB",
+        flush=True,
+    )
     codes = {"new": None, **({"old": args.old} if args.old else {})}
     runs: dict[str, list[dict]] = {k: [] for k in codes}
     for _ in range(args.repeats):
         for name, path in codes.items():
             rec = run(project, args.max_cells, path)
             runs[name].append(rec)
-            print(f"  {name}: {rec['shard_files']} shard files, {rec['shard_bytes'] / 1e6:.0f} MB read, "
-                  f"read {rec['read_s']:.1f} s, wall {rec['wall_s']:.1f} s ({rec['code']})", flush=True)
+            print(
+                f"  {name}: {rec['shard_files']} shard files, {rec['shard_bytes'] / 1e6:.0f} MB read, "
+                f"read {rec['read_s']:.1f} s, wall {rec['wall_s']:.1f} s ({rec['code']})",
+                flush=True,
+            )
     out = {"corpus": corpus, "max_cells": args.max_cells}
     for name, rs in runs.items():
-        out[name] = {k: statistics.median(r[k] for r in rs)
-                     for k in ("shard_files", "shard_bytes", "reads", "bytes", "read_s", "svd_s", "wall_s")}
+        out[name] = {
+            k: statistics.median(r[k] for r in rs)
+            for k in ("shard_files", "shard_bytes", "reads", "bytes", "read_s", "svd_s", "wall_s")
+        }
     print(json.dumps(out))
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Worker hand-off: shared slots (concept_train/data/handoff.py) against torch's own, same run (not a test).
+"""Worker hand-off: shared slots (concept_train/data/deliver/handoff.py) against torch's own, same run (not a test).
 
 Usage::
 
@@ -56,7 +56,7 @@ def loader_rate(cfg, workers: int, slots: bool, seconds: float) -> float:
 def ceiling_rate(batch, workers: int, slots: bool, seconds: float) -> float:
     """The loader's own hand-off path (_BatchStream's packing, Loader's unpacking) over a maker
     that returns one pre-made batch."""
-    from concept_train.data.loader import Loader
+    from concept_train.data.deliver.loader import Loader
 
     class Premade:
         seed, plan = 0, None
@@ -87,28 +87,45 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     cfg = compose_config(args.project_path, overrides, args.config_dir)
     first = next(iter(DataModule(cfg, log=lambda *a: None).train_loader()))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    log(f"hand-off benchmark on {args.project_path} ({machine}); batch of {first.n_cells} cells, "
-        f"{sum(t.numel() * t.element_size() for t in first.tensors().values()) / 1e6:.2f} MB of tensors")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    log(
+        f"hand-off benchmark on {args.project_path} ({machine}); batch of {first.n_cells} cells, "
+        f"{sum(t.numel() * t.element_size() for t in first.tensors().values()) / 1e6:.2f} MB of tensors"
+    )
     runs: dict[str, list[float]] = {}
     for r in range(args.rounds):
         for w in [int(x) for x in args.workers.split(",")]:
-            for figure, rate in (("loader", lambda s: loader_rate(cfg, w, s, args.seconds)),
-                                 ("ceiling", lambda s: ceiling_rate(first, w, s, args.seconds))):
+            for figure, rate in (
+                ("loader", lambda s, w=w: loader_rate(cfg, w, s, args.seconds)),
+                ("ceiling", lambda s, w=w: ceiling_rate(first, w, s, args.seconds)),
+            ):
                 for slots in (True, False):
                     name = f"{figure} {w} worker(s) {'slots' if slots else 'torch'}"
                     runs.setdefault(name, []).append(rate(slots))
                     log(f"  round {r + 1}: {name}: {runs[name][-1]:,.0f} cells/s")
     medians = {k: statistics.median(v) for k, v in runs.items()}
-    ratios = {k.replace(" slots", ""): medians[k] / medians[k.replace("slots", "torch")] for k in medians if k.endswith("slots")}
+    ratios = {
+        k.replace(" slots", ""): medians[k] / medians[k.replace("slots", "torch")]
+        for k in medians
+        if k.endswith("slots")
+    }
     log("")
     for k, v in ratios.items():
         log(f"{k}: slots {medians[k + ' slots']:,.0f} / torch {medians[k + ' torch']:,.0f} cells/s = {v:.2f}x")
-    print(json.dumps({"runs": {k: [round(x) for x in v] for k, v in runs.items()},
-                      "medians": {k: round(v) for k, v in medians.items()},
-                      "slots_over_torch": {k: round(v, 2) for k, v in ratios.items()},
-                      "overrides": overrides, "machine": machine,
-                      "benchmark_s": round(time.perf_counter() - t_start, 1)}))
+    print(
+        json.dumps(
+            {
+                "runs": {k: [round(x) for x in v] for k, v in runs.items()},
+                "medians": {k: round(v) for k, v in medians.items()},
+                "slots_over_torch": {k: round(v, 2) for k, v in ratios.items()},
+                "overrides": overrides,
+                "machine": machine,
+                "benchmark_s": round(time.perf_counter() - t_start, 1),
+            }
+        )
+    )
     return 0
 
 

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from omegaconf import OmegaConf
 
+    from concept_shard.config import typed_config
     from concept_train.data import DataModule
     from concept_train.trainer.validate import knn_accuracy
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.run_dir}: fewer than two validations in metrics.jsonl")
     first, last = val[0], val[-1]
     rkey, kkey = f"val/{args.recall_loader}/recall@1", f"val/{args.loader}/knn/{args.key}"
-    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    cfg = typed_config(OmegaConf.load(args.run_dir / "config.yaml"))
     batch_size = int(cfg.datamodule.dataloader.val[args.recall_loader].batch_size)
 
     # the loader's cells, exactly as validation saw them
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         Xt = torch.from_numpy(X).float()
         Xt = Xt - Xt.mean(0, keepdim=True)
         U, S, _ = torch.linalg.svd(Xt, full_matrices=False)
-        pcs = U[:, :args.pcs] * S[:args.pcs]
+        pcs = U[:, : args.pcs] * S[: args.pcs]
         labels = torch.tensor([lab for _, _, lab in mine])
         accs["cosine"].append(knn_accuracy(torch.nn.functional.normalize(pcs, dim=1), labels))
         accs["euclidean"].append(knn_accuracy(pcs, labels, metric="euclidean"))
@@ -87,17 +88,36 @@ def main(argv=None) -> int:
     pca = {k: float(np.average(v, weights=weights)) for k, v in accs.items()}
     baseline = max(pca.values())
     summary = {
-        "run_dir": str(args.run_dir), "steps": last["step"],
-        "recall_at_1": {"loader": args.recall_loader, "first": first.get(rkey), "last": last.get(rkey),
-                        "chance": 1 / batch_size, "last_over_chance": (last.get(rkey) or 0) * batch_size},
-        "knn": {"loader": args.loader, "key": args.key, "cells": len(cells), "first": first.get(kkey), "last": last.get(kkey),
-                f"pca{args.pcs}_cosine": pca["cosine"], f"pca{args.pcs}_euclidean": pca["euclidean"],
-                "baseline": baseline, "beats_baseline": (last.get(kkey) or 0) > baseline},
+        "run_dir": str(args.run_dir),
+        "steps": last["step"],
+        "recall_at_1": {
+            "loader": args.recall_loader,
+            "first": first.get(rkey),
+            "last": last.get(rkey),
+            "chance": 1 / batch_size,
+            "last_over_chance": (last.get(rkey) or 0) * batch_size,
+        },
+        "knn": {
+            "loader": args.loader,
+            "key": args.key,
+            "cells": len(cells),
+            "first": first.get(kkey),
+            "last": last.get(kkey),
+            f"pca{args.pcs}_cosine": pca["cosine"],
+            f"pca{args.pcs}_euclidean": pca["euclidean"],
+            "baseline": baseline,
+            "beats_baseline": (last.get(kkey) or 0) > baseline,
+        },
     }
-    log(f"recall@1 ({args.recall_loader}): {first.get(rkey):.4f} at step {first['step']} -> {last.get(rkey):.4f} at step "
-        f"{last['step']}; chance {1 / batch_size:.4f} ({summary['recall_at_1']['last_over_chance']:.1f}x chance)")
-    log(f"kNN {args.key} ({args.loader}, {len(cells)} cells): {first.get(kkey):.3f} -> {last.get(kkey):.3f}; "
-        f"PCA({args.pcs}) of log1p counts: cosine {pca['cosine']:.3f}, euclidean {pca['euclidean']:.3f}")
+    log(
+        f"recall@1 ({args.recall_loader}): {first.get(rkey):.4f} at step {first['step']} -> "
+        f"{last.get(rkey):.4f} at step "
+        f"{last['step']}; chance {1 / batch_size:.4f} ({summary['recall_at_1']['last_over_chance']:.1f}x chance)"
+    )
+    log(
+        f"kNN {args.key} ({args.loader}, {len(cells)} cells): {first.get(kkey):.3f} -> {last.get(kkey):.3f}; "
+        f"PCA({args.pcs}) of log1p counts: cosine {pca['cosine']:.3f}, euclidean {pca['euclidean']:.3f}"
+    )
     print(json.dumps(summary))
     return 0
 

@@ -7,7 +7,8 @@ Usage::
                                           [--seconds 6] [--workdir DIR] [--no-install]
 
 The default run takes ~15 min on 2 shared cores (--quick: ~6 min); it needs ~10 GB of free memory
-(annbatch's conversion of the 200,000-cell file peaks at 9.6 GB) and ~7 GB of disk in the workdir (inputs and every converted copy stay there).
+(annbatch's conversion of the 200,000-cell file peaks at 9.6 GB) and ~7 GB of disk in the workdir (inputs and every
+converted copy stay there).
 
 Peers (pinned in tools/bench/peers-requirements.txt) live in a side venv, `.venv-peers`
 (Python 3.12), created and filled on the first run; this project runs from the main `.venv`.
@@ -28,7 +29,7 @@ over --repeats rounds:
   size: our shards through the training loader's own plan and store reads (`get_batch` in the
   shards' dtypes; the same widened to int64 / float64 as the loader tokenizes them; `get_many`,
   one dict per sample; from workers through the loader's shared slots,
-  concept_train/data/handoff.py), annbatch
+  concept_train/data/deliver/handoff.py), annbatch
   over its collection, scdataset over anndata backed mode (block shuffling), scdl memmaps with a
   shuffling torch sampler; and a "no-work ceiling", a loader that hands over one pre-made batch
   shaped as ours the torch way (what torch's hand-off alone allows, as the peers use it; not a peer);
@@ -51,7 +52,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -66,10 +66,10 @@ PEERS_PYTHON_BASE = "/root/.pyenv/versions/3.12.1/bin/python3.12"
 REQUIREMENTS = REPO / "tools" / "bench" / "peers-requirements.txt"
 BATCH = 128
 MAX_TOKENS = 1000
-PANEL_MIN_FRACTION = 0.02      # our default panel_size_min (a fraction of the file's genes)
-PANEL_MAX = 60000              # our default panel_size_max
+PANEL_MIN_FRACTION = 0.02  # our default panel_size_min (a fraction of the file's genes)
+PANEL_MAX = 60000  # our default panel_size_max
 SEED = 0
-CEILING = "no-work ceiling"    # the hand-off alone; not a peer
+CEILING = "no-work ceiling"  # the hand-off alone; not a peer
 # what each peer needs to import for its measurements
 PEER_IMPORTS = {
     "annbatch": "import annbatch, zarr",
@@ -78,9 +78,9 @@ PEER_IMPORTS = {
     "lamin-dataloader": "from lamin_dataloader.lamin_disk_collection import LaminDiskCollection",
 }
 # each peer's own defaults (annbatch at chunk_size 32, preload_nchunks 256 read 2.2x slower here)
-ANNBATCH_LOADER = {"chunk_size": 512, "preload_nchunks": 32}     # contiguous rows of its pre-shuffled collection
+ANNBATCH_LOADER = {"chunk_size": 512, "preload_nchunks": 32}  # contiguous rows of its pre-shuffled collection
 SCDATASET_LOADER = {"block_size": 8, "fetch_factor": 16}
-PREFETCH = 4                    # every loader's DataLoader prefetch_factor with workers
+PREFETCH = 4  # every loader's DataLoader prefetch_factor with workers
 OURS_OVERRIDES = ["datamodule=Bench", "datamodule.dataset.train.panel_selection=random"]
 
 
@@ -93,17 +93,20 @@ def spread(rows_per_batch: list[np.ndarray], n_rows: int) -> dict:
     """Median over batches of std(source rows) / std(uniform over n_rows), and of the share of
     sorted neighbours that are adjacent rows."""
     uniform = n_rows / np.sqrt(12)
-    rows_per_batch = [np.asarray(r) for r in rows_per_batch]      # a worker may hand over tensors
+    rows_per_batch = [np.asarray(r) for r in rows_per_batch]  # a worker may hand over tensors
     stds = [float(np.std(r)) / uniform for r in rows_per_batch if len(r) > 1]
     adjacent = [float(np.mean(np.diff(np.sort(r)) == 1)) for r in rows_per_batch if len(r) > 1]
-    return {"std_vs_uniform": round(float(np.median(stds)), 3) if stds else None,
-            "adjacent_share": round(float(np.median(adjacent)), 3) if adjacent else None,
-            "batches_checked": len(stds)}
+    return {
+        "std_vs_uniform": round(float(np.median(stds)), 3) if stds else None,
+        "adjacent_share": round(float(np.median(adjacent)), 3) if adjacent else None,
+        "batches_checked": len(stds),
+    }
 
 
 def shuffled(stats: dict) -> bool:
-    return bool(stats.get("std_vs_uniform") is not None and stats["std_vs_uniform"] >= 0.5
-                and stats["adjacent_share"] < 0.9)
+    return bool(
+        stats.get("std_vs_uniform") is not None and stats["std_vs_uniform"] >= 0.5 and stats["adjacent_share"] < 0.9
+    )
 
 
 def timed_batches(batches, seconds: float, rows_of, cells_of) -> dict:
@@ -128,6 +131,7 @@ def timed_batches(batches, seconds: float, rows_of, cells_of) -> dict:
 # .venv-peers (which lacks this project). Each prints one JSON line.
 def task_convert_annbatch(h5ad: str, out: str) -> dict:
     import annbatch
+
     t0 = time.perf_counter()
     annbatch.DatasetCollection(out).add_adatas([h5ad], shuffle=True, rng=np.random.default_rng(SEED))
     return {"convert_s": time.perf_counter() - t0}
@@ -135,6 +139,7 @@ def task_convert_annbatch(h5ad: str, out: str) -> dict:
 
 def task_convert_scdl(h5ad: str, out: str) -> dict:
     from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+
     t0 = time.perf_counter()
     ds = SingleCellMemMapDataset(out, h5ad_path=h5ad, use_X_not_raw=True)
     n = ds.number_of_rows()
@@ -143,6 +148,7 @@ def task_convert_scdl(h5ad: str, out: str) -> dict:
 
 def _loader(dataset, workers: int, **kw):
     from torch.utils.data import DataLoader
+
     extra = {"prefetch_factor": PREFETCH, "persistent_workers": True} if workers else {}
     return DataLoader(dataset, num_workers=workers, **kw, **extra)
 
@@ -163,12 +169,14 @@ def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_b
     cfg = compose_config(project, OURS_OVERRIDES, str(Path(project) / "conf"))
     maker = DataModule(cfg, log=lambda *a: None).train_loader().maker
 
-    from concept_train.data.handoff import ring_for
+    from concept_train.data.deliver.handoff import ring_for
+
     # with workers, our loader's own hand-off: shared slots (a batch that misses one goes the torch way)
     ring = ring_for(workers, PREFETCH)
 
     class RawBatches(IterableDataset):
         """Global batch g of the training plan as CSR rows: g = w, w + W, ... in worker w of W."""
+
         def __iter__(self):
             info = get_worker_info()
             w, step = (info.id, info.num_workers) if info else (0, 1)
@@ -219,11 +227,18 @@ def source_rows(names) -> np.ndarray:
 
 def task_raw_annbatch(store: str, workers: int, seconds: float) -> dict:
     import annbatch
+
     coll = annbatch.DatasetCollection(store, mode="r")
-    order = source_rows(coll.obs().index)          # collection row -> source row
-    loader = annbatch.Loader(batch_size=BATCH, shuffle=True, drop_last=True, return_index=True,
-                             preload_to_gpu=False, rng=np.random.default_rng(SEED),
-                             **ANNBATCH_LOADER).use_collection(coll)
+    order = source_rows(coll.obs().index)  # collection row -> source row
+    loader = annbatch.Loader(
+        batch_size=BATCH,
+        shuffle=True,
+        drop_last=True,
+        return_index=True,
+        preload_to_gpu=False,
+        rng=np.random.default_rng(SEED),
+        **ANNBATCH_LOADER,
+    ).use_collection(coll)
     it = endless(_loader(loader, workers, batch_size=None) if workers else loader)
     return timed_batches(it, seconds, lambda b: order[np.asarray(b["index"])], lambda b: b["X"].shape[0])
 
@@ -234,6 +249,7 @@ class _Backed:
 
     def __init__(self, path: str):
         import h5py
+
         self.path, self._X = path, None
         with h5py.File(path, "r") as f:
             self.n = int(f["X"].attrs["shape"][0])
@@ -244,6 +260,7 @@ class _Backed:
     def rows(self, idx):
         if self._X is None:
             import anndata as ad
+
             self._X = ad.read_h5ad(self.path, backed="r").X
         return self._X[idx]
 
@@ -251,11 +268,18 @@ class _Backed:
 def task_raw_scdataset(h5ad: str, workers: int, seconds: float) -> dict:
     from scdataset import scDataset
     from scdataset.strategy import BlockShuffling
+
     data = _Backed(h5ad)
-    ds = scDataset(data, BlockShuffling(block_size=SCDATASET_LOADER["block_size"]), batch_size=BATCH,
-                   fetch_factor=SCDATASET_LOADER["fetch_factor"], drop_last=True, seed=SEED,
-                   fetch_callback=lambda coll, idx: (coll.rows(idx), np.asarray(idx)),
-                   batch_callback=lambda fetched, b: (fetched[0][b], fetched[1][b]))
+    ds = scDataset(
+        data,
+        BlockShuffling(block_size=SCDATASET_LOADER["block_size"]),
+        batch_size=BATCH,
+        fetch_factor=SCDATASET_LOADER["fetch_factor"],
+        drop_last=True,
+        seed=SEED,
+        fetch_callback=lambda coll, idx: (coll.rows(idx), np.asarray(idx)),
+        batch_callback=lambda fetched, b: (fetched[0][b], fetched[1][b]),
+    )
     it = endless(_loader(ds, workers, batch_size=None) if workers else ds)
     return timed_batches(it, seconds, lambda b: b[1], lambda b: b[0].shape[0])
 
@@ -271,6 +295,7 @@ def task_raw_scdl(out: str, workers: int, seconds: float) -> dict:
 
     class Recorded(BatchSampler):
         """The shuffled index batches, recorded in the main process as the loader draws them."""
+
         def __iter__(self):
             for b in super().__iter__():
                 drawn.append(np.asarray(b))
@@ -289,9 +314,12 @@ def task_raw_ceiling(workers: int, seconds: float, n_rows: int, nnz: int = 1500)
 
     rng = np.random.default_rng(SEED)
     n = BATCH * nnz
-    batch = {"indptr": np.arange(BATCH + 1, dtype=np.int64) * nnz,
-             "indices": rng.integers(0, 60000, n).astype(np.uint16),
-             "data": rng.integers(1, 9, n).astype(np.uint8), "rows": np.zeros(BATCH, np.int64)}
+    batch = {
+        "indptr": np.arange(BATCH + 1, dtype=np.int64) * nnz,
+        "indices": rng.integers(0, 60000, n).astype(np.uint16),
+        "data": rng.integers(1, 9, n).astype(np.uint8),
+        "rows": np.zeros(BATCH, np.int64),
+    }
 
     class Same(IterableDataset):
         def __iter__(self):
@@ -325,10 +353,12 @@ def task_tok_reference(h5ad: str, vocab_csv: str, seconds: float) -> dict:
     coll = LaminDiskCollection(path_list=[h5ad], obs_keys=["cell_type"], keys_to_cache=None)
     ds = RowTagged(TokenizedDataset(coll, tokenizer, obs_keys=["cell_type"], normalization="raw"))
     n_genes = len(ds.inner.tokenized_vars_masked[0])
-    collate = reference_collate_class()(tokenizer, MAX_TOKENS, panel_size_min=round(PANEL_MIN_FRACTION * n_genes),
-                                        panel_size_max=PANEL_MAX)
-    from torch.utils.data import BatchSampler, RandomSampler
+    collate = reference_collate_class()(
+        tokenizer, MAX_TOKENS, panel_size_min=round(PANEL_MIN_FRACTION * n_genes), panel_size_max=PANEL_MAX
+    )
     import torch
+    from torch.utils.data import BatchSampler, RandomSampler
+
     sampler = BatchSampler(RandomSampler(ds, generator=torch.Generator().manual_seed(SEED)), BATCH, drop_last=True)
     it = endless(_loader(ds, 0, batch_sampler=sampler, collate_fn=collate))
     res = timed_batches(it, seconds, lambda b: b["row"].numpy(), lambda b: len(b["row"]))
@@ -360,8 +390,7 @@ def reference_collate_class():
 
     class ReferenceCollate(BaseCollate):
         def __init__(self, tokenizer, max_tokens, panel_size_min, panel_size_max):
-            super().__init__(PAD_TOKEN=tokenizer.PAD_TOKEN, max_tokens=max_tokens,
-                             gene_sampling_strategy="top-nonzero")
+            super().__init__(PAD_TOKEN=tokenizer.PAD_TOKEN, max_tokens=max_tokens, gene_sampling_strategy="top-nonzero")
             self.size_min, self.size_max = panel_size_min, panel_size_max
 
         def log_uniform(self, low, high):
@@ -370,29 +399,36 @@ def reference_collate_class():
             return max(min(int(np.exp2(self.rng.uniform(np.log2(low), np.log2(high)))), high), low)
 
         def view(self, items, idx):
-            picked = [self.select_features({"tokens": it["tokens"][idx], "values": it["values"][idx]})
-                      for it in items]
+            picked = [self.select_features({"tokens": it["tokens"][idx], "values": it["values"][idx]}) for it in items]
             longest = min(max(len(p["tokens"]) for p in picked), self.max_tokens)
             padded = [self.resize_and_pad(p, longest) for p in picked]
-            return (default_collate([p["tokens"].astype(np.int64) for p in padded]),
-                    default_collate([p["values"].astype(np.float32) for p in padded]))
+            return (
+                default_collate([p["tokens"].astype(np.int64) for p in padded]),
+                default_collate([p["values"].astype(np.float32) for p in padded]),
+            )
 
         def __call__(self, batch):
             n = len(batch[0]["tokens"])
             order = self.rng.permutation(n)
             items = [{"tokens": it["tokens"][order], "values": it["values"][order]} for it in batch]
-            free = max(n - self.size_min, 0)                   # view 1 leaves room for a disjoint view 2
-            idx1 = self.rng.choice(n, self.log_uniform(min(self.size_min, free), min(self.size_max, free)),
-                                   replace=False)
+            free = max(n - self.size_min, 0)  # view 1 leaves room for a disjoint view 2
+            idx1 = self.rng.choice(
+                n, self.log_uniform(min(self.size_min, free), min(self.size_max, free)), replace=False
+            )
             rest = np.setdiff1d(np.arange(n), idx1, assume_unique=True)
             k2 = self.log_uniform(min(self.size_min, len(rest)), min(self.size_max, len(rest)))
             idx2 = self.rng.choice(rest, k2, replace=False)
             tokens_1, values_1 = self.view(items, idx1)
             tokens_2, values_2 = self.view(items, idx2)
-            return {"tokens_1": tokens_1, "values_1": values_1, "tokens_2": tokens_2, "values_2": values_2,
-                    "panel_1": default_collate([it["tokens"][idx1] for it in items]),
-                    "panel_2": default_collate([it["tokens"][idx2] for it in items]),
-                    **{k: default_collate([it[k] for it in batch]) for k in batch[0] if k not in ("tokens", "values")}}
+            return {
+                "tokens_1": tokens_1,
+                "values_1": values_1,
+                "tokens_2": tokens_2,
+                "values_2": values_2,
+                "panel_1": default_collate([it["tokens"][idx1] for it in items]),
+                "panel_2": default_collate([it["tokens"][idx2] for it in items]),
+                **{k: default_collate([it[k] for it in batch]) for k in batch[0] if k not in ("tokens", "values")},
+            }
 
     return ReferenceCollate
 
@@ -430,8 +466,12 @@ def install_peers() -> str:
     if not peers_python().is_file():
         subprocess.run([PEERS_PYTHON_BASE, "-m", "venv", str(PEERS_VENV)], check=True)
     log(f"installing {REQUIREMENTS.name} into {PEERS_VENV} (pip) ...")
-    proc = subprocess.run([str(peers_python()), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        [str(peers_python()), "-m", "pip", "install", "-q", "-r", str(REQUIREMENTS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     return "" if proc.returncode == 0 else "\n".join(proc.stdout.strip().splitlines()[-5:])
 
 
@@ -442,8 +482,9 @@ def probe_peers() -> dict[str, str]:
         if not peers_python().is_file():
             status[peer] = "no side venv (.venv-peers)"
             continue
-        proc = subprocess.run([str(peers_python()), "-c", stmt], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            [str(peers_python()), "-c", stmt], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         status[peer] = "ok" if proc.returncode == 0 else "import failed: " + proc.stdout.strip().splitlines()[-1]
     return status
 
@@ -474,18 +515,28 @@ def convert_peer(peer: str, h5ad: Path, n: int, nnz: int, workdir: Path) -> dict
     res = child(peers_python(), task, {"h5ad": str(h5ad), "out": str(out)}, 0, workdir)
     if "error" in res:
         return res
-    return {"cells_per_s": n / res["convert_s"], "cells_per_s_incl_startup": n / res["wall_s"],
-            "peak_rss_mb": res["peak_rss_mb"], "bytes_per_nnz": disk_bytes(out) / nnz, "path": str(out)}
+    return {
+        "cells_per_s": n / res["convert_s"],
+        "cells_per_s_incl_startup": n / res["wall_s"],
+        "peak_rss_mb": res["peak_rss_mb"],
+        "bytes_per_nnz": disk_bytes(out) / nnz,
+        "path": str(out),
+    }
 
 
 def convert_ours(project: Path, n: int, workdir: Path) -> dict:
     r = bench_shard().shard_run(project, n, workdir)
-    return {"cells_per_s": r["cells_per_s"], "cells_per_s_incl_startup": r["cells_per_s_incl_startup"],
-            "peak_rss_mb": r["peak_rss_mb"], "bytes_per_nnz": r["bytes_per_nnz"]}
+    return {
+        "cells_per_s": r["cells_per_s"],
+        "cells_per_s_incl_startup": r["cells_per_s_incl_startup"],
+        "peak_rss_mb": r["peak_rss_mb"],
+        "bytes_per_nnz": r["bytes_per_nnz"],
+    }
 
 
-def preprocessing(size: int, project: Path, h5ad: Path, nnz: int, peers: list[str], repeats: int,
-                  workdir: Path) -> dict:
+def preprocessing(
+    size: int, project: Path, h5ad: Path, nnz: int, peers: list[str], repeats: int, workdir: Path
+) -> dict:
     """Rounds of ours, annbatch, scdl (alternating); the outputs of the last round stay."""
     runs: dict[str, list] = {"ours": [], **{p: [] for p in peers}}
     for rnd in range(repeats):
@@ -516,9 +567,11 @@ def medians(runs: list[dict]) -> dict:
 # --------------------------------------------------------------------------- loading
 def raw_jobs(size: int, project: Path, h5ad: Path, peers: list[str], workdir: Path, seconds: float) -> dict:
     """Per loader: (python, task, kwargs) of a raw-minibatch measurement (workers added later)."""
-    jobs = {"ours": (sys.executable, "raw_ours", {"project": str(project)}),
-            "ours widened": (sys.executable, "raw_ours", {"project": str(project), "path": "get_batch_wide"}),
-            "ours get_many": (sys.executable, "raw_ours", {"project": str(project), "path": "get_many"})}
+    jobs = {
+        "ours": (sys.executable, "raw_ours", {"project": str(project)}),
+        "ours widened": (sys.executable, "raw_ours", {"project": str(project), "path": "get_batch_wide"}),
+        "ours get_many": (sys.executable, "raw_ours", {"project": str(project), "path": "get_many"}),
+    }
     if "annbatch" in peers:
         jobs["annbatch"] = (peers_python(), "raw_annbatch", {"store": str(workdir / f"annbatch_{size}.zarr")})
     if "scdataset" in peers:
@@ -538,20 +591,31 @@ def loading(jobs: dict, size: int, workers: list[int], repeats: int, workdir: Pa
         for w in workers:
             for name, (python, task, kw) in jobs.items():
                 runs[f"{name}/{w}"].append(child(python, task, dict(kw, workers=w), size, workdir))
-            log(f"  raw, {w} workers, round {rnd + 1}: "
-                + ", ".join(f"{k.split('/')[0]} {fmt_rate(v[-1])}" for k, v in runs.items() if k.endswith(f"/{w}")))
+            log(
+                f"  raw, {w} workers, round {rnd + 1}: "
+                + ", ".join(f"{k.split('/')[0]} {fmt_rate(v[-1])}" for k, v in runs.items() if k.endswith(f"/{w}"))
+            )
     return {k: medians(v) for k, v in runs.items()}
 
 
-def tokenized(project: Path, h5ad: Path, vocab: Path, size: int, reference_ok: bool, seconds: float,
-              repeats: int, workdir: Path) -> dict:
+def tokenized(
+    project: Path, h5ad: Path, vocab: Path, size: int, reference_ok: bool, seconds: float, repeats: int, workdir: Path
+) -> dict:
     runs: dict[str, list] = {"ours": [], **({"scConcept reference": []} if reference_ok else {})}
     for rnd in range(repeats):
-        runs["ours"].append(child(sys.executable, "tok_ours", {"project": str(project), "seconds": seconds},
-                                  size, workdir))
+        runs["ours"].append(
+            child(sys.executable, "tok_ours", {"project": str(project), "seconds": seconds}, size, workdir)
+        )
         if reference_ok:
-            runs["scConcept reference"].append(child(peers_python(), "tok_reference", {
-                "h5ad": str(h5ad), "vocab_csv": str(vocab), "seconds": seconds}, size, workdir))
+            runs["scConcept reference"].append(
+                child(
+                    peers_python(),
+                    "tok_reference",
+                    {"h5ad": str(h5ad), "vocab_csv": str(vocab), "seconds": seconds},
+                    size,
+                    workdir,
+                )
+            )
         log(f"  tokenized, round {rnd + 1}: " + ", ".join(f"{k} {fmt_rate(v[-1])}" for k, v in runs.items()))
     return {k: medians(v) for k, v in runs.items()}
 
@@ -566,8 +630,9 @@ def rate(res: dict):
 
 
 def fastest_peer(results: dict, suffix: str = "") -> tuple[str | None, float | None]:
-    peers = {k: rate(v) for k, v in results.items()
-             if not k.startswith(("ours", CEILING)) and k.endswith(suffix) and rate(v)}
+    peers = {
+        k: rate(v) for k, v in results.items() if not k.startswith(("ours", CEILING)) and k.endswith(suffix) and rate(v)
+    }
     if not peers:
         return None, None
     name = max(peers, key=peers.get)
@@ -581,8 +646,11 @@ def print_preprocessing(pre: dict) -> None:
             if "error" in r:
                 log(f"{name + ' @ ' + str(size):<28} {r['error']}")
             else:
-                log(f"{name + ' @ ' + str(size):<28} {r['cells_per_s']:>10,.0f} {r['cells_per_s_incl_startup']:>12,.0f} "
-                    f"{r['peak_rss_mb']:>12,.0f} {r['bytes_per_nnz']:>7.2f}")
+                log(
+                    f"{name + ' @ ' + str(size):<28} {r['cells_per_s']:>10,.0f} "
+                    f"{r['cells_per_s_incl_startup']:>12,.0f} "
+                    f"{r['peak_rss_mb']:>12,.0f} {r['bytes_per_nnz']:>7.2f}"
+                )
 
 
 def print_loading(title: str, res: dict) -> None:
@@ -592,8 +660,10 @@ def print_loading(title: str, res: dict) -> None:
             log(f"{name:<28} {r['error']}")
             continue
         sp = r.get("spread", {})
-        log(f"{name:<28} {r['cells_per_s']:>10,.0f} {str(r['runs']):>24} {sp.get('std_vs_uniform')!s:>12} "
-            f"{sp.get('adjacent_share')!s:>9}")
+        log(
+            f"{name:<28} {r['cells_per_s']:>10,.0f} {str(r['runs']):>24} {sp.get('std_vs_uniform')!s:>12} "
+            f"{sp.get('adjacent_share')!s:>9}"
+        )
 
 
 def shuffle_failures(*groups: dict) -> list[str]:
@@ -617,30 +687,48 @@ def summarize(pre: dict, raw: dict, tok: dict, status: dict, args, workers: list
     raw_ratios = {}
     for w in workers:
         peer, best = fastest_peer(raw, f"/{w}")
-        raw_ratios[str(w)] = {"fastest_peer": peer, **{f"{o}_over_fastest_peer": ratio(rate(raw.get(f"{o}/{w}", {})), best)
-                                                       for o in ("ours", "ours widened", "ours get_many")}}
+        raw_ratios[str(w)] = {
+            "fastest_peer": peer,
+            **{
+                f"{o}_over_fastest_peer": ratio(rate(raw.get(f"{o}/{w}", {})), best)
+                for o in ("ours", "ours widened", "ours get_many")
+            },
+        }
     _, best_any = fastest_peer(raw)
     ours_best = max((rate(v) or 0) for k, v in raw.items() if k.startswith("ours"))
     pre_ratios = {str(s): {p: ratio(rate(r["ours"]), rate(r[p])) for p in r if p != "ours"} for s, r in pre.items()}
     tok_ours = rate(tok.get("ours", {}))
     tok_ref = rate(tok.get("scConcept reference", {"error": "not run"}))
     return {
-        "preprocessing": rounded(pre), "preprocessing_ratio_ours_over_peer": pre_ratios,
-        "raw_minibatches": rounded(raw), "raw_ratio_ours_over_fastest_peer": raw_ratios,
+        "preprocessing": rounded(pre),
+        "preprocessing_ratio_ours_over_peer": pre_ratios,
+        "raw_minibatches": rounded(raw),
+        "raw_ratio_ours_over_fastest_peer": raw_ratios,
         "raw_best_ours_over_best_peer_any_workers": ratio(ours_best, best_any),
-        "tokenized": rounded(tok), "tokenized_ratio_ours_over_reference": ratio(tok_ours, tok_ref),
-        "targets_met": {"raw_ge_2x_fastest_peer": None if best_any is None else ours_best >= 2 * best_any,
-                        "tokenized_ge_25000_cells_per_s_one_process": None if tok_ours is None else tok_ours >= 25000},
-        "shuffle_check_failed": shuffle_failures(raw, tok), "peers": status,
-        "batch_size": BATCH, "max_tokens": MAX_TOKENS, "sizes": args.sizes, "repeats": args.repeats,
-        "seconds": args.seconds, "benchmark_s": round(total_s, 1), "machine": bench_shard().machine(),
+        "tokenized": rounded(tok),
+        "tokenized_ratio_ours_over_reference": ratio(tok_ours, tok_ref),
+        "targets_met": {
+            "raw_ge_2x_fastest_peer": None if best_any is None else ours_best >= 2 * best_any,
+            "tokenized_ge_25000_cells_per_s_one_process": None if tok_ours is None else tok_ours >= 25000,
+        },
+        "shuffle_check_failed": shuffle_failures(raw, tok),
+        "peers": status,
+        "batch_size": BATCH,
+        "max_tokens": MAX_TOKENS,
+        "sizes": args.sizes,
+        "repeats": args.repeats,
+        "seconds": args.seconds,
+        "benchmark_s": round(total_s, 1),
+        "machine": bench_shard().machine(),
     }
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="20000,200000", help="cells per file (default 20000,200000); loading uses the largest")
+    p.add_argument(
+        "--sizes", default="20000,200000", help="cells per file (default 20000,200000); loading uses the largest"
+    )
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds per measurement (default 3)")
     p.add_argument("--seconds", type=float, default=6.0, help="timed seconds per loading run (default 6)")
     p.add_argument("--workers", default="0,2", help="DataLoader workers for raw minibatches (default 0,2)")
@@ -648,8 +736,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--genes", type=int, default=20000)
     p.add_argument("--workdir", default="/tmp/concept_peers_bench")
     p.add_argument("--no-install", action="store_true", help="do not create or update .venv-peers")
-    p.add_argument("--loading-only", action="store_true",
-                   help="skip preprocessing; load from the shards and peer stores an earlier run left in --workdir")
+    p.add_argument(
+        "--loading-only",
+        action="store_true",
+        help="skip preprocessing; load from the shards and peer stores an earlier run left in --workdir",
+    )
     p.add_argument("--quick", action="store_true", help="20,000 cells, 2 rounds, 3 s per loading run")
     args = p.parse_args(argv)
     if args.quick:
@@ -676,8 +767,10 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     workers = [int(w) for w in args.workers.split(",")]
     shard = bench_shard()
-    log(f"peers benchmark: sizes {args.sizes}, {args.repeats} rounds, {args.seconds} s per loading run; "
-        f"machine: {shard.machine()}")
+    log(
+        f"peers benchmark: sizes {args.sizes}, {args.repeats} rounds, {args.seconds} s per loading run; "
+        f"machine: {shard.machine()}"
+    )
     status = peer_status(not args.no_install)
     ok = [p for p, st in status.items() if st == "ok" and p in PEER_IMPORTS]
     vocab = shard.vocabulary_csv(workdir)
@@ -686,15 +779,30 @@ def main(argv=None) -> int:
     pre = {}
     for n, (project, h5ad, facts) in ({} if args.loading_only else inputs).items():
         log(f"preprocessing {n:,} cells ({facts['nonzeros']:,} nonzeros) ...")
-        pre[n] = preprocessing(n, project, h5ad, facts["nonzeros"],
-                               [p for p in ("annbatch", "bionemo-scdl") if p in ok], args.repeats, workdir)
+        pre[n] = preprocessing(
+            n,
+            project,
+            h5ad,
+            facts["nonzeros"],
+            [p for p in ("annbatch", "bionemo-scdl") if p in ok],
+            args.repeats,
+            workdir,
+        )
     size = max(args.sizes)
     project, h5ad, _ = inputs[size]
     log(f"raw minibatches of {BATCH} at {size:,} cells ...")
     raw = loading(raw_jobs(size, project, h5ad, ok, workdir, args.seconds), size, workers, args.repeats, workdir)
     log(f"tokenized batches at {size:,} cells ...")
-    tok = tokenized(project, h5ad, project / "references" / "vocabulary" / "token_mappings_per_specie" / "hsapiens.csv",
-                    size, "lamin-dataloader" in ok, args.seconds, args.repeats, workdir)
+    tok = tokenized(
+        project,
+        h5ad,
+        project / "references" / "vocabulary" / "token_mappings_per_specie" / "hsapiens.csv",
+        size,
+        "lamin-dataloader" in ok,
+        args.seconds,
+        args.repeats,
+        workdir,
+    )
     print_preprocessing(pre)
     print_loading(f"raw minibatches @ {size}", raw)
     print_loading(f"tokenized @ {size}", tok)

@@ -46,8 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tools.bench.shard import (SPECIES, generate_h5ad, measured, vocabulary_csv,  # noqa: E402
-                               vocabulary_gene_ids)
+from tools.bench.shard import SPECIES, generate_h5ad, measured, vocabulary_csv, vocabulary_gene_ids  # noqa: E402
 
 SOURCE = "many"
 
@@ -95,14 +94,23 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------- 1. plan
 def plan_memory(n_cells: int, n_files: int, batch: int = 128) -> dict:
-    from concept_train.data.catalog import ShardSet
-    from concept_train.data.plan import BatchPlan
+    from concept_train.data.order.plan import BatchPlan
+    from concept_train.data.read.catalog import ShardSet
 
     rng = np.random.default_rng(0)
     sizes = rng.lognormal(0, 1, n_files)
     sizes = np.maximum(1, (sizes * n_cells / sizes.sum()).astype(np.int64))
-    sets = [ShardSet(dataset_id=f"{SPECIES}/src/f{i}", species=SPECIES, directory=Path("/nonexistent"),
-                     n_samples=int(n), genes=np.arange(3), source_file=f"f{i}.h5ad") for i, n in enumerate(sizes)]
+    sets = [
+        ShardSet(
+            dataset_id=f"{SPECIES}/src/f{i}",
+            species=SPECIES,
+            directory=Path("/nonexistent"),
+            n_samples=int(n),
+            genes=np.arange(3),
+            source_file=f"f{i}.h5ad",
+        )
+        for i, n in enumerate(sizes)
+    ]
     out = {"cells": int(sizes.sum()), "files": n_files}
 
     # time without tracemalloc (it slows every allocation), then memory with it, in a fresh plan
@@ -119,8 +127,11 @@ def plan_memory(n_cells: int, n_files: int, batch: int = 128) -> dict:
     plan = BatchPlan(sets, batch, seed=0, batching="mixed")
     for g in (0, *middle):
         plan.batch(g)
-    out["feistel"] = {"peak_MB": tracemalloc.get_traced_memory()[1] / 1e6, "first_batch_s": first,
-                      "batch_ms": per_batch * 1e3}
+    out["feistel"] = {
+        "peak_MB": tracemalloc.get_traced_memory()[1] / 1e6,
+        "first_batch_s": first,
+        "batch_ms": per_batch * 1e3,
+    }
     tracemalloc.stop()
 
     # the baseline: the materialised pool of the previous plan (per-file permutations, then one
@@ -147,8 +158,14 @@ def plan_memory(n_cells: int, n_files: int, batch: int = 128) -> dict:
 def json_codec(genes: int = 60_000, repeats: int = 20) -> dict:
     from concept_shard.layout import decode_json, encode_json
 
-    record = {"genes": list(range(0, 2 * genes, 2)), "species": SPECIES, "cells_written": 1000,
-              "cells_dropped": {"no_genes": 0}, "source_file": "data/x.h5ad", "nonzeros": 10**6}
+    record = {
+        "genes": list(range(0, 2 * genes, 2)),
+        "species": SPECIES,
+        "cells_written": 1000,
+        "cells_dropped": {"no_genes": 0},
+        "source_file": "data/x.h5ad",
+        "nonzeros": 10**6,
+    }
     text = json.dumps(record, indent=1, sort_keys=True)
     fast = encode_json(record)
 
@@ -158,11 +175,13 @@ def json_codec(genes: int = 60_000, repeats: int = 20) -> dict:
             fn()
         return (time.perf_counter() - t0) / repeats * 1e3
 
-    return {"genes": genes,
-            "json_write_ms": timed(lambda: json.dumps(record, indent=1, sort_keys=True)),
-            "json_read_ms": timed(lambda: json.loads(text)),
-            "msgspec_write_ms": timed(lambda: encode_json(record)),
-            "msgspec_read_ms": timed(lambda: decode_json(fast))}
+    return {
+        "genes": genes,
+        "json_write_ms": timed(lambda: json.dumps(record, indent=1, sort_keys=True)),
+        "json_read_ms": timed(lambda: json.loads(text)),
+        "msgspec_write_ms": timed(lambda: encode_json(record)),
+        "msgspec_read_ms": timed(lambda: decode_json(fast)),
+    }
 
 
 # ---------------------------------------------------------------------------------- 3. files
@@ -188,12 +207,14 @@ def many_files_project(workdir: Path, n_files: int, cells: int, genes: int, nnz:
     (conf / f"split_{SOURCE}_{SPECIES}").mkdir(parents=True, exist_ok=True)
     (conf / f"split_{SOURCE}_{SPECIES}" / "all.yaml").write_text(
         f"source_name: {SOURCE}\nspecies: {SPECIES}\nsource_path: ${{PATH.PROJECT_PATH}}/data/{SOURCE}/h5ads\n"
-        "train:\n" + "".join(f"  - {n}\n" for n in names) + "val: []\n")
+        "train:\n" + "".join(f"  - {n}\n" for n in names) + "val: []\n"
+    )
     (conf / "Many.yaml").write_text(
         f"defaults:\n  - split_{SOURCE}_{SPECIES}: all\n  - _self_\n"
         f"species: [{SPECIES}]\nobs_keys: [dataset, donor_id, tissue, cell_type]\n"
         f"dataset:\n  train:\n    split:\n      - ${{datamodule.split_{SOURCE}_{SPECIES}}}\n    max_tokens: 1000\n"
-        "dataloader:\n  train:\n    batch_size: 128\n    num_workers: 0\n")
+        "dataloader:\n  train:\n    batch_size: 128\n    num_workers: 0\n"
+    )
     return project
 
 
@@ -213,15 +234,21 @@ def files_figures(workdir: Path, n_files: int, args) -> dict:
     if rec["rc"] != 0:
         raise SystemExit(f"build of {n_files} files failed:\n{text[-3000:]}")
     noop, _ = measured(build, workdir, f"noop_{n_files}")
-    out = {"files": n_files, "build_s": rec["wall_s"], "build_peak_MB": rec["maxrss_kib"] / 1024,
-           "build_s_per_file": rec["wall_s"] / n_files, "noop_build_s": noop["wall_s"]}
+    out = {
+        "files": n_files,
+        "build_s": rec["wall_s"],
+        "build_peak_MB": rec["maxrss_kib"] / 1024,
+        "build_s_per_file": rec["wall_s"] / n_files,
+        "noop_build_s": noop["wall_s"],
+    }
     runs = {"quick": [], "full": []}
     for _ in range(args.repeats):
         for mode, extra in (("quick", []), ("full", ["datamodule.check_sources=full"])):
             runs[mode].append(child_json([sys.executable, "-c", FIRST_BATCH, str(project), *extra]))
     for mode, rs in runs.items():
-        out[f"first_batch_{mode}"] = {k: statistics.median(r[k] for r in rs)
-                                      for k in ("compose_s", "catalog_s", "first_batch_s", "total_s")}
+        out[f"first_batch_{mode}"] = {
+            k: statistics.median(r[k] for r in rs) for k in ("compose_s", "catalog_s", "first_batch_s", "total_s")
+        }
     # disk after one epoch: through a bounded cache, then in place (the baseline, which leaves a
     # decompressed copy of every shard beside it)
     built = du(project / "shards")
@@ -229,13 +256,19 @@ def files_figures(workdir: Path, n_files: int, args) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     shards = [s for index in (project / "shards").rglob("index.json") for s in json.loads(index.read_text())["shards"]]
     limit = max(built // 4, 4 * max(s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in shards))
-    epoch_cached = child_json([sys.executable, "-c", EPOCH, str(project), f"PATH.LOCAL_DIR={cache}",
-                               f"datamodule.cache_limit={limit}"])
+    epoch_cached = child_json(
+        [sys.executable, "-c", EPOCH, str(project), f"PATH.LOCAL_DIR={cache}", f"datamodule.cache_limit={limit}"]
+    )
     cached_disk = du(project / "shards") + du(cache)
     epoch_in_place = child_json([sys.executable, "-c", EPOCH, str(project)])
-    out["disk"] = {"built_MB": built / 1e6, "cache_limit_MB": limit / 1e6,
-                   "after_epoch_cached_MB": cached_disk / 1e6, "after_epoch_in_place_MB": du(project / "shards") / 1e6,
-                   "epoch_cached_s": epoch_cached["seconds"], "epoch_in_place_s": epoch_in_place["seconds"]}
+    out["disk"] = {
+        "built_MB": built / 1e6,
+        "cache_limit_MB": limit / 1e6,
+        "after_epoch_cached_MB": cached_disk / 1e6,
+        "after_epoch_in_place_MB": du(project / "shards") / 1e6,
+        "epoch_cached_s": epoch_cached["seconds"],
+        "epoch_in_place_s": epoch_in_place["seconds"],
+    }
     shutil.rmtree(cache, ignore_errors=True)
     return out
 
@@ -258,15 +291,20 @@ def main(argv=None) -> int:
     plan = result["plan"] = plan_memory(args.plan_cells, args.plan_files)
     for k in ("feistel", "materialised"):
         log(f"  {k:<13} peak {plan[k]['peak_MB']:8.1f} MB   first batch of an epoch {plan[k]['first_batch_s']:.3f} s")
-    log(f"  ratio (materialised / on demand): memory {plan['materialised']['peak_MB'] / plan['feistel']['peak_MB']:.0f}x, "
+    log(
+        f"  ratio (materialised / on demand): "
+        f"memory {plan['materialised']['peak_MB'] / plan['feistel']['peak_MB']:.0f}x, "
         f"epoch-start stall {plan['materialised']['first_batch_s'] / plan['feistel']['first_batch_s']:.0f}x; "
-        f"a batch inside the epoch {plan['feistel']['batch_ms']:.2f} ms")
+        f"a batch inside the epoch {plan['feistel']['batch_ms']:.2f} ms"
+    )
 
     log("== dataset.json at 60,000 genes")
     js = result["json"] = json_codec()
-    log(f"  write: json {js['json_write_ms']:.1f} ms, msgspec {js['msgspec_write_ms']:.2f} ms "
+    log(
+        f"  write: json {js['json_write_ms']:.1f} ms, msgspec {js['msgspec_write_ms']:.2f} ms "
         f"({js['json_write_ms'] / js['msgspec_write_ms']:.0f}x); read: json {js['json_read_ms']:.1f} ms, "
-        f"msgspec {js['msgspec_read_ms']:.2f} ms ({js['json_read_ms'] / js['msgspec_read_ms']:.1f}x)")
+        f"msgspec {js['msgspec_read_ms']:.2f} ms ({js['json_read_ms'] / js['msgspec_read_ms']:.1f}x)"
+    )
 
     result["files"] = []
     for n in [int(x) for x in args.files.split(",") if x]:
@@ -274,20 +312,33 @@ def main(argv=None) -> int:
         f = files_figures(args.workdir, n, args)
         result["files"].append(f)
         q, full = f["first_batch_quick"], f["first_batch_full"]
-        log(f"  build {f['build_s']:.1f} s ({f['build_s_per_file'] * 1e3:.0f} ms/file), peak RSS {f['build_peak_MB']:.0f} MB; "
-            f"no-op re-run {f['noop_build_s']:.1f} s")
-        log(f"  start to first batch: quick check {q['total_s']:.2f} s (catalog {q['catalog_s']:.2f} s), "
-            f"full check {full['total_s']:.2f} s (catalog {full['catalog_s']:.2f} s)")
+        log(
+            f"  build {f['build_s']:.1f} s ({f['build_s_per_file'] * 1e3:.0f} ms/file), "
+            f"peak RSS {f['build_peak_MB']:.0f} MB; "
+            f"no-op re-run {f['noop_build_s']:.1f} s"
+        )
+        log(
+            f"  start to first batch: quick check {q['total_s']:.2f} s (catalog {q['catalog_s']:.2f} s), "
+            f"full check {full['total_s']:.2f} s (catalog {full['catalog_s']:.2f} s)"
+        )
         d = f["disk"]
-        log(f"  disk after one epoch: built {d['built_MB']:.0f} MB; through a {d['cache_limit_MB']:.0f} MB cache "
+        log(
+            f"  disk after one epoch: built {d['built_MB']:.0f} MB; through a {d['cache_limit_MB']:.0f} MB cache "
             f"{d['after_epoch_cached_MB']:.0f} MB (x{d['after_epoch_cached_MB'] / d['built_MB']:.2f}, epoch "
             f"{d['epoch_cached_s']:.0f} s); in place {d['after_epoch_in_place_MB']:.0f} MB "
-            f"(x{d['after_epoch_in_place_MB'] / d['built_MB']:.2f}, epoch {d['epoch_in_place_s']:.0f} s)")
+            f"(x{d['after_epoch_in_place_MB'] / d['built_MB']:.2f}, epoch {d['epoch_in_place_s']:.0f} s)"
+        )
     if len(result["files"]) > 1:
         a, b = result["files"][0], result["files"][-1]
-        log(f"== growth from {a['files']} to {b['files']} files: build peak RSS x{b['build_peak_MB'] / a['build_peak_MB']:.2f}; "
-            f"catalog per file (quick) {(b['first_batch_quick']['catalog_s'] - a['first_batch_quick']['catalog_s']) / (b['files'] - a['files']) * 1e3:.2f} ms, "
-            f"(full) {(b['first_batch_full']['catalog_s'] - a['first_batch_full']['catalog_s']) / (b['files'] - a['files']) * 1e3:.2f} ms")
+        added = b["files"] - a["files"]
+        quick_ms = (b["first_batch_quick"]["catalog_s"] - a["first_batch_quick"]["catalog_s"]) / added * 1e3
+        full_ms = (b["first_batch_full"]["catalog_s"] - a["first_batch_full"]["catalog_s"]) / added * 1e3
+        log(
+            f"== growth from {a['files']} to {b['files']} files: "
+            f"build peak RSS x{b['build_peak_MB'] / a['build_peak_MB']:.2f}; "
+            f"catalog per file (quick) {quick_ms:.2f} ms, "
+            f"(full) {full_ms:.2f} ms"
+        )
     print(json.dumps(result))
     return 0
 

@@ -54,15 +54,15 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-GENERATOR_VERSION = 1          # bump when the generated matrix changes (invalidates the cache)
-GEN_CHUNK_ROWS = 4096          # rows generated at once
-SHARD_CHUNK_DEFAULT = 8192     # conf/config.yaml shard.chunk_size (read from it when possible)
+GENERATOR_VERSION = 1  # bump when the generated matrix changes (invalidates the cache)
+GEN_CHUNK_ROWS = 4096  # rows generated at once
+SHARD_CHUNK_DEFAULT = 8192  # conf/config.yaml shard.chunk_size (read from it when possible)
 SPECIES = "hsapiens"
 SOURCE_NAME = "bench"
 OBS_KEYS = ["dataset", "donor_id", "tissue", "cell_type"]
-GENE_WEIGHT_SIGMA = 2.0        # lognormal sigma of gene expression weights
-NNZ_SIGMA = 0.3                # lognormal spread of nonzeros per cell
-LUT_BITS = 22                  # inverse-CDF lookup table of 2**22 entries for weighted draws
+GENE_WEIGHT_SIGMA = 2.0  # lognormal sigma of gene expression weights
+NNZ_SIGMA = 0.3  # lognormal spread of nonzeros per cell
+LUT_BITS = 22  # inverse-CDF lookup table of 2**22 entries for weighted draws
 
 # Measured commands run under this wrapper: it runs argv[2:], then writes its own children's
 # wall time and peak RSS (ru_maxrss, KiB on Linux) to argv[1]. A fresh wrapper per command
@@ -140,11 +140,12 @@ class CellModel:
     def __init__(self, n_genes: int, nnz: int, seed: int):
         rng = np.random.default_rng([seed, n_genes, 7])
         w = np.sort(rng.lognormal(0.0, GENE_WEIGHT_SIGMA, n_genes))[::-1]
-        self.p = w / w.sum()                            # per draw, by popularity rank
-        self.rank_to_col = rng.permutation(n_genes).astype(np.int32)   # popular genes anywhere in var
+        self.p = w / w.sum()  # per draw, by popularity rank
+        self.rank_to_col = rng.permutation(n_genes).astype(np.int32)  # popular genes anywhere in var
         m = 1 << LUT_BITS
-        self.lut = np.minimum(np.searchsorted(np.cumsum(self.p), (np.arange(m) + 0.5) / m),
-                              n_genes - 1).astype(np.int32)
+        self.lut = np.minimum(np.searchsorted(np.cumsum(self.p), (np.arange(m) + 0.5) / m), n_genes - 1).astype(
+            np.int32
+        )
         # expected distinct genes after K draws, on a grid of K: invert to calibrate
         k_grid = np.unique(np.geomspace(1, 50 * nnz, 600).astype(np.int64))
         log1m = np.log1p(-self.p)
@@ -158,17 +159,17 @@ class CellModel:
 
     def chunk(self, rng: np.random.Generator, rows: int):
         """(indptr, indices, data) of `rows` cells: CSR, column indices sorted within rows."""
-        target = self.nnz * np.exp(rng.normal(-NNZ_SIGMA ** 2 / 2, NNZ_SIGMA, rows))
+        target = self.nnz * np.exp(rng.normal(-(NNZ_SIGMA**2) / 2, NNZ_SIGMA, rows))
         k = self.draws_for(target)
         total = int(k.sum())
         raw = rng.bit_generator.random_raw((total + 1) // 2).view(np.uint32)[:total]
         ranks = self.lut[raw >> np.uint32(32 - LUT_BITS)]
-        cols = self.rank_to_col[ranks].astype(np.uint64 if rows * self.n_genes >= 2 ** 32 else np.uint32)
+        cols = self.rank_to_col[ranks].astype(np.uint64 if rows * self.n_genes >= 2**32 else np.uint32)
         row_of = np.repeat(np.arange(rows, dtype=cols.dtype), k)
         key = row_of * cols.dtype.type(self.n_genes) + cols
         key.sort()
         starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-        counts = np.diff(np.append(starts, total)).astype(np.float32)   # UMIs = times drawn
+        counts = np.diff(np.append(starts, total)).astype(np.float32)  # UMIs = times drawn
         ukey = key[starts]
         row = (ukey // self.n_genes).astype(np.int64)
         indices = (ukey % self.n_genes).astype(np.int32)
@@ -188,8 +189,12 @@ def write_obs_var(f, n_cells: int, gene_ids: np.ndarray, seed: int) -> None:
         return pd.Categorical.from_codes(rng.integers(0, n_cat, n_cells), categories=cats)
 
     obs = pd.DataFrame(
-        {"dataset": pd.Categorical([SOURCE_NAME] * n_cells), "donor_id": categorical("donor_", 24),
-         "tissue": categorical("tissue_", 6), "cell_type": categorical("type_", 30)},
+        {
+            "dataset": pd.Categorical([SOURCE_NAME] * n_cells),
+            "donor_id": categorical("donor_", 24),
+            "tissue": categorical("tissue_", 6),
+            "cell_type": categorical("type_", 30),
+        },
         index=pd.Index([f"cell_{i:08d}" for i in range(n_cells)], name="cell_id"),
     )
     write_elem(f, "obs", obs)
@@ -220,12 +225,19 @@ def generate_h5ad(path: Path, n_cells: int, n_genes: int, nnz: int, all_gene_ids
         X.attrs["shape"] = (n_cells, n_genes)
         # anndata writes sparse arrays resizable (maxshape=None), chunked by h5py's guess for the
         # full array; use the guess for the expected final size.
-        data = X.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32,
-                                chunks=guess_chunk((est,), None, 4))
-        indices = X.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32,
-                                   chunks=guess_chunk((est,), None, 4))
-        indptr = X.create_dataset("indptr", shape=(n_cells + 1,), maxshape=(None,), dtype=np.int64,
-                                  chunks=guess_chunk((n_cells + 1,), None, 8))
+        data = X.create_dataset(
+            "data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=guess_chunk((est,), None, 4)
+        )
+        indices = X.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=guess_chunk((est,), None, 4)
+        )
+        indptr = X.create_dataset(
+            "indptr",
+            shape=(n_cells + 1,),
+            maxshape=(None,),
+            dtype=np.int64,
+            chunks=guess_chunk((n_cells + 1,), None, 8),
+        )
         indptr[0] = 0
         for i, a in enumerate(range(0, n_cells, GEN_CHUNK_ROWS)):
             b = min(a + GEN_CHUNK_ROWS, n_cells)
@@ -233,16 +245,22 @@ def generate_h5ad(path: Path, n_cells: int, n_genes: int, nnz: int, all_gene_ids
             n = len(dat)
             data.resize((total + n,))
             indices.resize((total + n,))
-            data[total:total + n] = dat
-            indices[total:total + n] = ind
-            indptr[a + 1:b + 1] = ip[1:] + total
+            data[total : total + n] = dat
+            indices[total : total + n] = ind
+            indptr[a + 1 : b + 1] = ip[1:] + total
             total += n
             if i % 16 == 15:
                 log(f"  generated {b:,}/{n_cells:,} cells ({time.perf_counter() - t0:.0f} s)")
         write_obs_var(f, n_cells, gene_ids, seed)
     os.replace(tmp, path)
-    return {"cells": n_cells, "genes": n_genes, "nonzeros": total, "bytes": path.stat().st_size,
-            "generate_s": time.perf_counter() - t0, "generator_version": GENERATOR_VERSION}
+    return {
+        "cells": n_cells,
+        "genes": n_genes,
+        "nonzeros": total,
+        "bytes": path.stat().st_size,
+        "generate_s": time.perf_counter() - t0,
+        "generator_version": GENERATOR_VERSION,
+    }
 
 
 def write_conf(conf: Path, file_name: str) -> None:
@@ -254,7 +272,8 @@ def write_conf(conf: Path, file_name: str) -> None:
         f"species: {SPECIES}\n"
         "source_path: ${PATH.PROJECT_PATH}/data/${.source_name}/h5ads\n"
         f"train:\n  - {file_name}\n"
-        "val: []\n")
+        "val: []\n"
+    )
     (conf / "datamodule" / "Bench.yaml").write_text(
         "# Written by tools/bench/shard.py: one synthetic file to shard.\n"
         "defaults:\n"
@@ -274,11 +293,13 @@ def write_conf(conf: Path, file_name: str) -> None:
         "  train:\n"
         "    batch_size: 128\n"
         "    num_workers: 0\n"
-        "    drop_last: True\n")
+        "    drop_last: True\n"
+    )
 
 
-def ensure_project(workdir: Path, n_cells: int, n_genes: int, nnz: int, seed: int, vocab_csv: Path,
-                   gene_ids_cache: list) -> tuple[Path, Path, dict]:
+def ensure_project(
+    workdir: Path, n_cells: int, n_genes: int, nnz: int, seed: int, vocab_csv: Path, gene_ids_cache: list
+) -> tuple[Path, Path, dict]:
     project = workdir / f"project_{n_cells}_{nnz}_{n_genes}_s{seed}"
     h5ad = project / "data" / SOURCE_NAME / "h5ads" / f"bench_{n_cells}.h5ad"
     facts_path = project / "input.json"
@@ -299,8 +320,10 @@ def ensure_project(workdir: Path, n_cells: int, n_genes: int, nnz: int, seed: in
             gene_ids_cache.append(vocabulary_gene_ids(vocab_csv))
         facts = generate_h5ad(h5ad, n_cells, n_genes, nnz, gene_ids_cache[0], seed)
         facts_path.write_text(json.dumps(facts, indent=1) + "\n")
-        log(f"  done: {facts['nonzeros']:,} nonzeros ({facts['nonzeros'] / n_cells:,.0f} per cell), "
-            f"{facts['bytes'] / 1e9:.2f} GB, {facts['generate_s']:.1f} s")
+        log(
+            f"  done: {facts['nonzeros']:,} nonzeros ({facts['nonzeros'] / n_cells:,.0f} per cell), "
+            f"{facts['bytes'] / 1e9:.2f} GB, {facts['generate_s']:.1f} s"
+        )
         facts["cached"] = False
     else:
         log(f"reusing cached {h5ad} ({facts['nonzeros']:,} nonzeros, {facts['bytes'] / 1e9:.2f} GB)")
@@ -315,8 +338,12 @@ def measured(cmd: list[str], workdir: Path, tag: str) -> tuple[dict, str]:
     """Run `cmd` under a fresh wrapper; return (its wall/peak-RSS record, its stdout+stderr)."""
     rec_path = workdir / f".measure_{tag}.json"
     rec_path.unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, str(rec_path), *cmd],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", WRAPPER, str(rec_path), *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     rec = json.loads(rec_path.read_text())
     rec_path.unlink(missing_ok=True)
     return rec, proc.stdout
@@ -339,7 +366,7 @@ def configured_chunk_size() -> int:
 
 def floor_read(h5ad: Path, chunk: int, workdir: Path) -> dict:
     runs = []
-    for i in range(2):   # the first pass warms the page cache; report the faster
+    for i in range(2):  # the first pass warms the page cache; report the faster
         rec, out = measured([sys.executable, "-c", FLOOR, str(h5ad), str(chunk)], workdir, f"floor{i}")
         if rec["rc"] != 0:
             raise SystemExit(f"h5py floor read failed:\n{out}")
@@ -372,12 +399,20 @@ def shard_run(project: Path, n_cells: int, workdir: Path) -> dict:
     zstd_bytes = sum(p.stat().st_size for p in ds.glob("shard.*.mds.zstd"))
     sharding_s = build["wall_s"] - noop["wall_s"]
     return {
-        "build_wall_s": build["wall_s"], "noop_wall_s": noop["wall_s"], "sharding_s": sharding_s,
-        "reported_s": reported_s, "user_s": build["user_s"], "sys_s": build["sys_s"],
-        "peak_rss_mb": build["maxrss_kib"] / 1024, "noop_peak_rss_mb": noop["maxrss_kib"] / 1024,
-        "cells_written": record["cells_written"], "nonzeros": record["nonzeros"],
-        "cells_dropped": record["cells_dropped"], "n_shards": record["n_shards"],
-        "shard_bytes_zstd": zstd_bytes, "shard_bytes_record": record["shard_bytes"],
+        "build_wall_s": build["wall_s"],
+        "noop_wall_s": noop["wall_s"],
+        "sharding_s": sharding_s,
+        "reported_s": reported_s,
+        "user_s": build["user_s"],
+        "sys_s": build["sys_s"],
+        "peak_rss_mb": build["maxrss_kib"] / 1024,
+        "noop_peak_rss_mb": noop["maxrss_kib"] / 1024,
+        "cells_written": record["cells_written"],
+        "nonzeros": record["nonzeros"],
+        "cells_dropped": record["cells_dropped"],
+        "n_shards": record["n_shards"],
+        "shard_bytes_zstd": zstd_bytes,
+        "shard_bytes_record": record["shard_bytes"],
         "bytes_per_nnz": zstd_bytes / max(1, record["nonzeros"]),
         "cells_per_s": n_cells / sharding_s if sharding_s > 0 else float("nan"),
         "cells_per_s_incl_startup": n_cells / build["wall_s"],
@@ -395,11 +430,13 @@ def machine() -> str:
     except OSError:
         pass
     try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem = float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -422,8 +459,10 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     chunk = configured_chunk_size()
-    log(f"concept-shard benchmark: sizes {sizes}, ~{args.nnz} nonzeros/cell, {args.genes} genes, "
-        f"chunk {chunk} rows, workdir {workdir}")
+    log(
+        f"concept-shard benchmark: sizes {sizes}, ~{args.nnz} nonzeros/cell, {args.genes} genes, "
+        f"chunk {chunk} rows, workdir {workdir}"
+    )
     log(f"machine: {machine()}")
     vocab_csv = vocabulary_csv(workdir)
     gene_ids_cache: list = []
@@ -436,29 +475,41 @@ def main(argv=None) -> int:
         log(f"[{n:,}] concept-shard build (fresh shards dir) ...")
         # the build of a small file lasts ~1 s, so VM noise is large: report the median run
         runs = sorted((shard_run(project, n, workdir) for _ in range(args.repeat)), key=lambda r: r["sharding_s"])
-        shard = dict(runs[len(runs) // 2], peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
-                     sharding_s_runs=[round(r["sharding_s"], 3) for r in runs])
-        log(f"[{n:,}]   {shard['report_line']}; wall {shard['build_wall_s']:.2f} s, no-op re-run "
-            f"{shard['noop_wall_s']:.2f} s -> sharding {shard['sharding_s']:.2f} s = {shard['cells_per_s']:,.0f} cells/s, "
-            f"peak RSS {shard['peak_rss_mb']:,.0f} MB, {shard['bytes_per_nnz']:.3f} B/nnz")
+        shard = dict(
+            runs[len(runs) // 2],
+            peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
+            sharding_s_runs=[round(r["sharding_s"], 3) for r in runs],
+        )
+        log(
+            f"[{n:,}]   {shard['report_line']}; wall {shard['build_wall_s']:.2f} s, no-op re-run "
+            f"{shard['noop_wall_s']:.2f} s -> sharding {shard['sharding_s']:.2f} s = "
+            f"{shard['cells_per_s']:,.0f} cells/s, "
+            f"peak RSS {shard['peak_rss_mb']:,.0f} MB, {shard['bytes_per_nnz']:.3f} B/nnz"
+        )
         if shard["cells_written"] + sum(shard["cells_dropped"].values()) != n or shard["nonzeros"] != facts["nonzeros"]:
-            log(f"[{n:,}]   WARNING: wrote {shard['cells_written']:,} cells / {shard['nonzeros']:,} nonzeros, "
-                f"input has {n:,} / {facts['nonzeros']:,}")
+            log(
+                f"[{n:,}]   WARNING: wrote {shard['cells_written']:,} cells / {shard['nonzeros']:,} nonzeros, "
+                f"input has {n:,} / {facts['nonzeros']:,}"
+            )
         results[n] = {"input": facts, "floor": floor, "shard": shard}
         if not args.keep:
             shutil.rmtree(project / "shards", ignore_errors=True)
 
     # ---- table
     log("")
-    header = (f"{'cells':>9} {'nnz/cell':>9} {'shard cells/s':>14} {'h5py floor cells/s':>19} {'ratio':>6} "
-              f"{'peak RSS MB':>12} {'B/nnz':>6} {'shard s':>8} {'wall s':>7} {'no-op s':>8}")
+    header = (
+        f"{'cells':>9} {'nnz/cell':>9} {'shard cells/s':>14} {'h5py floor cells/s':>19} {'ratio':>6} "
+        f"{'peak RSS MB':>12} {'B/nnz':>6} {'shard s':>8} {'wall s':>7} {'no-op s':>8}"
+    )
     log(header)
     log("-" * len(header))
     for n, r in results.items():
         s, fl = r["shard"], r["floor"]
-        log(f"{n:>9,} {s['nonzeros'] / max(1, s['cells_written']):>9,.0f} {s['cells_per_s']:>14,.0f} "
+        log(
+            f"{n:>9,} {s['nonzeros'] / max(1, s['cells_written']):>9,.0f} {s['cells_per_s']:>14,.0f} "
             f"{fl['cells_per_s']:>19,.0f} {s['cells_per_s'] / fl['cells_per_s']:>6.3f} {s['peak_rss_mb']:>12,.0f} "
-            f"{s['bytes_per_nnz']:>6.3f} {s['sharding_s']:>8.2f} {s['build_wall_s']:>7.2f} {s['noop_wall_s']:>8.2f}")
+            f"{s['bytes_per_nnz']:>6.3f} {s['sharding_s']:>8.2f} {s['build_wall_s']:>7.2f} {s['noop_wall_s']:>8.2f}"
+        )
     marginal = None
     if len(sizes) >= 2:
         lo, hi = min(sizes), max(sizes)
@@ -473,25 +524,35 @@ def main(argv=None) -> int:
     rss_ratio = None
     if len(sizes) >= 2:
         rss_ratio = results[max(sizes)]["shard"]["peak_rss_mb"] / results[min(sizes)]["shard"]["peak_rss_mb"]
-    targets = {"cells_per_s_ge_20000": all(rate_ok.values()), "bytes_per_nnz_le_4": all(bytes_ok.values()),
-               "rss_bounded_within_20pct": None if rss_ratio is None else rss_ratio <= 1.2}
+    targets = {
+        "cells_per_s_ge_20000": all(rate_ok.values()),
+        "bytes_per_nnz_le_4": all(bytes_ok.values()),
+        "rss_bounded_within_20pct": None if rss_ratio is None else rss_ratio <= 1.2,
+    }
     log("\ntargets (docs/design.md):")
     for n, r in results.items():
-        log(f"  [{'PASS' if rate_ok[str(n)] else 'FAIL'}] >= 20,000 cells/s per process at {n:,} cells: "
-            f"{r['shard']['cells_per_s']:,.0f}")
+        log(
+            f"  [{'PASS' if rate_ok[str(n)] else 'FAIL'}] >= 20,000 cells/s per process at {n:,} cells: "
+            f"{r['shard']['cells_per_s']:,.0f}"
+        )
     for n, r in results.items():
-        log(f"  [{'PASS' if bytes_ok[str(n)] else 'FAIL'}] <= 4 bytes per nonzero at {n:,} cells: "
-            f"{r['shard']['bytes_per_nnz']:.3f}")
+        log(
+            f"  [{'PASS' if bytes_ok[str(n)] else 'FAIL'}] <= 4 bytes per nonzero at {n:,} cells: "
+            f"{r['shard']['bytes_per_nnz']:.3f}"
+        )
     if rss_ratio is not None:
-        log(f"  [{'PASS' if targets['rss_bounded_within_20pct'] else 'FAIL'}] peak RSS at {max(sizes):,} within 20% "
-            f"of {min(sizes):,}: ratio {rss_ratio:.3f}")
+        log(
+            f"  [{'PASS' if targets['rss_bounded_within_20pct'] else 'FAIL'}] peak RSS at {max(sizes):,} within 20% "
+            f"of {min(sizes):,}: ratio {rss_ratio:.3f}"
+        )
     total_s = time.perf_counter() - t_start
     log(f"\nbenchmark took {total_s:.0f} s")
     summary = {
         "cells_per_s": {str(n): round(r["shard"]["cells_per_s"]) for n, r in results.items()},
         "h5py_floor_cells_per_s": {str(n): round(r["floor"]["cells_per_s"]) for n, r in results.items()},
-        "shard_to_floor_ratio": {str(n): round(r["shard"]["cells_per_s"] / r["floor"]["cells_per_s"], 4)
-                                 for n, r in results.items()},
+        "shard_to_floor_ratio": {
+            str(n): round(r["shard"]["cells_per_s"] / r["floor"]["cells_per_s"], 4) for n, r in results.items()
+        },
         "peak_rss_mb": {str(n): round(r["shard"]["peak_rss_mb"], 1) for n, r in results.items()},
         "bytes_per_nnz": {str(n): round(r["shard"]["bytes_per_nnz"], 4) for n, r in results.items()},
         "sharding_s": {str(n): round(r["shard"]["sharding_s"], 3) for n, r in results.items()},
@@ -505,7 +566,8 @@ def main(argv=None) -> int:
         "marginal_cells_per_s": None if marginal is None else round(marginal),
         "targets_met": targets,
         "chunk_size": chunk,
-        "nnz_per_cell": args.nnz, "genes": args.genes,
+        "nnz_per_cell": args.nnz,
+        "genes": args.genes,
         "benchmark_s": round(total_s, 1),
         "machine": machine(),
     }

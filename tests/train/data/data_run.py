@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))     # tests/, for helpers.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for helpers.py
 from helpers import data_module  # noqa: E402
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from concept_shard.mds import VALUE_DTYPE_CODE, MDSDatasetWriter, SampleDecoder
-from concept_train.data import kernel
-from concept_train.data.decode import SampleBatch, ShardLayout, copy_values, locate
-from concept_train.data.loader import RankSlice
 from helpers import data_module
 
-pytestmark = pytest.mark.skipif(not kernel.available(), reason="numba is not installed")
+from concept_shard.mds import VALUE_DTYPE_CODE, MDSDatasetWriter, SampleDecoder
+from concept_train.data import kernels
+from concept_train.data.deliver.loader import RankSlice
+from concept_train.data.read.decode import SampleBatch, ShardLayout, copy_values, locate
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
 NAMES = ["n_counts", "row", "cell_id", "obs.cell_type", "obs.absent"]
 
@@ -28,7 +28,7 @@ def _assert_same(a: SampleBatch, b: SampleBatch):
 def test_batch_decoder_equals_the_sample_decoder_on_every_sample(sharded_example):
     store = data_module(sharded_example).store
     pairs = np.array([(d, r) for d, s in enumerate(store.sets) for r in range(s.n_samples)])
-    pairs = pairs[np.random.default_rng(0).permutation(len(pairs))]      # many shards per batch, any order
+    pairs = pairs[np.random.default_rng(0).permutation(len(pairs))]  # many shards per batch, any order
     for chunk in np.array_split(pairs, 20):
         fast = store.get_batch(chunk[:, 0], chunk[:, 1], NAMES)
         _assert_same(fast, store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, compiled=False))
@@ -40,7 +40,7 @@ def test_shard_dtypes_give_the_same_values_in_the_shards_own_dtypes(sharded_exam
     pairs = np.array([(d, r) for d, s in enumerate(store.sets) for r in range(0, s.n_samples, 7)])
     pairs = pairs[np.random.default_rng(1).permutation(len(pairs))]
     seen = set()
-    for chunk in [*np.array_split(pairs, 6), pairs[pairs[:, 0] == 0][:50]]:     # mixed files, then one file
+    for chunk in [*np.array_split(pairs, 6), pairs[pairs[:, 0] == 0][:50]]:  # mixed files, then one file
         own = store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, shard_dtypes=True)
         _assert_same(own, store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, compiled=False, shard_dtypes=True))
         wide = store.get_batch(chunk[:, 0], chunk[:, 1], NAMES)
@@ -49,7 +49,7 @@ def test_shard_dtypes_give_the_same_values_in_the_shards_own_dtypes(sharded_exam
         assert own.genes.dtype == np.result_type(*{s["genes"].dtype for s in samples})
         assert own.counts.dtype == np.result_type(*{s["counts"].dtype for s in samples})
         seen.add((own.genes.dtype.itemsize < 8, own.counts.dtype != np.float64))
-    assert (True, True) in seen                     # the example holds files in narrow dtypes
+    assert (True, True) in seen  # the example holds files in narrow dtypes
 
 
 @pytest.mark.parametrize("genes_enc", ["ndarray:uint16", "ndarray:uint32", "ndarray"])
@@ -62,12 +62,18 @@ def test_every_value_dtype_is_cast_as_numpy_casts(tmp_path, genes_enc):
     for i, dtype in enumerate([*VALUE_DTYPE_CODE, "float16", "uint8"]):
         n = int(rng.integers(1, 300))
         gdt = genes_enc.partition(":")[2] or "int32"
-        samples.append({"genes": np.sort(rng.choice(60000, n, replace=False)).astype(gdt),
-                        "counts": (rng.random(n) * 100).astype(dtype), "n_counts": float(i) + 0.5,
-                        "cell_id": f"cell-{i}-é", "row": i - 3})
+        samples.append(
+            {
+                "genes": np.sort(rng.choice(60000, n, replace=False)).astype(gdt),
+                "counts": (rng.random(n) * 100).astype(dtype),
+                "n_counts": float(i) + 0.5,
+                "cell_id": f"cell-{i}-é",
+                "row": i - 3,
+            }
+        )
     encoded = [writer.encode_sample(s) for s in samples]
     writer.abort()
-    buf = np.frombuffer(b"xx" + b"".join(encoded), np.uint8)     # unaligned on purpose
+    buf = np.frombuffer(b"xx" + b"".join(encoded), np.uint8)  # unaligned on purpose
     starts = 2 + np.cumsum([0] + [len(e) for e in encoded[:-1]])
     decoder = SampleDecoder(writer.names, writer.encodings, writer.sizes)
     layout = ShardLayout(writer.names, writer.encodings, writer.sizes, NAMES)
@@ -90,3 +96,18 @@ def test_an_empty_rank_slice_gives_an_empty_batch(sharded_example):
     batch = maker.make(0)
     assert batch.n_cells == 0 and batch.cell_ids == [] and batch.tokens.numel() == 0
     assert batch.cu_seqlens.tolist() == [0] and all(t.numel() == 0 for t in batch.labels.values())
+
+
+def test_the_kernels_read_native_arrays_and_native_scalar_columns_only():
+    """ShardLayout.supported (mds.native_encoding, split as before): genes and counts as native
+    ndarrays, the wanted other columns as str / int64 / float64; a column not asked for is ignored."""
+
+    def supported(genes, counts, **others):
+        encs = {"genes": genes, "counts": counts, **others}
+        names = sorted(encs)
+        return ShardLayout(names, [encs[n] for n in names], [None] * len(names), ["cell_id", "row"]).supported
+
+    assert supported("ndarray:uint16", "ndarray", cell_id="str", row="int64", extra="pkl")
+    assert supported("ndarray", "ndarray:float32", cell_id="str", row="float64")
+    assert not supported("ndarray:uint16", "ndarray", cell_id="ndarray", row="int64")
+    assert not supported("ndarray:uint16", "ndarray", cell_id="str", row="int32")

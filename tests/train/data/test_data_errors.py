@@ -6,11 +6,10 @@ import shutil
 
 import pytest
 import torch
+from helpers import ADVANCED, data_module, shard
 
-from concept_train.data import DataError
 from concept_shard.errors import ConfigError, UserError
-from helpers import ADVANCED, shard
-from helpers import data_module
+from concept_train.data import DataError
 
 
 @pytest.fixture
@@ -21,7 +20,7 @@ def sharded(project):
 
 def test_missing_and_stale_shards_are_listed_with_the_command_to_run(sharded):
     shutil.rmtree(sharded / "shards/hsapiens/synth_hsapiens/hs_lung_b")
-    with open(sharded / "data/synth_mmusculus/h5ads/mm_brain_a.h5ad", "r+b") as fh:   # same size, new content
+    with open(sharded / "data/synth_mmusculus/h5ads/mm_brain_a.h5ad", "r+b") as fh:  # same size, new content
         fh.seek(-16, 2)
         tail = fh.read(16)
         fh.seek(-16, 2)
@@ -43,8 +42,8 @@ def test_shards_copied_without_their_sources_train_with_check_sources_off(sharde
         data_module(sharded)
     text = " ".join(str(err.value).split())
     assert "hs_blood_a.h5ad no longer exists" in text and "datamodule.check_sources=false" in text
-    assert "not on this machine" in text and "concept-shard build" not in text     # rebuilding cannot help
-    with pytest.raises(ConfigError, match="datamodule.check_sources"):       # the schema: true, full or false
+    assert "not on this machine" in text and "concept-shard build" not in text  # rebuilding cannot help
+    with pytest.raises(ConfigError, match="datamodule.check_sources"):  # the schema: true, full or false
         data_module(sharded, ["datamodule.check_sources=maybe"])
     copied = next(iter(data_module(sharded, ["datamodule.check_sources=false"]).train_loader()))
     assert torch.equal(copied.tokens, reference.tokens) and torch.equal(copied.values, reference.values)
@@ -61,18 +60,18 @@ def test_start_up_trusts_size_and_mtime_and_full_reads_every_source(sharded):
 
     src = sharded / "data/synth_mmusculus/h5ads/mm_brain_a.h5ad"
     st = src.stat()
-    with open(src, "r+b") as fh:            # same size, new content in the last sampled block
+    with open(src, "r+b") as fh:  # same size, new content in the last sampled block
         fh.seek(-16, 2)
         tail = fh.read(16)
         fh.seek(-16, 2)
         fh.write(bytes(255 - b for b in tail))
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert data_module(sharded).train_sets                  # trusted: size and mtime unchanged
+    assert data_module(sharded).train_sets  # trusted: size and mtime unchanged
     with pytest.raises(DataError, match=r"(?s)mm_brain_a.*changed since it was"):
         data_module(sharded, ["datamodule.check_sources=full"])
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(DataError, match=r"(?s)mm_brain_a.*changed since it was"):
-        data_module(sharded)                                # a new mtime: the source is read
+        data_module(sharded)  # a new mtime: the source is read
 
 
 def test_changed_vocabulary_makes_shards_stale(sharded):
@@ -85,11 +84,14 @@ def test_changed_vocabulary_makes_shards_stale(sharded):
     assert "token mapping" in text and "mmusculus.csv changed since it was sharded" in text
 
 
-@pytest.mark.parametrize("content,problem", [
-    ("gene\nENSG00000141510\n", "no `Ensembl_ID` column"),
-    ("Ensembl_ID\n", "lists no genes"),
-    ("Ensembl_ID\nENSG_NOT_A_GENE\n", "no gene in the hsapiens vocabulary"),
-])
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        ("gene\nENSG00000141510\n", "no `Ensembl_ID` column"),
+        ("Ensembl_ID\n", "lists no genes"),
+        ("Ensembl_ID\nENSG_NOT_A_GENE\n", "no gene in the hsapiens vocabulary"),
+    ],
+)
 def test_malformed_panel_csv_is_a_clear_start_up_error(sharded, content, problem):
     bad = sharded / "panels/hsapiens/bad_panel.csv"
     bad.write_text(content)
@@ -102,12 +104,14 @@ def test_malformed_panel_csv_is_a_clear_start_up_error(sharded, content, problem
 
 
 def test_bad_loader_options_name_the_key(sharded):
-    for override, key in [("datamodule.normalization=zscore", "datamodule.normalization"),
-                          ("datamodule.gene_sampling_strategy=best", "datamodule.gene_sampling_strategy"),
-                          ("datamodule.dataset.train.panel_selection=fancy", "panel_selection"),
-                          ("datamodule.dataset.train.batching=whatever", "batching"),
-                          ("datamodule.dataloader.train.batch_size=100000", "yields no batch")]:
-        with pytest.raises(UserError) as err:      # the schema's ConfigError, or the loader's DataError
+    for override, key in [
+        ("datamodule.normalization=zscore", "datamodule.normalization"),
+        ("datamodule.gene_sampling_strategy=best", "datamodule.gene_sampling_strategy"),
+        ("datamodule.dataset.train.panel_selection=fancy", "panel_selection"),
+        ("datamodule.dataset.train.batching=whatever", "batching"),
+        ("datamodule.dataloader.train.batch_size=100000", "yields no batch"),
+    ]:
+        with pytest.raises(UserError) as err:  # the schema's ConfigError, or the loader's DataError
             data_module(sharded, [override]).train_loader()
         assert key in " ".join(str(err.value).split())
 
@@ -121,12 +125,15 @@ def test_a_file_without_cells_is_skipped_with_a_word_and_an_absent_obs_key_is_na
     src = ad.read_h5ad(project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad")
     empty = ad.AnnData(X=sp.csr_matrix((20, src.n_vars), dtype="float32"), var=src.var[[]])
     empty.write_h5ad(project / "data/synth_hsapiens/h5ads/hs_empty.h5ad")
-    split = ["datamodule.split_synth_hsapiens.train=[hs_blood_a.h5ad,hs_empty.h5ad]",
-             "datamodule.obs_keys=[cell_type,no_such_column]"]
+    split = [
+        "datamodule.split_synth_hsapiens.train=[hs_blood_a.h5ad,hs_empty.h5ad]",
+        "datamodule.obs_keys=[cell_type,no_such_column]",
+    ]
     assert shard("build", project, *ADVANCED, *split, "--no-progress") == 0
     lines = []
     from concept_shard.config import compose_config
     from concept_train.data import DataModule
+
     dm = DataModule(compose_config(project, ADVANCED + split), log=lines.append)
     text = " ".join(lines)
     assert "skipping 1 file(s) whose shards hold no cells: hsapiens/synth_hsapiens/hs_empty" in text

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import data_module
 from torch.utils.data import DataLoader, IterableDataset
 
-from concept_train.data.handoff import SlotRing
-from concept_train.data.shm import HANDOFF_PREFIX, SHM_DIR, clean_stale_streaming_shm, owner_tag
-from helpers import data_module
+from concept_train.data.deliver.handoff import SlotRing
+from concept_train.data.read.shm import HANDOFF_PREFIX, SHM_DIR, clean_stale_streaming_shm, owner_tag
 
-TESTS = Path(__file__).resolve().parents[2]      # tests/, for helpers.py
+TESTS = Path(__file__).resolve().parents[2]  # tests/, for helpers.py
 SMALL = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
 TAKE = 10
 
@@ -42,10 +42,10 @@ def test_slots_deliver_the_batches_of_the_main_process_and_of_torchs_handoff(sha
     alone = _batches(sharded_example, 0, True)
     slots = _batches(sharded_example, 2, True)
     torch_way = _batches(sharded_example, 2, False)
-    assert not _ours()                                   # the pass removed its slots
+    assert not _ours()  # the pass removed its slots
     for a, s, t in zip(alone, slots, torch_way, strict=True):
         assert a.index == s.index == t.index
-        assert a.rest() == s.rest() == t.rest()          # cell ids, max_seqlen, panel kinds, epoch
+        assert a.rest() == s.rest() == t.rest()  # cell ids, max_seqlen, panel kinds, epoch
         ta, ts, tt = a.tensors(), s.tensors(), t.tensors()
         assert ta.keys() == ts.keys() == tt.keys()
         for k in ta:
@@ -68,8 +68,9 @@ class _Parcels(IterableDataset):
 
 def _through(ring, arrays, context=None):
     out = []
-    for parcel, sent in DataLoader(_Parcels(ring, arrays), batch_size=None, num_workers=1,
-                                   multiprocessing_context=context):
+    for parcel, sent in DataLoader(
+        _Parcels(ring, arrays), batch_size=None, num_workers=1, multiprocessing_context=context
+    ):
         out.append((None if parcel is None else ring.unpack(parcel), sent))
     return out
 
@@ -79,17 +80,27 @@ def test_arrays_of_every_dtype_and_shared_storages_round_trip(method):
     """Under fork the worker inherits the ring's maps; under spawn (forkserver alike) it gets the
     names and semaphores and maps the slots itself."""
     import multiprocessing
+
     context = multiprocessing.get_context(method)
     rng = np.random.default_rng(0)
     joined = torch.from_numpy(rng.integers(0, 255, 4096).astype(np.uint8))
     base = np.arange(50, dtype=np.int64)
-    sent = [{"a": rng.integers(-5, 5, 100).astype(np.int64), "b": rng.random(33).astype(np.float32),
-             "c": rng.random(7) > 0.5, "d": np.zeros(0, np.int32), "e": np.arange(12, dtype=np.int16).reshape(3, 4),
-             # two views of one storage (the loader's layout): copied once, viewed at their offsets
-             "f": joined[8:808].view(torch.int64), "g": joined[1024:2048].view(torch.float32),
-             # NumPy views of one buffer: storages at one address, of two sizes
-             "h": base[:10], "i": base}
-            for _ in range(5)]
+    sent = [
+        {
+            "a": rng.integers(-5, 5, 100).astype(np.int64),
+            "b": rng.random(33).astype(np.float32),
+            "c": rng.random(7) > 0.5,
+            "d": np.zeros(0, np.int32),
+            "e": np.arange(12, dtype=np.int16).reshape(3, 4),
+            # two views of one storage (the loader's layout): copied once, viewed at their offsets
+            "f": joined[8:808].view(torch.int64),
+            "g": joined[1024:2048].view(torch.float32),
+            # NumPy views of one buffer: storages at one address, of two sizes
+            "h": base[:10],
+            "i": base,
+        }
+        for _ in range(5)
+    ]
     ring = SlotRing(1, 3, context=context)
     try:
         got = _through(ring, sent, context)
@@ -100,22 +111,25 @@ def test_arrays_of_every_dtype_and_shared_storages_round_trip(method):
         assert received is not None
         for k, v in original.items():
             want = torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-            assert received[k].dtype == want.dtype and received[k].shape == want.shape and torch.equal(received[k], want), k
+            assert (
+                received[k].dtype == want.dtype and received[k].shape == want.shape and torch.equal(received[k], want)
+            ), k
 
 
 def test_a_batch_larger_than_a_slot_or_without_a_free_slot_goes_the_torch_way():
-    big = {"x": np.ones(5000, np.int64)}                   # 40 kB in 16 kB slots
+    big = {"x": np.ones(5000, np.int64)}  # 40 kB in 16 kB slots
     small = {"x": np.arange(10, dtype=np.int64)}
     ring = SlotRing(1, 2, slot_bytes=16 << 10)
     try:
         got = _through(ring, [big, small])
         assert got[0][0] is None and got[1][0] is not None and torch.equal(got[1][0]["x"], torch.arange(10))
 
-        class Unread(IterableDataset):       # packs three without the consumer reading any
+        class Unread(IterableDataset):  # packs three without the consumer reading any
             def __iter__(self):
                 yield [ring.pack(small) is not None for _ in range(3)]
+
         (packed,) = list(DataLoader(Unread(), batch_size=None, num_workers=1))
-        assert packed == [True, True, False]             # two slots, then the torch way: no deadlock
+        assert packed == [True, True, False]  # two slots, then the torch way: no deadlock
     finally:
         ring.close()
     assert not _ours()
@@ -140,10 +154,24 @@ def test_stopping_early_leaves_no_slots(sharded_example, workers):
 
 
 def test_a_process_that_exits_without_closing_its_loader_leaves_no_slots(sharded_example):
-    code = ("import sys, os; sys.path.insert(0, sys.argv[2]); from helpers import data_module; "
-            "it = iter(data_module(sys.argv[1], sys.argv[3:]).train_loader()); next(it); print(os.getpid())")
-    proc = subprocess.run([sys.executable, "-c", code, str(sharded_example), str(TESTS),
-                           *SMALL, "datamodule.dataloader.train.num_workers=2"], capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys, os; sys.path.insert(0, sys.argv[2]); from helpers import data_module; "
+        "it = iter(data_module(sys.argv[1], sys.argv[3:]).train_loader()); next(it); print(os.getpid())"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(sharded_example),
+            str(TESTS),
+            *SMALL,
+            "datamodule.dataloader.train.num_workers=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     pid = proc.stdout.split()[-1]
     assert not [n for n in os.listdir(SHM_DIR) if n.startswith(f"{HANDOFF_PREFIX}{pid}.")]
@@ -151,7 +179,7 @@ def test_a_process_that_exits_without_closing_its_loader_leaves_no_slots(sharded
 
 def test_the_sweep_removes_slots_of_a_dead_owner_or_of_a_reused_pid_and_keeps_live_ones():
     live = SlotRing(1, 1)
-    reused = SHM_DIR / f"{HANDOFF_PREFIX}{os.getpid()}.1-feedbeef-0-0"     # our pid, another start time
+    reused = SHM_DIR / f"{HANDOFF_PREFIX}{os.getpid()}.1-feedbeef-0-0"  # our pid, another start time
     dead = SHM_DIR / f"{HANDOFF_PREFIX}999999999.5-feedbeef-0-0"
     try:
         for path in (reused, dead):

@@ -1,24 +1,24 @@
-"""The compiled view kernel (kernel.py) gives exactly the batches of the NumPy reference (tokenize.py)."""
+"""The compiled view kernel (kernels.py) gives exactly the batches of the NumPy reference (tokenize.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from concept_train.data import kernel
-from concept_train.data.tokenize import Cells, TokenSpec, normalized, pack, select_view
 from helpers import data_module
 
-pytestmark = pytest.mark.skipif(not kernel.available(), reason="numba is not installed")
+from concept_train.data import kernels
+from concept_train.data.make.tokenize import Cells, TokenSpec, normalized, pack, select_view
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
 
 def random_cells(rng, n_cells: int, vocab: int, integral: bool) -> Cells:
     samples = []
     for i in range(n_cells):
-        k = int(rng.integers(0, 300)) if i % 7 else 0          # some cells without entries
+        k = int(rng.integers(0, 300)) if i % 7 else 0  # some cells without entries
         genes = np.sort(rng.choice(vocab, k, replace=False))
-        counts = rng.integers(0, 6, k).astype(np.float64)      # zeros (to skip) and many ties
+        counts = rng.integers(0, 6, k).astype(np.float64)  # zeros (to skip) and many ties
         if not integral:
             counts = counts * rng.choice([0.5, 1.25, 3.1], k)
         samples.append({"genes": genes, "counts": counts, "n_counts": float(counts.sum())})
@@ -37,9 +37,19 @@ def test_view_and_pack_equal_the_numpy_reference(normalization, integral):
             values, keys = normalized(spec, cells)
             views = {}
             for compiled in (False, True):
-                v = [select_view(spec, cells, values, keys, np.sort(rng.choice(vocab, size, replace=False)),
-                                 vocab, compiled=compiled) for size in (5, 400, 2000)
-                     for rng in [np.random.default_rng([trial, max_tokens, size])]]
+                v = [
+                    select_view(
+                        spec,
+                        cells,
+                        values,
+                        keys,
+                        np.sort(rng.choice(vocab, size, replace=False)),
+                        vocab,
+                        compiled=compiled,
+                    )
+                    for size in (5, 400, 2000)
+                    for rng in [np.random.default_rng([trial, max_tokens, size])]
+                ]
                 views[compiled] = v
                 for a, b in zip(v, views[False]):
                     for x, y in zip(a, b):

@@ -9,16 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from concept_train.data.catalog import ShardSet
-from concept_train.data.permutation import key_of, permute
-from concept_train.data.plan import BatchPlan
+from concept_train.data.order.permutation import key_of, permute
+from concept_train.data.order.plan import BatchPlan
+from concept_train.data.read.catalog import ShardSet
 
 
 def sets_of(sizes, species=None, weights=None) -> list[ShardSet]:
     species = species or ["hsapiens"] * len(sizes)
-    return [ShardSet(dataset_id=f"{sp}/src/f{i}", species=sp, directory=Path("/nonexistent"), n_samples=n,
-                     genes=np.arange(3), source_file=f"f{i}.h5ad", weights=dict((weights or {}).get(i, {})))
-            for i, (n, sp) in enumerate(zip(sizes, species))]
+    return [
+        ShardSet(
+            dataset_id=f"{sp}/src/f{i}",
+            species=sp,
+            directory=Path("/nonexistent"),
+            n_samples=n,
+            genes=np.arange(3),
+            source_file=f"f{i}.h5ad",
+            weights=dict((weights or {}).get(i, {})),
+        )
+        for i, (n, sp) in enumerate(zip(sizes, species))
+    ]
 
 
 def cells_of_epoch(plan: BatchPlan, e: int) -> list[tuple[int, int]]:
@@ -81,7 +90,7 @@ def test_mixed_keeps_species_apart_and_repeats_and_subsamples_per_file():
     count = {f: sum(1 for c in cells if c[0] == f) for f in range(3)}
     assert count == {0: 25, 1: 20, 2: 15}
     rows0 = [r for f, r in cells if f == 0]
-    assert all(rows0.count(r) in (2, 3) for r in range(10))       # two whole passes and half of a third
+    assert all(rows0.count(r) in (2, 3) for r in range(10))  # two whole passes and half of a third
     rows2 = [r for f, r in cells if f == 2]
     assert len(set(rows2)) == 15 and set(rows2) != set(range(15))  # a random half, not the first rows
 
@@ -110,8 +119,11 @@ def test_per_dataset_start_up_says_which_share_of_cells_an_epoch_leaves_unused(s
     from dm_config import make_dm
 
     lines = []
-    dm = make_dm(sharded_example, {"datamodule.dataloader.train.batch_size": 64,
-                                   "datamodule.dataloader.train.num_workers": 0}, log=lines.append)
+    dm = make_dm(
+        sharded_example,
+        {"datamodule.dataloader.train.batch_size": 64, "datamodule.dataloader.train.num_workers": 0},
+        log=lines.append,
+    )
     plan = dm.train_loader().plan
     left, total, _ = plan.unused()
     sizes = [s.n_samples for s in dm.train_sets]
@@ -120,8 +132,15 @@ def test_per_dataset_start_up_says_which_share_of_cells_an_epoch_leaves_unused(s
     assert len(said) == 1 and f"{left:,} of {total:,} cells" in said[0] and "drop_last=false" in said[0]
     # the documented way to use them: every cell once per epoch, in smaller last batches
     lines.clear()
-    dm = make_dm(sharded_example, {"datamodule.dataloader.train.batch_size": 64, "datamodule.dataloader.train.drop_last": False,
-                                   "datamodule.dataloader.train.num_workers": 0}, log=lines.append)
+    dm = make_dm(
+        sharded_example,
+        {
+            "datamodule.dataloader.train.batch_size": 64,
+            "datamodule.dataloader.train.drop_last": False,
+            "datamodule.dataloader.train.num_workers": 0,
+        },
+        log=lines.append,
+    )
     plan = dm.train_loader().plan
     assert plan.unused() == (0, total, 0) and not [line for line in lines if "unused" in line]
     cells = set()
@@ -140,3 +159,9 @@ def test_permutation_mixes_positions():
     # the first 16 of a 50/50 pool of two files: a binomial share, not runs of one file
     shares = [(permute(np.arange(16), 2000, key_of(s)) < 1000).mean() for s in range(200)]
     assert 0.45 < np.mean(shares) < 0.55 and 0.08 < np.std(shares) < 0.16
+
+
+def test_keys_and_permutations_are_the_ones_they_always_were():
+    """Pinned: a change to the mixing (shared with the view filters) would reshuffle every run."""
+    assert int(key_of(3, 1, 2)) == 13407425583053952350
+    assert permute(np.arange(10), 10, key_of(7, 0)).tolist() == [9, 6, 8, 7, 3, 0, 2, 5, 1, 4]

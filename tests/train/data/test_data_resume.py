@@ -11,17 +11,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import data_module
 
 from concept_train.data import DataError
-from helpers import data_module
 
 HERE = Path(__file__).parent
 SMALL = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
 
 
 def _run(project, out, take, *extra, workers=0, check=True):
-    cmd = [sys.executable, str(HERE / "data_run.py"), str(project), str(out), "--take", str(take), *map(str, extra),
-           *SMALL, f"datamodule.dataloader.train.num_workers={workers}"]
+    cmd = [
+        sys.executable,
+        str(HERE / "data_run.py"),
+        str(project),
+        str(out),
+        "--take",
+        str(take),
+        *map(str, extra),
+        *SMALL,
+        f"datamodule.dataloader.train.num_workers={workers}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -37,15 +46,34 @@ def _assert_same(xs, ys):
                 assert torch.equal(x[k], y[k]), (x["index"], k)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(sharded_example, tmp_path_factory):
+    """uninterrupted(workers): a directory with full.pt (12 batches), head.pt (the first 5) and
+    state.json (the loader's state after them), each from its own process with that many workers;
+    made once per number of workers, shared by the cases below that start with it."""
+    made = {}
+
+    def get(workers: int) -> Path:
+        if workers not in made:
+            out = tmp_path_factory.mktemp(f"uninterrupted_w{workers}")
+            _run(sharded_example, out / "full.pt", 12, workers=workers)
+            _run(sharded_example, out / "head.pt", 5, "--state-out", out / "state.json", workers=workers)
+            made[workers] = out
+        return made[workers]
+
+    return get
+
+
 @pytest.mark.parametrize("workers,resume_workers", [(0, 0), (2, 2), (2, 0)])
-def test_resume_in_a_new_process_gives_the_uninterrupted_batches(sharded_example, tmp_path, workers, resume_workers):
+def test_resume_in_a_new_process_gives_the_uninterrupted_batches(
+    sharded_example, uninterrupted, tmp_path, workers, resume_workers
+):
     # 12 batches cross the epoch boundary (8 per epoch at batch 32 after drop_last... or fewer)
-    _run(sharded_example, tmp_path / "full.pt", 12, workers=workers)
-    _run(sharded_example, tmp_path / "head.pt", 5, "--state-out", tmp_path / "state.json", workers=workers)
-    state = json.loads((tmp_path / "state.json").read_text())
+    runs = uninterrupted(workers)  # full.pt, head.pt, state.json of `workers` workers
+    state = json.loads((runs / "state.json").read_text())
     assert state["position"] == 5
-    _run(sharded_example, tmp_path / "tail.pt", 7, "--state-in", tmp_path / "state.json", workers=resume_workers)
-    full, head, tail = (torch.load(tmp_path / f"{n}.pt") for n in ("full", "head", "tail"))
+    _run(sharded_example, tmp_path / "tail.pt", 7, "--state-in", runs / "state.json", workers=resume_workers)
+    full, head, tail = (torch.load(d / f"{n}.pt") for d, n in ((runs, "full"), (runs, "head"), (tmp_path, "tail")))
     _assert_same(head + tail, full)
     assert [b["index"] for b in full] == list(range(12))
 
@@ -56,8 +84,8 @@ def test_plan_crosses_epochs_with_a_new_order(sharded_example):
     first = [loader.plan.batch(g) for g in range(K)]
     second = [loader.plan.batch(g) for g in range(K, 2 * K)]
     assert {b.epoch for b in second} == {1}
-    key = lambda bs: sorted((int(b.datasets[0]), tuple(b.rows.tolist())) for b in bs)   # noqa: E731
-    assert key(first) != key(second)                        # reshuffled
+    key = lambda bs: sorted((int(b.datasets[0]), tuple(b.rows.tolist())) for b in bs)  # noqa: E731
+    assert key(first) != key(second)  # reshuffled
     assert sorted(int(b.datasets[0]) for b in first) == sorted(int(b.datasets[0]) for b in second)
 
 
@@ -70,14 +98,24 @@ def test_state_of_another_plan_is_refused(sharded_example):
 
 
 def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path):
-    cmd = [sys.executable, str(HERE / "data_run.py"), str(sharded_example), str(tmp_path / "x.pt"), "--take", "99",
-           "--sleep-after", "2", *SMALL, "datamodule.dataloader.train.num_workers=2"]
+    cmd = [
+        sys.executable,
+        str(HERE / "data_run.py"),
+        str(sharded_example),
+        str(tmp_path / "x.pt"),
+        "--take",
+        "99",
+        "--sleep-after",
+        "2",
+        *SMALL,
+        "datamodule.dataloader.train.num_workers=2",
+    ]
     before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
         left = set(os.listdir("/dev/shm")) - before
-        assert any(name.endswith("_locals") for name in left)      # streaming registered itself
+        assert any(name.endswith("_locals") for name in left)  # streaming registered itself
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -85,9 +123,10 @@ def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
     # the killed run's segments: new ones no live process maps (another test session on the node
     # may hold live segments of its own)
-    from concept_train.data.shm import HANDOFF_PREFIX, _mapped_shm_names
+    from concept_train.data.read.shm import HANDOFF_PREFIX, _mapped_shm_names
+
     stale = (set(os.listdir("/dev/shm")) - before) - (_mapped_shm_names() or set())
-    assert any(name.endswith("_locals") for name in stale)         # the killed run left its segments
-    assert any(name.startswith(HANDOFF_PREFIX) for name in stale)   # and its hand-off slots
-    _run(sharded_example, tmp_path / "after.pt", 3, workers=2)     # and the next run starts anyway
-    assert not (stale & set(os.listdir("/dev/shm")))               # having removed them
+    assert any(name.endswith("_locals") for name in stale)  # the killed run left its segments
+    assert any(name.startswith(HANDOFF_PREFIX) for name in stale)  # and its hand-off slots
+    _run(sharded_example, tmp_path / "after.pt", 3, workers=2)  # and the next run starts anyway
+    assert not (stale & set(os.listdir("/dev/shm")))  # having removed them

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from helpers import data_module
 
 
@@ -15,7 +14,7 @@ def test_fast_decoder_equals_streaming_decode_on_every_sample(sharded_example):
     for d, shard_set in enumerate(store.sets):
         for row in range(shard_set.n_samples):
             fast = store.get(d, row)
-            ref = store.dataset.get_item(int(store.offsets[d] + row))     # streaming's decode
+            ref = store.dataset.get_item(int(store.offsets[d] + row))  # streaming's decode
             assert fast.keys() == ref.keys()
             for key in ref:
                 a, b = fast[key], ref[key]
@@ -40,20 +39,21 @@ def test_local_shards_through_a_bounded_cache_leave_no_copy_beside_them(sharded_
     """With datamodule.cache_limit, local shards are read through the cache streaming keeps for
     remote ones: the same batches, nothing decompressed beside the shards, the cache under its
     limit; without it they are read in place (and streaming keeps a decompressed copy there)."""
-    import torch
-
     import json
 
+    import torch
+
     project, cache = sharded_project_copy, tmp_path / "scratch"
-    for raw in _raw_shards(project / "shards"):          # copies left by earlier readers of the example
+    for raw in _raw_shards(project / "shards"):  # copies left by earlier readers of the example
         raw.unlink()
-    shards = [s for index in (project / "shards").rglob("index.json")
-              for s in json.loads(index.read_text())["shards"]]
+    shards = [s for index in (project / "shards").rglob("index.json") for s in json.loads(index.read_text())["shards"]]
     per_shard = [s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in shards]
-    limit = max(4 * max(per_shard), sum(per_shard) // 4)     # a quarter of what reading every shard takes
+    limit = max(4 * max(per_shard), sum(per_shard) // 4)  # a quarter of what reading every shard takes
     assert len(shards) > 16 and limit < sum(per_shard)
-    cached = data_module(project, [f"PATH.LOCAL_DIR={cache}", f"datamodule.cache_limit={limit}",
-                                   "datamodule.dataloader.train.num_workers=0"])
+    cached = data_module(
+        project,
+        [f"PATH.LOCAL_DIR={cache}", f"datamodule.cache_limit={limit}", "datamodule.dataloader.train.num_workers=0"],
+    )
     assert all(s.remote and s.directory.is_relative_to(cache) for s in cached.train_sets)
     got = _batches(cached, 40)
     assert not _raw_shards(project / "shards")
@@ -66,16 +66,20 @@ def test_local_shards_through_a_bounded_cache_leave_no_copy_beside_them(sharded_
     assert shard_id in store._maps
     store.dataset.evict_shard(shard_id)
     again = store.get(d, row)
-    assert all(np.array_equal(again[k], v) if isinstance(v, np.ndarray) else again[k] == v
-               for k, v in before_eviction.items())
+    assert all(
+        np.array_equal(again[k], v) if isinstance(v, np.ndarray) else again[k] == v for k, v in before_eviction.items()
+    )
     maps = Path("/proc/self/maps").read_text().splitlines()
     assert not [m for m in maps if str(cache) in m and m.endswith("(deleted)")]
-    assert [m for m in maps if str(cache) in m]             # the shards in the cache are read mapped
-    used = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and ".obs_codes" not in p.parts
-               and p.name != "index.json")
+    assert [m for m in maps if str(cache) in m]  # the shards in the cache are read mapped
+    used = sum(
+        p.stat().st_size
+        for p in cache.rglob("*")
+        if p.is_file() and ".obs_codes" not in p.parts and p.name != "index.json"
+    )
     assert 0 < used <= limit
     in_place = data_module(project, ["datamodule.dataloader.train.num_workers=0"])
     want = _batches(in_place, 40)
     for a, b in zip(got, want):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.values, b.values)
-    assert _raw_shards(project / "shards")         # in place, copies appear beside the shards
+    assert _raw_shards(project / "shards")  # in place, copies appear beside the shards

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
-from concept_train.data.workers import capped_workers
 from helpers import ADVANCED
+
+from concept_train.data.deliver.workers import capped_workers
 
 
 def test_the_cap_is_slurm_cpus_per_task_else_the_cpu_count():
@@ -17,11 +18,14 @@ def test_the_cap_is_slurm_cpus_per_task_else_the_cpu_count():
     assert capped_workers(3, key, lines.append, {"SLURM_CPUS_PER_TASK": "3"}) == 3
     assert capped_workers(0, key, lines.append, {"SLURM_CPUS_PER_TASK": "1"}) == 0
     assert capped_workers(None, key, lines.append, {}) == 0
-    assert len(lines) == 1                                    # nothing said when nothing is capped
+    assert len(lines) == 1  # nothing said when nothing is capped
     cpus = len(os.sched_getaffinity(0))
     for env in ({}, {"SLURM_CPUS_PER_TASK": ""}, {"SLURM_CPUS_PER_TASK": "lots"}):
         assert capped_workers(cpus + 5, key, lines.append, env) == cpus
-        assert lines.pop() == f"[data] {key}={cpus + 5} capped at {cpus} worker(s): the number of CPUs this process may use is {cpus}."
+        assert (
+            lines.pop()
+            == f"[data] {key}={cpus + 5} capped at {cpus} worker(s): the number of CPUs this process may use is {cpus}."
+        )
 
 
 def test_the_loaders_of_a_data_module_are_capped(sharded_example, monkeypatch):
@@ -37,6 +41,7 @@ def test_the_loaders_of_a_data_module_are_capped(sharded_example, monkeypatch):
     assert dm.train_loader().num_workers == 1
     assert dm.val_loaders()[val].num_workers == 1
     capped = [line for line in lines if "capped" in line]
-    assert capped == ["[data] datamodule.dataloader.train.num_workers=2 capped at 1 worker(s): SLURM_CPUS_PER_TASK is 1.",
-                      f"[data] datamodule.dataloader.val.{val}.num_workers=3 capped at 1 worker(s): "
-                      "SLURM_CPUS_PER_TASK is 1."]
+    assert capped == [
+        "[data] datamodule.dataloader.train.num_workers=2 capped at 1 worker(s): SLURM_CPUS_PER_TASK is 1.",
+        f"[data] datamodule.dataloader.val.{val}.num_workers=3 capped at 1 worker(s): SLURM_CPUS_PER_TASK is 1.",
+    ]

@@ -17,10 +17,20 @@ from concept_train.eval import evaluate
 from concept_train.eval.cli import main as eval_main
 from concept_train.eval.scib import BATCH, BIO, TOTAL, scib_scores
 
-TINY = ["model.dim_model=16", "model.nlayers=1", "model.num_head=2", "model.dim_hid=32", "model.dim_gene_embs=16",
-        "model.training.max_steps=20", "model.training.warmup=2", "model.training.val_check_interval=0",
-        "model.training.validate_before_training=False", "datamodule.dataloader.train.batch_size=32",
-        "datamodule.dataloader.train.num_workers=0", "datamodule=DataModuleAdvanced"]
+TINY = [
+    "model.dim_model=16",
+    "model.nlayers=1",
+    "model.num_head=2",
+    "model.dim_hid=32",
+    "model.dim_gene_embs=16",
+    "model.training.max_steps=20",
+    "model.training.warmup=2",
+    "model.training.val_check_interval=0",
+    "model.training.validate_before_training=False",
+    "datamodule.dataloader.train.batch_size=32",
+    "datamodule.dataloader.train.num_workers=0",
+    "datamodule=DataModuleAdvanced",
+]
 HUMAN = "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
 MOUSE = "data/synth_mmusculus/h5ads/mm_val_c.h5ad"
 
@@ -37,7 +47,7 @@ def trained_run(sharded_example, tmp_path_factory):
 @pytest.mark.slow
 def test_model_is_bounded_by_a_perfect_and_a_random_embedding(trained_run, tmp_path):
     project, run = trained_run
-    cells = ad.read_h5ad(project / HUMAN)          # every cell has counts: all kept, in file order
+    cells = ad.read_h5ad(project / HUMAN)  # every cell has counts: all kept, in file order
     n = cells.n_obs
     out = tmp_path / "eval"
     assert eval_main([str(run), str(project / HUMAN), "--out", str(out), "--panels", "200,800"]) == 0
@@ -79,12 +89,17 @@ def refused(call, pattern: str) -> None:
 
 def test_missing_keys_name_the_key_and_list_the_obs_columns(trained_run):
     project, run = trained_run
-    refused(lambda: evaluate(run, [project / HUMAN], label_key="celltype"),
-            r"hs_val_e.h5ad: has no obs column 'celltype' \(--label-key\); its obs columns are \['cell_type', "
-            r"'dataset', 'donor_id', 'tissue'\]\. Pass one of them with --label-key")
+    refused(
+        lambda: evaluate(run, [project / HUMAN], label_key="celltype"),
+        r"hs_val_e.h5ad: has no obs column 'celltype' \(--label-key\); its obs columns are \['cell_type', "
+        r"'dataset', 'donor_id', 'tissue'\]\. Pass one of them with --label-key",
+    )
     refused(lambda: evaluate(run, [project / HUMAN], batch_key="batch"), r"no obs column 'batch' \(--batch-key\)")
     # the validation shards (no inputs): the same check, from dataset.json
-    refused(lambda: evaluate(run, batch_key="batch"), r"\(shards .*\): has no obs column 'batch' \(--batch-key\).*'donor_id'")
+    refused(
+        lambda: evaluate(run, batch_key="batch"),
+        r"\(shards .*\): has no obs column 'batch' \(--batch-key\).*'donor_id'",
+    )
 
 
 def test_cells_of_the_other_species_are_refused(trained_run, tmp_path, capsys):
@@ -92,12 +107,16 @@ def test_cells_of_the_other_species_are_refused(trained_run, tmp_path, capsys):
     assert eval_main([str(run), str(project / HUMAN), str(project / MOUSE), "--out", str(tmp_path / "e")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "mm_val_c.h5ad" in err and "mmusculus cells" in err and "one concept-eval per species" in err
-    refused(lambda: evaluate(run, [project / HUMAN], species="mmusculus"), "shares no gene id with the mmusculus vocabulary")
+    refused(
+        lambda: evaluate(run, [project / HUMAN], species="mmusculus"), "shares no gene id with the mmusculus vocabulary"
+    )
     refused(lambda: evaluate(run, [project / HUMAN], species="drosophila"), "--species.*was not trained on")
     assert not (tmp_path / "e" / "metrics.json").exists()
 
 
 def test_a_batch_key_with_one_value_is_refused(trained_run):
     project, run = trained_run
-    refused(lambda: evaluate(run, [project / HUMAN], batch_key="dataset", max_cells=300),
-            r"--batch-key dataset: has 1 distinct value\(s\) \['hs_val_e'\]")
+    refused(
+        lambda: evaluate(run, [project / HUMAN], batch_key="dataset", max_cells=300),
+        r"--batch-key dataset: has 1 distinct value\(s\) \['hs_val_e'\]",
+    )

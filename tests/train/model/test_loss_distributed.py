@@ -20,7 +20,7 @@ def _batch():
     g = torch.Generator().manual_seed(3)
     z1, z2 = (F.normalize(torch.randn(WORLD * ROWS, 8, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
     mask = torch.ones(WORLD * ROWS, dtype=torch.bool)
-    mask[3] = mask[7] = False              # one masked cell on each rank
+    mask[3] = mask[7] = False  # one masked cell on each rank
     return z1, z2, mask
 
 
@@ -61,5 +61,5 @@ def test_two_ranks_give_the_global_loss_and_its_gradient(tmp_path, kind):
         # the sum over ranks of this rank's rows' gradient; FSDP divides by the world size
         torch.testing.assert_close(ga / WORLD, a.grad[rows], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gb / WORLD, b.grad[rows], rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(gs, scale.grad, rtol=1e-10, atol=1e-12)   # a replicated parameter
+        torch.testing.assert_close(gs, scale.grad, rtol=1e-10, atol=1e-12)  # a replicated parameter
     assert ga.abs().sum() > 0

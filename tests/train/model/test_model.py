@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from concept_shard.gene_vectors import read_gene_vectors
 from concept_train.model import ContrastiveModel, ModelConfig, contrastive_loss
 from concept_train.model.attention import HAS_FLASH_ATTN, grouped_attention, varlen_attention
-from concept_shard.gene_vectors import read_gene_vectors
 from concept_train.trainer.validate import knn_accuracy
 
 
@@ -39,7 +39,7 @@ def test_grouped_attention_equals_per_sequence_reference():
 
 
 def test_grouped_attention_gradients_equal_the_reference():
-    lengths = [3, 9, 1, 9, 4, 3, 12]            # not in length order: the gather/scatter path
+    lengths = [3, 9, 1, 9, 4, 3, 12]  # not in length order: the gather/scatter path
     q, k, v, cu = _packed(lengths)
     inputs = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -52,8 +52,9 @@ def test_grouped_attention_gradients_equal_the_reference():
 
 def test_length_order_sorts_sequences_and_keeps_sorted_batches_as_they_are():
     from concept_train.model.attention import length_order
-    assert length_order(torch.tensor([0, 1, 3, 5, 9], dtype=torch.int32)) is None     # lengths 1, 2, 2, 4: sorted
-    perm, cu, order = length_order(torch.tensor([0, 3, 4, 6], dtype=torch.int32))      # lengths 3, 1, 2
+
+    assert length_order(torch.tensor([0, 1, 3, 5, 9], dtype=torch.int32)) is None  # lengths 1, 2, 2, 4: sorted
+    perm, cu, order = length_order(torch.tensor([0, 3, 4, 6], dtype=torch.int32))  # lengths 3, 1, 2
     assert order.tolist() == [1, 2, 0] and cu.tolist() == [0, 1, 3, 6] and cu.dtype == torch.int32
     assert perm.tolist() == [3, 4, 5, 0, 1, 2]
 
@@ -68,8 +69,16 @@ def test_cuda_attention_paths_agree_with_float64_reference(backend):
 
 
 def _model(**kw):
-    cfg = ModelConfig(vocab_sizes={"hsapiens": 50, "mmusculus": 40}, dim_model=32, nlayers=2, num_head=4, dim_hid=64,
-                      dim_gene_embs=16, dropout=0.0, **kw)
+    cfg = ModelConfig(
+        vocab_sizes={"hsapiens": 50, "mmusculus": 40},
+        dim_model=32,
+        nlayers=2,
+        num_head=4,
+        dim_hid=64,
+        dim_gene_embs=16,
+        dropout=0.0,
+        **kw,
+    )
     torch.manual_seed(0)
     return ContrastiveModel(cfg)
 
@@ -84,8 +93,10 @@ def _batch(lengths, vocab=50, seed=1):
     return (torch.tensor(tokens), torch.rand(len(tokens), generator=g), torch.tensor(positions), cu, max(lengths))
 
 
-@pytest.mark.parametrize("kw", [{}, {"norm_scheme": "post", "activation": "relu"}, {"input_encoding": "value_encoding"},
-                                {"projection_dim": 8}])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"norm_scheme": "post", "activation": "relu"}, {"input_encoding": "value_encoding"}, {"projection_dim": 8}],
+)
 def test_forward_gives_unit_cls_embeddings_and_sequences_do_not_interact(kw):
     model = _model(**kw).eval()
     tokens, values, positions, cu, max_len = _batch([4, 9, 1, 6])
@@ -95,8 +106,9 @@ def test_forward_gives_unit_cls_embeddings_and_sequences_do_not_interact(kw):
     assert float(scale.detach()) == pytest.approx(3.0)
     # sequence 2 alone gives the same embedding as inside the packed batch: no cross-sequence attention
     a, b = int(cu[1]), int(cu[2])
-    z_alone, _, _ = model(tokens[a:b], values[a:b], positions[a:b], torch.tensor([0, b - a], dtype=torch.int32),
-                          b - a, "hsapiens")
+    z_alone, _, _ = model(
+        tokens[a:b], values[a:b], positions[a:b], torch.tensor([0, b - a], dtype=torch.int32), b - a, "hsapiens"
+    )
     torch.testing.assert_close(z_alone[0], z[1], rtol=1e-5, atol=1e-6)
 
 
@@ -128,17 +140,42 @@ def test_infonce_matches_its_definition_and_ignores_masked_items():
 
 
 def test_knn_accuracy_leave_one_out():
-    z = F.normalize(torch.tensor([[1.0, 0], [0.99, 0.1], [0.98, 0.2], [0.97, 0.25], [0.96, 0.3], [0.95, 0.31],
-                                  [0, 1.0], [0.1, 0.99], [0.2, 0.98], [0.25, 0.97], [0.3, 0.96], [0.31, 0.95]]), dim=-1)
+    z = F.normalize(
+        torch.tensor(
+            [
+                [1.0, 0],
+                [0.99, 0.1],
+                [0.98, 0.2],
+                [0.97, 0.25],
+                [0.96, 0.3],
+                [0.95, 0.31],
+                [0, 1.0],
+                [0.1, 0.99],
+                [0.2, 0.98],
+                [0.25, 0.97],
+                [0.3, 0.96],
+                [0.31, 0.95],
+            ]
+        ),
+        dim=-1,
+    )
     labels = torch.tensor([1] * 6 + [2] * 6)
     assert knn_accuracy(z, labels) == 1.0
     assert knn_accuracy(z, torch.tensor([1, 2] * 6)) < 0.6
-    assert knn_accuracy(z, torch.tensor([-1] * 12)) != knn_accuracy(z, torch.tensor([-1] * 12))   # nan: no labels
+    assert knn_accuracy(z, torch.tensor([-1] * 12)) != knn_accuracy(z, torch.tensor([-1] * 12))  # nan: no labels
 
 
 def test_pretrained_gene_vectors_fill_the_tables_and_missing_genes_start_at_zero(tmp_path):
-    cfg = ModelConfig(vocab_sizes={"hsapiens": 5}, dim_model=16, nlayers=1, num_head=2, dim_hid=16,
-                      dim_gene_embs=8, dim_pretrained_vocab=3, pretrained=True)
+    cfg = ModelConfig(
+        vocab_sizes={"hsapiens": 5},
+        dim_model=16,
+        nlayers=1,
+        num_head=2,
+        dim_hid=16,
+        dim_gene_embs=8,
+        dim_pretrained_vocab=3,
+        pretrained=True,
+    )
     model = ContrastiveModel(cfg)
     (tmp_path / "hsapiens.csv").write_text("gene_id,a,b,c\nENSG1.4,1,2,3\nENSG3,4,5,6\nENSG_OTHER,7,8,9\n")
     warnings = []
@@ -155,6 +192,7 @@ def test_pretrained_gene_vectors_fill_the_tables_and_missing_genes_start_at_zero
 
 def test_mutual_information_estimate_is_log_n_minus_the_loss():
     from concept_train import estimate_mutual_information
+
     torch.manual_seed(0)
     z = F.normalize(torch.randn(64, 32), dim=-1)
     same = estimate_mutual_information(z, z, logit_scale=math.log(100))
@@ -171,8 +209,9 @@ def test_forward_in_any_sequence_order_equals_each_sequence_alone(kw):
     tokens, values, positions, cu, max_len = _batch(lengths)
     z, hidden, _ = model(tokens, values, positions, cu, max_len, "hsapiens")
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        z1, h1, _ = model(tokens[a:b], values[a:b], positions[a:b], torch.tensor([0, b - a], dtype=torch.int32),
-                          b - a, "hsapiens")
+        z1, h1, _ = model(
+            tokens[a:b], values[a:b], positions[a:b], torch.tensor([0, b - a], dtype=torch.int32), b - a, "hsapiens"
+        )
         torch.testing.assert_close(z1[0], z[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(h1, hidden[a:b], rtol=1e-5, atol=1e-5)
 
@@ -182,11 +221,18 @@ def test_cells_are_told_apart_at_initialisation():
     input projection's bias outweighed the small gene vectors and the CLS carried the rank-0
     encoding, every pair of cells had cosine ~0.9996 and the demo sat at loss log(batch) for its first
     ~150 steps."""
-    cfg = ModelConfig(vocab_sizes={"hsapiens": 20000}, dim_model=128, nlayers=2, num_head=4, dim_hid=256,
-                      dim_gene_embs=128, dropout=0.0)
+    cfg = ModelConfig(
+        vocab_sizes={"hsapiens": 20000},
+        dim_model=128,
+        nlayers=2,
+        num_head=4,
+        dim_hid=256,
+        dim_gene_embs=128,
+        dropout=0.0,
+    )
     torch.manual_seed(0)
     model = ContrastiveModel(cfg).eval()
-    lengths = [49] * 32 + [16] * 32            # views of 48 and 15 genes, as the demo's
+    lengths = [49] * 32 + [16] * 32  # views of 48 and 15 genes, as the demo's
     tokens, values, positions, cu, max_len = _batch(lengths, vocab=20000)
     with torch.no_grad():
         z, _, _ = model(tokens, values, positions, cu, max_len, "hsapiens")

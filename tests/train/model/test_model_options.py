@@ -3,34 +3,33 @@ tables and their loading from older checkpoints, freezing, the decoder head, the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from concept_shard.errors import TrainError
+from concept_config import ModelSection
+from concept_config.training import TrainingKeys
+from concept_shard.config import compose_config
+from concept_shard.errors import ConfigError, TrainError
 from concept_train.model import ContrastiveModel, ContrastiveObjective, ModelConfig, contrastive_loss
 from concept_train.model.loss import sample_negative_pairs
 from concept_train.model.model import adds_learnable_embs, learnable_embs_freq
 from concept_train.trainer.optim import build_optimizer
-from concept_train.trainer.schema import TrainingKeys
-
-
-def training_cfg(**keys):
-    """`model.training` with the schema's defaults (as every composed config has them)."""
-    cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(TrainingKeys)))
-    cfg.update(keys)
-    return cfg
-
 
 # ---- the schedule -------------------------------------------------------------------------------
 # written out by hand for fractions exact in binary: step s (0-based) adds the residual when
 # floor((s+1) f) > floor(s f)
-EXPECTED = {0.25: lambda s: s % 4 == 3, 0.5: lambda s: s % 2 == 1, 0.75: lambda s: s % 4 != 0,
-            1.0: lambda s: True, 0.0: lambda s: False}
+EXPECTED = {
+    0.25: lambda s: s % 4 == 3,
+    0.5: lambda s: s % 2 == 1,
+    0.75: lambda s: s % 4 != 0,
+    1.0: lambda s: True,
+    0.0: lambda s: False,
+}
 
 
 @pytest.mark.parametrize("freq", sorted(EXPECTED))
@@ -38,12 +37,12 @@ def test_the_residual_is_added_on_the_references_steps(freq):
     steps = [s for s in range(400) if adds_learnable_embs(freq, s)]
     assert steps == [s for s in range(400) if EXPECTED[freq](s)]
     assert len(steps) == math.floor(400 * freq)
-    assert adds_learnable_embs(freq, None)                    # validation: always
+    assert adds_learnable_embs(freq, None)  # validation: always
 
 
 def test_fraction_null_never_adds_and_train_vocab_only_forces_one():
     assert not any(adds_learnable_embs(None, s) for s in [None, *range(50)])
-    cfg = OmegaConf.create({"training": training_cfg()})
+    cfg = ModelSection()
     assert learnable_embs_freq(cfg) is None
     cfg.training.train_vocab_only = True
     assert learnable_embs_freq(cfg) == 1.0
@@ -54,8 +53,18 @@ def test_fraction_null_never_adds_and_train_vocab_only_forces_one():
 
 # ---- the residual tables ----------------------------------------------------------------------------
 def _pretrained(**kw):
-    cfg = ModelConfig(vocab_sizes={"hsapiens": 30, "mmusculus": 20}, dim_model=16, nlayers=1, num_head=2, dim_hid=32,
-                      dim_gene_embs=8, dim_pretrained_vocab=6, pretrained=True, dropout=0.0, **kw)
+    cfg = ModelConfig(
+        vocab_sizes={"hsapiens": 30, "mmusculus": 20},
+        dim_model=16,
+        nlayers=1,
+        num_head=2,
+        dim_hid=32,
+        dim_gene_embs=8,
+        dim_pretrained_vocab=6,
+        pretrained=True,
+        dropout=0.0,
+        **kw,
+    )
     torch.manual_seed(0)
     return ContrastiveModel(cfg).eval()
 
@@ -81,8 +90,9 @@ def test_residual_tables_start_at_zero_and_change_the_embedding_once_learnt():
         assert not torch.allclose(model(*batch, "hsapiens", add_learnable=True)[0], plain)
         torch.testing.assert_close(model(*batch, "hsapiens", add_learnable=False)[0], plain, rtol=0, atol=0)
     # without pretrained vectors there are no residual tables: the gene tables are the learnable ones
-    plain_model = ContrastiveModel(ModelConfig(vocab_sizes={"hsapiens": 30}, dim_model=16, nlayers=1, num_head=2,
-                                               dim_hid=32, dim_gene_embs=8))
+    plain_model = ContrastiveModel(
+        ModelConfig(vocab_sizes={"hsapiens": 30}, dim_model=16, nlayers=1, num_head=2, dim_hid=32, dim_gene_embs=8)
+    )
     assert plain_model.learnable_embeddings is None and plain_model.learnable_tables() is plain_model.gene_embeddings
 
 
@@ -110,44 +120,61 @@ def test_freezing_and_train_vocab_only_choose_what_learns():
     model.set_trainable(vocab_only=True)
     learning = {n for n, p in model.named_parameters() if p.requires_grad}
     assert learning == {"learnable_embeddings.hsapiens.weight", "learnable_embeddings.mmusculus.weight"}
-    opt = build_optimizer(model, training_cfg(lr=1e-3, optimizer_class="Adam"))
+    opt = build_optimizer(model, TrainingKeys(lr=1e-3, optimizer_class="Adam"))
     assert isinstance(opt, torch.optim.Adam) and sum(len(g["params"]) for g in opt.param_groups) == 2
 
 
 def test_weights_without_residual_tables_or_with_the_former_mlm_head_load():
     old = _pretrained()
     weights = {k: v for k, v in old.state_dict().items() if not k.startswith("learnable_embeddings.")}
-    weights.update({"value_head.weight": torch.zeros(1, 16), "value_head.bias": torch.zeros(1),
-                    "mask_value": torch.zeros(16)})
+    weights.update(
+        {"value_head.weight": torch.zeros(1, 16), "value_head.bias": torch.zeros(1), "mask_value": torch.zeros(16)}
+    )
     model = _pretrained()
     with torch.no_grad():
         for p in model.blocks.parameters():
             p.add_(1.0)
     model.load_weights(weights)
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, old.blocks[0].attn.qkv.weight)
-    assert float(model.learnable_embeddings["hsapiens"].weight.detach().abs().sum()) == 0.0   # the same model
+    assert float(model.learnable_embeddings["hsapiens"].weight.detach().abs().sum()) == 0.0  # the same model
     with pytest.raises(RuntimeError, match="missing"):
         model.load_weights({k: v for k, v in weights.items() if not k.startswith("blocks.")})
 
 
 def test_the_decoder_head_comes_with_the_mlm_loss_or_the_key():
     sizes = {"hsapiens": 10}
-    base = {"dim_model": 16, "nlayers": 1, "num_head": 2, "dim_hid": 16, "dim_gene_embs": 8,
-            "input_encoding": "value_encoding", "mlm_loss_weight": 0.0, "training": {"masking_rate": 0.0}}
-    assert not ModelConfig.from_config(OmegaConf.create(base), sizes, pretrained=False).decoder_head
-    assert ModelConfig.from_config(OmegaConf.create({**base, "decoder_head": True}), sizes, False).decoder_head
-    mlm = {**base, "mlm_loss_weight": 0.5, "training": {"masking_rate": 0.15}}
-    cfg = ModelConfig.from_config(OmegaConf.create(mlm), sizes, pretrained=False)
+    base = ModelSection(
+        dim_model=16,
+        nlayers=1,
+        num_head=2,
+        dim_hid=16,
+        dim_gene_embs=8,
+        input_encoding="value_encoding",
+        mlm_loss_weight=0.0,
+        training=TrainingKeys(masking_rate=0.0),
+    )
+    assert not ModelConfig.from_config(base, sizes, pretrained=False).decoder_head
+    assert ModelConfig.from_config(dataclasses.replace(base, decoder_head=True), sizes, False).decoder_head
+    mlm = dataclasses.replace(base, mlm_loss_weight=0.5, training=TrainingKeys(masking_rate=0.15))
+    cfg = ModelConfig.from_config(mlm, sizes, pretrained=False)
     model = ContrastiveModel(cfg)
     assert cfg.decoder_head and model.predict_values(torch.zeros(3, 16)).shape == (3,)
     # only masking (no MLM weight): noise on the inputs, no head
-    noise = {**base, "training": {"masking_rate": 0.15}}
-    assert not ModelConfig.from_config(OmegaConf.create(noise), sizes, pretrained=False).decoder_head
+    noise = dataclasses.replace(base, training=TrainingKeys(masking_rate=0.15))
+    assert not ModelConfig.from_config(noise, sizes, pretrained=False).decoder_head
 
 
-def test_an_unknown_optimizer_is_a_train_error_naming_the_key():
-    with pytest.raises(TrainError, match="optimizer_class=SGD"):
-        build_optimizer(_pretrained(), training_cfg(lr=1e-3, optimizer_class="SGD"))
+def test_an_unknown_optimizer_is_a_config_error_naming_the_key(tmp_path):
+    """The schema refuses it when the config is composed, before any optimizer is built."""
+    with pytest.raises(ConfigError, match="optimizer_class: is 'SGD'") as err:
+        compose_config(tmp_path, ["model.training.optimizer_class=SGD"], log=lambda *a: None)
+    assert "['AdamW', 'Adam']" in str(err.value)
+
+
+def test_a_width_not_divisible_by_the_heads_is_a_train_error_naming_both_keys():
+    with pytest.raises(TrainError, match="model.dim_model=30") as err:
+        ModelConfig.from_config(ModelSection(dim_model=30, num_head=4), {"hsapiens": 10}, pretrained=False)
+    assert "model.num_head=4" in str(err.value)
 
 
 # ---- the binary loss ---------------------------------------------------------------------------------
@@ -195,8 +222,9 @@ def test_binary_loss_is_bce_of_the_positives_and_the_sampled_negatives():
 def test_binary_loss_in_simclr_form_and_learning():
     z1, z2 = _views(n=5)
     s = torch.tensor(1.0, dtype=torch.float64)
-    loss, _ = contrastive_loss(z1, z2, s, torch.ones(5, dtype=torch.bool), simclr=True, kind="binary",
-                               rng=np.random.default_rng(0))
+    loss, _ = contrastive_loss(
+        z1, z2, s, torch.ones(5, dtype=torch.bool), simclr=True, kind="binary", rng=np.random.default_rng(0)
+    )
     z = torch.cat([z1, z2])
     logits = math.e * z @ z.T
     rows, cols = sample_negative_pairs(5, 10, np.random.default_rng(0), simclr=True)
@@ -210,10 +238,11 @@ def test_binary_loss_in_simclr_form_and_learning():
     objective = ContrastiveObjective(None, "binary", seed=0)
     losses = []
     for step in range(60):
-        loss, _ = objective(F.normalize(a, dim=-1), F.normalize(b, dim=-1), scale, torch.ones(16, dtype=torch.bool), step)
+        loss, _ = objective(
+            F.normalize(a, dim=-1), F.normalize(b, dim=-1), scale, torch.ones(16, dtype=torch.bool), step
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0], losses
-

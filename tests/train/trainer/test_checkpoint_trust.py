@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY
 
 from concept_shard.errors import UserError
+from concept_shard.fingerprint import content_hash
 from concept_train import embed, load_model
 from concept_train.cli import main as train
-from concept_shard.fingerprint import content_hash
-from helpers import TINY
 
 
 class _Plant:
@@ -49,7 +49,7 @@ def test_loading_a_shared_model_reads_no_pickle(sharded_project_copy, tmp_path):
     np.testing.assert_array_equal(before, after)
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")      # the crafted file's, on purpose
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the crafted file's, on purpose
 def test_a_crafted_rng_file_is_refused_on_resume(sharded_project_copy, tmp_path, capsys):
     """rng.pt was loaded with weights_only=False: a crafted one ran code on initialize.resume=True."""
     run = _run(sharded_project_copy)
@@ -60,8 +60,18 @@ def test_a_crafted_rng_file_is_refused_on_resume(sharded_project_copy, tmp_path,
     sums = json.loads((ckpt / "checksums.json").read_text())
     sums["rng.pt"] = content_hash(ckpt / "rng.pt")
     (ckpt / "checksums.json").write_text(json.dumps(sums))
-    assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True",
-                  "model.training.max_steps=4"]) == 2
+    assert (
+        train(
+            [
+                str(sharded_project_copy),
+                *TINY,
+                "initialize.run_id=shared",
+                "initialize.resume=True",
+                "model.training.max_steps=4",
+            ]
+        )
+        == 2
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert "rng.pt" in err and "not the RNG state" in err
     assert not marker.exists()
@@ -84,8 +94,18 @@ def test_a_latest_pointer_out_of_the_run_is_no_checkpoint(sharded_project_copy, 
     except UserError as err:
         assert "neither a run directory" in str(err)
     # a resume does not follow it either: it takes the run's newest intact checkpoint
-    assert train([str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True",
-                  "model.training.max_steps=4"]) == 0
+    assert (
+        train(
+            [
+                str(sharded_project_copy),
+                *TINY,
+                "initialize.run_id=shared",
+                "initialize.resume=True",
+                "model.training.max_steps=4",
+            ]
+        )
+        == 0
+    )
     assert "resumed run shared from " + str(run / "checkpoints" / "step_3") in " ".join(capsys.readouterr().out.split())
 
 
@@ -104,8 +124,13 @@ def test_a_resume_that_changes_the_architecture_is_refused_by_name(sharded_proje
     """model.activation changed on resume was accepted in silence, and load_model then rebuilt the
     model from the run's first config: wrong embeddings. Shape changes gave raw DCP tracebacks."""
     _run(sharded_project_copy)
-    resume = [str(sharded_project_copy), *TINY, "initialize.run_id=shared", "initialize.resume=True",
-              "model.training.max_steps=4"]
+    resume = [
+        str(sharded_project_copy),
+        *TINY,
+        "initialize.run_id=shared",
+        "initialize.resume=True",
+        "model.training.max_steps=4",
+    ]
     for change in ("model.activation=relu", "model.dim_hid=64"):
         assert train(resume + [change]) == 2
         err = " ".join(capsys.readouterr().err.split())
@@ -115,28 +140,36 @@ def test_a_resume_that_changes_the_architecture_is_refused_by_name(sharded_proje
     out = " ".join(capsys.readouterr().out.split())
     assert "key(s) changed since the checkpoint" in out and "model.training.lr" in out
     loaded = load_model(sharded_project_copy / "model_checkpoints" / "shared", "cpu")
-    assert loaded.step == 4 and float(loaded.cfg.model.training.lr) == 0.01      # the checkpoint's own config
+    assert loaded.step == 4 and float(loaded.cfg.model.training.lr) == 0.01  # the checkpoint's own config
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(sharded_project_copy, capsys):
     """Flipped bytes inside tensor data loaded silently; corrupt files gave raw tracebacks."""
     from helpers import metric_rows
 
-    args = [str(sharded_project_copy), *TINY, "initialize.run_id=shared", "model.training.max_steps=4",
-            "model.training.checkpoint_every_n_steps=2"]
+    args = [
+        str(sharded_project_copy),
+        *TINY,
+        "initialize.run_id=shared",
+        "model.training.max_steps=4",
+        "model.training.checkpoint_every_n_steps=2",
+    ]
     assert train(args) == 0
     run = sharded_project_copy / "model_checkpoints" / "shared"
     full = metric_rows(run)
     data = next((run / "checkpoints" / "step_4").glob("*.distcp"))
     raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF                              # one flipped byte inside the tensors
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the tensors
     data.write_bytes(bytes(raw))
     capsys.readouterr()
     assert train(args + ["initialize.resume=True", "model.training.max_steps=6"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert f"checkpoint {run / 'checkpoints' / 'step_4'} is damaged" in out and "from " + str(run / "checkpoints" / "step_2") in out
+    assert (
+        f"checkpoint {run / 'checkpoints' / 'step_4'} is damaged" in out
+        and "from " + str(run / "checkpoints" / "step_2") in out
+    )
     again = metric_rows(run)
-    assert [again[s]["loss"] for s in (3, 4)] == [full[s]["loss"] for s in (3, 4)]     # redone exactly
+    assert [again[s]["loss"] for s in (3, 4)] == [full[s]["loss"] for s in (3, 4)]  # redone exactly
     (run / "checkpoints" / "step_6" / "model.safetensors").write_bytes(b"\0" * 64)
     try:
         load_model(run, "cpu")

@@ -10,13 +10,13 @@ from concept_train.trainer.metrics import plot_curves, smoothed
 
 
 def test_moving_average_is_bias_corrected_and_follows_the_trend():
-    np.testing.assert_allclose(smoothed([3.0, 3.0, 3.0], window=10), 3.0)    # no pull towards zero at the start
+    np.testing.assert_allclose(smoothed([3.0, 3.0, 3.0], window=10), 3.0)  # no pull towards zero at the start
     rng = np.random.default_rng(0)
     trend = np.linspace(5, 1, 400)
     noisy = trend + rng.normal(0, 0.5, 400)
     ema = np.array(smoothed(noisy, window=20))
     assert np.abs(ema[50:] - trend[50:]).mean() < 0.5 * np.abs(noisy[50:] - trend[50:]).mean()
-    assert smoothed([1.0, 2.0], window=1) == [1.0, 2.0]                # a window of one point is the raw curve
+    assert smoothed([1.0, 2.0], window=1) == [1.0, 2.0]  # a window of one point is the raw curve
 
 
 def test_curves_png_is_written_from_metrics_jsonl(tmp_path):

@@ -12,9 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TINY, metric_rows
 
 from concept_train.cli import main as train
-from helpers import REPO, TINY, metric_rows
 
 STEPS = [*TINY, "model.training.max_steps=4", "model.training.checkpoint_every_n_steps=2"]
 
@@ -45,29 +45,37 @@ PATH:
 def _as_if_killed_after_step_2(run: Path) -> None:
     """The state a job killed (time limit, node failure) right after its step-2 checkpoint leaves."""
     import shutil
+
     shutil.rmtree(run / "checkpoints/step_4")
     (run / "checkpoints/latest").write_text("step_2")
 
 
-def test_resume_auto_starts_then_resumes_a_run_whose_root_comes_from_a_yaml_file(sharded_project_copy, tmp_path,
-                                                                                  capsys):
+def test_resume_auto_starts_then_resumes_a_run_whose_root_comes_from_a_yaml_file(
+    sharded_project_copy, tmp_path, capsys
+):
     root = tmp_path / "scratch" / "ckpts"
     conf = _config_dir(tmp_path, root)
-    command = [str(sharded_project_copy), "--config-dir", str(conf), *STEPS, "initialize.run_id=r1",
-               "initialize.resume=auto"]
+    command = [
+        str(sharded_project_copy),
+        "--config-dir",
+        str(conf),
+        *STEPS,
+        "initialize.run_id=r1",
+        "initialize.resume=auto",
+    ]
     assert train(command) == 0
     out = capsys.readouterr().out
     assert f"run r1 in {root} has no checkpoint yet: starting it" in out
-    assert not (sharded_project_copy / "model_checkpoints" / "r1").exists()      # the YAML's root, not the default
+    assert not (sharded_project_copy / "model_checkpoints" / "r1").exists()  # the YAML's root, not the default
     first = metric_rows(root / "r1")
     assert sorted(first) == [1, 2, 3, 4]
 
     _as_if_killed_after_step_2(root / "r1")
-    assert train(command) == 0                          # the same command again: the requeued job
+    assert train(command) == 0  # the same command again: the requeued job
     out = capsys.readouterr().out
     assert "has a checkpoint: resuming it" in out and f"resumed run r1 from {root / 'r1/checkpoints/step_2'}" in out
     again = metric_rows(root / "r1")
-    for step in (3, 4):                                 # it continued, bit for bit (CPU)
+    for step in (3, 4):  # it continued, bit for bit (CPU)
         assert again[step]["loss"] == first[step]["loss"] and again[step]["batch_digest"] == first[step]["batch_digest"]
     assert (root / "r1/checkpoints/latest").read_text().strip() == "step_4"
 
@@ -99,14 +107,31 @@ def test_train_sbatch_resumes_a_requeued_run_whose_root_comes_from_a_yaml_file(s
     conf = _config_dir(tmp_path, root)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/srun.log\n'
-                                  'while [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n')
+    (bin_dir / "srun").write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/srun.log\nwhile [ "${{1#-}}" != "$1" ]; do shift; done\nexec "$@"\n'
+    )
     (bin_dir / "srun").chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CONCEPT_VENV=str(REPO / ".venv"),
-               SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_JOB_NUM_NODES="1", SLURM_CPUS_PER_TASK="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), TMPDIR=str(tmp_path))
-    command = ["bash", str(REPO / "tools/slurm/train.sbatch"), str(sharded_project_copy), "--config-dir", str(conf),
-               *STEPS, "initialize.run_id=big1"]
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        CONCEPT_VENV=str(REPO / ".venv"),
+        SLURM_JOB_ID="4242",
+        SLURM_NTASKS="1",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_CPUS_PER_TASK="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        TMPDIR=str(tmp_path),
+    )
+    command = [
+        "bash",
+        str(REPO / "tools/slurm/train.sbatch"),
+        str(sharded_project_copy),
+        "--config-dir",
+        str(conf),
+        *STEPS,
+        "initialize.run_id=big1",
+    ]
 
     def job() -> str:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import TINY
 
 from concept_train.cli import main
-from helpers import TINY
 
 
 def test_unknown_key_is_a_clear_error(sharded_project_copy, capsys):
@@ -39,8 +39,20 @@ def test_resume_needs_a_run_id_and_a_checkpoint(sharded_project_copy, capsys):
 
 def test_new_run_from_weights_wandb_offline_and_profiler(sharded_project_copy, capsys):
     root = sharded_project_copy / "model_checkpoints"
-    assert main([str(sharded_project_copy), *TINY, "initialize.run_id=first", "wandb.enabled=true",
-                 "wandb.project=concept-tests", "profiler.enabled=true", "model.training.max_steps=6"]) == 0
+    assert (
+        main(
+            [
+                str(sharded_project_copy),
+                *TINY,
+                "initialize.run_id=first",
+                "wandb.enabled=true",
+                "wandb.project=concept-tests",
+                "profiler.enabled=true",
+                "model.training.max_steps=6",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "run directory:" in out and "curves:" in out
     rows = [json.loads(line) for line in (root / "first" / "metrics.jsonl").read_text().splitlines()]
@@ -54,8 +66,18 @@ def test_new_run_from_weights_wandb_offline_and_profiler(sharded_project_copy, c
     assert main([str(sharded_project_copy), *TINY, "initialize.run_id=first"]) == 2
     assert "already holds a run" in " ".join(capsys.readouterr().err.split())
     # weights only, into a new run that starts at step 0
-    assert main([str(sharded_project_copy), *TINY, "initialize.run_id=second",
-                 f"initialize.checkpoint={root / 'first'}", "initialize.create_new_run=True"]) == 0
+    assert (
+        main(
+            [
+                str(sharded_project_copy),
+                *TINY,
+                "initialize.run_id=second",
+                f"initialize.checkpoint={root / 'first'}",
+                "initialize.create_new_run=True",
+            ]
+        )
+        == 0
+    )
     assert "starts from the weights of" in capsys.readouterr().out
     second = [json.loads(line) for line in (root / "second" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in second if r["kind"] == "train"] == [1, 2, 3]
@@ -63,9 +85,15 @@ def test_new_run_from_weights_wandb_offline_and_profiler(sharded_project_copy, c
         main(["--help"])
 
 
-@pytest.mark.parametrize("override,key", [("model.dropout=2", "model.dropout: is 2.0"), ("model.dim_hid=0", "model.dim_hid: is 0"),
-                                          ("model.nlayers=2.5", "model.nlayers: cannot take 2.5"),
-                                          ("model.training.lr=-1", "model.training.lr: is -1.0")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.dropout=2", "model.dropout: is 2.0"),
+        ("model.dim_hid=0", "model.dim_hid: is 0"),
+        ("model.nlayers=2.5", "model.nlayers: cannot take 2.5"),
+        ("model.training.lr=-1", "model.training.lr: is -1.0"),
+    ],
+)
 def test_a_bad_value_is_named_by_its_key(sharded_project_copy, capsys, override, key):
     """torch's own ValueErrors ("dropout probability has to be between 0 and 1") lost the key."""
     assert main([str(sharded_project_copy), *TINY, override]) == 2
@@ -82,8 +110,12 @@ def test_a_full_dev_shm_is_named_before_the_run_starts(sharded_project_copy, tmp
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"]).returncode != 0:
         pytest.skip("needs a private mount namespace (unshare -m, as root)")
     cmd = " ".join([sys.executable, "-m", "concept_train.cli", str(sharded_project_copy), *TINY])
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs /dev/shm && {cmd}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs /dev/shm && {cmd}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = " ".join(proc.stderr.split())
     assert proc.returncode == 2, err[-2000:]
     assert "/dev/shm: has" in err and "MiB free" in err and "--shm-size" in err

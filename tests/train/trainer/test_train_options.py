@@ -11,12 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from helpers import ADVANCED, TINY, metric_rows
 
 from concept_shard.config import compose_config
 from concept_shard.errors import ConfigError, TrainError
 from concept_train.trainer.loop import Trainer, run_training
-from helpers import ADVANCED, TINY, metric_rows
 
 VECTOR_DIM = 8
 
@@ -43,8 +42,12 @@ def _cfg(project: Path, run_id: str, *overrides, keys: dict | None = None, vecto
     if vectors is not None:
         args += [f"PATH.PRETRAINED_VOCABULARY={vectors}", f"model.dim_pretrained_vocab={VECTOR_DIM}"]
     cfg = compose_config(project, args, log=_quiet)
-    for key, value in (keys or {}).items():
-        OmegaConf.update(cfg, key, value, force_add=True)
+    for key, value in (keys or {}).items():  # set on the typed config, as the code reads it
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
     return cfg
 
 
@@ -69,19 +72,23 @@ def test_the_residual_follows_the_step_schedule_and_always_at_validation(sharded
     """Step s (0-based) adds the learnable tables when floor((s+1)/4) > floor(s/4): steps 3, 7, 11
     for a fraction of 0.25 (the expected set is written out, not computed by the code's rule)."""
     vectors = _vectors(sharded_project_copy)
-    trainer = Trainer(_cfg(sharded_project_copy, "sched", vectors=vectors,
-                           keys={"model.training.use_learnable_embs_freq": 0.25}), log=_quiet)
-    with torch.no_grad():          # a residual that shows: random tables instead of zeros
+    trainer = Trainer(
+        _cfg(sharded_project_copy, "sched", vectors=vectors, keys={"model.training.use_learnable_embs_freq": 0.25}),
+        log=_quiet,
+    )
+    with torch.no_grad():  # a residual that shows: random tables instead of zeros
         for table in trainer.model.learnable_embeddings.values():
             table.weight.normal_()
     batch = next(iter(trainer.train_loader))
     model = trainer.model
     sp = trainer.data.species[int(batch.species[0])]
     with torch.no_grad():
-        plain = model(batch.tokens, batch.values, batch.positions, batch.cu_seqlens, batch.max_seqlen, sp,
-                      add_learnable=False)[0]
-        added = model(batch.tokens, batch.values, batch.positions, batch.cu_seqlens, batch.max_seqlen, sp,
-                      add_learnable=True)[0]
+        plain = model(
+            batch.tokens, batch.values, batch.positions, batch.cu_seqlens, batch.max_seqlen, sp, add_learnable=False
+        )[0]
+        added = model(
+            batch.tokens, batch.values, batch.positions, batch.cu_seqlens, batch.max_seqlen, sp, add_learnable=True
+        )[0]
         assert not torch.allclose(plain, added)
         seen = set()
         for step in range(12):
@@ -93,12 +100,12 @@ def test_the_residual_follows_the_step_schedule_and_always_at_validation(sharded
             else:
                 assert torch.equal(z, plain), step
         assert seen == {3, 7, 11}
-        model.eval()                                   # validation: always
+        model.eval()  # validation: always
         for step in (0, 1, 5):
             trainer.step = step
             assert torch.equal(torch.cat(trainer.forward_views(batch)[:2]), added)
         model.train()
-        trainer.residual_freq = None                   # fraction null with vectors: never, validation included
+        trainer.residual_freq = None  # fraction null with vectors: never, validation included
         for training in (True, False):
             model.train(training)
             assert torch.equal(torch.cat(trainer.forward_views(batch)[:2]), plain)
@@ -106,47 +113,60 @@ def test_the_residual_follows_the_step_schedule_and_always_at_validation(sharded
 
 def test_frozen_vectors_with_fraction_null_leave_tables_and_residual_untouched(sharded_project_copy):
     vectors = _vectors(sharded_project_copy)
-    cfg = _cfg(sharded_project_copy, "frozen", vectors=vectors, keys={"model.training.freeze_pretrained_vocabulary": True})
+    cfg = _cfg(
+        sharded_project_copy, "frozen", vectors=vectors, keys={"model.training.freeze_pretrained_vocabulary": True}
+    )
     trainer, before, after = _fit(cfg)
     changed = _changed(before, after)
     tables = {k for k in before if k.startswith("gene_embeddings.")}
     residual = {k for k in before if k.startswith("learnable_embeddings.")}
     assert tables and residual and not (changed & (tables | residual))
-    assert "adapter.weight" in changed and "input_proj.weight" in changed       # the rest still learns
-    for k in residual:                   # zeros: never added, never moved
+    assert "adapter.weight" in changed and "input_proj.weight" in changed  # the rest still learns
+    for k in residual:  # zeros: never added, never moved
         assert float(after[k].abs().sum()) == 0.0
     # never in the graph: no gradient, no optimizer state (the run computes what it did before they existed)
-    assert not any(p in trainer.optimizer.state for n, p in trainer.model.named_parameters()
-                   if n.startswith("learnable_embeddings."))
-    for sp in trainer.data.species:      # the tables are still the CSV's vectors
+    assert not any(
+        p in trainer.optimizer.state
+        for n, p in trainer.model.named_parameters()
+        if n.startswith("learnable_embeddings.")
+    )
+    for sp in trainer.data.species:  # the tables are still the CSV's vectors
         table = pd.read_csv(vectors / f"{sp}.csv", index_col=0)
         vocab = trainer.data.catalog.vocab(sp)
         token = vocab.token_of[table.index[0]]
-        np.testing.assert_allclose(after[f"gene_embeddings.{sp}.weight"][token].numpy(), table.iloc[0].to_numpy(),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            after[f"gene_embeddings.{sp}.weight"][token].numpy(), table.iloc[0].to_numpy(), rtol=1e-6
+        )
 
 
 def test_unfrozen_vectors_learn_and_the_residual_learns_once_added(sharded_project_copy):
     vectors = _vectors(sharded_project_copy)
-    cfg = _cfg(sharded_project_copy, "free", "model.training.max_steps=4", vectors=vectors,
-               keys={"model.training.use_learnable_embs_freq": 0.25})
+    cfg = _cfg(
+        sharded_project_copy,
+        "free",
+        "model.training.max_steps=4",
+        vectors=vectors,
+        keys={"model.training.use_learnable_embs_freq": 0.25},
+    )
     _, before, after = _fit(cfg)
     changed = _changed(before, after)
     assert any(k.startswith("gene_embeddings.") for k in changed)
-    assert any(k.startswith("learnable_embeddings.") for k in changed)      # added at step 3 (the 4th)
+    assert any(k.startswith("learnable_embeddings.") for k in changed)  # added at step 3 (the 4th)
     # three steps only: the first step that adds the residual (3) is not reached, the tables stay zeros
-    _, before, after = _fit(_cfg(sharded_project_copy, "free3", vectors=vectors,
-                                 keys={"model.training.use_learnable_embs_freq": 0.25}))
+    _, before, after = _fit(
+        _cfg(sharded_project_copy, "free3", vectors=vectors, keys={"model.training.use_learnable_embs_freq": 0.25})
+    )
     assert not any(k.startswith("learnable_embeddings.") for k in _changed(before, after))
 
 
 def test_train_vocab_only_changes_only_the_learnable_tables(sharded_project_copy):
     vectors = _vectors(sharded_project_copy)
-    trainer, before, after = _fit(_cfg(sharded_project_copy, "vocab", vectors=vectors,
-                                       keys={"model.training.train_vocab_only": True}))
+    trainer, before, after = _fit(
+        _cfg(sharded_project_copy, "vocab", vectors=vectors, keys={"model.training.train_vocab_only": True})
+    )
     changed = _changed(before, after)
     assert changed and all(k.startswith("learnable_embeddings.") for k in changed), changed
-    assert trainer.residual_freq == 1.0              # forced: every step adds them
+    assert trainer.residual_freq == 1.0  # forced: every step adds them
     # without pretrained vectors the learnable tables are the gene tables themselves
     _, before, after = _fit(_cfg(sharded_project_copy, "vocab2", keys={"model.training.train_vocab_only": True}))
     changed = _changed(before, after)
@@ -160,8 +180,16 @@ def test_embedding_can_leave_the_residual_out(sharded_project_copy, tmp_path):
     from concept_train.embedding import main as embed_main
 
     vectors = _vectors(sharded_project_copy)
-    run_training(_cfg(sharded_project_copy, "emb", "model.training.lr=1e-2", vectors=vectors,
-                      keys={"model.training.use_learnable_embs_freq": 1.0}), log=_quiet)
+    run_training(
+        _cfg(
+            sharded_project_copy,
+            "emb",
+            "model.training.lr=1e-2",
+            vectors=vectors,
+            keys={"model.training.use_learnable_embs_freq": 1.0},
+        ),
+        log=_quiet,
+    )
     run = sharded_project_copy / "model_checkpoints" / "emb"
     loaded = load_model(run, "cpu")
     assert float(loaded.model.learnable_embeddings["hsapiens"].weight.detach().abs().sum()) > 0
@@ -185,14 +213,21 @@ def test_a_checkpoint_without_residual_tables_still_loads(sharded_project_copy):
 
     vectors = _vectors(sharded_project_copy)
     trainer = Trainer(_cfg(sharded_project_copy, "old", vectors=vectors), log=_quiet)
-    trainer.model.learnable_embeddings = None             # the former layout
+    trainer.model.learnable_embeddings = None  # the former layout
     trainer.optimizer = build_optimizer(trainer.model, trainer.training)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)
     ckpt = trainer.checkpoint()
     loaded = load_model(ckpt, "cpu")
     assert float(loaded.model.learnable_embeddings["hsapiens"].weight.detach().abs().sum()) == 0.0
-    run_training(_cfg(sharded_project_copy, "from-old", vectors=vectors, keys={
-        "initialize.checkpoint": str(ckpt), "initialize.create_new_run": True}), log=_quiet)
+    run_training(
+        _cfg(
+            sharded_project_copy,
+            "from-old",
+            vectors=vectors,
+            keys={"initialize.checkpoint": str(ckpt), "initialize.create_new_run": True},
+        ),
+        log=_quiet,
+    )
     resumed = Trainer(_cfg(sharded_project_copy, "old", "initialize.resume=True", vectors=vectors), log=_quiet)
     assert resumed.step == 0
     assert float(resumed.model.learnable_embeddings["hsapiens"].weight.detach().abs().sum()) == 0.0
@@ -215,8 +250,16 @@ def test_mlm_loss_only_with_a_masking_rate(sharded_project_copy):
     assert weights["decoder_head"] is False
     # a resume that would drop the decoder head of the checkpoint's model is refused by name
     with pytest.raises(TrainError, match="model.decoder_head"):
-        Trainer(_cfg(sharded_project_copy, "mlm", "initialize.resume=True", "model.training.max_steps=4",
-                     keys={**MLM, "model.training.masking_rate": 0.0}), log=_quiet)
+        Trainer(
+            _cfg(
+                sharded_project_copy,
+                "mlm",
+                "initialize.resume=True",
+                "model.training.max_steps=4",
+                keys={**MLM, "model.training.masking_rate": 0.0},
+            ),
+            log=_quiet,
+        )
 
 
 def test_the_mlm_mask_is_a_function_of_seed_and_batch(sharded_project_copy):
@@ -225,10 +268,10 @@ def test_the_mlm_mask_is_a_function_of_seed_and_batch(sharded_project_copy):
     a, b = next(it), next(it)
     mask = trainer._mlm_mask(a)
     assert torch.equal(mask, trainer._mlm_mask(a)) and not torch.equal(mask[:100], trainer._mlm_mask(b)[:100])
-    assert not mask[a.tokens == 0].any()                          # <cls> is never masked
+    assert not mask[a.tokens == 0].any()  # <cls> is never masked
     assert 0.2 < float(mask.float().sum() / (a.tokens != 0).sum()) < 0.3
     z1, _, (_, used, values, _) = trainer.forward_views(a, mlm=True)
-    assert torch.equal(used, mask) and torch.equal(values, a.values)      # the loss's targets stay unmasked
+    assert torch.equal(used, mask) and torch.equal(values, a.values)  # the loss's targets stay unmasked
 
 
 def test_masking_with_rank_encoding_is_refused_by_name(sharded_project_copy):
@@ -237,13 +280,23 @@ def test_masking_with_rank_encoding_is_refused_by_name(sharded_project_copy):
 
 
 # ---- the binary loss, Adam, bad names ----------------------------------------------------------------
-@pytest.mark.parametrize("keys", [{"model.contrastive_loss": "binary"}, {"model.training.optimizer_class": "Adam"}],
-                         ids=["binary", "adam"])
+@pytest.mark.parametrize(
+    "keys", [{"model.contrastive_loss": "binary"}, {"model.training.optimizer_class": "Adam"}], ids=["binary", "adam"]
+)
 def test_the_trainer_step_learns(sharded_project_copy, keys):
     """A real small optimisation through the trainer's own step: one fixed batch of 32 cells,
     memorised within 20 steps."""
-    trainer = Trainer(_cfg(sharded_project_copy, "learn", "model.training.lr=3e-3", "model.training.warmup=1",
-                           "datamodule.dataloader.train.batch_size=32", keys=keys), log=_quiet)
+    trainer = Trainer(
+        _cfg(
+            sharded_project_copy,
+            "learn",
+            "model.training.lr=3e-3",
+            "model.training.warmup=1",
+            "datamodule.dataloader.train.batch_size=32",
+            keys=keys,
+        ),
+        log=_quiet,
+    )
     assert type(trainer.optimizer).__name__ == keys.get("model.training.optimizer_class", "AdamW")
     batch = next(iter(trainer.train_loader))
     losses = [trainer.train_step(iter([batch]))["loss"] for _ in range(20)]
@@ -270,21 +323,24 @@ def test_fresh_training_restarts_the_step_with_the_weights_and_optimizer_state(s
     moments = {k: v["exp_avg"].clone() for k, v in first.optimizer.state_dict()["state"].items()}
     with pytest.raises(TrainError, match="initialize.checkpoint"):
         Trainer(_cfg(sharded_project_copy, "nockpt", keys={"initialize.fresh_training": True}), log=_quiet)
-    cfg = _cfg(sharded_project_copy, "fresh", keys={"initialize.checkpoint": str(root / "first"),
-                                                    "initialize.fresh_training": True})
+    cfg = _cfg(
+        sharded_project_copy,
+        "fresh",
+        keys={"initialize.checkpoint": str(root / "first"), "initialize.fresh_training": True},
+    )
     fresh = Trainer(cfg, log=_quiet)
     assert fresh.step == 0 and fresh.train_loader.position == 0
-    assert not _changed(trained, _params(fresh.model))                       # the checkpoint's weights
+    assert not _changed(trained, _params(fresh.model))  # the checkpoint's weights
     state = fresh.optimizer.state_dict()["state"]
     assert moments.keys() == state.keys()
-    for k in moments:                                                        # and its optimizer state
+    for k in moments:  # and its optimizer state
         torch.testing.assert_close(state[k]["exp_avg"], moments[k], rtol=0, atol=0)
     warm = float(cfg.model.training.lr) / int(cfg.model.training.warmup)
-    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(warm)     # the schedule from its start
+    assert fresh.optimizer.param_groups[0]["lr"] == pytest.approx(warm)  # the schedule from its start
     fresh.fit()
     a, b = metric_rows(root / "first"), metric_rows(root / "fresh")
     assert sorted(b) == [1, 2, 3]
-    assert [b[s]["batch_digest"] for s in b] == [a[s]["batch_digest"] for s in (1, 2, 3)]   # data from batch 0
+    assert [b[s]["batch_digest"] for s in b] == [a[s]["batch_digest"] for s in (1, 2, 3)]  # data from batch 0
     assert b[1]["lr"] == a[1]["lr"]
 
 
@@ -294,20 +350,28 @@ def test_validation_after_every_nth_epoch(sharded_project_copy):
     probe = Trainer(_cfg(sharded_project_copy, "probe", *big), log=_quiet)
     per_epoch = probe.train_loader.plan.batches_per_epoch
     assert per_epoch <= 12, per_epoch
-    cfg = _cfg(sharded_project_copy, "epochs", *big, f"model.training.max_steps={2 * per_epoch + 1}",
-               "model.training.log_every_n_steps=1000", keys={"model.training.check_val_every_n_epoch": 2})
-    with open_dict(cfg):                 # one small validation loader is enough
-        for section in (cfg.datamodule.dataset.val, cfg.datamodule.dataloader.val):
-            for name in [k for k in section if k != "within_P200_B256"]:
-                del section[name]
+    cfg = _cfg(
+        sharded_project_copy,
+        "epochs",
+        *big,
+        f"model.training.max_steps={2 * per_epoch + 1}",
+        "model.training.log_every_n_steps=1000",
+        keys={"model.training.check_val_every_n_epoch": 2},
+    )
+    for section in (cfg.datamodule.dataset.val, cfg.datamodule.dataloader.val):  # one small validation loader
+        for name in [k for k in section if k != "within_P200_B256"]:  # is enough
+            del section[name]
     run_training(cfg, log=_quiet)
-    rows = [json.loads(x) for x in (sharded_project_copy / "model_checkpoints/epochs/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "val"] == [2 * per_epoch]      # not after epoch 0
+    rows = [
+        json.loads(x)
+        for x in (sharded_project_copy / "model_checkpoints/epochs/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [2 * per_epoch]  # not after epoch 0
     # with gradient accumulation an epoch may end inside a step: the step that holds its last batch
     probe.val_every_epochs, probe.step = 1, 0
     probe.cfg.model.training.accumulate_grad_batches = 2
     ends = []
-    for position in range(2, 3 * per_epoch + 1, 2):          # after steps of batches (position-2, position-1)
+    for position in range(2, 3 * per_epoch + 1, 2):  # after steps of batches (position-2, position-1)
         probe.train_loader.position = position
         if probe._epoch_ended():
             ends.append(position - 1)
@@ -317,17 +381,26 @@ def test_validation_after_every_nth_epoch(sharded_project_copy):
 # ---- exact resumption with everything on ------------------------------------------------------------------
 def test_resume_is_bit_identical_with_the_new_options_on(sharded_project_copy):
     vectors = _vectors(sharded_project_copy)
-    keys = {**MLM, "model.training.masking_rate": 0.2, "model.contrastive_loss": "binary",
-            "model.training.use_learnable_embs_freq": 0.5, "model.training.freeze_pretrained_vocabulary": True,
-            "model.training.optimizer_class": "Adam", "model.training.accumulate_grad_batches": 2,
-            "model.loss_switch_step": 3}
+    keys = {
+        **MLM,
+        "model.training.masking_rate": 0.2,
+        "model.contrastive_loss": "binary",
+        "model.training.use_learnable_embs_freq": 0.5,
+        "model.training.freeze_pretrained_vocabulary": True,
+        "model.training.optimizer_class": "Adam",
+        "model.training.accumulate_grad_batches": 2,
+        "model.loss_switch_step": 3,
+    }
     common = ["model.training.max_steps=6", "model.training.checkpoint_every_n_steps=3", "model.dropout=0.1"]
     root = sharded_project_copy / "model_checkpoints"
     run_training(_cfg(sharded_project_copy, "whole", *common, vectors=vectors, keys=keys), log=_quiet)
-    run_training(_cfg(sharded_project_copy, "parts", *common, "model.training.max_steps=3", vectors=vectors,
-                      keys=keys), log=_quiet)
-    run_training(_cfg(sharded_project_copy, "parts", *common, "initialize.resume=True", vectors=vectors, keys=keys),
-                 log=_quiet)
+    run_training(
+        _cfg(sharded_project_copy, "parts", *common, "model.training.max_steps=3", vectors=vectors, keys=keys),
+        log=_quiet,
+    )
+    run_training(
+        _cfg(sharded_project_copy, "parts", *common, "initialize.resume=True", vectors=vectors, keys=keys), log=_quiet
+    )
     a, b = metric_rows(root / "whole"), metric_rows(root / "parts")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
@@ -342,6 +415,7 @@ def _train_rank(rank: int, project: str, store: str, args: list, out: dict) -> N
     import torch.distributed as dist
 
     from concept_train.cli import main
+
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     out[rank] = main([project, *args])
@@ -356,10 +430,20 @@ def test_two_processes_train_the_decoder_and_the_residual_tables(sharded_project
     from concept_train import load_model
 
     vectors = _vectors(sharded_project_copy)
-    args = [*ADVANCED, *TINY, "model.training.max_steps=4", "initialize.run_id=two", "model.dropout=0",
-            f"PATH.PRETRAINED_VOCABULARY={vectors}", f"model.dim_pretrained_vocab={VECTOR_DIM}",
-            "model.input_encoding=value_encoding", "model.mlm_loss_weight=1.0", "model.training.masking_rate=0.3",
-            "model.contrastive_loss=binary", "model.training.use_learnable_embs_freq=0.5"]
+    args = [
+        *ADVANCED,
+        *TINY,
+        "model.training.max_steps=4",
+        "initialize.run_id=two",
+        "model.dropout=0",
+        f"PATH.PRETRAINED_VOCABULARY={vectors}",
+        f"model.dim_pretrained_vocab={VECTOR_DIM}",
+        "model.input_encoding=value_encoding",
+        "model.mlm_loss_weight=1.0",
+        "model.training.masking_rate=0.3",
+        "model.contrastive_loss=binary",
+        "model.training.use_learnable_embs_freq=0.5",
+    ]
     out = mp.Manager().dict()
     mp.spawn(_train_rank, args=(str(sharded_project_copy), str(tmp_path / "store"), args, out), nprocs=2, join=True)
     assert dict(out) == {0: 0, 1: 0}

@@ -4,23 +4,34 @@ two processes started as `srun` starts them (SLURM variables only, no torchrun).
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
-from helpers import TINY_RESUME as TINY, metric_rows as _rows
+from helpers import TINY_RESUME as TINY
+from helpers import metric_rows as _rows
 
 
 def _cmd(project, nproc, *overrides):
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(29500 + os.getpid() % 1000), "-m"] if nproc > 1 else [sys.executable, "-m"]
+    base = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+        ]
+        if nproc > 1
+        else [sys.executable, "-m"]
+    )
     return base + ["concept_train.cli", str(project), *TINY, *overrides]
 
 
@@ -33,7 +44,7 @@ def _free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if 20000 <= port < 40000:     # reachable as 20000 + SLURM_JOB_ID % 20000
+        if 20000 <= port < 40000:  # reachable as 20000 + SLURM_JOB_ID % 20000
             return port
 
 
@@ -49,8 +60,15 @@ class Launch:
         job_id = str(_free_port() - 20000)
         for rank in range(nproc):
             env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-            env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(nproc), SLURM_NNODES="1",
-                       SLURM_NTASKS_PER_NODE=str(nproc), SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=job_id)
+            env.update(
+                SLURM_PROCID=str(rank),
+                SLURM_LOCALID=str(rank),
+                SLURM_NTASKS=str(nproc),
+                SLURM_NNODES="1",
+                SLURM_NTASKS_PER_NODE=str(nproc),
+                SLURM_JOB_NODELIST="localhost",
+                SLURM_JOB_ID=job_id,
+            )
             self.procs.append(subprocess.Popen(_cmd(project, 1, *overrides), env=env, **popen))
 
     def wait(self, timeout=600) -> tuple[int, str]:
@@ -77,8 +95,15 @@ def _stop_and_go(project: Path, nproc: int, workers: int, launcher: str = "torch
     assert (f"{nproc} processes, FSDP2 over gloo" if nproc > 1 else "1 process") in out
 
     # the same run, killed with SIGKILL as soon as its step-10 checkpoint is complete
-    killed = Launch(project, nproc, launcher, [*common, "initialize.run_id=killed"], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = Launch(
+        project,
+        nproc,
+        launcher,
+        [*common, "initialize.run_id=killed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     latest = root / "killed" / "checkpoints" / "latest"
     deadline = time.time() + 600
     while time.time() < deadline and killed.running():
@@ -92,18 +117,19 @@ def _stop_and_go(project: Path, nproc: int, workers: int, launcher: str = "torch
     (root / "killed" / "checkpoints" / "step_15.tmp").mkdir(exist_ok=True)
     (root / "killed" / "checkpoints" / "step_15.tmp" / "garbage").write_text("half")
 
-    rc, out = Launch(project, nproc, launcher, [*common, "initialize.run_id=killed", "initialize.resume=True"],
-                     **pipes).wait()
+    rc, out = Launch(
+        project, nproc, launcher, [*common, "initialize.run_id=killed", "initialize.resume=True"], **pipes
+    ).wait()
     assert rc == 0, out
     assert "resumed run killed" in out
     a, b = _rows(root / "full"), _rows(root / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in range(1, 21):
         assert a[step]["batch_digest"] == b[step]["batch_digest"], step
-        assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])   # bit-identical
+        assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])  # bit-identical
     assert len({a[s]["batch_digest"] for s in a}) == 20
     ckpts = sorted(p.name for p in (root / "killed" / "checkpoints").iterdir())
-    assert ckpts == ["latest", "step_10", "step_15", "step_20"]      # keep-last-3, no .tmp left
+    assert ckpts == ["latest", "step_10", "step_15", "step_20"]  # keep-last-3, no .tmp left
     assert (root / "full" / "curves.png").is_file() and (root / "full" / "config.yaml").is_file()
 
 

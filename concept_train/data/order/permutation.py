@@ -11,7 +11,8 @@ a bijection on range(n) for any round function. Domains are below 2n, so the exp
 under 2 steps. The round function is splitmix64's finaliser over the half-block and a
 round key; keys are 64-bit integers derived from (seed, ...) by `key_of`. It is not a
 cryptographic cipher: it only has to mix well and be the same on every machine (pure uint64
-arithmetic, no platform-dependent generator).
+arithmetic, no platform-dependent generator). splitmix64 is written here once; the view filters'
+per-token hash (filters.py) imports it.
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ import numpy as np
 ROUNDS = 6
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment: 2^64 / the golden ratio
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
+def mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser (uint64 in, uint64 out; wraps modulo 2^64)."""
     x = (x ^ (x >> np.uint64(30))) * _M1
     x = (x ^ (x >> np.uint64(27))) * _M2
     return x ^ (x >> np.uint64(31))
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """One splitmix64 step from state `x`: the increment added, then the finaliser (the view
+    filters' per-token hash, filters.py)."""
+    return mix(x + GOLDEN)
 
 
 def key_of(*parts) -> np.ndarray:
@@ -37,7 +44,7 @@ def key_of(*parts) -> np.ndarray:
     with np.errstate(over="ignore"):
         k = np.uint64(0x6A09E667F3BCC909)
         for part in parts:
-            k = _mix(k ^ (np.asarray(part).astype(np.uint64) + _GOLDEN))
+            k = mix(k ^ (np.asarray(part).astype(np.uint64) + GOLDEN))
         return k
 
 
@@ -54,14 +61,18 @@ def permute(positions, n, key) -> np.ndarray:
     b = np.maximum(1, np.frexp((n_arr - 1).astype(np.float64))[1]).astype(np.uint64)
     left_bits, right_bits = b - b // np.uint64(2), b // np.uint64(2)
     with np.errstate(over="ignore"):
-        round_keys = [_mix(keys + np.uint64(r + 1) * _GOLDEN) for r in range(ROUNDS)]
+        round_keys = [mix(keys + np.uint64(r + 1) * GOLDEN) for r in range(ROUNDS)]
         out = p.astype(np.uint64)
         todo = np.arange(p.size)
         flat_n = n_arr.reshape(-1).astype(np.uint64)
         flat = out.reshape(-1)
         while todo.size:
-            flat[todo] = _encipher(flat[todo], left_bits.reshape(-1)[todo], right_bits.reshape(-1)[todo],
-                                   [k.reshape(-1)[todo] for k in round_keys])
+            flat[todo] = _encipher(
+                flat[todo],
+                left_bits.reshape(-1)[todo],
+                right_bits.reshape(-1)[todo],
+                [k.reshape(-1)[todo] for k in round_keys],
+            )
             todo = todo[flat[todo] >= flat_n[todo]]
     return out.astype(np.int64)
 
@@ -72,8 +83,8 @@ def _encipher(x, left_bits, right_bits, round_keys) -> np.ndarray:
     one = np.uint64(1)
     left, right = x >> right_bits, x & ((one << right_bits) - one)
     wl, wr = left_bits, right_bits
-    for k in round_keys:                  # an even number of rounds: the widths end as they began
-        f = _mix(right ^ k) & ((one << wl) - one)
+    for k in round_keys:  # an even number of rounds: the widths end as they began
+        f = mix(right ^ k) & ((one << wl) - one)
         left, right = right, left ^ f
         wl, wr = wr, wl
     return (left << wr) | right

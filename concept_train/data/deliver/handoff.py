@@ -32,22 +32,23 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .shm import HANDOFF_PREFIX, SHM_DIR, owner_tag
+from ..read.shm import HANDOFF_PREFIX, SHM_DIR, owner_tag
 
-SLOT_BYTES = 64 << 20        # virtual size (tmpfs allocates the pages a batch writes); a larger batch goes the torch way
+SLOT_BYTES = 64 << 20  # virtual size (tmpfs allocates the pages a batch writes); a larger batch goes the torch way
 _ALIGN = 64
 
 
 @dataclass
 class Parcel:
     """What crosses the queue: where a batch's bytes lie and how to view them as tensors."""
+
     worker: int
     slot: int
-    storages: list[tuple[int, int]]                      # (offset in the slot, nbytes)
-    tensors: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]   # name -> (storage, byte offset, dtype, shape)
+    storages: list[tuple[int, int]]  # (offset in the slot, nbytes)
+    tensors: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]  # name -> (storage, byte offset, dtype, shape)
 
 
-def ring_for(num_workers: int, prefetch_factor: int) -> "SlotRing | None":
+def ring_for(num_workers: int, prefetch_factor: int) -> SlotRing | None:
     """The slots for one pass of a DataLoader with these settings, or None (the torch way) without
     workers, without /dev/shm, or when they cannot be made (said in a warning).
 
@@ -59,7 +60,7 @@ def ring_for(num_workers: int, prefetch_factor: int) -> "SlotRing | None":
     try:
         return SlotRing(num_workers, prefetch_factor + 2)
     except OSError as err:
-        warnings.warn(f"loader hand-off slots unavailable ({err}); batches cross the torch way")
+        warnings.warn(f"loader hand-off slots unavailable ({err}); batches cross the torch way", stacklevel=2)
         return None
 
 
@@ -73,8 +74,8 @@ class SlotRing:
         self.paths = [[str(SHM_DIR / f"{stem}-{w}-{s}") for s in range(self.slots)] for w in range(self.workers)]
         self.free = [(context or multiprocessing.get_context()).Semaphore(self.slots) for _ in range(self.workers)]
         self._maps: dict[tuple[int, int], mmap.mmap] = {}
-        self._written: dict[tuple[int, int], int] = {}     # bytes reserved on tmpfs per slot (this worker)
-        self._next = 0                                    # this worker's next slot
+        self._written: dict[tuple[int, int], int] = {}  # bytes reserved on tmpfs per slot (this worker)
+        self._next = 0  # this worker's next slot
         self._owner = os.getpid()
         # removed at close(), or when the ring is collected, or at the consumer's exit (a loader
         # iterator never closed); a killed run's are swept at the next start (shm.py)
@@ -89,7 +90,7 @@ class SlotRing:
                         self._maps[(w, s)] = mmap.mmap(fd, self.slot_bytes)
                     finally:
                         os.close(fd)
-        except OSError:          # no room for the mappings (ulimit -v), /dev/shm refused: none made
+        except OSError:  # no room for the mappings (ulimit -v), /dev/shm refused: none made
             self.close()
             raise
 
@@ -97,7 +98,7 @@ class SlotRing:
     def available() -> bool:
         return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
 
-    def __getstate__(self):      # to a spawned worker: names and semaphores, not this process's maps
+    def __getstate__(self):  # to a spawned worker: names and semaphores, not this process's maps
         state = dict(self.__dict__)
         state["_maps"], state["_written"], state["_next"] = {}, {}, 0
         del state["_unlink"]
@@ -127,7 +128,7 @@ class SlotRing:
         storages, index, specs, offset = [], {}, {}, 0
         for name, t in as_torch.items():
             st = t.untyped_storage()
-            key = (st.data_ptr(), st.nbytes())     # two arrays over one buffer may see storages of two sizes
+            key = (st.data_ptr(), st.nbytes())  # two arrays over one buffer may see storages of two sizes
             if key not in index:
                 index[key] = len(storages)
                 storages.append((st, offset))
@@ -138,7 +139,7 @@ class SlotRing:
         s = self._next
         try:
             m = self._map(w, s)
-            if self._written.get((w, s), 0) < offset:      # reserve on tmpfs: ENOSPC here, not SIGBUS on write
+            if self._written.get((w, s), 0) < offset:  # reserve on tmpfs: ENOSPC here, not SIGBUS on write
                 fd = os.open(self.paths[w][s], os.O_RDWR)
                 try:
                     os.posix_fallocate(fd, 0, offset)
@@ -153,7 +154,7 @@ class SlotRing:
         for st, at in storages:
             n = st.nbytes()
             if n:
-                view[at:at + n] = torch.empty(0, dtype=torch.uint8).set_(st).numpy()
+                view[at : at + n] = torch.empty(0, dtype=torch.uint8).set_(st).numpy()
             placed.append((at, n))
         del view
         self._next = (s + 1) % self.slots
@@ -167,13 +168,15 @@ class SlotRing:
             own = []
             for at, n in parcel.storages:
                 buf = torch.empty(n, dtype=torch.uint8)
-                buf.numpy()[:] = view[at:at + n]
+                buf.numpy()[:] = view[at : at + n]
                 own.append(buf)
             del view
         finally:
             self.free[parcel.worker].release()
-        return {name: own[i][off:off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-                for name, (i, off, dtype, shape) in parcel.tensors.items()}
+        return {
+            name: own[i][off : off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for name, (i, off, dtype, shape) in parcel.tensors.items()
+        }
 
     def close(self) -> None:
         """Unmap and remove the slots (the consumer, after the pass). Workers still alive keep
@@ -181,7 +184,7 @@ class SlotRing:
         for m in self._maps.values():
             try:
                 m.close()
-            except BufferError:      # a view still exported (an interrupted copy): the GC unmaps it
+            except BufferError:  # a view still exported (an interrupted copy): the GC unmaps it
                 pass
         self._maps.clear()
         if os.getpid() == self._owner:
@@ -189,11 +192,10 @@ class SlotRing:
 
 
 def _unlink(paths: list[str], owner: int) -> None:
-    if os.getpid() != owner:        # a forked worker inherits the finalizer, not the slots
+    if os.getpid() != owner:  # a forked worker inherits the finalizer, not the slots
         return
     for path in paths:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
-

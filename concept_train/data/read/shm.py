@@ -18,9 +18,11 @@ from pathlib import Path
 from concept_shard.errors import DataError
 
 SHM_DIR = Path("/dev/shm")
-_STREAMING_NAME = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|"
-                             r"resume|epoch_shape|epoch_data)$")
-HANDOFF_PREFIX = "concept-handoff-"       # + owner_tag, a random token, worker and slot (handoff.py)
+_STREAMING_NAME = re.compile(
+    r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|"
+    r"resume|epoch_shape|epoch_data)$"
+)
+HANDOFF_PREFIX = "concept-handoff-"  # + owner_tag, a random token, worker and slot (handoff.py)
 
 
 def _mapped_shm_names() -> set[str] | None:
@@ -37,8 +39,8 @@ def _mapped_shm_names() -> set[str] | None:
                 for line in fh:
                     i = line.find("/dev/shm/")
                     if i >= 0:
-                        names.add(line[i + 9:].split()[0])
-        except OSError:       # exited meanwhile, or another user's process
+                        names.add(line[i + 9 :].split()[0])
+        except OSError:  # exited meanwhile, or another user's process
             continue
     return names
 
@@ -61,7 +63,7 @@ def owner_tag(pid: int) -> str:
 def _owner_alive(name: str) -> bool:
     """Whether the process that created a hand-off segment still runs (its pid and start time are
     in the name; a pid alone may have been reused by another process since)."""
-    tag = name[len(HANDOFF_PREFIX):].split("-", 1)[0]
+    tag = name[len(HANDOFF_PREFIX) :].split("-", 1)[0]
     pid, _, started = tag.partition(".")
     if not pid.isdigit():
         return False
@@ -69,9 +71,9 @@ def _owner_alive(name: str) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:      # alive, another user's
+    except PermissionError:  # alive, another user's
         pass
-    return started == "0" or _start_time(int(pid)) in (started, "0")     # "0": /proc did not say
+    return started == "0" or _start_time(int(pid)) in (started, "0")  # "0": /proc did not say
 
 
 def clean_stale_streaming_shm() -> list[str]:
@@ -79,8 +81,11 @@ def clean_stale_streaming_shm() -> list[str]:
     the names removed."""
     if not SHM_DIR.is_dir():
         return []
-    candidates = [p for p in SHM_DIR.iterdir()
-                  if _STREAMING_NAME.match(p.name) or (p.name.startswith(HANDOFF_PREFIX) and not _owner_alive(p.name))]
+    candidates = [
+        p
+        for p in SHM_DIR.iterdir()
+        if _STREAMING_NAME.match(p.name) or (p.name.startswith(HANDOFF_PREFIX) and not _owner_alive(p.name))
+    ]
     if not candidates:
         return []
     mapped = _mapped_shm_names()
@@ -117,7 +122,10 @@ def check_free_shm(num_workers: int) -> None:
     stat = os.statvfs(SHM_DIR)
     free, need = stat.f_bavail * stat.f_frsize, MIN_FREE_SHM + PER_WORKER_SHM * max(0, int(num_workers))
     if free < need:
-        raise DataError(SHM_DIR, f"has {free / 2**20:.1f} MiB free; the shard streams and {num_workers} loader "
-                        f"worker(s) need about {need / 2**20:.0f} MiB (a full /dev/shm ends a run in 'Bus error').",
-                        "Free it (stale segments of killed runs: `ls -la /dev/shm`), give the container more "
-                        "(docker --shm-size, a larger tmpfs), or lower datamodule.dataloader.*.num_workers.")
+        raise DataError(
+            SHM_DIR,
+            f"has {free / 2**20:.1f} MiB free; the shard streams and {num_workers} loader "
+            f"worker(s) need about {need / 2**20:.0f} MiB (a full /dev/shm ends a run in 'Bus error').",
+            "Free it (stale segments of killed runs: `ls -la /dev/shm`), give the container more "
+            "(docker --shm-size, a larger tmpfs), or lower datamodule.dataloader.*.num_workers.",
+        )

@@ -1,7 +1,7 @@
 """The two gene panels of a global batch, drawn from (seed, batch index) alone.
 
-Semantics of the reference (docs/design.md, "Batches, panels and tokens"), over the n in-vocabulary genes of the batch's file:
-view 1 is random if n < 10,000 (a targeted assay), else random or a designed panel per
+Semantics of the reference (docs/design.md, "Batches, panels and tokens"), over the n in-vocabulary genes of the
+batch's file: view 1 is random if n < 10,000 (a targeted assay), else random or a designed panel per
 `panel_selection` (`mixed`: random with probability `panel_selection_mixed_prob`). A designed panel
 is drawn uniformly from the species' panel CSVs whose name matches `panel_filter_regex`; each of
 its genes is dropped with probability r ~ U(0, panel_max_drop_rate). Random panels have a
@@ -17,24 +17,23 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from concept_config.data import PANEL_SELECTIONS, PANEL_VIEW2, PanelKeys
 from concept_shard.errors import DataError
 from concept_shard.vocabulary import Vocabulary, strip_version
 
 TARGETED_ASSAY_GENES = 10_000
-SELECTIONS = ("random", "preselected", "mixed")
-VIEW2 = ("random", "complement")
 
 
 @dataclass
 class DesignedPanel:
     name: str
-    tokens: np.ndarray        # ascending token ids of the panel's genes that are in the vocabulary
+    tokens: np.ndarray  # ascending token ids of the panel's genes that are in the vocabulary
 
 
 def load_designed_panels(panels_dir: Path, vocab: Vocabulary, regex: str, log=print) -> list[DesignedPanel]:
@@ -48,8 +47,11 @@ def load_designed_panels(panels_dir: Path, vocab: Vocabulary, regex: str, log=pr
     try:
         pattern = re.compile(regex)
     except re.error as err:
-        raise DataError("panel_filter_regex", f"'{regex}' is not a valid regular expression ({err}).",
-                        "Fix the pattern (Python `re` syntax).") from None
+        raise DataError(
+            "panel_filter_regex",
+            f"'{regex}' is not a valid regular expression ({err}).",
+            "Fix the pattern (Python `re` syntax).",
+        ) from None
     panels = []
     for path in sorted(species_dir.glob("*.csv")):
         if not pattern.search(path.stem):
@@ -67,82 +69,115 @@ def load_designed_panels(panels_dir: Path, vocab: Vocabulary, regex: str, log=pr
         tokens = np.array(sorted({vocab.token_of[g] for g in ids if g in vocab.token_of}), dtype=np.int64)
         missing = len(set(ids)) - len(tokens)
         if missing:
-            log(f"[panels] {path}: {missing} of {len(set(ids))} genes are not in the {vocab.species} vocabulary; "
-                "they are ignored.")
+            log(
+                f"[panels] {path}: {missing} of {len(set(ids))} genes are not in the {vocab.species} vocabulary; "
+                "they are ignored."
+            )
         if len(tokens) == 0:
-            raise DataError(path, f"has no gene in the {vocab.species} vocabulary {vocab.path}.",
-                            "Check that the panel's species matches its folder and that the ids are Ensembl ids.")
+            raise DataError(
+                path,
+                f"has no gene in the {vocab.species} vocabulary {vocab.path}.",
+                "Check that the panel's species matches its folder and that the ids are Ensembl ids.",
+            )
         panels.append(DesignedPanel(path.stem, tokens))
     return panels
 
 
 @dataclass
 class PanelSpec:
-    selection: str = "mixed"
-    mixed_prob: float = 0.25
-    size_min: float = 0.02
-    size_max: float = 60000
-    max_drop_rate: float = 0.5
-    overlap: float = 0.0          # probability that view 2 may overlap view 1
-    view2: str = "random"
+    """The panel keys of a loader (or of one curriculum phase) as the sampler reads them."""
+
+    selection: str
+    mixed_prob: float
+    size_min: float
+    size_max: float
+    max_drop_rate: float
+    overlap: float  # probability that view 2 may overlap view 1
+    view2: str
 
     @classmethod
-    def from_config(cls, node, where: str) -> "PanelSpec":
-        get = lambda k, d: node.get(k, d) if node is not None else d   # noqa: E731
-        overlap = get("panel_overlap", False)
+    def from_keys(cls, keys: PanelKeys, where: str) -> PanelSpec:
+        """The loader's keys, or a curriculum phase's over them: the schema checked the former,
+        a phase's values (free-form YAML) are checked here against the same choices."""
+        overlap = keys.panel_overlap
         overlap = 1.0 if overlap is True else 0.0 if overlap in (False, None) else float(overlap)
-        spec = cls(selection=str(get("panel_selection", "mixed")), mixed_prob=float(get("panel_selection_mixed_prob", 0.25)),
-                   size_min=float(get("panel_size_min", 0.02)), size_max=float(get("panel_size_max", 60000)),
-                   max_drop_rate=float(get("panel_max_drop_rate", 0.5)), overlap=overlap,
-                   view2=str(get("panel_view2", "random")))
-        if spec.selection not in SELECTIONS:
-            raise DataError(f"{where}.panel_selection", f"is '{spec.selection}'.", f"Use one of {list(SELECTIONS)}.")
-        if spec.view2 not in VIEW2:
-            raise DataError(f"{where}.panel_view2", f"is '{spec.view2}'.", f"Use one of {list(VIEW2)}.")
+        spec = cls(
+            selection=str(keys.panel_selection),
+            mixed_prob=float(keys.panel_selection_mixed_prob),
+            size_min=float(keys.panel_size_min),
+            size_max=float(keys.panel_size_max),
+            max_drop_rate=float(keys.panel_max_drop_rate),
+            overlap=overlap,
+            view2=str(keys.panel_view2),
+        )
+        if spec.selection not in PANEL_SELECTIONS:
+            raise DataError(
+                f"{where}.panel_selection", f"is '{spec.selection}'.", f"Use one of {list(PANEL_SELECTIONS)}."
+            )
+        if spec.view2 not in PANEL_VIEW2:
+            raise DataError(f"{where}.panel_view2", f"is '{spec.view2}'.", f"Use one of {list(PANEL_VIEW2)}.")
         if not 0 <= spec.overlap <= 1 or not 0 <= spec.mixed_prob <= 1 or not 0 <= spec.max_drop_rate <= 1:
-            raise DataError(where, "has panel_overlap, panel_selection_mixed_prob or panel_max_drop_rate outside [0, 1].",
-                            "Use probabilities between 0 and 1 (panel_overlap may also be true/false).")
+            raise DataError(
+                where,
+                "has panel_overlap, panel_selection_mixed_prob or panel_max_drop_rate outside [0, 1].",
+                "Use probabilities between 0 and 1 (panel_overlap may also be true/false).",
+            )
         if spec.size_min <= 0 or spec.size_max <= 0:
-            raise DataError(where, "has a non-positive panel_size_min or panel_size_max.",
-                            "Use a fraction in (0, 1) of the file's genes or a gene count >= 1.")
+            raise DataError(
+                where,
+                "has a non-positive panel_size_min or panel_size_max.",
+                "Use a fraction in (0, 1) of the file's genes or a gene count >= 1.",
+            )
         return spec
 
 
-PANEL_KEYS = ("panel_selection", "panel_selection_mixed_prob", "panel_size_min", "panel_size_max",
-              "panel_max_drop_rate", "panel_overlap", "panel_view2")
+PANEL_KEYS = (
+    "panel_selection",
+    "panel_selection_mixed_prob",
+    "panel_size_min",
+    "panel_size_max",
+    "panel_max_drop_rate",
+    "panel_overlap",
+    "panel_view2",
+)
 
 
-def curriculum_specs(node, where: str) -> list[tuple[int, PanelSpec]]:
+def curriculum_specs(keys: PanelKeys, where: str) -> list[tuple[int, PanelSpec]]:
     """[(first global batch, PanelSpec)] in batch order: the loader's own panel keys from batch 0,
     then each `panel_curriculum` phase's keys (over the loader's) from its `from_batch` on."""
-    phases = [(0, PanelSpec.from_config(node, where))]
-    raw = node.get("panel_curriculum") if node is not None else None
-    merged = {k: node.get(k) for k in PANEL_KEYS if node is not None and node.get(k) is not None}
-    for i, phase in enumerate(raw or []):
+    phases = [(0, PanelSpec.from_keys(keys, where))]
+    merged = {}
+    for i, phase in enumerate(keys.panel_curriculum or []):
         at = f"{where}.panel_curriculum[{i}]"
         phase = dict(phase) if hasattr(phase, "items") else None
         if phase is None or "from_batch" not in phase:
-            raise DataError(at, "is not a mapping with `from_batch`.",
-                            "Write each phase as {from_batch: N, panel_size_max: ..., ...} (panel keys of the loader).")
+            raise DataError(
+                at,
+                "is not a mapping with `from_batch`.",
+                "Write each phase as {from_batch: N, panel_size_max: ..., ...} (panel keys of the loader).",
+            )
         unknown = sorted(set(phase) - {"from_batch", *PANEL_KEYS})
         if unknown:
             raise DataError(at, f"has unknown keys {unknown}.", f"A phase may set `from_batch` and {list(PANEL_KEYS)}.")
         start = phase.pop("from_batch")
         if not isinstance(start, int) or isinstance(start, bool) or start <= phases[-1][0]:
-            raise DataError(f"{at}.from_batch", f"is {start!r}.",
-                            "Use a global batch index (training step x accumulate_grad_batches), greater than the "
-                            "previous phase's.")
+            raise DataError(
+                f"{at}.from_batch",
+                f"is {start!r}.",
+                "Use a global batch index (training step x accumulate_grad_batches), greater than the "
+                "previous phase's.",
+            )
         merged.update(phase)
-        phases.append((start, PanelSpec.from_config(dict(merged), at)))
+        phases.append((start, PanelSpec.from_keys(replace(keys, **merged), at)))
     return phases
 
 
 @dataclass
 class Panels:
-    view1: np.ndarray         # ascending token ids
+    view1: np.ndarray  # ascending token ids
     view2: np.ndarray
-    kind1: str                # "random" or "designed:<name>"
-    kind2: str                # "random", "random-overlap" or "complement"
+    kind1: str  # "random" or "designed:<name>"
+    kind2: str  # "random", "random-overlap" or "complement"
 
 
 def resolve_size(bound: float, n: int) -> float:
@@ -156,9 +191,11 @@ class PanelSampler:
         if spec.selection == "preselected":
             empty = [sp for sp, panels in designed.items() if not panels]
             if empty:
-                raise DataError(f"{where}.panel_selection", f"is 'preselected' but species {empty} have no panel "
-                                "CSV matching panel_filter_regex.",
-                                "Add panels under PATH.PANELS_PATH/<species>/, widen the regex, or use `mixed`.")
+                raise DataError(
+                    f"{where}.panel_selection",
+                    f"is 'preselected' but species {empty} have no panel CSV matching panel_filter_regex.",
+                    "Add panels under PATH.PANELS_PATH/<species>/, widen the regex, or use `mixed`.",
+                )
 
     def _size(self, rng: np.random.Generator, n: int, available: int) -> int:
         lo = max(1.0, resolve_size(self.spec.size_min, n))
@@ -173,22 +210,24 @@ class PanelSampler:
         # a disjoint view 2 needs room: a random view 1 leaves at least panel_size_min genes
         room = n if overlap or spec.view2 == "complement" else n - int(max(1.0, resolve_size(spec.size_min, n)))
         panels = self.designed.get(species) or []
-        use_designed = (n >= TARGETED_ASSAY_GENES and panels and
-                        (spec.selection == "preselected" or
-                         (spec.selection == "mixed" and rng.random() >= spec.mixed_prob)))
+        use_designed = (
+            n >= TARGETED_ASSAY_GENES
+            and panels
+            and (spec.selection == "preselected" or (spec.selection == "mixed" and rng.random() >= spec.mixed_prob))
+        )
         view1 = None
         if use_designed:
             panel = panels[int(rng.integers(len(panels)))]
             kept = panel.tokens[rng.random(len(panel.tokens)) >= rng.uniform(0, spec.max_drop_rate)]
-            taken = np.zeros(n, bool)          # np.intersect1d(kept, genes), without its sort
+            taken = np.zeros(n, bool)  # np.intersect1d(kept, genes), without its sort
             at = np.minimum(np.searchsorted(genes, kept), n - 1)
             taken[at[genes[at] == kept]] = True
             view1 = genes[taken]
             kind1 = f"designed:{panel.name}"
-        if view1 is None or len(view1) == 0:      # random, or a designed panel with none of the file's genes
+        if view1 is None or len(view1) == 0:  # random, or a designed panel with none of the file's genes
             view1, taken = _sorted_choice(rng, genes, self._size(rng, n, max(1, room)))
             kind1 = "random"
-        rest = genes[~taken]                      # np.setdiff1d(genes, view1)
+        rest = genes[~taken]  # np.setdiff1d(genes, view1)
         if spec.view2 == "complement":
             return Panels(view1, rest, kind1, "complement")
         if overlap:

@@ -19,15 +19,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from concept_shard.errors import DataError, UserError
 
-from .batch import Batch, Layout, label_code
-from .catalog import ShardSet
-from .filters import ViewFilters
-from .panels import PanelSampler
-from .plan import BatchPlan
-from .decode import SampleBatch
+from ..make.batch import Batch, Layout, label_code
+from ..make.filters import ViewFilters
+from ..make.panels import PanelSampler
+from ..make.tokenize import Cells, TokenSpec, normalized, pack, select_views, use_kernel
+from ..order.plan import BatchPlan
+from ..read.catalog import ShardSet
+from ..read.decode import SampleBatch
+from ..read.store import SampleStore
 from .handoff import Parcel, SlotRing, ring_for
-from .store import SampleStore
-from .tokenize import STRATEGIES, Cells, TokenSpec, normalized, pack, select_views, use_kernel
 
 STATE_VERSION = 1
 
@@ -39,10 +39,21 @@ class RankSlice:
 
 
 class BatchMaker:
-    def __init__(self, name: str, sets: list[ShardSet], store: SampleStore, plan: BatchPlan,
-                 samplers: list[tuple[int, PanelSampler]], token_spec: TokenSpec, vocab_sizes: dict[str, int],
-                 species: list[str], obs_keys: list[str], ranks: RankSlice, seed: int,
-                 filters: ViewFilters | None = None):
+    def __init__(
+        self,
+        name: str,
+        sets: list[ShardSet],
+        store: SampleStore,
+        plan: BatchPlan,
+        samplers: list[tuple[int, PanelSampler]],
+        token_spec: TokenSpec,
+        vocab_sizes: dict[str, int],
+        species: list[str],
+        obs_keys: list[str],
+        ranks: RankSlice,
+        seed: int,
+        filters: ViewFilters | None = None,
+    ):
         # samplers: [(first global batch, sampler)] in batch order; more than one with a panel curriculum
         self.name, self.sets, self.store, self.plan, self.samplers = name, sets, store, plan, samplers
         self.token_spec, self.vocab_sizes, self.species, self.obs_keys = token_spec, vocab_sizes, species, obs_keys
@@ -81,9 +92,10 @@ class BatchMaker:
             if self.token_spec.strategy in ("random", "random-nonzero"):
                 rngs[v] = [np.random.default_rng([self.seed, int(g), 2, v, int(p)]) for p in positions]
             keeps[v] = ViewFilters.keep(self.seed, int(g), v, positions, rate) if rate > 0 else None
-        views = select_views(self.token_spec, cells, values, keys, (panels.view1, panels.view2), vocab_size,
-                             rngs, keeps)
-        if self.filters is not None:      # masked cells are delivered as <cls> alone
+        views = select_views(
+            self.token_spec, cells, values, keys, (panels.view1, panels.view2), vocab_size, rngs, keeps
+        )
+        if self.filters is not None:  # masked cells are delivered as <cls> alone
             lengths = np.stack([np.bincount(c, minlength=cells.n_cells) for c, _, _ in views])
             masked = self.filters.masked(lengths, (len(panels.view1), len(panels.view2)))
             if masked.any():
@@ -91,26 +103,41 @@ class BatchMaker:
         # a batch's arrays in two storages, per token and per cell: a DataLoader worker hands each
         # storage over separately, and a per-cell tensor kept after the batch (validation's
         # labels) holds only the per-cell one
-        packed = pack(cells.n_cells, views, extra={"panel1": np.asarray(panels.view1, np.int64),
-                                                   "panel2": np.asarray(panels.view2, np.int64)})
+        packed = pack(
+            cells.n_cells,
+            views,
+            extra={"panel1": np.asarray(panels.view1, np.int64), "panel2": np.asarray(panels.view2, np.int64)},
+        )
         t = packed.layout.tensors(packed.raw)
         n = cells.n_cells
-        per_cell = {"species": np.full(n, self.species.index(pb.species), np.int64), "dataset": datasets,
-                    "row": columns.scalars["row"] if n else np.zeros(0, np.int64), **{f"labels.{k}": self._labels(columns, k, datasets)
-                                                      for k in self.obs_keys},
-                    "items_mask": (packed.view_lengths > 0).all(axis=0)}
+        per_cell = {
+            "species": np.full(n, self.species.index(pb.species), np.int64),
+            "dataset": datasets,
+            "row": columns.scalars["row"] if n else np.zeros(0, np.int64),
+            **{f"labels.{k}": self._labels(columns, k, datasets) for k in self.obs_keys},
+            "items_mask": (packed.view_lengths > 0).all(axis=0),
+        }
         layout = Layout([(k, n, np.bool_ if k == "items_mask" else np.int64) for k in per_cell])
         raw = np.empty(layout.nbytes, np.uint8)
         for k, a in layout.arrays(raw).items():
             a[:] = per_cell[k]
         t.update(layout.tensors(raw))
         return Batch(
-            tokens=t["tokens"], values=t["values"], positions=t["positions"], cu_seqlens=t["cu_seqlens"],
-            max_seqlen=packed.max_seqlen, items_mask=t["items_mask"],
-            species=t["species"], dataset=t["dataset"], row=t["row"],
+            tokens=t["tokens"],
+            values=t["values"],
+            positions=t["positions"],
+            cu_seqlens=t["cu_seqlens"],
+            max_seqlen=packed.max_seqlen,
+            items_mask=t["items_mask"],
+            species=t["species"],
+            dataset=t["dataset"],
+            row=t["row"],
             labels={k: t[f"labels.{k}"] for k in self.obs_keys},
-            panels=(t["panel1"], t["panel2"]), panel_kinds=(panels.kind1, panels.kind2),
-            index=int(g), epoch=pb.epoch, cell_ids=columns.strings["cell_id"] if n else [],
+            panels=(t["panel1"], t["panel2"]),
+            panel_kinds=(panels.kind1, panels.kind2),
+            index=int(g),
+            epoch=pb.epoch,
+            cell_ids=columns.strings["cell_id"] if n else [],
         )
 
     def _labels(self, columns: SampleBatch, key: str, datasets: np.ndarray) -> np.ndarray:
@@ -136,7 +163,7 @@ class _BatchStream(IterableDataset):
         while self.stop is None or g < self.stop:
             try:
                 batch = self.maker.make(g)
-            except UserError as err:      # crosses the worker boundary as data, raised again by Loader
+            except UserError as err:  # crosses the worker boundary as data, raised again by Loader
                 yield _Failure(type(err), err.where, err.problem, err.fix)
                 return
             parcel = self.ring.pack(batch.tensors()) if self.ring is not None else None
@@ -147,6 +174,7 @@ class _BatchStream(IterableDataset):
 @dataclass
 class _Handed:
     """A batch whose tensors wait in a hand-off slot."""
+
     parcel: Parcel
     rest: dict
 
@@ -158,6 +186,7 @@ class _Handed:
 class _Failure:
     """A user error met while making a batch, carried out of a DataLoader worker (which would turn
     it into a RuntimeError holding a traceback)."""
+
     kind: type
     where: str
     problem: str
@@ -170,15 +199,22 @@ class _Failure:
 class Loader:
     """Iterates batches from its position on; `state_dict()` is what a checkpoint stores."""
 
-    def __init__(self, maker: BatchMaker, num_workers: int = 0, stop: int | None = None,
-                 prefetch_factor: int = 2, pin_memory: bool = False, rewind: bool = False,
-                 handoff_slots: bool = True):
+    def __init__(
+        self,
+        maker: BatchMaker,
+        num_workers: int = 0,
+        stop: int | None = None,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        rewind: bool = False,
+        handoff_slots: bool = True,
+    ):
         # rewind: every pass starts at batch 0 (validation); else a pass continues where the last stopped
         # handoff_slots: workers hand batches over through shared slots (handoff.py), else the torch way
         self.maker, self.num_workers, self.stop, self.rewind = maker, int(num_workers), stop, rewind
         self.handoff_slots = handoff_slots
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
-        self.position = 0            # g of the next batch to deliver
+        self.position = 0  # g of the next batch to deliver
 
     @property
     def plan(self) -> BatchPlan:
@@ -198,8 +234,14 @@ class Loader:
         try:
             # own generator: creating the iterator must not draw from the global torch RNG, or a
             # resumed run's dropout would not match the uninterrupted one
-            loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                generator=torch.Generator().manual_seed(self.maker.seed), **kwargs)
+            loader = DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                generator=torch.Generator().manual_seed(self.maker.seed),
+                **kwargs,
+            )
             for batch in loader:
                 if isinstance(batch, _Failure):
                     raise batch.error()
@@ -213,20 +255,31 @@ class Loader:
 
     def state_dict(self) -> dict:
         epoch, in_epoch = divmod(self.position, self.plan.batches_per_epoch)
-        return {"version": STATE_VERSION, "loader": self.maker.name, "position": int(self.position),
-                "epoch": int(epoch), "batch_in_epoch": int(in_epoch), "seed": self.maker.seed,
-                "batch_size": self.plan.batch_size, "plan_digest": self.plan.digest}
+        return {
+            "version": STATE_VERSION,
+            "loader": self.maker.name,
+            "position": int(self.position),
+            "epoch": int(epoch),
+            "batch_in_epoch": int(in_epoch),
+            "seed": self.maker.seed,
+            "batch_size": self.plan.batch_size,
+            "plan_digest": self.plan.digest,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state of {self.maker.name}", f"has version {state.get('version')}.",
-                            f"This code reads version {STATE_VERSION}; resume with the code that wrote it.")
+            raise DataError(
+                f"loader state of {self.maker.name}",
+                f"has version {state.get('version')}.",
+                f"This code reads version {STATE_VERSION}; resume with the code that wrote it.",
+            )
         if state.get("plan_digest") != self.plan.digest or state.get("seed") != self.maker.seed:
-            raise DataError(f"loader state of {self.maker.name}",
-                            "was saved for another batch sequence (different files, sizes, weights, batch size, "
-                            "batching or seed).",
-                            "Resume with the same data config, or start a new run (initialize.create_new_run=True).")
+            raise DataError(
+                f"loader state of {self.maker.name}",
+                "was saved for another batch sequence (different files, sizes, weights, batch size, batching or seed).",
+                "Resume with the same data config, or start a new run (initialize.create_new_run=True).",
+            )
         self.position = int(state["position"])
 
 
-__all__ = ["Batch", "BatchMaker", "Loader", "RankSlice", "STRATEGIES"]
+__all__ = ["Batch", "BatchMaker", "Loader", "RankSlice"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from concept_shard.strict import key
+from .fields import key
 
 
 def _limit(value) -> str | None:
@@ -18,24 +18,31 @@ def _limit(value) -> str | None:
 
 
 def _resume(value) -> str | None:
-    return None if isinstance(value, bool) or value == "auto" else "must be true, false or auto"
+    return None if value in RESUME_MODES and type(value) in (bool, str) else "must be true, false or auto"
 
 
 def _steps(value) -> str | None:
     if value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return None
     if isinstance(value, float):
-        return ("is a fraction of an epoch in Lightning; here it counts optimizer steps (an integer, null = never); "
-                "for once per epoch use model.training.check_val_every_n_epoch: 1")
+        return (
+            "is a fraction of an epoch in Lightning; here it counts optimizer steps (an integer, null = never); "
+            "for once per epoch use model.training.check_val_every_n_epoch: 1"
+        )
     return "must be a number of steps >= 0, or null"
+
+
+OPTIMIZER_CLASSES = ("AdamW", "Adam")  # trainer/optim.py maps each to its torch class
+SCHEDULERS = ("warmup", "warmup_cosine")
+RESUME_MODES = (True, False, "auto")
 
 
 @dataclass
 class TrainingKeys:
     lr: float = key(1e-4, "peak learning rate", ge=0)
     weight_decay: float = key(0.0, "AdamW weight decay on weight matrices", ge=0)
-    optimizer_class: str = key("AdamW", "AdamW | Adam", choices=("AdamW", "Adam"))
-    scheduler: str = key("warmup", "warmup | warmup_cosine", choices=("warmup", "warmup_cosine"))
+    optimizer_class: str = key("AdamW", "AdamW | Adam", choices=OPTIMIZER_CLASSES)
+    scheduler: str = key("warmup", "warmup | warmup_cosine", choices=SCHEDULERS)
     min_lr: float = key(0.0, "the floor of warmup_cosine", ge=0)
     warmup: int = key(10000, "warm-up steps", ge=0)
     max_steps: int = key(100000, "train until this step", ge=0)
@@ -51,8 +58,9 @@ class TrainingKeys:
     limit_train_batches: Any = key(1.0, "a fraction of an epoch's batches, or a count", check=_limit)
     masking_rate: float = key(0.0, "fraction of values masked for the MLM loss", ge=0, lt=1)
     freeze_pretrained_vocabulary: bool = key(False, "the pretrained gene tables get no gradient")
-    use_learnable_embs_freq: Optional[float] = key(None, "fraction of steps adding the learnable residual tables",
-                                                   ge=0, le=1)
+    use_learnable_embs_freq: Optional[float] = key(
+        None, "fraction of steps adding the learnable residual tables", ge=0, le=1
+    )
     train_vocab_only: bool = key(False, "train only the learnable gene tables")
     # scConcept's keys with no effect here
     devices: Any = key(1, inert="processes come from torchrun / srun (WORLD_SIZE, SLURM_NTASKS)")

@@ -18,25 +18,25 @@ and keeps the `dataset` grouping identical to the plan it replaces.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from concept_shard.errors import DataError
 
-from .catalog import ShardSet
+from ..read.catalog import ShardSet
 
 FILE_KEY = "dataset"
-_POOL = 0x67726F75      # tags the fixed pool's generators apart from the per-epoch ones of plan.py ([seed, epoch, ...])
+_POOL = 0x67726F75  # tags the fixed pool's generators apart from the per-epoch ones of plan.py ([seed, epoch, ...])
 
 
 @dataclass
 class Group:
     species: str
-    datasets: np.ndarray | None     # per cell: dataset index (int32); None with `file` set: all rows of one file
-    rows: np.ndarray | None         # per cell: row in that dataset (int64)
-    file: int | None = None         # the group is every cell of this dataset, in row order
+    datasets: np.ndarray | None  # per cell: dataset index (int32); None with `file` set: all rows of one file
+    rows: np.ndarray | None  # per cell: row in that dataset (int64)
+    file: int | None = None  # the group is every cell of this dataset, in row order
     size: int = 0
 
     def members(self) -> tuple[np.ndarray, np.ndarray]:
@@ -57,8 +57,11 @@ def group_keys(value, where: str) -> list[str] | None:
         return None
     keys = [value] if isinstance(value, str) else list(value) if hasattr(value, "__iter__") else None
     if not keys or not all(isinstance(k, str) and k.strip() for k in keys):
-        raise DataError(where, f"is {value!r}.",
-                        "Use null (no grouping), an obs key (`dataset` = the input file) or a list of obs keys.")
+        raise DataError(
+            where,
+            f"is {value!r}.",
+            "Use null (no grouping), an obs key (`dataset` = the input file) or a list of obs keys.",
+        )
     out = []
     for k in keys:
         if k not in out:
@@ -70,8 +73,13 @@ def file_groups(sets: list[ShardSet]) -> list[Group]:
     return [Group(s.species, None, None, file=f, size=s.n_samples) for f, s in enumerate(sets)]
 
 
-def obs_groups(sets: list[ShardSet], keys: list[str], codes_of: Callable[[int, str], tuple[np.ndarray, np.ndarray]],
-               where: str, log=print) -> list[Group]:
+def obs_groups(
+    sets: list[ShardSet],
+    keys: list[str],
+    codes_of: Callable[[int, str], tuple[np.ndarray, np.ndarray]],
+    where: str,
+    log=print,
+) -> list[Group]:
     """The groups of `keys` over the loader's datasets. `codes_of(f, key)` gives (categories,
     codes per cell, -1 = missing) of an obs column of dataset f."""
     species = sorted({s.species for s in sets})
@@ -85,8 +93,10 @@ def obs_groups(sets: list[ShardSet], keys: list[str], codes_of: Callable[[int, s
             remap = np.searchsorted(merged, c).astype(np.int64)
             per_file[f].append(np.where(codes >= 0, remap[np.maximum(codes, 0)] if len(remap) else -1, -1))
             if len(c) == 0 and sets[f].n_samples:
-                log(f"[data] {where}: '{key}' has no value in {sets[f].dataset_id}; its {sets[f].n_samples} cells "
-                    "are left out of the loader's batches.")
+                log(
+                    f"[data] {where}: '{key}' has no value in {sets[f].dataset_id}; its {sets[f].n_samples} cells "
+                    "are left out of the loader's batches."
+                )
     # one row per cell: species, the file (when `dataset` is a key), then each obs key's code
     columns, ds_all, rows_all = [], [], []
     for f, s in enumerate(sets):
@@ -115,8 +125,15 @@ def obs_groups(sets: list[ShardSet], keys: list[str], codes_of: Callable[[int, s
     return [Group(species[int(table[a, 0])], datasets[a:b], rows[a:b], size=int(b - a)) for a, b in zip(starts, ends)]
 
 
-def pool_cut(groups: list[Group], batch_size: int, seed: int, num_samples: int | None, num_groups: int | None,
-             equally: bool, total_cells: int) -> list[Group]:
+def pool_cut(
+    groups: list[Group],
+    batch_size: int,
+    seed: int,
+    num_samples: int | None,
+    num_groups: int | None,
+    equally: bool,
+    total_cells: int,
+) -> list[Group]:
     """The reference's fixed pool: a subset of the groups, each cut to its share (see the module
     docstring). `total_cells` is every cell of the loader (the reference's default num_samples)."""
     n_samples = int(num_samples) if num_samples is not None else int(total_cells)

@@ -10,28 +10,23 @@ The packed layout puts view 1 of every cell, then view 2 of every cell, back to 
 sequence i is cell i's view 1 and sequence B + i its view 2; `cu_seqlens` delimits them.
 
 The NumPy code here is the reference for every step; the default view (`top-nonzero` without
-view filters) and the packing of two views run compiled (kernel.py) when numba is installed,
+view filters) and the packing of two views run compiled (../kernels.py) when numba is installed,
 with identical output. `CONCEPT_KERNEL=numpy` forces the reference.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from concept_shard.cells import TARGET_SUM
-from concept_shard.errors import DataError
 from concept_shard.vocabulary import CLS_TOKEN
 
-from . import kernel
+from .. import kernels
+from ..read.decode import SampleBatch
 from .batch import Layout
-from .decode import SampleBatch
-
-STRATEGIES = ("top-nonzero", "random-nonzero", "top", "random")
-_NORMALIZATION = re.compile(r"^(raw|log1p|totalcount|totalcount/log1p|binning/(\d+))$")
 
 
 @dataclass
@@ -40,16 +35,8 @@ class TokenSpec:
     normalization: str = "raw"
     strategy: str = "top-nonzero"
 
-    def __post_init__(self):
-        m = _NORMALIZATION.match(str(self.normalization))
-        if not m or (m.group(2) is not None and int(m.group(2)) < 2):
-            raise DataError("datamodule.normalization", f"is '{self.normalization}'.",
-                            "Use raw, log1p, totalcount, totalcount/log1p or binning/N with N >= 2.")
-        self.n_bins = int(m.group(2)) if m.group(2) else None
-        if self.strategy not in STRATEGIES:
-            raise DataError("datamodule.gene_sampling_strategy", f"is '{self.strategy}'.", f"Use one of {list(STRATEGIES)}.")
-        if int(self.max_tokens) < 1:
-            raise DataError("max_tokens", f"is {self.max_tokens}.", "Use at least 1.")
+    def __post_init__(self):  # the schema checked all three (concept_config.data)
+        self.n_bins = int(self.normalization.split("/")[1]) if self.normalization.startswith("binning/") else None
         self.max_tokens = int(self.max_tokens)
 
 
@@ -57,23 +44,27 @@ class TokenSpec:
 class Cells:
     """The local slice of a batch, concatenated: entry e belongs to cell `cell[e]`."""
 
-    genes: np.ndarray         # int64 token ids, ascending within each cell
-    counts: np.ndarray        # float64 raw values
-    cell: np.ndarray          # int64 cell index of each entry
-    n_counts: np.ndarray      # float64 library size per cell
+    genes: np.ndarray  # int64 token ids, ascending within each cell
+    counts: np.ndarray  # float64 raw values
+    cell: np.ndarray  # int64 cell index of each entry
+    n_counts: np.ndarray  # float64 library size per cell
     n_cells: int
 
     @classmethod
-    def from_samples(cls, samples: list[dict]) -> "Cells":
+    def from_samples(cls, samples: list[dict]) -> Cells:
         return cls.from_batch(SampleBatch.from_samples(samples, ["n_counts"]))
 
     @classmethod
-    def from_batch(cls, columns: SampleBatch) -> "Cells":
+    def from_batch(cls, columns: SampleBatch) -> Cells:
         n = len(columns.lengths)
         n_counts = columns.scalars["n_counts"] if n else np.zeros(0)
-        return cls(genes=columns.genes, counts=columns.counts,
-                   cell=np.repeat(np.arange(n, dtype=np.int64), columns.lengths),
-                   n_counts=n_counts.astype(np.float64), n_cells=n)
+        return cls(
+            genes=columns.genes,
+            counts=columns.counts,
+            cell=np.repeat(np.arange(n, dtype=np.int64), columns.lengths),
+            n_counts=n_counts.astype(np.float64),
+            n_cells=n,
+        )
 
 
 def _cell_bounds(cell: np.ndarray, n_cells: int) -> np.ndarray:
@@ -110,7 +101,7 @@ def normalized(spec: TokenSpec, cells: Cells) -> tuple[np.ndarray, np.ndarray]:
         v = c / np.maximum(cells.n_counts, 1e-12)[cells.cell] * TARGET_SUM
         if norm == "totalcount/log1p":
             v = np.log1p(v)
-    return v, c                 # all four are increasing in the count within a cell
+    return v, c  # all four are increasing in the count within a cell
 
 
 def _order(cell: np.ndarray, key: np.ndarray, token: np.ndarray) -> np.ndarray:
@@ -121,8 +112,12 @@ def _order(cell: np.ndarray, key: np.ndarray, token: np.ndarray) -> np.ndarray:
     """
     if len(key) == 0:
         return np.zeros(0, np.int64)
-    if cell.max(initial=0) < 65536 and key.min(initial=0) >= 0 and key.max(initial=0) < 65536 and \
-            np.array_equal(key, np.floor(key)):
+    if (
+        cell.max(initial=0) < 65536
+        and key.min(initial=0) >= 0
+        and key.max(initial=0) < 65536
+        and np.array_equal(key, np.floor(key))
+    ):
         o1 = np.argsort((65535 - key).astype(np.uint16), kind="stable")
         o2 = np.argsort(cell[o1].astype(np.uint16), kind="stable")
         return o1[o2]
@@ -138,12 +133,20 @@ def use_kernel(compiled: bool | None = None) -> bool:
     CONCEPT_KERNEL=numpy."""
     if compiled is not None:
         return compiled
-    return kernel.available() and os.environ.get("CONCEPT_KERNEL", "numba") != "numpy"
+    return kernels.available() and os.environ.get("CONCEPT_KERNEL", "numba") != "numpy"
 
 
-def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndarray, panel: np.ndarray,
-                vocab_size: int, cell_rngs=None, keep=None, compiled: bool | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def select_view(
+    spec: TokenSpec,
+    cells: Cells,
+    values: np.ndarray,
+    keys: np.ndarray,
+    panel: np.ndarray,
+    vocab_size: int,
+    cell_rngs=None,
+    keep=None,
+    compiled: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cell, token, value) of the kept entries of one view, ordered by cell then position.
 
     `keep(cell, token) -> bool per entry` (training's `feature_max_drop_rate`): a candidate gene
@@ -153,7 +156,7 @@ def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndar
         return _kernel_views(spec, cells, values, keys, [panel], vocab_size)[0]
     in_panel = np.zeros(vocab_size, bool)
     in_panel[panel] = True
-    sel = np.flatnonzero(in_panel[cells.genes] & (cells.counts != 0))     # indices: 4 takes beat 4 masks
+    sel = np.flatnonzero(in_panel[cells.genes] & (cells.counts != 0))  # indices: 4 takes beat 4 masks
     cell, tok, val, key = cells.cell.take(sel), cells.genes.take(sel), values.take(sel), keys.take(sel)
     if keep is not None:
         kept = keep(cell, tok)
@@ -169,18 +172,37 @@ def select_view(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndar
     return cell[keep], tok[keep], val[keep]
 
 
-def select_views(spec: TokenSpec, cells: Cells, values: np.ndarray, keys: np.ndarray, panels, vocab_size: int,
-                 cell_rngs=(None, None), keeps=(None, None), compiled: bool | None = None) -> list[tuple]:
+def select_views(
+    spec: TokenSpec,
+    cells: Cells,
+    values: np.ndarray,
+    keys: np.ndarray,
+    panels,
+    vocab_size: int,
+    cell_rngs=(None, None),
+    keeps=(None, None),
+    compiled: bool | None = None,
+) -> list[tuple]:
     """`select_view` of each panel; the kernel makes both views in one pass over the entries."""
     if spec.strategy == "top-nonzero" and all(k is None for k in keeps) and use_kernel(compiled):
         return _kernel_views(spec, cells, values, keys, panels, vocab_size)
-    return [select_view(spec, cells, values, keys, panel, vocab_size, rngs, keep, compiled)
-            for panel, rngs, keep in zip(panels, cell_rngs, keeps)]
+    return [
+        select_view(spec, cells, values, keys, panel, vocab_size, rngs, keep, compiled)
+        for panel, rngs, keep in zip(panels, cell_rngs, keeps)
+    ]
 
 
 def _kernel_views(spec: TokenSpec, cells: Cells, values, keys, panels, vocab_size: int) -> list[tuple]:
-    return kernel.top_nonzero(cells.genes, cells.counts, np.asarray(keys, np.float64), np.asarray(values, np.float64),
-                              _cell_bounds(cells.cell, cells.n_cells), panels, vocab_size, spec.max_tokens)
+    return kernels.top_nonzero(
+        cells.genes,
+        cells.counts,
+        np.asarray(keys, np.float64),
+        np.asarray(values, np.float64),
+        _cell_bounds(cells.cell, cells.n_cells),
+        panels,
+        vocab_size,
+        spec.max_tokens,
+    )
 
 
 def _random_subset(cell: np.ndarray, n_cells: int, k: int, cell_rngs) -> np.ndarray:
@@ -215,7 +237,7 @@ def _with_zeros(spec: TokenSpec, n_cells: int, cell, tok, val, key, panel: np.nd
         if spec.strategy == "top":
             need = k - (b - a)
             if need > 0:
-                cand = panel[:k + (b - a)]
+                cand = panel[: k + (b - a)]
                 zeros = cand[~np.isin(cand, nz_t, assume_unique=True)][:need]
                 t = np.concatenate([nz_t, zeros])
                 order = np.argsort(t, kind="stable")
@@ -227,46 +249,56 @@ def _with_zeros(spec: TokenSpec, n_cells: int, cell, tok, val, key, panel: np.nd
         else:
             t = panel if len(panel) <= k else np.sort(cell_rngs[i].choice(panel, k, replace=False))
             v, kk = np.zeros(len(t)), np.zeros(len(t))
-            if len(nz_t):                  # the chosen genes that are nonzero take their values
+            if len(nz_t):  # the chosen genes that are nonzero take their values
                 pos = np.minimum(np.searchsorted(nz_t, t), len(nz_t) - 1)
                 hit = nz_t[pos] == t
                 v[hit], kk[hit] = nz_v[pos[hit]], nz_k[pos[hit]]
         parts_c.append(np.full(len(t), i, np.int64))
         parts_t.append(t), parts_v.append(v), parts_k.append(kk)
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)   # noqa: E731
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     return cat(parts_c, np.int64), cat(parts_t, np.int64), cat(parts_v, np.float64), cat(parts_k, np.float64)
 
 
 @dataclass
 class Packed:
-    tokens: np.ndarray        # int64 [T]
-    values: np.ndarray        # float32 [T], 0 for <cls>
-    positions: np.ndarray     # int64 [T]: 0 for <cls>, then the rank of the gene in its view (1, 2, ...)
-    cu_seqlens: np.ndarray    # int32 [2B + 1]
+    tokens: np.ndarray  # int64 [T]
+    values: np.ndarray  # float32 [T], 0 for <cls>
+    positions: np.ndarray  # int64 [T]: 0 for <cls>, then the rank of the gene in its view (1, 2, ...)
+    cu_seqlens: np.ndarray  # int32 [2B + 1]
     max_seqlen: int
     view_lengths: np.ndarray  # int64 [2, B]: genes per view (0 = empty view)
-    raw: np.ndarray           # uint8: the one buffer that holds the arrays above and `extra` (layout)
+    raw: np.ndarray  # uint8: the one buffer that holds the arrays above and `extra` (layout)
     layout: Layout
 
 
-def pack(n_cells: int, views: list[tuple[np.ndarray, np.ndarray, np.ndarray]], compiled: bool | None = None,
-         extra: dict[str, np.ndarray] | None = None) -> Packed:
+def pack(
+    n_cells: int,
+    views: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    compiled: bool | None = None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> Packed:
     """Pack the ordered (cell, token, value) entries of the views, one <cls> per sequence, into
     one buffer that also holds copies of the `extra` arrays (the batch's panels: one storage)."""
     extra = extra or {}
-    lengths = np.stack([np.diff(_cell_bounds(c, n_cells)) for c, _, _ in views])      # [V, B]
+    lengths = np.stack([np.diff(_cell_bounds(c, n_cells)) for c, _, _ in views])  # [V, B]
     seq_len = (lengths + 1).reshape(-1)
     total = int(seq_len.sum())
-    layout = Layout([("tokens", total, np.int64), ("positions", total, np.int64),
-                     *[(k, len(a), a.dtype) for k, a in extra.items()],
-                     ("values", total, np.float32), ("cu_seqlens", len(seq_len) + 1, np.int32)])
+    layout = Layout(
+        [
+            ("tokens", total, np.int64),
+            ("positions", total, np.int64),
+            *[(k, len(a), a.dtype) for k, a in extra.items()],
+            ("values", total, np.float32),
+            ("cu_seqlens", len(seq_len) + 1, np.int32),
+        ]
+    )
     raw = np.empty(layout.nbytes, np.uint8)
     out = layout.arrays(raw)
     for k, a in extra.items():
         out[k][:] = a
     tokens, values, positions, cu = out["tokens"], out["values"], out["positions"], out["cu_seqlens"]
     if len(views) == 2 and n_cells > 0 and use_kernel(compiled):
-        kernel.pack_two(n_cells, views[0], views[1], CLS_TOKEN, lengths, tokens, values, positions, cu)
+        kernels.pack_two(n_cells, views[0], views[1], CLS_TOKEN, lengths, tokens, values, positions, cu)
     else:
         cu[0] = 0
         np.cumsum(seq_len, out=cu[1:])

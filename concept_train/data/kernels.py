@@ -1,7 +1,9 @@
-"""Compiled per-batch hot path of the default view (`top-nonzero`): panel membership, nonzero
-selection, the order by value then token, the `max_tokens` cap, and the packed output.
+"""The compiled (numba) kernels of the data path, in one place: the decoding of a batch's samples
+(read/decode.py: `u32`, `sample_layout`, `copy_samples`) and the per-batch hot path of the default
+view (make/tokenize.py, `top-nonzero`): panel membership, nonzero selection, the order by value then
+token, the `max_tokens` cap, and the packed output.
 
-tokenize.py keeps the NumPy implementation of the same steps as the reference: every strategy,
+make/tokenize.py keeps the NumPy implementation of the same steps as the reference: every strategy,
 the training view filters, and any machine without numba use it; `tests/train/data/
 test_data_kernel.py` checks that both give identical batches. The NumPy path spends most of a
 batch in whole-batch passes (a mask over every nonzero, two argsorts, a rank per entry, scatters
@@ -17,7 +19,7 @@ import numpy as np
 
 try:
     import numba
-except ImportError:                      # the NumPy path serves (tokenize.py)
+except ImportError:  # the NumPy path serves (tokenize.py)
     numba = None
 
 
@@ -26,6 +28,7 @@ def available() -> bool:
 
 
 if numba is not None:
+
     @numba.njit(cache=True, nogil=True)
     def _rank(cand, m, keys, ranked, tally):
         """ranked[:m] = the entries cand[:m] (in token order) stably sorted by key descending, so
@@ -41,23 +44,24 @@ if numba is not None:
                 integral = False
         if integral and top <= 4 * m + 256:
             hi = int(top)
-            for j in range(m):                       # slot hi - key: descending keys
+            for j in range(m):  # slot hi - key: descending keys
                 tally[hi - int(keys[cand[j]]) + 1] += 1
             for b in range(1, hi + 2):
                 tally[b] += tally[b - 1]
-            for j in range(m):                       # in token order: stable
+            for j in range(m):  # in token order: stable
                 slot = hi - int(keys[cand[j]])
                 ranked[tally[slot]] = cand[j]
                 tally[slot] += 1
-            tally[:hi + 2] = 0
+            tally[: hi + 2] = 0
         else:
             order = np.argsort(-keys[cand[:m]], kind="mergesort")
             for j in range(m):
                 ranked[j] = cand[order[j]]
 
     @numba.njit(cache=True, nogil=True)
-    def _top_nonzero(genes, counts, keys, values, bounds, member, n_views, max_tokens, out_cell, out_tok,
-                     out_val, n_out):
+    def _top_nonzero(
+        genes, counts, keys, values, bounds, member, n_views, max_tokens, out_cell, out_tok, out_val, n_out
+    ):
         """Per cell and view v: its nonzero entries whose gene has bit v in `member`, ranked
         (_rank), the first max_tokens into out_*[v] from n_out[v] on. One pass over a cell's
         entries finds the candidates of both views (without branches: the scan is most of the
@@ -92,8 +96,7 @@ if numba is not None:
                 n_out[v] = n
 
     @numba.njit(cache=True, nogil=True)
-    def _pack(n_cells, toks1, vals1, toks2, vals2, cls_token, lengths, tokens, values, positions,
-              cu):
+    def _pack(n_cells, toks1, vals1, toks2, vals2, cls_token, lengths, tokens, values, positions, cu):
         """Views 1 and 2 (entries ordered by cell then rank; lengths [2, B] per cell) into one
         packed batch: sequence v*B + i is <cls> then view v of cell i; fills cu (sequence starts)."""
         cu[0] = 0
@@ -128,8 +131,9 @@ def top_nonzero(genes, counts, keys, values, bounds, panels, vocab_size: int, ma
     shape = (len(panels), len(genes))
     out_cell, out_tok, out_val = np.empty(shape, np.int64), np.empty(shape, np.int64), np.empty(shape, np.float64)
     n_out = np.zeros(len(panels), np.int64)
-    _top_nonzero(genes, counts, keys, values, bounds, member, len(panels), max_tokens, out_cell, out_tok, out_val,
-                 n_out)
+    _top_nonzero(
+        genes, counts, keys, values, bounds, member, len(panels), max_tokens, out_cell, out_tok, out_val, n_out
+    )
     return [(out_cell[v, :n], out_tok[v, :n], out_val[v, :n]) for v, n in enumerate(n_out.tolist())]
 
 
@@ -137,3 +141,54 @@ def pack_two(n_cells: int, view1, view2, cls_token: int, lengths, tokens, values
     """Two views packed into the given arrays (tokenize.pack): the <cls> tokens, values and
     positions [T], and cu_seqlens [2B + 1] (int32)."""
     _pack(n_cells, view1[1], view1[2], view2[1], view2[2], cls_token, lengths, tokens, values, positions, cu)
+
+
+# ---- decoding a batch's samples (read/decode.py; mds.SampleDecoder is the reference) -------------
+if numba is not None:
+
+    @numba.njit(cache=True, nogil=True)
+    def u32(buf, p):
+        return (
+            np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8) | (np.int64(buf[p + 2]) << 16) | (np.int64(buf[p + 3]) << 24)
+        )
+
+    @numba.njit(cache=True, nogil=True)
+    def sample_layout(buf, starts, fixed, arrays, dynamic, itemsize, pos, size, first, count, code):
+        """Per sample (byte offset `starts[i]` in `buf`): each column's byte position and size
+        (pos, size [n, C]); for each array column a (index into `fixed`), where its values
+        start, how many (its bytes after the header, in items of `itemsize[code]`), and their
+        dtype code (the column's own, given in `code`, when not `dynamic`)."""
+        n_var = 0
+        for c in range(len(fixed)):
+            if fixed[c] < 0:
+                n_var += 1
+        for i in range(len(starts)):
+            head = starts[i]
+            p = head + 4 * n_var
+            v = 0
+            for c in range(len(fixed)):
+                s = fixed[c]
+                if s < 0:
+                    s = u32(buf, head + 4 * v)
+                    v += 1
+                pos[i, c] = p
+                size[i, c] = s
+                p += s
+            for a in range(len(arrays)):
+                q = pos[i, arrays[a]]
+                if dynamic[a]:
+                    code[i, a] = buf[q]
+                    q += 1
+                shape = buf[q]
+                first[i, a] = q + 1 + (shape >> 2) * (1 << (shape & 3))
+                count[i, a] = (pos[i, arrays[a]] + size[i, arrays[a]] - first[i, a]) // itemsize[code[i, a]]
+
+    @numba.njit(cache=True, nogil=True)
+    def copy_samples(buf, first, count, itemsize, dest, out, dtype):
+        """The values of sample i (`count[i]` of `dtype` from byte `first[i]`) into out[dest[i]:],
+        cast as NumPy's astype casts."""
+        for i in range(len(first)):
+            src = buf[first[i] : first[i] + count[i] * itemsize].view(dtype)
+            d = dest[i]
+            for j in range(len(src)):
+                out[d + j] = src[j]

@@ -27,27 +27,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from concept_shard.errors import DataError
+from concept_config.data import TrainDatasetKeys
+
+from ..order.permutation import splitmix64
 
 FILTER_KEYS = ("feature_max_drop_rate", "qc_threshold", "max_total_seq_length")
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = x + _GAMMA
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 def hashed_uniform(seed: int, g: int, view: int, position: np.ndarray, token: np.ndarray) -> np.ndarray:
     """A uniform in [0, 1) per (seed, g, view, position, token), the same in every process."""
     base = np.array([seed & (2**64 - 1)], np.uint64)
     for part in (g, view):
-        base = _mix(base ^ np.array([part], np.uint64))
-    h = _mix(base ^ np.asarray(position, np.int64).astype(np.uint64))
-    h = _mix(h ^ np.asarray(token, np.int64).astype(np.uint64))
+        base = splitmix64(base ^ np.array([part], np.uint64))
+    h = splitmix64(base ^ np.asarray(position, np.int64).astype(np.uint64))
+    h = splitmix64(h ^ np.asarray(token, np.int64).astype(np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -58,21 +51,15 @@ class ViewFilters:
     max_total_seq_length: int | None = None
 
     @classmethod
-    def from_config(cls, node, where: str) -> "ViewFilters":
-        get = lambda k: node.get(k) if node is not None else None   # noqa: E731
-        out = cls(get("feature_max_drop_rate"), get("qc_threshold"), get("max_total_seq_length"))
-        rate, qc, budget = out.feature_max_drop_rate, out.qc_threshold, out.max_total_seq_length
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1):
-            raise DataError(f"{where}.feature_max_drop_rate", f"is {rate!r}.", "Use a probability in [0, 1], or null.")
-        if qc is not None and (isinstance(qc, bool) or not isinstance(qc, (int, float)) or qc < 0):
-            raise DataError(f"{where}.qc_threshold", f"is {qc!r}.", "Use a number >= 0 (a fraction of the panel size), or null.")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise DataError(f"{where}.max_total_seq_length", f"is {budget!r}.", "Use a token count >= 1, or null.")
-        return out
+    def from_keys(cls, train: TrainDatasetKeys) -> ViewFilters:
+        """The training loader's filters (the schema checked their ranges)."""
+        return cls(train.feature_max_drop_rate, train.qc_threshold, train.max_total_seq_length)
 
     @property
     def active(self) -> bool:
-        return bool(self.feature_max_drop_rate) or self.qc_threshold is not None or self.max_total_seq_length is not None
+        return (
+            bool(self.feature_max_drop_rate) or self.qc_threshold is not None or self.max_total_seq_length is not None
+        )
 
     def spec(self) -> dict:
         return {k: getattr(self, k) for k in FILTER_KEYS if getattr(self, k) is not None}
@@ -87,8 +74,10 @@ class ViewFilters:
     def keep(seed: int, g: int, view: int, positions: np.ndarray, rate: float):
         """keep(cell, token) for select_view: drop with probability `rate`; `positions` maps this
         rank's cell index to the cell's position in the global batch."""
+
         def keep(cell: np.ndarray, token: np.ndarray) -> np.ndarray:
             return hashed_uniform(seed, g, view, positions[cell], token) >= rate
+
         return keep
 
     def masked(self, lengths: np.ndarray, panel_sizes: tuple[int, int]) -> np.ndarray:

@@ -27,16 +27,16 @@ import json
 import os
 import re
 import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from concept_shard.errors import DataError
 
 Reader = Callable[[str], bytes]
-MISSING = b""                   # the sharder writes a missing obs value as an empty string
+MISSING = b""  # the sharder writes a missing obs value as an empty string
 CACHE_DIR = ".obs_codes"
 
 
@@ -50,13 +50,14 @@ def obs_columns(read: Reader) -> list[str]:
 def _shard_bytes(read: Reader, shard: dict) -> bytes:
     raw_name = shard["raw_data"]["basename"]
     if shard.get("zip_data"):
-        try:                     # decompressed by streaming already (complete: it renames into place)
+        try:  # decompressed by streaming already (complete: it renames into place)
             raw = read(raw_name)
             if len(raw) == int(shard["raw_data"]["bytes"]):
                 return raw
         except (FileNotFoundError, OSError):
             pass
         import zstd
+
         return zstd.decompress(read(shard["zip_data"]["basename"]))
     return read(raw_name)
 
@@ -70,7 +71,7 @@ def _str_column(raw: bytes, shard: dict, column: str) -> np.ndarray:
     starts = np.frombuffer(raw, "<u4", count=n + 1, offset=4)[:-1].astype(np.int64)
     sizes = shard["column_sizes"]
     n_var = sum(1 for s in sizes if not s)
-    header = buf[starts[:, None] + np.arange(4 * n_var)].view("<u4").astype(np.int64)     # [n, n_var]
+    header = buf[starts[:, None] + np.arange(4 * n_var)].view("<u4").astype(np.int64)  # [n, n_var]
     pos, k = starts + 4 * n_var, 0
     for name, size in zip(shard["column_names"], sizes):
         length = header[:, k] if not size else size
@@ -89,8 +90,9 @@ def _str_column(raw: bytes, shard: dict, column: str) -> np.ndarray:
     return np.ascontiguousarray(chars).view(f"S{width}").ravel()
 
 
-def column_codes(read: Reader, key: str, where: str, threads: int = 4,
-                 cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def column_codes(
+    read: Reader, key: str, where: str, threads: int = 4, cache_dir: Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(categories as bytes, ascending; codes int32 per cell, -1 where the value is missing) of the
     obs column `key` of one dataset. A DataError names the key and the columns there are when the
     shards have no such column.
@@ -128,10 +130,12 @@ def _column_codes(index: bytes, read: Reader, key: str, where: str, threads: int
     column = f"obs.{key}"
     if shards and column not in shards[0]["column_names"]:
         have = sorted(n[4:] for n in shards[0]["column_names"] if n.startswith("obs."))
-        raise DataError(where, f"names the obs key '{key}', which the shards do not hold (their obs columns: "
-                        f"{have + ['dataset (the input file)']}).",
-                        "Use one of those, or add the key to datamodule.obs_keys and rebuild the shards "
-                        "(`concept-shard build`).")
+        raise DataError(
+            where,
+            f"names the obs key '{key}', which the shards do not hold (their obs columns: "
+            f"{have + ['dataset (the input file)']}).",
+            "Use one of those, or add the key to datamodule.obs_keys and rebuild the shards (`concept-shard build`).",
+        )
 
     def one(shard):
         return _str_column(_shard_bytes(read, shard), shard, column)
@@ -144,6 +148,6 @@ def _column_codes(index: bytes, read: Reader, key: str, where: str, threads: int
     values = np.concatenate(parts) if parts else np.zeros(0, "S1")
     categories, codes = np.unique(values, return_inverse=True)
     codes = codes.astype(np.int32).ravel()
-    if len(categories) and categories[0] == MISSING:       # b"" sorts first
+    if len(categories) and categories[0] == MISSING:  # b"" sorts first
         categories, codes = categories[1:], codes - 1
     return categories, codes

@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field, replace
-import os
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
 
+from concept_config.data import DataModuleKeys
+from concept_config.project import PathKeys
 from concept_shard.datasets import Expectation, ShardStore
 from concept_shard.errors import DataError
 from concept_shard.splits import SourceFile, loader_sources
@@ -42,17 +43,17 @@ from concept_shard.vocabulary import Vocabulary, load_vocabulary
 class ShardSet:
     """One input file's shard dataset, as a loader sees it."""
 
-    dataset_id: str               # <species>/<source_name>/<stem>, stable across runs
+    dataset_id: str  # <species>/<source_name>/<stem>, stable across runs
     species: str
-    directory: Path               # the dataset (local shards) or its local cache (remote shards)
+    directory: Path  # the dataset (local shards) or its local cache (remote shards)
     n_samples: int
-    genes: np.ndarray             # the file's in-vocabulary genes as token ids, ascending
+    genes: np.ndarray  # the file's in-vocabulary genes as token ids, ascending
     source_file: str
-    weights: dict = field(default_factory=dict)    # `proportion` / `repeat` of its split entry
+    weights: dict = field(default_factory=dict)  # `proportion` / `repeat` of its split entry
     # what streaming copies shards from into `directory`: s3://.../<species>/<source>/<stem> for
     # object storage, the local dataset directory under datamodule.cache_limit, else None
     remote: str | None = None
-    obs_keys_absent: tuple = ()   # obs keys the source file had no column for
+    obs_keys_absent: tuple = ()  # obs keys the source file had no column for
 
     @property
     def n_genes(self) -> int:
@@ -70,18 +71,19 @@ class ShardSet:
 class Catalog:
     """All shard datasets of all loaders of a composed config, and the species' vocabularies."""
 
-    def __init__(self, cfg: DictConfig, log=print):
-        self.cfg, self.log = cfg, log
-        self.store = ShardStore.from_config(cfg)
+    def __init__(self, paths: PathKeys, dm: DataModuleKeys, log=print):
+        self.paths, self.dm, self.log = paths, dm, log
+        self.store = ShardStore.from_paths(paths)
         self.remote = self.store.remote
         # PATH.LOCAL_DIR, else the node-local scratch a launcher names (tools/slurm/train.sbatch
         # exports CONCEPT_LOCAL_DIR, so a LOCAL_DIR set in a YAML file still wins)
-        local_dir = Path(OmegaConf.select(cfg, "PATH.LOCAL_DIR") or os.environ.get("CONCEPT_LOCAL_DIR")
-                         or Path(cfg.PATH.PROJECT_PATH) / "shard_cache")
-        self.cache_local = self.remote is None and OmegaConf.select(cfg, "datamodule.cache_limit") is not None
+        local_dir = Path(
+            paths.LOCAL_DIR or os.environ.get("CONCEPT_LOCAL_DIR") or Path(paths.PROJECT_PATH) / "shard_cache"
+        )
+        self.cache_local = self.remote is None and dm.cache_limit is not None
         if self.remote is not None:
             self.cache_root = local_dir / self.remote.bucket / self.remote.prefix
-        elif self.cache_local:       # one cache per shards root, wherever LOCAL_DIR is shared
+        elif self.cache_local:  # one cache per shards root, wherever LOCAL_DIR is shared
             root = str(self.store.root.resolve())
             self.cache_root = local_dir / "local" / hashlib.sha256(root.encode()).hexdigest()[:12]
         self.vocabs: dict[str, Vocabulary] = {}
@@ -89,21 +91,24 @@ class Catalog:
         # off (`datamodule.check_sources=false`) where the shards were copied to this machine, or
         # live in object storage, without the source files they were built from; `true` trusts a
         # source whose size and mtime are unchanged, `full` reads every source (datasets.py)
-        mode = OmegaConf.select(cfg, "datamodule.check_sources", default=True)
+        mode = dm.check_sources
         self._check_sources, self._quick = mode is not False, mode is True
 
     def vocab(self, species: str) -> Vocabulary:
         if species not in self.vocabs:
-            self.vocabs[species] = load_vocabulary(Path(self.cfg.PATH.GENE_MAPPINGS_PATH), species)
+            self.vocabs[species] = load_vocabulary(Path(self.paths.GENE_MAPPINGS_PATH), species)
         return self.vocabs[species]
 
     def loader(self, list_key: str, default_section: str) -> list[ShardSet]:
         """The shard datasets of one loader's split list, in config order; raises DataError listing
         every file whose dataset is not usable."""
-        sources, errors = loader_sources(self.cfg, list_key, default_section)
+        sources, errors = loader_sources(self.paths, self.dm, list_key, default_section)
         if errors:
-            raise DataError(list_key, "has invalid split entries: " + " ".join(e.paragraph() for e in errors),
-                            "Fix the split YAMLs (`concept-shard status` reports the same problems).")
+            raise DataError(
+                list_key,
+                "has invalid split entries: " + " ".join(e.paragraph() for e in errors),
+                "Fix the split YAMLs (`concept-shard status` reports the same problems).",
+            )
         if not sources:
             raise DataError(list_key, "lists no files.", "Add files to the split's train/val lists.")
         out, problems, sources_gone = [], [], 0
@@ -115,26 +120,39 @@ class Catalog:
                 sources_gone += exc.problem.source_gone
         if problems:
             shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-            rebuild = (f"Run `concept-shard build {self.cfg.PATH.PROJECT_PATH}` with the same --config-dir "
-                       "and overrides as this run, then start again.")
-            copied = ("If the shards were copied to this machine without their source files, add "
-                      "`datamodule.check_sources=false` to train from them as they are.")
-            if sources_gone == len(problems):      # the shards are there, only their sources are not
-                raise DataError(list_key, f"names {len(problems)} file(s) whose source is not on this machine: "
-                                f"{shown}.", f"{copied} Otherwise put the files back where they were sharded from.")
-            raise DataError(list_key, f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.",
-                            rebuild + (f" {copied}" if sources_gone else ""))
+            rebuild = (
+                f"Run `concept-shard build {self.paths.PROJECT_PATH}` with the same --config-dir "
+                "and overrides as this run, then start again."
+            )
+            copied = (
+                "If the shards were copied to this machine without their source files, add "
+                "`datamodule.check_sources=false` to train from them as they are."
+            )
+            if sources_gone == len(problems):  # the shards are there, only their sources are not
+                raise DataError(
+                    list_key,
+                    f"names {len(problems)} file(s) whose source is not on this machine: {shown}.",
+                    f"{copied} Otherwise put the files back where they were sharded from.",
+                )
+            raise DataError(
+                list_key,
+                f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.",
+                rebuild + (f" {copied}" if sources_gone else ""),
+            )
         empty = [s for s in out if s.n_samples == 0]
-        if empty:        # a file whose cells all lacked in-vocabulary genes: no stream can hold it
+        if empty:  # a file whose cells all lacked in-vocabulary genes: no stream can hold it
             for s in empty:
                 self._sets.pop(s.dataset_id, None)
             if len(empty) == len(out):
-                raise DataError(list_key, f"names only files whose shards hold no cells: "
-                                f"{', '.join(s.dataset_id for s in empty[:10])}.",
-                                "Add files with cells (`concept-shard status` and each dataset.json say why "
-                                "cells were dropped).")
-            self.log(f"[data] {list_key}: skipping {len(empty)} file(s) whose shards hold no cells: "
-                     f"{', '.join(s.dataset_id for s in empty[:10])}")
+                raise DataError(
+                    list_key,
+                    f"names only files whose shards hold no cells: {', '.join(s.dataset_id for s in empty[:10])}.",
+                    "Add files with cells (`concept-shard status` and each dataset.json say why cells were dropped).",
+                )
+            self.log(
+                f"[data] {list_key}: skipping {len(empty)} file(s) whose shards hold no cells: "
+                f"{', '.join(s.dataset_id for s in empty[:10])}"
+            )
             out = [s for s in out if s.n_samples > 0]
         return out
 
@@ -151,10 +169,17 @@ class Catalog:
             directory, remote = self._cache_dir(sf.dataset_id, record), self.remote.url_of(sf.dataset_id)
         elif self.cache_local:
             directory, remote = self._cache_dir(sf.dataset_id, record), str(directory)
-        shard_set = ShardSet(dataset_id=sf.dataset_id, species=sf.species, directory=directory,
-                             n_samples=int(record["cells_written"]), genes=np.asarray(record["genes"], np.int64),
-                             source_file=str(record.get("source_file", sf.name)), weights=dict(weights),
-                             remote=remote, obs_keys_absent=tuple(record.get("obs_keys_absent", ())))
+        shard_set = ShardSet(
+            dataset_id=sf.dataset_id,
+            species=sf.species,
+            directory=directory,
+            n_samples=int(record["cells_written"]),
+            genes=np.asarray(record["genes"], np.int64),
+            source_file=str(record.get("source_file", sf.name)),
+            weights=dict(weights),
+            remote=remote,
+            obs_keys_absent=tuple(record.get("obs_keys_absent", ())),
+        )
         self._sets[sf.dataset_id] = shard_set
         return shard_set
 
@@ -173,7 +198,7 @@ class Catalog:
         shards the local cache (what streaming downloaded) and else the object store. A raw
         (decompressed) shard that is not local raises FileNotFoundError: remotely only the
         compressed one exists."""
-        dataset = shard_set.dataset_dir     # local shards, also when streaming reads them through a cache
+        dataset = shard_set.dataset_dir  # local shards, also when streaming reads them through a cache
         if dataset is not None:
             return lambda name: (dataset / name).read_bytes()
         local, remote, rel = Path(shard_set.directory), self.remote, shard_set.dataset_id
@@ -185,6 +210,7 @@ class Catalog:
             if name.endswith(".mds"):
                 raise FileNotFoundError(path)
             return remote.read_bytes(f"{rel}/{name}")
+
         return read
 
     def all_sets(self) -> list[ShardSet]:

@@ -31,36 +31,41 @@ import numpy as np
 
 from concept_shard.errors import DataError
 
-from .catalog import ShardSet
+from ..read.catalog import ShardSet
 from .groups import Group, file_groups
 from .permutation import key_of, permute
-
-BATCHING = ("per_dataset", "mixed")
 
 
 @dataclass
 class PlannedBatch:
-    index: int                # g: batches since the start of training (across epochs)
+    index: int  # g: batches since the start of training (across epochs)
     epoch: int
     in_epoch: int
     species: str
-    datasets: np.ndarray      # per cell: index of its dataset in the loader's list (int32)
-    rows: np.ndarray          # per cell: row (sample index) within that dataset (int64)
-    unit: int = 0             # the file, group or species the batch was cut from
-    files: tuple = ()         # the datasets of that unit (its panels are drawn over their genes)
+    datasets: np.ndarray  # per cell: index of its dataset in the loader's list (int32)
+    rows: np.ndarray  # per cell: row (sample index) within that dataset (int64)
+    unit: int = 0  # the file, group or species the batch was cut from
+    files: tuple = ()  # the datasets of that unit (its panels are drawn over their genes)
 
 
 class BatchPlan:
-    def __init__(self, sets: list[ShardSet], batch_size: int, seed: int, batching: str = "per_dataset",
-                 shuffle: bool = True, drop_last: bool = True, epoch_size: int | None = None, where: str = "loader",
-                 groups: list[Group] | None = None, group_spec: dict | None = None, limit=None,
-                 limit_key: str = "model.training.limit_train_batches"):
+    def __init__(
+        self,
+        sets: list[ShardSet],
+        batch_size: int,
+        seed: int,
+        batching: str = "per_dataset",
+        shuffle: bool = True,
+        drop_last: bool = True,
+        epoch_size: int | None = None,
+        where: str = "loader",
+        groups: list[Group] | None = None,
+        group_spec: dict | None = None,
+        limit=None,
+        limit_key: str = "model.training.limit_train_batches",
+    ):
         """`groups` (with batching="groups"): the loader's units, already cut; `group_spec`: what
         made them (keys, cut settings), for the digest; `limit`: limit_train_batches."""
-        if batching not in BATCHING + ("groups",):
-            raise DataError(f"{where}.batching", f"is '{batching}'.", f"Use one of {list(BATCHING)}.")
-        if batch_size < 1:
-            raise DataError(f"{where}.batch_size", f"is {batch_size}.", "Use a positive global batch size.")
         self.sets, self.batch_size, self.seed = sets, int(batch_size), int(seed)
         self.batching, self.shuffle, self.drop_last = batching, bool(shuffle), bool(drop_last)
         self.species = sorted({s.species for s in sets})
@@ -81,14 +86,17 @@ class BatchPlan:
             else:
                 self.groups = None
                 unit_cells = [sum(c for c, s in zip(self.per_epoch, sets) if s.species == sp) for sp in self.species]
-        self._unit_cells = [int(c) for c in unit_cells]      # cells per epoch of each unit
+        self._unit_cells = [int(c) for c in unit_cells]  # cells per epoch of each unit
         self._units = [int(cut(c)) for c in self._unit_cells]  # its batches per epoch
         self.full_epoch = sum(self._units)
         if self.full_epoch == 0:
             unit = {"per_dataset": "file", "mixed": "species", "groups": "group"}[batching]
-            raise DataError(where, f"yields no batch: its {sum(self.per_epoch)} cells per epoch are fewer than "
-                            f"one global batch of {B} in every {unit}.",
-                            "Lower the batch size, add files, or set drop_last: false.")
+            raise DataError(
+                where,
+                f"yields no batch: its {sum(self.per_epoch)} cells per epoch are fewer than "
+                f"one global batch of {B} in every {unit}.",
+                "Lower the batch size, add files, or set drop_last: false.",
+            )
         self.limit = limit
         self.batches_per_epoch = _limited(self.full_epoch, limit, limit_key)
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -102,10 +110,16 @@ class BatchPlan:
     def digest(self) -> str:
         """Identifies the batch sequence: a resumed loader must have the same."""
         if self._digest is None:
-            spec = {"sets": [[s.dataset_id, s.n_samples] for s in self.sets], "per_epoch": self.per_epoch,
-                    "batch_size": self.batch_size, "seed": self.seed, "batching": self.batching,
-                    "shuffle": self.shuffle, "drop_last": self.drop_last}
-            if self.batching == "groups":            # which cells each group holds, in pool order
+            spec = {
+                "sets": [[s.dataset_id, s.n_samples] for s in self.sets],
+                "per_epoch": self.per_epoch,
+                "batch_size": self.batch_size,
+                "seed": self.seed,
+                "batching": self.batching,
+                "shuffle": self.shuffle,
+                "drop_last": self.drop_last,
+            }
+            if self.batching == "groups":  # which cells each group holds, in pool order
                 h = hashlib.sha256()
                 for g in self.groups:
                     datasets, rows = g.members()
@@ -113,7 +127,7 @@ class BatchPlan:
                     h.update(np.ascontiguousarray(datasets, np.int32).tobytes())
                     h.update(np.ascontiguousarray(rows, np.int64).tobytes())
                 spec["groups"] = [self.group_spec, h.hexdigest()]
-            if self.batching == "mixed":              # the on-demand order, not the materialised one
+            if self.batching == "mixed":  # the on-demand order, not the materialised one
                 spec["order"] = "feistel-1"
             if self.batches_per_epoch != self.full_epoch:
                 spec["batches_per_epoch"] = self.batches_per_epoch
@@ -142,7 +156,7 @@ class BatchPlan:
             starts = np.concatenate([[0], np.cumsum(self._units)[:-1]])
             occurrence = np.empty(len(units), np.int64)
             occurrence[order] = np.arange(len(units)) - starts[units[order]]
-            if len(self._epochs) >= 2:           # workers move forward: keep the current and next epoch
+            if len(self._epochs) >= 2:  # workers move forward: keep the current and next epoch
                 self._epochs.pop(min(self._epochs))
             self._epochs[epoch] = (units, occurrence)
         return self._epochs[epoch]
@@ -151,7 +165,7 @@ class BatchPlan:
         """The c positions (into n cells) unit u contributes to `epoch`, in epoch order."""
         key = (epoch, u)
         if key not in self._draws:
-            if n == 0 or c == 0:             # a file whose cells were all dropped by the sharder
+            if n == 0 or c == 0:  # a file whose cells were all dropped by the sharder
                 pos = np.zeros(0, np.int64)
             elif not self.shuffle:
                 pos = np.arange(c, dtype=np.int64) % n
@@ -209,12 +223,12 @@ class BatchPlan:
         unit, j = int(units[k]), int(occurrence[k])
         B = self.batch_size
         if self.batching == "per_dataset":
-            rows = self._rows(epoch, unit)[j * B:(j + 1) * B]
+            rows = self._rows(epoch, unit)[j * B : (j + 1) * B]
             datasets = np.full(len(rows), unit, np.int32)
             species = self.sets[unit].species
         elif self.batching == "groups":
             group = self.groups[unit]
-            pos = self._draw(epoch, unit, group.size, group.size)[j * B:(j + 1) * B]
+            pos = self._draw(epoch, unit, group.size, group.size)[j * B : (j + 1) * B]
             if group.file is not None:
                 datasets, rows = np.full(len(pos), group.file, np.int32), pos
             else:
@@ -229,16 +243,16 @@ class BatchPlan:
 
 def _limited(full: int, limit, key: str) -> int:
     """Batches per epoch under Lightning's limit_train_batches: a float in (0, 1] is a fraction of
-    the epoch (rounded down), an int >= 1 a count (at most the epoch)."""
+    the epoch (rounded down), an int >= 1 a count (at most the epoch; the schema checked the range)."""
     if limit is None:
         return full
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or \
-            (isinstance(limit, float) and not 0 < limit <= 1) or (isinstance(limit, int) and limit < 1):
-        raise DataError(key, f"is {limit!r}.", "Use a fraction in (0, 1] of an epoch's batches, or a count >= 1.")
     n = int(full * limit) if isinstance(limit, float) else min(full, int(limit))
     if n < 1:
-        raise DataError(key, f"is {limit}, which leaves no batch of the {full} of an epoch.",
-                        "Use a larger fraction, or a count of batches.")
+        raise DataError(
+            key,
+            f"is {limit}, which leaves no batch of the {full} of an epoch.",
+            "Use a larger fraction, or a count of batches.",
+        )
     return n
 
 
@@ -247,13 +261,17 @@ def _samples_per_epoch(sets: list[ShardSet], epoch_size: int | None, where: str)
     has_prop = [("proportion" in s.weights) for s in sets]
     if any(has_prop) and not all(has_prop):
         missing = sorted({s.dataset_id.rsplit("/", 1)[0] for s, p in zip(sets, has_prop) if not p})
-        raise DataError(f"{where}.split", f"gives `proportion` to some sources but not to {missing}.",
-                        "Give every source of the loader a proportion, or use `repeat` instead.")
+        raise DataError(
+            f"{where}.split",
+            f"gives `proportion` to some sources but not to {missing}.",
+            "Give every source of the loader a proportion, or use `repeat` instead.",
+        )
     for s in sets:
         for k in ("proportion", "repeat"):
             if k in s.weights and not float(s.weights[k]) >= 0:
-                raise DataError(f"{where}.split ({s.dataset_id})", f"has {k}={s.weights[k]}.",
-                                f"Use a non-negative number for {k}.")
+                raise DataError(
+                    f"{where}.split ({s.dataset_id})", f"has {k}={s.weights[k]}.", f"Use a non-negative number for {k}."
+                )
     if not any(has_prop):
         return [int(round(float(s.weights.get("repeat", 1.0)) * s.n_samples)) for s in sets]
     total = int(epoch_size) if epoch_size else sum(s.n_samples for s in sets)
@@ -263,7 +281,9 @@ def _samples_per_epoch(sets: list[ShardSet], epoch_size: int | None, where: str)
         groups.setdefault(s.dataset_id.rsplit("/", 1)[0], []).append(f)
     weight_sum = sum(float(sets[fs[0]].weights["proportion"]) for fs in groups.values())
     if weight_sum <= 0:
-        raise DataError(f"{where}.split", "has proportions that sum to 0.", "Give at least one source a positive proportion.")
+        raise DataError(
+            f"{where}.split", "has proportions that sum to 0.", "Give at least one source a positive proportion."
+        )
     out = [0] * len(sets)
     for fs in groups.values():
         share = total * float(sets[fs[0]].weights["proportion"]) / weight_sum

@@ -18,19 +18,20 @@ import mmap
 import os
 import sys
 from time import time_ns
+from typing import NamedTuple
 
 import numpy as np
 
+from concept_shard.datasets import index_problem
 from concept_shard.errors import DataError
 from concept_shard.mds import SampleDecoder
 
 from .catalog import ShardSet
-from .decode import CODE_DTYPE, SampleBatch, ShardLayout, copy_values, locate
+from .decode import CODE_DTYPE, SampleBatch, SampleSpans, ShardLayout, copy_values, locate
 from .shm import clean_stale_streaming_shm
 
-
 _NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-_LOCAL = 3           # streaming.base.dataset._ShardState.LOCAL: the shard's files are in the cache
+_LOCAL = 3  # streaming.base.dataset._ShardState.LOCAL: the shard's files are in the cache
 
 
 # One StreamingDataset per process and list of streams, shared by every SampleStore over them:
@@ -69,18 +70,34 @@ def _explain(exc: ValueError, directories, remotes) -> Exception:
     """streaming's ValueErrors about the cache, as errors that say which key to change."""
     text = str(exc)
     if "Reused local directory" in text:
-        return DataError("PATH.LOCAL_DIR", f"another live process on this node streams {remotes[0]} (and others) "
-                         f"into the same cache ({os.path.dirname(directories[0])}, ...).",
-                         "Give this run its own cache: PATH.LOCAL_DIR=<another directory>.")
+        return DataError(
+            "PATH.LOCAL_DIR",
+            f"another live process on this node streams {remotes[0]} (and others) "
+            f"into the same cache ({os.path.dirname(directories[0])}, ...).",
+            "Give this run its own cache: PATH.LOCAL_DIR=<another directory>.",
+        )
     if "cache limit" in text.lower() or "cache_limit" in text:
-        return DataError("datamodule.cache_limit", f"is too small for these shards: {text}",
-                         "Raise it (at least 4x the largest shard, raw plus compressed), or set it to null.")
+        return DataError(
+            "datamodule.cache_limit",
+            f"is too small for these shards: {text}",
+            "Raise it (at least 4x the largest shard, raw plus compressed), or set it to null.",
+        )
     return exc
 
 
 # shard files kept mapped per process: each mapping holds a file descriptor (before Python 3.13)
 # and keeps an evicted file's disk space until it is dropped
 MAPPED = 128
+
+
+class _ShardGroup(NamedTuple):
+    """The samples of a batch that one shard holds, located in the shard's mapped bytes."""
+
+    members: np.ndarray  # their positions in the batch
+    view: mmap.mmap  # the decompressed shard file (strings are sliced from it)
+    buf: np.ndarray  # the same bytes as uint8 (what the kernels read)
+    layout: ShardLayout
+    spans: SampleSpans  # where each member's columns and values lie in buf
 
 
 class SampleStore:
@@ -91,9 +108,9 @@ class SampleStore:
         offsets = np.asarray(self.dataset.sample_offset_per_stream, dtype=np.int64)
         sizes = np.asarray(self.dataset.samples_per_stream, dtype=np.int64)
         for s, n in zip(self.sets, sizes):
-            if int(n) != s.n_samples:
-                raise RuntimeError(f"{s.directory}: index.json holds {n} samples but dataset.json says "
-                                   f"{s.n_samples}; re-run `concept-shard build`.")
+            problem = index_problem(n, s.n_samples)
+            if problem is not None:
+                raise RuntimeError(f"{s.directory}: {problem.reason}; re-run `concept-shard build`.")
         self.offsets = offsets
         self._decoders: dict[int, SampleDecoder] = {}
         self._layouts: dict[tuple, ShardLayout] = {}
@@ -110,11 +127,21 @@ class SampleStore:
         codec's own decoder (mds.py), several times faster than streaming's generic one, and the
         reference for `get_batch`."""
         ids, shards, in_shard = self._locate(dataset_indices, rows)
-        return [self._decode(d, sample_id, shard_id, k) for d, sample_id, shard_id, k in
-                zip(np.asarray(dataset_indices).tolist(), ids.tolist(), shards.tolist(), in_shard.tolist())]
+        return [
+            self._decode(d, sample_id, shard_id, k)
+            for d, sample_id, shard_id, k in zip(
+                np.asarray(dataset_indices).tolist(), ids.tolist(), shards.tolist(), in_shard.tolist()
+            )
+        ]
 
-    def get_batch(self, dataset_indices: np.ndarray, rows: np.ndarray, names: list[str],
-                  compiled: bool = True, shard_dtypes: bool = False) -> SampleBatch:
+    def get_batch(
+        self,
+        dataset_indices: np.ndarray,
+        rows: np.ndarray,
+        names: list[str],
+        compiled: bool = True,
+        shard_dtypes: bool = False,
+    ) -> SampleBatch:
         """The samples of the (dataset, row) pairs as one SampleBatch (genes and counts
         concatenated, plus the columns `names`), decoded a shard at a time by decode.py's kernels
         (`compiled`), else from `get_many`. A batch with a shard that is not local yet, or of a
@@ -125,6 +152,19 @@ class SampleStore:
         if not compiled:
             return SampleBatch.from_samples(self.get_many(dataset_indices, rows), names, shard_dtypes)
         ids, shards, in_shard = self._locate(dataset_indices, rows)
+        groups = self._shard_groups(dataset_indices, shards, in_shard, names)
+        if groups is None:
+            return SampleBatch.from_samples(self.get_many(dataset_indices, rows), names, shard_dtypes)
+        lengths = self._lengths(dataset_indices, groups, len(ids))
+        genes, counts = _values(groups, lengths, shard_dtypes)
+        strings, scalars = _columns(groups, len(ids))
+        return SampleBatch(genes=genes, counts=counts, lengths=lengths, scalars=scalars, strings=strings)
+
+    def _shard_groups(
+        self, dataset_indices: np.ndarray, shards: np.ndarray, in_shard: np.ndarray, names: list[str]
+    ) -> list[_ShardGroup] | None:
+        """The batch's samples grouped by shard, located in its mapped bytes; None when a shard is
+        not local yet or of a schema the kernels do not read (then `get_many` serves the batch)."""
         groups = []
         try:
             for shard_id in np.unique(shards).tolist():
@@ -132,45 +172,26 @@ class SampleStore:
                 view, offsets, buf = self._mapped(shard_id)
                 layout = self._layout(shard_id, names)
                 if not layout.supported:
-                    raise FileNotFoundError(shard_id)
-                groups.append((members, view, buf, layout, locate(layout, buf, offsets[in_shard[members]])))
+                    return None
+                groups.append(_ShardGroup(members, view, buf, layout, locate(layout, buf, offsets[in_shard[members]])))
         except FileNotFoundError:
-            return SampleBatch.from_samples(self.get_many(dataset_indices, rows), names, shard_dtypes)
+            return None
         except Exception as exc:
             raise self._unreadable(int(np.asarray(dataset_indices)[0]), exc) from None
-        lengths = np.zeros(len(ids), np.int64)
-        for members, _, _, _, (_, _, _, count, _) in groups:
-            lengths[members] = count[:, 0]
-            if not np.array_equal(count[:, 0], count[:, 1]):
-                raise self._unreadable(int(np.asarray(dataset_indices)[members[0]]),
-                                       ValueError("a sample's genes and counts differ in length"))
-        dest = np.zeros(len(ids), np.int64)
-        np.cumsum(lengths[:-1], out=dest[1:])
-        gene_dtype, count_dtype = np.int64, np.float64
-        if shard_dtypes and groups:
-            codes = [np.unique(np.concatenate([code[:, a] for *_, (_, _, _, _, code) in groups])).tolist()
-                     for a in (0, 1)]
-            gene_dtype, count_dtype = (np.result_type(*[CODE_DTYPE[k] for k in c]) for c in codes)
-        genes, counts = np.empty(int(lengths.sum()), gene_dtype), np.empty(int(lengths.sum()), count_dtype)
-        strings, parts = {}, {}
-        for members, view, buf, layout, (pos, size, first, count, code) in groups:
-            at = dest[members]
-            copy_values(buf, first[:, 0], count[:, 0], code[:, 0], at, genes)
-            copy_values(buf, first[:, 1], count[:, 1], code[:, 1], at, counts)
-            for name, enc, c in layout.columns:
-                if enc == "str":                # a dataset without the column: "" (as get_many's .get)
-                    col = strings.setdefault(name, [""] * len(ids))
-                    for i, a, n in zip(members.tolist(), pos[:, c].tolist(), size[:, c].tolist()):
-                        col[i] = view[a:a + n].decode()
-                else:                           # int64 / float64: 8 bytes each
-                    values = buf[pos[:, c, None] + np.arange(8)].view(np.dtype(enc).newbyteorder("<")).ravel()
-                    parts.setdefault(name, []).append((members, values))
-        scalars = {}
-        for name, pieces in parts.items():      # n_counts is int64 in some datasets, float64 in others
-            col = scalars[name] = np.empty(len(ids), np.result_type(*[v.dtype.newbyteorder("=") for _, v in pieces]))
-            for members, values in pieces:
-                col[members] = values
-        return SampleBatch(genes=genes, counts=counts, lengths=lengths, scalars=scalars, strings=strings)
+        return groups
+
+    def _lengths(self, dataset_indices: np.ndarray, groups: list[_ShardGroup], n: int) -> np.ndarray:
+        """Entries per sample: its genes, which its counts must match."""
+        lengths = np.zeros(n, np.int64)
+        for group in groups:
+            genes, counts = group.spans.count[:, 0], group.spans.count[:, 1]
+            lengths[group.members] = genes
+            if not np.array_equal(genes, counts):
+                raise self._unreadable(
+                    int(np.asarray(dataset_indices)[group.members[0]]),
+                    ValueError("a sample's genes and counts differ in length"),
+                )
+        return lengths
 
     def _locate(self, dataset_indices: np.ndarray, rows: np.ndarray):
         """(sample id, shard, index in shard) of each pair. The shards are found for all at once
@@ -189,32 +210,37 @@ class SampleStore:
         layout = self._layouts.get(key)
         if layout is None:
             reader = self.dataset.shards[shard_id]
-            layout = self._layouts[key] = ShardLayout(reader.column_names, reader.column_encodings,
-                                                      reader.column_sizes, names)
+            layout = self._layouts[key] = ShardLayout(
+                reader.column_names, reader.column_encodings, reader.column_sizes, names
+            )
         return layout
 
     def _unreadable(self, dataset_index: int, exc: Exception) -> DataError:
         """A shard deleted or rebuilt under a running run, as the error that says what to do."""
         s = self.sets[dataset_index]
-        return DataError(s.remote or s.directory, f"could not be read while training ({type(exc).__name__}: "
-                         f"{exc}); its shards were deleted, rebuilt or damaged after the run started.",
-                         "Let any `concept-shard build` finish, then resume the run (initialize.resume=True): "
-                         "it restarts from its last checkpoint with the shards as they are then.")
+        return DataError(
+            s.remote or s.directory,
+            f"could not be read while training ({type(exc).__name__}: "
+            f"{exc}); its shards were deleted, rebuilt or damaged after the run started.",
+            "Let any `concept-shard build` finish, then resume the run (initialize.resume=True): "
+            "it restarts from its last checkpoint with the shards as they are then.",
+        )
 
     def _decode(self, dataset_index: int, sample_id: int, shard_id: int, in_shard: int) -> dict:
         try:
             try:
                 view, offsets, _ = self._mapped(shard_id)
-                data = view[int(offsets[in_shard]):int(offsets[in_shard + 1])]
-            except FileNotFoundError:        # not local yet: streaming prepares the shard
+                data = view[int(offsets[in_shard]) : int(offsets[in_shard + 1])]
+            except FileNotFoundError:  # not local yet: streaming prepares the shard
                 return self.dataset.get_item(sample_id)
         except Exception as exc:
             raise self._unreadable(dataset_index, exc) from None
         decoder = self._decoders.get(shard_id)
         if decoder is None:
             reader = self.dataset.shards[shard_id]
-            decoder = self._decoders[shard_id] = SampleDecoder(reader.column_names, reader.column_encodings,
-                                                               reader.column_sizes)
+            decoder = self._decoders[shard_id] = SampleDecoder(
+                reader.column_names, reader.column_encodings, reader.column_sizes
+            )
         return decoder(data)
 
     def _mapped(self, shard_id: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray]:
@@ -242,3 +268,41 @@ class SampleStore:
             offsets = np.frombuffer(view, np.uint32, count=count + 1, offset=4).astype(np.int64)
             mapped = self._maps[shard_id] = (view, offsets, np.frombuffer(view, np.uint8))
         return mapped
+
+
+def _values(groups: list[_ShardGroup], lengths: np.ndarray, shard_dtypes: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample's genes and counts back to back, as int64 / float64 or, with `shard_dtypes`, in
+    the smallest dtypes that hold every shard's."""
+    dest = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=dest[1:])
+    gene_dtype, count_dtype = np.int64, np.float64
+    if shard_dtypes and groups:
+        codes = [np.unique(np.concatenate([group.spans.code[:, a] for group in groups])).tolist() for a in (0, 1)]
+        gene_dtype, count_dtype = (np.result_type(*[CODE_DTYPE[k] for k in c]) for c in codes)
+    genes, counts = np.empty(int(lengths.sum()), gene_dtype), np.empty(int(lengths.sum()), count_dtype)
+    for group in groups:
+        at, spans = dest[group.members], group.spans
+        copy_values(group.buf, spans.first[:, 0], spans.count[:, 0], spans.code[:, 0], at, genes)
+        copy_values(group.buf, spans.first[:, 1], spans.count[:, 1], spans.code[:, 1], at, counts)
+    return genes, counts
+
+
+def _columns(groups: list[_ShardGroup], n: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+    """The other columns asked for, one value per sample: (strings, scalars)."""
+    strings, parts = {}, {}
+    for group in groups:
+        pos, size = group.spans.pos, group.spans.size
+        for name, enc, c in group.layout.columns:
+            if enc == "str":  # a dataset without the column: "" (as get_many's .get)
+                col = strings.setdefault(name, [""] * n)
+                for i, a, k in zip(group.members.tolist(), pos[:, c].tolist(), size[:, c].tolist()):
+                    col[i] = group.view[a : a + k].decode()
+            else:  # int64 / float64: 8 bytes each
+                values = group.buf[pos[:, c, None] + np.arange(8)].view(np.dtype(enc).newbyteorder("<")).ravel()
+                parts.setdefault(name, []).append((group.members, values))
+    scalars = {}
+    for name, pieces in parts.items():  # n_counts is int64 in some datasets, float64 in others
+        col = scalars[name] = np.empty(n, np.result_type(*[v.dtype.newbyteorder("=") for _, v in pieces]))
+        for members, values in pieces:
+            col[members] = values
+    return strings, scalars

@@ -22,21 +22,21 @@ def label_code(value: str) -> int:
 @dataclass
 class Batch:
     # packed tokens: view 1 of every cell, then view 2 of every cell
-    tokens: torch.Tensor          # int64 [T]
-    values: torch.Tensor          # float32 [T]
-    positions: torch.Tensor       # int64 [T]
-    cu_seqlens: torch.Tensor      # int32 [2B + 1]
+    tokens: torch.Tensor  # int64 [T]
+    values: torch.Tensor  # float32 [T]
+    positions: torch.Tensor  # int64 [T]
+    cu_seqlens: torch.Tensor  # int32 [2B + 1]
     max_seqlen: int
-    items_mask: torch.Tensor      # bool [B]: False where a view of the cell is empty (excluded from the loss)
+    items_mask: torch.Tensor  # bool [B]: False where a view of the cell is empty (excluded from the loss)
     # per cell
-    species: torch.Tensor         # int64 [B]: index into datamodule.species
-    dataset: torch.Tensor         # int64 [B]: index of the cell's dataset in the loader's list
-    row: torch.Tensor             # int64 [B]: the cell's row in its source file
-    labels: dict[str, torch.Tensor]      # obs key -> int64 [B] label codes (label_code)
+    species: torch.Tensor  # int64 [B]: index into datamodule.species
+    dataset: torch.Tensor  # int64 [B]: index of the cell's dataset in the loader's list
+    row: torch.Tensor  # int64 [B]: the cell's row in its source file
+    labels: dict[str, torch.Tensor]  # obs key -> int64 [B] label codes (label_code)
     # per batch
-    panels: tuple[torch.Tensor, torch.Tensor]   # the two panels (token ids, ascending)
+    panels: tuple[torch.Tensor, torch.Tensor]  # the two panels (token ids, ascending)
     panel_kinds: tuple[str, str]
-    index: int                    # global batch index g
+    index: int  # global batch index g
     epoch: int
     cell_ids: list[str] = field(default_factory=list)
 
@@ -59,17 +59,20 @@ class Batch:
 
     def rest(self) -> dict:
         """Every field that is not a tensor (with `tensors()`, the whole batch)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("labels", "panels") and not isinstance(getattr(self, f.name), torch.Tensor)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("labels", "panels") and not isinstance(getattr(self, f.name), torch.Tensor)
+        }
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], **rest) -> "Batch":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], **rest) -> Batch:
         """The inverse of (`tensors()`, `rest()`)."""
-        labels = {k[len("labels."):]: t for k, t in tensors.items() if k.startswith("labels.")}
+        labels = {k[len("labels.") :]: t for k, t in tensors.items() if k.startswith("labels.")}
         plain = {k: t for k, t in tensors.items() if not k.startswith(("labels.", "panels."))}
         return cls(**plain, labels=labels, panels=(tensors["panels.0"], tensors["panels.1"]), **rest)
 
-    def to(self, device, non_blocking: bool = True) -> "Batch":
+    def to(self, device, non_blocking: bool = True) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in moved.items():
             if isinstance(v, torch.Tensor):
@@ -90,15 +93,19 @@ class Layout:
             dtype = np.dtype(dtype)
             self.parts.append((name, offset, int(n), dtype))
             offset += -(-int(n) * dtype.itemsize // 8) * 8
-        self.nbytes = max(offset, 8)      # torch views no dtype over an empty byte tensor (an empty rank slice)
+        self.nbytes = max(offset, 8)  # torch views no dtype over an empty byte tensor (an empty rank slice)
 
     def arrays(self, raw: np.ndarray) -> dict[str, np.ndarray]:
-        return {name: raw[o:o + n * dt.itemsize].view(dt) for name, o, n, dt in self.parts}
+        return {name: raw[o : o + n * dt.itemsize].view(dt) for name, o, n, dt in self.parts}
 
     def tensors(self, raw: np.ndarray) -> dict[str, torch.Tensor]:
         joined = torch.from_numpy(raw)
-        return {name: joined[o:o + n * dt.itemsize].view(_TORCH[dt]) for name, o, n, dt in self.parts}
+        return {name: joined[o : o + n * dt.itemsize].view(_TORCH[dt]) for name, o, n, dt in self.parts}
 
 
-_TORCH = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32,
-          np.dtype(np.bool_): torch.bool}
+_TORCH = {
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.bool_): torch.bool,
+}

@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
-from .strict import MISSING, key
+from .fields import MISSING, key
 
 
 def _compression(value) -> str | None:
@@ -22,15 +22,20 @@ class PathKeys:
     PROJECT_PATH: str = key(MISSING, "the project root (the positional PROJECT_PATH)")
     CHECKPOINT_ROOT: str = key("${PATH.PROJECT_PATH}/model_checkpoints", "runs live in <CHECKPOINT_ROOT>/<run_id>/")
     PANELS_PATH: str = key("${PATH.PROJECT_PATH}/panels", "designed panels: <PANELS_PATH>/<species>/<panel>.csv")
-    GENE_MAPPINGS_PATH: str = key("${PATH.PROJECT_PATH}/references/vocabulary/token_mappings_per_specie",
-                                  "one token mapping <species>.csv per species")
+    GENE_MAPPINGS_PATH: str = key(
+        "${PATH.PROJECT_PATH}/references/vocabulary/token_mappings_per_specie",
+        "one token mapping <species>.csv per species",
+    )
     PRETRAINED_VOCABULARY: Optional[str] = key(None, "dir of <species>.csv gene vectors, or null")
     LOCAL_DIR: Optional[str] = key(None, "node-local cache of remote shards, or null")
     SHARDS_PATH: str = key("${PATH.PROJECT_PATH}/shards", "where concept-shard writes the shards")
     SHARDS_REMOTE: Optional[str] = key(None, "s3://bucket/prefix the shards live in, or null")
     # scConcept's own keys that mean nothing here (listed in one warning when set)
-    GENE_MAPPING_PATH: Optional[str] = key(None, inert="scConcept's single multi-species mapping file; token "
-                                           "mappings are read per species from PATH.GENE_MAPPINGS_PATH")
+    GENE_MAPPING_PATH: Optional[str] = key(
+        None,
+        inert="scConcept's single multi-species mapping file; token "
+        "mappings are read per species from PATH.GENE_MAPPINGS_PATH",
+    )
     SPECIES: Optional[List[str]] = key(None, inert="the species come from datamodule.species and the split files")
 
 
@@ -43,7 +48,7 @@ class LamindbKeys:
 class ShardKeys:
     chunk_size: int = key(2048, "rows read at once", gt=0)
     part_size: int = key(1_000_000, "files with more cells are split into row-range parts", gt=0)
-    shard_size_limit: int = key(1 << 25, "raw MDS bytes per shard file before compression", gt=0)
+    shard_size_limit: int = key(1 << 25, "raw MDS bytes per shard file before compression", ge=1024)
     compression: Optional[str] = key("zstd:1", "compression of the shard files", check=_compression)
     allow_non_integral: bool = key(False, "store float32 counts instead of rejecting normalised data")
 
@@ -51,6 +56,7 @@ class ShardKeys:
 @dataclass
 class SplitKeys:
     """One split file (scConcept's format), mounted at `datamodule.split_<source>_<species>`."""
+
     source_name: str = key(MISSING, "the source's name: shards/<species>/<source_name>/")
     species: str = key(MISSING, "the species (token space) of all its files")
     source_path: str = key("${PATH.PROJECT_PATH}/data/${.source_name}/h5ads", "the folder of its files")
@@ -61,7 +67,23 @@ class SplitKeys:
     proportion: Optional[float] = key(None, "the split's share of an epoch", ge=0)
 
 
-SPLIT_PREFIX = "split_"     # data-module keys of this prefix hold split files
+SPLIT_PREFIX = "split_"  # data-module keys of this prefix hold split files
+WEIGHT_KEYS = ("proportion", "repeat")  # per-source sampling weights a split (or its list item) may carry
+SECTIONS = ("train", "val")  # the file lists of a split
+
+
+@dataclass
+class SplitItem:
+    """One item of a loader's split list (`datamodule.dataset.<loader>.split`), resolved when the
+    config is typed (concept_shard.config): in the typed config a loader's `split` holds these.
+    Its split's own keys are checked file by file where they are used (concept_shard.splits), so
+    that `concept-shard status` can report every bad entry at once."""
+
+    key: str  # the split file's config key (datamodule.split_x) or the item's own
+    split: Any  # the split's keys, resolved (a dict; anything else is reported)
+    section: Optional[str] = None  # `key:` of a `{source: ..., key: train|val}` item, else the loader's
+    weights: Dict[str, float] = field(default_factory=dict)  # WEIGHT_KEYS of the item and of its split
+    written: Any = None  # the item as the config gave it, resolved: what a run's config.yaml records
 
 
 def split_node(parent: str, name: str) -> Any:

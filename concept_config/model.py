@@ -1,12 +1,18 @@
 """The config keys of the model's architecture and loss (`model.*` but `model.training`): types,
-ranges and defaults, here only (scConcept's 30M model)."""
+ranges, choices and defaults, here only (scConcept's 30M model)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from concept_shard.strict import key
+from .fields import key
+
+# Each choice list lives here once; the model and the loss import them.
+NORM_SCHEMES = ("pre", "post")
+ACTIVATIONS = ("gelu", "relu")
+INPUT_ENCODINGS = ("rank_encoding", "value_encoding")
+CONTRASTIVE_LOSSES = ("multiclass", "binary")
 
 
 @dataclass
@@ -20,14 +26,14 @@ class ModelKeys:
     dim_gene_embs: int = key(512, "gene-embedding width", ge=1)
     dim_pretrained_vocab: int = key(640, "width of the pretrained gene vectors", ge=1)
     projection_dim: Optional[int] = key(None, "a Linear head to this size before L2 normalisation", ge=1)
-    norm_scheme: str = key("pre", "LayerNorm before or after each residual branch", choices=("pre", "post"))
-    activation: str = key("gelu", "feed-forward activation", choices=("gelu", "relu"))
+    norm_scheme: str = key("pre", "LayerNorm before or after each residual branch", choices=NORM_SCHEMES)
+    activation: str = key("gelu", "feed-forward activation", choices=ACTIVATIONS)
     flash_attention: bool = key(True, "the fastest exact varlen attention available")
-    input_encoding: str = key("rank_encoding", "how values enter the model",
-                              choices=("rank_encoding", "value_encoding"))
+    input_encoding: str = key("rank_encoding", "how values enter the model", choices=INPUT_ENCODINGS)
     pe_max_len: int = key(5000, "size of the rank-encoding table", ge=1)
-    contrastive_loss: str = key("multiclass", "InfoNCE (multiclass) or sigmoid BCE (binary)",
-                                choices=("multiclass", "binary"))
+    contrastive_loss: str = key(
+        "multiclass", "InfoNCE (multiclass) or sigmoid BCE (binary)", choices=CONTRASTIVE_LOSSES
+    )
     cont_loss_weight: float = key(1.0, "weight of the contrastive loss", ge=0)
     mlm_loss_weight: float = key(0.0, "weight of the masked-value loss", ge=0)
     decoder_head: bool = key(False, "a per-token head that predicts values (MLM)")

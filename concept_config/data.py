@@ -12,13 +12,18 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from concept_shard.strict import key
+from .fields import key
 
+NORMALIZATIONS = ("raw", "log1p", "totalcount", "totalcount/log1p")  # and binning/N
 NORMALIZATIONS_DOC = "raw | log1p | totalcount | totalcount/log1p | binning/N"
+GENE_SAMPLING_STRATEGIES = ("top-nonzero", "random-nonzero", "top", "random")
+BATCHINGS = ("per_dataset", "mixed")
+PANEL_SELECTIONS = ("random", "preselected", "mixed")
+PANEL_VIEW2 = ("random", "complement")
 
 
 def _normalization(value) -> str | None:
-    if value in ("raw", "log1p", "totalcount", "totalcount/log1p"):
+    if value in NORMALIZATIONS:
         return None
     m = re.fullmatch(r"binning/(\d+)", str(value))
     return None if m and int(m.group(1)) >= 2 else f"must be one of {NORMALIZATIONS_DOC} (N >= 2)"
@@ -45,13 +50,22 @@ def _panel_size(value) -> str | None:
 
 
 def _group_keys(value) -> str | None:
-    if value is None or isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+    if (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+    ):
         return None
     return "must be null, an obs key (`dataset` = the input file) or a list of obs keys"
 
 
 def _cache_limit(value) -> str | None:
-    if value is None or isinstance(value, int) and value > 0 or re.fullmatch(r"\d+(\.\d+)?\s*[kmgtp]?i?b?", str(value).lower()):
+    if (
+        value is None
+        or isinstance(value, int)
+        and value > 0
+        or re.fullmatch(r"\d+(\.\d+)?\s*[kmgtp]?i?b?", str(value).lower())
+    ):
         return None
     return "must be a size such as 10gb, a byte count, or null"
 
@@ -63,28 +77,33 @@ def _check_sources(value) -> str | None:
 @dataclass
 class PanelKeys:
     """The view keys shared by the training loader and each validation loader."""
+
     split: List[Any] = key([], "the loader's files: split items")
-    batching: str = key("per_dataset", "per_dataset | mixed", choices=("per_dataset", "mixed"))
+    batching: str = key("per_dataset", "per_dataset | mixed", choices=BATCHINGS)
     epoch_size: Optional[int] = key(None, "cells per epoch when the sources carry `proportion`", gt=0)
-    panel_selection: str = key("mixed", "random | preselected | mixed", choices=("random", "preselected", "mixed"))
+    panel_selection: str = key("mixed", "random | preselected | mixed", choices=PANEL_SELECTIONS)
     panel_selection_mixed_prob: float = key(0.25, "with mixed: probability that view 1 is random", ge=0, le=1)
     panel_filter_regex: str = key(".*", "designed panels whose file stem matches", check=_regex)
     panel_size_min: Any = key(0.02, "lower bound of random panel sizes", check=_panel_size)
     panel_size_max: Any = key(60000, "upper bound of random panel sizes", check=_panel_size)
     panel_max_drop_rate: float = key(0.5, "designed-panel genes dropped with prob r ~ U(0, this)", ge=0, le=1)
     panel_overlap: Any = key(False, "whether view 2 may overlap view 1", check=_overlap)
-    panel_view2: str = key("random", "random | complement", choices=("random", "complement"))
+    panel_view2: str = key("random", "random | complement", choices=PANEL_VIEW2)
     panel_curriculum: Optional[List[Any]] = key(None, "panel keys that change during training")
-    variable_size: bool = key(False, refuse_unless=False,
-                              doc="scConcept's variable-size views are not built here; views are cut at max_tokens.")
+    variable_size: bool = key(
+        False,
+        refuse_unless=False,
+        doc="scConcept's variable-size views are not built here; views are cut at max_tokens.",
+    )
 
 
 @dataclass
 class TrainDatasetKeys(PanelKeys):
     max_tokens: int = key(1000, "genes per view (plus <cls>)", ge=1)
     # the reference's training-only view filters (masked items leave the loss and the metrics)
-    feature_max_drop_rate: Optional[float] = key(None, "per batch r ~ U(0, this): candidate genes dropped with prob r",
-                                                 ge=0, le=1)
+    feature_max_drop_rate: Optional[float] = key(
+        None, "per batch r ~ U(0, this): candidate genes dropped with prob r", ge=0, le=1
+    )
     qc_threshold: Optional[float] = key(None, "mask an item whose view is <= panel size x this", ge=0)
     max_total_seq_length: Optional[int] = key(None, "token budget of a batch; items past it are masked", gt=0)
 
@@ -106,8 +125,9 @@ class TrainLoaderKeys:
     shuffle: bool = key(True, "shuffle batches and rows each epoch")
     num_workers: int = key(2, "DataLoader worker processes per rank", ge=0)
     drop_last: bool = key(True, "drop each group's last incomplete batch")
-    within_group_sampling: Any = key("dataset", "obs key(s) a batch shares; dataset = the input file",
-                                     check=_group_keys)
+    within_group_sampling: Any = key(
+        "dataset", "obs key(s) a batch shares; dataset = the input file", check=_group_keys
+    )
     num_groups: Optional[int] = key(None, "keep this many random groups", ge=1)
     sample_groups_equally: bool = key(False, "cut every group to the same size")
     num_samples: Optional[int] = key(None, "cells per epoch (groups cut to it)", ge=1)
@@ -139,19 +159,33 @@ class DataModuleKeys:
     species: List[str] = key(["hsapiens"], "the species a run knows")
     obs_keys: List[str] = key(["dataset", "donor_id", "tissue", "cell_type"], "obs columns kept; kNN labels")
     normalization: str = key("raw", NORMALIZATIONS_DOC, check=_normalization)
-    gene_sampling_strategy: str = key("top-nonzero", "which genes of a view become tokens",
-                                      choices=("top-nonzero", "random-nonzero", "top", "random"))
+    gene_sampling_strategy: str = key(
+        "top-nonzero", "which genes of a view become tokens", choices=GENE_SAMPLING_STRATEGIES
+    )
     val_seed: int = key(0, "seed of the validation loaders' cells and panels")
-    cache_limit: Any = key(None, "bound on the cache that remote shards, and with it local ones, are read through",
-                           check=_cache_limit)
-    check_sources: Any = key(True, "true: a source is current when its size and mtime are the recorded ones; "
-                             "full: read every source's fingerprint; false: no source check", check=_check_sources)
+    cache_limit: Any = key(
+        None, "bound on the cache that remote shards, and with it local ones, are read through", check=_cache_limit
+    )
+    check_sources: Any = key(
+        True,
+        "true: a source is current when its size and mtime are the recorded ones; "
+        "full: read every source's fingerprint; false: no source check",
+        check=_check_sources,
+    )
     dataset: DatasetKeys = key(DatasetKeys())
     dataloader: DataloaderKeys = key(DataloaderKeys())
+    # filled when the config is typed, from the split files mounted at `split_<source>_<species>`
+    # (never set directly: concept_shard.config refuses it)
+    mounted_splits: Dict[str, Any] = key({}, "the split files by key, resolved")
     # scConcept's keys with no effect here
     columns: Optional[List[str]] = key(None, inert="the obs columns are datamodule.obs_keys")
-    label_keys_to_monitor: Optional[List[str]] = key(None, inert="kNN accuracy is reported for every datamodule.obs_keys")
-    batch_keys_to_monitor: Optional[List[str]] = key(None, inert="kNN accuracy is reported for every datamodule.obs_keys")
+    label_keys_to_monitor: Optional[List[str]] = key(
+        None, inert="kNN accuracy is reported for every datamodule.obs_keys"
+    )
+    batch_keys_to_monitor: Optional[List[str]] = key(
+        None, inert="kNN accuracy is reported for every datamodule.obs_keys"
+    )
     model_speed_sanity_check: bool = key(False, inert="a Lightning debugging switch")
-    precomp_embs_key: Optional[str] = key(None, refuse_unless=None,
-                                          doc="precomputed embeddings as model input are not built here.")
+    precomp_embs_key: Optional[str] = key(
+        None, refuse_unless=None, doc="precomputed embeddings as model input are not built here."
+    )

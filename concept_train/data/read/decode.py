@@ -1,0 +1,140 @@
+"""A batch's samples decoded at once: every sample of one shard in two compiled passes, not a
+Python call per sample and column.
+
+Why: the per-sample decoder (concept_shard/mds.py `SampleDecoder`) walks each sample's nine
+columns in Python, ~9 us per cell, a fifth of the loader's time; the training batch needs the
+nonzeros of its cells concatenated anyway (`tokenize.Cells`). Here the MDS v2 sample layout
+(u32 sizes of the variable-size columns, then every column's bytes in column order; an
+`ndarray` column = [dtype code if per sample][ndim<<2 | shape width][shape], then the values)
+is read for all of a shard's samples of the batch by one kernel (kernels.py), and the `genes` and `counts`
+values are copied, cast to int64 / float64, straight into the batch's arrays by another. Strings
+and the fixed-size columns come out of the same column positions.
+
+`SampleDecoder` stays the reference (and the path under `CONCEPT_KERNEL=numpy`);
+`tests/train/data/test_data_decode.py` checks that both give the same batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from concept_shard.mds import CODE_DTYPE, native_encoding
+
+from .. import kernels
+
+ARRAYS = ("genes", "counts")
+
+
+@dataclass
+class SampleBatch:
+    """Columns of a batch's samples, in the order asked: genes and counts of all samples
+    concatenated (what tokenize.Cells holds), the other columns one value per sample."""
+
+    genes: np.ndarray  # int64, every sample's genes back to back
+    counts: np.ndarray  # float64, same entries
+    lengths: np.ndarray  # int64 entries per sample
+    scalars: dict[str, np.ndarray]  # int64 / float64 columns (row, n_counts), one value per sample
+    strings: dict[str, list[str]]  # str columns (cell_id, obs.*)
+
+    @classmethod
+    def from_samples(cls, samples: list[dict], names: list[str], shard_dtypes: bool = False) -> SampleBatch:
+        """The same from per-sample dicts (SampleDecoder's output); `names`: the scalar and
+        string columns to keep; `shard_dtypes`: genes and counts in the samples' own dtypes
+        (NumPy's concatenation promotes mixed ones), else int64 and float64."""
+        genes = [np.asarray(s["genes"]) for s in samples]
+        lengths = np.fromiter((len(g) for g in genes), np.int64, count=len(genes))
+        scalars, strings = {}, {}
+        for name in names:
+            having = next((s[name] for s in samples if name in s), None)
+            if isinstance(having, str):  # a dataset without the column: ""
+                strings[name] = [s.get(name, "") for s in samples]
+            elif having is not None:
+                scalars[name] = np.array([s[name] for s in samples])
+        if shard_dtypes and samples:
+            return cls(
+                genes=np.concatenate(genes),
+                counts=np.concatenate([np.asarray(s["counts"]) for s in samples]),
+                lengths=lengths,
+                scalars=scalars,
+                strings=strings,
+            )
+        return cls(
+            genes=np.concatenate(genes).astype(np.int64) if genes else np.zeros(0, np.int64),
+            counts=np.concatenate([np.asarray(s["counts"], np.float64) for s in samples]) if samples else np.zeros(0),
+            lengths=lengths,
+            scalars=scalars,
+            strings=strings,
+        )
+
+
+_ITEMSIZE = np.zeros(256, np.int64)
+for _code, _dtype in CODE_DTYPE.items():
+    _ITEMSIZE[_code] = _dtype.itemsize
+
+
+class ShardLayout:
+    """How to read a shard's samples (its column names, encodings and sizes in index.json)."""
+
+    def __init__(self, names, encodings, sizes, wanted: list[str]):
+        self.names = list(names)
+        self.fixed = np.array([-1 if not s else int(s) for s in sizes], np.int64)
+        self.arrays = np.array([self.names.index(a) for a in ARRAYS], np.int64)
+        encs = [encodings[i] for i in self.arrays]
+        self.dynamic = np.array([e == "ndarray" for e in encs], np.bool_)
+        self.codes = np.array([0 if e == "ndarray" else _code_of(e) for e in encs], np.int64)
+        self.columns = [(n, encodings[self.names.index(n)], self.names.index(n)) for n in wanted if n in self.names]
+        # the kernels read what SampleDecoder reads natively, with genes and counts as arrays and
+        # every other column asked for a string or an 8-byte scalar
+        self.supported = all(native_encoding(e) and e.startswith("ndarray") for e in encs) and all(
+            native_encoding(enc) and not enc.startswith("ndarray") for _, enc, _ in self.columns
+        )
+
+
+def _code_of(enc: str) -> int:
+    from concept_shard.mds import VALUE_DTYPE_CODE
+
+    return VALUE_DTYPE_CODE[enc.split(":")[1]]
+
+
+class SampleSpans(NamedTuple):
+    """Where the columns of some samples lie in a shard's bytes (`locate`), a row per sample."""
+
+    pos: np.ndarray  # int64 [n, columns]: each column's byte position
+    size: np.ndarray  # int64 [n, columns]: and its bytes
+    first: np.ndarray  # int64 [n, 2]: where the genes' and the counts' values start
+    count: np.ndarray  # int64 [n, 2]: how many values each
+    code: np.ndarray  # int64 [n, 2]: their dtype code (CODE_DTYPE)
+
+
+def locate(layout: ShardLayout, buf: np.ndarray, starts: np.ndarray) -> SampleSpans:
+    """The spans of the samples at byte offsets `starts` of `buf`."""
+    n, n_arr = len(starts), len(ARRAYS)
+    pos, size = np.empty((n, len(layout.fixed)), np.int64), np.empty((n, len(layout.fixed)), np.int64)
+    first, count = np.empty((n, n_arr), np.int64), np.empty((n, n_arr), np.int64)
+    code = np.broadcast_to(layout.codes, (n, n_arr)).copy()
+    kernels.sample_layout(
+        buf, starts, layout.fixed, layout.arrays, layout.dynamic, _ITEMSIZE, pos, size, first, count, code
+    )
+    return SampleSpans(pos, size, first, count, code)
+
+
+def copy_values(
+    buf: np.ndarray, first: np.ndarray, count: np.ndarray, code: np.ndarray, dest: np.ndarray, out: np.ndarray
+) -> None:
+    """The values of each sample into `out` at `dest`, cast to out's dtype: one kernel call per
+    dtype among them; float16 (which numba does not read) through NumPy, a sample at a time."""
+    if len(code) and (code == code[0]).all():  # one dtype (a shard's usual case): no sorting, no gathers
+        dtype = CODE_DTYPE[int(code[0])]
+        if dtype != np.float16:
+            kernels.copy_samples(buf, first, count, dtype.itemsize, dest, out, dtype)
+            return
+    for k in np.unique(code).tolist():
+        dtype, these = CODE_DTYPE[k], np.flatnonzero(code == k)
+        if dtype == np.float16:
+            for i in these.tolist():
+                out[dest[i] : dest[i] + count[i]] = np.frombuffer(buf, dtype, count=int(count[i]), offset=int(first[i]))
+        else:
+            kernels.copy_samples(buf, first[these], count[these], dtype.itemsize, dest[these], out, dtype)
