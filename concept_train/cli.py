@@ -12,6 +12,11 @@ import sys
 from concept_shard.config import compose_config
 from concept_shard.errors import UserError
 
+# imported before any process group exists: torch.distributed's tensor modules imported after a
+# caller's init_process_group keep the default group alive past shutdown() (its DeviceMesh stays
+# in their caches), and gloo then aborts the exit (tests/train/trainer/test_train_distributed.py)
+from .trainer.loop import run_training
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="concept-train", description=__doc__.split("\n")[0])
@@ -25,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unexpected arguments {bad}: overrides are key=value")
     try:
         cfg = compose_config(args.project_path, overrides, args.config_dir)
-        from .trainer.loop import run_training
-
         result = run_training(cfg)
     except UserError as err:
         print(f"concept-train: {err.paragraph()}", file=sys.stderr)

@@ -233,15 +233,20 @@ def cached_copy(kind: str, key: str, build, dest: Path) -> Path:
     Under an exclusive flock per key: a missing entry is built under a temporary name and renamed
     into place, so a process killed mid-build leaves nothing that looks complete, and two pytest
     processes that start together build it once. Copies keep mtimes (shards record their sources')."""
+    import fcntl
+
     root = fixture_cache_dir()
+    try:
+        if root is not None:
+            root.mkdir(parents=True, exist_ok=True)
+            lock = open(root / f"{kind}-{key}.lock", "a")
+    except OSError:  # a read-only checkout: no cache
+        root = None
     if root is None:
         build(dest)
         return dest
-    import fcntl
-
-    root.mkdir(parents=True, exist_ok=True)
     entry = root / f"{kind}-{key}"
-    with open(root / f"{entry.name}.lock", "a") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not entry.is_dir():
             for stale in root.glob(f".{entry.name}.*.tmp"):  # a build killed half-way

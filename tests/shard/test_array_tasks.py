@@ -57,11 +57,11 @@ def test_array_tasks_then_merge_equal_single_process(example_source, sharded_exa
     assert not list(array.glob("shards/*/*/.parts/*"))  # parts removed after the merge
 
 
-def test_slurm_array_variables_pick_the_task(example_source, tmp_path, monkeypatch):
+def test_slurm_array_variables_pick_the_task(small_example_source, tmp_path, monkeypatch):
     import shutil
 
     project = tmp_path / "p"
-    shutil.copytree(example_source, project)
+    shutil.copytree(small_example_source, project)  # 40 cells a file: the 9 files are what counts
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
     for task in ("0", "1"):
@@ -134,7 +134,8 @@ def test_stepped_array_tasks_then_merge_equal_single_process(sharded_example, pr
     assert_same_as_reference(sharded_example, project)
 
 
-def test_a_listed_array_is_refused_before_the_build_touches_anything(project, monkeypatch, capsys):
+def test_a_listed_array_is_refused_before_the_build_touches_anything(small_project, monkeypatch, capsys):
+    project = small_project  # 40 cells a file: the build at the end only has to succeed
     for k, v in _array_env(5, 0, 5, 1, 3).items():  # --array=0,1,5
         monkeypatch.setenv(k, v)
     assert shard("build", project, *ADVANCED, "--no-progress") == 2
