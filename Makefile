@@ -17,7 +17,7 @@ ALSO_PYTHON ?= 3.11
 # datasets back with streaming; see SUITES below)
 SHARD_BUILDS := tests/shard/test_array_tasks.py tests/shard/test_build_resume.py
 SHARD_OTHERS := tests/shard $(SHARD_BUILDS:%=--ignore=%)
-ALSO_TESTS ?= "$(SHARD_BUILDS)" "$(SHARD_OTHERS) tests/e2e tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py"
+ALSO_TESTS ?= "$(SHARD_OTHERS) tests/e2e tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py" "$(SHARD_BUILDS)"
 # test-fast runs these (default: all of tests/)
 TESTS ?=
 EXAMPLE ?= example_project
@@ -38,15 +38,19 @@ demo: install
 	$(VENV)/bin/concept-train $(EXAMPLE) +experiment=demo
 	$(VENV)/bin/concept-eval "$$(ls -dt $(EXAMPLE)/model_checkpoints/*/ | head -n 1)"
 
-# ruff (lint), then the whole suite, slow end-to-end tests included, then the fast tests of ALSO_TESTS on
-# $(ALSO_PYTHON) (this is what CI runs). CONCEPT_VENV tells the tests that run the SLURM scripts
-# which venv to use.
+# ruff (lint), then the whole suite, slow end-to-end tests included, and the fast tests of ALSO_TESTS on
+# $(ALSO_PYTHON) (this is what CI runs): one pytest process per group of SUITES and ALSO_TESTS,
+# TEST_JOBS at a time, longest first (tools/run_suites.py; each group's output is printed whole when
+# it ends). CONCEPT_VENV tells the tests that run the SLURM scripts which venv to use.
 # One pytest process per group: mosaicml-streaming keeps a handle on the shared memory of every
 # live dataset each time a StreamingDataset is built, so descriptors grow with the square of the
 # datasets one process builds, and the whole suite in one process passed the 20,000 limit
 # ("Too many open files"); tests/shard alone came close. The example project and its shards are
 # built once for all of them (tests/helpers.py: cached_copy, in .pytest_cache/d/concept-fixtures/).
-SUITES ?= tests/e2e "$(SHARD_BUILDS)" "$(SHARD_OTHERS)" tests/train/data "tests/train/model tests/train/trainer tests/train/test_api_train.py tests/train/test_embed.py tests/train/eval"
+# Listed longest first: the order a first run (no times recorded yet) starts them in.
+SUITES ?= "tests/train/model tests/train/trainer tests/train/test_api_train.py tests/train/test_embed.py tests/train/eval" tests/e2e tests/train/data "$(SHARD_OTHERS)" "$(SHARD_BUILDS)"
+# groups run side by side (default: 2, the cores of the machine the suite time is measured on)
+TEST_JOBS ?= 2
 
 # ruff's lint and format check over the packages, tests and tools (pyproject.toml [tool.ruff])
 lint: install
@@ -54,16 +58,19 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 test: install lint
-	@rc=0; for suite in $(SUITES); do \
-	  echo "[test] $$suite"; CONCEPT_VENV=$(VENV) $(PY) -m pytest -q --durations=8 $$suite || rc=1; \
-	done; exit $$rc
-	@if [ -z "$(ALSO_PYTHON)" ]; then exit 0; fi; \
-	if [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$(ALSO_PYTHON)" ]; then exit 0; fi; \
-	if ! PYTHON=$(ALSO_PYTHON) bash tools/install.sh --print-python >/dev/null; then \
-	  if [ "$${CI:-}" = true ]; then exit 1; fi; \
-	  echo "[test] skipped the fast suite on Python $(ALSO_PYTHON): none found (CI runs it; ALSO_PYTHON= hides this)"; exit 0; \
+	@also=; \
+	if [ -n "$(ALSO_PYTHON)" ] && [ "$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$(ALSO_PYTHON)" ]; then \
+	  if PYTHON=$(ALSO_PYTHON) bash tools/install.sh --print-python >/dev/null; then \
+	    $(MAKE) --no-print-directory install PYTHON=$(ALSO_PYTHON) VENV=.venv-$(ALSO_PYTHON) || exit 1; \
+	    also="--venv .venv-$(ALSO_PYTHON) --marker"; \
+	  elif [ "$${CI:-}" = true ]; then exit 1; \
+	  else echo "[test] skipped the fast suite on Python $(ALSO_PYTHON): none found (CI runs it; ALSO_PYTHON= hides this)"; fi; \
 	fi; \
-	$(MAKE) --no-print-directory test-fast PYTHON=$(ALSO_PYTHON) VENV=.venv-$(ALSO_PYTHON) TESTS= SUITES='$(ALSO_TESTS)'
+	if [ -n "$$also" ]; then \
+	  $(PY) tools/run_suites.py --jobs $(TEST_JOBS) --venv $(VENV) $(SUITES) $$also "not slow" $(ALSO_TESTS); \
+	else \
+	  $(PY) tools/run_suites.py --jobs $(TEST_JOBS) --venv $(VENV) $(SUITES); \
+	fi
 
 test-fast: install
 	@rc=0; for suite in $(if $(TESTS),"$(TESTS)",$(SUITES)); do \

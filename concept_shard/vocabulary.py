@@ -46,12 +46,37 @@ class Vocabulary:
         return np.dtype(np.uint16) if self.size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
+_FIX = (
+    "Rebuild it with header `gene_id,gene_name,token`, rows `<cls>,,0` and `<pad>,,1` first, "
+    "then one row per gene with a unique integer token."
+)
+# Vocabularies read in this process, by file identity: a training process reads each one in the
+# catalog and again for the checkpoint, a notebook or a test session once per build (~0.2 s for
+# 60k genes). A file changed since (mtime, size or inode) is read again. Treat them as read-only.
+_LOADED: dict[tuple, Vocabulary] = {}
+_LOADED_MAX = 32
+
+
 def load_vocabulary(mappings_dir: Path, species: str) -> Vocabulary:
     path = Path(mappings_dir) / f"{species}.csv"
-    fix = (
-        "Rebuild it with header `gene_id,gene_name,token`, rows `<cls>,,0` and `<pad>,,1` first, "
-        "then one row per gene with a unique integer token."
-    )
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ShardError(path, f"no token mapping for species '{species}'.", _FIX) from None
+    except OSError as exc:
+        raise ShardError(path, f"cannot be read as a token mapping CSV ({exc}).", _FIX) from None
+    key = (str(path.absolute()), species, st.st_mtime_ns, st.st_size, st.st_ino)
+    vocab = _LOADED.get(key)
+    if vocab is None:
+        vocab = _read_vocabulary(path, species)
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = vocab
+    return vocab
+
+
+def _read_vocabulary(path: Path, species: str) -> Vocabulary:
+    fix = _FIX
     try:
         table = pd.read_csv(path, dtype={"gene_id": str, "gene_name": str}, keep_default_na=False)
     except FileNotFoundError:

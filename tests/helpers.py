@@ -56,6 +56,19 @@ TINY_RESUME = [
 ]
 
 
+def free_port() -> int:
+    """A loopback port free now, in 20000-39999 (a SLURM job's rendezvous port is 20000 + its job id
+    % 20000): two pytest processes side by side never pick one port, as a port made from a pid may."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if 20000 <= port < 40000:
+            return port
+
+
 def shard(*args) -> int:
     """Run `concept-shard` in-process (no 10 s interpreter start per call)."""
     from concept_shard.cli import main

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import urllib.request
 import boto3
 import pytest
 import torch
-from helpers import ADVANCED, data_module, shard
+from helpers import ADVANCED, data_module, free_port, shard
 from helpers import TINY_RESUME as TINY
 from helpers import metric_rows as _rows
 
@@ -29,17 +28,11 @@ SMALL_SHARDS = "shard.shard_size_limit=65536"  # ~30 shards per file, so a small
 BATCHES = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """moto_server on a free loopback port, with the S3_ENDPOINT_URL and AWS_* variables that the
     sharder, the trainer and its subprocesses read; stopped at the end of the module."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     server = subprocess.Popen(
@@ -202,7 +195,7 @@ def test_missing_bucket_and_unreachable_endpoint_are_named(s3_server, project, c
         data_module(project, [missing])
     assert "s3://no-such-bucket/shards" in str(exc.value) and "does not exist" in str(exc.value)
 
-    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     assert shard("status", project, *ADVANCED, missing) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "s3://no-such-bucket/shards" in err and "could not connect" in err and "S3_ENDPOINT_URL" in err

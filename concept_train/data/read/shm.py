@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 from concept_shard.errors import DataError
@@ -76,6 +77,19 @@ def _owner_alive(name: str) -> bool:
     return started == "0" or _start_time(int(pid)) in (started, "0")  # "0": /proc did not say
 
 
+# A live process creates a segment (shm_open) a moment before it maps it: one younger than this is
+# left alone, so that a run starting beside ours on the node never loses a segment it is creating.
+FRESH_S = 2.0
+
+
+def _just_made(path: Path) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return True  # gone already
+    return time.time() - st.st_mtime < FRESH_S
+
+
 def clean_stale_streaming_shm() -> list[str]:
     """Unlink streaming's segments (and hand-off slots of dead runs) that no live process maps; returns
     the names removed."""
@@ -84,7 +98,8 @@ def clean_stale_streaming_shm() -> list[str]:
     candidates = [
         p
         for p in SHM_DIR.iterdir()
-        if _STREAMING_NAME.match(p.name) or (p.name.startswith(HANDOFF_PREFIX) and not _owner_alive(p.name))
+        if (_STREAMING_NAME.match(p.name) or (p.name.startswith(HANDOFF_PREFIX) and not _owner_alive(p.name)))
+        and not _just_made(p)
     ]
     if not candidates:
         return []

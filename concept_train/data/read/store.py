@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import random
 import sys
+import time
 from time import time_ns
 from typing import NamedTuple
 
@@ -39,6 +41,7 @@ _LOCAL = 3  # streaming.base.dataset._ShardState.LOCAL: the shard's files are in
 # until the process exits (atexit), so building a new one per DataModule would leak descriptors
 # in a notebook or a test session that makes many.
 _OPEN: dict[tuple, object] = {}
+REGISTER_TRIES = 20
 
 
 def _streaming_dataset(sets: list[ShardSet], cache_limit):
@@ -57,12 +60,21 @@ def _streaming_dataset(sets: list[ShardSet], cache_limit):
         key, cache_limit = (directories, stamps), None
     if key not in _OPEN:
         clean_stale_streaming_shm()
-        streams = [Stream(local=d, remote=r) for d, r in zip(directories, remotes)]
-        try:
-            # batch_size/shuffle only matter to streaming's own iteration, which is not used here
-            _OPEN[key] = StreamingDataset(streams=streams, batch_size=1, shuffle=False, cache_limit=cache_limit)
-        except ValueError as exc:
-            raise _explain(exc, directories, remotes) from None
+        for attempt in range(REGISTER_TRIES):
+            # new Stream objects each try: StreamingDataset sets weights on those it was given
+            streams = [Stream(local=d, remote=r) for d, r in zip(directories, remotes)]
+            try:
+                # batch_size/shuffle only matter to streaming's own iteration, which is not used here
+                _OPEN[key] = StreamingDataset(streams=streams, batch_size=1, shuffle=False, cache_limit=cache_limit)
+                break
+            except FileExistsError:
+                # streaming finds the first free shared-memory prefix, then creates it: a process
+                # starting beside ours on the node took the same one in between; look again
+                if attempt + 1 == REGISTER_TRIES:
+                    raise
+                time.sleep(random.uniform(0.01, 0.1))
+            except ValueError as exc:
+                raise _explain(exc, directories, remotes) from None
     return _OPEN[key]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from helpers import data_module
 from torch.utils.data import DataLoader, IterableDataset
 
 from concept_train.data.deliver.handoff import SlotRing
-from concept_train.data.read.shm import HANDOFF_PREFIX, SHM_DIR, clean_stale_streaming_shm, owner_tag
+from concept_train.data.read.shm import FRESH_S, HANDOFF_PREFIX, SHM_DIR, clean_stale_streaming_shm, owner_tag
 
 TESTS = Path(__file__).resolve().parents[2]  # tests/, for helpers.py
 SMALL = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
@@ -181,13 +182,20 @@ def test_the_sweep_removes_slots_of_a_dead_owner_or_of_a_reused_pid_and_keeps_li
     live = SlotRing(1, 1)
     reused = SHM_DIR / f"{HANDOFF_PREFIX}{os.getpid()}.1-feedbeef-0-0"  # our pid, another start time
     dead = SHM_DIR / f"{HANDOFF_PREFIX}999999999.5-feedbeef-0-0"
+    # a streaming registry no process maps: stale once old, but one just made may be a segment a
+    # process beside ours has created and not yet mapped
+    unmapped = SHM_DIR / "999998_locals"
     try:
-        for path in (reused, dead):
+        for path in (reused, dead, unmapped):
             path.write_bytes(b"x")
+        assert unmapped.name not in clean_stale_streaming_shm() and unmapped.exists()
+        for path in (reused, dead, unmapped):
+            old = time.time() - 2 * FRESH_S
+            os.utime(path, (old, old))
         removed = set(clean_stale_streaming_shm())
-        assert {reused.name, dead.name} <= removed and not (set(_ours()) & removed)
+        assert {reused.name, dead.name, unmapped.name} <= removed and not (set(_ours()) & removed)
         assert not reused.exists() and not dead.exists() and len(_ours()) == 1
     finally:
         live.close()
-        for path in (reused, dead):
+        for path in (reused, dead, unmapped):
             path.unlink(missing_ok=True)

@@ -48,16 +48,24 @@ def _assert_same(xs, ys):
 
 @pytest.fixture(scope="module")
 def uninterrupted(sharded_example, tmp_path_factory):
-    """uninterrupted(workers): a directory with full.pt (12 batches), head.pt (the first 5) and
-    state.json (the loader's state after them), each from its own process with that many workers;
-    made once per number of workers, shared by the cases below that start with it."""
+    """uninterrupted(workers): a directory with full.pt (12 batches) and state.json (the loader's
+    state after the first 5, taken while the run went on), from one process with that many
+    workers; made once per number of workers, shared by the cases below that start with it."""
     made = {}
 
     def get(workers: int) -> Path:
         if workers not in made:
             out = tmp_path_factory.mktemp(f"uninterrupted_w{workers}")
-            _run(sharded_example, out / "full.pt", 12, workers=workers)
-            _run(sharded_example, out / "head.pt", 5, "--state-out", out / "state.json", workers=workers)
+            _run(
+                sharded_example,
+                out / "full.pt",
+                12,
+                "--state-out",
+                out / "state.json",
+                "--state-at",
+                5,
+                workers=workers,
+            )
             made[workers] = out
         return made[workers]
 
@@ -69,12 +77,12 @@ def test_resume_in_a_new_process_gives_the_uninterrupted_batches(
     sharded_example, uninterrupted, tmp_path, workers, resume_workers
 ):
     # 12 batches cross the epoch boundary (8 per epoch at batch 32 after drop_last... or fewer)
-    runs = uninterrupted(workers)  # full.pt, head.pt, state.json of `workers` workers
+    runs = uninterrupted(workers)  # full.pt, state.json of `workers` workers
     state = json.loads((runs / "state.json").read_text())
     assert state["position"] == 5
     _run(sharded_example, tmp_path / "tail.pt", 7, "--state-in", runs / "state.json", workers=resume_workers)
-    full, head, tail = (torch.load(d / f"{n}.pt") for d, n in ((runs, "full"), (runs, "head"), (tmp_path, "tail")))
-    _assert_same(head + tail, full)
+    full, tail = torch.load(runs / "full.pt"), torch.load(tmp_path / "tail.pt")
+    _assert_same(full[:5] + tail, full)
     assert [b["index"] for b in full] == list(range(12))
 
 

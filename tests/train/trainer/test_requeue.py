@@ -7,12 +7,11 @@ config dir made every requeue fail with "already holds a run with checkpoints"."
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY, metric_rows
+from helpers import REPO, TINY, free_port, metric_rows
 
 from concept_train.cli import main as train
 
@@ -94,12 +93,6 @@ def test_a_resume_value_that_is_no_choice_is_named(sharded_project_copy, capsys)
     assert "initialize.resume" in err and "maybe" in err and "auto" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_train_sbatch_resumes_a_requeued_run_whose_root_comes_from_a_yaml_file(sharded_project_copy, tmp_path):
     """The real tools/slurm/train.sbatch, with a stand-in `srun` that runs its command (one task)."""
@@ -120,7 +113,7 @@ def test_train_sbatch_resumes_a_requeued_run_whose_root_comes_from_a_yaml_file(s
         SLURM_JOB_NUM_NODES="1",
         SLURM_CPUS_PER_TASK="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         TMPDIR=str(tmp_path),
     )
     command = [

@@ -1,12 +1,13 @@
 """Stop-and-go: a run killed (kill -9) after a checkpoint and resumed continues with the same
 batches and bit-identical losses (CPU), in one process, in two torchrun processes (gloo), and in
-two processes started as `srun` starts them (SLURM variables only, no torchrun)."""
+two processes started as `srun` starts them (SLURM variables only, no torchrun), each against the
+uninterrupted run of its size (torchrun's for both 2-process launchers)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import TINY_RESUME as TINY
+from helpers import free_port
 from helpers import metric_rows as _rows
 
 
@@ -26,7 +28,7 @@ def _cmd(project, nproc, *overrides):
             "--nproc_per_node",
             str(nproc),
             "--master_port",
-            str(29500 + os.getpid() % 1000),
+            str(free_port()),
             "-m",
         ]
         if nproc > 1
@@ -39,15 +41,6 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if 20000 <= port < 40000:  # reachable as 20000 + SLURM_JOB_ID % 20000
-            return port
-
-
 class Launch:
     """One run's processes: a plain process, torchrun, or `srun`-style tasks (one per rank,
     told only SLURM's variables; the rendezvous port comes from the job id as on a cluster)."""
@@ -57,7 +50,7 @@ class Launch:
         if launcher != "srun":
             self.procs.append(subprocess.Popen(_cmd(project, nproc, *overrides), env=_env(), **popen))
             return
-        job_id = str(_free_port() - 20000)
+        job_id = str(free_port() - 20000)
         for rank in range(nproc):
             env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
             env.update(
@@ -86,13 +79,35 @@ class Launch:
             os.killpg(p.pid, signal.SIGKILL)
 
 
-def _stop_and_go(project: Path, nproc: int, workers: int, launcher: str = "torchrun"):
+PIPES = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _says_processes(out: str, nproc: int) -> bool:
+    return (f"{nproc} processes, FSDP2 over gloo" if nproc > 1 else "1 process") in out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sharded_example, tmp_path_factory):
+    """uninterrupted(nproc, workers): the run directory of the uninterrupted run (torchrun for 2
+    processes), made once per (nproc, workers): the srun-style tasks are held to torchrun's run."""
+    made = {}
+
+    def get(nproc: int, workers: int) -> Path:
+        if (nproc, workers) not in made:
+            project = tmp_path_factory.mktemp(f"full_{nproc}_{workers}") / "project"
+            shutil.copytree(sharded_example, project, symlinks=True)
+            overrides = [f"datamodule.dataloader.train.num_workers={workers}", "initialize.run_id=full"]
+            rc, out = Launch(project, nproc, "torchrun", overrides, **PIPES).wait()
+            assert rc == 0 and _says_processes(out, nproc), out
+            made[nproc, workers] = project / "model_checkpoints" / "full"
+        return made[nproc, workers]
+
+    return get
+
+
+def _stop_and_go(project: Path, full: Path, nproc: int, workers: int, launcher: str = "torchrun"):
     root = project / "model_checkpoints"
     common = [f"datamodule.dataloader.train.num_workers={workers}"]
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    rc, out = Launch(project, nproc, launcher, [*common, "initialize.run_id=full"], **pipes).wait()
-    assert rc == 0, out
-    assert (f"{nproc} processes, FSDP2 over gloo" if nproc > 1 else "1 process") in out
 
     # the same run, killed with SIGKILL as soon as its step-10 checkpoint is complete
     killed = Launch(
@@ -118,11 +133,11 @@ def _stop_and_go(project: Path, nproc: int, workers: int, launcher: str = "torch
     (root / "killed" / "checkpoints" / "step_15.tmp" / "garbage").write_text("half")
 
     rc, out = Launch(
-        project, nproc, launcher, [*common, "initialize.run_id=killed", "initialize.resume=True"], **pipes
+        project, nproc, launcher, [*common, "initialize.run_id=killed", "initialize.resume=True"], **PIPES
     ).wait()
     assert rc == 0, out
-    assert "resumed run killed" in out
-    a, b = _rows(root / "full"), _rows(root / "killed")
+    assert "resumed run killed" in out and _says_processes(out, nproc)
+    a, b = _rows(full), _rows(root / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in range(1, 21):
         assert a[step]["batch_digest"] == b[step]["batch_digest"], step
@@ -130,19 +145,19 @@ def _stop_and_go(project: Path, nproc: int, workers: int, launcher: str = "torch
     assert len({a[s]["batch_digest"] for s in a}) == 20
     ckpts = sorted(p.name for p in (root / "killed" / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_10", "step_15", "step_20"]  # keep-last-3, no .tmp left
-    assert (root / "full" / "curves.png").is_file() and (root / "full" / "config.yaml").is_file()
+    assert (full / "curves.png").is_file() and (full / "config.yaml").is_file()
 
 
 @pytest.mark.slow
-def test_stop_and_go_one_process(sharded_project_copy):
-    _stop_and_go(sharded_project_copy, nproc=1, workers=2)
+def test_stop_and_go_one_process(sharded_project_copy, uninterrupted):
+    _stop_and_go(sharded_project_copy, uninterrupted(1, 2), nproc=1, workers=2)
 
 
 @pytest.mark.slow
-def test_stop_and_go_two_torchrun_processes(sharded_project_copy):
-    _stop_and_go(sharded_project_copy, nproc=2, workers=0)
+def test_stop_and_go_two_torchrun_processes(sharded_project_copy, uninterrupted):
+    _stop_and_go(sharded_project_copy, uninterrupted(2, 0), nproc=2, workers=0)
 
 
 @pytest.mark.slow
-def test_stop_and_go_two_srun_style_processes(sharded_project_copy):
-    _stop_and_go(sharded_project_copy, nproc=2, workers=0, launcher="srun")
+def test_stop_and_go_two_srun_style_processes(sharded_project_copy, uninterrupted):
+    _stop_and_go(sharded_project_copy, uninterrupted(2, 0), nproc=2, workers=0, launcher="srun")
