@@ -78,10 +78,18 @@ def shard(*args) -> int:
 
 def read_dataset(path: Path) -> list[dict]:
     """Every sample of an MDS dataset, in order, through plain streaming.StreamingDataset."""
+    ds = streaming_dataset(local=str(path), shuffle=False, batch_size=1)
+    return [ds[i] for i in range(len(ds))]
+
+
+def streaming_dataset(**kwargs):
+    """streaming.StreamingDataset(**kwargs), made again when a pytest process beside this one took
+    the shared-memory prefix it had found (shm.registered)."""
     from streaming import StreamingDataset
 
-    ds = StreamingDataset(local=str(path), shuffle=False, batch_size=1)
-    return [ds[i] for i in range(len(ds))]
+    from concept_train.data.read.shm import registered
+
+    return registered(lambda: StreamingDataset(**kwargs))
 
 
 def dataset_dirs(project: Path) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import streaming_dataset
 
 from concept_shard.mds import MDSDatasetWriter, ndarray_prefix, read_rows
 
@@ -41,7 +42,7 @@ def samples(n=700, seed=0):
 
 @pytest.mark.parametrize("compression", [None, "zstd", "zstd:1"])
 def test_identical_to_streaming_mdswriter(tmp_path, compression):
-    from streaming import MDSWriter, StreamingDataset
+    from streaming import MDSWriter
 
     data = samples()
     with MDSWriter(out=str(tmp_path / "ref"), columns=COLUMNS, compression=compression, size_limit=1 << 20) as w:
@@ -54,7 +55,7 @@ def test_identical_to_streaming_mdswriter(tmp_path, compression):
     assert ref == sorted(p.name for p in (tmp_path / "ours").iterdir()) and len(ref) > 3
     for name in ref:
         assert (tmp_path / "ref" / name).read_bytes() == (tmp_path / "ours" / name).read_bytes(), name
-    ds = StreamingDataset(local=str(tmp_path / "ours"), shuffle=False, batch_size=1)
+    ds = streaming_dataset(local=str(tmp_path / "ours"), shuffle=False, batch_size=1)
     for i in (0, 1, 50, 699):
         got = ds[i]
         for key, value in data[i].items():

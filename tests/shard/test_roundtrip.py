@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from helpers import ADVANCED, dataset_dirs, read_dataset, shard
+from helpers import ADVANCED, dataset_dirs, read_dataset, shard, streaming_dataset
 
 OBS_KEYS = ["dataset", "donor_id", "tissue", "cell_type"]
 
@@ -108,9 +108,7 @@ def test_species_index_streams_all_files(built):
     for species, n_files in (("hsapiens", 6), ("mmusculus", 3)):
         listing = json.loads((built / "shards" / species / "datasets.json").read_text())
         assert len(listing["datasets"]) == n_files
-        from streaming import StreamingDataset
-
-        ds = StreamingDataset(local=str(built / "shards" / species), shuffle=False, batch_size=1)
+        ds = streaming_dataset(local=str(built / "shards" / species), shuffle=False, batch_size=1)
         assert len(ds) == sum(d["cells"] for d in listing["datasets"])
 
 

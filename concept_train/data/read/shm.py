@@ -12,6 +12,7 @@ The loader's own hand-off slots (handoff.py), left by a killed run, are swept th
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 from pathlib import Path
@@ -75,6 +76,25 @@ def _owner_alive(name: str) -> bool:
     except PermissionError:  # alive, another user's
         pass
     return started == "0" or _start_time(int(pid)) in (started, "0")  # "0": /proc did not say
+
+
+# Streaming looks for the first free shared-memory prefix, then creates it; another process on the
+# node that starts a dataset in between takes the same one, and the creation fails. Looking again
+# finds the next free one.
+REGISTER_TRIES = 20
+
+
+def registered(make):
+    """`make()` (a new StreamingDataset), made again when another process took the shared-memory
+    prefix it had found (FileExistsError). `make` must build new Stream objects each time:
+    StreamingDataset sets weights on those it is given."""
+    for attempt in range(REGISTER_TRIES):
+        try:
+            return make()
+        except FileExistsError:
+            if attempt + 1 == REGISTER_TRIES:
+                raise
+            time.sleep(random.uniform(0.01, 0.1))
 
 
 # A live process creates a segment (shm_open) a moment before it maps it: one younger than this is

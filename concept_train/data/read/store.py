@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
-import random
 import sys
-import time
 from time import time_ns
 from typing import NamedTuple
 
@@ -30,7 +28,7 @@ from concept_shard.mds import SampleDecoder
 
 from .catalog import ShardSet
 from .decode import CODE_DTYPE, SampleBatch, SampleSpans, ShardLayout, copy_values, locate
-from .shm import clean_stale_streaming_shm
+from .shm import clean_stale_streaming_shm, registered
 
 _NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _LOCAL = 3  # streaming.base.dataset._ShardState.LOCAL: the shard's files are in the cache
@@ -41,7 +39,6 @@ _LOCAL = 3  # streaming.base.dataset._ShardState.LOCAL: the shard's files are in
 # until the process exits (atexit), so building a new one per DataModule would leak descriptors
 # in a notebook or a test session that makes many.
 _OPEN: dict[tuple, object] = {}
-REGISTER_TRIES = 20
 
 
 def _streaming_dataset(sets: list[ShardSet], cache_limit):
@@ -60,21 +57,18 @@ def _streaming_dataset(sets: list[ShardSet], cache_limit):
         key, cache_limit = (directories, stamps), None
     if key not in _OPEN:
         clean_stale_streaming_shm()
-        for attempt in range(REGISTER_TRIES):
-            # new Stream objects each try: StreamingDataset sets weights on those it was given
-            streams = [Stream(local=d, remote=r) for d, r in zip(directories, remotes)]
-            try:
-                # batch_size/shuffle only matter to streaming's own iteration, which is not used here
-                _OPEN[key] = StreamingDataset(streams=streams, batch_size=1, shuffle=False, cache_limit=cache_limit)
-                break
-            except FileExistsError:
-                # streaming finds the first free shared-memory prefix, then creates it: a process
-                # starting beside ours on the node took the same one in between; look again
-                if attempt + 1 == REGISTER_TRIES:
-                    raise
-                time.sleep(random.uniform(0.01, 0.1))
-            except ValueError as exc:
-                raise _explain(exc, directories, remotes) from None
+        try:
+            # batch_size/shuffle only matter to streaming's own iteration, which is not used here
+            _OPEN[key] = registered(
+                lambda: StreamingDataset(
+                    streams=[Stream(local=d, remote=r) for d, r in zip(directories, remotes)],
+                    batch_size=1,
+                    shuffle=False,
+                    cache_limit=cache_limit,
+                )
+            )
+        except ValueError as exc:
+            raise _explain(exc, directories, remotes) from None
     return _OPEN[key]
 
 
