@@ -155,6 +155,8 @@ def train(
         if a.startswith(("datamodule=", "model=", "model.", "PATH."))
         and not a.startswith(("model.training.max_steps", "model.training.checkpoint_every"))
     ]
+    if result["stopped"] is not None:
+        log(f"[train] stopped by {result['stopped']} after step {result['step']}, before steps={steps}")
     log(
         f"[train] run {result['run_id']}: {result['run_dir']} (checkpoint {result['checkpoint']})\n"
         f"[train] to continue it: concept-train {work_dir} --config-dir {work_dir / 'conf'} {' '.join(keep)} "

@@ -16,6 +16,7 @@ from concept_shard.errors import UserError
 # caller's init_process_group keep the default group alive past shutdown() (its DeviceMesh stays
 # in their caches), and gloo then aborts the exit (tests/train/trainer/test_train_distributed.py)
 from .trainer.loop import run_training
+from .trainer.preempt import RESUMABLE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"concept-train: {err.paragraph()}", file=sys.stderr)
         return 2
+    if result["stopped"] is not None:
+        if result["is_main"]:
+            print(
+                f"concept-train: run {result['run_id']} stopped by {result['stopped']} after step {result['step']}; "
+                f"resumable from {result['checkpoint']}: run the same command with initialize.resume=True "
+                f"(exit status {RESUMABLE})",
+                file=sys.stderr,
+            )
+        return RESUMABLE
     if result["is_main"]:
         print(
             f"concept-train: run {result['run_id']} finished at step {result['step']}\n"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kill -9 builds and training runs at random moments, then check that nothing was lost or doubled.
 
-    python tools/chaos.py WORKDIR [--kills 20] [--seed 0] [--cells 300]
+    python tools/chaos.py WORKDIR [--kills 20] [--seed 0] [--cells 300 | --example DIR]
 
 Half the kills come at a random moment, the others as soon as the filesystem shows the moment
 aimed at (a part being written, a join, a checkpoint being written).
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--kills", type=int, default=20, help="kills of builds, and as many of training runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cells", type=int, default=300, help="cells per synthetic file of the example project")
+    p.add_argument("--example", type=Path, help="an example project made already (--cells is then its own)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     work = args.workdir.resolve()
@@ -211,8 +212,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO))
     from tools.make_example_project import main as make_example_project
 
-    source = work / "source"
-    make_example_project([str(source), "--cells", str(args.cells)])
+    source = args.example or work / "source"
+    if args.example is None:
+        make_example_project([str(source), "--cells", str(args.cells)])
     reference, project = work / "reference", work / "project"
     shutil.copytree(source, reference)
     shutil.copytree(source, project)

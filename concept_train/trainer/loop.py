@@ -50,6 +50,8 @@ from .checkpoint import (
 from .distributed import Dist, apply_fsdp, init_distributed, shutdown
 from .metrics import MetricsLog, plot_curves
 from .optim import build_optimizer, lr_lambda
+from .preempt import StopSignals
+from .runlock import RunLock
 from .validate import validate
 
 H100_BF16_PEAK_FLOPS = 989e12
@@ -88,12 +90,21 @@ class Trainer:
         self.objective = ContrastiveObjective.from_config(cfg.model, seed=cfg.seed)
         self._read_options()
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
+        self.run_lock = self._lock_run()
         self.fresh = self.resume_from is None and self.weights_from is not None and cfg.initialize.fresh_training
         self._report_changes()
         self._record_config()
         self._build()
         self._restore()
-        self.metrics = MetricsLog(self.run_dir, cfg.wandb, as_dict(cfg), self.d.is_main, self.run_id, log=self.log)
+        self.metrics = MetricsLog(
+            self.run_dir,
+            cfg.wandb,
+            as_dict(cfg),
+            self.d.is_main,
+            self.run_id,
+            log=self.log,
+            resumed_at=self.step if self.resume_from is not None else None,
+        )
         self.lineage = self._lineage()
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -169,6 +180,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.training)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.training))
         self.step = 0
+        self.nonfinite_steps = 0  # steps in a row not applied (non-finite loss or gradients)
         self._dense_params: int | None = None
 
     def _restore(self) -> None:
@@ -227,6 +239,20 @@ class Trainer:
         weights_from = self._weights_source()
         run_id = self._new_run(root, run_id)
         return run_id, root / run_id, None, weights_from
+
+    def _lock_run(self) -> RunLock:
+        """The run directory's lock (runlock.py), taken by the main process before anything is written."""
+        lock = RunLock(self.run_dir)
+        holder = _broadcast(lock.acquire() if self.d.is_main else None, self.d)
+        if holder is not None:
+            raise TrainError(
+                self.run_dir,
+                f"is in use by another concept-train ({holder}): two writers would mix its metrics and "
+                "checkpoints, so this one stops before writing anything.",
+                "Let that run end (or stop it) and start this one again; to train beside it, choose another "
+                "initialize.run_id.",
+            )
+        return lock
 
     def _resume_target(self, root: Path, run_id: str | None) -> Path | None:
         """The checkpoint `initialize.resume` continues, or None for a new run. Rank 0 checks the
@@ -473,13 +499,16 @@ class Trainer:
             r5.append(m["recall@5"])
             tokens += int(batch.tokens.numel())
             cells += batch.n_cells
-        clip = self.training.gradient_clip_val
-        grad_norm = None
-        if clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = self._grad_norm()
+        loss_value = sum(losses) / len(losses)
+        # a step with a non-finite loss or gradient on any rank is not applied (the norm is global)
+        finite = np.isfinite(self._sum(loss_value)) and np.isfinite(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_steps = 0
+        else:
+            self.nonfinite_steps += 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -491,7 +520,7 @@ class Trainer:
             "kind": "train",
             "step": self.step,
             "epoch": batches[-1].epoch,
-            "loss": sum(losses) / len(losses),
+            "loss": loss_value,
             "lr": lr,
             "recall@1": float(np.mean(r1)),
             "recall@5": float(np.mean(r5)),
@@ -505,13 +534,50 @@ class Trainer:
         }
         if self.mlm:
             row["loss_mlm"] = sum(mlm_losses) / len(mlm_losses)
+        if not finite:
+            row["skipped"] = "non-finite loss or gradients"
         if self.d.device.type == "cuda":
             flops = self._sum(self._flops_per_step(batches))
             row["mfu"] = flops / dt / (H100_BF16_PEAK_FLOPS * self.d.world_size)
         return row
 
+    def _grad_norm(self) -> float:
+        """The global gradient norm, the gradients clipped to model.training.gradient_clip_val when set."""
+        clip = self.training.gradient_clip_val
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _check_diverged(self, first_bad: int) -> None:
+        """Stop the run once model.training.max_nonfinite_steps steps in a row were not applied."""
+        limit = self.training.max_nonfinite_steps
+        if self.nonfinite_steps < limit:
+            return
+        latest = latest_checkpoint(self.run_dir)
+        kept = f"its last checkpoint, {latest.name}, is kept" if latest else "it has no checkpoint"
+        raise TrainError(
+            "model.training.max_nonfinite_steps",
+            f"run {self.run_id} diverged: steps {first_bad}-{self.step} had a non-finite loss or gradients "
+            f"({limit} in a row; none was applied, and no checkpoint was written after them); {kept}.",
+            "Lower model.training.lr, lengthen model.training.warmup or set model.training.gradient_clip_val, "
+            "then resume (initialize.resume=True) or start again.",
+        )
+
+    def _check_weights_finite(self) -> None:
+        """A checkpoint of non-finite weights is never written (it would rotate good ones away)."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(_local(p)).all()]
+        if self._sum(float(len(bad))) > 0:
+            raise TrainError(
+                f"run {self.run_id} at step {self.step}",
+                f"has non-finite weights (e.g. {bad[:3] or 'on another rank'}); no checkpoint was written.",
+                "Resume from the last checkpoint (initialize.resume=True) with a lower model.training.lr.",
+            )
+
     # ---- the run ------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
+        self._check_weights_finite()
         state = {
             "scheduler": self.scheduler.state_dict(),
             "loader": self.train_loader.state_dict(),
@@ -540,6 +606,8 @@ class Trainer:
             if self.lineage is not None:
                 self.lineage.close(failed=True)
             raise
+        finally:
+            self.run_lock.release()
         if self.lineage is not None:
             self.lineage.add_outputs(result["checkpoint"])
             self.lineage.close()
@@ -555,24 +623,37 @@ class Trainer:
             self.run_validation()
         profiler = self._profiler()
         it = iter(self.train_loader)
-        last_ckpt = None
+        last_ckpt, stopped, first_bad = None, None, None
         self.model.train()
-        with profiler or nullcontext():
-            while self.step < max_steps:
+        with profiler or nullcontext(), StopSignals() as signals:
+            while self.step < max_steps and stopped is None:
                 row = self.train_step(it)
                 if profiler is not None:
                     profiler.step()
-                if self.step % log_every == 0 or self.step == max_steps:
+                if self.step % log_every == 0 or self.step == max_steps or "skipped" in row:
                     self.metrics.write(row)
-                if self.val_loaders and (val_every and self.step % val_every == 0 or self._epoch_ended()):
-                    self.run_validation()
-                if ckpt_every and self.step % ckpt_every == 0:
-                    last_ckpt = self.checkpoint()
+                if self.nonfinite_steps:  # no validation or checkpoint in a run that may be diverging
+                    first_bad = first_bad if self.nonfinite_steps > 1 else self.step
+                    self._check_diverged(first_bad)
+                else:
+                    if self.val_loaders and (val_every and self.step % val_every == 0 or self._epoch_ended()):
+                        self.run_validation()
+                    if ckpt_every and self.step % ckpt_every == 0:
+                        last_ckpt = self.checkpoint()
+                stopped = signals.agreed(self.d)
+            if stopped is not None:
+                self.log(f"[train] {stopped} received: stopping after step {self.step} with a checkpoint")
         if last_ckpt is None or not last_ckpt.name.endswith(f"_{self.step}"):
             last_ckpt = self.checkpoint()
         curves = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png") if self.d.is_main else None
         self.metrics.close()
-        return {"run_dir": self.run_dir, "checkpoint": last_ckpt, "curves": curves, "step": self.step}
+        return {
+            "run_dir": self.run_dir,
+            "checkpoint": last_ckpt,
+            "curves": curves,
+            "step": self.step,
+            "stopped": stopped,
+        }
 
     def _epoch_ended(self) -> bool:
         """`check_val_every_n_epoch` (Lightning's sense): whether this step consumed the last batch of
@@ -599,6 +680,11 @@ class Trainer:
             schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
             on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.d.rank}"),
         )
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (FSDP2 shards each into a DTensor)."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def run_training(cfg: Root, log=print) -> dict:

@@ -5,19 +5,32 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from concept_config.training import WandbKeys
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, wandb_keys: WandbKeys, config: dict, enabled: bool, run_id: str, log=print):
+    def __init__(
+        self,
+        run_dir: Path,
+        wandb_keys: WandbKeys,
+        config: dict,
+        enabled: bool,
+        run_id: str,
+        log=print,
+        resumed_at: int | None = None,
+    ):
         """`wandb_keys`: the `wandb` section; `config`: the run's whole config as plain containers
-        (what wandb records with the run)."""
+        (what wandb records with the run); `resumed_at`: the step a resumed run continues from (its
+        rows after it are dropped: an attempt killed after its last checkpoint wrote them), None for
+        a new run (the rows of an attempt killed before its first checkpoint are dropped)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled, self.log = enabled, log
         if enabled:
             _drop_torn_tail(self.path)
+            _keep_through(self.path, resumed_at)
         self.wandb = None
         if enabled and wandb_keys.enabled:
             import wandb
@@ -65,6 +78,25 @@ def _drop_torn_tail(path: Path) -> None:
     if not data.endswith(b"\n"):
         with open(path, "r+b") as fh:
             fh.truncate(data.rfind(b"\n") + 1)
+
+
+def _keep_through(path: Path, step: int | None) -> None:
+    """Drop the rows after `step` (all of them for None), rewriting the file in one rename."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [] if step is None else [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return float("inf")  # not a row: dropped
 
 
 def read_rows(metrics_path: Path) -> list[dict]:

@@ -11,9 +11,10 @@ from tools import chaos
 
 
 @pytest.mark.slow
-def test_random_kills_lose_nothing_and_the_checks_can_fail(tmp_path):
+def test_random_kills_lose_nothing_and_the_checks_can_fail(example_source, tmp_path):
     work = tmp_path / "chaos"
-    assert chaos.main([str(work), "--kills", "2", "--seed", "1"]) == 0
+    # the session's example project (300 cells a file, chaos.py's default size), made once
+    assert chaos.main([str(work), "--kills", "2", "--seed", "1", "--example", str(example_source)]) == 0
     report = json.loads((work / "chaos.json").read_text())
     assert report["build_kills"] == 2 and report["train_kills"] == 2 and report["steps_compared"] == 12
     project, reference = work / "project", work / "reference"

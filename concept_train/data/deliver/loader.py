@@ -11,6 +11,7 @@ batches.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,18 @@ from ..read.store import SampleStore
 from .handoff import Parcel, SlotRing, ring_for
 
 STATE_VERSION = 1
+
+# The signals that stop a run (a SLURM time limit or preemption, Ctrl-C, `sbatch --signal`): the
+# main process turns them into a checkpoint and a clean exit (trainer/preempt.py). SLURM and a
+# terminal send them to every process, workers included; a worker that died of one would end the
+# run before that checkpoint, so workers ignore them (they stop when the main process closes them,
+# or dies).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass
@@ -240,6 +253,7 @@ class Loader:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(self.maker.seed),
+                worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
                 **kwargs,
             )
             for batch in loader:

@@ -139,3 +139,36 @@ def test_train_sbatch_resumes_a_requeued_run_whose_root_comes_from_a_yaml_file(s
     assert sorted(metric_rows(root / "big1")) == [1, 2, 3, 4]
     assert (root / "big1/checkpoints/latest").read_text().strip() == "step_4"
     assert not (sharded_project_copy / "model_checkpoints" / "big1").exists()
+
+
+@pytest.mark.parametrize("rc,requeued", [(75, True), (2, False), (0, False)])
+def test_train_sbatch_requeues_the_job_when_the_run_stopped_resumable(tmp_path, rc, requeued):
+    """concept-train exits 75 after a SIGUSR1 (which the script asks SLURM for, before the time limit)
+    or a SIGTERM (preemption) with a checkpoint: the job is requeued and ends well; another status is
+    the job's own. Stand-ins for srun (the run's exit status) and scontrol (what it was asked)."""
+    script = (REPO / "tools/slurm/train.sbatch").read_text()
+    assert "#SBATCH --signal=USR1@" in script and "#SBATCH --requeue" in script
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nexit {rc}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4343",
+        SLURM_NTASKS="1",
+        SLURM_JOB_NUM_NODES="1",
+        MASTER_ADDR="127.0.0.1",
+    )
+    proc = subprocess.run(
+        ["bash", str(REPO / "tools/slurm/train.sbatch"), str(tmp_path), "initialize.run_id=r"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    log = tmp_path / "scontrol.log"
+    assert proc.returncode == (0 if requeued else rc), proc.stdout + proc.stderr
+    assert (log.read_text().split() == ["requeue", "4343"]) if requeued else not log.exists()

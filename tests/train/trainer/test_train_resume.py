@@ -161,3 +161,65 @@ def test_stop_and_go_two_torchrun_processes(sharded_project_copy, uninterrupted)
 @pytest.mark.slow
 def test_stop_and_go_two_srun_style_processes(sharded_project_copy, uninterrupted):
     _stop_and_go(sharded_project_copy, uninterrupted(2, 0), nproc=2, workers=0, launcher="srun")
+
+
+def _signal_at(project: Path, run_id: str, at_step: int, sig: signal.Signals, *overrides) -> str:
+    """Start (or resume) the run, send `sig` to its whole process group (as SLURM and a terminal
+    do: its loader workers too) once step `at_step` is logged; returns its output (exit 75)."""
+    common = ["datamodule.dataloader.train.num_workers=2", f"initialize.run_id={run_id}", *overrides]
+    run = Launch(project, 1, "torchrun", common, **PIPES)
+    metrics = project / "model_checkpoints" / run_id / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and run.running():
+        if metrics.is_file() and at_step in _rows_in_file(metrics):
+            for p in run.procs:
+                os.killpg(p.pid, sig)
+            break
+        time.sleep(0.02)
+    rc, out = run.wait()
+    assert rc == 75, out
+    return out
+
+
+def _rows_in_file(metrics: Path) -> list[int]:
+    import json
+
+    steps = []
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row being written
+            continue
+        if row.get("kind") == "train":
+            steps.append(row["step"])
+    return steps
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_stop_with_a_checkpoint_and_the_run_resumes_bit_identically(
+    sharded_project_copy, uninterrupted
+):
+    """What SLURM sends at a time limit or on preemption (SIGTERM; SIGUSR1 with `sbatch --signal`)
+    and Ctrl-C (SIGINT): the step finishes, a checkpoint is written, the exit status says resumable
+    (75), nothing is lost, and the resumed run goes on with the uninterrupted run's batches and
+    bit-identical losses; each step is logged once."""
+    project, root = sharded_project_copy, sharded_project_copy / "model_checkpoints"
+    out = _signal_at(project, "sig", 4, signal.SIGTERM)
+    assert "stopped by SIGTERM after step" in out and "initialize.resume=True" in out
+    stopped_at = int((root / "sig" / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 4 <= stopped_at < 17
+    out = _signal_at(project, "sig", stopped_at + 3, signal.SIGINT, "initialize.resume=True")
+    assert "stopped by SIGINT after step" in out
+    rc, out = Launch(
+        project,
+        1,
+        "torchrun",
+        ["datamodule.dataloader.train.num_workers=2", "initialize.run_id=sig", "initialize.resume=True"],
+        **PIPES,
+    ).wait()
+    assert rc == 0, out
+    assert _rows_in_file(root / "sig" / "metrics.jsonl") == list(range(1, 21))  # each step once
+    a, b = _rows(uninterrupted(1, 2)), _rows(root / "sig")
+    for step in range(1, 21):
+        assert a[step]["batch_digest"] == b[step]["batch_digest"], step
+        assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
