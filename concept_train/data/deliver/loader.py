@@ -11,6 +11,10 @@ batches.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
+import os
 import signal
 from dataclasses import dataclass
 
@@ -36,13 +40,21 @@ STATE_VERSION = 1
 # main process turns them into a checkpoint and a clean exit (trainer/preempt.py). SLURM and a
 # terminal send them to every process, workers included; a worker that died of one would end the
 # run before that checkpoint, so workers ignore them (they stop when the main process closes them,
-# or dies).
+# or dies). Except one SIGTERM: a main process that exits without closing its loader has
+# multiprocessing terminate its workers (SIGTERM) and wait for them; `exiting`, set by an atexit
+# hook that runs before multiprocessing's, tells a worker that this SIGTERM is that one.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _ignore_stop_signals(exiting, worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        if exiting.is_set():
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @dataclass
@@ -244,6 +256,11 @@ class Loader:
         ring = ring_for(self.num_workers, self.prefetch_factor) if self.handoff_slots else None
         stream = _BatchStream(self.maker, self.position, self.stop, ring)
         kwargs = dict(prefetch_factor=self.prefetch_factor) if self.num_workers > 0 else {}
+        exiting = None
+        if self.num_workers > 0:
+            exiting = multiprocessing.get_context().Event()
+            kwargs["worker_init_fn"] = functools.partial(_ignore_stop_signals, exiting)
+            atexit.register(exiting.set)
         try:
             # own generator: creating the iterator must not draw from the global torch RNG, or a
             # resumed run's dropout would not match the uninterrupted one
@@ -253,7 +270,6 @@ class Loader:
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(self.maker.seed),
-                worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
                 **kwargs,
             )
             for batch in loader:
@@ -264,6 +280,8 @@ class Loader:
                 self.position = batch.index + 1
                 yield batch
         finally:
+            if exiting is not None:
+                atexit.unregister(exiting.set)
             if ring is not None:
                 ring.close()
 

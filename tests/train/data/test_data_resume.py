@@ -14,6 +14,7 @@ import torch
 from helpers import data_module
 
 from concept_train.data import DataError
+from concept_train.data.read.shm import HANDOFF_PREFIX
 
 HERE = Path(__file__).parent
 SMALL = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
@@ -118,23 +119,23 @@ def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path
         *SMALL,
         "datamodule.dataloader.train.num_workers=2",
     ]
-    before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
-        left = set(os.listdir("/dev/shm")) - before
+        # the run's segments: those its main process maps (another test session on the node may
+        # make and sweep segments of its own meanwhile)
+        left = _mapped_by(proc.pid)
         assert any(name.endswith("_locals") for name in left)  # streaming registered itself
+        assert any(name.startswith(HANDOFF_PREFIX) for name in left)  # and the hand-off slots
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    # the killed run's segments: new ones no live process maps (another test session on the node
-    # may hold live segments of its own)
-    from concept_train.data.read.shm import HANDOFF_PREFIX, _mapped_shm_names
-
-    stale = (set(os.listdir("/dev/shm")) - before) - (_mapped_shm_names() or set())
-    assert any(name.endswith("_locals") for name in stale)  # the killed run left its segments
-    assert any(name.startswith(HANDOFF_PREFIX) for name in stale)  # and its hand-off slots
     _run(sharded_example, tmp_path / "after.pt", 3, workers=2)  # and the next run starts anyway
-    assert not (stale & set(os.listdir("/dev/shm")))  # having removed them
+    assert not (left & set(os.listdir("/dev/shm")))  # having removed them (or a session beside it did)
+
+
+def _mapped_by(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as fh:
+        return {line.split("/dev/shm/", 1)[1].split()[0] for line in fh if "/dev/shm/" in line}

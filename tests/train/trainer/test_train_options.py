@@ -217,6 +217,7 @@ def test_a_checkpoint_without_residual_tables_still_loads(sharded_project_copy):
     trainer.optimizer = build_optimizer(trainer.model, trainer.training)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda s: 1.0)
     ckpt = trainer.checkpoint()
+    trainer.run_lock.release()  # done writing run "old": the resume below is its next writer
     loaded = load_model(ckpt, "cpu")
     assert float(loaded.model.learnable_embeddings["hsapiens"].weight.detach().abs().sum()) == 0.0
     run_training(
