@@ -5,8 +5,9 @@
 A SUITE is one argument holding pytest's arguments (paths, --ignore=...), split on spaces. `--venv`
 and `--marker` apply to the suites after them, so one call runs the main Python's suites and the
 second Python's. Suites start longest first, by the durations of the last run (kept in
-.pytest_cache/d/concept-suite-times.json), else in the order given; N at a time (default: the
-number of cores). Each suite's output is printed whole when it ends, with its time; the exit status
+.pytest_cache/d/concept-suite-times.json); suites not timed yet start first, the groups (one per
+--venv) taken in turn, each in the order given; N at a time (default: the number of cores). Each
+suite's output is printed whole when it ends, with its time; the exit status
 is 1 if any suite failed, and the failed suites are named again at the end.
 
 Why separate processes: mosaicml-streaming keeps a handle on the shared memory of every live
@@ -76,8 +77,12 @@ def _load_times() -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     jobs, suites = parse(sys.argv[1:] if argv is None else argv)
     last = _load_times()
-    # longest first (a suite not timed yet counts as longest), ties in the order given
-    order = sorted(range(len(suites)), key=lambda i: (-last.get(suites[i].name, float("inf")), i))
+    # longest first; suites not timed yet first of all, the groups in turn (the slow group of the
+    # second Python does not wait for the end), each in the order given
+    turn = {}
+    for i, suite in enumerate(suites):
+        turn[i] = sum(1 for other in suites[:i] if (other.venv, other.marker) == (suite.venv, suite.marker))
+    order = sorted(range(len(suites)), key=lambda i: (-last.get(suites[i].name, float("inf")), turn[i], i))
     pending = [suites[i] for i in order]
     running: dict[Suite, tuple[subprocess.Popen, object, float]] = {}
     failed, times, start = [], dict(last), time.monotonic()
