@@ -550,11 +550,12 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _check_diverged(self, first_bad: int) -> None:
+    def _check_diverged(self) -> None:
         """Stop the run once model.training.max_nonfinite_steps steps in a row were not applied."""
         limit = self.training.max_nonfinite_steps
         if self.nonfinite_steps < limit:
             return
+        first_bad = self.step - self.nonfinite_steps + 1
         latest = latest_checkpoint(self.run_dir)
         kept = f"its last checkpoint, {latest.name}, is kept" if latest else "it has no checkpoint"
         raise TrainError(
@@ -623,7 +624,7 @@ class Trainer:
             self.run_validation()
         profiler = self._profiler()
         it = iter(self.train_loader)
-        last_ckpt, stopped, first_bad = None, None, None
+        last_ckpt, stopped = None, None
         self.model.train()
         with profiler or nullcontext(), StopSignals() as signals:
             while self.step < max_steps and stopped is None:
@@ -633,8 +634,7 @@ class Trainer:
                 if self.step % log_every == 0 or self.step == max_steps or "skipped" in row:
                     self.metrics.write(row)
                 if self.nonfinite_steps:  # no validation or checkpoint in a run that may be diverging
-                    first_bad = first_bad if self.nonfinite_steps > 1 else self.step
-                    self._check_diverged(first_bad)
+                    self._check_diverged()
                 else:
                     if self.val_loaders and (val_every and self.step % val_every == 0 or self._epoch_ended()):
                         self.run_validation()

@@ -25,11 +25,11 @@ class MetricsLog:
         """`wandb_keys`: the `wandb` section; `config`: the run's whole config as plain containers
         (what wandb records with the run); `resumed_at`: the step a resumed run continues from (its
         rows after it are dropped: an attempt killed after its last checkpoint wrote them), None for
-        a new run (the rows of an attempt killed before its first checkpoint are dropped)."""
+        a new run (the rows of an attempt killed before its first checkpoint are dropped); a torn
+        last line goes either way."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled, self.log = enabled, log
         if enabled:
-            _drop_torn_tail(self.path)
             _keep_through(self.path, resumed_at)
         self.wandb = None
         if enabled and wandb_keys.enabled:
@@ -69,26 +69,17 @@ class MetricsLog:
             self.wandb.finish()
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """A run killed while writing a row leaves a last line without its newline; the next row would
-    be glued to it. Cut the file back to its last complete row."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        with open(path, "r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
 def _keep_through(path: Path, step: int | None) -> None:
-    """Drop the rows after `step` (all of them for None), rewriting the file in one rename."""
-    if not path.is_file() or path.stat().st_size == 0:
+    """Cut metrics.jsonl back before a run writes to it: a last line without its newline (a kill
+    while a row was written; the next row would be glued to it) and the rows after `step` (all of
+    them for None) go, the file rewritten in one rename."""
+    if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [] if step is None else [line for line in lines if _step_of(line) <= step]
-    if len(kept) < len(lines):
+    *rows, torn = path.read_text().split("\n")  # torn: "" when the file ends with its newline
+    kept = [] if step is None else [row for row in rows if _step_of(row) <= step]
+    if torn or len(kept) < len(rows):
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
+        tmp.write_text("".join(row + "\n" for row in kept))
         os.replace(tmp, path)
 
 

@@ -18,6 +18,8 @@ from helpers import TINY_RESUME as TINY
 from helpers import free_port
 from helpers import metric_rows as _rows
 
+from concept_train.trainer.metrics import read_rows
+
 
 def _cmd(project, nproc, *overrides):
     base = (
@@ -182,17 +184,8 @@ def _signal_at(project: Path, run_id: str, at_step: int, sig: signal.Signals, *o
 
 
 def _rows_in_file(metrics: Path) -> list[int]:
-    import json
-
-    steps = []
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a row being written
-            continue
-        if row.get("kind") == "train":
-            steps.append(row["step"])
-    return steps
+    """The steps of the train rows, in file order (a row being written is skipped)."""
+    return [row["step"] for row in read_rows(metrics) if row.get("kind") == "train"]
 
 
 @pytest.mark.slow
