@@ -1,5 +1,5 @@
-"""A project that brings a scConcept-shaped config tree, written from the reference's facts
-(../shared/DESIGN.md, part 1) and used unchanged: a root config.yaml without any of our keys, the
+"""A project that brings a scConcept-shaped config tree, written from the reference's layout and
+keys (docs/migrating.md, theislab/scConcept's conf/) and used unchanged: a root config.yaml without any of our keys, the
 reference's model file (Lightning and sanity-check keys included), a data module with a
 donor-grouped validation loader and split files. It shards and trains; the keys that mean nothing
 here are named in one warning line; a misspelled key in one of its files stops with a suggestion."""
