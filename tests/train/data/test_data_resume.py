@@ -122,8 +122,9 @@ def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "READY", proc.stderr.read()
-        # the run's segments: those its main process maps (another test session on the node may
-        # make and sweep segments of its own meanwhile)
+        # the run's segments: those its main process maps, by name and inode (another test
+        # session on the node may make segments of the same names meanwhile: the first free
+        # prefix is taken, 000000 once the killed run's are swept)
         left = _mapped_by(proc.pid)
         assert any(name.endswith("_locals") for name in left)  # streaming registered itself
         assert any(name.startswith(HANDOFF_PREFIX) for name in left)  # and the hand-off slots
@@ -133,9 +134,21 @@ def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     _run(sharded_example, tmp_path / "after.pt", 3, workers=2)  # and the next run starts anyway
-    assert not (left & set(os.listdir("/dev/shm")))  # having removed them (or a session beside it did)
+    assert not (left.items() & _inodes(left).items())  # having removed them (or a session beside it did)
 
 
-def _mapped_by(pid: int) -> set[str]:
+def _mapped_by(pid: int) -> dict[str, int]:
+    """The /dev/shm segments the process maps, name -> inode (tmpfs numbers new files afresh)."""
     with open(f"/proc/{pid}/maps") as fh:
-        return {line.split("/dev/shm/", 1)[1].split()[0] for line in fh if "/dev/shm/" in line}
+        names = {line.split("/dev/shm/", 1)[1].split()[0] for line in fh if "/dev/shm/" in line}
+    return _inodes(names)
+
+
+def _inodes(names) -> dict[str, int]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = os.stat(f"/dev/shm/{name}").st_ino
+        except FileNotFoundError:
+            pass
+    return found
