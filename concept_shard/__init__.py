@@ -7,4 +7,5 @@ runs one task of that pipeline; ``cli`` is the program.
 """
 
 __version__ = "0.1.0"
-FORMAT_VERSION = 1
+# 2: index.json records each shard file's hash and dataset.json the digest of index.json
+FORMAT_VERSION = 2

@@ -35,6 +35,7 @@ class FileJob:
     ranges: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     error: UserError | None = None
     _expected: Expectation | None = None
+    damaged_record: dict | None = None  # the dataset.json of a dataset found damaged (being rebuilt)
 
 
 SUMMARY_FIELDS = ("species", "cells_written", "nonzeros", "shard_bytes", "cells_dropped")
@@ -59,9 +60,17 @@ class ShardJob:
     """The composed config's files, their plan and their state on disk."""
 
     def __init__(
-        self, paths: PathKeys, shard: ShardKeys, dm: DataModuleKeys, progress: bool = True, lamin=None, log=print
+        self,
+        paths: PathKeys,
+        shard: ShardKeys,
+        dm: DataModuleKeys,
+        progress: bool = True,
+        lamin=None,
+        log=print,
+        verify: bool = False,
     ):
         self.paths, self.progress, self.lamin, self.log = paths, progress, lamin, log
+        self.verify = verify  # hash every shard file of every complete dataset (--verify)
         self.project = Path(paths.PROJECT_PATH)
         remote_url = paths.SHARDS_REMOTE
         if remote_url and lamin is not None:
@@ -130,8 +139,16 @@ class ShardJob:
         return self.expected(job).identity()
 
     def state(self, job: FileJob) -> tuple[str, dict | None, str | None]:
-        """('done'|'stale'|'absent', dataset.json, why stale) of the file's published dataset."""
-        return self._state(job, self.store.record(job.sf))
+        """('done'|'stale'|'damaged'|'absent', dataset.json, why not done) of the file's published
+        dataset. 'damaged': current, but its files are not what its records say (integrity.py;
+        every shard hashed with `verify`)."""
+        state, record, why = self._state(job, self.store.record(job.sf))
+        if state == "done":
+            problem = self.store.damage(job.sf, record, self.vocab(job.sf.species), full=self.verify)
+            if problem is not None:
+                job.damaged_record = record
+                return "damaged", record, problem.reason
+        return state, record, why
 
     def staged(self, job: FileJob) -> bool:
         """Remote only: the dataset is complete and current locally but not uploaded yet (a run was
@@ -145,7 +162,9 @@ class ShardJob:
             problem = self.expected(job).problem(record, job.layout.dataset_json)
         except (UserError, OSError) as exc:
             return "stale", record, str(exc)
-        return ("done", record, None) if problem is None else ("stale", record, problem.reason)
+        if problem is None:
+            return "done", record, None
+        return ("damaged" if problem.damaged else "stale"), record, problem.reason
 
     def _note_mtime(self, job: FileJob, record: dict) -> None:
         """A source whose mtime moved but whose content is unchanged (copied, touched) was found
@@ -185,7 +204,7 @@ class ShardJob:
                 self._note_mtime(job, record)
                 self._register(job, record, report)
                 continue
-            if state == "stale":
+            if state in ("stale", "damaged"):
                 self.log(f"[concept-shard] {ds_id}: {why}; rebuilding.")
                 report.rebuilt.append(ds_id)
             if self.staged(job):
@@ -220,7 +239,7 @@ class ShardJob:
                 report.failed.append(job.error)
                 continue
             try:
-                state, record, _ = self.state(job)
+                state, record, why = self.state(job)
             except UserError as err:
                 report.failed.append(err)
                 continue
@@ -235,6 +254,11 @@ class ShardJob:
                 failures = job.layout.failures()
                 if failures:
                     report.failed += [ShardError(**{k: f[k] for k in ("where", "problem", "fix")}) for f in failures]
+                    report.failed_ids.add(ds_id)
+                elif state == "damaged":  # no task rebuilt it: merge only joins
+                    report.failed.append(
+                        ShardError(ds_id, f"is {why}.", "Run `concept-shard build`: it rebuilds damaged datasets.")
+                    )
                     report.failed_ids.add(ds_id)
                 else:
                     report.waiting.append(ds_id)
@@ -305,7 +329,13 @@ class ShardJob:
         """The unit's part is finished and current, or the whole dataset already is."""
         if (unit.start, unit.end) in finished_parts(job.layout, self.identity(job)):
             return True
-        return self._state(job, read_json(job.layout.dataset_json))[0] == "done"
+        return self._joined_meanwhile(job)
+
+    def _joined_meanwhile(self, job: FileJob) -> bool:
+        """The dataset is complete and current now (another build joined it since this one looked);
+        one found damaged counts only once its dataset.json was replaced."""
+        record = read_json(job.layout.dataset_json)
+        return record != job.damaged_record and self._state(job, record)[0] == "done"
 
     def _write_unit(self, job: FileJob, unit: WorkUnit, gene_map: list, bar) -> None:
         vocab = self.vocab(job.sf.species)
@@ -377,7 +407,7 @@ class ShardJob:
             self._join_locked(job, report)
 
     def _join_locked(self, job: FileJob, report: BuildReport) -> None:
-        if self._state(job, read_json(job.layout.dataset_json))[0] == "done":  # joined meanwhile
+        if self._joined_meanwhile(job):
             if self.remote is not None:
                 self._publish(job, report)
             else:
@@ -463,8 +493,13 @@ class ShardJob:
         out = []
         for job in self.jobs:
             record = self.store.record(job.sf)
-            if record is not None:
-                out.append({k: record[k] for k in SUMMARY_FIELDS})
+            try:  # a damaged dataset.json (reported as such) is left out of the table
+                summary = {k: record[k] for k in SUMMARY_FIELDS}
+                counts = ("cells_written", "nonzeros", "shard_bytes")
+                sum([*(summary[k] for k in counts), *summary["cells_dropped"].values()])
+            except (TypeError, KeyError, AttributeError):
+                continue
+            out.append(summary)
         return out
 
 

@@ -17,6 +17,8 @@ examples:
   sbatch --array=0-63 tools/slurm/shard_array.sbatch /data/project  # SLURM array job
   concept-shard merge /data/project                                 # after the array job
   concept-shard status /data/project
+  concept-shard status /data/project --verify                       # hash every shard file too
+  concept-shard build /data/project --verify                        # and rebuild the damaged ones
   concept-shard gene-vectors /data/project --dim 64                 # co-expression vectors from the training shards
 """
 
@@ -32,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in [
         ("build", "shard every file listed by the split YAMLs (skips complete ones)"),
         ("merge", "join row-range parts written by array tasks; write species indexes"),
-        ("status", "list files as done, pending, stale or failed"),
+        ("status", "list files as done, pending, stale, damaged or failed"),
         ("gene-vectors", "co-expression gene vectors from the training shards, for PATH.PRETRAINED_VOCABULARY"),
     ]:
         s = sub.add_parser(name, help=help_)
@@ -61,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--lamindb", action="store_true", help="register sources and shards in the current lamindb instance"
         )
+        if name in ("build", "status"):
+            s.add_argument(
+                "--verify",
+                action="store_true",
+                help="hash every shard file of every complete dataset against its index.json (a full read); "
+                "build rebuilds each damaged one",
+            )
         if name == "build":
             s.add_argument(
                 "--task-index", type=int, default=None, help="this task (default: from $SLURM_ARRAY_TASK_ID)"
@@ -106,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             lamin = ShardLineage(cfg.PATH.PROJECT_PATH, cfg.datamodule.name, args.command)
         progress = args.command == "build" and not args.no_progress
         t0 = time.time()
-        job = ShardJob(cfg.PATH, cfg.shard, cfg.datamodule, progress=progress, lamin=lamin)
+        verify = getattr(args, "verify", False)
+        job = ShardJob(cfg.PATH, cfg.shard, cfg.datamodule, progress=progress, lamin=lamin, verify=verify)
         if args.command == "status":
             return _print_status(job)  # no run was created, so nothing to close
         if args.command == "build":

@@ -16,7 +16,10 @@ written now:
     settings_digest          the shard settings that change the samples (writer.PartSettings),
                              and the split's var_gene_id_column
 
-The build checks all three. Training checks the source (unless `datamodule.check_sources=false`:
+The build checks all three. Every reader then checks that the dataset's files are the ones
+dataset.json describes (`ShardStore.damage`, integrity.py): the fields of both JSON files and the
+digest of index.json on every check, each shard file's hash when it is read (or, with `--verify`,
+all of them at once). Training checks the source (unless `datamodule.check_sources=false`:
 shards copied without their sources) and the vocabulary; gene-vectors checks the vocabulary only.
 Neither of them checks the settings: their reader takes any column set it finds. Both, once they
 open a dataset's index.json, check that it lists the cells dataset.json wrote (`index_problem`).
@@ -39,7 +42,9 @@ from pathlib import Path
 
 from concept_config.project import PathKeys
 
+from . import FORMAT_VERSION
 from .fingerprint import content_hash, source_fingerprint, source_mtime_ns, source_stat
+from .integrity import Damaged, check_dataset
 from .layout import DatasetLayout, read_json
 from .remote import DATASET_JSON, RemoteShards
 from .splits import SourceFile
@@ -60,6 +65,7 @@ class Problem:
 
     reason: str
     source_gone: bool = False  # the shards may be fine; their source file is not on this machine
+    damaged: bool = False  # its files are not what its records say (integrity.py): rebuild it
 
 
 def index_problem(index_samples: int, cells_written: int) -> Problem | None:
@@ -136,6 +142,13 @@ class Expectation:
         and current; else why not, in the order a user would fix it."""
         if record is None:
             return Problem(f"not sharded (no {where})")
+        if not isinstance(record, dict):
+            return Problem(f"damaged: {where} does not hold a JSON object", damaged=True)
+        if record.get("format_version") != FORMAT_VERSION:
+            return Problem(
+                f"written by an older concept-shard (format {record.get('format_version')}; this one writes "
+                f"{FORMAT_VERSION}, whose shards carry hashes)"
+            )
         if self.source is not None:
             if not self.source.exists():
                 return Problem(f"its source {self.source} no longer exists", source_gone=True)
@@ -189,7 +202,32 @@ class ShardStore:
         directory = self.local(sf).dataset_dir
         return lambda name: (directory / name).read_bytes()
 
+    def damage(self, sf: SourceFile, record: dict, vocab: Vocabulary, full: bool = False) -> Problem | None:
+        """None when the files of a current dataset are the ones `record` (its dataset.json)
+        describes: its fields, index.json's fields and digest, and with `full` every shard file's
+        hash (integrity.py); else why not."""
+        return self._damage(sf, record, vocab, full)[1]
+
+    def _damage(self, sf: SourceFile, record: dict, vocab: Vocabulary, full: bool = False):
+        try:
+            shards = check_dataset(self.reader(sf), record, vocab.size, full=full, raw_copies=self.remote is None)
+        except Damaged as exc:
+            return None, Problem(f"damaged: {exc}", damaged=True)
+        return shards, None
+
     def check(self, sf: SourceFile, expected: Expectation) -> tuple[dict | None, Problem | None]:
-        """(dataset.json or None, why it cannot be used or None)."""
+        """(dataset.json or None, why it cannot be used or None): current (`expected`), and its
+        files sound as far as the cheap check sees (no shard is hashed here)."""
+        record, _, problem = self.check_with_index(sf, expected)
+        return record, problem
+
+    def check_with_index(
+        self, sf: SourceFile, expected: Expectation
+    ) -> tuple[dict | None, list | None, Problem | None]:
+        """`check`, with the checked `shards` of index.json (None when there is a problem)."""
         record = self.record(sf)
-        return record, expected.problem(record, self.where(sf))
+        problem = expected.problem(record, self.where(sf))
+        if problem is not None:
+            return record, None, problem
+        shards, problem = self._damage(sf, record, expected.vocab)
+        return record, shards, problem

@@ -1,9 +1,10 @@
 """Join a file's finished parts into its dataset directory, and index each species.
 
-Joining hard-links (or copies) the parts' shard files into `<stem>.join.tmp/` under
-sequential names, writes one index.json, swaps the directory into place and writes
-dataset.json LAST, atomically. Parts are deleted only after dataset.json exists, so a kill at
-any step leaves either the parts (a re-run joins again) or a complete dataset.
+Joining hard-links (or copies) the parts' shard files into `<stem>.join.tmp/` under sequential
+names, writes one index.json (each shard's hash kept), swaps the directory into place and writes
+dataset.json LAST, atomically, with the digest of that index.json. Parts are deleted only after
+dataset.json exists, so a kill at any step leaves either the parts (a re-run joins again) or a
+complete dataset.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import FORMAT_VERSION, __version__
+from .integrity import index_digest
 from .layout import DatasetLayout, read_json, remove_tree, write_json_atomic
 
 
@@ -107,6 +109,7 @@ def join_parts(layout: DatasetLayout, ranges: list[tuple[int, int]], parts: dict
         cells_dropped={"no_nonzero_in_vocabulary": sum(r["cells_dropped_no_nonzero"] for r in recs)},
         nonzeros=sum(r["nonzeros"] for r in recs),
         n_shards=len(index_shards),
+        index_digest=index_digest((join / "index.json").read_bytes()),  # binds the shards' hashes (integrity.py)
         shard_bytes=sum(f.stat().st_size for f in join.iterdir() if f.name.startswith("shard.")),
         obs_keys_absent=sorted({k for r in recs for k in r.get("obs_keys_absent", [])}),
     )

@@ -58,10 +58,10 @@ from concept_config.data import DataModuleKeys
 from concept_config.project import PathKeys
 
 from .cells import TARGET_SUM
-from .datasets import Expectation, ShardStore, index_problem
+from .datasets import Expectation, ShardStore
 from .errors import ShardError, UserError
 from .layout import write_json_atomic
-from .mds import read_rows, read_shard_index
+from .mds import read_rows
 from .splits import TRAIN_SPLIT, loader_sources
 from .vocabulary import CLS, PAD, load_vocabulary
 
@@ -232,12 +232,17 @@ def _training_datasets(paths: PathKeys, dm: DataModuleKeys, vocabs: dict) -> dic
         if sf.species not in vocabs:
             vocabs[sf.species] = load_vocabulary(Path(paths.GENE_MAPPINGS_PATH), sf.species)
         # the sources need not be here (shards copied or in object storage): the vocabulary decides
-        record, problem = store.check(sf, Expectation(vocabs[sf.species]))
+        record, shards, problem = store.check_with_index(sf, Expectation(vocabs[sf.species]))
         if problem is not None:
             problems.append(f"{sf.dataset_id} ({sf.name}): {problem.reason}")
-        elif int(record.get("cells_written", 0)) > 0:
+        elif record["cells_written"] > 0:
             out.setdefault(sf.species, []).append(
-                {"dataset_id": sf.dataset_id, "read": store.reader(sf), "cells": int(record["cells_written"])}
+                {
+                    "dataset_id": sf.dataset_id,
+                    "read": store.reader(sf),
+                    "cells": record["cells_written"],
+                    "index": shards,
+                }
             )
     if problems:
         raise ShardError(
@@ -261,10 +266,7 @@ def _sample_cells(
     standard deviation."""
     from tqdm import tqdm
 
-    indexes = []
-    for d in datasets:
-        with _named_if_damaged(d):
-            indexes.append(_shard_index(d))
+    indexes = [d["index"] for d in datasets]  # checked against dataset.json (integrity.py)
     rows_of = _pick_rows(
         [[int(shard["samples"]) for shard in index] for index in indexes], settings.max_cells, settings.spread, rng
     )
@@ -323,17 +325,8 @@ def _named_if_damaged(d: dict):
         raise ShardError(
             d["dataset_id"],
             f"cannot be read ({type(exc).__name__}: {exc}).",
-            "Rebuild it: delete its shard directory and re-run `concept-shard build`.",
+            "Rebuild it: `concept-shard build --verify` rebuilds every damaged dataset.",
         ) from None
-
-
-def _shard_index(d: dict) -> list[dict]:
-    """The shards of dataset `d` as its index.json lists them, holding its dataset.json's cells."""
-    index = read_shard_index(d["read"])
-    problem = index_problem(sum(int(shard["samples"]) for shard in index), d["cells"])
-    if problem is not None:
-        raise ValueError(problem.reason)
-    return index
 
 
 def _pick_rows(shard_sizes: list[list[int]], max_cells: int, spread: int, rng) -> list[np.ndarray]:

@@ -12,7 +12,8 @@ files, and every test reads shards back with `streaming.StreamingDataset`.
 
 Supported column encodings: `str`, `int64`, `float64`, `ndarray` (dtype per sample) and
 `ndarray:<dtype>`, all for 1-D arrays. Reading: `SampleDecoder` decodes one sample (the training
-store hands it the bytes streaming fetched); `read_rows` reads chosen rows of a dataset in memory.
+store hands it the bytes streaming fetched); `read_rows` reads chosen rows of a dataset in memory,
+checking each shard file it reads against its hash in index.json.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from .integrity import SHARD_HASH, check_file, shard_hash
 
 # streaming's NDArray codes (streaming/base/format/mds/encodings.py); part of the on-disk format
 VALUE_DTYPE_CODE = {
@@ -88,7 +91,7 @@ class MDSDatasetWriter:
             "version": 2,
             "format": "mds",
             "compression": compression,
-            "hashes": [],
+            "hashes": [SHARD_HASH],  # each file's hash in index.json (integrity.py)
             "size_limit": size_limit,
             "column_names": self.names,
             "column_encodings": self.encodings,
@@ -145,14 +148,15 @@ class MDSDatasetWriter:
         offsets += 4 + 4 * (n + 1) + len(self.config_data)
         raw = b"".join([np.uint32(n).tobytes(), offsets.tobytes(), self.config_data, *samples])
         raw_name = f"shard.{index:05d}.mds"
-        entry = {"samples": n, "raw_data": {"basename": raw_name, "bytes": len(raw), "hashes": {}}, "zip_data": None}
+        raw_info = {"basename": raw_name, "bytes": len(raw), "hashes": {SHARD_HASH: shard_hash(raw)}}
+        entry = {"samples": n, "raw_data": raw_info, "zip_data": None}
         data, name = raw, raw_name
         if self.level is not None:
             import zstd
 
             data = zstd.compress(raw, self.level)
             name = raw_name + ".zstd"
-            entry["zip_data"] = {"basename": name, "bytes": len(data), "hashes": {}}
+            entry["zip_data"] = {"basename": name, "bytes": len(data), "hashes": {SHARD_HASH: shard_hash(data)}}
         with open(self.out / name, "wb") as fh:
             fh.write(data)
         entry.update(self.config)
@@ -291,10 +295,11 @@ def read_rows(read_file, rows, columns: list[str], shards: list[dict] | None = N
             compression = shard.get("compression")
             if compression and compression.partition(":")[0] != "zstd":
                 raise ValueError(f"shard compression {compression!r} is not supported (only zstd)")
+            stored = shard.get("zip_data") or shard["raw_data"]  # the file that is always there
+            raw = read_file(stored["basename"])
+            check_file(raw, stored, stored["basename"])  # integrity.Damaged when it is not the file written
             if shard.get("zip_data"):
-                raw = zstd.decompress(read_file(shard["zip_data"]["basename"]))
-            else:
-                raw = read_file(shard["raw_data"]["basename"])
+                raw = zstd.decompress(raw)
             held = struct.unpack_from("<I", raw, 0)[0]
             if held != n:
                 raise ValueError(f"shard {shard['raw_data']['basename']} holds {held} samples, index.json says {n}")

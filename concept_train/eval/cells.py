@@ -22,6 +22,7 @@ import pandas as pd
 from concept_shard.cells import build_gene_map, map_chunk
 from concept_shard.datasets import Expectation, ShardStore
 from concept_shard.errors import TrainError
+from concept_shard.integrity import Damaged
 from concept_shard.mds import read_rows
 from concept_shard.source import AnnDataSource, _attr, row_chunks
 from concept_shard.splits import loader_sources
@@ -199,10 +200,18 @@ def from_validation_shards(
     out = _Collector()
     for k, (sf, record) in enumerate(zip(files, records)):
         keys = list(record.get("obs_keys", []))
-        for _, s in read_rows(store.reader(sf), keep[k], ["genes", "counts", "n_counts", *(f"obs.{k}" for k in keys)]):
-            obs = {key: str(s[f"obs.{key}"]) for key in keys}
-            obs["dataset"] = obs.get("dataset") or sf.name  # as training: the file, without such a column
-            out.add(k, s["genes"], s["counts"], s["n_counts"], obs)
+        columns = ["genes", "counts", "n_counts", *(f"obs.{k}" for k in keys)]
+        try:
+            for _, s in read_rows(store.reader(sf), keep[k], columns):
+                obs = {key: str(s[f"obs.{key}"]) for key in keys}
+                obs["dataset"] = obs.get("dataset") or sf.name  # as training: the file, without such a column
+                out.add(k, s["genes"], s["counts"], s["n_counts"], obs)
+        except Damaged as exc:
+            raise TrainError(
+                sf.dataset_id,
+                f"({sf.name}) is damaged: {exc}.",
+                f"Run `concept-shard build {cfg.PATH.PROJECT_PATH} --verify`: it rebuilds damaged datasets.",
+            ) from None
         if progress is not None:
             progress(len(keep[k]))
     return out.cells(

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import streaming_dataset
 
+from concept_shard.integrity import SHARD_HASH
 from concept_shard.mds import MDSDatasetWriter, ndarray_prefix, read_rows
 
 COLUMNS = {
@@ -45,7 +46,10 @@ def test_identical_to_streaming_mdswriter(tmp_path, compression):
     from streaming import MDSWriter
 
     data = samples()
-    with MDSWriter(out=str(tmp_path / "ref"), columns=COLUMNS, compression=compression, size_limit=1 << 20) as w:
+    ref = MDSWriter(
+        out=str(tmp_path / "ref"), columns=COLUMNS, compression=compression, hashes=[SHARD_HASH], size_limit=1 << 20
+    )
+    with ref as w:
         for s in data:
             w.write(s)
     with MDSDatasetWriter(tmp_path / "ours", COLUMNS, compression, 1 << 20) as w:

@@ -272,7 +272,8 @@ class Loader:
                 generator=torch.Generator().manual_seed(self.maker.seed),
                 **kwargs,
             )
-            for batch in loader:
+            batches = iter(loader)
+            for batch in batches:
                 if isinstance(batch, _Failure):
                     raise batch.error()
                 if isinstance(batch, _Handed):
@@ -281,7 +282,13 @@ class Loader:
                 yield batch
         finally:
             if exiting is not None:
+                # done with these workers (exhausted, closed, or an error): let the SIGTERM that
+                # shutting them down may send end them. A worker left waiting on a shard another
+                # worker failed to prepare (a damaged one) otherwise ignored it, and the process
+                # hung at exit joining it.
+                exiting.set()
                 atexit.unregister(exiting.set)
+                batches = None  # the iterator shuts its workers down now
             if ring is not None:
                 ring.close()
 

@@ -136,7 +136,7 @@ class Catalog:
                 )
             raise DataError(
                 list_key,
-                f"names {len(problems)} file(s) whose shards are missing or stale: {shown}.",
+                f"names {len(problems)} file(s) whose shards are missing, stale or damaged: {shown}.",
                 rebuild + (f" {copied}" if sources_gone else ""),
             )
         empty = [s for s in out if s.n_samples == 0]

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import numpy as np
 
 from concept_shard.datasets import index_problem
-from concept_shard.errors import DataError
+from concept_shard.errors import DataError, UserError
+from concept_shard.integrity import SHARD_HASH, Damaged, check_file
 from concept_shard.mds import SampleDecoder
 
 from .catalog import ShardSet
@@ -33,6 +34,10 @@ from .shm import clean_stale_streaming_shm, registered
 _NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 _LOCAL = 3  # streaming.base.dataset._ShardState.LOCAL: the shard's files are in the cache
 
+
+# Shard files are checked against their hashes (integrity.py) when first mapped or prepared;
+# tools/bench/verify.py turns this off in a process of its own to measure what the checks cost.
+VERIFY = True
 
 # One StreamingDataset per process and list of streams, shared by every SampleStore over them:
 # streaming keeps each dataset's shared-memory handles (two file descriptors per segment) alive
@@ -65,6 +70,8 @@ def _streaming_dataset(sets: list[ShardSet], cache_limit):
                     batch_size=1,
                     shuffle=False,
                     cache_limit=cache_limit,
+                    # streaming checks each file it downloads or decompresses against index.json
+                    validate_hash=SHARD_HASH if VERIFY else None,
                 )
             )
         except ValueError as exc:
@@ -121,6 +128,7 @@ class SampleStore:
         self._decoders: dict[int, SampleDecoder] = {}
         self._layouts: dict[tuple, ShardLayout] = {}
         self._maps: dict[int, tuple[mmap.mmap, np.ndarray, np.ndarray]] = {}
+        self._verified: set[int] = set()  # shards whose raw file this process has hashed
         self._evicts = self.dataset.cache_limit is not None
         self._shard_ends = np.cumsum(self.dataset.samples_per_shard)
 
@@ -182,6 +190,8 @@ class SampleStore:
                 groups.append(_ShardGroup(members, view, buf, layout, locate(layout, buf, offsets[in_shard[members]])))
         except FileNotFoundError:
             return None
+        except UserError:
+            raise
         except Exception as exc:
             raise self._unreadable(int(np.asarray(dataset_indices)[0]), exc) from None
         return groups
@@ -228,8 +238,21 @@ class SampleStore:
             s.remote or s.directory,
             f"could not be read while training ({type(exc).__name__}: "
             f"{exc}); its shards were deleted, rebuilt or damaged after the run started.",
-            "Let any `concept-shard build` finish, then resume the run (initialize.resume=True): "
-            "it restarts from its last checkpoint with the shards as they are then.",
+            "Let any `concept-shard build` finish (if none is running, `concept-shard build --verify` "
+            "rebuilds damaged datasets), then resume the run (initialize.resume=True): it restarts "
+            "from its last checkpoint with the shards as they are then.",
+        )
+
+    def _dataset_of(self, shard_id: int) -> int:
+        return int(self.dataset.stream_per_shard[shard_id])  # one stream per set, in order
+
+    def _damaged(self, dataset_index: int, exc: Damaged) -> DataError:
+        s = self.sets[dataset_index]
+        return DataError(
+            s.directory,
+            f"is damaged: {exc} (dataset {s.dataset_id}).",
+            "Run `concept-shard build --verify` with this run's project and overrides: it rebuilds "
+            "every damaged dataset. Then resume the run (initialize.resume=True).",
         )
 
     def _decode(self, dataset_index: int, sample_id: int, shard_id: int, in_shard: int) -> dict:
@@ -238,7 +261,10 @@ class SampleStore:
                 view, offsets, _ = self._mapped(shard_id)
                 data = view[int(offsets[in_shard]) : int(offsets[in_shard + 1])]
             except FileNotFoundError:  # not local yet: streaming prepares the shard
+                self._check_compressed(dataset_index, shard_id)
                 return self.dataset.get_item(sample_id)
+        except UserError:
+            raise
         except Exception as exc:
             raise self._unreadable(dataset_index, exc) from None
         decoder = self._decoders.get(shard_id)
@@ -249,13 +275,37 @@ class SampleStore:
             )
         return decoder(data)
 
+    def _check_compressed(self, dataset_index: int, shard_id: int) -> None:
+        """Check a `.zstd` that lies in place against its hash before streaming decompresses it.
+        streaming checks it too, but a worker whose check fails there leaves the shard marked as
+        being prepared, and another worker waiting for it (and the batches queued behind) waits
+        for good. (A shard downloaded from object storage is checked by streaming alone.)"""
+        if not VERIFY or shard_id in self._verified:
+            return
+        reader = self.dataset.shards[shard_id]
+        zipped = reader.file_pairs[0][1]
+        if zipped is None:
+            return
+        path = os.path.join(reader.dirname, reader.split or "", zipped.basename)
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:  # not downloaded yet
+            return
+        try:
+            check_file(data, {"bytes": zipped.bytes, "hashes": zipped.hashes}, path)
+        except Damaged as exc:
+            raise self._damaged(dataset_index, exc) from None
+
     def _mapped(self, shard_id: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray]:
         """A decompressed MDS shard file (u32 count, u32 offsets[count + 1] from the file's start,
         then the samples) mapped into memory once per process, as (mapping, sample offsets, the
         mapping's bytes as an array); streaming's reader would open the file, seek and read twice
         per sample. The newest MAPPED shards stay mapped. Under a cache limit, a shard streaming
         has evicted is unmapped at once (a deleted file's space is freed only with its last
-        mapping) and read again through streaming (FileNotFoundError)."""
+        mapping) and read again through streaming (FileNotFoundError). The first time a process
+        maps a shard, its bytes are checked against the hash index.json records (integrity.py):
+        a damaged file is a DataError naming it, never batches of other cells."""
         mapped = self._maps.get(shard_id)
         if self._evicts and self.dataset._shard_states[shard_id] != _LOCAL:
             if mapped is not None:
@@ -266,6 +316,14 @@ class SampleStore:
             path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
             with open(path, "rb") as fh:
                 view = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ, **_NO_FD)
+            if VERIFY and shard_id not in self._verified:
+                info = {"bytes": reader.raw_data.bytes, "hashes": reader.raw_data.hashes}
+                try:
+                    check_file(view, info, path)
+                except Damaged as exc:
+                    view.close()
+                    raise self._damaged(self._dataset_of(shard_id), exc) from None
+                self._verified.add(shard_id)
             count = int(np.frombuffer(view, np.uint32, count=1)[0])
             if count != reader.samples:
                 raise ValueError(f"{path} holds {count} samples, its index says {reader.samples}")
