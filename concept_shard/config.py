@@ -64,6 +64,13 @@ def compose_tree(
         )
     overrides = list(overrides)
     if project_path is not None:
+        if not Path(project_path).is_dir():  # before anything is created under a mistyped path
+            raise ConfigError(
+                f"PROJECT_PATH {project_path}",
+                "does not exist (or is not a directory); nothing was created.",
+                "Check the path. A project is a directory holding data/ and, usually, conf/ (see the "
+                "README's walk-through); create it first.",
+            )
         overrides = [f"PATH.PROJECT_PATH={_quoted(Path(project_path).resolve())}"] + overrides
         if config_dir is None and (Path(project_path) / "conf").is_dir():
             config_dir = Path(project_path) / "conf"  # the project's own configs, by convention
@@ -298,9 +305,11 @@ def _typed(cfg: DictConfig, overrides: list[str], search: list[Path]) -> DictCon
 
 
 def _quoted(path: Path) -> str:
-    """A path as a Hydra override value: quoted, so spaces, commas, parentheses and brackets are
-    taken literally."""
-    text = str(path).replace("\\", "\\\\").replace("'", "\\'")
+    """A path as a Hydra override value: quoted, so spaces, commas, parentheses, brackets and `=`
+    are taken literally, and `${` escaped, so that OmegaConf never interpolates it (a directory
+    named `${oc.env:HOME}` is that directory, not the home directory)."""
+    # a quote or `${` is escaped by one backslash, and the backslashes just before it by doubling
+    text = re.sub(r"(\\*)(\$\{|')", lambda m: m.group(1) * 2 + "\\" + m.group(2), str(path))
     return f"'{text}'"
 
 

@@ -129,6 +129,7 @@ def train(
     """
     from .trainer.loop import run_training
 
+    _check_arguments(inputs, work_dir, steps, batch_size, max_tokens, lr, num_workers)
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     base = model if isinstance(model, LoadedModel) or model is None else load_model(model, "cpu")
@@ -163,6 +164,33 @@ def train(
         f"initialize.resume=True initialize.run_id={result['run_id']} model.training.max_steps=<N>"
     )
     return load_model(result["checkpoint"])
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _check_arguments(inputs, work_dir, steps, batch_size, max_tokens, lr, num_workers) -> None:
+    """train()'s arguments, each named with what it takes, before any work (`steps=-3` was
+    reported as a bad `warmup`)."""
+    wrong = None
+    if inputs is None or isinstance(inputs, (int, float, bool)):
+        wrong = ("inputs", inputs, "AnnData objects and/or .h5ad / .zarr paths (one, or a list)")
+    elif not isinstance(work_dir, (str, os.PathLike)):
+        wrong = ("work_dir", work_dir, "a directory path (str or Path)")
+    elif not _whole(steps, 1):
+        wrong = ("steps", steps, "a whole number of optimizer steps, at least 1")
+    elif not _whole(batch_size, 1):
+        wrong = ("batch_size", batch_size, "a whole number of cells, at least 1")
+    elif max_tokens is not None and not _whole(max_tokens, 1):
+        wrong = ("max_tokens", max_tokens, "a whole number of genes per cell, at least 1 (or None)")
+    elif lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < float("inf")):
+        wrong = ("lr", lr, "a finite learning rate of 0 or more (or None)")
+    elif not _whole(num_workers, 0):
+        wrong = ("num_workers", num_workers, "a whole number of DataLoader workers, at least 0")
+    if wrong is not None:
+        name, value, takes = wrong
+        raise TrainError(f"train({name}=...)", f"is {value!r}.", f"It takes {takes}.")
 
 
 def _vocabularies(base: LoadedModel | None, gene_mappings) -> tuple[Path, dict]:

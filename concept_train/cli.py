@@ -7,6 +7,8 @@ Launch under `torchrun --nproc_per_node N` or `srun` for several processes.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 from concept_shard.config import compose_config
@@ -18,14 +20,19 @@ from concept_shard.errors import UserError
 from .trainer.loop import run_training
 from .trainer.preempt import RESUMABLE
 
+_OVERRIDE = re.compile(r"[+~]{0,2}[A-Za-z_][\w.@/-]*=")
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="concept-train", description=__doc__.split("\n")[0])
     p.add_argument("--config-dir", help="your config tree, searched before the packaged conf/")
     p.add_argument("project_path", nargs="?", help="PATH.PROJECT_PATH (or pass PATH.PROJECT_PATH=...)")
     args, overrides = p.parse_known_args(argv)
-    if args.project_path and "=" in args.project_path:  # the first override, not a path
-        overrides, args.project_path = [args.project_path] + overrides, None
+    first = args.project_path
+    # `key=value` first (PATH.PROJECT_PATH=/p ...) is the first override; a directory is a path,
+    # `=` or not (/data/run=1)
+    if first and _OVERRIDE.match(first) and not os.path.isdir(first):
+        overrides, args.project_path = [first] + overrides, None
     bad = [o for o in overrides if "=" not in o]
     if bad:
         p.error(f"unexpected arguments {bad}: overrides are key=value")

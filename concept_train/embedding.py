@@ -147,6 +147,18 @@ def embed_rows(
     return out, species
 
 
+def _check_sizes(batch_size, max_tokens) -> None:
+    """Before any work: `batch_size` and `max_tokens` are positive integers (a batch size of -1
+    wrote all-NaN embeddings)."""
+    checks = [("batch_size (--batch-size)", batch_size, "Give a whole number of at least 1.")]
+    if max_tokens is not None:
+        fix = "Give a whole number of at least 1, or leave it out for the run's training max_tokens."
+        checks.append(("max_tokens (--max-tokens)", max_tokens, fix))
+    for where, value, fix in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TrainError(where, f"is {value!r}, not a positive integer.", fix)
+
+
 def embed_source(
     loaded: LoadedModel,
     path: Path,
@@ -159,6 +171,7 @@ def embed_source(
     use_learnable_embs: bool = True,
 ) -> tuple[np.ndarray, str]:
     """(embeddings [n_cells, d] float32, species) of every row of an .h5ad/.zarr, read in chunks."""
+    _check_sizes(batch_size, max_tokens)
     with AnnDataSource(Path(path), gene_id_column) as src:
         return embed_rows(
             loaded, src, path, species, gene_id_column, batch_size, max_tokens, chunk_size, progress, use_learnable_embs
@@ -192,6 +205,7 @@ def embed(
     `use_learnable_embs=False` leaves out the learnable gene residual of a model trained with
     pretrained gene vectors: better aligned embeddings across species (module docstring).
     """
+    _check_sizes(batch_size, max_tokens)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device, trust_pickle=trust_pickle)
     src = AnnDataObjectSource(adata, gene_id_column)
     z, species = embed_rows(
@@ -226,6 +240,7 @@ def embed_file(
     from anndata.io import write_elem
 
     input_path, out_path = Path(input_path), Path(out_path)
+    _check_sizes(batch_size, max_tokens)
     _check_output(input_path, out_path)  # before minutes of embedding, not after
     loaded = load_model(run_or_checkpoint, device, trust_pickle=trust_pickle)
     z, species = embed_source(

@@ -12,7 +12,9 @@ either the previous checkpoint as latest, or the new one complete. Older checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -391,13 +393,77 @@ def read_weights(checkpoint: Path) -> dict:
             "--trust-checkpoint).",
         )
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for a damaged header
         raise TrainError(
             path,
             f"cannot be read ({type(exc).__name__}: {exc}).",
             "The file is damaged: use another checkpoint of the run.",
         ) from None
+    for name, tensor in weights.items():  # a model of NaN weights embedded to 100% NaN, exit 0
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainError(
+                path,
+                f"holds non-finite values (NaN or infinity) in {name}.",
+                "Use an earlier checkpoint of the run (training refuses to write such weights, so this "
+                "one was altered or written elsewhere).",
+            )
+    return weights
+
+
+def _model_config(ckpt: Path, weights: dict) -> ModelConfig:
+    """The architecture in the checkpoint's model.json, checked field by field, and held against the
+    weights' shapes on the meta device before any memory is allocated for it (a model.json with
+    huge dimensions allocated gigabytes before failing)."""
+    path = ckpt / MODEL_JSON
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainError(path, f"cannot be read as JSON ({exc}).", "Use another checkpoint of the run.") from None
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    problem = None
+    if not isinstance(data, dict):
+        problem = "does not hold a JSON object"
+    elif set(data) - set(fields):
+        problem = f"has unknown keys {sorted(set(data) - set(fields))}"
+    else:
+        for key, value in data.items():
+            kind = fields[key].type
+            if key == "vocab_sizes":
+                good = isinstance(value, dict) and all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+                    for k, v in value.items()
+                )
+            elif kind in ("int", "int | None"):
+                good = (value is None and kind != "int") or (
+                    isinstance(value, int) and not isinstance(value, bool) and value > 0
+                )
+            elif kind == "float":
+                good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            elif kind == "bool":
+                good = isinstance(value, bool)
+            else:
+                good = isinstance(value, str)
+            if not good:
+                problem = f"has {key}={value!r}, not a valid value of a {kind}"
+                break
+    if problem is None:
+        try:
+            mcfg = ModelConfig(**data)
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in ContrastiveModel(mcfg).state_dict().items()}
+        except (TypeError, ValueError, RuntimeError) as exc:
+            problem = f"describes no model this code can build ({type(exc).__name__}: {exc})"
+        else:
+            wrong = [k for k, v in weights.items() if k in shapes and tuple(v.shape) != shapes[k]]
+            if wrong:
+                problem = (
+                    f"describes tensors of other shapes than the weights hold (first: {wrong[0]}: "
+                    f"{shapes[wrong[0]]} here, {tuple(weights[wrong[0]].shape)} in {WEIGHTS})"
+                )
+    if problem is not None:
+        raise TrainError(path, f"{problem}.", "The checkpoint is damaged or was altered: use another one of the run.")
+    return mcfg
 
 
 @dataclass
@@ -435,9 +501,7 @@ def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> Lo
     if shareable:
         weights = read_weights(ckpt)
         mcfg = (
-            ModelConfig(**json.loads((ckpt / MODEL_JSON).read_text()))
-            if (ckpt / MODEL_JSON).is_file()
-            else ModelConfig.from_run_config(cfg, sizes)
+            _model_config(ckpt, weights) if (ckpt / MODEL_JSON).is_file() else ModelConfig.from_run_config(cfg, sizes)
         )
         if mcfg.vocab_sizes != sizes:
             raise TrainError(

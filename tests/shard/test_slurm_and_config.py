@@ -125,3 +125,26 @@ def test_shard_array_sbatch_refuses_a_listed_array_before_queuing_or_building(pr
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "evenly spaced" in " ".join(proc.stderr.split())
     assert not (tmp_path / "queued").exists() and not (project / "shards").exists()
+
+
+def test_project_path_is_data_and_a_missing_one_is_refused(tmp_path, capsys):
+    """A PROJECT_PATH holding `${oc.env:HOME}` was interpolated (the run landed elsewhere), one
+    holding `=` was parsed as an override, and a mistyped one was created."""
+    from concept_shard.config import compose_config
+    from concept_shard.errors import ConfigError
+    from concept_train.cli import main as train_main
+
+    for name in ("${oc.env:HOME}/a=b c", "q'uote\\${x}", "back\\slash"):
+        weird = tmp_path / name
+        weird.mkdir(parents=True)
+        cfg = compose_config(weird, log=lambda *a: None)
+        assert cfg.PATH.PROJECT_PATH == str(weird.resolve())
+        assert cfg.PATH.SHARDS_PATH == f"{weird.resolve()}/shards"
+    missing = tmp_path / "typo=1" / "project"
+    with pytest.raises(ConfigError, match=r"does not\s+exist"):
+        compose_config(missing)
+    assert shard("status", missing) == 2
+    assert train_main([str(missing), "model.training.max_steps=1"]) == 2  # a path with `=`, not an override
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"PROJECT_PATH {missing}: does not exist" in err and "nothing was created" in err
+    assert not (tmp_path / "typo=1").exists()

@@ -109,3 +109,27 @@ def test_bad_inputs_name_the_problem(example_source, tmp_path):
     adata.var_names = [f"GENE{i}" for i in range(adata.n_vars)]
     with pytest.raises(UserError, match="species"):
         train([adata], tmp_path / "w", gene_mappings=mappings, log=_quiet)
+
+
+@pytest.mark.parametrize(
+    "kwargs,named",
+    [
+        ({"steps": -3}, "train(steps=...): is -3"),
+        ({"steps": 2.5}, "train(steps=...): is 2.5"),
+        ({"batch_size": 0}, "train(batch_size=...): is 0"),
+        ({"max_tokens": -1}, "train(max_tokens=...): is -1"),
+        ({"lr": float("nan")}, "train(lr=...): is nan"),
+        ({"num_workers": -1}, "train(num_workers=...): is -1"),
+        ({"inputs": None}, "train(inputs=...): is None"),
+        ({"work_dir": None}, "train(work_dir=...): is None"),
+    ],
+)
+def test_wrong_arguments_are_named_before_any_work(example_source, tmp_path, kwargs, named):
+    """`train(steps=-3)` blamed `warmup`; None or a wrong type gave a raw traceback."""
+    args = {"inputs": [example_source / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"], "work_dir": tmp_path / "w"}
+    args.update(kwargs)
+    mappings = example_source / "references/vocabulary/token_mappings_per_specie"
+    with pytest.raises(UserError) as err:
+        train(args.pop("inputs"), args.pop("work_dir"), gene_mappings=mappings, log=_quiet, **args)
+    assert named in " ".join(str(err.value).split()) and "It takes" in str(err.value)
+    assert not (tmp_path / "w").exists()

@@ -128,6 +128,28 @@ def test_bad_output_paths_are_named_before_any_work(trained_run, tmp_path, where
     assert not list(tmp_path.rglob("*.tmp")) and not list(src.parent.glob("*.tmp"))
 
 
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--batch-size", "-1"], "batch_size (--batch-size): is -1"),
+        (["--batch-size", "0"], "batch_size (--batch-size): is 0"),
+        (["--max-tokens", "0"], "max_tokens (--max-tokens): is 0"),
+    ],
+)
+def test_sizes_out_of_range_are_refused_before_any_work(trained_run, tmp_path, args, expected, capsys):
+    """`--batch-size -1` wrote all-NaN embeddings with exit 0."""
+    project, run = trained_run
+    src = project / "data/synth_hsapiens/h5ads/hs_gut_d.zarr"
+    out = tmp_path / "out.h5ad"
+    assert embed_main([str(run), str(src), "--out", str(out), *args]) == 2
+    assert expected in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+    adata = ad.read_zarr(src)
+    with pytest.raises(UserError, match="not a positive integer"):
+        embed(adata, run, batch_size="256")  # the API names a wrong type too, before loading the model
+    assert "X_concept" not in adata.obsm
+
+
 def test_row_chunks_read_every_row_in_order_after_one_transpose(tmp_path):
     """concept_shard.source.row_chunks, the chunked read of the embedder and the evaluator: the
     source's own chunk size, the CSC transpose prepared once over all rows, the last chunk short."""

@@ -176,3 +176,51 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(sharded_project_cop
         raise AssertionError("a damaged model.safetensors loaded")
     except UserError as err:
         assert "model.safetensors" in str(err) and "checksum" in str(err)
+
+
+def test_altered_model_files_are_refused_by_name_before_allocation(sharded_project_copy):
+    """Each file altered as someone who can also rewrite checksums.json would: NaN weights embedded
+    to 100% NaN with exit 0; unknown or negative model.json values gave raw tracebacks; huge
+    dimensions allocated gigabytes before failing (here they would need ~80 GB)."""
+    import resource
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _run(sharded_project_copy) / "checkpoints" / "step_3"
+    original = {name: (ckpt / name).read_bytes() for name in ("model.json", "model.safetensors")}
+    model_json = json.loads(original["model.json"])
+    weights = load_file(str(ckpt / "model.safetensors"))
+    first = sorted(k for k, v in weights.items() if v.is_floating_point())[0]
+
+    def altered(name, data):
+        for other, content in original.items():
+            (ckpt / other).write_bytes(content)
+        (ckpt / name).write_bytes(data)
+        sums = json.loads((ckpt / "checksums.json").read_text())
+        sums.update({other: content_hash(ckpt / other) for other in original})
+        (ckpt / "checksums.json").write_text(json.dumps(sums))
+        with pytest.raises(UserError) as err:
+            load_model(ckpt, "cpu")
+        return " ".join(str(err.value).split())
+
+    nan = dict(weights)
+    nan[first] = weights[first].clone()
+    nan[first].view(-1)[0] = float("nan")
+    save_file(nan, str(ckpt / "nan.safetensors"))
+    text = altered("model.safetensors", (ckpt / "nan.safetensors").read_bytes())
+    assert "non-finite values" in text and first in text
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    text = altered("model.json", json.dumps(dict(model_json, dim_model=1_000_000, dim_hid=1_000_000)).encode())
+    assert "other shapes than the weights hold" in text
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB: under 1 GiB more
+    text = altered("model.json", json.dumps(dict(model_json, nlayers=-2)).encode())
+    assert "nlayers=-2" in text and "model.json" in text
+    text = altered("model.json", json.dumps(dict(model_json, heads_extra=3)).encode())
+    assert "unknown keys ['heads_extra']" in text
+    assert "cannot be read as JSON" in altered("model.json", b"{not json")
+    for name, content in original.items():
+        (ckpt / name).write_bytes(content)
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    (ckpt / "checksums.json").write_text(json.dumps(sums | {n: content_hash(ckpt / n) for n in original}))
+    assert torch.isfinite(load_model(ckpt, "cpu").model.state_dict()[first]).all()  # the restored one loads
