@@ -72,6 +72,12 @@ class AnnDataSource:
                 if listed_in
                 else "Check the path.",
             )
+        if not (path.is_dir() or path.is_file()):  # opening a FIFO waits for a writer, for good
+            raise ShardError(
+                path,
+                "is not a regular file or a directory (a FIFO, socket or device).",
+                "List .h5ad files or AnnData .zarr directories only.",
+            )
         try:
             if path.is_dir() or path.suffix == ".zarr":
                 import zarr

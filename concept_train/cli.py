@@ -18,7 +18,7 @@ from concept_shard.errors import UserError
 # caller's init_process_group keep the default group alive past shutdown() (its DeviceMesh stays
 # in their caches), and gloo then aborts the exit (tests/train/trainer/test_train_distributed.py)
 from .trainer.loop import run_training
-from .trainer.preempt import RESUMABLE
+from .trainer.preempt import RESUMABLE, StopSignals
 
 _OVERRIDE = re.compile(r"[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unexpected arguments {bad}: overrides are key=value")
     try:
-        cfg = compose_config(args.project_path, overrides, args.config_dir)
-        result = run_training(cfg)
+        # SIGTERM / SIGINT / SIGUSR1 from start-up to exit: recorded, then acted on by the loop
+        # (preempt.py); one that comes after the last step is moot and never kills the run's end
+        with StopSignals():
+            cfg = compose_config(args.project_path, overrides, args.config_dir)
+            result = run_training(cfg)
     except UserError as err:
         print(f"concept-train: {err.paragraph()}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kill -9 builds and training runs at random moments, then check that nothing was lost or doubled.
 
-    python tools/chaos.py WORKDIR [--kills 20] [--seed 0] [--cells 300 | --example DIR]
+    python tools/chaos.py WORKDIR [--kills 20] [--signals 0] [--seed 0] [--cells 300 | --example DIR]
 
 Half the kills come at a random moment, the others as soon as the filesystem shows the moment
 aimed at (a part being written, a join, a checkpoint being written).
@@ -17,6 +17,12 @@ aimed at (a part being written, a join, a checkpoint being written).
 3. Training: `--kills` times, starts (or resumes) the run and kills it after a random delay
    within the reference run's duration; then it is resumed to the end. Every step's loss and
    batch digest must equal the uninterrupted run's, bit for bit.
+
+4. Signals (`--signals N`): N times, starts (or resumes) another run and, once it is past the step
+   it resumed from, sends SIGTERM to its process group at a random moment (what SLURM does at a
+   time limit or preemption). The run must finish its step, write a checkpoint of exactly the last
+   step it logged (no step lost) and exit 75 (resumable); then it is resumed to the end, and every
+   step must equal the uninterrupted run's, bit for bit.
 
 What the filesystem held at each kill (a part, a join, a checkpoint being written) is counted,
 so the report says where the kills landed. Exit status 0 when every check passed. This is a
@@ -123,6 +129,67 @@ def _train_state(run: Path) -> str:
     return "training" if (run / "checkpoints").is_dir() else "starting up"
 
 
+def _logged(run: Path) -> int:
+    """The last step the run's metrics.jsonl holds (0 before its first)."""
+    return max(_rows(run), default=0) if (run / "metrics.jsonl").is_file() else 0
+
+
+def _latest_step(run: Path) -> int:
+    pointer = run / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().removeprefix("step_")) if pointer.is_file() else 0
+
+
+def _signal_when_past(cmd: list[str], run: Path, after: int, rng: random.Random, step_s: float):
+    """Start cmd, wait until it has logged a step past `after`, then after a random part of a few
+    steps' time send SIGTERM to its process group; (signalled before it ended, exit code)."""
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    while proc.poll() is None and _logged(run) <= after:
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 4 * step_s))
+    if proc.poll() is not None:
+        return False, proc.returncode
+    os.killpg(proc.pid, signal.SIGTERM)
+    return True, proc.wait(timeout=300)
+
+
+def signal_runs(project: Path, reference: Path, n: int, rng: random.Random) -> dict:
+    """--signals: n SIGTERMs at random steps of one run, each resumed (module docstring, 4.)."""
+    run = project / "model_checkpoints" / "signalled"
+    steps = len(_rows(reference))
+    step_s = sorted(r["step_s"] for r in _rows(reference).values())[steps // 2]
+    sent, exits, lost, landed = 0, Counter(), [], []
+    for _ in range(4 * n):
+        if sent == n:
+            break
+        resumed_from = _latest_step(run)
+        if resumed_from >= steps:  # it reached the last step: start again from nothing
+            shutil.rmtree(run)
+            resumed_from = 0
+        # checkpoints every 5 steps: a stop between them must write its own (what SIGTERM saves)
+        cmd = _train_cmd(project, "signalled", resume=resumed_from > 0) + ["model.training.checkpoint_every_n_steps=5"]
+        hit, code = _signal_when_past(cmd, run, resumed_from, rng, step_s)
+        if not hit:
+            continue
+        sent += 1
+        exits[code] += 1
+        logged, kept = _logged(run), _latest_step(run)
+        landed.append(kept)
+        # 75: stopped with a checkpoint of its last step; 0: the signal came after the last step
+        if code not in (75, 0) or kept != logged or (code == 0 and logged != steps):
+            lost.append(f"signal {sent}: exit {code}, last step logged {logged}, checkpoint step {kept}")
+    _run(_train_cmd(project, "signalled", resume=_latest_step(run) > 0) + ["model.training.checkpoint_every_n_steps=5"])
+    problems = lost + check_training(run, reference)
+    return {
+        "signals": sent,
+        "exit_codes": dict(exits),
+        "signalled_at_steps": landed,  # the step each stop checkpointed
+        "signal_problems": problems,
+        "signal_steps_compared": len(_rows(run)),
+    }
+
+
 # ---- checks ----------------------------------------------------------------------------------
 def _datasets(project: Path) -> dict[str, Path]:
     return {
@@ -201,6 +268,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("workdir", type=Path)
     p.add_argument("--kills", type=int, default=20, help="kills of builds, and as many of training runs")
+    p.add_argument("--signals", type=int, default=0, help="SIGTERMs sent to a training run at random steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cells", type=int, default=300, help="cells per synthetic file of the example project")
     p.add_argument("--example", type=Path, help="an example project made already (--cells is then its own)")
@@ -261,6 +329,9 @@ def main(argv=None) -> int:
     _run(_train_cmd(project, "run", resume=(run / "checkpoints" / "latest").is_file()))
     train_problems = check_training(run, reference / "model_checkpoints" / "run")
 
+    signalled = {}
+    if args.signals:
+        signalled = signal_runs(project, reference / "model_checkpoints" / "run", args.signals, rng)
     n_cells = sum(json.loads((d / "dataset.json").read_text())["n_cells_source"] for d in _datasets(project).values())
     report = {
         "build_kills": build_kills,
@@ -271,10 +342,11 @@ def main(argv=None) -> int:
         "build_problems": build_problems,
         "training_problems": train_problems,
         "steps_compared": len(_rows(run)),
+        **signalled,
     }
     print(json.dumps(report, indent=1))
     (work / "chaos.json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if not build_problems and not train_problems else 1
+    return 0 if not build_problems and not train_problems and not signalled.get("signal_problems") else 1
 
 
 if __name__ == "__main__":

@@ -189,10 +189,11 @@ def evaluate(
         "recall": recall,
     }
     if out_dir is not None:
-        report.write_metrics(out_dir, result)
-        report.write_scib_csv(out_dir, scib)
-        if umap:
-            coordinates = {name: report.umap_coordinates(z, seed) for name, z in embeddings.items()}
-            report.write_umap_png(out_dir, coordinates, {label_key: labels, batch_key: batches})
-        report.write_report(out_dir, result)
+        with report.staged(out_dir) as stage:  # published as one set, or not at all
+            report.write_metrics(stage, result)
+            report.write_scib_csv(stage, scib)
+            if umap:
+                coordinates = {name: report.umap_coordinates(z, seed) for name, z in embeddings.items()}
+                report.write_umap_png(stage, coordinates, {label_key: labels, batch_key: batches})
+            report.write_report(stage, result)
     return result

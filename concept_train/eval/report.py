@@ -4,13 +4,18 @@
 - `scib.csv`: one row per embedding, the scIB metrics and their aggregates (scib.py);
 - `umap.png`: one row per embedding, coloured by the label key and by the batch key;
 - `report.md`: the model's row beside the baselines, in a few lines.
-Each file is written under a temporary name and renamed, so a killed evaluation leaves no half file.
+The files are written into a staging directory inside the output directory and published as one
+set when all are written (`staged`): a killed or failed evaluation leaves the previous set as it
+was, never one run's metrics.json beside another's report.md, and a set without umap.png removes
+the previous one's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +23,43 @@ import numpy as np
 from .scib import BATCH, BIO, METRICS, TOTAL
 
 MAX_LEGEND = 20  # categories named in a UMAP legend; the rest are drawn grey
+
+
+OUTPUTS = ("scib.csv", "umap.png", "report.md", "metrics.json")  # published in this order
+_STAGE = ".concept-eval."
+
+
+@contextmanager
+def staged(out_dir: Path):
+    """A staging directory in `out_dir` to write a set of OUTPUTS into; when the block ends
+    without an error they replace the previous set (an output not written this time is removed,
+    metrics.json goes last), else the stage is removed and the previous set stays."""
+    out_dir = Path(out_dir)
+    for old in out_dir.glob(f"{_STAGE}*.tmp"):  # left by a killed evaluation whose process is gone
+        if not _alive(old.name[len(_STAGE) : -len(".tmp")]):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = out_dir / f"{_STAGE}{os.getpid()}.tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+        for name in OUTPUTS:
+            if (stage / name).is_file():
+                os.replace(stage / name, out_dir / name)
+            else:
+                (out_dir / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _atomic(path: Path, write) -> None:

@@ -624,9 +624,10 @@ class Trainer:
             self.run_validation()
         profiler = self._profiler()
         it = iter(self.train_loader)
-        last_ckpt, stopped = None, None
+        last_ckpt = None
         self.model.train()
         with profiler or nullcontext(), StopSignals() as signals:
+            stopped = signals.agreed(self.d)  # received while the run started up
             while self.step < max_steps and stopped is None:
                 row = self.train_step(it)
                 if profiler is not None:
@@ -643,10 +644,13 @@ class Trainer:
                 stopped = signals.agreed(self.d)
             if stopped is not None:
                 self.log(f"[train] {stopped} received: stopping after step {self.step} with a checkpoint")
-        if last_ckpt is None or not last_ckpt.name.endswith(f"_{self.step}"):
-            last_ckpt = self.checkpoint()
-        curves = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png") if self.d.is_main else None
-        self.metrics.close()
+            # still under the handlers: a signal now (after the last step) must not kill the write
+            if last_ckpt is None or not last_ckpt.name.endswith(f"_{self.step}"):
+                last_ckpt = self.checkpoint()
+            curves = (
+                plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png") if self.d.is_main else None
+            )
+            self.metrics.close()
         return {
             "run_dir": self.run_dir,
             "checkpoint": last_ckpt,

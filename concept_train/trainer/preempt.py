@@ -1,9 +1,12 @@
 """Stop a run cleanly on a signal: SLURM sends SIGTERM at a time limit or preemption (or the signal
 asked for with `sbatch --signal`, SIGUSR1 in tools/slurm/train.sbatch), a user presses Ctrl-C.
 
-The handler only records the signal; the loop asks after each step, every rank agrees (a signal may
-reach one rank first), and the run writes a checkpoint and exits with RESUMABLE. A second Ctrl-C
-stops at once, as Python does without this.
+The handler only records the signal; the loop asks before the first step and after each step, every
+rank agrees (a signal may reach one rank first), and the run writes a checkpoint and exits with
+RESUMABLE. A second Ctrl-C stops at once, as Python does without this. concept-train holds the
+handlers from start-up to exit (nested StopSignals pass what they received on): a signal while the
+run starts stops it before its first step, and one after its last step, while the final checkpoint
+is written or the process exits, loses nothing (the run finished; exit 0).
 """
 
 from __future__ import annotations
@@ -31,12 +34,23 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            outer = self._outer()
+            if outer is not None and self.received is None:  # received while the run started up
+                self.received = outer.received
         return self
 
     def __exit__(self, *exc) -> None:
+        outer = self._outer()
+        if outer is not None and outer.received is None:
+            outer.received = self.received
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def _outer(self) -> StopSignals | None:
+        """The StopSignals this one is nested in (concept-train's, around start-up and exit)."""
+        outer = getattr(self._previous.get(signal.SIGTERM), "__self__", None)
+        return outer if isinstance(outer, StopSignals) else None
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:

@@ -1,5 +1,6 @@
-"""tools/chaos.py with a few kills: builds and training runs killed at random moments lose and
-double nothing, and its checks do see a lost cell or a changed loss."""
+"""tools/chaos.py with a few kills and signals: builds and training runs killed at random moments,
+and runs sent SIGTERM at random steps, lose and double nothing, and its checks do see a lost cell
+or a changed loss."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ from tools import chaos
 def test_random_kills_lose_nothing_and_the_checks_can_fail(example_source, tmp_path):
     work = tmp_path / "chaos"
     # the session's example project (300 cells a file, chaos.py's default size), made once
-    assert chaos.main([str(work), "--kills", "2", "--seed", "1", "--example", str(example_source)]) == 0
+    args = ["--kills", "2", "--signals", "1", "--seed", "1", "--example", str(example_source)]
+    assert chaos.main([str(work), *args]) == 0
     report = json.loads((work / "chaos.json").read_text())
     assert report["build_kills"] == 2 and report["train_kills"] == 2 and report["steps_compared"] == 12
+    # SIGTERM at a random step: a checkpoint of the last step logged, exit 75, resumed bit-identically
+    assert report["signals"] == 1 and report["signal_steps_compared"] == 12
+    assert set(report["exit_codes"]) <= {"75", "0"}  # 0: it came after the last step (nothing to stop)
     project, reference = work / "project", work / "reference"
     # the checks are not vacuous: one sample fewer, one loss changed
     ds = project / "shards/hsapiens/synth_hsapiens/hs_blood_a"

@@ -5,6 +5,7 @@ the failed work."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def project(small_project):
     """The builds here fail on purpose: the example project at 40 cells a file is enough (the same 9
     files, vocabularies and file formats) and builds in about half the time."""
     return small_project
+
+
+def _fifo(rel: str):
+    """The file replaced by a named pipe (the build waited for a writer, for good)."""
+
+    def apply(project: Path):
+        (project / rel).unlink()
+        os.mkfifo(project / rel)
+
+    return apply
 
 
 def _set_value(rel: str, value: float):
@@ -105,6 +116,7 @@ CASES = {
     # name: (break the project, substring(s) the error must contain, number of files that fail)
     "missing file": (lambda p: (p / HS / "hs_val_e.h5ad").unlink(), ["hs_val_e.h5ad", "does not exist"], 1),
     "truncated h5ad": (_truncate(f"{HS}/hs_blood_a.h5ad"), ["hs_blood_a.h5ad", "truncated"], 1),
+    "a FIFO named as a source": (_fifo(f"{HS}/hs_val_e.h5ad"), ["hs_val_e.h5ad", "not a regular file"], 1),
     "not an h5ad": (lambda p: (p / MM / "mm_val_c.h5ad").write_text("hello"), ["mm_val_c.h5ad", "cannot be read"], 1),
     "negative counts": (_set_value(f"{MM}/mm_brain_a.h5ad", -3.0), ["mm_brain_a.h5ad", "negative counts", "raw"], 1),
     "NaN counts": (_set_value(f"{MM}/mm_brain_a.h5ad", np.nan), ["mm_brain_a.h5ad", "NaN counts"], 1),

@@ -120,3 +120,29 @@ def test_a_batch_key_with_one_value_is_refused(trained_run):
         lambda: evaluate(run, [project / HUMAN], batch_key="dataset", max_cells=300),
         r"--batch-key dataset: has 1 distinct value\(s\) \['hs_val_e'\]",
     )
+
+
+def test_outputs_are_published_as_one_set_or_not_at_all(tmp_path):
+    """A killed concept-eval left metrics.json of one run beside report.md of another; a run
+    without umap.png kept the previous run's."""
+    from concept_train.eval import report
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    with report.staged(out) as stage:
+        for name in report.OUTPUTS:
+            (stage / name).write_text(f"first {name}")
+    first = {p.name: p.read_text() for p in out.iterdir()}
+    assert first == {name: f"first {name}" for name in report.OUTPUTS}
+    with pytest.raises(RuntimeError):
+        with report.staged(out) as stage:
+            (stage / "metrics.json").write_text("second")
+            raise RuntimeError("killed while drawing the UMAP")
+    assert {p.name: p.read_text() for p in out.iterdir()} == first  # the previous set, and no stage
+    (out / ".concept-eval.999999999.tmp").mkdir()  # a dead process's stage
+    with report.staged(out) as stage:
+        for name in ("metrics.json", "scib.csv", "report.md"):
+            (stage / name).write_text(f"third {name}")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        name: f"third {name}" for name in ("metrics.json", "scib.csv", "report.md")
+    }
