@@ -91,6 +91,44 @@ def damage(checkpoint: Path, only: tuple[str, ...] | None = None) -> str | None:
     return None
 
 
+# a run's config.yaml is a few KB with a few hundred leaves; these bound what a crafted one costs
+MAX_YAML_BYTES = 4 << 20
+MAX_YAML_NODES = 100_000  # counted with every alias expanded (a 4.8 KB alias bomb ran for minutes)
+MAX_YAML_DEPTH = 64
+
+
+def load_config_yaml(path: Path):
+    """A checkpoint's or run's config.yaml as OmegaConf reads it, once its size, nesting and node
+    count (aliases expanded) are within bounds; a TrainError naming the file otherwise."""
+    import yaml
+
+    path = Path(path)
+    fix = "Use another checkpoint of the run, or restore the run's config.yaml."
+    data = path.read_bytes()
+    if len(data) > MAX_YAML_BYTES:
+        raise TrainError(path, f"is {len(data):,} bytes, more than a run's config ever holds.", fix)
+    try:
+        root = yaml.compose(data, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise TrainError(path, "is nested too deep to be a run's config.", fix) from None
+    except yaml.YAMLError as exc:
+        raise TrainError(path, f"is not valid YAML ({exc}).", fix) from None
+    stack, seen = [(root, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if depth > MAX_YAML_DEPTH or seen > MAX_YAML_NODES:
+            what = (
+                f"nested deeper than {MAX_YAML_DEPTH}" if depth > MAX_YAML_DEPTH else f"over {MAX_YAML_NODES:,} nodes"
+            )
+            raise TrainError(path, f"is {what} (aliases expanded): not a run's config.", fix)
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((item, depth + 1) for pair in node.value for item in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, depth + 1) for item in node.value)
+    return OmegaConf.load(path)
+
+
 def intact_checkpoint(run_dir: Path, log=print) -> Path | None:
     """The newest complete checkpoint of the run whose files match their checksums: the one
     `latest` names, else (with a warning naming each damaged one) the next older one."""
@@ -292,7 +330,7 @@ def config_changes(checkpoint: Path, cfg: Root, fresh: bool = False) -> list[str
     saved = checkpoint / CONFIG if (checkpoint / CONFIG).is_file() else checkpoint.parent.parent / CONFIG
     if not saved.is_file():
         return []
-    old = _flat(as_dict(typed_config(OmegaConf.load(saved))))
+    old = _flat(as_dict(typed_config(load_config_yaml(saved))))
     new = _flat(as_dict(cfg))
     old["PATH.PRETRAINED_VOCABULARY"] = bool(old["PATH.PRETRAINED_VOCABULARY"])  # only its presence
     new["PATH.PRETRAINED_VOCABULARY"] = bool(new["PATH.PRETRAINED_VOCABULARY"])  # shapes the tables
@@ -373,17 +411,25 @@ def _write_shareable(directory: Path, weights: dict, model_cfg: ModelConfig, run
         write_config(run_config, directory / CONFIG)
 
 
+def _check_sums(checkpoint: Path) -> None:
+    """The shareable files of a checkpoint match checksums.json (when it has model.safetensors)."""
+    if not (Path(checkpoint) / WEIGHTS).is_file():
+        return
+    name = damage(checkpoint, only=(WEIGHTS, MODEL_JSON, CONFIG))
+    if name is not None:
+        raise TrainError(
+            Path(checkpoint) / name,
+            "does not match the checksum recorded when the checkpoint was written: it is damaged (or was altered).",
+            "Use another checkpoint of the run, or copy it again.",
+        )
+
+
 def read_weights(checkpoint: Path) -> dict:
     """The checkpoint's full weights from `model.safetensors` (a TrainError when it has none)."""
     from safetensors.torch import load_file
 
     path = Path(checkpoint) / WEIGHTS
-    if path.is_file() and damage(checkpoint, only=(WEIGHTS, MODEL_JSON, CONFIG)) is not None:
-        raise TrainError(
-            path,
-            "does not match the checksum recorded when the checkpoint was written: it is damaged (or was altered).",
-            "Use another checkpoint of the run, or copy it again.",
-        )
+    _check_sums(checkpoint)
     if not path.is_file():
         raise TrainError(
             checkpoint,
@@ -495,7 +541,9 @@ def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> Lo
         )
     run_dir = ckpt.parent.parent
     shareable = (ckpt / WEIGHTS).is_file() or not trust_pickle
-    cfg = typed_config(OmegaConf.load(ckpt / CONFIG if (ckpt / CONFIG).is_file() else run_dir / CONFIG))
+    if shareable:
+        _check_sums(ckpt)  # before any of its files is parsed
+    cfg = typed_config(load_config_yaml(ckpt / CONFIG if (ckpt / CONFIG).is_file() else run_dir / CONFIG))
     vocabs = {sp: load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sp) for sp in cfg.datamodule.species}
     sizes = {sp: v.size for sp, v in vocabs.items()}
     if shareable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +189,7 @@ def test_altered_model_files_are_refused_by_name_before_allocation(sharded_proje
     from safetensors.torch import load_file, save_file
 
     ckpt = _run(sharded_project_copy) / "checkpoints" / "step_3"
-    original = {name: (ckpt / name).read_bytes() for name in ("model.json", "model.safetensors")}
+    original = {name: (ckpt / name).read_bytes() for name in ("model.json", "model.safetensors", "config.yaml")}
     model_json = json.loads(original["model.json"])
     weights = load_file(str(ckpt / "model.safetensors"))
     first = sorted(k for k, v in weights.items() if v.is_floating_point())[0]
@@ -219,6 +220,19 @@ def test_altered_model_files_are_refused_by_name_before_allocation(sharded_proje
     text = altered("model.json", json.dumps(dict(model_json, heads_extra=3)).encode())
     assert "unknown keys ['heads_extra']" in text
     assert "cannot be read as JSON" in altered("model.json", b"{not json")
+    # config.yaml is parsed with bounds (a 4.8 KB alias bomb ran for minutes; deep nesting crashed)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+    )
+    t0 = time.perf_counter()
+    assert "over 100,000 nodes" in altered("config.yaml", bomb.encode())
+    assert time.perf_counter() - t0 < 30
+    assert "nested" in altered("config.yaml", ("[" * 100_000 + "]" * 100_000).encode())
+    # the checksums are checked before any file is parsed: a changed config.yaml is named as such
+    (ckpt / "config.yaml").write_bytes(bomb.encode())
+    with pytest.raises(UserError) as err:
+        load_model(ckpt, "cpu")
+    assert "config.yaml" in str(err.value) and "checksum" in str(err.value)
     for name, content in original.items():
         (ckpt / name).write_bytes(content)
     sums = json.loads((ckpt / "checksums.json").read_text())
