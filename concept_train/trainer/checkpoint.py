@@ -388,6 +388,7 @@ def check_layout(checkpoint: Path, model_cfg: ModelConfig) -> None:
 
 # ---- the shareable part of a checkpoint: weights and configs, no pickle ----------------------
 WEIGHTS, MODEL_JSON, CONFIG, CHECKSUMS = "model.safetensors", "model.json", "config.yaml", "checksums.json"
+VOCABULARIES = "vocabularies.json"  # species -> the token mapping's fingerprint the weights were trained with
 
 
 def write_config(cfg: Root, path: Path) -> None:
@@ -409,13 +410,39 @@ def _write_shareable(directory: Path, weights: dict, model_cfg: ModelConfig, run
     (directory / MODEL_JSON).write_text(json.dumps(asdict(model_cfg), indent=1, sort_keys=True) + "\n")
     if run_config is not None:
         write_config(run_config, directory / CONFIG)
+        mappings = Path(run_config.PATH.GENE_MAPPINGS_PATH)
+        prints = {sp: load_vocabulary(mappings, sp).fingerprint for sp in run_config.datamodule.species}
+        (directory / VOCABULARIES).write_text(json.dumps(prints, indent=1, sort_keys=True) + "\n")
+
+
+def _check_vocabularies(ckpt: Path, vocabs: dict[str, Vocabulary], mappings) -> None:
+    """Each species' token mapping is the one the weights were trained with (checkpoints written
+    before vocabularies.json existed are checked by size only, below): a reshuffled mapping of
+    the same size embedded cells with other genes' embeddings, silently."""
+    path = Path(ckpt) / VOCABULARIES
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise TrainError(path, "is not a JSON object of species.", "Use another checkpoint of the run.")
+    for sp, vocab in vocabs.items():
+        if recorded.get(sp) not in (None, vocab.fingerprint):
+            raise TrainError(
+                vocab.path,
+                f"is not the {sp} token mapping this model was trained with (the same genes would map "
+                f"to other tokens: its content differs from the one recorded in {path}).",
+                f"Restore the mapping the run was trained with in {mappings} (PATH.GENE_MAPPINGS_PATH).",
+            )
 
 
 def _check_sums(checkpoint: Path) -> None:
     """The shareable files of a checkpoint match checksums.json (when it has model.safetensors)."""
     if not (Path(checkpoint) / WEIGHTS).is_file():
         return
-    name = damage(checkpoint, only=(WEIGHTS, MODEL_JSON, CONFIG))
+    name = damage(checkpoint, only=(WEIGHTS, MODEL_JSON, CONFIG, VOCABULARIES))
     if name is not None:
         raise TrainError(
             Path(checkpoint) / name,
@@ -545,6 +572,7 @@ def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> Lo
         _check_sums(ckpt)  # before any of its files is parsed
     cfg = typed_config(load_config_yaml(ckpt / CONFIG if (ckpt / CONFIG).is_file() else run_dir / CONFIG))
     vocabs = {sp: load_vocabulary(Path(cfg.PATH.GENE_MAPPINGS_PATH), sp) for sp in cfg.datamodule.species}
+    _check_vocabularies(ckpt, vocabs, cfg.PATH.GENE_MAPPINGS_PATH)
     sizes = {sp: v.size for sp, v in vocabs.items()}
     if shareable:
         weights = read_weights(ckpt)

@@ -238,3 +238,22 @@ def test_altered_model_files_are_refused_by_name_before_allocation(sharded_proje
     sums = json.loads((ckpt / "checksums.json").read_text())
     (ckpt / "checksums.json").write_text(json.dumps(sums | {n: content_hash(ckpt / n) for n in original}))
     assert torch.isfinite(load_model(ckpt, "cpu").model.state_dict()[first]).all()  # the restored one loads
+
+
+def test_a_token_mapping_other_than_the_trained_one_is_refused_by_species(sharded_project_copy):
+    """A mapping reshuffled at the same size embedded cells with other genes' embeddings, exit 0:
+    the checkpoint records each species' mapping (vocabularies.json) and loading checks it."""
+    ckpt = _run(sharded_project_copy) / "checkpoints" / "step_3"
+    assert json.loads((ckpt / "vocabularies.json").read_text())["hsapiens"].startswith("sha256:")
+    mapping = sharded_project_copy / "references/vocabulary/token_mappings_per_specie/hsapiens.csv"
+    lines = mapping.read_text().splitlines()
+    genes = [line.rsplit(",", 1) for line in lines[3:5]]  # two genes trade tokens: same size
+    lines[3], lines[4] = f"{genes[0][0]},{genes[1][1]}", f"{genes[1][0]},{genes[0][1]}"
+    original = mapping.read_bytes()
+    mapping.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as err:
+        load_model(ckpt, "cpu")
+    text = " ".join(str(err.value).split())
+    assert "hsapiens token mapping this model was trained with" in text and "hsapiens.csv" in text
+    mapping.write_bytes(original)
+    assert load_model(ckpt, "cpu").step == 3
