@@ -31,7 +31,6 @@ from .layout import decode_json
 
 SHARD_HASH = "xxh3_64"  # one of streaming's hash names (streaming.base.hashing)
 INDEX_JSON = "index.json"
-_RAW_NAME = re.compile(r"shard\.(\d{5,})\.mds")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
@@ -116,7 +115,7 @@ def _check_shard_entry(shard, number: int) -> None:
         raise Damaged(f"index.json's {name} holds {shard.get('samples')!r} samples, not a positive integer")
     zipped = shard.get("zip_data")
     compression = shard.get("compression")
-    zstd = compression is not None and compression.partition(":")[0] == "zstd"
+    zstd = isinstance(compression, str) and compression.partition(":")[0] == "zstd"
     if (zipped is None) != (compression is None) or (compression is not None and not zstd):
         raise Damaged(f"index.json's {name} has compression {compression!r} and zip_data {zipped!r}")
     for info, expected in ((raw, name), (zipped, name + ".zstd")):

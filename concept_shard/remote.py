@@ -22,10 +22,10 @@ from urllib.parse import urlparse
 
 from .errors import ConfigError, ShardError, StorageError
 from .finalize import species_index
+from .integrity import INDEX_JSON
 from .layout import decode_json, encode_json
 
 DATASET_JSON = "dataset.json"
-INDEX_JSON = "index.json"
 
 
 def endpoint_description() -> str:

@@ -62,28 +62,15 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_metrics(out_dir: Path, result: dict) -> None:
-    _atomic(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(result, indent=1) + "\n"))
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 def write_scib_csv(out_dir: Path, scib: dict[str, dict[str, float]]) -> None:
     columns = [*METRICS, BIO, BATCH, TOTAL]
-
-    def write(p: Path) -> None:
-        lines = ["Embedding," + ",".join(columns)]
-        lines += [name + "," + ",".join(f"{scores[c]:.6g}" for c in columns) for name, scores in scib.items()]
-        p.write_text("\n".join(lines) + "\n")
-
-    _atomic(out_dir / "scib.csv", write)
+    lines = ["Embedding," + ",".join(columns)]
+    lines += [name + "," + ",".join(f"{scores[c]:.6g}" for c in columns) for name, scores in scib.items()]
+    (out_dir / "scib.csv").write_text("\n".join(lines) + "\n")
 
 
 def umap_coordinates(x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -122,7 +109,7 @@ def write_umap_png(out_dir: Path, coordinates: dict[str, np.ndarray], colour_by:
             if i == 0:
                 ax.legend(fontsize=6, markerscale=3, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
     fig.tight_layout()
-    _atomic(out_dir / "umap.png", lambda p: fig.savefig(p, dpi=90, format="png"))
+    fig.savefig(out_dir / "umap.png", dpi=90, format="png")
     plt.close(fig)
 
 
@@ -164,5 +151,5 @@ def report_markdown(result: dict) -> str:
 
 def write_report(out_dir: Path, result: dict) -> str:
     text = report_markdown(result)
-    _atomic(out_dir / "report.md", lambda p: p.write_text(text))
+    (out_dir / "report.md").write_text(text)
     return text

@@ -451,12 +451,15 @@ def _check_sums(checkpoint: Path) -> None:
         )
 
 
-def read_weights(checkpoint: Path) -> dict:
-    """The checkpoint's full weights from `model.safetensors` (a TrainError when it has none)."""
+def read_weights(checkpoint: Path, sums_checked: bool = False) -> dict:
+    """The checkpoint's full weights from `model.safetensors` (a TrainError when it has none),
+    checked against checksums.json unless the caller did (`sums_checked`: hashing hundreds of MB
+    of weights once is enough)."""
     from safetensors.torch import load_file
 
     path = Path(checkpoint) / WEIGHTS
-    _check_sums(checkpoint)
+    if not sums_checked:
+        _check_sums(checkpoint)
     if not path.is_file():
         raise TrainError(
             checkpoint,
@@ -575,7 +578,7 @@ def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> Lo
     _check_vocabularies(ckpt, vocabs, cfg.PATH.GENE_MAPPINGS_PATH)
     sizes = {sp: v.size for sp, v in vocabs.items()}
     if shareable:
-        weights = read_weights(ckpt)
+        weights = read_weights(ckpt, sums_checked=True)  # checked above, before any file was parsed
         mcfg = (
             _model_config(ckpt, weights) if (ckpt / MODEL_JSON).is_file() else ModelConfig.from_run_config(cfg, sizes)
         )
