@@ -13,6 +13,12 @@ from typing import Any
 MISSING = "???"  # OmegaConf's mark of a required value
 
 
+def whole(value, at_least: int = 0) -> bool:
+    """Whether `value` is a whole number of at least `at_least`: an int, and not a bool (which
+    Python counts as one). What the programs' own argument and record checks accept."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
 def key(default: Any = None, doc: str = "", **meta) -> Any:
     """A schema field: its default, and range/choice metadata checked by `check_values`."""
     meta["doc"] = doc

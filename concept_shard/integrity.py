@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import xxhash
 
+from concept_config.fields import whole
+
 from .layout import decode_json
 
 SHARD_HASH = "xxh3_64"  # one of streaming's hash names (streaming.base.hashing)
@@ -57,23 +59,19 @@ def check_file(data, info: dict, name: str) -> None:
         raise Damaged(f"{name}: its bytes do not match the {SHARD_HASH} hash index.json records")
 
 
-def _int(value, at_least: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
-
-
 def check_record(record: dict, n_tokens: int | None = None) -> None:
     """Raise Damaged unless dataset.json's fields that readers use have their types and ranges
     (`n_tokens`: the species vocabulary's size, which every gene id must be below)."""
     if not isinstance(record, dict):
         raise Damaged("dataset.json does not hold a JSON object")
     for key in ("cells_written", "n_shards"):
-        if not _int(record.get(key)):
+        if not whole(record.get(key)):
             raise Damaged(f"dataset.json's {key} is {record.get(key)!r}, not a non-negative integer")
     digest = record.get("index_digest")
     if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
         raise Damaged(f"dataset.json's index_digest is {digest!r}, not a sha256")
     genes = record.get("genes")
-    if not (isinstance(genes, list) and all(_int(g) for g in genes)):
+    if not (isinstance(genes, list) and all(whole(g) for g in genes)):
         raise Damaged("dataset.json's genes is not a list of token ids")
     if any(b <= a for a, b in zip(genes, genes[1:])) or (n_tokens is not None and genes and genes[-1] >= n_tokens):
         raise Damaged(f"dataset.json's genes are not ascending token ids below the vocabulary's {n_tokens}")
@@ -111,7 +109,7 @@ def _check_shard_entry(shard, number: int) -> None:
     name = f"shard.{number:05d}.mds"
     if not (isinstance(raw, dict) and raw.get("basename") == name):
         raise Damaged(f"index.json's shard {number} is not named {name}")
-    if not _int(shard.get("samples"), 1):
+    if not whole(shard.get("samples"), 1):
         raise Damaged(f"index.json's {name} holds {shard.get('samples')!r} samples, not a positive integer")
     zipped = shard.get("zip_data")
     compression = shard.get("compression")
@@ -124,7 +122,7 @@ def _check_shard_entry(shard, number: int) -> None:
         if not (
             isinstance(info, dict)
             and info.get("basename") == expected
-            and _int(info.get("bytes"), 1)
+            and whole(info.get("bytes"), 1)
             and isinstance(info.get("hashes"), dict)
             and isinstance(info["hashes"].get(SHARD_HASH), str)
             and _HEX16.fullmatch(info["hashes"][SHARD_HASH])
@@ -137,7 +135,7 @@ def _check_shard_entry(shard, number: int) -> None:
         and isinstance(sizes, list)
         and len(names) == len(encodings) == len(sizes)
         and all(isinstance(x, str) for x in names + encodings)
-        and all(s is None or _int(s, 1) for s in sizes)
+        and all(s is None or whole(s, 1) for s in sizes)
     ):
         raise Damaged(f"index.json's {name} has malformed column_names / column_encodings / column_sizes")
 

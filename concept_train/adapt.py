@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from concept_config import Root
+from concept_config.fields import whole
 from concept_shard.config import as_dict, compose_config
 from concept_shard.errors import TrainError
 from concept_shard.source import AnnDataObjectSource, AnnDataSource
@@ -166,10 +167,6 @@ def train(
     return load_model(result["checkpoint"])
 
 
-def _whole(value, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 def _check_arguments(inputs, work_dir, steps, batch_size, max_tokens, lr, num_workers) -> None:
     """train()'s arguments, each named with what it takes, before any work (`steps=-3` was
     reported as a bad `warmup`)."""
@@ -178,15 +175,15 @@ def _check_arguments(inputs, work_dir, steps, batch_size, max_tokens, lr, num_wo
         wrong = ("inputs", inputs, "AnnData objects and/or .h5ad / .zarr paths (one, or a list)")
     elif not isinstance(work_dir, (str, os.PathLike)):
         wrong = ("work_dir", work_dir, "a directory path (str or Path)")
-    elif not _whole(steps, 1):
+    elif not whole(steps, 1):
         wrong = ("steps", steps, "a whole number of optimizer steps, at least 1")
-    elif not _whole(batch_size, 1):
+    elif not whole(batch_size, 1):
         wrong = ("batch_size", batch_size, "a whole number of cells, at least 1")
-    elif max_tokens is not None and not _whole(max_tokens, 1):
+    elif max_tokens is not None and not whole(max_tokens, 1):
         wrong = ("max_tokens", max_tokens, "a whole number of genes per cell, at least 1 (or None)")
     elif lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < float("inf")):
         wrong = ("lr", lr, "a finite learning rate of 0 or more (or None)")
-    elif not _whole(num_workers, 0):
+    elif not whole(num_workers, 0):
         wrong = ("num_workers", num_workers, "a whole number of DataLoader workers, at least 0")
     if wrong is not None:
         name, value, takes = wrong

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from concept_config.fields import whole
 from concept_shard.cells import build_gene_map, map_chunk
 from concept_shard.errors import TrainError, UserError
 from concept_shard.source import AnnDataObjectSource, AnnDataSource, RowSource, row_chunks
@@ -155,7 +156,7 @@ def _check_sizes(batch_size, max_tokens) -> None:
         fix = "Give a whole number of at least 1, or leave it out for the run's training max_tokens."
         checks.append(("max_tokens (--max-tokens)", max_tokens, fix))
     for where, value, fix in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not whole(value, 1):
             raise TrainError(where, f"is {value!r}, not a positive integer.", fix)
 
 

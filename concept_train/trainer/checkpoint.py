@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from concept_config import Root
+from concept_config.fields import whole
 from concept_shard.config import as_dict, typed_config
 from concept_shard.errors import TrainError
 from concept_shard.fingerprint import content_hash
@@ -506,14 +507,9 @@ def _model_config(ckpt: Path, weights: dict) -> ModelConfig:
         for key, value in data.items():
             kind = fields[key].type
             if key == "vocab_sizes":
-                good = isinstance(value, dict) and all(
-                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
-                    for k, v in value.items()
-                )
+                good = isinstance(value, dict) and all(isinstance(k, str) and whole(v, 1) for k, v in value.items())
             elif kind in ("int", "int | None"):
-                good = (value is None and kind != "int") or (
-                    isinstance(value, int) and not isinstance(value, bool) and value > 0
-                )
+                good = (value is None and kind != "int") or (whole(value, 1))
             elif kind == "float":
                 good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             elif kind == "bool":
