@@ -323,6 +323,12 @@ def _reference_samples(dataset: str, stamp: int) -> list[dict]:
     return read_dataset(Path(dataset))
 
 
+def reference_samples(dataset: Path) -> list[dict]:
+    """read_dataset(dataset) for a dataset no test changes, read once per process (and again only
+    if its dataset.json changes)."""
+    return _reference_samples(str(dataset), (Path(dataset) / "dataset.json").stat().st_mtime_ns)
+
+
 def assert_same_as_reference(reference: Path, project: Path, n_datasets: int = 9) -> None:
     """assert_same_samples(reference, project) for a REFERENCE that no test changes (conftest's
     sharded_example): its datasets are read with streaming once per process (and again only if
@@ -332,7 +338,7 @@ def assert_same_as_reference(reference: Path, project: Path, n_datasets: int = 9
     db = {d.relative_to(project): d for d in dataset_dirs(project)}
     assert da.keys() == db.keys() and len(da) == n_datasets
     for rel in da:
-        x = _reference_samples(str(da[rel]), (da[rel] / "dataset.json").stat().st_mtime_ns)
+        x = reference_samples(da[rel])
         y = read_dataset(db[rel])
         assert len(x) == len(y), rel
         for s, t in zip(x, y):

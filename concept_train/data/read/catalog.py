@@ -15,8 +15,8 @@ dataset rebuilt remotely must get a new directory rather than the old one.
 Local shards are read in place, unless `datamodule.cache_limit` is set: then they take the same
 path as remote ones, the local dataset directory being the "remote" (streaming copies a shard's
 `.zstd` into the cache, decompresses it there, deletes the copy and evicts least recently used
-shards). Read in place, streaming leaves a decompressed copy of every shard it touched beside
-the shards, about twice their size, for good; through the cache the disk used stays the shards
+shards). Read in place (read/local.py), a decompressed copy of every shard read stays beside the
+shards, about twice their size, for good; through the cache the disk used stays the shards
 plus the limit.
 """
 

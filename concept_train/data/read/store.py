@@ -1,15 +1,14 @@
-"""Random access to the cells of many shard datasets through one mosaicml-streaming dataset.
+"""Random access to the cells of many shard datasets: (dataset index, row within it) to a decoded
+sample, or a batch of them decoded a shard at a time.
 
-Every input file's shard dataset is one `streaming.Stream`; one `StreamingDataset` holds the
-streams of all loaders (train and val), because streaming forbids two live datasets over the same
-local directory in one process. Batches are planned by `plan.py`, not by streaming's sampler, so
-this module only maps (dataset index, row within it) to a decoded sample.
-
-Local shards are read in place (streaming decompresses each shard next to its `.zstd` on first use
-and keeps the `.zstd`). Remote shards (`PATH.SHARDS_REMOTE`), and local ones under
-`datamodule.cache_limit`, are streamed into the cache directories the catalog chose (one per
-dataset version); streaming copies a shard on first use and, with `datamodule.cache_limit`,
-evicts the least recently used ones to stay under it.
+Batches are planned by `plan.py`; this module only locates and decodes. Local shards are read in
+place: `local.py` indexes them and decompresses a `.zstd` shard beside itself on first use (the
+copy streaming would make, under the same name). Remote shards (`PATH.SHARDS_REMOTE`), and local
+ones under `datamodule.cache_limit`, go through one mosaicml-streaming dataset that holds every
+loader's streams (train and val; streaming forbids two live datasets over the same local
+directory in one process): it copies a shard into the cache directory the catalog chose (one per
+dataset version) on first use and, with `datamodule.cache_limit`, evicts the least recently used
+ones to stay under it.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from concept_shard.mds import SampleDecoder
 
 from .catalog import ShardSet
 from .decode import CODE_DTYPE, SampleBatch, SampleSpans, ShardLayout, copy_values, locate
+from .local import LocalShards
 from .shm import clean_stale_streaming_shm, registered
 
 _NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
@@ -46,21 +46,20 @@ VERIFY = True
 _OPEN: dict[tuple, object] = {}
 
 
-def _streaming_dataset(sets: list[ShardSet], cache_limit):
-    from streaming import Stream, StreamingDataset
-
+def _shard_index(sets: list[ShardSet], cache_limit, damaged):
+    """What indexes the shards of `sets`: LocalShards for datasets read in place, else the one
+    StreamingDataset of these streams in this process."""
     directories = tuple(str(s.directory) for s in sets)
     remotes = tuple(s.remote for s in sets)
-    if any(remotes):
-        # the catalog names each remote dataset's cache after its dataset.json, so a rebuilt
-        # dataset already has another key
-        key = (directories, remotes, cache_limit)
-    else:
-        # a rebuilt local dataset (new index.json) must not be served from the old dataset's index;
+    if not any(remotes):
         # eviction would delete the shards themselves, so local shards are never cache-limited
-        stamps = tuple(os.stat(os.path.join(d, "index.json")).st_mtime_ns for d in directories)
-        key, cache_limit = (directories, stamps), None
+        return LocalShards(list(directories), damaged)
+    # the catalog names each remote dataset's cache after its dataset.json, so a rebuilt dataset
+    # already has another key
+    key = (directories, remotes, cache_limit)
     if key not in _OPEN:
+        from streaming import Stream, StreamingDataset
+
         clean_stale_streaming_shm()
         try:
             # batch_size/shuffle only matter to streaming's own iteration, which is not used here
@@ -117,7 +116,8 @@ class SampleStore:
     def __init__(self, sets: list[ShardSet], cache_limit: str | int | None = None):
         self.sets = list(sets)
         self.index_of = {s.dataset_id: i for i, s in enumerate(self.sets)}
-        self.dataset = _streaming_dataset(self.sets, cache_limit)
+        self.dataset = _shard_index(self.sets, cache_limit, self._damaged)
+        self._local = isinstance(self.dataset, LocalShards)
         offsets = np.asarray(self.dataset.sample_offset_per_stream, dtype=np.int64)
         sizes = np.asarray(self.dataset.samples_per_stream, dtype=np.int64)
         for s, n in zip(self.sets, sizes):
@@ -188,8 +188,10 @@ class SampleStore:
                 if not layout.supported:
                     return None
                 groups.append(_ShardGroup(members, view, buf, layout, locate(layout, buf, offsets[in_shard[members]])))
-        except FileNotFoundError:
-            return None
+        except FileNotFoundError as exc:
+            if self._local:  # deleted under the run
+                raise self._unreadable(int(np.asarray(dataset_indices)[0]), exc) from None
+            return None  # not in streaming's cache yet: get_many has streaming prepare it
         except UserError:
             raise
         except Exception as exc:
@@ -216,9 +218,10 @@ class SampleStore:
         ids = self.offsets[np.asarray(dataset_indices, np.int64)] + np.asarray(rows, np.int64)
         shards = np.searchsorted(self._shard_ends, ids, side="right")
         in_shard = ids - self.dataset.sample_offset_per_shard[shards]
-        now = time_ns()
-        for shard_id in set(shards.tolist()):
-            self.dataset._shard_access_times[shard_id] = now
+        if self._evicts:
+            now = time_ns()
+            for shard_id in set(shards.tolist()):
+                self.dataset._shard_access_times[shard_id] = now
         return ids, shards, in_shard
 
     def _layout(self, shard_id: int, names: list[str]) -> ShardLayout:
@@ -260,7 +263,9 @@ class SampleStore:
             try:
                 view, offsets, _ = self._mapped(shard_id)
                 data = view[int(offsets[in_shard]) : int(offsets[in_shard + 1])]
-            except FileNotFoundError:  # not local yet: streaming prepares the shard
+            except FileNotFoundError:  # not in the cache yet: streaming prepares the shard
+                if self._local:
+                    raise
                 self._check_compressed(dataset_index, shard_id)
                 return self.dataset.get_item(sample_id)
         except UserError:
@@ -283,7 +288,7 @@ class SampleStore:
         if not VERIFY or shard_id in self._verified:
             return
         reader = self.dataset.shards[shard_id]
-        zipped = reader.file_pairs[0][1]
+        zipped = reader.zip_data
         if zipped is None:
             return
         path = os.path.join(reader.dirname, reader.split or "", zipped.basename)
@@ -314,7 +319,14 @@ class SampleStore:
         if mapped is None:
             reader = self.dataset.shards[shard_id]
             path = os.path.join(reader.dirname, reader.split or "", reader.raw_data.basename)
-            with open(path, "rb") as fh:
+            try:
+                fh = open(path, "rb")
+            except FileNotFoundError:
+                if not self._local:
+                    raise
+                self.dataset.prepare_shard(shard_id, VERIFY)  # a .zstd not decompressed yet
+                fh = open(path, "rb")
+            with fh:
                 view = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ, **_NO_FD)
             if VERIFY and shard_id not in self._verified:
                 info = {"bytes": reader.raw_data.bytes, "hashes": reader.raw_data.hashes}

@@ -1,20 +1,26 @@
-"""The sample store's decoder agrees with streaming's own on every sample of every dataset."""
+"""The sample store reads every sample of every dataset as plain streaming reads it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
-from helpers import data_module
+from helpers import REPO, data_module, reference_samples
 
 
 def test_fast_decoder_equals_streaming_decode_on_every_sample(sharded_example):
+    """Local shards are indexed and decompressed without streaming (local.py) and decoded by the
+    store's own decoder: each sample equals what a plain StreamingDataset over its dataset gives."""
     store = data_module(sharded_example).store
     checked = 0
     for d, shard_set in enumerate(store.sets):
+        samples = reference_samples(shard_set.directory)
+        assert len(samples) == shard_set.n_samples
         for row in range(shard_set.n_samples):
             fast = store.get(d, row)
-            ref = store.dataset.get_item(int(store.offsets[d] + row))  # streaming's decode
+            ref = samples[row]
             assert fast.keys() == ref.keys()
             for key in ref:
                 a, b = fast[key], ref[key]
@@ -24,6 +30,41 @@ def test_fast_decoder_equals_streaming_decode_on_every_sample(sharded_example):
                     assert a == b and type(a) is type(b) or (isinstance(b, int) and a == b), (key, a, b)
             checked += 1
     assert checked == sum(s.n_samples for s in store.sets) > 2000
+
+
+def test_local_shards_are_read_without_streaming(sharded_project_copy):
+    """A run over local shards neither imports streaming (3 s and 300 MB per process: it loads
+    transformers and scikit-learn) nor needs it: the `.zstd` shards it draws from are decompressed
+    beside themselves, byte for byte the files index.json records, and nothing half-written stays."""
+    import json
+
+    from concept_shard.integrity import check_file
+
+    project = sharded_project_copy
+    for raw in _raw_shards(project / "shards"):
+        raw.unlink()
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from pathlib import Path\n"
+        "from helpers import data_module\n"
+        f"dm = data_module(Path({str(project)!r}), ['datamodule.dataloader.train.num_workers=0'])\n"
+        "batches = iter(dm.train_loader())\n"
+        "[next(batches) for _ in range(5)]\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'streaming', 'transformers', 'sklearn'})\n"
+        "print('HEAVY', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    decompressed = 0
+    for index in (project / "shards").rglob("index.json"):
+        assert not [p.name for p in index.parent.iterdir() if p.name.endswith(".tmp")]
+        for shard in json.loads(index.read_text())["shards"]:
+            raw = index.parent / shard["raw_data"]["basename"]
+            if raw.exists():
+                check_file(raw.read_bytes(), shard["raw_data"], str(raw))
+                decompressed += 1
+    assert decompressed >= 1
 
 
 def _raw_shards(root) -> set:
