@@ -107,6 +107,10 @@ def test_state_of_another_plan_is_refused(sharded_example):
 
 
 def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path):
+    # through a bounded cache, the path that still registers streaming datasets in /dev/shm (local
+    # shards read in place do not); the next run uses the same cache directory, which stale
+    # segments would refuse ("Reused local directory")
+    cached = [f"PATH.LOCAL_DIR={tmp_path / 'cache'}", "datamodule.cache_limit=1gb"]
     cmd = [
         sys.executable,
         str(HERE / "data_run.py"),
@@ -117,6 +121,7 @@ def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path
         "--sleep-after",
         "2",
         *SMALL,
+        *cached,
         "datamodule.dataloader.train.num_workers=2",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -133,7 +138,7 @@ def test_kill_9_leaves_nothing_that_stops_the_next_run(sharded_example, tmp_path
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    _run(sharded_example, tmp_path / "after.pt", 3, workers=2)  # and the next run starts anyway
+    _run(sharded_example, tmp_path / "after.pt", 3, *cached, workers=2)  # and the next run starts anyway
     assert not (left.items() & _inodes(left).items())  # having removed them (or a session beside it did)
 
 
