@@ -90,9 +90,16 @@ class ChunkCells:
 
 
 def _validate(
-    path: Path, data: np.ndarray, indices: np.ndarray, row0: int, indptr: np.ndarray, allow_non_integral: bool
+    path: Path,
+    data: np.ndarray,
+    indices: np.ndarray,
+    row0: int,
+    indptr: np.ndarray,
+    allow_non_integral: bool,
+    fix: str | None = None,
 ) -> float:
-    """Raise on NaN, infinite, negative or (unless allowed) non-integral values; return the minimum."""
+    """Raise on NaN, infinite, negative or (unless allowed) non-integral values; return the minimum.
+    `fix`: what the error tells the caller to do (default: the sharder's keys)."""
     if len(data) == 0:
         return 1.0
     low = data.min()
@@ -115,7 +122,8 @@ def _validate(
         path,
         f"holds {what} counts (e.g. {float(data[bad]):g} in row {row}, column {col}); "
         "concept-shard stores raw counts and normalises on the fly.",
-        "Put the raw integer counts in X or in .raw (layers are not read), or set "
+        fix
+        or "Put the raw integer counts in X or in .raw (layers are not read), or set "
         "shard.allow_non_integral=true to keep non-integral values as float32.",
     )
 
@@ -136,12 +144,20 @@ SORT_BLOCK_ROWS = 128
 
 
 def map_chunk(
-    path: Path, chunk: sp.csr_matrix, row0: int, gene_map: GeneMap, vocab: Vocabulary, allow_non_integral: bool
+    path: Path,
+    chunk: sp.csr_matrix,
+    row0: int,
+    gene_map: GeneMap,
+    vocab: Vocabulary,
+    allow_non_integral: bool,
+    counts_fix: str | None = None,
 ) -> ChunkCells:
+    """A chunk of source rows as cells of the vocabulary; values that are not counts are refused
+    (the error says `counts_fix`, or what the sharder's keys can do)."""
     data, indices = chunk.data, chunk.indices
     indptr = chunk.indptr.astype(np.int64, copy=False)
     n_rows = chunk.shape[0]
-    low = _validate(path, data, indices, row0, indptr, allow_non_integral)
+    low = _validate(path, data, indices, row0, indptr, allow_non_integral, counts_fix)
     lengths = np.diff(indptr)
     n_counts = np.zeros(n_rows, np.float64)
     has_values = lengths > 0

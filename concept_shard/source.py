@@ -61,7 +61,11 @@ class AnnDataSource:
     the config entry that listed the file (e.g. "split datamodule.split_x"), for error messages.
     """
 
-    def __init__(self, path: Path, gene_id_column: str | None = None, listed_in: str | None = None):
+    def __init__(
+        self, path: Path, gene_id_column: str | None = None, listed_in: str | None = None, layer: str | None = None
+    ):
+        """`layer`: read the counts from `layers/<layer>` (genes in `var`) instead of `raw/X` or `X`
+        (concept-embed's --layer; the sharder reads raw or X only)."""
         self.path, self.gene_id_column, self.listed_in = Path(path), gene_id_column, listed_in
         path = self.path
         if not path.exists():
@@ -90,6 +94,13 @@ class AnnDataSource:
             has_raw = "raw" in self.root and "X" in self.root["raw"]
             self.matrix_key = "raw/X" if has_raw else "X"
             self.var_key = "raw/var" if has_raw else "var"
+            if layer is not None:
+                layers = list(self.root["layers"].keys()) if "layers" in self.root else []
+                if layer not in layers:
+                    raise ShardError(
+                        path, f"has no layer '{layer}' (its layers: {layers}).", "Name one of them, or none for X."
+                    )
+                self.matrix_key, self.var_key = f"layers/{layer}", "var"
             self.X = self.root[self.matrix_key]
             self.format, self.shape = self._layout(self.X)
         except ShardError:
@@ -273,9 +284,19 @@ class AnnDataObjectSource:
     """An in-memory (or backed) AnnData object as a `RowSource`: counts from `.raw` when it is set,
     else `X` (the file rule), read in row chunks."""
 
-    def __init__(self, adata, gene_id_column: str | None = None, label: str = "AnnData object"):
-        has_raw = adata.raw is not None
-        self.X = adata.raw.X if has_raw else adata.X
+    def __init__(
+        self, adata, gene_id_column: str | None = None, label: str = "AnnData object", layer: str | None = None
+    ):
+        """`layer`: counts from `adata.layers[layer]` (genes in `adata.var`) instead."""
+        has_raw = adata.raw is not None and layer is None
+        named = [k for k in adata.layers.keys() if k is not None]  # (anndata 0.13 lists X as None)
+        if layer is not None and layer not in named:
+            raise ShardError(
+                label,
+                f"has no layer '{layer}' (its layers: {named}).",
+                "Pass layer= naming one of them, or layer=None for adata.raw / adata.X.",
+            )
+        self.X = adata.layers[layer] if layer is not None else adata.raw.X if has_raw else adata.X
         if sp.issparse(self.X) and self.X.format == "csc":
             self.X = self.X.tocsr()  # row slices of CSC are O(nnz) each
         var = adata.raw.var if has_raw else adata.var

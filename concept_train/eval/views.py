@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.make.tokenize import TokenSpec
-from ..embedding import adds_learnable_embs, cells_of, embed_cells
+from ..embedding import WHOLE_CELL_TOKENS, adds_learnable_embs, cells_of, embed_cells, whole_cell_tokens
 from .cells import EvalCells
 
-VIEW_MAX_TOKENS = 1000
+VIEW_MAX_TOKENS = WHOLE_CELL_TOKENS  # a panel view keeps at most this many genes, as the validation loaders
 
 
 class Embedder:
@@ -36,8 +36,9 @@ class Embedder:
         use_learnable_embs: bool = True,
     ):
         self.loaded, self.cells, self.batch_size = loaded, cells, batch_size
-        # default: as the validation's whole-cell views (1,000, the reference's), or more if trained with more
-        self.max_tokens = int(max_tokens or max(loaded.cfg.datamodule.dataset.train.max_tokens, VIEW_MAX_TOKENS))
+        # default: as the validation's whole-cell views (1,000, the reference's), or more if trained
+        # with more; concept-embed's default too
+        self.max_tokens = whole_cell_tokens(loaded.cfg, max_tokens)
         self.normalization = loaded.cfg.datamodule.normalization
         self.vocab_size = loaded.vocabs[cells.species].size
         self.add_learnable = adds_learnable_embs(loaded, use_learnable_embs)

@@ -548,8 +548,16 @@ class LoadedModel:
     vocabs: dict[str, Vocabulary]  # the run's species -> token mapping, loaded once
 
     def provenance(self, species: str) -> dict:
-        """What `uns["concept"]` records beside embeddings made with this model."""
-        return {"run_id": self.run_id, "step": self.step, "species": species, "checkpoint": str(self.checkpoint)}
+        """What `uns["concept"]` records of the model beside embeddings made with it: the run, the
+        step, the checkpoint and the digest of its weights (checksums.json's, when it has one)."""
+        out = {"run_id": self.run_id, "step": self.step, "species": species, "checkpoint": str(self.checkpoint)}
+        try:
+            digest = json.loads((Path(self.checkpoint) / CHECKSUMS).read_text()).get(WEIGHTS)
+        except (OSError, ValueError, AttributeError):
+            digest = None
+        if isinstance(digest, str):
+            out["weights_digest"] = digest
+        return out
 
 
 def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> LoadedModel:

@@ -72,7 +72,8 @@ def test_shard_train_two_processes_resume_embed_knn(tmp_path):
     adata = ad.read_h5ad(out_path)
     z = adata.obsm["X_concept"]
     assert z.shape[0] == adata.n_obs and np.isfinite(z).all()
-    assert adata.uns["concept"]["run_id"] == "e2e" and int(adata.uns["concept"]["step"]) == 90
+    made = adata.uns["concept"]["X_concept"]
+    assert made["run_id"] == "e2e" and int(made["step"]) == 90 and int(made["max_tokens"]) == 1000
 
     labels = torch.as_tensor(adata.obs["cell_type"].cat.codes.to_numpy().copy(), dtype=torch.int64)
     accuracy = knn_accuracy(torch.from_numpy(z), labels)

@@ -52,7 +52,8 @@ def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_p
     written = ad.read_h5ad(out)
     z_cli = written.obsm["X_concept"]
     assert z_cli.shape == (written.n_obs, 16) and np.isfinite(z_cli).all()
-    assert written.uns["concept"]["run_id"] == "emb" and int(written.uns["concept"]["step"]) == 2
+    made = written.uns["concept"]["X_concept"]
+    assert made["run_id"] == "emb" and int(made["step"]) == 2 and int(made["max_tokens"]) == 1000
     np.testing.assert_allclose(np.linalg.norm(z_cli, axis=1), 1.0, rtol=1e-5)
 
     loaded = load_model(run, device="cpu")
@@ -64,7 +65,7 @@ def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_p
     adata = ad.read_h5ad(source)
     z_obj = embed(adata, loaded, batch_size=50)
     np.testing.assert_allclose(z_obj, z_cli, rtol=1e-5, atol=1e-6)
-    assert adata.obsm["X_concept"] is z_obj and adata.uns["concept"]["species"] == "hsapiens"
+    assert adata.obsm["X_concept"] is z_obj and adata.uns["concept"]["X_concept"]["species"] == "hsapiens"
     subset = ad.read_h5ad(source)[:40].copy()
     np.testing.assert_allclose(embed(subset, run, device="cpu"), z_cli[:40], rtol=1e-5, atol=1e-6)
 
@@ -82,6 +83,63 @@ def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_p
         np.testing.assert_allclose(z[: batch.n_cells].numpy(), z_cli[batch.row.numpy()], rtol=1e-4, atol=1e-5)
         checked += batch.n_cells
     assert checked >= 256
+
+
+def test_the_default_is_the_whole_cell_concept_eval_scores(trained_run):
+    """embed() used the training max_tokens (48 in the demo), concept-eval whole cells of 1,000
+    genes: the embedding a user got scored worse than the report. Now both are the same array."""
+    from concept_train.eval.cells import from_files
+    from concept_train.eval.views import Embedder
+
+    project, run = trained_run
+    loaded = load_model(run, device="cpu")
+    loaded.cfg.datamodule.dataset.train.max_tokens = 48  # as the demo: training views of 48 genes
+    source = project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
+    cells = from_files(loaded, [source], None, None, 10_000, 0, {})
+    scored = Embedder(loaded, cells).whole_cells()
+    adata = ad.read_h5ad(source)
+    z = embed(adata, loaded)
+    assert len(scored) == adata.n_obs  # every cell has counts: all kept, in file order
+    np.testing.assert_allclose(z, scored, rtol=1e-5, atol=1e-6)
+    assert int(adata.uns["concept"]["X_concept"]["max_tokens"]) == 1000
+    assert not np.allclose(embed(adata.copy(), loaded, max_tokens=48), z, atol=1e-3)  # the old default differs
+
+
+def test_key_added_layer_and_copy_as_scanpy_and_scvi_tools_have_them(trained_run, tmp_path):
+    project, run = trained_run
+    loaded = load_model(run, device="cpu")
+    source = project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
+    adata = ad.read_h5ad(source)
+    counts = adata.X.copy()
+    z = embed(adata, loaded)
+    # scvi-tools' habit: raw counts in layers["counts"], log1p in X (which embed refuses, naming the fix)
+    adata.layers["counts"] = counts
+    adata.X = np.log1p(counts)
+    with pytest.raises(UserError) as err:
+        embed(adata, loaded)
+    assert "non-integral" in str(err.value) and "layer=" in str(err.value)
+    copied = embed(adata, loaded, layer="counts", key_added="X_concept_counts", max_tokens=64, copy=True)
+    assert "X_concept_counts" not in adata.obsm  # copy=True leaves the object as it was
+    np.testing.assert_allclose(copied.obsm["X_concept_counts"], z, atol=0.5)  # (other max_tokens)
+    np.testing.assert_allclose(
+        embed(adata, loaded, layer="counts", key_added="X_c"), z, rtol=1e-5, atol=1e-6
+    )  # the layer's counts are the cells' counts
+    # provenance per key: the second embedding does not overwrite the first one's record
+    made = copied.uns["concept"]
+    assert made["X_concept"]["max_tokens"] == 1000 and made["X_concept_counts"]["max_tokens"] == 64
+    assert made["X_concept_counts"]["counts"] == "layers['counts']" and len(made["X_concept"]["weights_digest"]) > 8
+    with pytest.raises(UserError, match=r"no layer 'spliced' \(its layers: \['counts'\]\)"):
+        embed(adata, loaded, layer="spliced")
+    # the command line: --layer and --key-added, into a file that already had an embedding
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    out = tmp_path / "out.h5ad"
+    assert (
+        embed_main([str(run), str(tmp_path / "in.h5ad"), "--out", str(out), "--layer", "counts", "--key-added", "Z"])
+        == 0
+    )
+    written = ad.read_h5ad(out)
+    np.testing.assert_allclose(written.obsm["Z"], z, rtol=1e-5, atol=1e-6)
+    assert set(written.uns["concept"]) == {"X_concept", "X_c", "Z"} and set(written.obsm) >= {"X_concept", "Z"}
 
 
 def test_species_is_inferred_and_ambiguity_is_an_error(trained_run, tmp_path):

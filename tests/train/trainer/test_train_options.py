@@ -196,9 +196,9 @@ def test_embedding_can_leave_the_residual_out(sharded_project_copy, tmp_path):
     source = sharded_project_copy / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
     cells = ad.read_h5ad(source)[:64].copy()
     with_residual = embed(cells, loaded)
-    assert cells.uns["concept"]["learnable_embs"] is True
+    assert cells.uns["concept"]["X_concept"]["learnable_embs"] is True
     without = embed(cells, loaded, use_learnable_embs=False)
-    assert cells.uns["concept"]["learnable_embs"] is False
+    assert cells.uns["concept"]["X_concept"]["learnable_embs"] is False
     assert np.abs(with_residual - without).max() > 1e-4
     out = tmp_path / "no_residual.h5ad"
     assert embed_main([str(run), str(source), "--out", str(out), "--no-learnable-embs"]) == 0
