@@ -28,6 +28,7 @@ from concept_config.project import SECTIONS, SPLIT_PREFIX, WEIGHT_KEYS, SplitIte
 
 from .errors import ConfigError, ShardError
 from .strict import check_values, inert_warning, merge_typed, origin_of, set_override, suggestion, unknown_keys
+from .yaml_bounds import yaml_problem
 
 # The packaged config tree sits beside the packages (repo root); CONCEPT_CONF_DIR overrides it.
 _INTERPOLATION = re.compile(r"^\$\{([^}]+)\}$")  # a split list item that names a split file
@@ -313,6 +314,25 @@ def _quoted(path: Path) -> str:
     return f"'{text}'"
 
 
+def _unparsable(user_dir: Path | None) -> ConfigError:
+    """The error for a composition that recursed without end, naming every YAML file of the
+    project's config directory beyond yaml_bounds' limits (the one composed is among them)."""
+    found = []
+    for path in sorted(user_dir.rglob("*.yaml")) if user_dir is not None else []:
+        problem = yaml_problem(path, "a config file")
+        if problem is not None:
+            found.append((path, problem))
+    fix = "Fix or remove it (configs are a few nested mappings and lists)."
+    if len(found) == 1:
+        return ConfigError(found[0][0], found[0][1], fix)
+    if found:
+        listed = "; ".join(f"{path} {problem.rstrip('.')}" for path, problem in found)
+        return ConfigError(user_dir, f"holds YAML files that cannot be configs: {listed}.", fix)
+    return ConfigError(
+        "config", "nests too deep to compose (a file or an interpolation).", "Check the files of --config-dir."
+    )
+
+
 def _compose(overrides: list[str], user_dir: Path | None, config_name: str) -> DictConfig:
     from hydra import compose
     from hydra._internal.hydra import Hydra
@@ -328,6 +348,8 @@ def _compose(overrides: list[str], user_dir: Path | None, config_name: str) -> D
     Hydra.create_main_hydra2(task_name="concept", config_search_path=search_path)
     try:
         return compose(config_name=config_name, overrides=overrides)
+    except RecursionError:  # PyYAML or OmegaConf on a file nested too deep
+        raise _unparsable(user_dir) from None
     except HydraException as exc:
         raise ConfigError(
             "config",

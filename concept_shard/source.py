@@ -103,6 +103,8 @@ class AnnDataSource:
                 self.matrix_key, self.var_key = f"layers/{layer}", "var"
             self.X = self.root[self.matrix_key]
             self.format, self.shape = self._layout(self.X)
+            if self.format != "dense" and not hasattr(self.root, "filename"):  # zarr, not h5py
+                self._check_chunks()
         except ShardError:
             raise
         except Exception as exc:
@@ -114,6 +116,23 @@ class AnnDataSource:
             ) from None
         self._csc = None
         self._obs_columns: dict[str, _ObsColumn] = {}
+
+    def _check_chunks(self) -> None:
+        """Every chunk of a sparse matrix's `data` and `indices` in a .zarr is present. zarr reads a
+        missing chunk as its fill value (0): a store copied in part read as cells without counts,
+        built with exit 0. (zarr does not write a chunk that holds only the fill value, but a chunk
+        of stored nonzeros, or of column indices all 0, does not occur; a dense X may legitimately
+        lack chunks, so it is not checked.)"""
+        for name in ("data", "indices"):
+            array = self.X[name]
+            if array.size and array.nchunks_initialized < array.nchunks:
+                raise ShardError(
+                    self.path,
+                    f"lacks {array.nchunks - array.nchunks_initialized} of the {array.nchunks} chunks of "
+                    f"{self.matrix_key}/{name}: the store is incomplete (copied in part, or damaged), and zarr "
+                    "would read the missing values as zeros.",
+                    "Copy the .zarr again from its origin (or re-export it), then re-run the build.",
+                )
 
     @staticmethod
     def _layout(X) -> tuple[str, tuple[int, int]]:

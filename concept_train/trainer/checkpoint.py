@@ -40,6 +40,7 @@ from concept_shard.config import as_dict, typed_config
 from concept_shard.errors import TrainError
 from concept_shard.fingerprint import content_hash
 from concept_shard.vocabulary import Vocabulary, load_vocabulary
+from concept_shard.yaml_bounds import yaml_problem
 
 from ..model import ContrastiveModel, ModelConfig
 from ..model.model import LEGACY_KEYS, OPTIONAL_PREFIXES
@@ -92,41 +93,13 @@ def damage(checkpoint: Path, only: tuple[str, ...] | None = None) -> str | None:
     return None
 
 
-# a run's config.yaml is a few KB with a few hundred leaves; these bound what a crafted one costs
-MAX_YAML_BYTES = 4 << 20
-MAX_YAML_NODES = 100_000  # counted with every alias expanded (a 4.8 KB alias bomb ran for minutes)
-MAX_YAML_DEPTH = 64
-
-
 def load_config_yaml(path: Path):
     """A checkpoint's or run's config.yaml as OmegaConf reads it, once its size, nesting and node
-    count (aliases expanded) are within bounds; a TrainError naming the file otherwise."""
-    import yaml
-
-    path = Path(path)
-    fix = "Use another checkpoint of the run, or restore the run's config.yaml."
-    data = path.read_bytes()
-    if len(data) > MAX_YAML_BYTES:
-        raise TrainError(path, f"is {len(data):,} bytes, more than a run's config ever holds.", fix)
-    try:
-        root = yaml.compose(data, Loader=yaml.SafeLoader)
-    except RecursionError:
-        raise TrainError(path, "is nested too deep to be a run's config.", fix) from None
-    except yaml.YAMLError as exc:
-        raise TrainError(path, f"is not valid YAML ({exc}).", fix) from None
-    stack, seen = [(root, 1)], 0
-    while stack:
-        node, depth = stack.pop()
-        seen += 1
-        if depth > MAX_YAML_DEPTH or seen > MAX_YAML_NODES:
-            what = (
-                f"nested deeper than {MAX_YAML_DEPTH}" if depth > MAX_YAML_DEPTH else f"over {MAX_YAML_NODES:,} nodes"
-            )
-            raise TrainError(path, f"is {what} (aliases expanded): not a run's config.", fix)
-        if isinstance(node, yaml.MappingNode):
-            stack.extend((item, depth + 1) for pair in node.value for item in pair)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((item, depth + 1) for item in node.value)
+    count (aliases expanded) are within bounds (yaml_bounds.py: a run's config.yaml is a few KB
+    with a few hundred leaves); a TrainError naming the file otherwise."""
+    problem = yaml_problem(path, "a run's config")
+    if problem is not None:
+        raise TrainError(path, problem, "Use another checkpoint of the run, or restore the run's config.yaml.")
     return OmegaConf.load(path)
 
 

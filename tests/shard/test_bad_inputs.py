@@ -37,6 +37,16 @@ def _fifo(rel: str):
     return apply
 
 
+def _drop_chunk(rel: str, key: str):
+    """One chunk file of a .zarr's sparse matrix deleted (a store copied in part)."""
+
+    def apply(project: Path):
+        chunks = sorted(p for p in (project / rel / key).iterdir() if not p.name.startswith("."))
+        chunks[-1].unlink()
+
+    return apply
+
+
 def _set_value(rel: str, value: float):
     def apply(project: Path):
         with h5py.File(project / rel, "r+") as f:
@@ -140,6 +150,11 @@ CASES = {
     "repeated column index": (
         _edit_matrix(f"{HS}/hs_val_e.h5ad", "indices", _repeat_index),
         ["hs_val_e.h5ad", "corrupt X/indices", "row 4 lists index", "twice"],
+        1,
+    ),
+    "zarr without a chunk": (
+        _drop_chunk(f"{HS}/hs_gut_d.zarr", "X/data"),
+        ["hs_gut_d.zarr", "lacks 1 of the", "chunks of X/data", "Copy the .zarr again"],
         1,
     ),
     "infinite counts": (_set_value(f"{MM}/mm_brain_a.h5ad", np.inf), ["mm_brain_a.h5ad", "infinite counts"], 1),

@@ -86,6 +86,20 @@ def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
     assert err.value.where.endswith("Broken.yaml, line 3") and "not valid YAML" in err.value.problem
 
 
+def test_a_config_file_nested_too_deep_is_named_not_a_recursion_error(tmp_path):
+    """A project YAML nested 100,000 deep ended in a raw RecursionError from inside PyYAML."""
+    from concept_shard.config import compose_config
+    from concept_shard.errors import ConfigError
+
+    (tmp_path / "datamodule").mkdir()
+    deep = tmp_path / "datamodule" / "Deep.yaml"
+    deep.write_text("x: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError) as err:
+        compose_config(tmp_path, ["datamodule=Deep"], config_dir=tmp_path)
+    assert err.value.where == str(deep) and "nested too deep" in err.value.problem
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "model_checkpoints").exists()
+
+
 def test_a_user_project_built_with_the_packaged_splits_is_told_where_its_configs_go(example_source, tmp_path, capsys):
     """`concept-shard build PROJECT_PATH` on a user's project reported the example's files as
     missing, with no hint."""
