@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from concept_config import Root
 from concept_config.fields import whole
 from concept_shard.config import as_dict, typed_config
-from concept_shard.errors import TrainError
+from concept_shard.errors import StorageError, TrainError
 from concept_shard.fingerprint import content_hash
 from concept_shard.vocabulary import Vocabulary, load_vocabulary
 from concept_shard.yaml_bounds import yaml_problem
@@ -151,6 +151,46 @@ def save_checkpoint(
         # a resumed run that had already reached its last step: the state is the one saved there.
         # Replacing it would leave `latest` naming nothing for a moment, and a kill then loses the run.
         return final
+    try:
+        return _save(root, final, tmp, step, model, optimizer, trainer_state, d, keep_last, run_config)
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or not _storage_failure(exc):
+            raise
+        free = shutil.disk_usage(root).free if root.is_dir() else 0
+        raise StorageError(
+            final,
+            f"could not be written ({_last_error(exc)}); "
+            f"{free / 1e9:.2f} GB are free there. Nothing of it was kept; the previous checkpoints are intact.",
+            "Free space (or raise the quota) under PATH.CHECKPOINT_ROOT, then resume the run "
+            "(initialize.resume=True): it continues from its last complete checkpoint.",
+        ) from None
+
+
+def _last_error(exc: BaseException) -> str:
+    """The innermost `SomeError: message` line of an error's text (DCP's CheckpointException
+    carries each rank's traceback as text), else its type and first 300 characters."""
+    lines = re.findall(r"^(\w+(?:Error|Exception): .*)$", str(exc), re.MULTILINE)
+    return lines[-1][:300] if lines else f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _storage_failure(exc: BaseException) -> bool:
+    """Whether a failure to write a checkpoint came from the storage (no space, a quota, a file
+    size limit, an I/O error): an OSError anywhere in its chain, or torch's writers' own words for
+    one ("file write failed", "PytorchStreamWriter failed writing", ...)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) or re.search(r"writ|no space|quota|disk", str(exc), re.IGNORECASE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _save(root, final, tmp, step, model, optimizer, trainer_state, d, keep_last, run_config) -> Path:
+    """save_checkpoint's writing: every file into `tmp`, then `tmp` renamed into place and
+    `latest` pointed at it."""
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
