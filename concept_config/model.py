@@ -38,6 +38,11 @@ class ModelKeys:
     mlm_loss_weight: float = key(0.0, "weight of the masked-value loss", ge=0)
     decoder_head: bool = key(False, "a per-token head that predicts values (MLM)")
     mask_value: float = key(-1.0, "what a masked value becomes (model.training.masking_rate)")
+    cls_value: Optional[float] = key(
+        None,
+        "the value <cls> carries into the value encoding (scConcept's key, its trees say -2); "
+        "null: <cls> takes no value encoding",
+    )
     logit_scale_init_value: float = key(3.0, "initial log of the learnable logit scale")
     loss_switch_step: Optional[int] = key(10000, "from this step on, SimCLR's 2N x 2N loss", ge=0)
     # scConcept's keys with no effect here

@@ -51,6 +51,9 @@ class ModelConfig:
     logit_scale_init_value: float = 3.0
     attention_backend: str = "auto"  # auto | flash | varlen | grouped
     decoder_head: bool = False  # a per-token value decoder (MLM); absent from older model.json: False
+    # value_encoding: <cls> carries this value into the value encoder, as scConcept's model does
+    # (its `cls_value`, -2 in its trees); None: <cls> takes no value encoding (ours; older model.json)
+    cls_value: float | None = None
 
     def __post_init__(self):
         # the one combination of architecture keys the schema cannot check key by key
@@ -88,6 +91,7 @@ class ModelConfig:
             logit_scale_init_value=model.logit_scale_init_value,
             attention_backend="auto" if model.flash_attention else "grouped",
             decoder_head=model.decoder_head or mlm_loss_on(model),
+            cls_value=model.cls_value,
         )
 
 
@@ -264,6 +268,9 @@ class ContrastiveModel(nn.Module):
         x = torch.where(is_cls, self.cls.to(x.dtype), x)
         if self.cfg.input_encoding == "rank_encoding":
             enc = self.rank_table[positions.clamp(max=self.cfg.pe_max_len)].to(x.dtype)
+        elif self.cfg.cls_value is not None:  # scConcept's: <cls> carries cls_value into the encoder
+            values = torch.where(is_cls[:, 0], self.cfg.cls_value, values)
+            return x + self.value_encoder(values[:, None].to(x.dtype))
         else:
             enc = self.value_encoder(values[:, None].to(x.dtype))
         # <cls> is not a gene and has no rank or value; its rank-0 vector would be one large offset

@@ -523,8 +523,10 @@ def _model_config(ckpt: Path, weights: dict) -> ModelConfig:
                 good = isinstance(value, dict) and all(isinstance(k, str) and whole(v, 1) for k, v in value.items())
             elif kind in ("int", "int | None"):
                 good = (value is None and kind != "int") or (whole(value, 1))
-            elif kind == "float":
-                good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            elif kind in ("float", "float | None"):
+                good = (value is None and kind != "float") or (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                )
             elif kind == "bool":
                 good = isinstance(value, bool)
             else:

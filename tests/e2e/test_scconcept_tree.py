@@ -65,6 +65,8 @@ mlm_loss_weight: 0.0
 cont_loss_weight: 1.0
 contrastive_loss: multiclass
 logit_scale_init_value: 3.0
+mask_value: -1
+cls_value: -2
 mask_padding: True
 pe_max_len: 5000
 input_encoding: "rank_encoding"

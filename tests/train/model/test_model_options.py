@@ -246,3 +246,35 @@ def test_binary_loss_in_simclr_form_and_learning():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_cls_value_is_the_value_cls_carries_into_the_value_encoding():
+    """scConcept's `model.cls_value` (its trees: -2): under value_encoding the <cls> token is its
+    learnt vector plus the value encoding of cls_value; null (ours) gives it no value encoding.
+    scConcept's current tree was refused at this key."""
+    from concept_shard.vocabulary import CLS_TOKEN
+
+    def model(cls_value):
+        torch.manual_seed(0)
+        cfg = ModelConfig(
+            vocab_sizes={"hsapiens": 30},
+            dim_model=16,
+            nlayers=1,
+            num_head=2,
+            dim_hid=32,
+            dim_gene_embs=8,
+            input_encoding="value_encoding",
+            cls_value=cls_value,
+        )
+        return ContrastiveModel(cfg).eval()
+
+    tokens, values = torch.tensor([CLS_TOKEN, 5, 7]), torch.tensor([0.0, 3.0, 1.0])
+    positions = torch.tensor([0, 1, 2])
+    ours, theirs = model(None), model(-2.0)
+    with torch.no_grad():
+        a = ours.embed_tokens(tokens, values, positions, "hsapiens")
+        b = theirs.embed_tokens(tokens, values, positions, "hsapiens")
+        cls_vector = ours.cls.detach()
+        torch.testing.assert_close(a[0], cls_vector)  # no value encoding on <cls>
+        torch.testing.assert_close(b[0], cls_vector + theirs.value_encoder(torch.tensor([[-2.0]]))[0])
+        torch.testing.assert_close(a[1:], b[1:])  # the genes are encoded alike
