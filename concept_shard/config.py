@@ -64,6 +64,8 @@ def compose_tree(
             "Install the repo with `bash tools/install.sh` or set CONCEPT_CONF_DIR.",
         )
     overrides = list(overrides)
+    if project_path is None:
+        project_path, overrides = _project_path_override(overrides)
     if project_path is not None:
         if not Path(project_path).is_dir():  # before anything is created under a mistyped path
             raise ConfigError(
@@ -312,6 +314,23 @@ def _quoted(path: Path) -> str:
     # a quote or `${` is escaped by one backslash, and the backslashes just before it by doubling
     text = re.sub(r"(\\*)(\$\{|')", lambda m: m.group(1) * 2 + "\\" + m.group(2), str(path))
     return f"'{text}'"
+
+
+_PROJECT_PATH_OVERRIDE = re.compile(r"\+{0,2}PATH\.PROJECT_PATH=(?P<value>[^$]*)")
+
+
+def _project_path_override(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """`PATH.PROJECT_PATH=P` among the overrides (scConcept's documented form) taken as the
+    project path, so that P/conf is found as for a positional PROJECT_PATH. A value with an
+    interpolation (`${...}`) stays an override: Hydra resolves it, and no conf/ is looked for."""
+    for i, override in enumerate(overrides):
+        m = _PROJECT_PATH_OVERRIDE.fullmatch(override)
+        if m:
+            value = m.group("value")
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            return value, overrides[:i] + overrides[i + 1 :]
+    return None, overrides
 
 
 def _unparsable(user_dir: Path | None) -> ConfigError:

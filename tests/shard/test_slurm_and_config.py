@@ -75,6 +75,18 @@ def test_missing_config_dir_and_project_path_are_clear_errors(tmp_path, capsys):
     assert "is not a directory" in " ".join(capsys.readouterr().err.split())  # wrapped at the terminal width
 
 
+def test_project_path_given_as_an_override_finds_its_conf(project):
+    """`concept-train PATH.PROJECT_PATH=P ...` (scConcept's documented form) did not find P/conf."""
+    from concept_shard.config import compose_config
+
+    (project / "conf/datamodule").mkdir(parents=True)
+    mine = "defaults:\n  - DataModuleBasic\n  - _self_\nobs_keys: [tissue]\n"
+    (project / "conf/datamodule/Mine.yaml").write_text(mine)
+    for given in (f"PATH.PROJECT_PATH={project}", f"PATH.PROJECT_PATH='{project}'"):
+        cfg = compose_config(None, [given, "datamodule=Mine"])
+        assert list(cfg.datamodule.obs_keys) == ["tissue"] and cfg.PATH.PROJECT_PATH == str(project.resolve())
+
+
 def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
     from concept_shard.config import compose_config
     from concept_shard.errors import UserError
