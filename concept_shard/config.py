@@ -101,6 +101,9 @@ def compose_tree(
             raise ConfigError(
                 dotted, "is not a key of the config (on the command line).", suggestion(dotted, siblings, Root)
             )
+        if value is None and dotted in NO_VALIDATION_KEYS:  # scConcept's way of turning validation off
+            OmegaConf.update(cfg, dotted, {}, merge=False)
+            continue
         set_override(cfg, dotted, value)
     _check_loader_names(cfg, overrides, search)
     if OmegaConf.is_missing(cfg.PATH, "PROJECT_PATH"):
@@ -110,6 +113,19 @@ def compose_tree(
     if line:
         (log or _stderr)(line)
     return cfg
+
+
+# `null` for either means no validation loaders (how scConcept's tests turn validation off)
+NO_VALIDATION_KEYS = ("datamodule.dataset.val", "datamodule.dataloader.val")
+
+
+def _no_validation(cfg: DictConfig) -> None:
+    """A YAML file's `val: null` under datamodule.dataset / datamodule.dataloader as no loaders."""
+    for dotted in NO_VALIDATION_KEYS:
+        parent, name = dotted.rsplit(".", 1)
+        node = OmegaConf.select(cfg, parent)
+        if isinstance(node, DictConfig) and name in node and node._get_node(name)._is_none():
+            node[name] = {}
 
 
 def _stderr(line: str) -> None:
@@ -291,6 +307,7 @@ def _typed(cfg: DictConfig, overrides: list[str], search: list[Path]) -> DictCon
             "Mount split files as datamodule.split_<source>_<species>.",
         )
     OmegaConf.set_struct(cfg, False)
+    _no_validation(cfg)
     splits = {}
     if isinstance(cfg.get("datamodule"), DictConfig):
         for name in [k for k in cfg.datamodule.keys() if str(k).startswith(SPLIT_PREFIX)]:

@@ -33,7 +33,7 @@ from .make.filters import ViewFilters
 from .make.panels import DesignedPanel, PanelSampler, curriculum_specs, load_designed_panels
 from .make.tokenize import TokenSpec
 from .order.groups import FILE_KEY, file_groups, group_keys, obs_groups, pool_cut
-from .order.plan import BatchPlan
+from .order.plan import BatchPlan, NoBatch
 from .read.catalog import Catalog, ShardSet
 from .read.obs import column_codes
 from .read.shm import check_free_shm
@@ -338,7 +338,11 @@ class DataModule:
         out = {}
         for name, sets in self.val_sets.items():
             st = self._settings(name)
-            maker = self._maker(name, sets, st, self.dm.val_seed)
+            try:
+                maker = self._maker(name, sets, st, self.dm.val_seed)
+            except NoBatch as err:  # as scConcept's empty loader: no batches, and here a word
+                self.log(f"[data] validation loader {name} is skipped ({err.where}: {err.problem} {err.fix})")
+                continue
             n_batches = maker.plan.batches_per_epoch
             if st.num_samples is not None:
                 n_batches = max(1, min(n_batches, st.num_samples // maker.plan.batch_size))

@@ -86,6 +86,20 @@ def test_every_schema_key_takes_a_plain_override_and_defaults_fill_what_yaml_omi
     assert cfg.datamodule.dataset.val["within_P6400_B256"].panel_max_drop_rate == 0.5
 
 
+def test_val_null_means_no_validation_as_in_scconcept(tmp_path):
+    """`datamodule.dataset.val=null datamodule.dataloader.val=null` (how scConcept's tests drop
+    validation) was refused as a type error; in a YAML file too."""
+    cfg = compose(tmp_path, "datamodule.dataset.val=null", "datamodule.dataloader.val=null")
+    assert dict(cfg.datamodule.dataset.val) == {} and dict(cfg.datamodule.dataloader.val) == {}
+    (tmp_path / "conf/datamodule").mkdir(parents=True)
+    (tmp_path / "conf/datamodule/NoVal.yaml").write_text(
+        "defaults:\n  - DataModuleBasic\n  - _self_\ndataset:\n  val: null\ndataloader:\n  val: null\n"
+    )
+    cfg = compose(tmp_path, "datamodule=NoVal")
+    assert dict(cfg.datamodule.dataset.val) == {} and dict(cfg.datamodule.dataloader.val) == {}
+    assert cfg.datamodule.dataset.train.max_tokens == 1000  # the rest of the module as it was
+
+
 def test_inert_reference_keys_are_listed_in_one_warning_line(tmp_path):
     lines = []
     compose(

@@ -36,6 +36,10 @@ from .groups import Group, file_groups
 from .permutation import key_of, permute
 
 
+class NoBatch(DataError):
+    """A loader whose cells make not one full batch (a validation loader is skipped, with a word)."""
+
+
 @dataclass
 class PlannedBatch:
     index: int  # g: batches since the start of training (across epochs)
@@ -91,7 +95,7 @@ class BatchPlan:
         self.full_epoch = sum(self._units)
         if self.full_epoch == 0:
             unit = {"per_dataset": "file", "mixed": "species", "groups": "group"}[batching]
-            raise DataError(
+            raise NoBatch(
                 where,
                 f"yields no batch: its {sum(self.per_epoch)} cells per epoch are fewer than "
                 f"one global batch of {B} in every {unit}.",

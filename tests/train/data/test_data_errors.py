@@ -116,6 +116,19 @@ def test_bad_loader_options_name_the_key(sharded):
         assert key in " ".join(str(err.value).split())
 
 
+def test_a_validation_loader_without_a_full_batch_is_skipped_with_a_word(sharded):
+    """It stopped training, even with validation off; scConcept's loader is empty then."""
+    from concept_shard.config import compose_config
+    from concept_train.data import DataModule
+
+    lines = []
+    cfg = compose_config(sharded, [*ADVANCED, "datamodule.dataloader.val.whole_cell_B256.batch_size=100000"])
+    loaders = DataModule(cfg, log=lines.append).val_loaders()
+    assert "whole_cell_B256" not in loaders and len(loaders) == len(cfg.datamodule.dataset.val) - 1
+    said = [line for line in lines if "validation loader whole_cell_B256 is skipped" in line]
+    assert len(said) == 1 and "yields no batch" in said[0]
+
+
 def test_a_file_without_cells_is_skipped_with_a_word_and_an_absent_obs_key_is_named(project):
     """A 0-cell dataset broke training with streaming's "Stream contains no samples"; an obs key
     that no file has gave null kNN in silence."""
