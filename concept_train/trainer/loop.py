@@ -233,12 +233,47 @@ class Trainer:
         root = Path(self.cfg.PATH.CHECKPOINT_ROOT)
         # a folder under PATH.CHECKPOINT_ROOT, never a path out of it
         run_id = check_plain_name(init.run_id, "initialize.run_id", TrainError) if init.run_id else None
+        if init.resume is True and init.create_new_run:
+            return self._new_run_from_run(root, run_id)
         resume_from = self._resume_target(root, run_id)
         if resume_from is not None:
             return run_id, root / run_id, resume_from, None
         weights_from = self._weights_source()
         run_id = self._new_run(root, run_id)
         return run_id, root / run_id, None, weights_from
+
+    def _new_run_from_run(self, root: Path, run_id: str | None) -> tuple[str, Path, None, Path]:
+        """scConcept's `initialize.resume=True create_new_run=True run_id=R checkpoint=C`: a NEW run
+        (its id the start time) from the weights of run R's checkpoint C: `last.ckpt` / `last` /
+        unset for R's latest intact checkpoint, `step_<N>` for that one. (It silently extended R.)"""
+        init = self.cfg.initialize
+        if not run_id:
+            raise TrainError(
+                "initialize.create_new_run",
+                "with initialize.resume=True starts a new run from a run's checkpoint, but initialize.run_id "
+                "(that run) is not set.",
+                "Pass initialize.run_id=<the run to start from>, or initialize.checkpoint=<its directory> "
+                "without initialize.resume.",
+            )
+        source = root / run_id
+        name = str(init.checkpoint or "last.ckpt")
+        if name in ("last.ckpt", "last", "latest"):
+            found = _broadcast(intact_checkpoint(source, self.log) if self.d.is_main else None, self.d)
+        else:
+            found = resolve_checkpoint(source / "checkpoints" / Path(name).name)
+        if found is None:
+            steps = sorted(p.name for p in (source / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+            raise TrainError(
+                f"initialize.checkpoint={name}",
+                f"names no complete checkpoint of run {run_id} in {root} (it has: {steps or 'none'}).",
+                "Use last.ckpt (its latest checkpoint) or one of its step_<N>.",
+            )
+        new_id = self._new_run(root, None)
+        self.log(
+            f"[train] initialize.resume=True with create_new_run=True (scConcept's meaning): new run {new_id}, "
+            f"starting from the weights of run {run_id}'s {found.name}"
+        )
+        return new_id, root / new_id, None, found
 
     def _lock_run(self) -> RunLock:
         """The run directory's lock (runlock.py), taken by the main process before anything is written."""

@@ -81,6 +81,19 @@ def test_new_run_from_weights_wandb_offline_and_profiler(sharded_project_copy, c
     assert "starts from the weights of" in capsys.readouterr().out
     second = [json.loads(line) for line in (root / "second" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in second if r["kind"] == "train"] == [1, 2, 3]
+    # scConcept's flags for the same: resume=True + create_new_run=True names the SOURCE run (it
+    # silently extended run `first`); a new run starts from first's last checkpoint
+    before = (root / "first" / "metrics.jsonl").read_bytes()
+    scconcept = ["initialize.resume=True", "initialize.run_id=first", "initialize.create_new_run=True"]
+    assert main([str(sharded_project_copy), *TINY, *scconcept, "initialize.checkpoint=last.ckpt"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "starting from the weights of run first's step_6" in out
+    (third,) = {p.name for p in root.iterdir()} - {"first", "second"}
+    assert (root / "first" / "metrics.jsonl").read_bytes() == before
+    rows = [json.loads(line) for line in (root / third / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert main([str(sharded_project_copy), *TINY, *scconcept, "initialize.checkpoint=step_99"]) == 2
+    assert "it has: ['step_6']" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(SystemExit):
         main(["--help"])
 
