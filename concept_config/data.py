@@ -145,6 +145,9 @@ class ValLoaderKeys:
     sample_groups_equally: bool = key(False, "cut every group to the same size")
     num_samples: Optional[int] = key(None, "cells per validation pass", ge=1)
     pin_memory: bool = key(False, inert="batches are handed to the device by the trainer")
+    max_samples_per_group: Optional[int] = key(
+        None, inert="scConcept's cap of cells per group (February 2026); use num_groups / num_samples here"
+    )
 
 
 @dataclass

@@ -33,10 +33,14 @@ class PathKeys:
     # scConcept's own keys that mean nothing here (listed in one warning when set)
     GENE_MAPPING_PATH: Optional[str] = key(
         None,
-        inert="scConcept's single multi-species mapping file; token "
-        "mappings are read per species from PATH.GENE_MAPPINGS_PATH",
+        inert="scConcept's single mapping file of early 2026: read for every species when the tree sets "
+        "no PATH.GENE_MAPPINGS_PATH, else without effect",
     )
     SPECIES: Optional[List[str]] = key(None, inert="the species come from datamodule.species and the split files")
+    # scConcept's trees of January 2026: paths its own files interpolate (${PATH.DATASET_PATH}/...)
+    PROJECT_DATA_PATH: Optional[str] = key(None, inert="a path scConcept's tree interpolates into others")
+    DATASET_PATH: Optional[str] = key(None, inert="a path scConcept's tree interpolates into others")
+    ADATA_PATH: Optional[str] = key(None, inert="a path scConcept's tree interpolates into others")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class SplitKeys:
     var_gene_id_column: Optional[str] = key(None, "the var column holding Ensembl ids; null = var_names")
     train: List[str] = key([], "training files")
     val: List[str] = key([], "validation files")
+    test: Optional[List[str]] = key(None, inert="scConcept's held-out files: neither trained nor validated on")
     repeat: Optional[float] = key(None, "the split's files count `repeat` times per epoch", ge=0)
     proportion: Optional[float] = key(None, "the split's share of an epoch", ge=0)
 

@@ -24,12 +24,14 @@ def _resume(value) -> str | None:
 def _steps(value) -> str | None:
     if value is None or isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return None
+    if isinstance(value, float) and 0 < value <= 1:
+        return None  # a fraction of a training epoch, as in Lightning (scConcept's trees say 1.0)
     if isinstance(value, float):
         return (
-            "is a fraction of an epoch in Lightning; here it counts optimizer steps (an integer, null = never); "
-            "for once per epoch use model.training.check_val_every_n_epoch: 1"
+            "is neither a number of optimizer steps (an integer, null = never) nor a fraction of a "
+            "training epoch in (0, 1] (Lightning's float)"
         )
-    return "must be a number of steps >= 0, or null"
+    return "must be a number of steps >= 0, a fraction of an epoch in (0, 1], or null"
 
 
 OPTIMIZER_CLASSES = ("AdamW", "Adam")  # trainer/optim.py maps each to its torch class
@@ -48,7 +50,9 @@ class TrainingKeys:
     max_steps: int = key(100000, "train until this step", ge=0)
     accumulate_grad_batches: int = key(1, "global batches per optimizer step", ge=1)
     gradient_clip_val: Optional[float] = key(1.0, "clip the global gradient norm; null/0 = off", ge=0)
-    val_check_interval: Any = key(1000, "validate every N steps; null/0 = never", check=_steps)
+    val_check_interval: Any = key(
+        1000, "validate every N steps, or every fraction f in (0, 1] of an epoch; null/0 = never", check=_steps
+    )
     check_val_every_n_epoch: Optional[int] = key(None, "validate after every N-th epoch; null = off", ge=1)
     validate_before_training: bool = key(True, "validate once at step 0 of a new run")
     log_every_n_steps: int = key(100, "a training row every N steps", ge=1)

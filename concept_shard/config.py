@@ -128,6 +128,48 @@ def _no_validation(cfg: DictConfig) -> None:
             node[name] = {}
 
 
+def _renamed_scconcept_keys(cfg: DictConfig, overrides: list[str], search: list[Path]) -> None:
+    """The keys scConcept's trees of early 2026 wrote, as their successors (its own renames):
+    model.training.use_specie_embs_freq -> use_learnable_embs_freq; PATH.GENE_MAPPING_PATHS (species
+    -> <dir>/<species>.csv) and PATH.GENE_MAPPING_PATH (one CSV for every species) ->
+    PATH.GENE_MAPPINGS_PATH, when the tree does not set that itself; and freeze_pretrained_vocabulary
+    null as false (what scConcept's `if` made of it)."""
+    training = OmegaConf.select(cfg, "model.training")
+    if isinstance(training, DictConfig) and "use_specie_embs_freq" in training:
+        old = training._get_node("use_specie_embs_freq")
+        if "use_learnable_embs_freq" in training and training._get_node("use_learnable_embs_freq") != old:
+            raise ConfigError(
+                "model.training.use_specie_embs_freq",
+                f"is set {origin_of('model.training.use_specie_embs_freq', overrides, search)} beside "
+                "model.training.use_learnable_embs_freq, its new name, with another value.",
+                "Keep one of them (use_learnable_embs_freq).",
+            )
+        training["use_learnable_embs_freq"] = old
+        del training["use_specie_embs_freq"]
+    if isinstance(training, DictConfig) and "freeze_pretrained_vocabulary" in training:
+        if training._get_node("freeze_pretrained_vocabulary")._is_none():  # off, as scConcept reads null
+            training["freeze_pretrained_vocabulary"] = False
+    paths = cfg.get("PATH")
+    if not isinstance(paths, DictConfig) or "GENE_MAPPINGS_PATH" in paths:
+        return
+    if "GENE_MAPPING_PATHS" in paths:
+        per_species = paths.GENE_MAPPING_PATHS
+        files = {str(sp): str(per_species._get_node(sp)._value()) for sp in per_species} if per_species else {}
+        folders = {f.rsplit("/", 1)[0] for f in files.values()}
+        if not files or len(folders) != 1 or any(f.rsplit("/", 1)[-1] != f"{sp}.csv" for sp, f in files.items()):
+            raise ConfigError(
+                "PATH.GENE_MAPPING_PATHS",
+                f"is set {origin_of('PATH.GENE_MAPPING_PATHS', overrides, search)} to files that are not "
+                "<one folder>/<species>.csv, which is how token mappings are read here.",
+                "Put each species' mapping in one folder as <species>.csv and set PATH.GENE_MAPPINGS_PATH to it.",
+            )
+        paths["GENE_MAPPINGS_PATH"] = folders.pop()
+        del paths["GENE_MAPPING_PATHS"]
+    elif "GENE_MAPPING_PATH" in paths and not paths._get_node("GENE_MAPPING_PATH")._is_none():
+        paths["GENE_MAPPINGS_PATH"] = paths._get_node("GENE_MAPPING_PATH")._value()
+        del paths["GENE_MAPPING_PATH"]
+
+
 def _stderr(line: str) -> None:
     import sys
 
@@ -291,6 +333,8 @@ def _set_attr(root, dotted: str, value) -> None:
 def _typed(cfg: DictConfig, overrides: list[str], search: list[Path]) -> DictConfig:
     """The composed config merged into the schema: unknown keys named with where they were set and
     the closest known key; wrong types named by key; the schema's defaults filled in."""
+    with open_dict(cfg):
+        _renamed_scconcept_keys(cfg, overrides, search)
     unknown = unknown_keys(cfg, Root, dynamic=split_node)
     if unknown:
         path, siblings = unknown[0]

@@ -16,6 +16,7 @@ from concept_config.data import DataModuleKeys
 from concept_config.project import PathKeys, SplitItem
 
 from .errors import ShardError
+from .vocabulary import mapping_file
 
 LAMINDB_PREFIX = "lamindb:"
 TRAIN_SPLIT = "datamodule.dataset.train.split"  # the training loader's split list
@@ -147,12 +148,14 @@ def _files_of_split(key, split, mappings: Path, allowed_species) -> list[tuple[S
         )
     species = check_plain_name(split["species"], f"{key}.species")
     source_name = check_plain_name(split["source_name"], f"{key}.source_name")
-    if not (mappings / f"{species}.csv").is_file() or (allowed_species is not None and species not in allowed_species):
+    if not mapping_file(mappings, species).is_file() or (
+        allowed_species is not None and species not in allowed_species
+    ):
         known = sorted(p.stem for p in mappings.glob("*.csv")) if mappings.is_dir() else []
         raise ShardError(
             key,
             f"names species '{species}', which has no token mapping "
-            f"{mappings / (species + '.csv')} or is not in datamodule.species {list(allowed_species or [])}.",
+            f"{mapping_file(mappings, species)} or is not in datamodule.species {list(allowed_species or [])}.",
             f"Use one of {known} or add the mapping CSV and the species to datamodule.species.",
         )
     source_path = Path(str(split["source_path"]))

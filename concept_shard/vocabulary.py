@@ -57,8 +57,17 @@ _LOADED: dict[tuple, Vocabulary] = {}
 _LOADED_MAX = 32
 
 
+def mapping_file(mappings: Path, species: str) -> Path:
+    """The token mapping CSV of a species: `<mappings>/<species>.csv` (PATH.GENE_MAPPINGS_PATH, a
+    directory), or `mappings` itself when it is a file: scConcept's trees of early 2026 named one
+    CSV for every species (PATH.GENE_MAPPING_PATH), one token space shared by all of them."""
+    mappings = Path(mappings)
+    return mappings if mappings.is_file() else mappings / f"{species}.csv"
+
+
 def load_vocabulary(mappings_dir: Path, species: str) -> Vocabulary:
-    path = Path(mappings_dir) / f"{species}.csv"
+    """The vocabulary of `species` from its mapping CSV (`mapping_file`), read once per process."""
+    path = mapping_file(mappings_dir, species)
     try:
         st = path.stat()
     except FileNotFoundError:

@@ -28,7 +28,7 @@ from concept_config.fields import whole
 from concept_shard.config import as_dict, compose_config
 from concept_shard.errors import TrainError
 from concept_shard.source import AnnDataObjectSource, AnnDataSource
-from concept_shard.vocabulary import load_vocabulary
+from concept_shard.vocabulary import load_vocabulary, mapping_file
 
 from .embedding import infer_species
 from .trainer.checkpoint import LoadedModel, load_model
@@ -84,7 +84,7 @@ def _copy_references(work_dir: Path, mappings: Path, species: list[str], panels:
     vocab_dir = work_dir / "references" / "vocabulary" / "token_mappings_per_specie"
     vocab_dir.mkdir(parents=True, exist_ok=True)
     for sp in species:
-        src, dst = mappings / f"{sp}.csv", vocab_dir / f"{sp}.csv"
+        src, dst = mapping_file(mappings, sp), vocab_dir / f"{sp}.csv"
         if src.resolve() != dst.resolve() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
             shutil.copyfile(src, dst)
     if panels is not None and panels.is_dir() and panels.resolve() != (work_dir / "panels").resolve():

@@ -58,6 +58,15 @@ H100_BF16_PEAK_FLOPS = 989e12
 MLM_STREAM = 0x6D6C6D  # the MLM mask's random stream, keyed [seed, MLM_STREAM, g, rank] (see loss.NEGATIVES_STREAM)
 
 
+def validation_steps(val_check_interval, steps_per_epoch: int) -> int:
+    """Optimizer steps between validations (0 = never): `val_check_interval` as a number of steps,
+    or as a float in (0, 1], Lightning's fraction of a training epoch (scConcept's trees say 1.0:
+    once an epoch)."""
+    if isinstance(val_check_interval, float):
+        return max(1, int(val_check_interval * steps_per_epoch))
+    return val_check_interval or 0  # null or 0: never
+
+
 def _broadcast(obj, d: Dist):
     if d.world_size == 1:
         return obj
@@ -653,7 +662,7 @@ class Trainer:
         t = self.training
         max_steps = t.max_steps
         log_every = t.log_every_n_steps
-        val_every = t.val_check_interval or 0  # null or 0: never
+        val_every = validation_steps(t.val_check_interval, self._steps_per_epoch())
         ckpt_every = t.checkpoint_every_n_steps or 0
         if t.validate_before_training and self.step == 0 and self.val_loaders:
             self.run_validation()
@@ -693,6 +702,9 @@ class Trainer:
             "step": self.step,
             "stopped": stopped,
         }
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, self.train_loader.plan.batches_per_epoch // self.training.accumulate_grad_batches)
 
     def _epoch_ended(self) -> bool:
         """`check_val_every_n_epoch` (Lightning's sense): whether this step consumed the last batch of

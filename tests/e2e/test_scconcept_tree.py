@@ -42,7 +42,9 @@ PATH:
   LOCAL_DIR: null
   CHECKPOINT_ROOT: ${PATH.PROJECT_PATH}/model_checkpoints
   PANELS_PATH: ${PATH.PROJECT_PATH}/panels
-  GENE_MAPPING_PATH: ${PATH.PROJECT_PATH}/references/vocabulary/gene_token_mapping_16_species.csv
+  GENE_MAPPINGS_PATH: ${PATH.PROJECT_PATH}/references/vocabulary/token_mappings_per_specie
+  SPECIES:
+    - hsapiens
   PRETRAINED_VOCABULARY: null
 """
 MODEL = """\
@@ -197,7 +199,7 @@ def test_a_scconcept_tree_shards_and_trains_unchanged(their_project, capsys):
         "model.training.devices",
         "datamodule.dataloader.train.pin_memory",
         "datamodule.columns",
-        "PATH.GENE_MAPPING_PATH",
+        "PATH.SPECIES",
         "datamodule.label_keys_to_monitor",
     ):
         assert inert in lines[0]

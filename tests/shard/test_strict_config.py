@@ -57,7 +57,7 @@ def test_a_misspelled_key_in_a_yaml_file_names_the_file(tmp_path):
         ("model.dropout=1", "model.dropout: is 1.0; it must be a number < 1"),
         ("datamodule.normalization=zscore", "datamodule.normalization: is 'zscore'"),
         ("shard.compression=gzip", "shard.compression: is 'gzip'"),
-        ("model.training.val_check_interval=0.5", "here it counts optimizer steps"),
+        ("model.training.val_check_interval=1.5", "nor a fraction of a training epoch in (0, 1]"),
         ("model.training.limit_train_batches=0", "model.training.limit_train_batches: is 0"),
         ("datamodule.dataset.train.variable_size=true", "datamodule.dataset.train.variable_size: is True"),
         ("datamodule.precomp_embs_key=X_pca", "datamodule.precomp_embs_key: is 'X_pca'"),
@@ -98,6 +98,46 @@ def test_val_null_means_no_validation_as_in_scconcept(tmp_path):
     cfg = compose(tmp_path, "datamodule=NoVal")
     assert dict(cfg.datamodule.dataset.val) == {} and dict(cfg.datamodule.dataloader.val) == {}
     assert cfg.datamodule.dataset.train.max_tokens == 1000  # the rest of the module as it was
+
+
+def test_scconcept_trees_of_early_2026_compose_with_their_keys_meaning_what_they_meant(tmp_path):
+    """Keys scConcept wrote between January and March 2026 and later renamed or dropped: each
+    composed every tree of those months (checked against its history) where they were refused."""
+    from concept_shard.vocabulary import load_vocabulary
+    from concept_train.trainer.loop import validation_steps
+
+    lines = []
+    cfg = compose(
+        tmp_path,
+        "+model.training.use_specie_embs_freq=0.25",  # renamed use_learnable_embs_freq in March
+        "++model.training.freeze_pretrained_vocabulary=null",  # scConcept's `if` read null as off
+        "model.training.val_check_interval=1.0",  # Lightning's fraction of an epoch
+        "+PATH.DATASET_PATH=${PATH.PROJECT_PATH}/data/cxg",  # January's helper paths
+        "+datamodule.dataloader.val.within_P200_B256.max_samples_per_group=5000",
+        lines=lines,
+    )
+    training = cfg.model.training
+    assert training.use_learnable_embs_freq == 0.25 and training.freeze_pretrained_vocabulary is False
+    assert [validation_steps(v, 40) for v in (1.0, 0.25, 100, 0, None)] == [40, 10, 100, 0, 0]
+    assert "PATH.DATASET_PATH" in lines[0] and "max_samples_per_group" in lines[0]
+    # PATH.GENE_MAPPING_PATHS (March 17): species -> <folder>/<species>.csv is that folder
+    folder = "${PATH.PROJECT_PATH}/references/vocabulary/token_mappings_per_specie"
+    plural = f"+PATH.GENE_MAPPING_PATHS={{hsapiens:'{folder}/hsapiens.csv',mmusculus:'{folder}/mmusculus.csv'}}"
+    cfg = compose(tmp_path, plural)
+    assert cfg.PATH.GENE_MAPPINGS_PATH == f"{tmp_path.resolve()}/references/vocabulary/token_mappings_per_specie"
+    text = error(tmp_path, "+PATH.GENE_MAPPING_PATHS={hsapiens:/a/human.csv}")
+    assert "PATH.GENE_MAPPING_PATHS" in text and "<one folder>/<species>.csv" in text
+    # PATH.GENE_MAPPING_PATH (February): one CSV, one token space, for every species
+    (tmp_path / "all.csv").write_text("gene_id,gene_name,token\n<cls>,,0\n<pad>,,1\nENSG1,A,2\nENSMUSG1,a,3\n")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/config.yaml").write_text(
+        "defaults:\n  - model: ContrastiveModel\n  - datamodule: DataModuleBasic\n  - _self_\n"
+        "PATH:\n  PROJECT_PATH: ???\n  GENE_MAPPING_PATH: ${PATH.PROJECT_PATH}/all.csv\n"
+    )
+    cfg = compose(tmp_path)
+    assert cfg.PATH.GENE_MAPPINGS_PATH == f"{tmp_path.resolve()}/all.csv"
+    human, mouse = (load_vocabulary(cfg.PATH.GENE_MAPPINGS_PATH, sp) for sp in ("hsapiens", "mmusculus"))
+    assert human.token_of == mouse.token_of and human.token_of["ENSMUSG1"] == 3
 
 
 def test_inert_reference_keys_are_listed_in_one_warning_line(tmp_path):
