@@ -85,7 +85,7 @@ def test_cli_api_and_validation_path_give_the_same_embeddings(trained_run, tmp_p
     assert checked >= 256
 
 
-def test_the_default_is_the_whole_cell_concept_eval_scores(trained_run):
+def test_the_default_is_the_whole_cell_concept_eval_scores(trained_run, tmp_path):
     """embed() used the training max_tokens (48 in the demo), concept-eval whole cells of 1,000
     genes: the embedding a user got scored worse than the report. Now both are the same array."""
     from concept_train.eval.cells import from_files
@@ -94,7 +94,8 @@ def test_the_default_is_the_whole_cell_concept_eval_scores(trained_run):
     project, run = trained_run
     loaded = load_model(run, device="cpu")
     loaded.cfg.datamodule.dataset.train.max_tokens = 48  # as the demo: training views of 48 genes
-    source = project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
+    source = tmp_path / "cells.h5ad"  # 96 of the validation file's cells (the embedding is per cell)
+    ad.read_h5ad(project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad")[:96].copy().write_h5ad(source)
     cells = from_files(loaded, [source], None, None, 10_000, 0, {})
     scored = Embedder(loaded, cells).whole_cells()
     adata = ad.read_h5ad(source)
@@ -108,8 +109,7 @@ def test_the_default_is_the_whole_cell_concept_eval_scores(trained_run):
 def test_key_added_layer_and_copy_as_scanpy_and_scvi_tools_have_them(trained_run, tmp_path):
     project, run = trained_run
     loaded = load_model(run, device="cpu")
-    source = project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
-    adata = ad.read_h5ad(source)
+    adata = ad.read_h5ad(project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad")[:64].copy()
     counts = adata.X.copy()
     z = embed(adata, loaded)
     # scvi-tools' habit: raw counts in layers["counts"], log1p in X (which embed refuses, naming the fix)
