@@ -1,4 +1,4 @@
-"""`concept-eval RUN_OR_CHECKPOINT [INPUT ...] [--label-key cell_type] [--batch-key donor_id] [--out DIR]`."""
+"""`concept-eval RUN_OR_CHECKPOINT [INPUT ...] [--label-key cell_type] [--batch-key KEY] [--out DIR]`."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ def main(argv=None) -> int:
     p.add_argument("--label-key", default="cell_type", help="obs column of the cell labels (default cell_type)")
     p.add_argument(
         "--batch-key",
-        default="donor_id",
-        help="obs column of the batches (default donor_id; `dataset` is the input file when there is no such column)",
+        help="obs column of the batches (default: the first of donor_id, batch, sample, dataset, then the other obs "
+        "columns, with two or more values; `dataset` is the input file when there is no such column; none: "
+        "batch-correction metrics n/a)",
     )
     p.add_argument(
         "--out", type=Path, help="output directory (default: <run>/eval, or ./concept-eval for a checkpoint)"

@@ -75,6 +75,26 @@ def _varying(obs: pd.DataFrame, flag: str, key: str, label_keys: list[str]) -> n
     return values
 
 
+# the batch key concept-eval takes when none is given: the first of these with two or more values
+BATCH_KEYS = ("donor_id", "batch", "sample", "dataset")
+
+
+def pick_batch_key(obs: pd.DataFrame, label_key: str, log) -> str | None:
+    """The first of BATCH_KEYS, then of the other obs columns, that is not the label and has two or
+    more values among the evaluated cells; None (batch metrics not applicable) when none has. Says
+    which, and how to choose another."""
+    others = [c for c in obs.columns if c not in BATCH_KEYS]
+    for key in [*BATCH_KEYS, *others]:
+        if key != label_key and key in obs.columns and len(set(obs[key].to_numpy()) - {""}) >= 2:
+            log(f"[eval] batch key: {key} (the first of {[*BATCH_KEYS, *others]} with two or more values; --batch-key)")
+            return key
+    log(
+        "[eval] no obs column besides the label has two or more values among these cells: the batch-correction "
+        "metrics (and the scIB total) are not applicable; bio conservation and kNN are reported"
+    )
+    return None
+
+
 def _cells(loaded: LoadedModel, inputs, species, gene_id_column, max_cells, seed, required, log) -> EvalCells:
     from tqdm import tqdm
 
@@ -114,7 +134,7 @@ def evaluate(
     out_dir=None,
     *,
     label_key: str = "cell_type",
-    batch_key: str = "donor_id",
+    batch_key: str | None = None,
     species: str | None = None,
     gene_id_column: str | None = None,
     max_cells: int = 10_000,
@@ -143,10 +163,13 @@ def evaluate(
         if isinstance(run_or_checkpoint, LoadedModel)
         else load_model(run_or_checkpoint, device, trust_pickle=trust_pickle)
     )
-    required = {"--label-key": label_key, "--batch-key": batch_key}
+    required = {"--label-key": label_key} | ({"--batch-key": batch_key} if batch_key is not None else {})
     cells = _cells(loaded, inputs, species, gene_id_column, max_cells, seed, required, log)
     keys = label_columns(cells.obs)
-    labels, batches = (_varying(cells.obs, flag, key, keys) for flag, key in required.items())
+    labels = _varying(cells.obs, "--label-key", label_key, keys)
+    if batch_key is None:
+        batch_key = pick_batch_key(cells.obs, label_key, log)
+    batches = None if batch_key is None else _varying(cells.obs, "--batch-key", batch_key, keys)
     t0 = time.time()
     embedder = Embedder(loaded, cells, batch_size, max_tokens, use_learnable_embs=use_learnable_embs)
     with tqdm(
@@ -154,15 +177,14 @@ def evaluate(
     ) as bar:
         embeddings = {MODEL: embedder.whole_cells(bar.update)}
     embeddings["pca"] = baselines.pca(cells, seed=seed)
-    log(
-        f"[eval] embeddings in {time.time() - t0:.1f} s; scIB metrics (the first kBET of a process compiles "
-        "pynndescent: about a minute)"
-    )
+    log(f"[eval] embeddings in {time.time() - t0:.1f} s; scIB metrics")
     scib, knn = {}, {}
     for name, z in embeddings.items():
         t0 = time.time()
         scib[name] = scib_scores(z, labels, batches)
-        log(f"[eval] {name}: scIB total {scib[name]['Total']:.3f} ({time.time() - t0:.0f} s)")
+        total = scib[name]["Total"]
+        shown = f"total {total:.3f}" if total is not None else f"bio conservation {scib[name]['Bio conservation']:.3f}"
+        log(f"[eval] {name}: scIB {shown} ({time.time() - t0:.0f} s)")
         # the model's space is cosine (its training objective); PCA gets the better of cosine and Euclidean
         knn[name] = knn_accuracies(z, cells.obs, keys, ("dot",) if name == MODEL else ("dot", "euclidean"))
     recall = {}
@@ -194,6 +216,7 @@ def evaluate(
             report.write_scib_csv(stage, scib)
             if umap:
                 coordinates = {name: report.umap_coordinates(z, seed) for name, z in embeddings.items()}
-                report.write_umap_png(stage, coordinates, {label_key: labels, batch_key: batches})
+                colour_by = {label_key: labels} | ({batch_key: batches} if batch_key is not None else {})
+                report.write_umap_png(stage, coordinates, colour_by)
             report.write_report(stage, result)
     return result

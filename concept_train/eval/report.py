@@ -69,7 +69,10 @@ def write_metrics(out_dir: Path, result: dict) -> None:
 def write_scib_csv(out_dir: Path, scib: dict[str, dict[str, float]]) -> None:
     columns = [*METRICS, BIO, BATCH, TOTAL]
     lines = ["Embedding," + ",".join(columns)]
-    lines += [name + "," + ",".join(f"{scores[c]:.6g}" for c in columns) for name, scores in scib.items()]
+    lines += [
+        name + "," + ",".join("" if scores[c] is None else f"{scores[c]:.6g}" for c in columns)
+        for name, scores in scib.items()
+    ]
     (out_dir / "scib.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -121,7 +124,12 @@ def report_markdown(result: dict) -> str:
         f"# concept-eval: {result['model']['run_id']} at step {result['model']['step']}",
         "",
         f"{result['cells']['evaluated']:,} {result['cells']['species']} cells from "
-        f"{len(result['cells']['inputs'])} input(s); label `{s['label_key']}`, batch `{s['batch_key']}`.",
+        f"{len(result['cells']['inputs'])} input(s); label `{s['label_key']}`, "
+        + (
+            f"batch `{s['batch_key']}`."
+            if s["batch_key"] is not None
+            else "no batch key (no other obs column varies): batch correction and the total are n/a."
+        ),
         "",
         "| embedding | scIB total | bio conservation | batch correction | "
         + " | ".join(f"kNN {k}" for k in keys)
@@ -131,7 +139,7 @@ def report_markdown(result: dict) -> str:
     for name, scores in result["scib"].items():
         knn = result["knn"][name]
         lines.append(
-            f"| {name} | {scores[TOTAL]:.3f} | {scores[BIO]:.3f} | {scores[BATCH]:.3f} | "
+            f"| {name} | {_score(scores[TOTAL])} | {_score(scores[BIO])} | {_score(scores[BATCH])} | "
             + " | ".join(f"{knn[k]:.3f}" for k in keys)
             + " |"
         )
@@ -147,6 +155,10 @@ def report_markdown(result: dict) -> str:
         )
     lines += ["", "Files: `scib.csv` (every scIB metric), `umap.png`, `metrics.json`.", ""]
     return "\n".join(lines)
+
+
+def _score(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def write_report(out_dir: Path, result: dict) -> str:

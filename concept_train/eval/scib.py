@@ -39,30 +39,43 @@ METRICS = {
 MIN_CELLS = 100  # the 90-neighbour search needs more cells than that
 
 
-def scib_scores(x: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> dict[str, float]:
-    """{metric or aggregate: score} for an embedding x [n, d] with a label and a batch per cell."""
+def scib_scores(x: np.ndarray, labels: np.ndarray, batches: np.ndarray | None) -> dict[str, float | None]:
+    """{metric or aggregate: score} for an embedding x [n, d] with a label and a batch per cell.
+    Without batches (`None`: no obs column varies) the batch-correction metrics (graph connectivity
+    among them), isolated labels (labels found in the fewest batches) and the total are None: not
+    applicable."""
     import scib_metrics as sm
 
     x = np.ascontiguousarray(x, np.float32)
-    labels, batches = np.asarray(labels), np.asarray(batches)
+    labels = np.asarray(labels)
     neighbours = exact_neighbours(x, 90)
     nn15, nn50, nn90 = (neighbours.subset_neighbors(n=n) for n in (15, 50, 90))
     nmi_ari = sm.nmi_ari_cluster_labels_kmeans(x, labels)
     scores = {
-        "Isolated labels": sm.isolated_labels(x, labels, batches),
+        "Isolated labels": None,
         "KMeans NMI": nmi_ari["nmi"],
         "KMeans ARI": nmi_ari["ari"],
         "Silhouette label": sm.silhouette_label(x, labels),
         "cLISI": sm.clisi_knn(nn90, labels),
-        "Silhouette batch": sm.silhouette_batch(x, labels, batches),
-        "iLISI": sm.ilisi_knn(nn90, batches),
-        "KBET": kbet_per_label(nn50, batches, labels),
-        "Graph connectivity": sm.graph_connectivity(nn15, labels),
+        "Silhouette batch": None,
+        "iLISI": None,
+        "KBET": None,
+        "Graph connectivity": None,
     }
-    scores = {k: float(v) for k, v in scores.items()}
+    if batches is not None:
+        batches = np.asarray(batches)
+        scores |= {
+            "Graph connectivity": sm.graph_connectivity(nn15, labels),
+            "Isolated labels": sm.isolated_labels(x, labels, batches),
+            "Silhouette batch": sm.silhouette_batch(x, labels, batches),
+            "iLISI": sm.ilisi_knn(nn90, batches),
+            "KBET": kbet_per_label(nn50, batches, labels),
+        }
+    scores = {k: None if v is None else float(v) for k, v in scores.items()}
     for cls in (BIO, BATCH):
-        scores[cls] = float(np.mean([v for k, v in scores.items() if METRICS.get(k) == cls]))
-    scores[TOTAL] = 0.4 * scores[BATCH] + 0.6 * scores[BIO]
+        known = [v for k, v in scores.items() if METRICS.get(k) == cls and v is not None]
+        scores[cls] = float(np.mean(known)) if known else None
+    scores[TOTAL] = None if scores[BATCH] is None else 0.4 * scores[BATCH] + 0.6 * scores[BIO]
     return scores
 
 

@@ -122,6 +122,35 @@ def test_a_batch_key_with_one_value_is_refused(trained_run):
     )
 
 
+def test_without_a_batch_key_it_picks_one_or_reports_batch_metrics_as_not_applicable(trained_run, tmp_path):
+    """concept-eval on the walk-through's run failed: donor_id had one value among its cells, and the
+    error proposed the label column as the batch key."""
+    project, run = trained_run
+    cells = ad.read_h5ad(project / HUMAN)[:160].copy()
+    cells.obs["donor_id"] = "d1"
+    cells.obs["batch"] = np.where(np.arange(cells.n_obs) % 2, "b1", "b2")
+    picked = tmp_path / "picked.h5ad"
+    cells.write_h5ad(picked)
+    lines = []
+    quick = dict(max_cells=160, panel_sizes=[], umap=False, log=lines.append)
+    result = evaluate(run, [picked], **quick)  # donor_id has one value: the next key that varies
+    assert result["settings"]["batch_key"] == "batch" and any("batch key: batch" in line for line in lines)
+    assert result["scib"]["concept"]["Total"] is not None
+    for key in cells.obs.columns.drop("cell_type"):
+        cells.obs[key] = "x"
+    alone = tmp_path / "alone.h5ad"
+    cells.write_h5ad(alone)
+    lines.clear()
+    result = evaluate(run, [alone], tmp_path / "out", **quick)
+    assert result["settings"]["batch_key"] is None and any("not applicable" in line for line in lines)
+    scores = result["scib"]["concept"]
+    assert scores["Total"] is None and scores["Batch correction"] is None and scores["iLISI"] is None
+    assert 0 <= scores["Bio conservation"] <= 1 and scores["KMeans NMI"] is not None
+    report_text = (tmp_path / "out" / "report.md").read_text()
+    assert "no batch key" in report_text and "| n/a |" in report_text
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["scib"]["concept"]["KBET"] is None
+
+
 def test_outputs_are_published_as_one_set_or_not_at_all(tmp_path):
     """A killed concept-eval left metrics.json of one run beside report.md of another; a run
     without umap.png kept the previous run's."""
