@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from .config import groups_help
 from .errors import ConfigError, UserError
 
 USAGE_EPILOG = """\
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="concept-shard",
         description="Shard a project's .h5ad/.zarr files into per-species MDS datasets.",
-        epilog=USAGE_EPILOG,
+        epilog=groups_help() + "\n\n" + USAGE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("project_path", metavar="PROJECT_PATH")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. shard.chunk_size=4096")
         s.add_argument("--config-dir", help="your own config directory, searched before the packaged conf/")
+        s.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit (Hydra's habit)")
+        s.add_argument("--resolve", action="store_true", help="with --cfg: resolve ${...} interpolations")
         if name == "gene-vectors":
             s.add_argument("--dim", type=int, default=64, help="vector length (model.dim_pretrained_vocab; default 64)")
             s.add_argument("--name", default="coexpression", help="output: PROJECT/references/embeddings/NAME/")
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(args.overrides) + extra
     from .build import ShardJob
-    from .config import PACKAGED_CONF_DIR, compose_config
+    from .config import PACKAGED_CONF_DIR, compose_config, composed_yaml
     from .plan import array_task
 
     try:
@@ -104,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(
                     "--task-index", f"is {task} but --num-tasks is {count}.", "Use 0 <= task-index < num-tasks."
                 )
+        if args.cfg:
+            print(composed_yaml(args.project_path, args.overrides, args.config_dir, args.resolve), end="")
+            return 0
         cfg = compose_config(args.project_path, args.overrides, args.config_dir)
         if args.command == "gene-vectors":
             return _gene_vectors(cfg, args)

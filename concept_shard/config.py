@@ -46,6 +46,13 @@ def compose_config(
     return to_root(compose_tree(project_path, overrides, config_dir, **options))
 
 
+def composed_yaml(project_path, overrides=(), config_dir=None, resolve: bool = False) -> str:
+    """`--cfg job|all`: the composed config as YAML (interpolations kept unless `resolve`); the
+    tree has no `hydra` node of its own, so both print the same."""
+    cfg = compose_tree(project_path, overrides, config_dir, log=lambda line: None)
+    return OmegaConf.to_yaml(cfg, resolve=resolve)
+
+
 def compose_tree(
     project_path: str | os.PathLike | None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -394,6 +401,57 @@ def _project_path_override(overrides: list[str]) -> tuple[str | None, list[str]]
     return None, overrides
 
 
+def config_groups(user_dir: Path | None = None) -> dict[str, list[str]]:
+    """group -> its choices (the YAML files of `conf/<group>/`), from the packaged tree and the
+    user's config directory: what `--help` lists and a wrong choice is answered with."""
+    groups: dict[str, set[str]] = {}
+    for root in [d for d in (user_dir, PACKAGED_CONF_DIR) if d is not None and Path(d).is_dir()]:
+        for group in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+            choices = {f.stem for f in group.glob("*.yaml")}
+            if choices:
+                groups.setdefault(group.name, set()).update(choices)
+    return {g: sorted(c) for g, c in sorted(groups.items())}
+
+
+def groups_help(user_dir: Path | None = None) -> str:
+    """The config groups with their choices and the common overrides, for `--help`."""
+    lines = ["config groups (group=choice; +experiment=NAME; PROJECT_PATH/conf or --config-dir adds its own):"]
+    lines += [f"  {group:<12} {', '.join(choices)}" for group, choices in config_groups(user_dir).items()]
+    lines += [
+        "",
+        "common overrides (every key: docs/config.md; --cfg job prints the composed config):",
+        "  model.training.max_steps=1000 model.training.lr=3e-4 datamodule.dataloader.train.batch_size=256",
+        "  datamodule.dataset.train.max_tokens=1000 initialize.run_id=NAME initialize.resume=True seed=0",
+        "  PATH.SHARDS_PATH=/fast/shards datamodule.dataloader.train.num_workers=4 wandb.enabled=True",
+    ]
+    return "\n".join(lines)
+
+
+def _missing_choice(exc, overrides: list[str], user_dir: Path | None) -> ConfigError | None:
+    """A `group=choice` (or a defaults entry) naming no file of its group: the choices, one per line's
+    worth, and where they were looked for; None when the missing file is not a group choice."""
+    missing = str(getattr(exc, "missing_cfg_file", "") or "")
+    group, _, choice = missing.rpartition("/")
+    if not group:
+        return None
+    choices = config_groups(user_dir).get(group) or sorted(getattr(exc, "options", None) or [])
+    given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group), None)
+    searched = [str(d / group) for d in (user_dir, PACKAGED_CONF_DIR) if d is not None]
+    return ConfigError(
+        given or f"{group}: {choice}",
+        f"names no config of the group `{group}` (no {choice}.yaml in {', '.join(searched)}).",
+        f"Choose one of: {', '.join(choices) or '(none found)'}"
+        + (f" (the closest: {suggestion_of(choice, choices)})." if suggestion_of(choice, choices) else "."),
+    )
+
+
+def suggestion_of(word: str, choices: list[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
 def _unparsable(user_dir: Path | None) -> ConfigError:
     """The error for a composition that recursed without end, naming every YAML file of the
     project's config directory beyond yaml_bounds' limits (the one composed is among them)."""
@@ -419,7 +477,7 @@ def _compose(overrides: list[str], user_dir: Path | None, config_name: str) -> D
     from hydra._internal.utils import create_config_search_path
     from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, MissingConfigException
 
     search_path = create_config_search_path(f"file://{PACKAGED_CONF_DIR}")
     if user_dir is not None:
@@ -430,6 +488,11 @@ def _compose(overrides: list[str], user_dir: Path | None, config_name: str) -> D
         return compose(config_name=config_name, overrides=overrides)
     except RecursionError:  # PyYAML or OmegaConf on a file nested too deep
         raise _unparsable(user_dir) from None
+    except MissingConfigException as exc:
+        missing = _missing_choice(exc, overrides, user_dir)
+        if missing is None:
+            raise ConfigError("config", f"Hydra could not compose the config: {exc}", "Check --config-dir.") from None
+        raise missing from None
     except HydraException as exc:
         raise ConfigError(
             "config",

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-from concept_shard.config import compose_config
+from concept_shard.config import compose_config, composed_yaml, groups_help
 from concept_shard.errors import UserError
 
 # imported before any process group exists: torch.distributed's tensor modules imported after a
@@ -20,12 +20,29 @@ from concept_shard.errors import UserError
 from .trainer.loop import run_training
 from .trainer.preempt import RESUMABLE, StopSignals
 
+EXAMPLES = """\
+examples:
+  concept-train /data/project                                             # the project's conf/, one process
+  concept-train /data/project model=ContrastiveModelTiny model.training.max_steps=300
+  concept-train /data/project +experiment=demo initialize.run_id=first
+  concept-train /data/project initialize.run_id=first initialize.resume=True  # continue a run
+  concept-train /data/project datamodule=DataModuleAdvanced --cfg job      # the composed config, no training
+  torchrun --nproc_per_node 4 -m concept_train.cli /data/project           # 4 processes
+  sbatch --nodes=2 tools/slurm/train.sbatch /data/project initialize.run_id=big  # SLURM, requeued on preemption"""
+
 _OVERRIDE = re.compile(r"[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="concept-train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="concept-train",
+        description=__doc__.split("\n")[0],
+        epilog=groups_help() + "\n\n" + EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config-dir", help="your config tree, searched before the packaged conf/")
+    p.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit (Hydra's habit)")
+    p.add_argument("--resolve", action="store_true", help="with --cfg: resolve ${...} interpolations")
     p.add_argument("project_path", nargs="?", help="PATH.PROJECT_PATH (or pass PATH.PROJECT_PATH=...)")
     args, overrides = p.parse_known_args(argv)
     first = args.project_path
@@ -39,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGTERM / SIGINT / SIGUSR1 from start-up to exit: recorded, then acted on by the loop
         # (preempt.py); one that comes after the last step is moot and never kills the run's end
+        if args.cfg:
+            print(composed_yaml(args.project_path, overrides, args.config_dir, args.resolve), end="")
+            return 0
         with StopSignals():
             cfg = compose_config(args.project_path, overrides, args.config_dir)
             result = run_training(cfg)

@@ -87,6 +87,31 @@ def test_project_path_given_as_an_override_finds_its_conf(project):
         assert list(cfg.datamodule.obs_keys) == ["tissue"] and cfg.PATH.PROJECT_PATH == str(project.resolve())
 
 
+def test_hydra_habits_cfg_job_help_with_groups_and_a_wrong_choice_answered_with_the_choices(project, capsys):
+    """`--cfg job` was rejected after 23 s; --help showed no groups; a wrong group name printed
+    Hydra's search path folded into one paragraph."""
+    from concept_train.cli import main as train
+
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    assert shard("status", project, "--cfg", "job", "datamodule=DataModuleBasic") == 0
+    out = capsys.readouterr().out
+    assert f"PROJECT_PATH: {project.resolve()}" in out and "CHECKPOINT_ROOT: ${PATH.PROJECT_PATH}" in out
+    assert train([str(project), "--cfg", "all", "--resolve", "model.training.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert f"CHECKPOINT_ROOT: {project.resolve()}/model_checkpoints" in out and "max_steps: 7" in out
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing written
+    for run in (lambda: train(["--help"]), lambda: shard("--help")):
+        with pytest.raises(SystemExit):
+            run()
+        text = capsys.readouterr().out
+        assert "datamodule   DataModuleAdvanced, DataModuleBasic" in text and "model        ContrastiveModel" in text
+        assert "common overrides" in text and "examples:" in text
+    assert train([str(project), "datamodule=DataModuleBasik"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "datamodule=DataModuleBasik: names no config of the group `datamodule`" in err
+    assert "Choose one of: DataModuleAdvanced, DataModuleBasic (the closest: DataModuleBasic)" in err
+
+
 def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
     from concept_shard.config import compose_config
     from concept_shard.errors import UserError
