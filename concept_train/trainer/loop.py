@@ -113,6 +113,7 @@ class Trainer:
             self.run_id,
             log=self.log,
             resumed_at=self.step if self.resume_from is not None else None,
+            max_steps=self.training.max_steps,
         )
         self.lineage = self._lineage()
 

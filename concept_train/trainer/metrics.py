@@ -3,9 +3,11 @@ PNG of the loss and recall curves at the end of the run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from concept_config.training import WandbKeys
@@ -21,6 +23,7 @@ class MetricsLog:
         run_id: str,
         log=print,
         resumed_at: int | None = None,
+        max_steps: int | None = None,
     ):
         """`wandb_keys`: the `wandb` section; `config`: the run's whole config as plain containers
         (what wandb records with the run); `resumed_at`: the step a resumed run continues from (its
@@ -28,7 +31,8 @@ class MetricsLog:
         a new run (the rows of an attempt killed before its first checkpoint are dropped); a torn
         last line goes either way."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.enabled, self.log = enabled, log
+        self.enabled, self.log, self.max_steps = enabled, log, max_steps
+        self._first: tuple[int, float] | None = None  # (step, time) of the first row shown: the ETA's base
         if enabled:
             _keep_through(self.path, resumed_at)
         self.wandb = None
@@ -39,7 +43,7 @@ class MetricsLog:
                 project=wandb_keys.project or "concept",
                 entity=wandb_keys.entity,
                 name=wandb_keys.run_name or run_id,
-                id=run_id,
+                id=wandb_run_id(run_dir, run_id),
                 resume="allow",
                 dir=str(run_dir),
                 config=config,
@@ -55,18 +59,44 @@ class MetricsLog:
             self.wandb.log(
                 {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=int(row["step"])
             )
+        progress = self._progress(row)
         shown = " ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in row.items()
-            if k in ("step", "loss", "lr", "recall@1", "cells_per_s", "tokens_per_s", "mfu")
+            if k in ("loss", "lr", "recall@1", "cells_per_s", "tokens_per_s", "mfu")
             or k.startswith("val/")
             and (k.endswith("/loss") or k.endswith("recall@1") or k.endswith("knn/cell_type"))
         )
-        self.log(f"[train] {shown}")
+        self.log(f"[train] {progress} {shown}")
+
+    def _progress(self, row: dict) -> str:
+        """`step=S/TOTAL eta=...` for a training row on the console (`step=S` for a validation row)."""
+        step, now = int(row.get("step", 0)), time.monotonic()
+        if row.get("kind") != "train" or not self.max_steps:
+            return f"step={step}"
+        if self._first is None:
+            self._first = (step, now)
+        done, elapsed = step - self._first[0], now - self._first[1]
+        eta = f" eta={_duration((self.max_steps - step) * elapsed / done)}" if done > 0 else ""
+        return f"step={step}/{self.max_steps}{eta}"
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path, run_id: str) -> str:
+    """The wandb run id: the run id and a digest of the run directory, so that two projects that
+    both name a run `first` write two wandb runs, while a resumed run continues its own."""
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]
+    return f"{run_id}-{digest}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _keep_through(path: Path, step: int | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from helpers import TINY
@@ -55,12 +56,15 @@ def test_new_run_from_weights_wandb_offline_and_profiler(sharded_project_copy, c
     )
     out = capsys.readouterr().out
     assert "run directory:" in out and "curves:" in out
+    assert re.search(r"\[train\] step=2/6 eta=\d+s loss=", out) and "step=6/6 eta=0s" in out  # progress
     rows = [json.loads(line) for line in (root / "first" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 7))
     for key in ("loss", "lr", "cells_per_s", "tokens_per_s", "batch_digest"):
         assert all(r[key] is not None for r in train), key
-    assert list((root / "first" / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    # the wandb id is the run id and a digest of its directory: another project's `first` is another run
+    (offline,) = (root / "first" / "wandb").glob("offline-run-*")
+    assert re.fullmatch(r"offline-run-\d{8}_\d{6}-first-[0-9a-f]{8}", offline.name), offline.name
     assert list((root / "first" / "profiler").glob("*.json*")), "the profiler wrote no trace"
     # same run id again without resume: refused, nothing overwritten
     assert main([str(sharded_project_copy), *TINY, "initialize.run_id=first"]) == 2
