@@ -116,10 +116,37 @@ def compose_tree(
     if OmegaConf.is_missing(cfg.PATH, "PROJECT_PATH"):
         raise ConfigError("PATH.PROJECT_PATH", "is not set.", "Pass PROJECT_PATH as the first argument.")
     inert = check_values(cfg, Root, dynamic=split_node)
-    line = inert_warning(inert)
-    if line:
-        (log or _stderr)(line)
+    for line in (inert_warning(inert), _unchosen_datamodule(user_dir, overrides)):
+        if line:
+            (log or _stderr)(line)
     return cfg
+
+
+def _default_choice(config_yaml: Path, group: str) -> str | None:
+    """The choice of `group` in a config.yaml's defaults list (None when it names none)."""
+    if not config_yaml.is_file() or yaml_problem(config_yaml) is not None:
+        return None
+    defaults = (yaml.safe_load(config_yaml.read_text()) or {}).get("defaults") or []
+    for entry in defaults if isinstance(defaults, list) else []:
+        if isinstance(entry, dict) and group in entry:
+            return str(entry[group])
+    return None
+
+
+def _unchosen_datamodule(user_dir: Path | None, overrides: list[str]) -> str | None:
+    """A word when the project's own conf/datamodule/ holds data modules but none was chosen: the
+    packaged default's example files are then the ones listed (and reported missing)."""
+    if user_dir is None or any(o.lstrip("+~").split("=", 1)[0] == "datamodule" for o in overrides):
+        return None
+    own = sorted(p.stem for p in (user_dir / "datamodule").glob("*.yaml")) if (user_dir / "datamodule").is_dir() else []
+    packaged = {p.stem for p in (PACKAGED_CONF_DIR / "datamodule").glob("*.yaml")}
+    own = [name for name in own if name not in packaged]
+    if not own or _default_choice(user_dir / "config.yaml", "datamodule") in own:
+        return None
+    return (
+        f"[config] no datamodule= given: the default data module is used, not {user_dir / 'datamodule'}'s "
+        f"{', '.join(own)}; pass datamodule={own[0]} to use {'it' if len(own) == 1 else 'one of them'}."
+    )
 
 
 # `null` for either means no validation loaders (how scConcept's tests turn validation off)

@@ -112,6 +112,25 @@ def test_hydra_habits_cfg_job_help_with_groups_and_a_wrong_choice_answered_with_
     assert "Choose one of: DataModuleAdvanced, DataModuleBasic (the closest: DataModuleBasic)" in err
 
 
+def test_a_project_with_its_own_data_module_is_told_to_choose_it(project):
+    """`concept-shard status` without datamodule= listed the packaged example's files as failed."""
+    from concept_shard.config import compose_config
+
+    (project / "conf/datamodule").mkdir(parents=True)
+    (project / "conf/datamodule/Mine.yaml").write_text("defaults:\n  - DataModuleBasic\n  - _self_\n")
+    lines = []
+    compose_config(project, [], log=lines.append)
+    assert any("no datamodule= given" in line and "pass datamodule=Mine" in line for line in lines)
+    lines.clear()
+    compose_config(project, ["datamodule=Mine"], log=lines.append)
+    assert not any("no datamodule=" in line for line in lines)
+    (project / "conf/config.yaml").write_text(
+        "defaults:\n  - model: ContrastiveModel\n  - datamodule: Mine\n  - _self_\nPATH:\n  PROJECT_PATH: ???\n"
+    )
+    compose_config(project, [], log=lines.append)  # chosen by the project's own config.yaml
+    assert not any("no datamodule=" in line for line in lines)
+
+
 def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
     from concept_shard.config import compose_config
     from concept_shard.errors import UserError
