@@ -58,6 +58,9 @@ class TrainingKeys:
     log_every_n_steps: int = key(100, "a training row every N steps", ge=1)
     checkpoint_every_n_steps: Any = key(1000, "checkpoint every N steps; null/0 = only the final one", check=_steps)
     keep_last_checkpoints: int = key(3, "older step_<N> folders are deleted; 0 = keep all", ge=0)
+    keep_best: Optional[str] = key(
+        None, "a validation metric: the checkpoint with its best value is kept as checkpoints/best"
+    )
     max_nonfinite_steps: int = key(
         3, "steps in a row with a non-finite loss or gradients (each not applied) before the run stops", ge=1
     )

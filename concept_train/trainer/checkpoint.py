@@ -60,10 +60,11 @@ def checkpoint_step(path: Path) -> int:
     return int(Path(path).name.split("_")[1])
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `checkpoints/latest` names, if it is complete. The pointer holds one name of
-    the form step_<N>; anything else (a path that would lead out of the run) is not a checkpoint."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
+def latest_checkpoint(run_dir: Path, pointer_name: str = "latest") -> Path | None:
+    """The checkpoint `checkpoints/latest` (or `checkpoints/best`, model.training.keep_best) names,
+    if it is complete. The pointer holds one name of the form step_<N>; anything else (a path that
+    would lead out of the run) is not a checkpoint."""
+    pointer = Path(run_dir) / "checkpoints" / pointer_name
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
@@ -128,10 +129,24 @@ def intact_checkpoint(run_dir: Path, log=print) -> Path | None:
     return None
 
 
+POINTERS = ("latest", "best")  # files in checkpoints/ that name one of its step_<N>
+
+
 def resolve_checkpoint(path) -> Path | None:
-    """A run directory (its latest complete checkpoint) or a `checkpoints/step_<N>` directory."""
+    """A run directory (its latest complete checkpoint), a `checkpoints/step_<N>` directory, or a
+    pointer of `checkpoints/` by name (`.../checkpoints/best`, `.../checkpoints/latest`)."""
     path = Path(path)
+    if path.name in POINTERS and path.is_file():
+        return latest_checkpoint(path.parent.parent, path.name)
     return latest_checkpoint(path) or (path if (path / "trainer_state.json").is_file() else None)
+
+
+def mark_best(checkpoint: Path) -> None:
+    """Point `checkpoints/best` at `checkpoint` (written whole, then renamed into place)."""
+    pointer = Path(checkpoint).parent / "best"
+    tmp = pointer.with_name("best.tmp")
+    tmp.write_text(Path(checkpoint).name + "\n")
+    os.replace(tmp, pointer)
 
 
 def save_checkpoint(
@@ -144,7 +159,10 @@ def save_checkpoint(
     keep_last: int,
     run_config: Root | None = None,
     resumed_from: Path | None = None,
+    keep_also: str | None = None,
 ) -> Path:
+    """Write checkpoint step_<step> and point `latest` at it; older ones beyond `keep_last` go,
+    except `keep_also` (the best one's name, model.training.keep_best)."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     if resumed_from is not None and Path(resumed_from) == final:
@@ -152,7 +170,7 @@ def save_checkpoint(
         # Replacing it would leave `latest` naming nothing for a moment, and a kill then loses the run.
         return final
     try:
-        return _save(root, final, tmp, step, model, optimizer, trainer_state, d, keep_last, run_config)
+        return _save(root, final, tmp, step, model, optimizer, trainer_state, d, keep_last, run_config, keep_also)
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
         if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -188,7 +206,7 @@ def _storage_failure(exc: BaseException) -> bool:
     return False
 
 
-def _save(root, final, tmp, step, model, optimizer, trainer_state, d, keep_last, run_config) -> Path:
+def _save(root, final, tmp, step, model, optimizer, trainer_state, d, keep_last, run_config, keep_also) -> Path:
     """save_checkpoint's writing: every file into `tmp`, then `tmp` renamed into place and
     `latest` pointed at it."""
     if d.is_main:
@@ -222,7 +240,8 @@ def _save(root, final, tmp, step, model, optimizer, trainer_state, d, keep_last,
             (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), key=checkpoint_step
         )
         for old in done[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != keep_also:
+                shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
     d.barrier()

@@ -17,6 +17,7 @@ of torch's RNG, whose state every checkpoint saves.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ from .checkpoint import (
     intact_checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    mark_best,
     resolve_checkpoint,
     save_checkpoint,
     write_config,
@@ -190,6 +192,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, self.training)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.training))
         self.step = 0
+        # model.training.keep_best: {metric, value, step, checkpoint} of the best validation so far
+        self.best: dict | None = None
+        self._best_missing_said = False
         self.nonfinite_steps = 0  # steps in a row not applied (non-finite loss or gradients)
         self._dense_params: int | None = None
 
@@ -202,6 +207,7 @@ class Trainer:
             self.step = int(state["step"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.train_loader.load_state_dict(state["loader"])
+            self.best = state.get("best")
             self.log(f"[train] resumed run {self.run_id} from {self.resume_from} (step {self.step})")
         elif self.fresh:
             self._load_fresh(self.weights_from)
@@ -628,6 +634,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "loader": self.train_loader.state_dict(),
             "run_id": self.run_id,
+            "best": self.best,
         }
         return save_checkpoint(
             self.run_dir,
@@ -639,11 +646,37 @@ class Trainer:
             keep_last=self.training.keep_last_checkpoints,
             run_config=self.cfg,
             resumed_from=self.resume_from,
+            keep_also=self.best["checkpoint"] if self.best else None,
         )
 
-    def run_validation(self) -> None:
+    def run_validation(self) -> bool:
+        """Validate, log the row; True when it is the best so far by model.training.keep_best."""
         row = validate(self.model, self.val_loaders, self.forward_views, self.data.obs_keys, self.objective, self.step)
         self.metrics.write({"kind": "val", "step": self.step, **row})
+        return self._is_best(row)
+
+    def _is_best(self, row: dict) -> bool:
+        """model.training.keep_best: whether this validation row holds the metric's best value so far
+        (lowest for a metric named *loss, else highest; the first of equal ones); if so, `best`
+        records it for the checkpoint about to be written."""
+        metric = self.training.keep_best
+        if not metric:
+            return False
+        value = row.get(metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not self._best_missing_said:
+                self._best_missing_said = True
+                known = sorted(k for k, v in row.items() if isinstance(v, (int, float)))
+                self.log(
+                    f"[train] WARNING: model.training.keep_best={metric} is not a finite value of the validation "
+                    f"rows (they have: {', '.join(known)}); no best checkpoint is kept"
+                )
+            return False
+        lower = metric.endswith("loss")
+        if self.best is not None and not (value < self.best["value"] if lower else value > self.best["value"]):
+            return False
+        self.best = {"metric": metric, "value": float(value), "step": self.step, "checkpoint": f"step_{self.step}"}
+        return True
 
     def fit(self) -> dict:
         try:
@@ -666,7 +699,8 @@ class Trainer:
         val_every = validation_steps(t.val_check_interval, self._steps_per_epoch())
         ckpt_every = t.checkpoint_every_n_steps or 0
         if t.validate_before_training and self.step == 0 and self.val_loaders:
-            self.run_validation()
+            self.run_validation()  # (the untrained model is never kept as the best)
+            self.best = None
         profiler = self._profiler()
         it = iter(self.train_loader)
         last_ckpt = None
@@ -682,10 +716,15 @@ class Trainer:
                 if self.nonfinite_steps:  # no validation or checkpoint in a run that may be diverging
                     self._check_diverged()
                 else:
+                    best = False
                     if self.val_loaders and (val_every and self.step % val_every == 0 or self._epoch_ended()):
-                        self.run_validation()
-                    if ckpt_every and self.step % ckpt_every == 0:
+                        best = self.run_validation()
+                    if best or ckpt_every and self.step % ckpt_every == 0:
                         last_ckpt = self.checkpoint()
+                    if best and self.d.is_main:
+                        mark_best(last_ckpt)
+                        value = self.best["value"]
+                        self.log(f"[train] best {t.keep_best}={value:.4g}: checkpoints/best -> {last_ckpt.name}")
                 stopped = signals.agreed(self.d)
             if stopped is not None:
                 self.log(f"[train] {stopped} received: stopping after step {self.step} with a checkpoint")
