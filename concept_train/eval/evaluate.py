@@ -20,7 +20,7 @@ from concept_shard.errors import TrainError
 from ..trainer.checkpoint import LoadedModel, load_model
 from . import baselines, report
 from .cells import EvalCells, from_files, from_validation_shards
-from .scib import MIN_CELLS, scib_scores
+from .scib import BATCH, BIO, MIN_CELLS, scib_scores
 from .views import Embedder, cross_view_recall
 
 PANEL_SIZES = (200, 800, 6400)
@@ -73,6 +73,19 @@ def _varying(obs: pd.DataFrame, flag: str, key: str, label_keys: list[str]) -> n
             f"Use a column with several values (here: {label_keys}), or evaluate more inputs.",
         )
     return values
+
+
+def _umap_titles(scib: dict, knn: dict, label_key: str, batch_key: str | None) -> dict[str, dict[str, str]]:
+    """Per embedding, the scores each UMAP panel's title shows: kNN and bio conservation by the
+    label, batch correction by the batch."""
+    out = {}
+    for name, scores in scib.items():
+        accuracy = knn[name].get(label_key, float("nan"))
+        titles = {label_key: f"kNN {accuracy:.3f}, bio conservation {scores[BIO]:.3f}"}
+        if batch_key is not None and scores[BATCH] is not None:
+            titles[batch_key] = f"batch correction {scores[BATCH]:.3f}, iLISI {scores['iLISI']:.3f}"
+        out[name] = titles
+    return out
 
 
 # the batch key concept-eval takes when none is given: the first of these with two or more values
@@ -217,6 +230,6 @@ def evaluate(
             if umap:
                 coordinates = {name: report.umap_coordinates(z, seed) for name, z in embeddings.items()}
                 colour_by = {label_key: labels} | ({batch_key: batches} if batch_key is not None else {})
-                report.write_umap_png(stage, coordinates, colour_by)
+                report.write_umap_png(stage, coordinates, colour_by, _umap_titles(scib, knn, label_key, batch_key))
             report.write_report(stage, result)
     return result

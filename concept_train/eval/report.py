@@ -83,8 +83,23 @@ def umap_coordinates(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(x)
 
 
-def write_umap_png(out_dir: Path, coordinates: dict[str, np.ndarray], colour_by: dict[str, np.ndarray]) -> None:
-    """A grid: rows = embeddings, columns = obs keys (label, batch)."""
+# distinct colours: tab10's ten, then Dark2's and Set1's (tab20 pairs a dark and a light shade of
+# one hue, so T and B cells were both blue)
+PALETTE = [
+    *[f"C{i}" for i in range(10)],
+    *["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"],
+    *["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf"],
+]
+
+
+def write_umap_png(
+    out_dir: Path,
+    coordinates: dict[str, np.ndarray],
+    colour_by: dict[str, np.ndarray],
+    scores: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """A grid: rows = embeddings, columns = obs keys (label, batch); `scores[embedding][key]`, a
+    short text of the embedding's scores for that key, goes into the panel's title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,16 +112,23 @@ def write_umap_png(out_dir: Path, coordinates: dict[str, np.ndarray], colour_by:
             ax = axes[i][j]
             kinds, counts = np.unique(values, return_counts=True)
             named = kinds[np.argsort(-counts)][:MAX_LEGEND]
-            palette = plt.get_cmap("tab20")
             other = ~np.isin(values, named)
             if other.any():
                 ax.scatter(xy[other, 0], xy[other, 1], s=2, c="lightgrey", label="other", rasterized=True)
             for c, kind in enumerate(sorted(named)):
                 sel = values == kind
                 ax.scatter(
-                    xy[sel, 0], xy[sel, 1], s=2, color=palette(c % 20), label=str(kind) or "(missing)", rasterized=True
+                    xy[sel, 0],
+                    xy[sel, 1],
+                    s=2,
+                    color=PALETTE[c % len(PALETTE)],
+                    label=str(kind) or "(missing)",
+                    rasterized=True,
                 )
-            ax.set_title(f"{name}: {key}")
+            score = (scores or {}).get(name, {}).get(key)
+            ax.set_title(f"{name}: {key}" + (f"\n{score}" if score else ""), fontsize=10)
+            ax.set_xlabel("UMAP 1")
+            ax.set_ylabel("UMAP 2")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

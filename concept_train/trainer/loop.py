@@ -732,7 +732,13 @@ class Trainer:
             if last_ckpt is None or not last_ckpt.name.endswith(f"_{self.step}"):
                 last_ckpt = self.checkpoint()
             curves = (
-                plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png") if self.d.is_main else None
+                plot_curves(
+                    self.run_dir / "metrics.jsonl",
+                    self.run_dir / "curves.png",
+                    batch_size=self.cfg.datamodule.dataloader.train.batch_size,
+                )
+                if self.d.is_main
+                else None
             )
             self.metrics.close()
         return {

@@ -1,5 +1,5 @@
 """Where metrics go: the console, `metrics.jsonl` in the run directory, wandb when enabled, and a
-PNG of the loss and recall curves at the end of the run."""
+PNG of the loss, recall and kNN curves at the end of the run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 from concept_config.training import WandbKeys
 
@@ -148,10 +150,48 @@ def smoothed(values, window: int) -> list[float]:
     return out
 
 
-def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
-    """Loss and recall@1 against step, training and validation, from metrics.jsonl. Training points
-    are drawn faintly with their moving average (a window of 1/20 of the run, at least 5 steps)
-    over them: per-file batches make single steps noisy, the average shows the trend."""
+def curve_panels(rows: list[dict], batch_size: int | None = None) -> list[dict]:
+    """What curves.png draws, panel by panel: title, y label, its series (label, steps, values,
+    style) and its chance line (None where chance is unknown). Training points are drawn faintly
+    with a moving average over them (a window of 1/20 of the logged points, at least 5): per-file
+    batches make single steps noisy, the average shows the trend."""
+    train_steps = [r["step"] for r in rows if r.get("kind") == "train"]
+    spacing = int(np.median(np.diff(train_steps))) if len(train_steps) > 1 else 1  # log_every_n_steps
+    specs = [
+        ("loss", "contrastive loss", "InfoNCE loss (nats)", math.log(batch_size) if batch_size else None, "ln B"),
+        ("recall@1", "recall@1 across views", "recall@1", 1 / batch_size if batch_size else None, "1/B"),
+        ("knn", "kNN accuracy of validation cells (k = 5)", "accuracy", None, None),
+    ]
+    panels = []
+    for suffix, title, ylabel, chance, chance_name in specs:
+        series = []
+        train = [(r["step"], r[suffix]) for r in rows if r.get(suffix) is not None and r.get("kind") == "train"]
+        if train:
+            steps, values = (list(x) for x in zip(*train))
+            window = max(5, len(values) // 20)
+            series.append({"label": f"train {suffix}", "steps": steps, "values": values, "style": "raw"})
+            series.append(
+                {
+                    "label": f"train {suffix}, moving average of {window} logged points (~{window * spacing} steps)",
+                    "steps": steps,
+                    "values": smoothed(values, window),
+                    "style": "smooth",
+                }
+            )
+        wanted = (lambda k: "/knn/" in k) if suffix == "knn" else (lambda k, s=suffix: k.endswith("/" + s))
+        for key in sorted({k for r in rows for k in r if k.startswith("val/") and wanted(k)}):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            series.append({"label": key, "steps": [p[0] for p in pts], "values": [p[1] for p in pts], "style": "val"})
+        if series:
+            line = None if chance is None else {"value": chance, "label": f"chance ({chance_name}, B = {batch_size})"}
+            panels.append({"title": title, "ylabel": ylabel, "series": series, "chance": line})
+    return panels
+
+
+def plot_curves(metrics_path: Path, out_png: Path, batch_size: int | None = None) -> Path | None:
+    """curves.png from metrics.jsonl (`curve_panels`): loss, recall@1 and kNN accuracy against the
+    optimizer step, with chance lines for a global batch of `batch_size` cells and the legends
+    under the plots, clear of the data."""
     if not metrics_path.is_file():
         return None
     import matplotlib
@@ -159,28 +199,26 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_rows(metrics_path)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, suffix, title in ((axes[0], "loss", "loss"), (axes[1], "recall@1", "recall@1 across views")):
-        train = [(r["step"], r[suffix]) for r in rows if r.get(suffix) is not None and r.get("kind") == "train"]
-        if train:
-            steps, values = zip(*train)
-            raw = ax.plot(steps, values, alpha=0.25, linewidth=0.8, label=f"train {suffix}")[0]
-            window = max(5, len(values) // 20)
-            ax.plot(
-                steps,
-                smoothed(values, window),
-                color=raw.get_color(),
-                linewidth=1.8,
-                label=f"train {suffix}, moving average ({window} steps)",
-            )
-        for key in sorted({k for r in rows for k in r if k.startswith("val/") and k.endswith("/" + suffix)}):
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            ax.plot(*zip(*pts), marker="o", label=key)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
+    panels = curve_panels(read_rows(metrics_path), batch_size)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 5.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        colour = None
+        for series in panel["series"]:
+            if series["style"] == "raw":
+                (line,) = ax.plot(series["steps"], series["values"], alpha=0.25, linewidth=0.8, label=series["label"])
+                colour = line.get_color()
+            elif series["style"] == "smooth":
+                ax.plot(series["steps"], series["values"], color=colour, linewidth=1.8, label=series["label"])
+            else:
+                ax.plot(series["steps"], series["values"], marker="o", markersize=3, label=series["label"])
+        if panel["chance"] is not None:
+            chance = panel["chance"]
+            ax.axhline(chance["value"], color="grey", linestyle="--", linewidth=1, label=chance["label"])
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(panel["ylabel"])
+        ax.set_title(panel["title"])
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out_png

@@ -151,6 +151,22 @@ def test_without_a_batch_key_it_picks_one_or_reports_batch_metrics_as_not_applic
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["scib"]["concept"]["KBET"] is None
 
 
+def test_umap_titles_carry_the_scores_and_colours_are_distinct():
+    """umap.png had no scores in its titles and paired colours (T and B cells both blue)."""
+    from concept_train.eval.evaluate import _umap_titles
+    from concept_train.eval.report import PALETTE
+
+    scib = {"concept": {"Bio conservation": 0.7, "Batch correction": 0.5, "iLISI": 0.25}}
+    titles = _umap_titles(scib, {"concept": {"cell_type": 0.9}}, "cell_type", "donor_id")
+    assert titles == {
+        "concept": {
+            "cell_type": "kNN 0.900, bio conservation 0.700",
+            "donor_id": "batch correction 0.500, iLISI 0.250",
+        }
+    }
+    assert len(set(PALETTE)) == len(PALETTE) >= 20
+
+
 def test_outputs_are_published_as_one_set_or_not_at_all(tmp_path):
     """A killed concept-eval left metrics.json of one run beside report.md of another; a run
     without umap.png kept the previous run's."""

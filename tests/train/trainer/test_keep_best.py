@@ -34,6 +34,9 @@ def test_the_best_checkpoint_is_kept_loads_by_name_and_survives_a_resume(sharded
     ]
     assert main([*args, "model.training.max_steps=6"]) == 0
     rows = _val_rows(run)
+    # kNN only on obs keys with two or more values among a loader's cells: its one file's dataset
+    # scored knn/dataset = 1.0
+    assert "val/whole_cell_B256/knn/donor_id" in rows[0] and "val/whole_cell_B256/knn/dataset" not in rows[0]
     best = max(rows, key=lambda r: (r[METRIC], -r["step"]))  # the first of the highest
     pointer = (run / "checkpoints" / "best").read_text().strip()
     assert pointer == f"step_{best['step']}" and (run / "checkpoints" / pointer / "trainer_state.json").is_file()
