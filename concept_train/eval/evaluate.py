@@ -96,10 +96,10 @@ def pick_batch_key(obs: pd.DataFrame, label_key: str, log) -> str | None:
     """The first of BATCH_KEYS, then of the other obs columns, that is not the label and has two or
     more values among the evaluated cells; None (batch metrics not applicable) when none has. Says
     which, and how to choose another."""
-    others = [c for c in obs.columns if c not in BATCH_KEYS]
-    for key in [*BATCH_KEYS, *others]:
-        if key != label_key and key in obs.columns and len(set(obs[key].to_numpy()) - {""}) >= 2:
-            log(f"[eval] batch key: {key} (the first of {[*BATCH_KEYS, *others]} with two or more values; --batch-key)")
+    candidates = [k for k in [*BATCH_KEYS, *(c for c in obs.columns if c not in BATCH_KEYS)] if k != label_key]
+    for key in candidates:
+        if key in obs.columns and len(set(obs[key].to_numpy()) - {""}) >= 2:
+            log(f"[eval] batch key: {key} (the first of {candidates} with two or more values; --batch-key)")
             return key
     log(
         "[eval] no obs column besides the label has two or more values among these cells: the batch-correction "
