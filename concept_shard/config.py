@@ -15,6 +15,7 @@ schema knows, also one that no YAML file mentions, and an unknown one is refused
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from pathlib import Path
@@ -464,19 +465,12 @@ def _missing_choice(exc, overrides: list[str], user_dir: Path | None) -> ConfigE
     choices = config_groups(user_dir).get(group) or sorted(getattr(exc, "options", None) or [])
     given = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0] == group), None)
     searched = [str(d / group) for d in (user_dir, PACKAGED_CONF_DIR) if d is not None]
+    close = difflib.get_close_matches(choice, choices, n=1, cutoff=0.6)
     return ConfigError(
         given or f"{group}: {choice}",
         f"names no config of the group `{group}` (no {choice}.yaml in {', '.join(searched)}).",
-        f"Choose one of: {', '.join(choices) or '(none found)'}"
-        + (f" (the closest: {suggestion_of(choice, choices)})." if suggestion_of(choice, choices) else "."),
+        f"Choose one of: {', '.join(choices) or '(none found)'}" + (f" (the closest: {close[0]})." if close else "."),
     )
-
-
-def suggestion_of(word: str, choices: list[str]) -> str | None:
-    import difflib
-
-    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return found[0] if found else None
 
 
 def _unparsable(user_dir: Path | None) -> ConfigError:
@@ -543,7 +537,6 @@ def _compose(overrides: list[str], user_dir: Path | None, config_name: str) -> D
 def _check_loader_names(cfg: DictConfig, overrides: list[str], search: list[Path], names=None) -> None:
     """A `dataloader.val.<name>` needs a `dataset.val.<name>`: settings under a misspelled loader
     name would otherwise configure nothing."""
-    import difflib
 
     datasets = [str(k) for k in cfg.datamodule.dataset.val.keys()]
     for name in cfg.datamodule.dataloader.val.keys() if names is None else names:
