@@ -49,7 +49,7 @@ demo: install
 # built once for all of them (tests/helpers.py: cached_copy, in .pytest_cache/d/concept-fixtures/).
 # Listed longest first: the order a first run (no times recorded yet) starts them in.
 E2E_RUNS := tests/e2e/test_end_to_end.py tests/e2e/test_chaos.py
-SUITES ?= tests/train/trainer tests/train/data "$(E2E_RUNS)" "tests/e2e $(E2E_RUNS:%=--ignore=%)" "tests/train/model tests/train/test_api_train.py tests/train/test_embed.py tests/train/eval" "$(SHARD_OTHERS)" "$(SHARD_BUILDS)"
+SUITES ?= tests/train/trainer tests/train/data "$(E2E_RUNS)" "tests/e2e $(E2E_RUNS:%=--ignore=%)" "tests/train/model tests/train/test_api_train.py tests/train/test_embed.py tests/train/eval tests/train/scconcept" "$(SHARD_OTHERS)" "$(SHARD_BUILDS)"
 # groups run side by side (default: 2, the cores of the machine the suite time is measured on)
 TEST_JOBS ?= 2
 

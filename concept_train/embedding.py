@@ -44,18 +44,22 @@ from .trainer.checkpoint import LoadedModel, load_model
 WHOLE_CELL_TOKENS = 1000  # the reference's whole-cell validation views
 
 
-def whole_cell_tokens(cfg, max_tokens: int | None = None) -> int:
+def whole_cell_tokens(cfg, max_tokens: int | None = None, scconcept: bool = False) -> int:
     """Genes per whole cell: `max_tokens` when given, else the larger of WHOLE_CELL_TOKENS and the
-    run's training `max_tokens` (module docstring)."""
-    return int(max_tokens or max(cfg.datamodule.dataset.train.max_tokens, WHOLE_CELL_TOKENS))
+    run's training `max_tokens` (module docstring); for one of scConcept's models its training
+    `max_tokens`, as its extract_embeddings takes (its position table may hold no more)."""
+    train = cfg.datamodule.dataset.train.max_tokens
+    return int(max_tokens or (train if scconcept else max(train, WHOLE_CELL_TOKENS)))
 
 
 def adds_learnable_embs(loaded: LoadedModel, use_learnable_embs: bool = True) -> bool:
     """Whether embeddings of this model add the learnable residual tables: only a model with
     pretrained vectors has them, only a run that used them (a fraction > 0) trained them, and
-    `use_learnable_embs=False` switches them off."""
-    freq = learnable_embs_freq(loaded.cfg.model)
-    return bool(use_learnable_embs and loaded.model.cfg.pretrained and freq is not None)  # as validation does
+    `use_learnable_embs=False` switches them off. scConcept's models add them whenever asked (its
+    predict step does)."""
+    if not (use_learnable_embs and loaded.model.cfg.pretrained):
+        return False
+    return loaded.model.cfg.scconcept_layout or learnable_embs_freq(loaded.cfg.model) is not None
 
 
 def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> str:
@@ -135,7 +139,7 @@ def embed_rows(
             f"Use one of {sorted(loaded.vocabs)}.",
         )
     spec = TokenSpec(
-        max_tokens=whole_cell_tokens(cfg, max_tokens),
+        max_tokens=whole_cell_tokens(cfg, max_tokens, loaded.model.cfg.scconcept_layout),
         normalization=cfg.datamodule.normalization,
         strategy="top-nonzero",
     )
@@ -225,7 +229,7 @@ def provenance(loaded: LoadedModel, species: str, use_learnable_embs: bool, max_
     the counts came from."""
     out = loaded.provenance(species)
     out |= {
-        "max_tokens": whole_cell_tokens(loaded.cfg, max_tokens),
+        "max_tokens": whole_cell_tokens(loaded.cfg, max_tokens, loaded.model.cfg.scconcept_layout),
         "panel": "whole vocabulary",
         "normalization": str(loaded.cfg.datamodule.normalization),
         "counts": f"layers['{layer}']" if layer else "raw.X if present, else X",

@@ -54,6 +54,10 @@ class ModelConfig:
     # value_encoding: <cls> carries this value into the value encoder, as scConcept's model does
     # (its `cls_value`, -2 in its trees); None: <cls> takes no value encoding (ours; older model.json)
     cls_value: float | None = None
+    # scConcept's own layout, for its published models (concept_train/scconcept/): its value encoder
+    # (Linear, ReLU, Linear, LayerNorm), its float32 position table, whose row 0 <cls> also gets,
+    # and a projection without bias. Ours: False (older model.json lack it).
+    scconcept_layout: bool = False
 
     def __post_init__(self):
         # the one combination of architecture keys the schema cannot check key by key
@@ -163,6 +167,17 @@ class Block(nn.Module):
         return self.norm2(x + self.drop2(self.ff(x)))
 
 
+def scconcept_table(max_len: int, dim: int) -> torch.Tensor:
+    """scConcept's position table, computed as its PositionalEncoding does (float32 throughout, so
+    large positions round as in its models; loading one of them copies its saved table anyway)."""
+    pos = torch.arange(0, max_len, dtype=torch.float).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2).float() * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)
+    return table
+
+
 def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
     pos = torch.arange(max_len, dtype=torch.float64)[:, None]
     div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
@@ -201,7 +216,14 @@ class ContrastiveModel(nn.Module):
         nn.init.zeros_(self.input_proj.bias)
         self.input_norm = nn.LayerNorm(cfg.dim_model)
         self.cls = nn.Parameter(torch.randn(cfg.dim_model) * 0.02)
-        if cfg.input_encoding == "value_encoding":
+        if cfg.input_encoding == "value_encoding" and cfg.scconcept_layout:
+            self.value_encoder = nn.Sequential(
+                nn.Linear(1, cfg.dim_model),
+                nn.ReLU(),
+                nn.Linear(cfg.dim_model, cfg.dim_model),
+                nn.LayerNorm(cfg.dim_model),
+            )
+        elif cfg.input_encoding == "value_encoding":
             self.value_encoder = nn.Sequential(
                 nn.Linear(1, cfg.dim_model), nn.GELU(), nn.Linear(cfg.dim_model, cfg.dim_model)
             )
@@ -217,9 +239,16 @@ class ContrastiveModel(nn.Module):
             if cfg.decoder_head
             else None
         )
-        self.register_buffer("rank_table", sinusoidal_table(cfg.pe_max_len + 1, cfg.dim_model), persistent=False)
+        table = (
+            scconcept_table(cfg.pe_max_len, cfg.dim_model)
+            if cfg.scconcept_layout
+            else sinusoidal_table(cfg.pe_max_len + 1, cfg.dim_model)
+        )
+        self.register_buffer("rank_table", table, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.nlayers))
-        self.projection = nn.Linear(cfg.dim_model, cfg.projection_dim) if cfg.projection_dim else None
+        self.projection = (
+            nn.Linear(cfg.dim_model, cfg.projection_dim, bias=not cfg.scconcept_layout) if cfg.projection_dim else None
+        )
         self.logit_scale = nn.Parameter(
             torch.full((1,), float(cfg.logit_scale_init_value))
         )  # 1-D: FSDP2 shards no scalars
@@ -267,7 +296,9 @@ class ContrastiveModel(nn.Module):
         is_cls = (tokens == CLS_TOKEN)[:, None]
         x = torch.where(is_cls, self.cls.to(x.dtype), x)
         if self.cfg.input_encoding == "rank_encoding":
-            enc = self.rank_table[positions.clamp(max=self.cfg.pe_max_len)].to(x.dtype)
+            enc = self.rank_table[positions.clamp(max=len(self.rank_table) - 1)].to(x.dtype)
+            if self.cfg.scconcept_layout:  # scConcept's <cls> takes position 0's vector
+                return x + enc
         elif self.cfg.cls_value is not None:  # scConcept's: <cls> carries cls_value into the encoder
             values = torch.where(is_cls[:, 0], self.cfg.cls_value, values)
             return x + self.value_encoder(values[:, None].to(x.dtype))

@@ -595,17 +595,23 @@ class LoadedModel:
 
 
 def load_model(run_or_checkpoint, device=None, trust_pickle: bool = False) -> LoadedModel:
-    """A run directory (its latest checkpoint) or a `checkpoints/step_<N>` directory -> model in eval
-    mode. Reads the checkpoint's own `model.json`, `config.yaml` and `model.safetensors`: no pickle,
+    """A run directory (its latest checkpoint), a `checkpoints/step_<N>` directory or a scConcept
+    model directory (concept_train/scconcept/model_dir.py) -> model in eval mode. Reads the
+    checkpoint's own `model.json`, `config.yaml` and `model.safetensors`: no pickle,
     so a model from elsewhere runs no code. Checkpoints older than those files load through DCP only
     with `trust_pickle=True`."""
     path = Path(run_or_checkpoint)
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
+        from ..scconcept import model_dir as scconcept_dir
+
+        if scconcept_dir.is_model_dir(path):  # one of scConcept's published models
+            return scconcept_dir.load(path, device=device, trust_pickle=trust_pickle)
         raise TrainError(
             path,
-            "is neither a run directory with a complete checkpoint nor a checkpoint directory.",
-            "Pass PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.",
+            "is neither a run directory with a complete checkpoint, a checkpoint directory, nor a "
+            "scConcept model directory (model.ckpt, config.yaml, gene_mappings/).",
+            "Pass PATH.CHECKPOINT_ROOT/<run_id>, .../checkpoints/step_<N> or a scConcept model directory.",
         )
     run_dir = ckpt.parent.parent
     shareable = (ckpt / WEIGHTS).is_file() or not trust_pickle
