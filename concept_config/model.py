@@ -13,6 +13,7 @@ NORM_SCHEMES = ("pre", "post")
 ACTIVATIONS = ("gelu", "relu")
 INPUT_ENCODINGS = ("rank_encoding", "value_encoding")
 CONTRASTIVE_LOSSES = ("multiclass", "binary")
+LAYOUTS = ("concept", "scconcept")
 
 
 @dataclass
@@ -42,6 +43,12 @@ class ModelKeys:
         None,
         "the value <cls> carries into the value encoding (scConcept's key, its trees say -2); "
         "null: <cls> takes no value encoding",
+    )
+    layout: str = key(
+        "concept",
+        "concept: ours; scconcept: scConcept's own (its value encoder, float32 position table that <cls> "
+        "takes row 0 of, projection without bias), set by a run that starts from one of its models",
+        choices=LAYOUTS,
     )
     logit_scale_init_value: float = key(3.0, "initial log of the learnable logit scale")
     loss_switch_step: Optional[int] = key(10000, "from this step on, SimCLR's 2N x 2N loss", ge=0)

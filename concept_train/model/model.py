@@ -96,6 +96,7 @@ class ModelConfig:
             attention_backend="auto" if model.flash_attention else "grouped",
             decoder_head=model.decoder_head or mlm_loss_on(model),
             cls_value=model.cls_value,
+            scconcept_layout=model.layout == "scconcept",
         )
 
 

@@ -100,6 +100,7 @@ def _config(path: Path, mappings: Path, model_dir: Path | None):
     for key, value in W.FILLED.items():
         if key not in raw.model:
             raw.model[key] = value
+    raw.model.layout = "scconcept"
     return raw
 
 

@@ -37,6 +37,7 @@ from concept_shard.vocabulary import CLS_TOKEN
 from ..data import DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
 from ..model.model import adds_learnable_embs, learnable_embs_freq, masking_rate, mlm_loss_on
+from ..scconcept import model_dir as scconcept_dir
 from .checkpoint import (
     check_layout,
     checkpoint_step,
@@ -100,8 +101,10 @@ class Trainer:
         self.training = cfg.model.training
         self.objective = ContrastiveObjective.from_config(cfg.model, seed=cfg.seed)
         self._read_options()
+        self.scconcept_source: Path | None = None  # initialize.checkpoint names a scConcept model
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
         self.run_lock = self._lock_run()
+        self.scconcept = self._adopt_scconcept()
         self.fresh = self.resume_from is None and self.weights_from is not None and cfg.initialize.fresh_training
         self._report_changes()
         self._record_config()
@@ -211,9 +214,23 @@ class Trainer:
             self.log(f"[train] resumed run {self.run_id} from {self.resume_from} (step {self.step})")
         elif self.fresh:
             self._load_fresh(self.weights_from)
+        elif self.scconcept is not None:  # its weights went in before the model was sharded
+            self.log(
+                f"[train] new run {self.run_id} starts from the weights of scConcept model {self.weights_from} "
+                f"(its step {self.scconcept.step})"
+            )
         elif self.weights_from is not None:
             load_checkpoint(self.weights_from, self.model, self.optimizer, self.d, weights_only=True)
             self.log(f"[train] new run {self.run_id} starts from the weights of {self.weights_from}")
+
+    def _adopt_scconcept(self):
+        """A new run from one of scConcept's models: its architecture becomes the run's
+        (scconcept/continued.py); None otherwise."""
+        if self.scconcept_source is None:
+            return None
+        from ..scconcept import continued
+
+        return continued.adopt(self.cfg, self.scconcept_source, log=self.log)
 
     def _lineage(self):
         """The run as a tracked lamindb run (`lamindb.enabled`, rank 0 only), its inputs registered."""
@@ -361,11 +378,21 @@ class Trainer:
             return None
         path = Path(init.checkpoint)
         weights_from = resolve_checkpoint(path)
+        if weights_from is None and scconcept_dir.is_model_dir(path):
+            if init.fresh_training:
+                raise TrainError(
+                    "initialize.fresh_training",
+                    f"takes a checkpoint's optimizer state too, but {path} is a scConcept model, whose "
+                    "optimizer state is not read.",
+                    "Use initialize.create_new_run=True: the run starts from its weights with a new optimizer.",
+                )
+            self.scconcept_source = weights_from = path
         if weights_from is None:
             raise TrainError(
                 f"initialize.checkpoint={path}",
-                "is neither a run directory with a complete checkpoint nor a checkpoint directory.",
-                "Point it at PATH.CHECKPOINT_ROOT/<run_id> or .../checkpoints/step_<N>.",
+                "is neither a run directory with a complete checkpoint, a checkpoint directory, nor a "
+                "scConcept model directory.",
+                "Point it at PATH.CHECKPOINT_ROOT/<run_id>, .../checkpoints/step_<N> or a scConcept model directory.",
             )
         if not (init.create_new_run or init.fresh_training):
             raise TrainError(
@@ -394,6 +421,10 @@ class Trainer:
         mcfg = ModelConfig.from_run_config(self.cfg, vocab_sizes)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every rank
         model = ContrastiveModel(mcfg)
+        if self.scconcept is not None:
+            from ..scconcept import continued
+
+            continued.load_into(model, self.scconcept, self.weights_from)
         if pretrained_dir and self.resume_from is None and self.weights_from is None:  # else the checkpoint has them
             try:
                 for sp in self.data.species:

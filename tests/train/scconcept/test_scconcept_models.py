@@ -138,3 +138,19 @@ def test_concept_embed_takes_a_model_directory(tmp_path, capsys):
     assert embed_main([str(home / "model"), str(home / "cells.h5ad"), "--out", str(out)]) == 0
     z = ad.read_h5ad(out).obsm["X_concept"]
     assert np.abs(z - np.load(home / "reference.npz")["fp32"]).max() <= FP32_TOLERANCE
+
+
+def test_continued_training_starts_from_the_published_weights(tmp_path):
+    # adaptation (a new run from the model's weights) through concept-train's own loop: at lr=0 the
+    # run's checkpoint is the published model, so it embeds the cells as scConcept does
+    from concept_train.adapt import train
+
+    home = DATA / "multispecies170m"
+    lines = []
+    run = train(
+        [home / "cells.h5ad"], tmp_path / "work", model=home / "model", steps=2, batch_size=8, lr=0.0, log=lines.append
+    )
+    assert run.model.cfg.scconcept_layout and run.model.cfg.pretrained and run.cfg.model.layout == "scconcept"
+    assert any("starts from the weights of scConcept model" in line for line in lines)
+    z = embed(ad.read_h5ad(home / "cells.h5ad"), run)
+    assert np.abs(z - np.load(home / "reference.npz")["fp32"]).max() <= FP32_TOLERANCE
