@@ -226,3 +226,21 @@ def test_row_chunks_read_every_row_in_order_after_one_transpose(tmp_path):
     assert list(row_chunks(src, 5, tmp_path)) == [(0, 4), (4, 8), (8, 10)]
     assert src.prepared == [(0, 10, 4, tmp_path)]
     assert list(row_chunks(type("Empty", (Source,), {"n_cells": 0})(), 5, tmp_path)) == []
+
+
+def test_export_to_scconcepts_layout_embeds_the_same(trained_run, tmp_path):
+    # concept-export writes our run in scConcept's layout; read back by the loader that reproduces
+    # scConcept's forward pass (tests/train/scconcept: held to sc-concept's own outputs), it gives
+    # the run's embeddings: scConcept's model computes what ours does
+    from concept_train.scconcept.export import main as export_main
+
+    project, run = trained_run
+    source = project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
+    out = tmp_path / "for_scconcept"
+    assert export_main([str(run), str(out)]) == 0
+    theirs = load_model(out, device="cpu")
+    assert theirs.model.cfg.scconcept_layout and theirs.step == 2
+    ours = load_model(run, device="cpu")
+    z_ours, _ = embed_source(ours, source, max_tokens=1000)
+    z_theirs, _ = embed_source(theirs, source, max_tokens=1000)
+    np.testing.assert_allclose(z_theirs, z_ours, rtol=0, atol=2e-6)

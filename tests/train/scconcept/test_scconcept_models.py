@@ -154,3 +154,23 @@ def test_continued_training_starts_from_the_published_weights(tmp_path):
     assert any("starts from the weights of scConcept model" in line for line in lines)
     z = embed(ad.read_h5ad(home / "cells.h5ad"), run)
     assert np.abs(z - np.load(home / "reference.npz")["fp32"]).max() <= FP32_TOLERANCE
+
+
+def test_export_gives_back_scconcepts_own_checkpoint(tmp_path):
+    # read in and written out, a scConcept model is the same tensors, bit for bit, and loads again
+    from concept_train.scconcept.export import main as export_main
+
+    home = DATA / "multispecies170m"
+    out = tmp_path / "exported"
+    assert export_main([str(home / "model"), str(out)]) == 0
+    original = torch.load(home / "model" / "model.ckpt", weights_only=True)["state_dict"]
+    written = torch.load(out / "model.ckpt", weights_only=True)["state_dict"]
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[k], original[k]) for k in original)
+    assert sorted(p.name for p in (out / "gene_mappings").iterdir()) == ["drerio.csv", "hsapiens.csv", "mmusculus.csv"]
+    assert sorted(p.name for p in (out / "pretrained_vocabulary").iterdir()) == sorted(
+        p.name for p in (out / "gene_mappings").iterdir()
+    )
+    z = embed(ad.read_h5ad(home / "cells.h5ad"), load_model(out, device="cpu"))
+    assert np.abs(z - np.load(home / "reference.npz")["fp32"]).max() <= FP32_TOLERANCE
+    assert export_main([str(home / "model"), str(out)]) == 2  # never over an export
