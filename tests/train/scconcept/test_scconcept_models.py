@@ -174,3 +174,38 @@ def test_export_gives_back_scconcepts_own_checkpoint(tmp_path):
     z = embed(ad.read_h5ad(home / "cells.h5ad"), load_model(out, device="cpu"))
     assert np.abs(z - np.load(home / "reference.npz")["fp32"]).max() <= FP32_TOLERANCE
     assert export_main([str(home / "model"), str(out)]) == 2  # never over an export
+
+
+def test_scconcept_api_names(tmp_path):
+    # code written for sc-concept, its import changed: a model by name from the local cache
+    # directory, its embeddings, its gene-name mapping, its adaptation
+    from concept_train.scconcept import load_config_and_model, scConcept
+
+    cache = tmp_path / "cache"
+    shutil.copytree(DATA / "human30m" / "model", cache / "corpus40M-model30M")
+    with pytest.raises(TrainError) as err:
+        scConcept(cache_dir=str(cache)).load_config_and_model("corpus360M-model170M")
+    assert "models are not downloaded here" in " ".join(str(err.value).split())
+    model = load_config_and_model("corpus40M-model30M", cache_dir=str(cache))
+    assert model.species == ["hsapiens"]
+    adata = ad.read_h5ad(DATA / "human30m" / "cells.h5ad")
+    out = model.extract_embeddings(adata, batch_size=5)
+    assert set(out) == {"cls_cell_emb"}
+    assert np.abs(out["cls_cell_emb"] - np.load(DATA / "human30m" / "reference.npz")["fp32"]).max() <= FP32_TOLERANCE
+    assert torch.is_tensor(model.extract_embeddings(adata[:4], return_type="torch")["cls_cell_emb"])
+    ids = model.map_gene_names_to_ids("hsapiens", ["hsg0", "HSG1", "no-such-gene"])
+    assert ids[:2] == ["ENSG00000000000", "ENSG00000000001"] and np.isnan(ids[2])
+
+    # files one by one, as load_config_and_model takes them
+    files = scConcept().load_config_and_model(
+        config=DATA / "human30m" / "model" / "config.yaml",
+        model_path=DATA / "human30m" / "fabric.ckpt",
+        gene_mappings_path=DATA / "human30m" / "model" / "gene_mappings",
+    )
+    assert files.model.cfg.scconcept_layout
+
+    adapted = scConcept(cache_dir=str(cache), work_dir=tmp_path / "work")
+    adapted.load_config_and_model("corpus40M-model30M")
+    adapted.train(adata, max_steps=2, batch_size=8)
+    assert adapted.loaded.step == 2 and adapted.loaded.model.cfg.scconcept_layout
+    assert (tmp_path / "work" / "model_checkpoints" / adapted.loaded.run_id).is_dir()
