@@ -17,7 +17,7 @@ ALSO_PYTHON ?= 3.11
 # datasets back with streaming; see SUITES below)
 SHARD_BUILDS := tests/shard/test_array_tasks.py tests/shard/test_build_resume.py
 SHARD_OTHERS := tests/shard $(SHARD_BUILDS:%=--ignore=%)
-ALSO_TESTS ?= "$(SHARD_OTHERS) tests/e2e tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py" "$(SHARD_BUILDS)"
+ALSO_TESTS ?= "$(SHARD_OTHERS) tests/e2e tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py tests/train/scconcept" "$(SHARD_BUILDS)"
 # test-fast runs these (default: all of tests/)
 TESTS ?=
 EXAMPLE ?= example_project

@@ -21,6 +21,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import anndata
 import yaml
 
 from concept_config import Root
@@ -54,7 +55,10 @@ def _as_files(inputs, work_dir: Path, gene_id_column: str | None, log) -> list[t
             objects_dir.mkdir(parents=True, exist_ok=True)
             path = objects_dir / f"adata_{i}.h5ad"
             AnnDataObjectSource(item, gene_id_column)  # checks the gene id column up front
-            item.write_h5ad(path)
+            # an object read from a file of anndata >= 0.13 holds pandas string arrays, which anndata
+            # 0.12 (Python 3.11's) writes only when asked to
+            with anndata.settings.override(allow_write_nullable_strings=True):
+                item.write_h5ad(path)
             out.append(path)
             log(f"[train] input {i}: AnnData object {item.n_obs} x {item.n_vars} written to {path}")
             continue
