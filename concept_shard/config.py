@@ -116,7 +116,10 @@ def compose_tree(
     _check_loader_names(cfg, overrides, search)
     if OmegaConf.is_missing(cfg.PATH, "PROJECT_PATH"):
         raise ConfigError("PATH.PROJECT_PATH", "is not set.", "Pass PROJECT_PATH as the first argument.")
+    _pickled_mapping(cfg)
     inert = check_values(cfg, Root, dynamic=split_node)
+    if any(str(k).startswith(f"{SPLIT_PREFIX}{ROOT_SPLIT_SOURCE}_") for k in cfg.datamodule.keys()):
+        inert = [p for p in inert if p not in ROOT_SPLIT_PATHS]  # they locate its files
     for line in (inert_warning(inert), _unchosen_datamodule(user_dir, overrides)):
         if line:
             (log or _stderr)(line)
@@ -184,6 +187,7 @@ def _renamed_scconcept_keys(cfg: DictConfig, overrides: list[str], search: list[
     if isinstance(training, DictConfig) and "freeze_pretrained_vocabulary" in training:
         if training._get_node("freeze_pretrained_vocabulary")._is_none():  # off, as scConcept reads null
             training["freeze_pretrained_vocabulary"] = False
+    _root_split(cfg, overrides, search)
     paths = cfg.get("PATH")
     if not isinstance(paths, DictConfig) or "GENE_MAPPINGS_PATH" in paths:
         return
@@ -203,6 +207,77 @@ def _renamed_scconcept_keys(cfg: DictConfig, overrides: list[str], search: list[
     elif "GENE_MAPPING_PATH" in paths and not paths._get_node("GENE_MAPPING_PATH")._is_none():
         paths["GENE_MAPPINGS_PATH"] = paths._get_node("GENE_MAPPING_PATH")._value()
         del paths["GENE_MAPPING_PATH"]
+
+
+ROOT_SPLIT_SOURCE = "root_split"  # the source name of scConcept v0.1.0's root split
+ROOT_SPLIT_PATHS = ("PATH.ADATA_PATH", "PATH.DATASET_PATH", "PATH.PROJECT_DATA_PATH")  # where its files are
+
+
+def _root_split(cfg: DictConfig, overrides: list[str], search: list[Path]) -> None:
+    """scConcept's trees of v0.1.0 (2026-01-05) and the weeks after kept the split at the root: a
+    `split` group (train / val / test file names in PATH.ADATA_PATH, read through PATH.SPLIT) and
+    one token mapping, PATH.gene_mapping_path. The split becomes a split file mounted under the data
+    module (`datamodule.split_root_split_<species>`, source `root_split`) that the training loader
+    reads, and every validation loader without a split of its own reads its `val` files, as
+    scConcept's loaders did; PATH.SPLIT goes; the mapping becomes PATH.GENE_MAPPINGS_PATH (a pandas
+    pickle there, refused by `_pickled_mapping`)."""
+    if "split" not in cfg or not isinstance(cfg.get("datamodule"), DictConfig):
+        return
+    split, dm, paths = cfg._get_node("split"), cfg.datamodule, cfg.get("PATH")
+    species = str(dm.species[0]) if "species" in dm and dm.species else "hsapiens"
+    name = f"{SPLIT_PREFIX}{ROOT_SPLIT_SOURCE}_{species}"
+    node = {"source_name": ROOT_SPLIT_SOURCE, "species": species}
+    for section in ("train", "val", "test"):
+        if isinstance(split, DictConfig) and section in split:
+            node[section] = split._get_node(section)
+    if isinstance(paths, DictConfig) and "ADATA_PATH" in paths:
+        node["source_path"] = "${PATH.ADATA_PATH}"
+    with open_dict(dm):
+        dm[name] = node
+        ref = "${datamodule." + name + "}"
+        dataset = dm.get("dataset")
+        if isinstance(dataset, DictConfig):
+            train = dataset.get("train")
+            if isinstance(train, DictConfig) and "split" not in train:
+                train["split"] = [ref]
+            val = dataset.get("val")
+            if isinstance(val, DictConfig):
+                for loader in val.values():
+                    if isinstance(loader, DictConfig) and "split" not in loader:
+                        loader["split"] = [{"source": ref, "key": "val"}]
+    with open_dict(cfg):
+        del cfg["split"]
+    if not isinstance(paths, DictConfig):
+        return
+    with open_dict(paths):
+        if "SPLIT" in paths:
+            del paths["SPLIT"]  # (pop would resolve its ${split} first)
+        if "gene_mapping_path" in paths:
+            mapping = paths._get_node("gene_mapping_path")
+            value = None if mapping._is_none() else str(mapping._value())
+            del paths["gene_mapping_path"]
+            if "GENE_MAPPINGS_PATH" not in paths and value is not None:
+                # a CSV is one token space, as GENE_MAPPING_PATH; a .pkl is refused once the
+                # project path is known (`_pickled_mapping`)
+                paths["GENE_MAPPINGS_PATH"] = value
+
+
+def _pickled_mapping(cfg: DictConfig) -> None:
+    """A token mapping that is a pandas pickle (scConcept v0.1.0's PATH.gene_mapping_path): refused,
+    since loading a pickle runs code from the file, with the one-line conversion to a CSV."""
+    mapping = str(cfg.PATH.GENE_MAPPINGS_PATH)
+    if not mapping.endswith(".pkl"):
+        return
+    raise ConfigError(
+        "PATH.GENE_MAPPINGS_PATH",
+        f"is {mapping}, a pickled pandas Series (scConcept v0.1.0's token mapping, its "
+        "PATH.gene_mapping_path): loading a pickle runs code from the file, so it is not read here.",
+        "Convert it once to a token mapping CSV (tokens renumbered: <cls> 0, <pad> 1) and set "
+        'PATH.GENE_MAPPINGS_PATH to it: python -c "import pandas as pd; '
+        f"s = pd.read_pickle('{mapping}'); g = [x for x in s.index if not str(x).startswith('<')]; "
+        "pd.DataFrame({'gene_id': ['<cls>', '<pad>'] + g, 'gene_name': '', "
+        "'token': range(len(g) + 2)}).to_csv('hsapiens.csv', index=False)\"",
+    )
 
 
 def _stderr(line: str) -> None:

@@ -155,3 +155,42 @@ def test_inert_reference_keys_are_listed_in_one_warning_line(tmp_path):
     quiet = []
     compose(tmp_path, lines=quiet)
     assert quiet == []  # the packaged config sets none of them
+
+
+def test_scconcept_v010_root_split_composes_as_a_mounted_split(tmp_path):
+    """scConcept v0.1.0 (2026-01-05) and the weeks after: the split a root group of its own, read
+    through PATH.SPLIT from PATH.ADATA_PATH; the token mapping a pandas pickle (refused with the
+    conversion), or a CSV."""
+    conf = tmp_path / "conf"
+    (conf / "split").mkdir(parents=True)
+    (conf / "datamodule").mkdir()
+    (conf / "datamodule" / "DataModuleV1.yaml").write_text(  # its loaders name no split
+        "name: DataModule\nnormalization: raw\ndataset:\n  train:\n    max_tokens: 100\n  val:\n    same:\n"
+        "      max_tokens: ${datamodule.dataset.train.max_tokens}\n    within_P200_B256:\n      max_tokens: 200\n"
+        "dataloader:\n  train:\n    batch_size: 8\n  val:\n    same:\n      batch_size: 8\n"
+        "    within_P200_B256:\n      batch_size: 8\n"
+    )
+    (conf / "config.yaml").write_text(
+        "defaults:\n  - model: ContrastiveModel\n  - datamodule: DataModuleV1\n  - split: split_v1\n  - _self_\n"
+        "PATH:\n  PROJECT_PATH: ???\n  PROJECT_DATA_PATH: ${PATH.PROJECT_PATH}/data\n"
+        "  DATASET_PATH: ${PATH.PROJECT_DATA_PATH}/cxg\n  ADATA_PATH: ${PATH.DATASET_PATH}/h5ads\n"
+        "  SPLIT: ${split}\n  gene_mapping_path: ${PATH.DATASET_PATH}/pc_gene_token_mapping.pkl\n"
+    )
+    (conf / "split" / "split_v1.yaml").write_text("test: null\nval:\n- v1.h5ad\ntrain:\n- t1.h5ad\n- t2.h5ad\n")
+    text = error(tmp_path)
+    pickle = f"{tmp_path.resolve()}/data/cxg/pc_gene_token_mapping.pkl"
+    assert text.startswith(f"PATH.GENE_MAPPINGS_PATH: is {pickle}, a pickled pandas Series")
+    assert f"pd.read_pickle('{pickle}')" in text and "PATH.GENE_MAPPINGS_PATH" in text
+
+    config = (conf / "config.yaml").read_text().replace("pc_gene_token_mapping.pkl", "mapping.csv")
+    (conf / "config.yaml").write_text(config)
+    lines = []
+    cfg = compose(tmp_path, lines=lines)
+    assert cfg.PATH.GENE_MAPPINGS_PATH == f"{tmp_path.resolve()}/data/cxg/mapping.csv"
+    split = cfg.datamodule.mounted_splits["split_root_split_hsapiens"]
+    assert split["train"] == ["t1.h5ad", "t2.h5ad"] and split["val"] == ["v1.h5ad"]
+    assert split["source_path"] == f"{tmp_path.resolve()}/data/cxg/h5ads"
+    assert [item.key for item in cfg.datamodule.dataset.train.split] == ["datamodule.split_root_split_hsapiens"]
+    for loader in cfg.datamodule.dataset.val.values():
+        assert [(item.key, item.section) for item in loader.split] == [("datamodule.split_root_split_hsapiens", "val")]
+    assert not any("PATH.ADATA_PATH" in line for line in lines)  # it locates the split's files
