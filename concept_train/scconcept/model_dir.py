@@ -101,7 +101,35 @@ def _config(path: Path, mappings: Path, model_dir: Path | None):
         if key not in raw.model:
             raw.model[key] = value
     raw.model.layout = "scconcept"
+    _drop_unknown_keys(raw, path)
     return raw
+
+
+def _drop_unknown_keys(raw, path: Path) -> None:
+    """Keys of a later (or private) scConcept version that this code does not know: outside the
+    architecture they are left out, in one line on stderr; an unknown architecture key (`model.*`
+    but `model.training.*`) may change what the model computes, so it is refused."""
+    import sys
+
+    from concept_config import Root
+    from concept_config.project import split_node
+    from concept_shard.strict import unknown_keys
+
+    unknown = [k for k, _ in unknown_keys(raw, Root, dynamic=split_node)]
+    architecture = [k for k in unknown if k.startswith("model.") and not k.startswith("model.training.")]
+    if architecture:
+        raise TrainError(
+            path,
+            f"sets model keys this code does not know ({', '.join(architecture[:5])}): they may change what "
+            "the model computes.",
+            "Use a scConcept model of sc-concept 0.2.x, or report the keys so that they can be read.",
+        )
+    for key in unknown:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(raw, parent) if parent else raw
+        del node[leaf]
+    if unknown:
+        print(f"[model] {path}: keys unknown here, left out: {', '.join(unknown)}", file=sys.stderr)
 
 
 def load(

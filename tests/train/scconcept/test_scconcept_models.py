@@ -209,3 +209,17 @@ def test_scconcept_api_names(tmp_path):
     adapted.train(adata, max_steps=2, batch_size=8)
     assert adapted.loaded.step == 2 and adapted.loaded.model.cfg.scconcept_layout
     assert (tmp_path / "work" / "model_checkpoints" / adapted.loaded.run_id).is_dir()
+
+
+def test_keys_of_a_later_version(tmp_path, capsys):
+    # a published config with keys this code does not know: left out (said on stderr), unless they
+    # are architecture keys, which may change what the model computes
+    home = tmp_path / "model"
+    shutil.copytree(DATA / "human30m" / "model", home)
+    config = home / "config.yaml"
+    config.write_text(config.read_text() + "future_section:\n  knob: 1\n")
+    assert load_model(home, device="cpu").model.cfg.scconcept_layout
+    assert "keys unknown here, left out: future_section" in capsys.readouterr().err
+    config.write_text(config.read_text().replace("  dim_model: 32\n", "  dim_model: 32\n  rotary_positions: true\n"))
+    with pytest.raises(TrainError, match="model.rotary_positions"):
+        load_model(home, device="cpu")
