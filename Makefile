@@ -4,6 +4,9 @@
 # interpreter or its lock changes.
 PYTHON ?=
 VENV ?= $(or $(CONCEPT_VENV),.venv)
+# LEAN=1: install the runtime lock only (requirements-runtime-py3.X.lock: no pytest, moto, lamindb,
+# wandb), for make install / make demo; make test needs the full lock
+LEAN ?=
 PY := $(VENV)/bin/python
 # make test also runs the fast tests of ALSO_TESTS on this Python version, in its own venv
 # (.venv-3.11); set it empty to skip. Not found, it is skipped with a notice, except under CI
@@ -25,7 +28,7 @@ EXAMPLE ?= example_project
 .PHONY: install demo test test-fast lint bench
 
 install:
-	CONCEPT_VENV=$(VENV) PYTHON=$(PYTHON) bash tools/install.sh
+	CONCEPT_VENV=$(VENV) PYTHON=$(PYTHON) CONCEPT_LEAN=$(LEAN) bash tools/install.sh
 
 # The main job on the bundled example project: build it, shard it, derive co-expression gene
 # vectors from its training shards, pre-train a small model on

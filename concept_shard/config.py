@@ -31,9 +31,10 @@ from .errors import ConfigError, ShardError
 from .strict import check_values, inert_warning, merge_typed, origin_of, set_override, suggestion, unknown_keys
 from .yaml_bounds import yaml_problem
 
-# The packaged config tree sits beside the packages (repo root); CONCEPT_CONF_DIR overrides it.
+# The packaged config tree: conf/ at the repo root, reached through the link concept_shard/conf (which a
+# wheel carries as package data); CONCEPT_CONF_DIR overrides it.
 _INTERPOLATION = re.compile(r"^\$\{([^}]+)\}$")  # a split list item that names a split file
-PACKAGED_CONF_DIR = Path(os.environ.get("CONCEPT_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+PACKAGED_CONF_DIR = Path(os.environ.get("CONCEPT_CONF_DIR", (Path(__file__).resolve().parent / "conf").resolve()))
 
 
 def compose_config(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtualenv from the lock of its Python version
-# (requirements-py3.X.lock: 3.11, 3.12 or 3.13) and install this repo into it in editable mode.
+# (requirements-py3.X.lock: 3.11, 3.12 or 3.13; with CONCEPT_LEAN=1 the runtime lock,
+# requirements-runtime-py3.X.lock) and install this repo into it in editable mode.
 #
 # Interpreter: $PYTHON, a command, a path or a bare version ("3.13"); unset, Python 3.12 (what
 # users run and what CI runs the whole suite on), else 3.13, else 3.11, whichever is found first.
@@ -44,7 +45,12 @@ find_version() {   # prints an interpreter of version $1 (X.Y), or nothing
   done
 }
 
-lock_for() { echo "requirements-py$1.lock"; }
+# CONCEPT_LEAN=1 (make install LEAN=1): the runtime lock (what `pip install .` needs: no test tools,
+# lamindb or wandb), else the full lock the suite runs in
+lock_for() {
+  if [ -n "${CONCEPT_LEAN:-}" ] && [ "${CONCEPT_LEAN}" != 0 ]; then echo "requirements-runtime-py$1.lock"
+  else echo "requirements-py$1.lock"; fi
+}
 
 pick_python() {
   local v
