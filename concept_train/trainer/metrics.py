@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from concept_config.training import WandbKeys
+from concept_shard.errors import TrainError
 
 
 class MetricsLog:
@@ -39,7 +40,15 @@ class MetricsLog:
             _keep_through(self.path, resumed_at)
         self.wandb = None
         if enabled and wandb_keys.enabled:
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                raise TrainError(
+                    "wandb.enabled",
+                    "is true, but the wandb package cannot be imported (a lean install, make install LEAN=1, "
+                    "leaves it out).",
+                    "Install it (pip install 'concept-pretrain[wandb]'), or set wandb.enabled=False.",
+                ) from None
 
             self.wandb = wandb.init(
                 project=wandb_keys.project or "concept",
