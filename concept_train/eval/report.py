@@ -138,8 +138,9 @@ def write_umap_png(
     plt.close(fig)
 
 
-def report_markdown(result: dict) -> str:
-    """The table a reader wants first: each embedding's aggregates and kNN accuracy, recall."""
+def report_markdown(result: dict, umap: bool = True) -> str:
+    """The table a reader wants first: each embedding's aggregates and kNN accuracy, recall;
+    `umap`: whether umap.png was drawn (--no-umap: not listed)."""
     s = result["settings"]
     keys = list(next(iter(result["knn"].values())).keys())
     lines = [
@@ -175,7 +176,8 @@ def report_markdown(result: dict) -> str:
                 else f"not measured: {r['reason']}"
             )
         )
-    lines += ["", "Files: `scib.csv` (every scIB metric), `umap.png`, `metrics.json`.", ""]
+    files = ["`scib.csv` (every scIB metric)", *(["`umap.png`"] if umap else []), "`metrics.json`"]
+    lines += ["", f"Files: {', '.join(files)}.", ""]
     return "\n".join(lines)
 
 
@@ -184,6 +186,6 @@ def _score(value) -> str:
 
 
 def write_report(out_dir: Path, result: dict) -> str:
-    text = report_markdown(result)
+    text = report_markdown(result, umap=(out_dir / "umap.png").is_file())
     (out_dir / "report.md").write_text(text)
     return text
