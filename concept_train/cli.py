@@ -11,6 +11,7 @@ import os
 import re
 import sys
 
+from concept_shard import console
 from concept_shard.config import compose_config, composed_yaml, groups_help
 from concept_shard.errors import UserError
 
@@ -44,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit (Hydra's habit)")
     p.add_argument("--resolve", action="store_true", help="with --cfg: resolve ${...} interpolations")
     p.add_argument("project_path", nargs="?", help="PATH.PROJECT_PATH (or pass PATH.PROJECT_PATH=...)")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only (CONCEPT_LOG_LEVEL=WARNING)")
+    loud.add_argument(
+        "-v", "--verbose", action="store_true", help="also every metric of every logged step (CONCEPT_LOG_LEVEL=DEBUG)"
+    )
     args, overrides = p.parse_known_args(argv)
+    console.setup(quiet=args.quiet, verbose=args.verbose)
     first = args.project_path
     # `key=value` first (PATH.PROJECT_PATH=/p ...) is the first override; a directory is a path,
     # `=` or not (/data/run=1)
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with StopSignals():
             cfg = compose_config(args.project_path, overrides, args.config_dir)
-            result = run_training(cfg)
+            result = run_training(cfg, log=console.say)
     except UserError as err:
         print(f"concept-train: {err.paragraph()}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from concept_config.training import WandbKeys
+from concept_shard import console
 from concept_shard.errors import TrainError
 
 
@@ -72,13 +73,18 @@ class MetricsLog:
             )
         progress = self._progress(row)
         shown = " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            _shown(k, v)
             for k, v in row.items()
             if k in ("loss", "lr", "recall@1", "cells_per_s", "tokens_per_s", "mfu")
-            or k.startswith("val/")
-            and (k.endswith("/loss") or k.endswith("recall@1") or k.endswith("knn/cell_type"))
         )
-        self.log(f"[train] {progress} {shown}")
+        table = validation_table(row)
+        if shown or not table:
+            self.log(f"[train] {progress} {shown}".rstrip())
+        if table:
+            self.log(f"[val] {progress}:")
+            for line in table:
+                self.log(f"[val]   {line}")
+        console.detail(f"[train] {progress} " + " ".join(_shown(k, v) for k, v in row.items() if k != "step"))
 
     def _progress(self, row: dict) -> str:
         """`step=S/TOTAL eta=...` for a training row on the console (`step=S` for a validation row)."""
@@ -94,6 +100,36 @@ class MetricsLog:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _shown(key: str, value) -> str:
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def validation_table(row: dict) -> list[str]:
+    """A validation check as a small table, a loader a line (loss, recall@1, recall@5, each kNN
+    accuracy, cells) instead of every `val/<loader>/<metric>` on one line."""
+    loaders: dict[str, dict] = {}
+    for key, value in row.items():
+        if key.startswith("val/") and key.count("/") >= 2:
+            _, loader, metric = key.split("/", 2)
+            loaders.setdefault(loader, {})[metric] = value
+    if not loaders:
+        return []
+    metrics = ["loss", "recall@1", "recall@5"]
+    metrics += sorted({m for v in loaders.values() for m in v if m.startswith("knn/")})
+    metrics += ["cells"] if any("cells" in v for v in loaders.values()) else []
+    width = max(len("loader"), *(len(name) for name in loaders))
+    heads = [f"knn({m[4:]})" if m.startswith("knn/") else m for m in metrics]
+    widths = [max(9, len(h)) for h in heads]
+    lines = [f"{'loader':<{width}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths))]
+    for name, values in loaders.items():
+        cells = []
+        for m, w in zip(metrics, widths):
+            v = values.get(m, "-")
+            cells.append(f"{v:>{w}.4g}" if isinstance(v, float) else f"{v!s:>{w}}")
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return lines
 
 
 def wandb_run_id(run_dir: Path, run_id: str) -> str:

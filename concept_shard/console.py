@@ -1,0 +1,45 @@
+"""The programs' console lines through Python's `logging`: the logger "concept", one message per line
+as the programs have always printed them ("[train] step=...", "[data] ...").
+
+Levels: progress and notices at INFO; lines that say WARNING at WARNING; detail at DEBUG (every
+metric of every logged step). `concept-train -q` shows warnings and errors only, `-v` adds the
+detail; CONCEPT_LOG_LEVEL (DEBUG, INFO, WARNING, ...) does the same for processes started by
+torchrun, srun or sbatch. Library callers configure the "concept" logger as any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOGGER = logging.getLogger("concept")
+LEVEL_ENV = "CONCEPT_LOG_LEVEL"
+
+
+def say(line: str) -> None:
+    """One console line at the level its text says: WARNING when it says so, else INFO."""
+    LOGGER.log(logging.WARNING if "WARNING" in line[:60] else logging.INFO, line)
+
+
+def detail(line: str) -> None:
+    LOGGER.debug(line)
+
+
+def setup(quiet: bool = False, verbose: bool = False) -> int:
+    """Lines of the "concept" logger to stdout, bare, at the level the flags (else CONCEPT_LOG_LEVEL,
+    else INFO) ask for; returns that level. Called once by a program's main()."""
+    if quiet or verbose:
+        level = logging.WARNING if quiet else logging.DEBUG
+    else:
+        name = os.environ.get(LEVEL_ENV, "INFO").strip().upper()
+        level = logging.getLevelName(name) if isinstance(logging.getLevelName(name), int) else logging.INFO
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for old in [h for h in LOGGER.handlers if getattr(h, "_concept", False)]:
+        LOGGER.removeHandler(old)
+    handler._concept = True  # ours: a second setup() replaces it
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(level)
+    LOGGER.propagate = False
+    return level

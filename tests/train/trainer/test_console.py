@@ -1,0 +1,73 @@
+"""concept-train's console: Python logging (logger "concept") with a quiet and a verbose level, and
+a validation check shown as a small table (concept_shard/console.py, trainer/metrics.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from concept_config.training import WandbKeys
+from concept_shard import console
+from concept_train.cli import main as train_main
+from concept_train.trainer.metrics import MetricsLog
+
+TRAIN = {"kind": "train", "step": 100, "loss": 3.2, "lr": 1e-4, "recall@1": 0.25, "batch_digest": "ab12"}
+VAL = {
+    "kind": "val",
+    "step": 100,
+    "val/whole_cell/loss": 3.5,
+    "val/whole_cell/recall@1": 0.125,
+    "val/whole_cell/recall@5": 0.5,
+    "val/whole_cell/knn/cell_type": 0.9375,
+    "val/whole_cell/cells": 512,
+    "val/P200/loss": 4.25,
+    "val/P200/recall@1": 0.0625,
+    "val/P200/recall@5": 0.25,
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger():
+    yield
+    for handler in list(console.LOGGER.handlers):
+        console.LOGGER.removeHandler(handler)
+    console.LOGGER.setLevel(logging.NOTSET)
+
+
+def _lines(tmp_path, capsys, **levels) -> list[str]:
+    tmp_path.mkdir(exist_ok=True)
+    console.setup(**levels)
+    log = MetricsLog(tmp_path, WandbKeys(), {}, True, "r", log=console.say, max_steps=1000)
+    log.write(dict(TRAIN))
+    log.write(dict(VAL))
+    console.say("[train] WARNING: something to act on")
+    return capsys.readouterr().out.splitlines()
+
+
+def test_default_level_shows_progress_and_a_validation_table(tmp_path, capsys):
+    lines = _lines(tmp_path, capsys)
+    assert lines[0].startswith("[train] step=100/1000 ") and "loss=3.2" in lines[0] and "batch_digest" not in lines[0]
+    table = [line for line in lines if line.startswith("[val]")]
+    assert table[0] == "[val] step=100:"
+    header = table[1].split()
+    assert header[:5] == ["[val]", "loader", "loss", "recall@1", "recall@5"] and "knn(cell_type)" in header
+    assert table[2].split()[1:] == ["whole_cell", "3.5", "0.125", "0.5", "0.9375", "512"]
+    assert table[3].split()[1:] == ["P200", "4.25", "0.0625", "0.25", "-", "-"]
+    assert lines[-1] == "[train] WARNING: something to act on"
+
+
+def test_quiet_shows_warnings_only_and_verbose_every_metric(tmp_path, capsys, monkeypatch):
+    assert _lines(tmp_path / "q", capsys, quiet=True) == ["[train] WARNING: something to act on"]
+    verbose = _lines(tmp_path / "v", capsys, verbose=True)
+    assert any("batch_digest=ab12" in line for line in verbose)
+    monkeypatch.setenv(console.LEVEL_ENV, "warning")  # what torchrun / sbatch children read
+    assert _lines(tmp_path / "e", capsys) == ["[train] WARNING: something to act on"]
+
+
+def test_concept_train_takes_the_flags(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    assert train_main(["-q", str(tmp_path), "--cfg", "job"]) == 0
+    assert "datamodule:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train_main(["-q", "-v", str(tmp_path)])  # one or the other
