@@ -34,7 +34,7 @@ from concept_shard.gene_vectors import GeneVectorWidthError, read_gene_vectors
 from concept_shard.splits import check_plain_name
 from concept_shard.vocabulary import CLS_TOKEN
 
-from ..data import DataModule
+from ..data import DataError, DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
 from ..model.model import adds_learnable_embs, learnable_embs_freq, masking_rate, mlm_loss_on
 from ..scconcept import model_dir as scconcept_dir
@@ -712,9 +712,12 @@ class Trainer:
     def fit(self) -> dict:
         try:
             result = self._fit()
-        except BaseException:
+        except BaseException as exc:
             if self.lineage is not None:
                 self.lineage.close(failed=True)
+            named = self._worker_death(exc)
+            if named is not None:
+                raise named from None
             raise
         finally:
             self.run_lock.release()
@@ -722,6 +725,25 @@ class Trainer:
             self.lineage.add_outputs(result["checkpoint"])
             self.lineage.close()
         return result
+
+    def _worker_death(self, exc: BaseException) -> UserError | None:
+        """A DataLoader worker that died (killed by a signal: most often the out-of-memory killer),
+        as a named error instead of torch's traceback, which it raises wherever the main process is
+        at that moment: the step under way may be half done, so nothing is saved; the run resumes
+        from its last checkpoint."""
+        text = str(exc)
+        if not (isinstance(exc, RuntimeError) and "DataLoader worker (pid" in text):
+            return None
+        last = latest_checkpoint(self.run_dir)
+        since = f"its last checkpoint, {last.name}," if last is not None else "its start (it has no checkpoint yet),"
+        return DataError(
+            "datamodule.dataloader.train.num_workers",
+            f"{text.strip().splitlines()[0]} The worker died in step {self.step + 1} of run {self.run_id} (a "
+            "worker killed by a signal is most often the out-of-memory killer); that step was not completed "
+            "and nothing was saved after the last checkpoint.",
+            f"Run the same command with initialize.resume=True: the run continues from {since} with the same "
+            "batches. If memory is short, lower datamodule.dataloader.train.num_workers or the batch size.",
+        )
 
     def _fit(self) -> dict:
         t = self.training
