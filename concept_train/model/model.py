@@ -60,7 +60,14 @@ class ModelConfig:
     scconcept_layout: bool = False
 
     def __post_init__(self):
-        # the one combination of architecture keys the schema cannot check key by key
+        # the combinations of architecture keys the schema cannot check key by key
+        if self.scconcept_layout and self.input_encoding == "value_encoding" and self.cls_value is None:
+            raise TrainError(
+                "model.cls_value",
+                "is null with model.layout=scconcept and value_encoding, but scConcept's model always gives "
+                "<cls> a value.",
+                "Set model.cls_value (scConcept's trees: -2), or use model.layout=concept.",
+            )
         if self.dim_model % self.num_head:
             raise TrainError(
                 f"model.dim_model={self.dim_model}",

@@ -223,3 +223,12 @@ def test_keys_of_a_later_version(tmp_path, capsys):
     config.write_text(config.read_text().replace("  dim_model: 32\n", "  dim_model: 32\n  rotary_positions: true\n"))
     with pytest.raises(TrainError, match="model.rotary_positions"):
         load_model(home, device="cpu")
+
+
+def test_scconcept_layout_with_value_encoding_needs_a_cls_value():
+    # scConcept's model always gives <cls> a value; an export of such a model must say which
+    from concept_train.model.model import ModelConfig
+
+    with pytest.raises(TrainError, match="model.cls_value"):
+        ModelConfig(vocab_sizes={"hsapiens": 10}, input_encoding="value_encoding", scconcept_layout=True)
+    assert ModelConfig({"hsapiens": 10}, input_encoding="value_encoding", scconcept_layout=True, cls_value=-2.0)
