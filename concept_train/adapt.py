@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import anndata
@@ -151,7 +152,8 @@ def train(
     )
     _copy_references(work_dir, mappings, dm["species"], Path(base.cfg.PATH.PANELS_PATH) if base is not None else None)
     _write_configs(work_dir / "conf", dm, as_dict(base.cfg)["model"] if base is not None else None)
-    args = _run_overrides(base, steps, model_config, lr, run_id) + list(overrides)
+    start = _checkpoint_of(base, work_dir) if base is not None else None
+    args = _run_overrides(base, steps, model_config, lr, run_id, start) + list(overrides)
     cfg = compose_config(work_dir, args, work_dir / "conf")
     _shard(cfg, progress, log)
     result = run_training(cfg, log=log)
@@ -263,7 +265,12 @@ def _datamodule(
 
 
 def _run_overrides(
-    base: LoadedModel | None, steps: int, model_config: str, lr: float | None, run_id: str | None
+    base: LoadedModel | None,
+    steps: int,
+    model_config: str,
+    lr: float | None,
+    run_id: str | None,
+    start: Path | None = None,
 ) -> list[str]:
     """The run's overrides: our data module and model, `steps` steps with one checkpoint at the
     end, no validation; a fine-tuned model's weights into a new run."""
@@ -277,7 +284,7 @@ def _run_overrides(
         f"model.training.warmup={min(int(steps) // 10, 100)}",
     ]
     if base is not None:
-        args += [f"initialize.checkpoint={base.checkpoint}", "initialize.create_new_run=True"]
+        args += [f"initialize.checkpoint={start}", "initialize.create_new_run=True"]
         if base.cfg.PATH.PRETRAINED_VOCABULARY:  # its layout has the pretrained-vector adapter
             args.append(f"PATH.PRETRAINED_VOCABULARY={base.cfg.PATH.PRETRAINED_VOCABULARY}")
     if lr is not None:
@@ -285,6 +292,24 @@ def _run_overrides(
     if run_id is not None:
         args.append(f"initialize.run_id={run_id}")
     return args
+
+
+def _checkpoint_of(base: LoadedModel, work_dir: Path) -> Path:
+    """What `initialize.checkpoint` names for the base model: its checkpoint, or for one of
+    scConcept's models its model directory (the trainer reads the directory: config, mappings,
+    weights). A scConcept model loaded from files named one by one is first written out as one
+    (`concept-export`: its tensors bit for bit) into `work_dir/base_model`."""
+    ckpt = Path(base.checkpoint)
+    if not base.model.cfg.scconcept_layout:
+        return ckpt
+    from .scconcept import export, model_dir
+
+    home, mappings = ckpt.parent, Path(base.cfg.PATH.GENE_MAPPINGS_PATH)
+    if ckpt.name == model_dir.CKPT and model_dir.is_model_dir(home) and mappings == home / model_dir.MAPPINGS:
+        return home
+    out = work_dir / "base_model"
+    shutil.rmtree(out, ignore_errors=True)
+    return export.export(base, out, log=lambda *a: None)
 
 
 def _shard(cfg: Root, progress: bool, log) -> None:

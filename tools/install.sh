@@ -104,7 +104,7 @@ if [ ! -f "$STAMP_FILE" ] || [ "$(cat "$STAMP_FILE")" != "$STAMP" ] || [ -z "$(v
   # torch with its CUDA libraries makes a venv of ~8 GB: say so before pip fills the disk halfway
   NEED_GB="${CONCEPT_INSTALL_MIN_FREE_GB:-9}"
   FREE_KB=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 { print $4 }')
-  OLD_KB=$( { du -sk "$VENV" 2>/dev/null || echo 0; } | awk '{ print $1 }')   # the venv replaced
+  OLD_KB=$(du -sk "$VENV" 2>/dev/null | awk 'END { print $1 + 0 }' || true)   # the venv replaced
   FREE_GB=$(( (FREE_KB + OLD_KB) / 1048576 ))
   if [ "$FREE_GB" -lt "$NEED_GB" ]; then
     die "building $VENV needs about $NEED_GB GB free (torch and its CUDA libraries); $(cd "$(dirname "$VENV")" && pwd) has $FREE_GB GB: free some space, or set CONCEPT_VENV to a directory on a larger disk"

@@ -62,6 +62,12 @@ def adopt(cfg: Root, source: Path, log=print) -> LoadedModel:
         if getattr(cfg.model, key) != value:
             changed.append(f"model.{key}={value}")
             setattr(cfg.model, key, value)
+    # the published model adds its learnable residual tables on this fraction of steps; a run that
+    # leaves the key unset would never add them (and validate another model than it embeds)
+    training, theirs = cfg.model.training, loaded.cfg.model.training.use_learnable_embs_freq
+    if mcfg.pretrained and training.use_learnable_embs_freq is None and theirs is not None:
+        training.use_learnable_embs_freq = theirs
+        changed.append(f"model.training.use_learnable_embs_freq={theirs}")
     # the layout with or without pretrained tables follows PATH.PRETRAINED_VOCABULARY; a run from
     # weights never reads the vectors (the checkpoint has the tables)
     if mcfg.pretrained and not cfg.PATH.PRETRAINED_VOCABULARY:

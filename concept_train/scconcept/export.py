@@ -105,7 +105,7 @@ def _pretrained_csvs(loaded: LoadedModel, folder: Path) -> None:
 def export(run, out, trust_pickle: bool = False, log=print) -> Path:
     """Write `run` (a run, checkpoint or scConcept model directory) to `out` in scConcept's layout."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(out, "exists and is not empty.", "Choose a new directory for the export.")
     loaded = run if isinstance(run, LoadedModel) else load_model(run, device="cpu", trust_pickle=trust_pickle)
     state, pe_max_len = scconcept_state(loaded)

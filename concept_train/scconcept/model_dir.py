@@ -42,24 +42,25 @@ def read_state(path: Path, trust_pickle: bool = False) -> tuple[dict, int]:
     path = Path(path)
     if not path.is_file():
         raise TrainError(path, "does not exist.", "Give the model's checkpoint file (model.ckpt).")
+    refused = None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
+        refused = str(exc).strip().splitlines()[0][:300]
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+    if refused is not None:
         if not trust_pickle:
-            first = str(exc).strip().splitlines()[0][:300]
             raise TrainError(
                 path,
                 f"holds Python objects beyond tensors and plain values, which a weights-only load refuses "
-                f"(torch: {first}): loading it would run code from the file.",
+                f"(torch: {refused}): loading it would run code from the file.",
                 "If you trust where it came from, load it with trust_pickle=True (concept-embed --trust-checkpoint).",
-            ) from None
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise TrainError(
-            path,
-            f"cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {str(exc).split('. ')[0][:200]}).",
-            "The file is damaged or not a checkpoint: download or copy it again.",
-        ) from None
+            )
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a trusted file can still be damaged: name it all the same
+            raise _unreadable(path, exc) from None
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):  # Lightning
         state = ckpt["state_dict"]
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):  # Fabric (train_fabric.py)
@@ -79,6 +80,14 @@ def read_state(path: Path, trust_pickle: bool = False) -> tuple[dict, int]:
             )
     step = ckpt.get("global_step", 0)
     return state, int(step) if isinstance(step, int) else 0
+
+
+def _unreadable(path: Path, exc: BaseException) -> TrainError:
+    return TrainError(
+        path,
+        f"cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {str(exc).split('. ')[0][:200]}).",
+        "The file is damaged or not a checkpoint: download or copy it again.",
+    )
 
 
 def _config(path: Path, mappings: Path, model_dir: Path | None):

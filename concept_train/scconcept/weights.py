@@ -138,7 +138,8 @@ CHOICES = {
 def model_config(model: dict, state: dict, vocab_sizes: dict[str, int], where) -> ModelConfig:
     """The architecture of a scConcept model: its config's `model` section (keys it lacks filled
     as scConcept fills them), the tables' sizes from the weights, scConcept's layout."""
-    keys = {**FILLED, **{k: v for k, v in model.items() if v is not None or k in FILLED}}
+    # a key written as null takes scConcept's filled value, but projection_dim, where null means none
+    keys = {**FILLED, **{k: v for k, v in model.items() if v is not None or k == "projection_dim"}}
     for key in ("dim_model", "nlayers", "num_head", "dim_hid", "input_encoding"):
         if keys.get(key) is None:
             raise TrainError(where, f"has no model.{key}.", "Use the config.yaml the model was published with.")

@@ -337,6 +337,8 @@ ARCHITECTURE_KEYS = (
     "model.activation",
     "model.input_encoding",
     "model.pe_max_len",
+    "model.layout",
+    "model.cls_value",
     "datamodule.species",
 )
 # Keys that say where things are, or how this run is started: they differ on every resume.
@@ -370,6 +372,8 @@ def config_changes(checkpoint: Path, cfg: Root, fresh: bool = False) -> list[str
     for key in ARCHITECTURE_KEYS + ("PATH.PRETRAINED_VOCABULARY",):
         if key == "model.dim_pretrained_vocab" and not new["PATH.PRETRAINED_VOCABULARY"]:
             continue  # no pretrained tables: the width is unused
+        if key == "model.cls_value" and new["model.input_encoding"] != "value_encoding":
+            continue  # <cls> carries no value into a rank encoding
         if old[key] != new[key]:
             raise TrainError(
                 key,

@@ -105,6 +105,8 @@ class Trainer:
         self.run_id, self.run_dir, self.resume_from, self.weights_from = self._resolve_run()
         self.run_lock = self._lock_run()
         self.scconcept = self._adopt_scconcept()
+        if self.scconcept is not None:
+            self._read_options()  # its architecture keys are the run's now: check them again
         self.fresh = self.resume_from is None and self.weights_from is not None and cfg.initialize.fresh_training
         self._report_changes()
         self._record_config()
@@ -224,13 +226,20 @@ class Trainer:
             self.log(f"[train] new run {self.run_id} starts from the weights of {self.weights_from}")
 
     def _adopt_scconcept(self):
-        """A new run from one of scConcept's models: its architecture becomes the run's
-        (scconcept/continued.py); None otherwise."""
-        if self.scconcept_source is None:
-            return None
+        """A run from one of scConcept's models: its architecture becomes the run's
+        (scconcept/continued.py). Returns the loaded model for a new run (its weights go in before
+        sharding), None otherwise; a resume whose command still names the model takes its
+        architecture too (the weights come from the run's checkpoint)."""
         from ..scconcept import continued
 
-        return continued.adopt(self.cfg, self.scconcept_source, log=self.log)
+        source = self.scconcept_source
+        named = self.cfg.initialize.checkpoint
+        if source is None and self.resume_from is not None and named and scconcept_dir.is_model_dir(named):
+            continued.adopt(self.cfg, Path(named), log=self.log)
+            return None
+        if source is None:
+            return None
+        return continued.adopt(self.cfg, source, log=self.log)
 
     def _lineage(self):
         """The run as a tracked lamindb run (`lamindb.enabled`, rank 0 only), its inputs registered."""
@@ -735,14 +744,20 @@ class Trainer:
         if not (isinstance(exc, RuntimeError) and "DataLoader worker (pid" in text):
             return None
         last = latest_checkpoint(self.run_dir)
-        since = f"its last checkpoint, {last.name}," if last is not None else "its start (it has no checkpoint yet),"
+        if last is not None:
+            how = (
+                f"Continue the run from its last checkpoint, {last.name}, with the same batches: the same command "
+                f"with initialize.resume=True initialize.run_id={self.run_id} (without initialize.create_new_run "
+                "or initialize.fresh_training)."
+            )
+        else:
+            how = f"Run {self.run_id} has no checkpoint yet: run the command again."
         return DataError(
-            "datamodule.dataloader.train.num_workers",
+            "datamodule.dataloader.*.num_workers",
             f"{text.strip().splitlines()[0]} The worker died in step {self.step + 1} of run {self.run_id} (a "
             "worker killed by a signal is most often the out-of-memory killer); that step was not completed "
             "and nothing was saved after the last checkpoint.",
-            f"Run the same command with initialize.resume=True: the run continues from {since} with the same "
-            "batches. If memory is short, lower datamodule.dataloader.train.num_workers or the batch size.",
+            f"{how} If memory is short, lower the loaders' num_workers or the batch size.",
         )
 
     def _fit(self) -> dict:

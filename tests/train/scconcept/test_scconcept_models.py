@@ -155,6 +155,15 @@ def test_continued_training_starts_from_the_published_weights(tmp_path):
     z = embed(ad.read_h5ad(home / "cells.h5ad"), run)
     assert np.abs(z - np.load(home / "reference.npz")["fp32"]).max() <= FP32_TOLERANCE
 
+    # the command it prints continues the run: a resume builds the same (scConcept-layout) model
+    from concept_train.cli import main as train_main
+
+    command = next(line for line in lines if "to continue it: concept-train" in line).split("concept-train ", 1)[1]
+    args = [a.replace("<N>", "3") for a in command.split()]
+    assert train_main(args) == 0
+    resumed = load_model(run.checkpoint.parent.parent, device="cpu")
+    assert resumed.step == 3 and resumed.model.cfg.scconcept_layout and resumed.model.cfg.pretrained
+
 
 def test_export_gives_back_scconcepts_own_checkpoint(tmp_path):
     # read in and written out, a scConcept model is the same tensors, bit for bit, and loads again
@@ -197,12 +206,14 @@ def test_scconcept_api_names(tmp_path):
     assert ids[:2] == ["ENSG00000000000", "ENSG00000000001"] and np.isnan(ids[2])
 
     # files one by one, as load_config_and_model takes them
-    files = scConcept().load_config_and_model(
+    files = scConcept(work_dir=tmp_path / "from_files").load_config_and_model(
         config=DATA / "human30m" / "model" / "config.yaml",
         model_path=DATA / "human30m" / "fabric.ckpt",
         gene_mappings_path=DATA / "human30m" / "model" / "gene_mappings",
     )
     assert files.model.cfg.scconcept_layout
+    files.train(adata, max_steps=1, batch_size=8)  # its files are first written out as a model directory
+    assert files.loaded.step == 1 and (tmp_path / "from_files" / "base_model" / "model.ckpt").is_file()
 
     adapted = scConcept(cache_dir=str(cache), work_dir=tmp_path / "work")
     adapted.load_config_and_model("corpus40M-model30M")

@@ -57,8 +57,8 @@ def test_a_killed_worker_is_named_and_the_run_resumes(sharded_project_copy):
     said = " ".join(err.split())
     assert run.returncode == 2, out + err
     assert "Traceback" not in err
-    assert said.startswith("concept-train: datamodule.dataloader.train.num_workers: DataLoader worker (pid")
-    assert "out-of-memory killer" in said and "initialize.resume=True" in said
+    assert said.startswith("concept-train: datamodule.dataloader.*.num_workers: DataLoader worker (pid")
+    assert "out-of-memory killer" in said and "initialize.resume=True initialize.run_id=oom" in said
     last = said.split("its last checkpoint, ")[1].split(",")[0]  # step_5, or later on a fast machine
     assert (project / "model_checkpoints" / "oom" / "checkpoints" / last).is_dir()
 
