@@ -1,6 +1,7 @@
 """The README's walk-through ("From an empty directory to a trained model"), run as written by a
 new user: its bash block, extracted from README.md, in a shell, so that the commands, flags, paths
-and YAML it shows cannot drift from what the programs accept.
+and YAML it shows cannot drift from what the programs accept; then its Python API block, on the
+walk-through's project and run (its `train()` calls take 2 steps instead of 200 and 300).
 
 Only sizes change, to keep the suite short: the example's files are made with 150 cells each, the
 runs take 6 and then 8 steps instead of 300 and 400 (validation every 3 instead of 100), and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,16 @@ def walkthrough() -> str:
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     (block,) = [b for b in blocks if "# 1. A project directory" in b]
+    return block
+
+
+API_SIZES = [("steps=200", "steps=2"), ("steps=300", "steps=2")]
+
+
+def python_api() -> str:
+    """The README's Python API block (the one that imports concept_train's functions)."""
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if 'load_model("PROJECT' in b]
     return block
 
 
@@ -58,3 +70,22 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     report = (run / "eval" / "report.md").read_text()
     assert "| pca |" in report and "kNN cell_type" in report and "umap.png" not in report  # --no-umap
     assert "no effect here" not in done.stderr  # the README's own files cause no warning
+
+    # then its Python API block, on the walk-through's project and run, in a directory holding the
+    # files it names (copies of the project's)
+    code = python_api()
+    for said, run_ in API_SIZES:
+        assert said in code, f"the README no longer says {said!r}: update API_SIZES"
+        code = code.replace(said, run_)
+    code = code.replace("PROJECT/", f"{p}/")
+    here = tmp_path / "api"
+    here.mkdir()
+    files = p / "data" / "mylab" / "h5ads"
+    for name, source in [("cells", "hs_val_e"), ("big", "hs_blood_a"), ("more_cells", "hs_blood_a")]:
+        shutil.copyfile(files / f"{source}.h5ad", here / f"{name}.h5ad")
+    for name, source in [("a", "hs_blood_a"), ("b", "hs_val_e")]:
+        shutil.copyfile(files / f"{source}.h5ad", here / f"{name}.h5ad")
+    code += "\nprint('MI', mi, 'SCORES', sorted(scores))\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "MI " in done.stdout and (here / "big.embedded.h5ad").is_file() and (here / "eval" / "report.md").is_file()
