@@ -17,22 +17,7 @@ from concept_shard.vocabulary import load_vocabulary
 
 from ..trainer.checkpoint import LoadedModel
 from . import model_dir
-
-# the keys of `model` that the published model fixes
-ARCHITECTURE = (
-    "dim_model",
-    "nlayers",
-    "num_head",
-    "dim_hid",
-    "dim_gene_embs",
-    "dim_pretrained_vocab",
-    "projection_dim",
-    "norm_scheme",
-    "activation",
-    "input_encoding",
-    "pe_max_len",
-    "cls_value",
-)
+from .weights import MODEL_KEYS
 
 
 def adopt(cfg: Root, source: Path, log=print) -> LoadedModel:
@@ -55,7 +40,7 @@ def adopt(cfg: Root, source: Path, log=print) -> LoadedModel:
                 f"Shard with the model's mappings: PATH.GENE_MAPPINGS_PATH={theirs.path.parent}, then run "
                 "concept-shard build again.",
             )
-    wanted = {k: getattr(mcfg, k) for k in ARCHITECTURE}
+    wanted = {k: getattr(mcfg, k) for k in MODEL_KEYS}
     wanted["layout"] = "scconcept"
     changed = []
     for key, value in wanted.items():

@@ -68,13 +68,9 @@ def _config(loaded: LoadedModel, pe_max_len: int) -> dict:
     tree = as_dict(loaded.cfg)
     mcfg = loaded.model.cfg
     model = tree["model"]
-    for key in ("dim_model", "nlayers", "num_head", "dim_hid", "dim_gene_embs", "dim_pretrained_vocab"):
+    for key in W.MODEL_KEYS:
         model[key] = getattr(mcfg, key)
     model.update(
-        projection_dim=mcfg.projection_dim,
-        norm_scheme=mcfg.norm_scheme,
-        activation=mcfg.activation,
-        input_encoding=mcfg.input_encoding,
         pe_max_len=pe_max_len,
         decoder_head=mcfg.decoder_head,
         # scConcept puts a value on <cls> whatever the encoding; it shapes nothing with rank_encoding

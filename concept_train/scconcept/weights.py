@@ -117,6 +117,23 @@ def to_theirs(state: dict, table: torch.Tensor | None, pretrained: bool) -> dict
     return out
 
 
+# the `model` keys a published model's weights fix: a run continuing one takes them (continued.py),
+# an export writes them (export.py)
+MODEL_KEYS = (
+    "dim_model",
+    "nlayers",
+    "num_head",
+    "dim_hid",
+    "dim_gene_embs",
+    "dim_pretrained_vocab",
+    "projection_dim",
+    "norm_scheme",
+    "activation",
+    "input_encoding",
+    "pe_max_len",
+    "cls_value",
+)
+
 # what scConcept fills into a config written before a key existed (its apply_compatibility_changes
 # and its model's config.get defaults)
 FILLED = {
