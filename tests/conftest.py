@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import ADVANCED, example_project, example_project_key, sharded_project
+from helpers import ADVANCED, example_project, example_project_key, fixture_cache_dir, sharded_project
 
 EXAMPLE_ARGS = ("--cells", "300")
 SMALL_EXAMPLE_ARGS = ("--cells", "40")
@@ -22,6 +22,15 @@ def isolated_env(tmp_path_factory):
     base = tmp_path_factory.mktemp("env")
     (base / "tmp").mkdir()
     os.environ.update(TMPDIR=str(base / "tmp"), WANDB_MODE="offline", LAMIN_SETTINGS_DIR=str(base / "lamin"))
+    # scIB's metrics are jax programs that each process compiles anew (~4 s per evaluation): the
+    # suite's processes share jax's own compilation cache, keyed by jax on program and versions
+    cached = fixture_cache_dir()
+    if cached is not None and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ.update(
+            JAX_COMPILATION_CACHE_DIR=str(cached.parent / "jax-cache"),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
     _clean_shm()
     yield
     _clean_shm()

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from doc_blocks import block, replaced
 from helpers import REPO
 
 pytestmark = pytest.mark.skipif(
@@ -283,19 +284,19 @@ def test_concept_shard_build_registers_lineage_and_reads_lamindb_keys(example_so
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (project / "shards/mmusculus/keyed/mm_val_c/dataset.json").exists()
-    lineage = run_py(
-        """
-        import json, lamindb as ln
-        out = {}
+    # the README's lineage block as written, then the same question of both datasets
+    readme = block("README.md", "shards = ln.Artifact.get(").text
+    asked = """
+        import json
+        out = {"readme": sorted(i.key for i in shards.run.input_artifacts.all())}
         for key in ("shards/hsapiens/synth_hsapiens/hs_blood_a", "shards/mmusculus/keyed/mm_val_c"):
             a = ln.Artifact.get(key=key)
             out[key] = sorted(i.key for i in a.run.input_artifacts.all())
             out["transform"] = a.run.transform.key
         print(json.dumps(out))
-    """,
-        env,
-        project,
-    )
+    """
+    lineage = run_py(readme + textwrap.dedent(asked), env, project)
+    assert lineage["readme"] == lineage["shards/hsapiens/synth_hsapiens/hs_blood_a"]
     assert "data/synth_hsapiens/h5ads/hs_blood_a.h5ad" in lineage["shards/hsapiens/synth_hsapiens/hs_blood_a"]
     assert "curated/mm_val_c.h5ad" in lineage["shards/mmusculus/keyed/mm_val_c"]
     assert lineage["transform"] == "concept-shard build"
@@ -362,10 +363,10 @@ def test_training_run_is_tracked_with_shard_inputs_and_checkpoint_outputs(sharde
         timeout=600,
     )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    out = run_py(
-        """
-        import json, lamindb as ln
-        ckpt = ln.Artifact.get(key="model_checkpoints/tracked/step_2")
+    # the README's checkpoint block as written (its run and step are this run's), then questions of `ckpt`
+    readme = replaced(block("README.md", "ckpt = ln.Artifact.get(").text, [("r1/step_1500", "tracked/step_2")])
+    asked = """
+        import json
         run = ckpt.run
         shards = ln.Artifact.get(key="shards/hsapiens/synth_hsapiens/hs_blood_a")
         print(json.dumps({
@@ -375,10 +376,8 @@ def test_training_run_is_tracked_with_shard_inputs_and_checkpoint_outputs(sharde
             "shards_in_inputs": shards.uid in {a.uid for a in run.input_artifacts.all()},
             "outputs": sorted(a.key for a in ln.Artifact.filter(run=run)),
         }))
-    """,
-        env,
-        project,
-    )
+    """
+    out = run_py(readme + textwrap.dedent(asked), env, project)
     assert out["transform"] == "concept-train" and out["status"] == "completed" and out["params_run_id"] == "tracked"
     assert out["shards_made_by"] == "concept-shard build" and out["shards_in_inputs"]  # the same artifact, not a copy
     assert "shards/mmusculus/synth_mmusculus/mm_brain_a" in out["inputs"]

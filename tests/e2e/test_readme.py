@@ -1,7 +1,8 @@
 """The README's walk-through ("From an empty directory to a trained model"), run as written by a
 new user: its bash block, extracted from README.md, in a shell, so that the commands, flags, paths
 and YAML it shows cannot drift from what the programs accept; then its Python API block, on the
-walk-through's project and run (its `train()` calls take 2 steps instead of 200 and 300).
+walk-through's project and run (its `train()` calls take 2 steps instead of 200 and 300, its
+`evaluate()` draws no UMAP).
 
 Only sizes change, to keep the suite short: the example's files are made with 150 cells each, the
 runs take 6 and then 8 steps instead of 300 and 400 (validation every 3 instead of 100), and
@@ -11,7 +12,6 @@ concept-eval scores 400 cells without the UMAP picture. Every command runs, conc
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anndata as ad
 import pytest
+from doc_blocks import block, layout_paths, missing_paths, replaced
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZES = [  # (what the README says, what the test runs)
@@ -31,28 +32,25 @@ SIZES = [  # (what the README says, what the test runs)
 
 
 def walkthrough() -> str:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
-    (block,) = [b for b in blocks if "# 1. A project directory" in b]
-    return block
+    return block("README.md", "# 1. A project directory").text
 
 
-API_SIZES = [("steps=200", "steps=2"), ("steps=300", "steps=2")]
+API_SIZES = [  # and its evaluate() without the UMAP picture, as the walk-through's concept-eval
+    ("steps=200", "steps=2"),
+    ("steps=300", "steps=2"),
+    ('batch_key="donor_id")', 'batch_key="donor_id", umap=False)'),
+]
 
 
 def python_api() -> str:
     """The README's Python API block (the one that imports concept_train's functions)."""
-    readme = (ROOT / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if 'load_model("PROJECT' in b]
-    return block
+    return block("README.md", 'load_model("PROJECT').text
 
 
 @pytest.mark.slow
 def test_the_readme_walkthrough_runs_as_written(tmp_path):
     script = walkthrough()
-    for said, run in SIZES:
-        assert said in script, f"the README no longer says {said!r}: update SIZES"
-        script = script.replace(said, run)
+    script = replaced(script, SIZES)
     # its own directories instead of /tmp/example and /tmp/myproject
     script = script.replace("/tmp/example", str(tmp_path / "example")).replace("/tmp/myproject", str(tmp_path / "p"))
     bin_dir = str(Path(sys.executable).parent)
@@ -64,6 +62,9 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     p = tmp_path / "p"
     run = p / "model_checkpoints" / "first"
     assert (run / "checkpoints" / "step_8").is_dir() and (run / "curves.png").is_file()
+    # the run directory as docs/design.md draws it
+    drawing = block("docs/design.md", "PATH.CHECKPOINT_ROOT/<run_id>/").text
+    assert not missing_paths(layout_paths(drawing, {"PATH.CHECKPOINT_ROOT/<run_id>/": ""}), run)
     assert "resumed run first" in done.stdout + done.stderr
     embedded = ad.read_h5ad(p / "hs_val_e.embedded.h5ad")
     assert embedded.obsm["X_concept"].shape[0] == embedded.n_obs
@@ -74,9 +75,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path):
     # then its Python API block, on the walk-through's project and run, in a directory holding the
     # files it names (copies of the project's)
     code = python_api()
-    for said, run_ in API_SIZES:
-        assert said in code, f"the README no longer says {said!r}: update API_SIZES"
-        code = code.replace(said, run_)
+    code = replaced(code, API_SIZES)
     code = code.replace("PROJECT/", f"{p}/")
     here = tmp_path / "api"
     here.mkdir()
