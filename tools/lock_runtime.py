@@ -1,4 +1,4 @@
-"""Write the runtime locks, requirements-runtime-py3.X.lock: what `pip install .` needs on each
+"""Write the runtime locks, requirements-runtime-py3.X.lock: what `pip install '.[eval]'` needs on each
 Python version, pinned to the versions of the full (test) lock requirements-py3.X.lock, so that a
 lean install (`make install LEAN=1`) runs exactly the code the suite tests, without pytest, moto,
 lamindb, wandb and their ~100 dependencies.
@@ -40,7 +40,8 @@ def closure(wheel: Path, version: str, tmp: Path) -> dict[str, str]:
     report = tmp / f"report-{version}.json"
     lock = ROOT / f"requirements-py{version}.lock"
     resolve = ["-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report)]
-    subprocess.run([find.stdout.strip(), *resolve, "-c", str(lock), str(wheel)], check=True)
+    # with the eval extra: make demo (the lean install's main job) ends with concept-eval
+    subprocess.run([find.stdout.strip(), *resolve, "-c", str(lock), f"{wheel}[eval]"], check=True)
     pins = {i["metadata"]["name"]: i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     pins.pop("concept-pretrain", None)
     return pins

@@ -10,12 +10,13 @@ metrics work on the [cells x d] embeddings only.
 from __future__ import annotations
 
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from concept_shard.errors import TrainError
+from concept_shard.errors import TrainError, UserError
 
 from ..trainer.checkpoint import LoadedModel, load_model
 from . import baselines, report
@@ -141,6 +142,24 @@ def _cells(loaded: LoadedModel, inputs, species, gene_id_column, max_cells, seed
     return cells
 
 
+# what the `eval` extra installs: (module, distribution), the UMAP only for the picture
+_EVAL_PACKAGES = (("scib_metrics", "scib-metrics"), ("umap", "umap-learn"))
+
+
+def _require_packages(umap: bool) -> None:
+    """The packages of the `eval` extra, named before any work when they cannot be imported."""
+    missing = [dist for module, dist in _EVAL_PACKAGES if (umap or module != "umap") and find_spec(module) is None]
+    if missing:
+        only_umap = missing == ["umap-learn"]
+        raise UserError(
+            "concept-eval",
+            f"needs {' and '.join(missing)}, which cannot be imported (the `eval` extra: `pip install .` "
+            "leaves it out).",
+            "Install it: pip install 'concept-pretrain[eval]' (make install does)"
+            + (", or leave the picture out: --no-umap (umap=False)." if only_umap else "."),
+        )
+
+
 def evaluate(
     run_or_checkpoint,
     inputs=(),
@@ -168,6 +187,7 @@ def evaluate(
     `concept_train.eval.report` there."""
     from tqdm import tqdm
 
+    _require_packages(umap)
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 
 import anndata as ad
 import numpy as np
@@ -191,3 +192,18 @@ def test_outputs_are_published_as_one_set_or_not_at_all(tmp_path):
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         name: f"third {name}" for name in ("metrics.json", "scib.csv", "report.md")
     }
+
+
+def test_a_missing_eval_extra_is_named_before_any_work(trained_run, tmp_path, monkeypatch):
+    """`pip install .` leaves the `eval` extra out: concept-eval names it (and --no-umap when only
+    the UMAP is missing) before it loads or writes anything. The packages are made unimportable
+    for this test as an absent distribution is (sys.modules holds None)."""
+    _, run = trained_run
+    out = tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "umap", None)
+    with pytest.raises(UserError, match=r"(?s)needs umap-learn, .*concept-pretrain\[eval\].*--no-umap"):
+        evaluate(run, [], out)
+    monkeypatch.setitem(sys.modules, "scib_metrics", None)
+    with pytest.raises(UserError, match=r"(?s)needs scib-metrics and umap-learn, .*concept-pretrain\[eval\]"):
+        evaluate(run, [], out)
+    assert not out.exists()

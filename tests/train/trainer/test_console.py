@@ -4,6 +4,7 @@ a validation check shown as a small table (concept_shard/console.py, trainer/met
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -71,3 +72,16 @@ def test_concept_train_takes_the_flags(tmp_path, capsys):
     assert "datamodule:" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         train_main(["-q", "-v", str(tmp_path)])  # one or the other
+
+
+def test_wandb_enabled_without_the_package_is_named(tmp_path, monkeypatch):
+    """A lean install leaves wandb out: wandb.enabled=true names the extra instead of an
+    ImportError (the package made unimportable as an absent distribution is)."""
+    from concept_shard.errors import TrainError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(
+        TrainError, match=r"(?s)wandb.enabled: is true, but the wandb package cannot be imported.*\[wandb\]"
+    ):
+        MetricsLog(tmp_path, WandbKeys(enabled=True), {}, True, "r", log=console.say)
+    assert not (tmp_path / "wandb").exists()
