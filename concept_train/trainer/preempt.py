@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from ..data.deliver.loader import STOP_SIGNALS  # the loader's workers ignore them
+from ..data.deliver.workers import STOP_SIGNALS  # the loader's workers ignore them
 
 # the exit status of a run stopped by a signal after writing its checkpoint: EX_TEMPFAIL (sysexits.h,
 # "try again later"); tools/slurm/train.sbatch requeues the job on it

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -22,7 +23,7 @@ from helpers import ADVANCED, data_module, free_port, shard
 from helpers import TINY_RESUME as TINY
 from helpers import metric_rows as _rows
 
-from concept_shard.errors import UserError
+from concept_shard.errors import DataError, UserError
 
 SMALL_SHARDS = "shard.shard_size_limit=65536"  # ~30 shards per file, so a small cache must evict
 BATCHES = ["datamodule.dataloader.train.batch_size=32", "datamodule.dataset.train.max_tokens=200"]
@@ -140,6 +141,42 @@ def test_gene_vectors_from_the_bucket_equal_those_from_local_shards(s3_project, 
     got, want = (p / "references/embeddings/coexpression/hsapiens.csv" for p in (project, sharded_project_copy))
     assert got.read_bytes() == want.read_bytes()
     assert not list((project / "shards").rglob("shard.*"))  # read in memory, nothing cached on disk
+
+
+def test_a_shard_that_fails_its_hash_in_the_bucket_is_named_to_every_reader(s3_project, tmp_path):
+    """A shard object whose bytes no longer match index.json: streaming's check of the download
+    fails, and a DataError names the dataset. The shard is not left marked as being prepared: a
+    worker that came for it during that download, or one that finds it gone from the cache (here:
+    removed), downloads it anew and is told the same, where it waited for good (and the run)."""
+    project, _ = s3_project
+    client, bucket = _client(), "shards-test"
+    for key in _objects(bucket):  # a copy of the datasets under another prefix, one shard damaged
+        if key.startswith("proj/"):
+            client.copy_object(Bucket=bucket, Key="damaged/" + key[5:], CopySource={"Bucket": bucket, "Key": key})
+    name = "damaged/hsapiens/synth_hsapiens/hs_blood_a/shard.00000.mds.zstd"
+    data = bytearray(client.get_object(Bucket=bucket, Key=name)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=name, Body=bytes(data))
+    remote = f"PATH.SHARDS_REMOTE=s3://{bucket}/damaged"
+    store = data_module(project, [remote, f"PATH.LOCAL_DIR={tmp_path / 'cache'}", *BATCHES]).store
+    (at,) = [i for i, s in enumerate(store.sets) if s.remote.endswith("/hsapiens/synth_hsapiens/hs_blood_a")]
+
+    def read(said: list) -> None:
+        try:
+            store.get(at, 0)  # row 0 lies in shard 0
+        except DataError as err:
+            said.append(str(err))
+
+    first, second = [], []
+    read(first)
+    assert "s3://shards-test/damaged/hsapiens/synth_hsapiens/hs_blood_a" in first[0], first
+    for left in (tmp_path / "cache").rglob("shard.00000.mds.zstd"):
+        left.unlink()
+    reader = threading.Thread(target=read, args=(second,), daemon=True)  # the next reader
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the next reader waits for good on the damaged shard"
+    assert "synth_hsapiens/hs_blood_a" in second[0], second
 
 
 def _train(project, *overrides, wait=True):

@@ -15,7 +15,6 @@ import atexit
 import functools
 import multiprocessing
 import os
-import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,28 +32,9 @@ from ..read.catalog import ShardSet
 from ..read.decode import SampleBatch
 from ..read.store import SampleStore
 from .handoff import Parcel, SlotRing, ring_for
+from .workers import worker_init
 
 STATE_VERSION = 1
-
-# The signals that stop a run (a SLURM time limit or preemption, Ctrl-C, `sbatch --signal`): the
-# main process turns them into a checkpoint and a clean exit (trainer/preempt.py). SLURM and a
-# terminal send them to every process, workers included; a worker that died of one would end the
-# run before that checkpoint, so workers ignore them (they stop when the main process closes them,
-# or dies). Except one SIGTERM: a main process that exits without closing its loader has
-# multiprocessing terminate its workers (SIGTERM) and wait for them; `exiting`, set by an atexit
-# hook that runs before multiprocessing's, tells a worker that this SIGTERM is that one.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
-def _ignore_stop_signals(exiting, worker_id: int) -> None:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-    def on_sigterm(signum, frame):
-        if exiting.is_set():
-            os._exit(0)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @dataclass
@@ -259,7 +239,7 @@ class Loader:
         exiting = None
         if self.num_workers > 0:
             exiting = multiprocessing.get_context().Event()
-            kwargs["worker_init_fn"] = functools.partial(_ignore_stop_signals, exiting)
+            kwargs["worker_init_fn"] = functools.partial(worker_init, exiting, os.getpid())
             atexit.register(exiting.set)
         try:
             # own generator: creating the iterator must not draw from the global torch RNG, or a

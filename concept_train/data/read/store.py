@@ -32,7 +32,8 @@ from .local import LocalShards
 from .shm import clean_stale_streaming_shm, registered
 
 _NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-_LOCAL = 3  # streaming.base.dataset._ShardState.LOCAL: the shard's files are in the cache
+# streaming.base.dataset._ShardState: only in the source; LOCAL: the shard's files are in the cache
+_REMOTE, _PREPARING, _LOCAL = 1, 2, 3
 
 
 # Shard files are checked against their hashes (integrity.py) when first mapped or prepared;
@@ -267,7 +268,7 @@ class SampleStore:
                 if self._local:
                     raise
                 self._check_compressed(dataset_index, shard_id)
-                return self.dataset.get_item(sample_id)
+                return self._get_remote(sample_id, shard_id)
         except UserError:
             raise
         except Exception as exc:
@@ -280,11 +281,24 @@ class SampleStore:
             )
         return decoder(data)
 
+    def _get_remote(self, sample_id: int, shard_id: int) -> dict:
+        """streaming's get_item, which downloads the shard (checked against its hash) on first use,
+        the shard handed back as remote when that fails: left marked as being prepared, every
+        other worker that needs it would wait for good, and the batches queued behind them. The
+        error is raised here; the next reader downloads the shard anew and meets its own."""
+        try:
+            return self.dataset.get_item(sample_id)
+        except BaseException:
+            states = self.dataset._shard_states
+            if states[shard_id] == _PREPARING:
+                states[shard_id] = _REMOTE
+            raise
+
     def _check_compressed(self, dataset_index: int, shard_id: int) -> None:
         """Check a `.zstd` that lies in place against its hash before streaming decompresses it.
         streaming checks it too, but a worker whose check fails there leaves the shard marked as
         being prepared, and another worker waiting for it (and the batches queued behind) waits
-        for good. (A shard downloaded from object storage is checked by streaming alone.)"""
+        for good. (A shard downloaded from object storage is checked by streaming: `_get_remote`.)"""
         if not VERIFY or shard_id in self._verified:
             return
         reader = self.dataset.shards[shard_id]

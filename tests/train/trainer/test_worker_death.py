@@ -1,5 +1,6 @@
 """A DataLoader worker killed mid-run (the out-of-memory killer's way): a named error that says what
-happened and how to go on, never torch's traceback; the run then resumes from its last checkpoint."""
+happened and how to go on, never torch's traceback; the run then resumes from its last checkpoint.
+The main process killed instead: its workers end with it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from helpers import TINY_RESUME
 
 from concept_train.trainer.metrics import read_rows
 
-RUN = [*TINY_RESUME, "datamodule.dataloader.train.num_workers=1", "initialize.run_id=oom"]
+RUN = [*TINY_RESUME, "initialize.run_id=oom"]
 
 
 def _children(pid: int) -> list[int]:
@@ -25,9 +26,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _train(project: Path, *overrides) -> subprocess.Popen:
+def _train(project: Path, *overrides, workers: int = 1) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "concept_train.cli", str(project), *RUN, *overrides],
+        [
+            sys.executable,
+            "-m",
+            "concept_train.cli",
+            str(project),
+            *RUN,
+            f"datamodule.dataloader.train.num_workers={workers}",
+            *overrides,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -66,3 +75,41 @@ def test_a_killed_worker_is_named_and_the_run_resumes(sharded_project_copy):
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out + err
     assert f"resumed run oom from {project / 'model_checkpoints' / 'oom' / 'checkpoints' / last}" in out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie is dead, waiting to be reaped
+
+
+@pytest.mark.slow
+def test_workers_end_with_a_killed_main_process(sharded_project_copy):
+    """The out-of-memory killer or `kill -9` of the main pid ends the main process alone: its
+    workers are ended with it at once, where they stayed alive, orphaned (seen in a futex wait),
+    or lived on until torch's watchdog looked (every 5 s, and never while a worker is blocked)."""
+    run = _train(sharded_project_copy, "model.training.max_steps=400", workers=2)
+    metrics = sharded_project_copy / "model_checkpoints" / "oom" / "metrics.jsonl"
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and run.poll() is None:
+            if metrics.is_file() and any(r["step"] >= 2 for r in read_rows(metrics)):
+                break
+            time.sleep(0.05)
+        workers = _children(run.pid)
+        assert len(workers) >= 2 and all(_alive(w) for w in workers), workers
+        os.kill(run.pid, signal.SIGKILL)  # the main process only
+        run.wait(timeout=30)
+        deadline = time.time() + 2.0
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.02)
+        assert not [w for w in workers if _alive(w)], "workers outlived their main process"
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        for w in workers:  # the orphans of a failed check must not outlive the test
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
