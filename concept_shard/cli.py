@@ -9,6 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .config import groups_help
+from .console import program
 from .errors import ConfigError, UserError
 
 USAGE_EPILOG = """\
@@ -84,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@program
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # overrides may come before or after options; argparse leaves the later ones unparsed

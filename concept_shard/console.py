@@ -9,6 +9,8 @@ torchrun, srun or sbatch. Library callers configure the "concept" logger as any 
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import os
 import sys
@@ -43,3 +45,20 @@ def setup(quiet: bool = False, verbose: bool = False) -> int:
     LOGGER.setLevel(level)
     LOGGER.propagate = False
     return level
+
+
+def program(main):
+    """For a program's `main(argv=None)`. Run as a program (no argv: the console script, `python -m`,
+    torchrun, srun), its process then leaves without the interpreter's last garbage collections,
+    which walk every object torch and the other libraries made, to free memory the process gives
+    back anyway (~0.8 s of each exit, measured on concept-train). Everything is written and closed
+    by then; atexit handlers and finalizers still run. A caller passing argv keeps its collector."""
+
+    @functools.wraps(main)
+    def run(argv=None):
+        code = main(argv)
+        if argv is None:
+            gc.freeze()
+        return code
+
+    return run

@@ -34,6 +34,7 @@ examples:
 _OVERRIDE = re.compile(r"[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
 
+@console.program
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="concept-train",

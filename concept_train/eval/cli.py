@@ -6,11 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from concept_shard.console import program
 from concept_shard.errors import UserError
 
 from .evaluate import PANEL_SIZES, evaluate
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="concept-eval",

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from concept_shard.config import as_dict
+from concept_shard.console import program
 from concept_shard.errors import TrainError, UserError
 from concept_shard.vocabulary import mapping_file
 
@@ -140,6 +141,7 @@ def export(run, out, trust_pickle: bool = False, log=print) -> Path:
     return out
 
 
+@program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="concept-export",

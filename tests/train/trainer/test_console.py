@@ -85,3 +85,19 @@ def test_wandb_enabled_without_the_package_is_named(tmp_path, monkeypatch):
     ):
         MetricsLog(tmp_path, WandbKeys(enabled=True), {}, True, "r", log=console.say)
     assert not (tmp_path / "wandb").exists()
+
+
+def test_a_program_run_as_such_leaves_without_the_last_collections_and_callers_keep_theirs():
+    """console.program: main(argv=None) (the console script, python -m, torchrun) freezes the
+    collector before the exit; a caller that passes argv (a test, a notebook) keeps it as it was."""
+    import gc
+
+    frozen = gc.get_freeze_count()
+    said = []
+    main = console.program(lambda argv=None: said.append(argv) or 3)
+    assert main(["--help"]) == 3 and gc.get_freeze_count() == frozen
+    try:
+        assert main() == 3 and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+    assert said == [["--help"], None]
