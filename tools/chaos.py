@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Kill -9 builds and training runs at random moments, then check that nothing was lost or doubled.
 
-    python tools/chaos.py WORKDIR [--kills 20] [--signals 0] [--seed 0] [--cells 300 | --example DIR]
+    python tools/chaos.py WORKDIR [--kills 20] [--signals 0] [--damage 0] [--nan] [--twin] [--seed 0]
+                          [--cells 300 | --example DIR]
 
 Half the kills come at a random moment, the others as soon as the filesystem shows the moment
 aimed at (a part being written, a join, a checkpoint being written).
@@ -23,6 +24,18 @@ aimed at (a part being written, a join, a checkpoint being written).
    time limit or preemption). The run must finish its step, write a checkpoint of exactly the last
    step it logged (no step lost) and exit 75 (resumable); then it is resumed to the end, and every
    step must equal the uninterrupted run's, bit for bit.
+
+5. Damage (`--damage N`): N times, one shard file of a random dataset gets a flipped bit, or the
+   bytes of another dataset's file of the same name. `concept-shard status --verify` must name
+   exactly that dataset as damaged (exit 1), `concept-shard build --verify` must rebuild exactly it,
+   and every dataset must then equal the uninterrupted build again, sample for sample.
+6. Divergence (`--nan`): a run whose lr makes its weights overflow (NaN losses) must stop with the
+   error naming model.training.max_nonfinite_steps (exit 2), its latest checkpoint must be one of
+   finite weights from before the first skipped step, and no checkpoint after it written.
+7. A twin (`--twin`): while a run is training, the same command (`initialize.resume=auto`, as
+   train.sbatch runs it: a requeued job overlapping its old self) is started again; it must be
+   refused by the run's lock (exit 2), and the first run must finish with each step logged once
+   and no trace of the twin.
 
 What the filesystem held at each kill (a part, a join, a checkpoint being written) is counted,
 so the report says where the kills landed. Exit status 0 when every check passed. This is a
@@ -65,6 +78,9 @@ TRAIN = [
 ]
 
 
+TWIN_STEPS = 40
+
+
 def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -73,7 +89,7 @@ def _build_cmd(project: Path) -> list[str]:
     return [sys.executable, "-m", "concept_shard.cli", "build", str(project), *BUILD]
 
 
-def _train_cmd(project: Path, run_id: str, resume: bool) -> list[str]:
+def _train_cmd(project: Path, run_id: str, resume: bool | str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -190,6 +206,109 @@ def signal_runs(project: Path, reference: Path, n: int, rng: random.Random) -> d
     }
 
 
+def _shard_cli(*args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "concept_shard.cli", *map(str, args)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+
+
+def _damage(project: Path, rng: random.Random) -> tuple[str, str]:
+    """One shard file of a random dataset damaged; (its dataset, what was done)."""
+    datasets = _datasets(project)
+    name = rng.choice(sorted(datasets))
+    target = rng.choice(sorted(datasets[name].glob("shard.*.mds.zstd")))
+    others = [datasets[o] / target.name for o in sorted(datasets) if o != name]
+    others = [o for o in others if o.is_file() and o.read_bytes() != target.read_bytes()]
+    if others and rng.random() < 0.5:  # another dataset's file under this name
+        source = rng.choice(others)
+        target.write_bytes(source.read_bytes())
+        return name, f"{target.name} replaced by {source.parent.name}'s"
+    data = bytearray(target.read_bytes())
+    at, bit = rng.randrange(len(data)), rng.randrange(8)
+    data[at] ^= 1 << bit
+    target.write_bytes(bytes(data))
+    return name, f"{target.name}: bit {bit} of byte {at} flipped"
+
+
+def damage_rounds(project: Path, reference: Path, n: int, rng: random.Random) -> dict:
+    """--damage: n damaged files, each found and rebuilt alone (module docstring, 5.)."""
+    problems, done = [], []
+    for i in range(n):
+        name, what = _damage(project, rng)
+        done.append(f"{name}: {what}")
+        status = _shard_cli("status", project, *ADVANCED, "--verify")
+        named = sorted(line.split()[1] for line in status.stdout.splitlines() if line.startswith("damaged"))
+        if status.returncode != 1 or named != [name]:
+            problems.append(f"damage {i + 1} ({name}: {what}): status --verify exit {status.returncode}, named {named}")
+        build = _shard_cli("build", project, *BUILD, "--verify")
+        rebuilt = sorted(
+            line.split()[1].rstrip(":") for line in build.stdout.splitlines() if line.endswith("rebuilding.")
+        )
+        if build.returncode != 0 or rebuilt != [name]:
+            problems.append(f"damage {i + 1} ({name}): build --verify exit {build.returncode}, rebuilt {rebuilt}")
+    problems += check_build(project, reference)
+    return {"damaged": done, "damage_problems": problems}
+
+
+def diverging_run(project: Path) -> dict:
+    """--nan: a run that diverges (module docstring, 6.)."""
+    run = project / "model_checkpoints" / "diverged"
+    cmd = _train_cmd(project, "diverged", resume=False) + ["model.training.lr=1e30"]
+    cmd += ["model.training.checkpoint_every_n_steps=1"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    said = " ".join(proc.stderr.split())
+    rows = _rows(run)
+    skipped = sorted(s for s, r in rows.items() if r.get("skipped"))
+    latest = _latest_step(run)
+    problems = []
+    if proc.returncode != 2 or "model.training.max_nonfinite_steps" not in said:
+        problems.append(f"exit {proc.returncode}, not the named error: {said[-300:]}")
+    if not skipped or latest != skipped[0] - 1:
+        problems.append(f"skipped steps {skipped}, latest checkpoint step {latest}")
+    written = [p.name for p in (run / "checkpoints").glob("step_*")] if (run / "checkpoints").is_dir() else []
+    if skipped and any(int(name[5:].split(".")[0]) >= skipped[0] for name in written):
+        problems.append("a checkpoint after the first skipped step")
+    if latest:
+        from concept_train import load_model  # refuses non-finite weights, naming the tensor
+
+        try:
+            load_model(run / "checkpoints" / f"step_{latest}")
+        except Exception as exc:  # noqa: BLE001 - any refusal is the finding
+            problems.append(f"the latest checkpoint does not load: {exc}")
+    return {"diverged_skipped_steps": skipped, "diverged_latest_checkpoint": latest, "nan_problems": problems}
+
+
+def twin_run(project: Path) -> dict:
+    """--twin: the same run started twice (module docstring, 7.)."""
+    run = project / "model_checkpoints" / "twin"
+    # resume=auto, as tools/slurm/train.sbatch runs it (a requeued job overlapping its old self);
+    # TWIN_STEPS, so that the first run is still training when the twin has started
+    cmd = _train_cmd(project, "twin", resume="auto") + [f"model.training.max_steps={TWIN_STEPS}"]
+    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while first.poll() is None and _logged(run) < 1:
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    twin = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    refused_s = time.perf_counter() - t0
+    still_training = first.poll() is None
+    first.wait(timeout=900)
+    problems = []
+    if first.returncode != 0:
+        problems.append(f"the first run: exit {first.returncode}")
+    said = " ".join(twin.stderr.split())
+    if twin.returncode != 2 or "is in use by another concept-train" not in said:
+        problems.append(f"the twin: exit {twin.returncode}: {said[-300:]}")
+    if not still_training:
+        problems.append("the first run ended before the twin did: no overlap (raise TWIN_STEPS)")
+    from concept_train.trainer.metrics import read_rows
+
+    steps = [r["step"] for r in read_rows(run / "metrics.jsonl") if r.get("kind") == "train"]
+    if steps != list(range(1, TWIN_STEPS + 1)):
+        problems.append(f"the first run's rows: steps {steps[:5]}... ({len(steps)}), not each step once")
+    if list(run.glob("config.resume_step*.yaml")):
+        problems.append("the twin wrote a resume config into the run")
+    return {"twin_refused_in_s": round(refused_s, 1), "twin_problems": problems}
+
+
 # ---- checks ----------------------------------------------------------------------------------
 def _datasets(project: Path) -> dict[str, Path]:
     return {
@@ -269,6 +388,9 @@ def main(argv=None) -> int:
     p.add_argument("workdir", type=Path)
     p.add_argument("--kills", type=int, default=20, help="kills of builds, and as many of training runs")
     p.add_argument("--signals", type=int, default=0, help="SIGTERMs sent to a training run at random steps")
+    p.add_argument("--damage", type=int, default=0, help="shard files damaged, each to be found and rebuilt alone")
+    p.add_argument("--nan", action="store_true", help="a diverging run: stops by name, keeps its last good checkpoint")
+    p.add_argument("--twin", action="store_true", help="the run started twice: the twin refused, the first unharmed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cells", type=int, default=300, help="cells per synthetic file of the example project")
     p.add_argument("--example", type=Path, help="an example project made already (--cells is then its own)")
@@ -332,6 +454,13 @@ def main(argv=None) -> int:
     signalled = {}
     if args.signals:
         signalled = signal_runs(project, reference / "model_checkpoints" / "run", args.signals, rng)
+    faults = {}
+    if args.twin:
+        faults |= twin_run(project)
+    if args.nan:
+        faults |= diverging_run(project)
+    if args.damage:
+        faults |= damage_rounds(project, reference, args.damage, rng)
     n_cells = sum(json.loads((d / "dataset.json").read_text())["n_cells_source"] for d in _datasets(project).values())
     report = {
         "build_kills": build_kills,
@@ -343,10 +472,13 @@ def main(argv=None) -> int:
         "training_problems": train_problems,
         "steps_compared": len(_rows(run)),
         **signalled,
+        **faults,
     }
     print(json.dumps(report, indent=1))
     (work / "chaos.json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0 if not build_problems and not train_problems and not signalled.get("signal_problems") else 1
+    found = [build_problems, train_problems, signalled.get("signal_problems")]
+    found += [faults.get(k) for k in ("twin_problems", "nan_problems", "damage_problems")]
+    return 0 if not any(found) else 1
 
 
 if __name__ == "__main__":

@@ -190,17 +190,14 @@ def _train(project, *overrides, wait=True):
 
 
 @pytest.mark.slow
-def test_train_from_the_bucket_killed_and_resumed(s3_project, tmp_path):
+def test_train_from_the_bucket_killed_and_resumed(s3_project, sharded_project_copy, tmp_path):
+    """Killed and resumed from the bucket, the run equals the uninterrupted one from local shards
+    (the same cells: the bucket's batches equal the local ones, test above), bit for bit."""
     project, remote = s3_project
     root = project / "model_checkpoints"
-    common = [
-        remote,
-        f"PATH.LOCAL_DIR={tmp_path / 'cache'}",
-        "datamodule.cache_limit=2mb",
-        "model.training.max_steps=10",
-        "datamodule.dataloader.train.num_workers=2",
-    ]
-    full = _train(project, *common, "initialize.run_id=full")
+    run = ["model.training.max_steps=10", "datamodule.dataloader.train.num_workers=2"]
+    common = [remote, f"PATH.LOCAL_DIR={tmp_path / 'cache'}", "datamodule.cache_limit=2mb", *run]
+    full = _train(sharded_project_copy, *run, "initialize.run_id=full")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
 
     proc = _train(project, *common, "initialize.run_id=killed", wait=False)
@@ -216,7 +213,7 @@ def test_train_from_the_bucket_killed_and_resumed(s3_project, tmp_path):
 
     resumed = _train(project, *common, "initialize.run_id=killed", "initialize.resume=True")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    a, b = _rows(root / "full"), _rows(root / "killed")
+    a, b = _rows(sharded_project_copy / "model_checkpoints" / "full"), _rows(root / "killed")
     assert sorted(a) == sorted(b) == list(range(1, 11))
     for step in a:
         assert a[step]["batch_digest"] == b[step]["batch_digest"], step
