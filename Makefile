@@ -22,11 +22,14 @@ ALSO_PYTHON ?= 3.11
 # datasets back with streaming; see SUITES below)
 SHARD_BUILDS := tests/shard/test_array_tasks.py tests/shard/test_build_resume.py
 SHARD_OTHERS := tests/shard $(SHARD_BUILDS:%=--ignore=%)
+# of those, the ones whose libraries are the same on every version (locks, hashes of shard files,
+# shell scripts): not run again on ALSO_PYTHON
+SHARD_SAME := tests/shard/test_concurrent_builds.py tests/shard/test_integrity.py tests/shard/test_slurm_and_config.py
 # (of tests/train/scconcept, the fixtures read with 3.11's anndata and the API's adaptation from an
 # AnnData object read from a file, which found anndata 0.12's string-array refusal)
 SCCONCEPT_ALSO := tests/train/scconcept/test_scconcept_models.py::test_embeddings_equal_scconcepts_own tests/train/scconcept/test_scconcept_models.py::test_scconcept_api_names
 ALSO_E2E := tests/e2e/test_example_project.py tests/e2e/test_lamin.py
-ALSO_TESTS ?= "$(SHARD_OTHERS) $(ALSO_E2E) tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py $(SCCONCEPT_ALSO)" "$(SHARD_BUILDS)"
+ALSO_TESTS ?= "$(SHARD_OTHERS) $(SHARD_SAME:%=--ignore=%) $(ALSO_E2E) tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py $(SCCONCEPT_ALSO)" "$(SHARD_BUILDS)"
 # test-fast runs these (default: all of tests/)
 TESTS ?=
 EXAMPLE ?= example_project

@@ -45,12 +45,23 @@ from .trainer.checkpoint import LoadedModel, load_model
 WHOLE_CELL_TOKENS = 1000  # the reference's whole-cell validation views
 
 
-def whole_cell_tokens(cfg, max_tokens: int | None = None, scconcept: bool = False) -> int:
+def whole_cell_tokens(loaded: LoadedModel, max_tokens: int | None = None) -> int:
     """Genes per whole cell: `max_tokens` when given, else the larger of WHOLE_CELL_TOKENS and the
     run's training `max_tokens` (module docstring); for one of scConcept's models its training
-    `max_tokens`, as its extract_embeddings takes (its position table may hold no more)."""
-    train = cfg.datamodule.dataset.train.max_tokens
-    return int(max_tokens or (train if scconcept else max(train, WHOLE_CELL_TOKENS)))
+    `max_tokens`, as its extract_embeddings takes. Refused, naming both, when the model's rank
+    encoding cannot tell that many positions apart (genes ranked beyond would share a vector)."""
+    train = loaded.cfg.datamodule.dataset.train.max_tokens
+    n = int(max_tokens or (train if loaded.model.cfg.scconcept_layout else max(train, WHOLE_CELL_TOKENS)))
+    held = loaded.model.max_positions
+    if held is not None and n > held:
+        raise TrainError(
+            "max_tokens (--max-tokens)",
+            f"is {n}, but the model's rank encoding tells apart {held} gene positions (model.pe_max_len "
+            f"{loaded.model.cfg.pe_max_len} of run {loaded.run_id}): genes ranked beyond would share one.",
+            f"Embed at most {held} genes per cell, or train with model.pe_max_len >= "
+            f"{n + loaded.model.cfg.pe_max_len - held}.",
+        )
+    return n
 
 
 def adds_learnable_embs(loaded: LoadedModel, use_learnable_embs: bool = True) -> bool:
@@ -140,7 +151,7 @@ def embed_rows(
             f"Use one of {sorted(loaded.vocabs)}.",
         )
     spec = TokenSpec(
-        max_tokens=whole_cell_tokens(cfg, max_tokens, loaded.model.cfg.scconcept_layout),
+        max_tokens=whole_cell_tokens(loaded, max_tokens),
         normalization=cfg.datamodule.normalization,
         strategy="top-nonzero",
     )
@@ -230,7 +241,7 @@ def provenance(loaded: LoadedModel, species: str, use_learnable_embs: bool, max_
     the counts came from."""
     out = loaded.provenance(species)
     out |= {
-        "max_tokens": whole_cell_tokens(loaded.cfg, max_tokens, loaded.model.cfg.scconcept_layout),
+        "max_tokens": whole_cell_tokens(loaded, max_tokens),
         "panel": "whole vocabulary",
         "normalization": str(loaded.cfg.datamodule.normalization),
         "counts": f"layers['{layer}']" if layer else "raw.X if present, else X",

@@ -38,7 +38,7 @@ class Embedder:
         self.loaded, self.cells, self.batch_size = loaded, cells, batch_size
         # default: as the validation's whole-cell views (1,000, the reference's), or more if trained
         # with more; concept-embed's default too
-        self.max_tokens = whole_cell_tokens(loaded.cfg, max_tokens, loaded.model.cfg.scconcept_layout)
+        self.max_tokens = whole_cell_tokens(loaded, max_tokens)
         self.normalization = loaded.cfg.datamodule.normalization
         self.vocab_size = loaded.vocabs[cells.species].size
         self.add_learnable = adds_learnable_embs(loaded, use_learnable_embs)

@@ -186,6 +186,13 @@ def scconcept_table(max_len: int, dim: int) -> torch.Tensor:
     return table
 
 
+def gene_positions(pe_max_len: int, scconcept_layout: bool) -> int:
+    """The gene ranks (1, 2, ...; <cls> is 0) a rank-encoding table of `model.pe_max_len` tells
+    apart: ours has pe_max_len + 1 rows, scConcept's pe_max_len. A higher rank would be clamped
+    to the last row, so views and embeddings longer than this are refused, naming the key."""
+    return pe_max_len - 1 if scconcept_layout else pe_max_len
+
+
 def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
     pos = torch.arange(max_len, dtype=torch.float64)[:, None]
     div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
@@ -252,6 +259,7 @@ class ContrastiveModel(nn.Module):
             if cfg.scconcept_layout
             else sinusoidal_table(cfg.pe_max_len + 1, cfg.dim_model)
         )
+        assert len(table) - 1 == gene_positions(cfg.pe_max_len, cfg.scconcept_layout)
         self.register_buffer("rank_table", table, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.nlayers))
         self.projection = (
@@ -290,6 +298,13 @@ class ContrastiveModel(nn.Module):
         missing = [k for k in missing if not k.startswith(OPTIONAL_PREFIXES)]
         if missing or unexpected:
             raise RuntimeError(f"the weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    @property
+    def max_positions(self) -> int | None:
+        """The most genes per cell the rank encoding tells apart (None: value encoding, no positions)."""
+        if self.cfg.input_encoding != "rank_encoding":
+            return None
+        return gene_positions(self.cfg.pe_max_len, self.cfg.scconcept_layout)
 
     def embed_tokens(self, tokens, values, positions, species: str, add_learnable: bool | None = True) -> torch.Tensor:
         x = self.gene_embeddings[species](tokens)

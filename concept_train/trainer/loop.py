@@ -36,7 +36,7 @@ from concept_shard.vocabulary import CLS_TOKEN
 
 from ..data import DataError, DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
-from ..model.model import adds_learnable_embs, learnable_embs_freq, masking_rate, mlm_loss_on
+from ..model.model import adds_learnable_embs, gene_positions, learnable_embs_freq, masking_rate, mlm_loss_on
 from ..scconcept import model_dir as scconcept_dir
 from .checkpoint import (
     check_layout,
@@ -149,6 +149,27 @@ class Trainer:
                 "no value is masked, so there is no MLM loss (set masking_rate, e.g. 0.15, with value_encoding)"
             )
         self.val_every_epochs = self.training.check_val_every_n_epoch
+        self._check_positions()
+
+    def _check_positions(self) -> None:
+        """Views of more genes than the rank encoding tells apart would give the genes ranked
+        beyond one shared position (the table's last row), silently: named instead."""
+        model, dataset = self.cfg.model, self.cfg.datamodule.dataset
+        if model.input_encoding != "rank_encoding":
+            return
+        held = gene_positions(model.pe_max_len, model.layout == "scconcept")
+        wants = {"datamodule.dataset.train.max_tokens": dataset.train.max_tokens}
+        wants |= {
+            f"datamodule.dataset.val.{k}.max_tokens": v.max_tokens for k, v in dataset.val.items() if v.max_tokens
+        }
+        for key, n in wants.items():
+            if n > held:
+                raise TrainError(
+                    key,
+                    f"is {n}, but model.pe_max_len {model.pe_max_len} lets the rank encoding tell apart "
+                    f"{held} gene positions: the genes ranked beyond would share one.",
+                    f"Set model.pe_max_len >= {n + model.pe_max_len - held}, or lower {key}.",
+                )
 
     def _report_changes(self) -> None:
         """The keys changed since the checkpoint this run resumes, or whose optimizer state it loads

@@ -192,6 +192,8 @@ def test_bad_output_paths_are_named_before_any_work(trained_run, tmp_path, where
         (["--batch-size", "-1"], "batch_size (--batch-size): is -1"),
         (["--batch-size", "0"], "batch_size (--batch-size): is 0"),
         (["--max-tokens", "0"], "max_tokens (--max-tokens): is 0"),
+        # beyond the rank encoding (model.pe_max_len 5000): genes ranked beyond shared one position
+        (["--max-tokens", "5001"], "(--max-tokens): is 5001, but the model's rank encoding tells apart 5000"),
     ],
 )
 def test_sizes_out_of_range_are_refused_before_any_work(trained_run, tmp_path, args, expected, capsys):
