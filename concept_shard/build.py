@@ -181,6 +181,20 @@ class ShardJob:
     def units(self) -> list[WorkUnit]:
         return [WorkUnit(j.sf.dataset_id, a, b) for j in self.jobs for a, b in j.ranges]
 
+    def pending(self) -> dict[str, int]:
+        """{dataset id: source cells} of the files that are not complete and current (what a
+        build would write)."""
+        out = {}
+        for job in self.jobs:
+            if job.error is None:
+                try:
+                    if self.state(job)[0] == "done":
+                        continue
+                except UserError:
+                    pass  # the task that meets it names it
+            out[job.sf.dataset_id] = sum(b - a for a, b in job.ranges)
+        return out
+
     # ---- work ----------------------------------------------------------------------------
     def run_task(self, task_index: int = 0, num_tasks: int = 1) -> BuildReport:
         report = BuildReport(failed=list(self.config_errors))

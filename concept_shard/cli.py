@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import groups_help
 from .console import program
 from .errors import ConfigError, UserError
+from .workers import cpu_cap, default_workers, run_workers
 
 USAGE_EPILOG = """\
 examples:
@@ -82,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
                 "--num-tasks", type=int, default=None, help="number of tasks (default: $SLURM_ARRAY_TASK_COUNT)"
             )
             s.add_argument("--no-progress", action="store_true", help="no progress bar")
+            s.add_argument(
+                "--workers",
+                type=int,
+                default=None,
+                help="build processes on this node (default: the CPUs granted, SLURM_CPUS_PER_TASK or those "
+                "of this process, but one per 100,000 cells to write at most; 1 in a SLURM array task and "
+                "with --lamindb)",
+            )
     return p
 
 
@@ -127,8 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         job = ShardJob(cfg.PATH, cfg.shard, cfg.datamodule, progress=progress, lamin=lamin, verify=verify)
         if args.command == "status":
             return _print_status(job)  # no run was created, so nothing to close
+        code = 0
         if args.command == "build":
-            report = job.run_task(task, count)
+            pending = job.pending() if count == 1 and lamin is None else {}
+            workers = _workers(args, sum(pending.values()), count, lamin)
+            if workers > 1:  # tasks 0..workers-1 of this build side by side, then the merge (workers.py)
+                print(f"[concept-shard] {workers} workers over {sum(pending.values()):,} cells, then the merge")
+                code = run_workers(list(sys.argv[1:] if argv is None else argv), workers)
+                report = job.merge()
+                # what the workers wrote is this build's, not "up to date"
+                report.built += [d for d in report.up_to_date if d in pending]
+                report.up_to_date = [d for d in report.up_to_date if d not in pending]
+            else:
+                report = job.run_task(task, count)
         else:
             report = job.merge()
         if lamin is not None:
@@ -144,7 +164,18 @@ def main(argv: list[str] | None = None) -> int:
             "automatically), or pass --config-dir DIR, and select your data module with datamodule=<name>.",
             file=sys.stderr,
         )
-    return report.exit_code
+    return max(report.exit_code, code)
+
+
+def _workers(args, pending_cells: int, count: int, lamin) -> int:
+    """How many build processes this command runs (the --workers help)."""
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers", f"is {args.workers}.", "Use 1 or more (default: the CPUs granted).")
+    if count > 1 or lamin is not None:  # an array task is one worker; lamindb records one run
+        return 1
+    if args.workers is not None:
+        return args.workers
+    return default_workers(pending_cells, cpu_cap()[0])
 
 
 def _only_packaged_configs(args) -> bool:

@@ -57,6 +57,37 @@ def test_array_tasks_then_merge_equal_single_process(example_source, sharded_exa
     assert not list(array.glob("shards/*/*/.parts/*"))  # parts removed after the merge
 
 
+def test_workers_build_the_same_shards_as_one_process(example_source, sharded_example, tmp_path, capsys):
+    """`build --workers 2`: two child builds (tasks 0 and 1 of the array plan) side by side, then
+    the merge; byte-identical shards to one process, every file reported as built, a re-run finds
+    them up to date (and starts no worker)."""
+    import shutil
+
+    project = tmp_path / "workers"
+    shutil.copytree(example_source, project)
+    opts = [*ADVANCED, "shard.part_size=100", "--no-progress"]
+    capsys.readouterr()
+    assert shard("build", project, *opts, "--workers", "2") == 0
+    out = capsys.readouterr().out
+    assert "2 workers over" in out and "9 built, 0 up to date" in out, out
+    assert_same_as_reference(sharded_example, project)
+    assert not list(project.glob("shards/*/*/.parts/*"))
+    assert shard("build", project, *opts) == 0  # the default: no cells to write, one process
+    out = capsys.readouterr().out
+    assert "workers" not in out and "0 built, 9 up to date" in out, out
+    assert shard("build", project, *opts, "--workers", "0") == 2
+    assert "--workers: is 0" in " ".join(capsys.readouterr().err.split())
+
+
+def test_default_workers_are_the_cpus_granted_but_not_for_a_few_cells():
+    from concept_shard.workers import MIN_CELLS_PER_WORKER, cpu_cap, default_workers
+
+    assert default_workers(10 * MIN_CELLS_PER_WORKER, 4) == 4
+    assert default_workers(2 * MIN_CELLS_PER_WORKER + 5, 16) == 2
+    assert default_workers(3_000, 16) == default_workers(0, 16) == 1
+    assert cpu_cap({"SLURM_CPUS_PER_TASK": "6"}) == (6, "SLURM_CPUS_PER_TASK")
+
+
 def test_slurm_array_variables_pick_the_task(small_example_source, tmp_path, monkeypatch):
     import shutil
 

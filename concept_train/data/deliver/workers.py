@@ -18,14 +18,7 @@ import signal
 import sys
 from collections.abc import Mapping
 
-
-def cpu_cap(env: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """The most workers a loader of this process may start, and where that number comes from."""
-    env = os.environ if env is None else env
-    raw = env.get("SLURM_CPUS_PER_TASK", "").strip()
-    if raw.isdigit() and int(raw) > 0:
-        return int(raw), "SLURM_CPUS_PER_TASK"
-    return len(os.sched_getaffinity(0)) or 1, "the number of CPUs this process may use"
+from concept_shard.workers import cpu_cap  # the CPUs granted: one home for the build and the loader
 
 
 def capped_workers(requested, key: str, log=print, env: Mapping[str, str] | None = None) -> int:
