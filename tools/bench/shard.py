@@ -349,10 +349,11 @@ def measured(cmd: list[str], workdir: Path, tag: str) -> tuple[dict, str]:
     return rec, proc.stdout
 
 
-def shard_command(project: Path) -> list[str]:
+def shard_command(project: Path, extra: tuple[str, ...] = ()) -> list[str]:
     exe = Path(sys.executable).parent / "concept-shard"
     base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "concept_shard.cli"]
-    return [*base, "build", str(project), "--config-dir", str(project / "conf"), "datamodule=Bench", "--no-progress"]
+    cmd = [*base, "build", str(project), "--config-dir", str(project / "conf"), "datamodule=Bench", "--no-progress"]
+    return cmd + list(extra)
 
 
 def configured_chunk_size() -> int:
@@ -380,10 +381,10 @@ def dataset_dir(project: Path, n_cells: int) -> Path:
     return project / "shards" / SPECIES / SOURCE_NAME / f"bench_{n_cells}"
 
 
-def shard_run(project: Path, n_cells: int, workdir: Path) -> dict:
+def shard_run(project: Path, n_cells: int, workdir: Path, extra: tuple[str, ...] = ()) -> dict:
     shards = project / "shards"
     shutil.rmtree(shards, ignore_errors=True)
-    cmd = shard_command(project)
+    cmd = shard_command(project, extra)
     build, out = measured(cmd, workdir, "build")
     if build["rc"] != 0:
         raise SystemExit(f"concept-shard build failed (rc {build['rc']}):\n{out}")
@@ -449,6 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the shards written (deleted by default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=3, help="builds per size; the median is reported (default 3)")
+    p.add_argument("--workers", type=int, help="concept-shard build --workers W (default: the build's own default)")
+    p.add_argument("--part-size", type=int, help="shard.part_size (rows per unit a worker takes; default the config's)")
     return p.parse_args(argv)
 
 
@@ -474,7 +477,12 @@ def main(argv=None) -> int:
         log(f"[{n:,}]   {floor['cells_per_s']:,.0f} cells/s ({floor['MB_per_s']:,.0f} MB/s, {floor['seconds']:.2f} s)")
         log(f"[{n:,}] concept-shard build (fresh shards dir) ...")
         # the build of a small file lasts ~1 s, so VM noise is large: report the median run
-        runs = sorted((shard_run(project, n, workdir) for _ in range(args.repeat)), key=lambda r: r["sharding_s"])
+        extra = (("--workers", str(args.workers)) if args.workers else ()) + (
+            (f"shard.part_size={args.part_size}",) if args.part_size else ()
+        )
+        runs = sorted(
+            (shard_run(project, n, workdir, extra) for _ in range(args.repeat)), key=lambda r: r["sharding_s"]
+        )
         shard = dict(
             runs[len(runs) // 2],
             peak_rss_mb=max(r["peak_rss_mb"] for r in runs),
