@@ -12,7 +12,8 @@ PY := $(VENV)/bin/python
 # (.venv-3.11); set it empty to skip. Not found, it is skipped with a notice, except under CI
 # (CI=true), where it fails. ALSO_TESTS: the tests whose libraries differ between the versions'
 # locks (anndata 0.12/0.13, pandas 2/3, zarr, scipy): reading sources, sharding, embedding into
-# .h5ad, AnnData objects, CSV panels, the example project's files, lamindb over pandas 2 (the model
+# .h5ad, AnnData objects, CSV panels, the example project's files, a foreign config's build, lamindb
+# over pandas 2 (the model
 # and trainer tests run the same torch on every version; S3 (boto3, moto), the wheel, the config
 # composition of the docs and of scConcept's trees use the same versions on both), in groups as
 # SUITES (one pytest process each, a group in double quotes); ALSO_TESTS=tests for the whole fast
@@ -28,7 +29,7 @@ SHARD_SAME := tests/shard/test_concurrent_builds.py tests/shard/test_integrity.p
 # (of tests/train/scconcept, the fixtures read with 3.11's anndata and the API's adaptation from an
 # AnnData object read from a file, which found anndata 0.12's string-array refusal)
 SCCONCEPT_ALSO := tests/train/scconcept/test_scconcept_models.py::test_embeddings_equal_scconcepts_own tests/train/scconcept/test_scconcept_models.py::test_scconcept_api_names
-ALSO_E2E := tests/e2e/test_example_project.py tests/e2e/test_lamin.py
+ALSO_E2E := tests/e2e/test_example_project.py tests/e2e/test_foreign_config.py tests/e2e/test_lamin.py
 ALSO_TESTS ?= "$(SHARD_OTHERS) $(SHARD_SAME:%=--ignore=%) $(ALSO_E2E) tests/train/test_embed.py tests/train/test_api_train.py tests/train/data/test_data_panels.py $(SCCONCEPT_ALSO)" "$(SHARD_BUILDS)"
 # test-fast runs these (default: all of tests/)
 TESTS ?=

@@ -138,13 +138,14 @@ class ShardJob:
         """What a finished part or dataset must match to be reused."""
         return self.expected(job).identity()
 
-    def state(self, job: FileJob) -> tuple[str, dict | None, str | None]:
+    def state(self, job: FileJob, full: bool | None = None) -> tuple[str, dict | None, str | None]:
         """('done'|'stale'|'damaged'|'absent', dataset.json, why not done) of the file's published
         dataset. 'damaged': current, but its files are not what its records say (integrity.py;
-        every shard hashed with `verify`)."""
+        every shard hashed with `full`, default: `verify`)."""
         state, record, why = self._state(job, self.store.record(job.sf))
         if state == "done":
-            problem = self.store.damage(job.sf, record, self.vocab(job.sf.species), full=self.verify)
+            full = self.verify if full is None else full
+            problem = self.store.damage(job.sf, record, self.vocab(job.sf.species), full=full)
             if problem is not None:
                 job.damaged_record = record
                 return "damaged", record, problem.reason
@@ -181,18 +182,18 @@ class ShardJob:
     def units(self) -> list[WorkUnit]:
         return [WorkUnit(j.sf.dataset_id, a, b) for j in self.jobs for a, b in j.ranges]
 
-    def pending(self) -> dict[str, int]:
-        """{dataset id: source cells} of the files that are not complete and current (what a
-        build would write)."""
+    def pending(self) -> dict[str, list[tuple[int, int]]]:
+        """{dataset id: row ranges} of the files that are not complete and current as the cheap
+        check sees them (what a build would write; no shard is hashed here)."""
         out = {}
         for job in self.jobs:
             if job.error is None:
                 try:
-                    if self.state(job)[0] == "done":
+                    if self.state(job, full=False)[0] == "done":
                         continue
                 except UserError:
                     pass  # the task that meets it names it
-            out[job.sf.dataset_id] = sum(b - a for a, b in job.ranges)
+            out[job.sf.dataset_id] = list(job.ranges)
         return out
 
     # ---- work ----------------------------------------------------------------------------

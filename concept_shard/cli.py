@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import groups_help
 from .console import program
-from .errors import ConfigError, UserError
+from .errors import ConfigError, ShardError, UserError
 from .workers import cpu_cap, default_workers, run_workers
 
 USAGE_EPILOG = """\
@@ -138,15 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             return _print_status(job)  # no run was created, so nothing to close
         code = 0
         if args.command == "build":
-            pending = job.pending() if count == 1 and lamin is None else {}
-            workers = _workers(args, sum(pending.values()), count, lamin)
+            workers, pending = _workers(args, job, count, lamin)
             if workers > 1:  # tasks 0..workers-1 of this build side by side, then the merge (workers.py)
-                print(f"[concept-shard] {workers} workers over {sum(pending.values()):,} cells, then the merge")
+                cells = sum(b - a for ranges in pending.values() for a, b in ranges)
+                print(f"[concept-shard] {workers} workers over {cells:,} cells, then the merge")
                 code = run_workers(list(sys.argv[1:] if argv is None else argv), workers)
-                report = job.merge()
-                # what the workers wrote is this build's, not "up to date"
-                report.built += [d for d in report.up_to_date if d in pending]
-                report.up_to_date = [d for d in report.up_to_date if d not in pending]
+                job.verify = False  # the workers hashed what --verify asks for
+                report = _after_workers(job.merge(), pending)
             else:
                 report = job.run_task(task, count)
         else:
@@ -167,15 +165,36 @@ def main(argv: list[str] | None = None) -> int:
     return max(report.exit_code, code)
 
 
-def _workers(args, pending_cells: int, count: int, lamin) -> int:
-    """How many build processes this command runs (the --workers help)."""
+def _workers(args, job, count: int, lamin) -> tuple[int, dict]:
+    """How many build processes this command runs (the --workers help), and the files they would
+    write ({dataset id: row ranges}; empty for one process)."""
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers", f"is {args.workers}.", "Use 1 or more (default: the CPUs granted).")
-    if count > 1 or lamin is not None:  # an array task is one worker; lamindb records one run
-        return 1
+    if count > 1 or lamin is not None or args.workers == 1:  # an array task is one worker; lamindb records one run
+        return 1, {}
+    pending = job.pending()
     if args.workers is not None:
-        return args.workers
-    return default_workers(pending_cells, cpu_cap()[0])
+        return args.workers, pending
+    cells = sum(b - a for ranges in pending.values() for a, b in ranges)
+    units = sum(len(ranges) for ranges in pending.values())
+    workers = default_workers(cells, cpu_cap()[0], units)
+    return workers, pending if workers > 1 else {}
+
+
+def _after_workers(report, pending: dict):
+    """The merge's report as this build's: what the workers wrote is built, not up to date; a file
+    still waiting for parts was left unfinished by a failed worker (nothing else is running)."""
+    report.built += [d for d in report.up_to_date if d in pending]
+    report.up_to_date = [d for d in report.up_to_date if d not in pending]
+    for ds_id in report.waiting:
+        report.failed.append(
+            ShardError(
+                ds_id, "was left unfinished by a failed worker.", "Re-run the same command: finished parts are kept."
+            )
+        )
+        report.failed_ids.add(ds_id)
+    report.waiting = []
+    return report
 
 
 def _only_packaged_configs(args) -> bool:

@@ -45,7 +45,7 @@ find_version() {   # prints an interpreter of version $1 (X.Y), or nothing
   done
 }
 
-# CONCEPT_LEAN=1 (make install LEAN=1): the runtime lock (what `pip install .` needs: no test tools,
+# CONCEPT_LEAN=1 (make install LEAN=1): the runtime lock (what `pip install '.[eval]'` needs: no test tools,
 # lamindb or wandb), else the full lock the suite runs in
 lock_for() {
   if [ -n "${CONCEPT_LEAN:-}" ] && [ "${CONCEPT_LEAN}" != 0 ]; then echo "requirements-runtime-py$1.lock"

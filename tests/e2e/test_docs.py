@@ -294,7 +294,9 @@ def test_the_config_block_prints_the_tree_as_written_then_resolved(places, tmp_p
 @pytest.mark.parametrize("b", _blocks("tree"), ids=str)
 def test_layout_drawings_match_what_is_built(b, places):
     base = ROOT if b.file == "docs/config.md" else places["project"]
-    missing = missing_paths(layout_paths(b.text, {"PROJECT_PATH/": "", "SHARDS/": "shards/"}), base)
+    paths = layout_paths(b.text, {"PROJECT_PATH/": "", "SHARDS/": "shards/"})
+    assert len(paths) >= 3, f"{b}: the drawing's paths were not found: {paths}"
+    missing = missing_paths(paths, base)
     assert not missing, f"{b}: the drawing names paths that {base} does not have: {missing}"
 
 

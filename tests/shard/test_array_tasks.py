@@ -93,12 +93,28 @@ def test_workers_build_the_same_shards_as_one_process(example_source, tmp_path, 
     assert "--workers: is 0" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_failing_worker_is_named_and_the_build_fails_keeping_the_rest(small_example_source, tmp_path, capsys):
+    """A worker whose file cannot be read exits 1: its output is passed on, the build exits 1
+    naming the file, and the other files are complete."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(small_example_source, project)
+    (project / "data/synth_mmusculus/h5ads/mm_val_c.h5ad").write_text("hello")
+    capsys.readouterr()
+    assert shard("build", project, *ADVANCED, "--no-progress", "--workers", "2") == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "[concept-shard] worker" in err and "mm_val_c.h5ad" in err and "cannot be read" in err
+    assert len(dataset_dirs(project)) == 8
+
+
 def test_default_workers_are_the_cpus_granted_but_not_for_a_few_cells():
     from concept_shard.workers import MIN_CELLS_PER_WORKER, cpu_cap, default_workers
 
-    assert default_workers(10 * MIN_CELLS_PER_WORKER, 4) == 4
-    assert default_workers(2 * MIN_CELLS_PER_WORKER + 5, 16) == 2
-    assert default_workers(3_000, 16) == default_workers(0, 16) == 1
+    assert default_workers(10 * MIN_CELLS_PER_WORKER, 4, units=10) == 4
+    assert default_workers(2 * MIN_CELLS_PER_WORKER + 5, 16, units=10) == 2
+    assert default_workers(10 * MIN_CELLS_PER_WORKER, 16, units=3) == 3  # no more workers than units
+    assert default_workers(3_000, 16, units=9) == default_workers(0, 16, units=0) == 1
     assert cpu_cap({"SLURM_CPUS_PER_TASK": "6"}) == (6, "SLURM_CPUS_PER_TASK")
 
 

@@ -286,11 +286,12 @@ class SampleStore:
         the shard handed back as remote when that fails: left marked as being prepared, every
         other worker that needs it would wait for good, and the batches queued behind them. The
         error is raised here; the next reader downloads the shard anew and meets its own."""
+        states = self.dataset._shard_states
+        ours = states[shard_id] == _REMOTE  # then this call downloads it (else it waits for another's)
         try:
             return self.dataset.get_item(sample_id)
         except BaseException:
-            states = self.dataset._shard_states
-            if states[shard_id] == _PREPARING:
+            if ours and states[shard_id] == _PREPARING:
                 states[shard_id] = _REMOTE
             raise
 
