@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             workers, pending = _workers(args, job, count, lamin)
             if workers > 1:  # tasks 0..workers-1 of this build side by side, then the merge (workers.py)
-                cells = sum(b - a for ranges in pending.values() for a, b in ranges)
-                print(f"[concept-shard] {workers} workers over {cells:,} cells, then the merge")
+                print(f"[concept-shard] {workers} workers over {_cells(pending):,} cells, then the merge")
                 code = run_workers(list(sys.argv[1:] if argv is None else argv), workers)
                 job.verify = False  # the workers hashed what --verify asks for
                 report = _after_workers(job.merge(), pending)
@@ -172,13 +171,23 @@ def _workers(args, job, count: int, lamin) -> tuple[int, dict]:
         raise ConfigError("--workers", f"is {args.workers}.", "Use 1 or more (default: the CPUs granted).")
     if count > 1 or lamin is not None or args.workers == 1:  # an array task is one worker; lamindb records one run
         return 1, {}
+    if args.workers is None and _default_workers({j.sf.dataset_id: j.ranges for j in job.jobs}) == 1:
+        return 1, {}  # one worker even if every file were to be written: no file's state is read here
     pending = job.pending()
     if args.workers is not None:
         return args.workers, pending
-    cells = sum(b - a for ranges in pending.values() for a, b in ranges)
-    units = sum(len(ranges) for ranges in pending.values())
-    workers = default_workers(cells, cpu_cap()[0], units)
+    workers = _default_workers(pending)
     return workers, pending if workers > 1 else {}
+
+
+def _cells(ranges_by_dataset: dict) -> int:
+    return sum(b - a for ranges in ranges_by_dataset.values() for a, b in ranges)
+
+
+def _default_workers(ranges_by_dataset: dict) -> int:
+    """default_workers for these row ranges to write ({dataset id: ranges}) and the CPUs granted."""
+    units = sum(len(ranges) for ranges in ranges_by_dataset.values())
+    return default_workers(_cells(ranges_by_dataset), cpu_cap()[0], units)
 
 
 def _after_workers(report, pending: dict):

@@ -39,7 +39,7 @@ from concept_shard.source import AnnDataObjectSource, AnnDataSource, RowSource, 
 from concept_shard.vocabulary import Vocabulary, strip_version
 
 from .data.make.tokenize import Cells, TokenSpec, normalized, pack, select_view
-from .model.model import learnable_embs_freq
+from .model.model import learnable_embs_freq, pe_max_len_for
 from .trainer.checkpoint import LoadedModel, load_model
 
 WHOLE_CELL_TOKENS = 1000  # the reference's whole-cell validation views
@@ -59,7 +59,7 @@ def whole_cell_tokens(loaded: LoadedModel, max_tokens: int | None = None) -> int
             f"is {n}, but the model's rank encoding tells apart {held} gene positions (model.pe_max_len "
             f"{loaded.model.cfg.pe_max_len} of run {loaded.run_id}): genes ranked beyond would share one.",
             f"Embed at most {held} genes per cell, or train with model.pe_max_len >= "
-            f"{n + loaded.model.cfg.pe_max_len - held}.",
+            f"{pe_max_len_for(n, loaded.model.cfg.scconcept_layout)}.",
         )
     return n
 

@@ -186,11 +186,19 @@ def scconcept_table(max_len: int, dim: int) -> torch.Tensor:
     return table
 
 
-def gene_positions(pe_max_len: int, scconcept_layout: bool) -> int:
+def gene_positions(input_encoding: str, pe_max_len: int, scconcept_layout: bool) -> int | None:
     """The gene ranks (1, 2, ...; <cls> is 0) a rank-encoding table of `model.pe_max_len` tells
-    apart: ours has pe_max_len + 1 rows, scConcept's pe_max_len. A higher rank would be clamped
-    to the last row, so views and embeddings longer than this are refused, naming the key."""
+    apart (None: value encoding, no positions): ours has pe_max_len + 1 rows, scConcept's
+    pe_max_len. A higher rank would be clamped to the last row, so views and embeddings longer than
+    this are refused, naming the key and `pe_max_len_for` their length."""
+    if input_encoding != "rank_encoding":
+        return None
     return pe_max_len - 1 if scconcept_layout else pe_max_len
+
+
+def pe_max_len_for(n_genes: int, scconcept_layout: bool) -> int:
+    """The `model.pe_max_len` whose table tells `n_genes` ranks apart (gene_positions' inverse)."""
+    return n_genes + 1 if scconcept_layout else n_genes
 
 
 def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
@@ -259,7 +267,7 @@ class ContrastiveModel(nn.Module):
             if cfg.scconcept_layout
             else sinusoidal_table(cfg.pe_max_len + 1, cfg.dim_model)
         )
-        assert len(table) - 1 == gene_positions(cfg.pe_max_len, cfg.scconcept_layout)
+        assert len(table) - 1 == gene_positions("rank_encoding", cfg.pe_max_len, cfg.scconcept_layout)
         self.register_buffer("rank_table", table, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.nlayers))
         self.projection = (
@@ -302,9 +310,7 @@ class ContrastiveModel(nn.Module):
     @property
     def max_positions(self) -> int | None:
         """The most genes per cell the rank encoding tells apart (None: value encoding, no positions)."""
-        if self.cfg.input_encoding != "rank_encoding":
-            return None
-        return gene_positions(self.cfg.pe_max_len, self.cfg.scconcept_layout)
+        return gene_positions(self.cfg.input_encoding, self.cfg.pe_max_len, self.cfg.scconcept_layout)
 
     def embed_tokens(self, tokens, values, positions, species: str, add_learnable: bool | None = True) -> torch.Tensor:
         x = self.gene_embeddings[species](tokens)

@@ -36,7 +36,14 @@ from concept_shard.vocabulary import CLS_TOKEN
 
 from ..data import DataError, DataModule
 from ..model import ContrastiveModel, ContrastiveObjective, ModelConfig
-from ..model.model import adds_learnable_embs, gene_positions, learnable_embs_freq, masking_rate, mlm_loss_on
+from ..model.model import (
+    adds_learnable_embs,
+    gene_positions,
+    learnable_embs_freq,
+    masking_rate,
+    mlm_loss_on,
+    pe_max_len_for,
+)
 from ..scconcept import model_dir as scconcept_dir
 from .checkpoint import (
     check_layout,
@@ -155,9 +162,9 @@ class Trainer:
         """Views of more genes than the rank encoding tells apart would give the genes ranked
         beyond one shared position (the table's last row), silently: named instead."""
         model, dataset = self.cfg.model, self.cfg.datamodule.dataset
-        if model.input_encoding != "rank_encoding":
+        held = gene_positions(model.input_encoding, model.pe_max_len, model.layout == "scconcept")
+        if held is None:
             return
-        held = gene_positions(model.pe_max_len, model.layout == "scconcept")
         wants = {"datamodule.dataset.train.max_tokens": dataset.train.max_tokens}
         wants |= {
             f"datamodule.dataset.val.{k}.max_tokens": v.max_tokens for k, v in dataset.val.items() if v.max_tokens
@@ -168,7 +175,7 @@ class Trainer:
                     key,
                     f"is {n}, but model.pe_max_len {model.pe_max_len} lets the rank encoding tell apart "
                     f"{held} gene positions: the genes ranked beyond would share one.",
-                    f"Set model.pe_max_len >= {n + model.pe_max_len - held}, or lower {key}.",
+                    f"Set model.pe_max_len >= {pe_max_len_for(n, model.layout == 'scconcept')}, or lower {key}.",
                 )
 
     def _report_changes(self) -> None:
