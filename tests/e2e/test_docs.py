@@ -226,9 +226,10 @@ def _help(argv: list[str], capsys) -> str:
 
 @pytest.mark.parametrize("b", _blocks("usage"), ids=str)
 def test_usage_lines_name_only_options_the_programs_take(b, capsys):
-    for line in b.text.splitlines():
+    # a line that starts with `[` continues the line above (the same program's options)
+    for line in re.sub(r"\n\s+\[", " [", b.text).splitlines():
         words = line.split()
-        if not words or words[0].startswith("["):  # a continuation of the line above
+        if not words:
             continue
         if words[0] == "torchrun":
             assert "-m concept_train.cli" in line and (ROOT / "concept_train/cli.py").is_file()
@@ -238,13 +239,6 @@ def test_usage_lines_name_only_options_the_programs_take(b, capsys):
         named = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*|-[a-z])\b", line))
         for option in sorted(named):
             assert re.search(rf"(?<![\w-]){re.escape(option)}\b", helped), f"{b}: `{' '.join(argv)}` has no {option}"
-    # the continuation lines too: each belongs to the program of the line above
-    text = re.sub(r"\n\s+\[", " [", b.text)
-    for line in text.splitlines():
-        if line.startswith("concept-shard gene-vectors"):
-            helped = _help(["concept-shard", "gene-vectors"], capsys)
-            for option in re.findall(r"(--[a-z][\w-]*)", line):
-                assert option in helped, f"{b}: `concept-shard gene-vectors` has no {option}"
 
 
 # --- the Python blocks that run here -------------------------------------------------------------
