@@ -9,6 +9,7 @@ torchrun, srun or sbatch. Library callers configure the "concept" logger as any 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -47,15 +48,40 @@ def setup(quiet: bool = False, verbose: bool = False) -> int:
     return level
 
 
+# The collector's youngest generation is collected every 700 allocations by default. A program's
+# imports (torch, pandas, scipy, numba, ...) make about a million objects that live as long as the
+# process, and training makes many short-lived ones: the default walks the young ones thousands of
+# times for nothing (a 20-step concept-train: 7.8 s -> 6.3 s at 50,000). Objects without cycles
+# are freed by reference counting either way; cyclic garbage waits a little longer.
+PROGRAM_GEN0 = 50_000
+
+
+@contextlib.contextmanager
+def few_collections():
+    """The collector's youngest generation collected every PROGRAM_GEN0 allocations for the block
+    (a program module's top-level imports, which run before `program` takes over), then as before:
+    a library caller importing the module keeps its own settings."""
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], PROGRAM_GEN0), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 def program(main):
     """For a program's `main(argv=None)`. Run as a program (no argv: the console script, `python -m`,
-    torchrun, srun), its process then leaves without the interpreter's last garbage collections,
-    which walk every object torch and the other libraries made, to free memory the process gives
-    back anyway (~0.8 s of each exit, measured on concept-train). Everything is written and closed
-    by then; atexit handlers and finalizers still run. A caller passing argv keeps its collector."""
+    torchrun, srun), its collector runs every PROGRAM_GEN0 allocations, and the process leaves
+    without the interpreter's last garbage collections, which walk every object torch and the other
+    libraries made, to free memory the process gives back anyway (~0.8 s of each exit, measured on
+    concept-train). Everything is written and closed by then; atexit handlers and finalizers still
+    run. A caller passing argv keeps its collector as it is."""
 
     @functools.wraps(main)
     def run(argv=None):
+        if argv is None:
+            threshold = gc.get_threshold()
+            gc.set_threshold(max(threshold[0], PROGRAM_GEN0), *threshold[1:])
         code = main(argv)
         if argv is None:
             gc.freeze()

@@ -12,14 +12,16 @@ import re
 import sys
 
 from concept_shard import console
-from concept_shard.config import compose_config, composed_yaml, groups_help
-from concept_shard.errors import UserError
 
-# imported before any process group exists: torch.distributed's tensor modules imported after a
-# caller's init_process_group keep the default group alive past shutdown() (its DeviceMesh stays
-# in their caches), and gloo then aborts the exit (tests/train/trainer/test_train_distributed.py)
-from .trainer.loop import run_training
-from .trainer.preempt import RESUMABLE, StopSignals
+with console.few_collections():  # torch and the rest: console.PROGRAM_GEN0 says why
+    from concept_shard.config import compose_config, composed_yaml, groups_help
+    from concept_shard.errors import UserError
+
+    # imported before any process group exists: torch.distributed's tensor modules imported after a
+    # caller's init_process_group keep the default group alive past shutdown() (its DeviceMesh stays
+    # in their caches), and gloo then aborts the exit (tests/train/trainer/test_train_distributed.py)
+    from .trainer.loop import run_training
+    from .trainer.preempt import RESUMABLE, StopSignals
 
 EXAMPLES = """\
 examples:

@@ -28,19 +28,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
+from concept_shard import console
 
-from concept_config.fields import whole
-from concept_shard.cells import build_gene_map, map_chunk
-from concept_shard.console import program
-from concept_shard.errors import TrainError, UserError
-from concept_shard.source import AnnDataObjectSource, AnnDataSource, RowSource, row_chunks
-from concept_shard.vocabulary import Vocabulary, strip_version
+with console.few_collections():  # a program's imports: console.PROGRAM_GEN0 says why
+    import numpy as np
+    import torch
 
-from .data.make.tokenize import Cells, TokenSpec, normalized, pack, select_view
-from .model.model import learnable_embs_freq, pe_max_len_for
-from .trainer.checkpoint import LoadedModel, load_model
+    from concept_config.fields import whole
+    from concept_shard.cells import build_gene_map, map_chunk
+    from concept_shard.console import program
+    from concept_shard.errors import TrainError, UserError
+    from concept_shard.source import AnnDataObjectSource, AnnDataSource, RowSource, row_chunks
+    from concept_shard.vocabulary import Vocabulary, strip_version
+
+    from .data.make.tokenize import Cells, TokenSpec, normalized, pack, select_view
+    from .model.model import learnable_embs_freq, pe_max_len_for
+    from .trainer.checkpoint import LoadedModel, load_model
 
 WHOLE_CELL_TOKENS = 1000  # the reference's whole-cell validation views
 

@@ -6,10 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from concept_shard.console import program
-from concept_shard.errors import UserError
+from concept_shard import console
 
-from .evaluate import PANEL_SIZES, evaluate
+with console.few_collections():  # a program's imports: console.PROGRAM_GEN0 says why
+    from concept_shard.console import program
+    from concept_shard.errors import UserError
+
+    from .evaluate import PANEL_SIZES, evaluate
 
 
 @program

@@ -21,18 +21,21 @@ import shutil
 import sys
 from pathlib import Path
 
-import pandas as pd
-import torch
-import yaml
+from concept_shard import console
 
-from concept_shard.config import as_dict
-from concept_shard.console import program
-from concept_shard.errors import TrainError, UserError
-from concept_shard.vocabulary import mapping_file
+with console.few_collections():  # a program's imports: console.PROGRAM_GEN0 says why
+    import pandas as pd
+    import torch
+    import yaml
 
-from ..trainer.checkpoint import LoadedModel, load_model
-from . import model_dir
-from . import weights as W
+    from concept_shard.config import as_dict
+    from concept_shard.console import program
+    from concept_shard.errors import TrainError, UserError
+    from concept_shard.vocabulary import mapping_file
+
+    from ..trainer.checkpoint import LoadedModel, load_model
+    from . import model_dir
+    from . import weights as W
 
 LIGHTNING_VERSION = "2.5.0"  # what Lightning's loader reads to pick its checkpoint migrations: none apply
 

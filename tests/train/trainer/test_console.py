@@ -87,17 +87,33 @@ def test_wandb_enabled_without_the_package_is_named(tmp_path, monkeypatch):
     assert not (tmp_path / "wandb").exists()
 
 
-def test_a_program_run_as_such_leaves_without_the_last_collections_and_callers_keep_theirs():
-    """console.program: main(argv=None) (the console script, python -m, torchrun) freezes the
-    collector before the exit; a caller that passes argv (a test, a notebook) keeps it as it was."""
+def test_a_program_run_as_such_collects_rarely_and_leaves_without_the_last_collections_and_callers_keep_theirs():
+    """console.program: main(argv=None) (the console script, python -m, torchrun) raises the
+    youngest generation's threshold and freezes the collector before the exit; a caller that passes
+    argv (a test, a notebook) keeps both as they were. few_collections (a program module's imports)
+    restores the threshold after its block."""
     import gc
 
-    frozen = gc.get_freeze_count()
-    said = []
-    main = console.program(lambda argv=None: said.append(argv) or 3)
-    assert main(["--help"]) == 3 and gc.get_freeze_count() == frozen
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    said, seen = [], []
+
+    def body(argv=None):
+        said.append(argv)
+        seen.append(gc.get_threshold())
+        return 3
+
+    main = console.program(body)
     try:
+        gc.set_threshold(700, 10, 10)
+        assert main(["--help"]) == 3 and gc.get_freeze_count() == frozen
+        assert seen[-1] == (700, 10, 10) == gc.get_threshold()
         assert main() == 3 and gc.get_freeze_count() > frozen
+        assert seen[-1] == (console.PROGRAM_GEN0, 10, 10)
+        gc.set_threshold(700, 10, 10)
+        with console.few_collections():
+            assert gc.get_threshold() == (console.PROGRAM_GEN0, 10, 10)
+        assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.unfreeze()
+        gc.set_threshold(*before)
     assert said == [["--help"], None]
