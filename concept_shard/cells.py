@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from .errors import ShardError
-from .vocabulary import Vocabulary, strip_version
+from .vocabulary import Vocabulary, strip_versions
 
 # The library size cells are scaled to by `totalcount` normalisation (training) and before log1p
 # (gene-vectors): scanpy's usual choice.
@@ -45,16 +46,16 @@ class GeneMap:
 
 
 def build_gene_map(path: Path, gene_ids: np.ndarray, vocab: Vocabulary, id_column: str | None) -> GeneMap:
-    stripped = np.array([strip_version(g) for g in gene_ids], dtype=object)
-    uniq, counts = np.unique(stripped, return_counts=True)
-    if (counts > 1).any():
-        dups = uniq[counts > 1][:5].tolist()
+    stripped = strip_versions(gene_ids)
+    repeated = pd.Index(stripped).duplicated()
+    if repeated.any():
+        dups = np.unique(stripped[repeated])
         raise ShardError(
             path,
-            f"has duplicate gene ids after removing version suffixes ({int((counts > 1).sum())} ids, e.g. {dups}).",
+            f"has duplicate gene ids after removing version suffixes ({len(dups)} ids, e.g. {dups[:5].tolist()}).",
             "Make the Ensembl ids unique (aggregate or drop duplicated genes) and re-export the file.",
         )
-    col_token = np.fromiter((vocab.token_of.get(g, -1) for g in stripped), dtype=np.int32, count=len(stripped))
+    col_token = vocab.tokens_of(stripped)
     in_vocab = col_token[col_token >= 0]
     if len(in_vocab) == 0:
         where = f"var column '{id_column}'" if id_column else "var_names"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -35,12 +36,20 @@ def _schema_fields(schema_type) -> dict[str, dataclasses.Field] | None:
     return {f.name: f for f in dataclasses.fields(schema_type)} if dataclasses.is_dataclass(schema_type) else None
 
 
+@functools.cache
+def _hints(schema_type) -> dict:
+    """The schema class's field types: evaluated once per class (its annotations are strings, and
+    each evaluation compiles them anew: ~0.1 s per composed config otherwise)."""
+    import typing
+
+    return typing.get_type_hints(schema_type)
+
+
 def _value_type(schema_type, name: str):
     """The declared type of a field (the dataclass for nested nodes, the value type of Dict[str, X])."""
     import typing
 
-    hints = typing.get_type_hints(schema_type)
-    t = hints[name]
+    t = _hints(schema_type)[name]
     origin = typing.get_origin(t)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(t) if a is not type(None)]
