@@ -116,6 +116,7 @@ class AnnDataSource:
             ) from None
         self._csc = None
         self._obs_columns: dict[str, _ObsColumn] = {}
+        self._index_column: _ObsColumn | None = None
 
     def _check_chunks(self) -> None:
         """Every chunk of a sparse matrix's `data` and `indices` in a .zarr is present. zarr reads a
@@ -188,7 +189,9 @@ class AnnDataSource:
     def obs_strings(self, keys: list[str], start: int, end: int) -> tuple[list[str], dict[str, list[str]], list[str]]:
         """(cell ids, {key: values as str, missing -> ""}, keys absent from obs) for rows [start, end)."""
         obs = self.root["obs"]
-        cell_ids = _ObsColumn(obs[_attr(obs, "_index")]).strings(start, end)
+        if self._index_column is None:  # built once: it may cache the whole column
+            self._index_column = _ObsColumn(obs[_attr(obs, "_index")])
+        cell_ids = self._index_column.strings(start, end)
         values, absent = {}, []
         for key in keys:
             if key not in obs:
@@ -348,8 +351,10 @@ class AnnDataObjectSource:
 class _ObsColumn:
     """Row slices of one obs column as strings, without reading the whole column per chunk.
 
-    Categoricals read their categories once and slice the codes; plain arrays are sliced in
-    place; other encodings (nullable arrays, ...) are read once through anndata and cached.
+    Categoricals read their categories once and slice the codes; plain arrays and nullable string
+    arrays (what anndata writes for pandas' string dtype, the default of pandas 3: the obs index
+    of such files included) are sliced in place; other encodings (nullable numbers, ...) are read
+    once through anndata and cached.
     """
 
     def __init__(self, node):
@@ -359,6 +364,8 @@ class _ObsColumn:
         if self.kind == "categorical":
             # one extra "" category at the end stands for code -1 (missing)
             self.categories = np.append(_read_strings(node["categories"]), "")
+        elif self.kind == "nullable-string-array" and "values" in node and "mask" in node:
+            pass
         elif self.kind not in ("string-array", "array"):
             from anndata.io import read_elem
 
@@ -368,6 +375,12 @@ class _ObsColumn:
         if self.categories is not None:
             codes = np.asarray(self.node["codes"][start:end])
             return self.categories[np.where(codes >= 0, codes, -1)].tolist()
+        if self.cached is None and self.kind == "nullable-string-array":
+            values = self.node["values"]  # missing where the mask is set
+            out = np.asarray(values.asstr()[start:end] if hasattr(values, "asstr") else values[start:end], dtype=object)
+            out = out.astype(str)
+            out[np.asarray(self.node["mask"][start:end], dtype=bool)] = ""
+            return out.tolist()
         if self.cached is None and self.kind == "string-array":
             # h5py: decode in C; zarr already returns str
             values = self.node.asstr()[start:end] if hasattr(self.node, "asstr") else self.node[start:end]
@@ -392,8 +405,10 @@ def _is_missing(value) -> bool:
         return True
     try:
         return bool(np.isnan(value))
-    except (TypeError, ValueError):
-        return False
+    except (TypeError, ValueError):  # a string, or pandas' NA (of nullable arrays), which has no truth value
+        import pandas as pd
+
+        return value is pd.NA
 
 
 class _CscRows:
