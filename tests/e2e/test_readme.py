@@ -2,11 +2,12 @@
 new user: its bash block, extracted from README.md, in a shell, so that the commands, flags, paths
 and YAML it shows cannot drift from what the programs accept; then its Python API block, on the
 walk-through's project and run (its `train()` calls take 2 steps instead of 200 and 300, its
-`evaluate()` draws no UMAP).
+embeddings keep 200 genes a cell, its `evaluate()` draws no UMAP).
 
 Only sizes change, to keep the suite short: the example's files are made with 150 cells each, the
-runs take 6 and then 8 steps instead of 300 and 400 (validation every 3 instead of 100), and
-concept-eval scores 400 cells without the UMAP picture. Every command runs, concept-eval included.
+runs take 6 and then 8 steps instead of 300 and 400 (validation every 3 instead of 100), whole cells
+keep 200 genes instead of 1,000 (validation, embeddings, scores), and concept-eval scores 400 cells
+without the UMAP picture. Every command runs, concept-eval included.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ SIZES = [  # (what the README says, what the test runs)
     ("model.training.max_steps=300", "model.training.max_steps=6"),
     ("model.training.max_steps=400", "model.training.max_steps=8"),
     ("model.training.val_check_interval=100", "model.training.val_check_interval=3"),
-    ("concept-eval $P/model_checkpoints/first", "concept-eval $P/model_checkpoints/first --max-cells 400 --no-umap"),
+    (
+        "concept-eval $P/model_checkpoints/first",
+        "concept-eval $P/model_checkpoints/first --max-cells 400 --no-umap --max-tokens 200",
+    ),
+    # whole cells of 200 genes instead of 1,000 (validation, concept-embed, concept-eval): the tiny model's
+    # attention over 1,000 tokens was most of these programs' time
+    ("      max_tokens: 1000\n", "      max_tokens: 200\n"),
+    ("--out $P/hs_val_e.embedded.h5ad", "--out $P/hs_val_e.embedded.h5ad --max-tokens 200"),
 ]
 
 
@@ -35,10 +43,13 @@ def walkthrough() -> str:
     return block("README.md", "# 1. A project directory").text
 
 
-API_SIZES = [  # and its evaluate() without the UMAP picture, as the walk-through's concept-eval
+API_SIZES = [  # and its evaluate() without the UMAP picture, whole cells of 200 genes, as the walk-through's
     ("steps=200", "steps=2"),
     ("steps=300", "steps=2"),
-    ('batch_key="donor_id")', 'batch_key="donor_id", umap=False)'),
+    ('batch_key="donor_id")', 'batch_key="donor_id", umap=False, max_tokens=200)'),
+    ("z = embed(adata, model)", "z = embed(adata, model, max_tokens=200)"),
+    ('"big.embedded.h5ad")', '"big.embedded.h5ad", max_tokens=200)'),
+    ('key_added="X_concept_tuned")', 'key_added="X_concept_tuned", max_tokens=200)'),
 ]
 
 
