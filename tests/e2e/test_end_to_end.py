@@ -69,12 +69,13 @@ def test_shard_train_two_processes_resume_embed_knn(tmp_path):
 
     source = project / "data/synth_hsapiens/h5ads/hs_val_e.h5ad"
     out_path = tmp_path / "hs_val_e.embedded.h5ad"
-    _run("concept_train.embedding", str(run), str(source), "--out", str(out_path), "--max-tokens", "1000")
+    # 400 of each cell's ~1,500 genes: 9.5 s instead of 23 s at 1,000, kNN 0.765 against 0.758
+    _run("concept_train.embedding", str(run), str(source), "--out", str(out_path), "--max-tokens", "400")
     adata = ad.read_h5ad(out_path)
     z = adata.obsm["X_concept"]
     assert z.shape[0] == adata.n_obs and np.isfinite(z).all()
     made = adata.uns["concept"]["X_concept"]
-    assert made["run_id"] == "e2e" and int(made["step"]) == 60 and int(made["max_tokens"]) == 1000
+    assert made["run_id"] == "e2e" and int(made["step"]) == 60 and int(made["max_tokens"]) == 400
 
     labels = torch.as_tensor(adata.obs["cell_type"].cat.codes.to_numpy().copy(), dtype=torch.int64)
     accuracy = knn_accuracy(torch.from_numpy(z), labels)
