@@ -189,7 +189,7 @@ class AnnDataSource:
     def obs_strings(self, keys: list[str], start: int, end: int) -> tuple[list[str], dict[str, list[str]], list[str]]:
         """(cell ids, {key: values as str, missing -> ""}, keys absent from obs) for rows [start, end)."""
         obs = self.root["obs"]
-        if self._index_column is None:  # built once: it may cache the whole column
+        if self._index_column is None:  # kept: it may cache the whole column (two reading threads may both build it)
             self._index_column = _ObsColumn(obs[_attr(obs, "_index")])
         cell_ids = self._index_column.strings(start, end)
         values, absent = {}, []
@@ -390,11 +390,15 @@ class _ObsColumn:
 
 
 def _read_strings(node) -> np.ndarray:
-    """A whole string column as a str array. Plain string arrays are decoded directly (importing
-    anndata costs 0.3 s per process); other encodings (categoricals, nullables) go through anndata."""
-    if _attr(node, "encoding-type") == "string-array":
+    """A whole string column as a str array. Plain and nullable string arrays are decoded directly
+    (importing anndata costs 0.3 s per process; missing values as ""); other encodings
+    (categoricals, ...) go through anndata."""
+    kind = _attr(node, "encoding-type")
+    if kind == "string-array":
         values = node.asstr()[:] if hasattr(node, "asstr") else node[:]
         return np.asarray(values, dtype=object).astype(str)
+    if kind == "nullable-string-array" and "values" in node and "mask" in node:
+        return np.array(_ObsColumn(node).strings(0, node["mask"].shape[0]), dtype=object).astype(str)
     from anndata.io import read_elem
 
     return np.asarray(read_elem(node), dtype=object).astype(str)

@@ -31,10 +31,10 @@ def strip_versions(gene_ids) -> np.ndarray:
     ids = gene_ids.tolist() if isinstance(gene_ids, np.ndarray) else list(gene_ids)
     try:
         text = "\n".join(ids)
-    except TypeError:  # an id that is not a string
+    except TypeError:  # an id that is not a string: strip_version's own TypeError
         text = None
     if text is None or text.count("\n") != max(len(ids) - 1, 0):  # (or one with a line break)
-        return np.array([strip_version(str(g)) for g in ids], dtype=object)
+        return np.array([strip_version(g) for g in ids], dtype=object)
     out = np.empty(len(ids), dtype=object)
     if ids:
         out[:] = _VERSION_SUFFIXES.sub("", text).split("\n")
@@ -59,14 +59,15 @@ class Vocabulary:
 
     @cached_property
     def _lookup(self) -> tuple[pd.Index, np.ndarray]:
-        return pd.Index(list(self.token_of), dtype=object), np.fromiter(self.token_of.values(), np.int64)
+        """The gene ids, and their tokens followed by -1 (what an id outside the index, -1, reads)."""
+        tokens = np.fromiter(self.token_of.values(), np.int64, count=len(self.token_of))
+        return pd.Index(list(self.token_of), dtype=object), np.append(tokens, -1)
 
     def tokens_of(self, gene_ids: np.ndarray) -> np.ndarray:
         """The token of each gene id (without version), -1 outside the vocabulary (int32): one
         hashed lookup for all of them."""
         index, tokens = self._lookup
-        at = index.get_indexer(gene_ids)
-        return np.where(at >= 0, tokens[at], -1).astype(np.int32)
+        return tokens[index.get_indexer(gene_ids)].astype(np.int32)
 
     @property
     def gene_dtype(self) -> np.dtype:

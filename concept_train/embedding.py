@@ -36,7 +36,6 @@ with console.few_collections():  # a program's imports: console.PROGRAM_GEN0 say
 
     from concept_config.fields import whole
     from concept_shard.cells import build_gene_map, map_chunk
-    from concept_shard.console import program
     from concept_shard.errors import TrainError, UserError
     from concept_shard.source import AnnDataObjectSource, AnnDataSource, RowSource, row_chunks
     from concept_shard.vocabulary import Vocabulary, strip_version
@@ -420,7 +419,7 @@ def _check_output(input_path: Path, out_path: Path) -> None:
         raise TrainError(f"--out {out_path}", "is not a .h5ad file name.", "Name the output <something>.h5ad.")
 
 
-@program
+@console.program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="concept-embed", description=__doc__.split("\n")[0])
     p.add_argument("run_or_checkpoint")

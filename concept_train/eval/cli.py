@@ -9,13 +9,12 @@ from pathlib import Path
 from concept_shard import console
 
 with console.few_collections():  # a program's imports: console.PROGRAM_GEN0 says why
-    from concept_shard.console import program
     from concept_shard.errors import UserError
 
     from .evaluate import PANEL_SIZES, evaluate
 
 
-@program
+@console.program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="concept-eval",

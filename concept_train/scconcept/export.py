@@ -29,7 +29,6 @@ with console.few_collections():  # a program's imports: console.PROGRAM_GEN0 say
     import yaml
 
     from concept_shard.config import as_dict
-    from concept_shard.console import program
     from concept_shard.errors import TrainError, UserError
     from concept_shard.vocabulary import mapping_file
 
@@ -144,7 +143,7 @@ def export(run, out, trust_pickle: bool = False, log=print) -> Path:
     return out
 
 
-@program
+@console.program
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="concept-export",

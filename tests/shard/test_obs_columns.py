@@ -1,6 +1,7 @@
 """Obs columns read in row chunks as strings, whatever encoding anndata wrote them in: the values
 anndata itself reads, missing ones as "" (categoricals with unused codes, plain strings, nullable
-strings, numbers, nullable integers, and an index of pandas' string dtype), from .h5ad and .zarr."""
+strings, numbers, nullable integers, and an index of pandas' string dtype), from .h5ad and .zarr;
+and the gene ids of a var index of that dtype."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def _adata() -> ad.AnnData:
         index=ids,
     )
     X = sp.random(N, 7, density=0.5, format="csr", dtype=np.float32, random_state=0)
-    return ad.AnnData(X=X, obs=obs)
+    var = pd.DataFrame(index=pd.Index([f"ENSG{i}.{i}" for i in range(7)], dtype="string"))
+    return ad.AnnData(X=X, obs=obs, var=var)
 
 
 def _expected(adata: ad.AnnData, key: str) -> list[str]:
@@ -73,6 +75,9 @@ def test_obs_chunks_read_as_anndata_reads_them(tmp_path, suffix):
     obs = source.root["obs"]
     kinds = {k: dict(obs[k].attrs).get("encoding-type") for k in ("cat", "nullable", dict(obs.attrs)["_index"])}
     assert kinds == {"cat": "categorical", "nullable": "nullable-string-array", "_index": "nullable-string-array"}
+    var = source.root["var"]
+    assert dict(var[dict(var.attrs)["_index"]].attrs)["encoding-type"] == "nullable-string-array"
+    assert source.gene_ids().tolist() == back.var_names.tolist()
     keys = ["cat", "plain", "nullable", "number", "nullable_int"]
     ids, values = [], {k: [] for k in keys}
     for a in range(0, N, 5):

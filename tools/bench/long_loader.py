@@ -14,7 +14,8 @@ a `--genes`-gene file, real Ensembl ids, integer counts 1-50), sharded by `conce
 then the training loader of `tools/bench/loader.py` (two views per cell, each over every gene of
 the cell: panels of all genes, view 2 allowed to overlap view 1; top-nonzero selection, tokenized
 and packed) at each `--tokens`, each size in a fresh process whose
-peak RSS (its loader workers included) is reported beside its cells/s and tokens/s. The input and
+peak RSS (of the largest single process: the loader's or one of its workers') is reported beside
+its cells/s and tokens/s. The input and
 its shards are cached in the workdir (default /tmp/concept_long_bench). The LAST line is one JSON
 object with every figure.
 """
@@ -34,8 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "bench"))
 import shard as shard_bench  # noqa: E402  (the vocabulary, the config and the measured-command wrapper)
 
-OBS_KEYS = ("dataset", "donor_id", "tissue", "cell_type")
-
 
 def make_h5ad(path: Path, n_cells: int, nnz: int, n_genes: int, gene_ids: np.ndarray, seed: int) -> None:
     import anndata as ad
@@ -51,7 +50,7 @@ def make_h5ad(path: Path, n_cells: int, nnz: int, n_genes: int, gene_ids: np.nda
     data = rng.integers(1, 51, int(indptr[-1])).astype(np.float32)
     X = sp.csr_matrix((data, np.concatenate(indices).astype(np.int32), indptr), shape=(n_cells, n_genes))
     obs = pd.DataFrame(
-        {key: pd.Categorical([f"{key}_{i % 4}" for i in range(n_cells)]) for key in OBS_KEYS},
+        {key: pd.Categorical([f"{key}_{i % 4}" for i in range(n_cells)]) for key in shard_bench.OBS_KEYS},
         index=[f"cell{i}" for i in range(n_cells)],
     )
     tmp = path.with_name(path.name + ".tmp.h5ad")
@@ -61,7 +60,7 @@ def make_h5ad(path: Path, n_cells: int, nnz: int, n_genes: int, gene_ids: np.nda
 
 def ensure_project(args) -> tuple[Path, dict]:
     workdir = Path(args.workdir)
-    project = workdir / f"project_{args.cells}_{args.nnz}_{args.genes}"
+    project = workdir / f"project_{args.cells}_{args.nnz}_{args.genes}_s{args.seed}"
     h5ad = project / "data" / shard_bench.SOURCE_NAME / "h5ads" / "long.h5ad"
     vocab = shard_bench.vocabulary_csv(workdir)
     dst = project / "references" / "vocabulary" / "token_mappings_per_specie" / f"{shard_bench.SPECIES}.csv"
@@ -132,7 +131,9 @@ def main(argv=None) -> int:
                 f"max_tokens {tokens:>6,}: {w} worker(s) {r['cells_per_s']:>8,} cells/s "
                 f"{r['tokens_per_s']:>12,} tokens/s ({r['tokens_per_cell']:,.0f} tokens a cell, both views)"
             )
-        shard_bench.log(f"                  peak RSS {row['peak_rss_mb']:,} MB (the process and its workers)")
+        shard_bench.log(
+            f"                  peak RSS {row['peak_rss_mb']:,} MB (the largest process: the loader or a worker)"
+        )
     summary = {
         "cells": args.cells,
         "nnz_per_cell": args.nnz,

@@ -113,7 +113,14 @@ def test_a_program_run_as_such_collects_rarely_and_leaves_without_the_last_colle
         with console.few_collections():
             assert gc.get_threshold() == (console.PROGRAM_GEN0, 10, 10)
         assert gc.get_threshold() == (700, 10, 10)
+        with pytest.raises(ImportError), console.few_collections():  # restored when the block raises
+            raise ImportError("no such module")
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(0)  # collection switched off stays off
+        with console.few_collections():
+            assert gc.get_threshold()[0] == 0
+        assert main() == 3 and seen[-1][0] == 0
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
-    assert said == [["--help"], None]
+    assert said == [["--help"], None, None]
