@@ -56,7 +56,7 @@ def setup(quiet: bool = False, verbose: bool = False) -> int:
 PROGRAM_GEN0 = 50_000
 
 
-def _collect_rarely() -> tuple[int, ...]:
+def collect_rarely() -> tuple[int, ...]:
     """Raise the youngest generation's threshold to PROGRAM_GEN0 (a threshold of 0, collection
     switched off, stays off); returns the thresholds before."""
     before = gc.get_threshold()
@@ -70,7 +70,7 @@ def few_collections():
     """The collector's youngest generation collected every PROGRAM_GEN0 allocations for the block
     (a program module's top-level imports, which run before `program` takes over), then as before,
     also when the block raises: a library caller importing the module keeps its own settings."""
-    before = _collect_rarely()
+    before = collect_rarely()
     try:
         yield
     finally:
@@ -88,7 +88,7 @@ def program(main):
     @functools.wraps(main)
     def run(argv=None):
         if argv is None:
-            _collect_rarely()
+            collect_rarely()
         code = main(argv)
         if argv is None:
             gc.freeze()

@@ -364,9 +364,7 @@ class _ObsColumn:
         if self.kind == "categorical":
             # one extra "" category at the end stands for code -1 (missing)
             self.categories = np.append(_read_strings(node["categories"]), "")
-        elif self.kind == "nullable-string-array" and "values" in node and "mask" in node:
-            pass
-        elif self.kind not in ("string-array", "array"):
+        elif self.kind != "array" and not _in_place(node, self.kind):
             from anndata.io import read_elem
 
             self.cached = np.asarray(read_elem(node), dtype=object)
@@ -375,30 +373,36 @@ class _ObsColumn:
         if self.categories is not None:
             codes = np.asarray(self.node["codes"][start:end])
             return self.categories[np.where(codes >= 0, codes, -1)].tolist()
-        if self.cached is None and self.kind == "nullable-string-array":
-            values = self.node["values"]  # missing where the mask is set
-            out = np.asarray(values.asstr()[start:end] if hasattr(values, "asstr") else values[start:end], dtype=object)
-            out = out.astype(str)
-            out[np.asarray(self.node["mask"][start:end], dtype=bool)] = ""
-            return out.tolist()
-        if self.cached is None and self.kind == "string-array":
-            # h5py: decode in C; zarr already returns str
-            values = self.node.asstr()[start:end] if hasattr(self.node, "asstr") else self.node[start:end]
-            return np.asarray(values, dtype=object).astype(str).tolist()
+        if self.cached is None and _in_place(self.node, self.kind):
+            return _string_slice(self.node, self.kind, start, end).tolist()
         values = self.cached[start:end] if self.cached is not None else self.node[start:end]
         return ["" if _is_missing(v) else (v.decode() if isinstance(v, bytes) else str(v)) for v in values]
 
 
+def _in_place(node, kind: str) -> bool:
+    """Whether a string column is decoded here, a slice at a time (plain string arrays; nullable
+    ones: values and mask) rather than read whole through anndata."""
+    return kind == "string-array" or (kind == "nullable-string-array" and "values" in node and "mask" in node)
+
+
+def _string_slice(node, kind: str, start: int = 0, end: int | None = None) -> np.ndarray:
+    """Rows [start, end) of a column `_in_place` reads, as str ("" where a nullable one is missing).
+    h5py decodes in C; zarr already returns str."""
+    values = node["values"] if kind == "nullable-string-array" else node
+    out = np.asarray(values.asstr()[start:end] if hasattr(values, "asstr") else values[start:end], dtype=object)
+    out = out.astype(str)
+    if kind == "nullable-string-array":
+        out[np.asarray(node["mask"][start:end], dtype=bool)] = ""
+    return out
+
+
 def _read_strings(node) -> np.ndarray:
-    """A whole string column as a str array. Plain and nullable string arrays are decoded directly
+    """A whole string column as a str array. Plain and nullable string arrays are decoded here
     (importing anndata costs 0.3 s per process; missing values as ""); other encodings
     (categoricals, ...) go through anndata."""
     kind = _attr(node, "encoding-type")
-    if kind == "string-array":
-        values = node.asstr()[:] if hasattr(node, "asstr") else node[:]
-        return np.asarray(values, dtype=object).astype(str)
-    if kind == "nullable-string-array" and "values" in node and "mask" in node:
-        return np.array(_ObsColumn(node).strings(0, node["mask"].shape[0]), dtype=object).astype(str)
+    if _in_place(node, kind):
+        return _string_slice(node, kind)
     from anndata.io import read_elem
 
     return np.asarray(read_elem(node), dtype=object).astype(str)

@@ -38,7 +38,7 @@ with console.few_collections():  # a program's imports: console.PROGRAM_GEN0 say
     from concept_shard.cells import build_gene_map, map_chunk
     from concept_shard.errors import TrainError, UserError
     from concept_shard.source import AnnDataObjectSource, AnnDataSource, RowSource, row_chunks
-    from concept_shard.vocabulary import Vocabulary, strip_version
+    from concept_shard.vocabulary import Vocabulary, strip_versions
 
     from .data.make.tokenize import Cells, TokenSpec, normalized, pack, select_view
     from .model.model import learnable_embs_freq, pe_max_len_for
@@ -77,7 +77,7 @@ def adds_learnable_embs(loaded: LoadedModel, use_learnable_embs: bool = True) ->
 
 
 def infer_species(gene_ids: np.ndarray, vocabs: dict[str, Vocabulary], path) -> str:
-    ids = {strip_version(str(g)) for g in gene_ids}
+    ids = set(strip_versions([str(g) for g in gene_ids]).tolist())
     overlap = {sp: len(ids & v.token_of.keys()) for sp, v in vocabs.items()}
     best = max(overlap.values()) if overlap else 0
     winners = [sp for sp, n in overlap.items() if n == best]

@@ -5,7 +5,6 @@ Helpers that are not fixtures live in helpers.py (tests import it by name: pypro
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 from pathlib import Path
@@ -13,11 +12,11 @@ from pathlib import Path
 import pytest
 from helpers import ADVANCED, example_project, example_project_key, fixture_cache_dir, sharded_project
 
-from concept_shard.console import PROGRAM_GEN0
+from concept_shard.console import collect_rarely
 
 # The suite's processes run the programs in-process (main(argv)) and collect as the programs do
 # when started on their own (console.program)
-gc.set_threshold(PROGRAM_GEN0, *gc.get_threshold()[1:])
+collect_rarely()
 
 EXAMPLE_ARGS = ("--cells", "300")
 SMALL_EXAMPLE_ARGS = ("--cells", "40")

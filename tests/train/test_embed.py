@@ -246,3 +246,19 @@ def test_export_to_scconcepts_layout_embeds_the_same(trained_run, tmp_path):
     z_ours, _ = embed_source(ours, source, max_tokens=1000)
     z_theirs, _ = embed_source(theirs, source, max_tokens=1000)
     np.testing.assert_allclose(z_theirs, z_ours, rtol=0, atol=2e-6)
+
+
+def test_the_species_is_the_vocabulary_sharing_most_ids_and_none_or_a_tie_is_named():
+    from concept_shard.vocabulary import Vocabulary
+    from concept_train.embedding import infer_species
+
+    vocabs = {
+        "hsapiens": Vocabulary("hsapiens", "hs.csv", {"ENSG1": 2, "ENSG2": 3}, 4, "a"),
+        "mmusculus": Vocabulary("mmusculus", "mm.csv", {"ENSMUSG1": 2}, 3, "b"),
+    }
+    ids = np.array(["ENSG1.4", "ENSG2", "ENSMUSG1.1", 7], dtype=object)  # versions stripped, any id type
+    assert infer_species(ids, vocabs, "cells.h5ad") == "hsapiens"
+    for ids in (["x", "y"], ["ENSG1", "ENSMUSG1"]):
+        with pytest.raises(UserError, match="cells.h5ad.*ambiguously or not at all") as err:
+            infer_species(np.array(ids, dtype=object), vocabs, "cells.h5ad")
+        assert "--species" in str(err.value)
