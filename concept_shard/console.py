@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import io
 import logging
 import os
 import sys
@@ -27,6 +28,52 @@ def say(line: str) -> None:
 
 def detail(line: str) -> None:
     LOGGER.debug(line)
+
+
+def stdout_gone() -> None:
+    """The reader of our stdout has left (`concept-shard build ... | head -1`): point stdout at
+    /dev/null, so that what is still printed goes nowhere and no later write, nor the
+    interpreter's last flush, raises BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+class _ProgramStdout(io.TextIOBase):
+    """A program's sys.stdout: its text stream, except that a closed pipe silences it instead of
+    raising BrokenPipeError from whichever print or log line meets it first, which would stop
+    the work half-way (a build before its merge) for want of a reader of its report."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            stdout_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            stdout_gone()
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return self._stream.encoding
 
 
 def setup(quiet: bool = False, verbose: bool = False) -> int:
@@ -83,14 +130,18 @@ def program(main):
     without the interpreter's last garbage collections, which walk every object torch and the other
     libraries made, to free memory the process gives back anyway (~0.8 s of each exit, measured on
     concept-train). Everything is written and closed by then; atexit handlers and finalizers still
-    run. A caller passing argv keeps its collector as it is."""
+    run. Its stdout goes quiet when its reader leaves (_ProgramStdout) and the work goes on. A
+    caller passing argv keeps its collector and its stdout as they are."""
 
     @functools.wraps(main)
     def run(argv=None):
         if argv is None:
             collect_rarely()
+            if not isinstance(sys.stdout, _ProgramStdout):
+                sys.stdout = _ProgramStdout(sys.stdout)
         code = main(argv)
         if argv is None:
+            sys.stdout.flush()
             gc.freeze()
         return code
 
