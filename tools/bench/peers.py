@@ -52,16 +52,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 PEERS_VENV = REPO / ".venv-peers"
+# scConcept's own package pins its own torch: a venv of its own (tools/scconcept_env.sh builds it)
+SCCONCEPT_VENV = REPO / ".venv-scconcept"
+SCCONCEPT = "scConcept (as shipped)"
 PEERS_PYTHON_BASE = "/root/.pyenv/versions/3.12.1/bin/python3.12"
 REQUIREMENTS = REPO / "tools" / "bench" / "peers-requirements.txt"
 BATCH = 128
@@ -70,6 +75,7 @@ PANEL_MIN_FRACTION = 0.02  # our default panel_size_min (a fraction of the file'
 PANEL_MAX = 60000  # our default panel_size_max
 SEED = 0
 CEILING = "no-work ceiling"  # the hand-off alone; not a peer
+OWN_SLOTS = "ours (own slots)"  # our loader's own hand-off from workers: a row beside the common one
 # what each peer needs to import for its measurements
 PEER_IMPORTS = {
     "annbatch": "import annbatch, zarr",
@@ -77,8 +83,13 @@ PEER_IMPORTS = {
     "bionemo-scdl": "from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset",
     "lamin-dataloader": "from lamin_dataloader.lamin_disk_collection import LaminDiskCollection",
 }
-# each peer's own defaults (annbatch at chunk_size 32, preload_nchunks 256 read 2.2x slower here)
-ANNBATCH_LOADER = {"chunk_size": 512, "preload_nchunks": 32}  # contiguous rows of its pre-shuffled collection
+# annbatch at its README's settings and at the ones that read fastest here (contiguous rows of its
+# pre-shuffled collection), both with zarrs, which its README calls necessary on a local filesystem
+ANNBATCH_SETTINGS = {
+    "defaults": {"chunk_size": 32, "preload_nchunks": 256},
+    "chunk 512": {"chunk_size": 512, "preload_nchunks": 32},
+}
+ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 SCDATASET_LOADER = {"block_size": 8, "fetch_factor": 16}
 PREFETCH = 4  # every loader's DataLoader prefetch_factor with workers
 OURS_OVERRIDES = ["datamodule=Bench", "datamodule.dataset.train.panel_selection=random"]
@@ -129,7 +140,19 @@ def timed_batches(batches, seconds: float, rows_of, cells_of) -> dict:
 # =========================================================================== child tasks
 # Each runs in its own process (`peers.py --task NAME JSON`): ours under .venv, peers under
 # .venv-peers (which lacks this project). Each prints one JSON line.
+def _use_zarrs() -> None:
+    """annbatch's README: "Using zarrs is necessary for local filesystem performance". Set through
+    the environment too, so that spawned DataLoader workers read with it as well."""
+    import os
+
+    os.environ["ZARR_CODEC_PIPELINE__PATH"] = ZARRS_PIPELINE
+    import zarr
+
+    zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE})
+
+
 def task_convert_annbatch(h5ad: str, out: str) -> dict:
+    _use_zarrs()
     import annbatch
 
     t0 = time.perf_counter()
@@ -147,10 +170,17 @@ def task_convert_scdl(h5ad: str, out: str) -> dict:
 
 
 def _loader(dataset, workers: int, **kw):
+    """torch's DataLoader: the one hand-off every loader with workers goes through."""
     from torch.utils.data import DataLoader
 
     extra = {"prefetch_factor": PREFETCH, "persistent_workers": True} if workers else {}
     return DataLoader(dataset, num_workers=workers, **kw, **extra)
+
+
+def _one_thread(_worker_id: int = 0) -> None:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def endless(iterable):
@@ -159,7 +189,7 @@ def endless(iterable):
         yield from iterable
 
 
-def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_batch") -> dict:
+def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_batch", slots: bool = False) -> dict:
     sys.path.insert(0, str(REPO))
     from torch.utils.data import IterableDataset, get_worker_info
 
@@ -171,8 +201,9 @@ def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_b
 
     from concept_train.data.deliver.handoff import ring_for
 
-    # with workers, our loader's own hand-off: shared slots (a batch that misses one goes the torch way)
-    ring = ring_for(workers, PREFETCH)
+    # `slots`: our loader's own hand-off from workers (shared slots; a batch that misses one goes the
+    # torch way); else torch's, as every peer's
+    ring = ring_for(workers, PREFETCH) if slots else None
 
     class RawBatches(IterableDataset):
         """Global batch g of the training plan as CSR rows: g = w, w + W, ... in worker w of W."""
@@ -183,20 +214,46 @@ def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_b
             g = w
             while True:
                 batch = raw_batch(maker, maker.plan.batch(g), path)
-                parcel = ring.pack(batch) if ring is not None else None
+                parcel = ring.pack(vars(batch)) if ring is not None else None
                 yield batch if parcel is None else parcel
                 g += step
 
     def received(it):
         for b in it:
-            yield b if isinstance(b, dict) else ring.unpack(b)
+            yield b if isinstance(b, RawCSR) else RawCSR(**ring.unpack(b))
 
     try:
         it = received(iter(_loader(RawBatches(), workers, batch_size=None)))
-        return timed_batches(it, seconds, lambda b: np.asarray(b["rows"]), lambda b: len(b["indptr"]) - 1)
+        return timed_batches(it, seconds, lambda b: np.asarray(b.rows), lambda b: len(b.indptr) - 1)
     finally:
         if ring is not None:
             ring.close()
+
+
+@dataclass
+class RawCSR:
+    """A raw minibatch as CSR rows (indices = genes, data = counts) and their source rows. Not a
+    mapping of arrays: torch's DataLoader hands it from a worker pickled through its queue, where a
+    dict of arrays becomes one shared-memory tensor per array (4x slower here for a batch of 128)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    rows: np.ndarray
+
+
+def task_epoch_ours(project: str) -> dict:
+    """Every raw batch of epoch 0 of the training plan, in one process (the disk figure)."""
+    sys.path.insert(0, str(REPO))
+    from concept_shard.config import compose_config
+    from concept_train.data import DataModule
+
+    cfg = compose_config(project, ["datamodule=Bench"], str(Path(project) / "conf"))
+    maker = DataModule(cfg, log=lambda *a: None).train_loader().maker
+    t0, cells = time.perf_counter(), 0
+    for g in range(maker.plan.batches_per_epoch):
+        cells += len(raw_batch(maker, maker.plan.batch(g), "get_batch").rows)
+    return {"cells": cells, "cells_per_s": cells / (time.perf_counter() - t0)}
 
 
 def raw_batch(maker, pb, path: str) -> dict:
@@ -217,7 +274,7 @@ def raw_batch(maker, pb, path: str) -> dict:
         rows = [s["row"] for s in samples]
     indptr = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    return {"indptr": indptr, "indices": genes, "data": counts, "rows": np.asarray(rows, np.int64)}
+    return RawCSR(indptr, genes, counts, np.asarray(rows, np.int64))
 
 
 def source_rows(names) -> np.ndarray:
@@ -225,7 +282,8 @@ def source_rows(names) -> np.ndarray:
     return np.array([int(str(s).rsplit("_", 1)[1].split("-")[0]) for s in names], np.int64)
 
 
-def task_raw_annbatch(store: str, workers: int, seconds: float) -> dict:
+def task_raw_annbatch(store: str, workers: int, seconds: float, settings: str) -> dict:
+    _use_zarrs()
     import annbatch
 
     coll = annbatch.DatasetCollection(store, mode="r")
@@ -237,9 +295,11 @@ def task_raw_annbatch(store: str, workers: int, seconds: float) -> dict:
         return_index=True,
         preload_to_gpu=False,
         rng=np.random.default_rng(SEED),
-        **ANNBATCH_LOADER,
+        **ANNBATCH_SETTINGS[settings],
     ).use_collection(coll)
-    it = endless(_loader(loader, workers, batch_size=None) if workers else loader)
+    # annbatch's README discourages DataLoader workers (it reads on threads) and asks for "spawn"
+    # where they are used anyway (fork deadlocks)
+    it = endless(_loader(loader, workers, batch_size=None, multiprocessing_context="spawn") if workers else loader)
     return timed_batches(it, seconds, lambda b: order[np.asarray(b["index"])], lambda b: b["X"].shape[0])
 
 
@@ -284,7 +344,9 @@ def task_raw_scdataset(h5ad: str, workers: int, seconds: float) -> dict:
     return timed_batches(it, seconds, lambda b: b[1], lambda b: b[0].shape[0])
 
 
-def task_raw_scdl(out: str, workers: int, seconds: float) -> dict:
+def task_raw_scdl(out: str, workers: int, seconds: float, one_thread: bool = False) -> dict:
+    """`one_thread`: torch's intra-op pool of one thread in every process (its collate runs torch
+    ops whose pool fights the other processes for the cores); else as shipped."""
     import torch
     from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
     from bionemo.scdl.util.torch_dataloader_utils import collate_sparse_matrix_batch
@@ -301,8 +363,12 @@ def task_raw_scdl(out: str, workers: int, seconds: float) -> dict:
                 drawn.append(np.asarray(b))
                 yield b
 
+    if one_thread:
+        _one_thread()
     sampler = Recorded(RandomSampler(ds, generator=torch.Generator().manual_seed(SEED)), BATCH, drop_last=True)
-    it = enumerate(endless(_loader(ds, workers, batch_sampler=sampler, collate_fn=collate_sparse_matrix_batch)))
+    extra = {"worker_init_fn": _one_thread} if one_thread and workers else {}
+    loader = _loader(ds, workers, batch_sampler=sampler, collate_fn=collate_sparse_matrix_batch, **extra)
+    it = enumerate(endless(loader))
     return timed_batches(it, seconds, lambda kb: drawn[kb[0]], lambda kb: kb[1].shape[0])
 
 
@@ -314,36 +380,92 @@ def task_raw_ceiling(workers: int, seconds: float, n_rows: int, nnz: int = 1500)
 
     rng = np.random.default_rng(SEED)
     n = BATCH * nnz
-    batch = {
-        "indptr": np.arange(BATCH + 1, dtype=np.int64) * nnz,
-        "indices": rng.integers(0, 60000, n).astype(np.uint16),
-        "data": rng.integers(1, 9, n).astype(np.uint8),
-        "rows": np.zeros(BATCH, np.int64),
-    }
+    indptr = np.arange(BATCH + 1, dtype=np.int64) * nnz
+    genes, counts = rng.integers(0, 60000, n).astype(np.uint16), rng.integers(1, 9, n).astype(np.uint8)
 
     class Same(IterableDataset):
         def __iter__(self):
             while True:
-                yield dict(batch, rows=rng.integers(0, n_rows, BATCH))
+                yield RawCSR(indptr, genes, counts, rng.integers(0, n_rows, BATCH))
 
     it = iter(_loader(Same(), workers, batch_size=None))
-    return timed_batches(it, seconds, lambda b: np.asarray(b["rows"]), lambda b: len(b["indptr"]) - 1)
+    return timed_batches(it, seconds, lambda b: np.asarray(b.rows), lambda b: len(b.indptr) - 1)
 
 
-def task_tok_ours(project: str, seconds: float) -> dict:
+def task_tok_ours(project: str, seconds: float, workers: int = 0, slots: bool = False) -> dict:
+    """Our training loader; with workers through torch's hand-off, or its own slots (`slots`)."""
     sys.path.insert(0, str(REPO))
     from concept_shard.config import compose_config
     from concept_train.data import DataModule
 
     cfg = compose_config(project, OURS_OVERRIDES, str(Path(project) / "conf"))
     loader = DataModule(cfg, log=lambda *a: None).train_loader()
-    loader.num_workers = 0
+    loader.num_workers, loader.prefetch_factor, loader.handoff_slots = workers, PREFETCH, slots
     res = timed_batches(iter(loader), seconds, lambda b: b.row.numpy(), lambda b: b.n_cells)
     res["max_tokens"] = loader.maker.token_spec.max_tokens
     return res
 
 
-def task_tok_reference(h5ad: str, vocab_csv: str, seconds: float) -> dict:
+def task_tok_scconcept(h5ad: str, vocab_csv: str, seconds: float, workers: int = 0) -> dict:
+    """scConcept's own training loader (sc-concept, in .venv-scconcept) as its datamodule builds it
+    from DataModuleBasic: a LaminDiskCollection with parallel=True, its MultiSpeciesTokenizer and
+    MultiSpeciesTokenizedDataset (raw counts), its Collate with split_input=True, a shuffling
+    sampler and its StatefulDataLoader (panels random here, as ours in this benchmark)."""
+    import torch
+    from concept.data.collate import Collate
+    from concept.dataset import MultiSpeciesTokenizedDataset, MultiSpeciesTokenizer
+    from concept.utils import build_species_gene_mappings
+    from lamin_dataloader.lamin_disk_collection import LaminDiskCollection
+    from torch.utils.data import RandomSampler
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    tokenizer = MultiSpeciesTokenizer(build_species_gene_mappings(str(Path(vocab_csv).parent), ["hsapiens"]))
+    coll = LaminDiskCollection(
+        [h5ad],
+        layers_keys="X",
+        obs_keys=["cell_type"],
+        keys_to_cache=None,
+        join="outer",
+        encode_labels=True,
+        parallel=True,
+    )
+    inner = MultiSpeciesTokenizedDataset(
+        metadata={"species": ["hsapiens"]},
+        collection=coll,
+        tokenizer=tokenizer,
+        obs_keys=["cell_type"],
+        obsm_key=None,
+        normalization="raw",
+    )
+    ds = RowTagged(inner)
+    collate = Collate(
+        tokenizer,
+        MAX_TOKENS,
+        stage="train",
+        split_input=True,
+        gene_sampling_strategy="top-nonzero",
+        panel_selection="random",
+        panel_size_min=PANEL_MIN_FRACTION,
+        panel_size_max=PANEL_MAX,
+        panel_overlap=False,
+        panel_max_drop_rate=0.5,
+        max_total_seq_length=None,
+    )
+    extra = {"prefetch_factor": PREFETCH, "persistent_workers": True} if workers else {}
+    loader = StatefulDataLoader(
+        ds,
+        sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(SEED)),
+        batch_size=BATCH,
+        drop_last=True,
+        worker_init_fn=getattr(coll, "torch_worker_init_fn", None),
+        collate_fn=collate,
+        num_workers=workers,
+        **extra,
+    )
+    return timed_batches(endless(loader), seconds, lambda b: b["row"].numpy(), lambda b: len(b["row"]))
+
+
+def task_tok_reference(h5ad: str, vocab_csv: str, seconds: float, workers: int = 0) -> dict:
     import pandas as pd
     from lamin_dataloader import GeneIdTokenizer, TokenizedDataset
     from lamin_dataloader.lamin_disk_collection import LaminDiskCollection
@@ -360,7 +482,7 @@ def task_tok_reference(h5ad: str, vocab_csv: str, seconds: float) -> dict:
     from torch.utils.data import BatchSampler, RandomSampler
 
     sampler = BatchSampler(RandomSampler(ds, generator=torch.Generator().manual_seed(SEED)), BATCH, drop_last=True)
-    it = endless(_loader(ds, 0, batch_sampler=sampler, collate_fn=collate))
+    it = endless(_loader(ds, workers, batch_sampler=sampler, collate_fn=collate))
     res = timed_batches(it, seconds, lambda b: b["row"].numpy(), lambda b: len(b["row"]))
     res["panel_size_min"] = round(PANEL_MIN_FRACTION * n_genes)
     return res
@@ -371,6 +493,11 @@ class RowTagged:
 
     def __init__(self, inner):
         self.inner = inner
+
+    def __getattr__(self, name):  # the inner dataset's fields (scConcept's worker init reads .collection)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     def __len__(self):
         return len(self.inner)
@@ -475,6 +602,24 @@ def install_peers() -> str:
     return "" if proc.returncode == 0 else "\n".join(proc.stdout.strip().splitlines()[-5:])
 
 
+def scconcept_python() -> Path:
+    return SCCONCEPT_VENV / "bin" / "python"
+
+
+def probe_scconcept(install: bool) -> str:
+    """'ok' when sc-concept's loader imports in .venv-scconcept (built by tools/scconcept_env.sh
+    when `install`), else why not."""
+    if install and not scconcept_python().is_file():
+        subprocess.run(["bash", str(REPO / "tools" / "scconcept_env.sh")], check=False)
+    if not scconcept_python().is_file():
+        return "no side venv (.venv-scconcept; bash tools/scconcept_env.sh)"
+    stmt = "import concept.data.collate, concept.dataset, torchdata.stateful_dataloader, lamin_dataloader"
+    proc = subprocess.run(
+        [str(scconcept_python()), "-c", stmt], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    return "ok" if proc.returncode == 0 else "import failed: " + proc.stdout.strip().splitlines()[-1]
+
+
 def probe_peers() -> dict[str, str]:
     """'ok' for each peer that imports in the side venv, else why not."""
     status = {}
@@ -489,17 +634,32 @@ def probe_peers() -> dict[str, str]:
     return status
 
 
+def busy_jiffies() -> int:
+    """Clock ticks every core of the machine spent busy (not idle, not waiting on I/O) so far."""
+    with open("/proc/stat") as fh:
+        ticks = [int(v) for v in fh.readline().split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4]
+
+
 def child(python: Path | str, task: str, kwargs: dict, n_rows: int, workdir: Path) -> dict:
-    """One task in a fresh process under tools/bench/shard.py's wrapper (wall, peak RSS)."""
+    """One task in a fresh process under tools/bench/shard.py's wrapper (wall, peak RSS), with the
+    machine's load over its run: cores busy in all, in the task's processes, and in others."""
     cmd = [str(python), str(Path(__file__).resolve()), "--task", task, json.dumps(kwargs), str(n_rows)]
+    loadavg, busy0 = os.getloadavg()[0], busy_jiffies()
     rec, out = bench_shard().measured(cmd, workdir, task)
+    machine = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") / max(rec["wall_s"], 1e-9)
+    own = (rec.get("user_s", 0.0) + rec.get("sys_s", 0.0)) / max(rec["wall_s"], 1e-9)
+    load = {"load_own_cores": own, "load_other_cores": max(machine - own, 0.0), "loadavg_1m_before": loadavg}
     lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
     if rec["rc"] != 0 or not lines:
         tail = " | ".join(out.strip().splitlines()[-3:])
         log(f"    {task}: FAILED (rc {rec['rc']}): {tail}")
         return {"error": f"rc {rec['rc']}: {tail}"}
     res = json.loads(lines[-1])
-    res.update(wall_s=rec["wall_s"], peak_rss_mb=rec["maxrss_kib"] / 1024)
+    res.update(wall_s=rec["wall_s"], peak_rss_mb=rec["maxrss_kib"] / 1024, **load)
+    shown = {k: v for k, v in kwargs.items() if k not in ("project", "h5ad", "store", "out", "vocab_csv")}
+    others = load["load_other_cores"]
+    log(f"    {task} {json.dumps(shown)}: {fmt_rate(res)}; cores busy: {own:.2f} this run, {others:.2f} others")
     return res
 
 
@@ -521,16 +681,25 @@ def convert_peer(peer: str, h5ad: Path, n: int, nnz: int, workdir: Path) -> dict
         "peak_rss_mb": res["peak_rss_mb"],
         "bytes_per_nnz": disk_bytes(out) / nnz,
         "path": str(out),
+        **{k: v for k, v in res.items() if k.startswith("load")},
     }
 
 
 def convert_ours(project: Path, n: int, workdir: Path) -> dict:
+    t0, busy0 = time.perf_counter(), busy_jiffies()
     r = bench_shard().shard_run(project, n, workdir)
+    wall = time.perf_counter() - t0  # the build and its no-op re-run (whose CPU is not in r)
+    machine = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") / wall
+    own = (r["user_s"] + r["sys_s"]) / r["build_wall_s"]
+    log(f"    concept-shard build: {r['cells_per_s']:,.0f} cells/s; cores busy: this run {own:.2f}")
     return {
         "cells_per_s": r["cells_per_s"],
         "cells_per_s_incl_startup": r["cells_per_s_incl_startup"],
         "peak_rss_mb": r["peak_rss_mb"],
         "bytes_per_nnz": r["bytes_per_nnz"],
+        "load_own_cores": own,
+        # an upper bound: the no-op re-run's own CPU is counted as the others'
+        "load_other_cores": max(machine - own * r["build_wall_s"] / wall, 0.0),
     }
 
 
@@ -548,7 +717,9 @@ def preprocessing(
 
 
 def fmt_rate(r: dict) -> str:
-    return r["error"][:60] if "error" in r else f"{r['cells_per_s']:,.0f} cells/s"
+    if "error" in r:
+        return r["error"][:60]
+    return f"{r['cells_per_s']:,.0f} cells/s" if "cells_per_s" in r else f"{r.get('convert_s', 0):.1f} s"
 
 
 def medians(runs: list[dict]) -> dict:
@@ -571,53 +742,68 @@ def raw_jobs(size: int, project: Path, h5ad: Path, peers: list[str], workdir: Pa
         "ours": (sys.executable, "raw_ours", {"project": str(project)}),
         "ours widened": (sys.executable, "raw_ours", {"project": str(project), "path": "get_batch_wide"}),
         "ours get_many": (sys.executable, "raw_ours", {"project": str(project), "path": "get_many"}),
+        OWN_SLOTS: (sys.executable, "raw_ours", {"project": str(project), "slots": True}),
     }
     if "annbatch" in peers:
-        jobs["annbatch"] = (peers_python(), "raw_annbatch", {"store": str(workdir / f"annbatch_{size}.zarr")})
+        store = str(workdir / f"annbatch_{size}.zarr")
+        for settings in ANNBATCH_SETTINGS:
+            jobs[f"annbatch (zarrs, {settings})"] = (
+                peers_python(),
+                "raw_annbatch",
+                {"store": store, "settings": settings},
+            )
     if "scdataset" in peers:
         jobs["scdataset"] = (peers_python(), "raw_scdataset", {"h5ad": str(h5ad)})
     if "bionemo-scdl" in peers:
-        jobs["bionemo-scdl"] = (peers_python(), "raw_scdl", {"out": str(workdir / f"scdl_{size}")})
+        out = str(workdir / f"scdl_{size}")
+        jobs["bionemo-scdl (1 torch thread)"] = (peers_python(), "raw_scdl", {"out": out, "one_thread": True})
+        jobs["bionemo-scdl (as shipped)"] = (peers_python(), "raw_scdl", {"out": out})
     jobs[CEILING] = (sys.executable, "raw_ceiling", {"n_rows": size})
     for _, _, kw in jobs.values():
         kw["seconds"] = seconds
     return jobs
 
 
-def loading(jobs: dict, size: int, workers: list[int], repeats: int, workdir: Path) -> dict:
+def loading(jobs: dict, size: int, workers: list[int], repeats: int, workdir: Path, title: str = "raw") -> dict:
     """Rounds over worker counts and loaders in turn; medians per (loader, workers)."""
-    runs: dict[str, list] = {f"{name}/{w}": [] for name in jobs for w in workers}
+    runs: dict[str, list] = {f"{name}/{w}": [] for name in jobs for w in workers if w or name != OWN_SLOTS}
     for rnd in range(repeats):
         for w in workers:
             for name, (python, task, kw) in jobs.items():
-                runs[f"{name}/{w}"].append(child(python, task, dict(kw, workers=w), size, workdir))
+                if f"{name}/{w}" in runs:
+                    runs[f"{name}/{w}"].append(child(python, task, dict(kw, workers=w), size, workdir))
             log(
-                f"  raw, {w} workers, round {rnd + 1}: "
+                f"  {title}, {w} workers, round {rnd + 1}: "
                 + ", ".join(f"{k.split('/')[0]} {fmt_rate(v[-1])}" for k, v in runs.items() if k.endswith(f"/{w}"))
             )
     return {k: medians(v) for k, v in runs.items()}
 
 
-def tokenized(
-    project: Path, h5ad: Path, vocab: Path, size: int, reference_ok: bool, seconds: float, repeats: int, workdir: Path
-) -> dict:
-    runs: dict[str, list] = {"ours": [], **({"scConcept reference": []} if reference_ok else {})}
-    for rnd in range(repeats):
-        runs["ours"].append(
-            child(sys.executable, "tok_ours", {"project": str(project), "seconds": seconds}, size, workdir)
-        )
-        if reference_ok:
-            runs["scConcept reference"].append(
-                child(
-                    peers_python(),
-                    "tok_reference",
-                    {"h5ad": str(h5ad), "vocab_csv": str(vocab), "seconds": seconds},
-                    size,
-                    workdir,
-                )
-            )
-        log(f"  tokenized, round {rnd + 1}: " + ", ".join(f"{k} {fmt_rate(v[-1])}" for k, v in runs.items()))
-    return {k: medians(v) for k, v in runs.items()}
+def tok_jobs(project: Path, h5ad: Path, vocab: Path, peers: list[str], scconcept_ok: bool, seconds: float) -> dict:
+    """Per tokenized loader: (python, task, kwargs)."""
+    data = {"h5ad": str(h5ad), "vocab_csv": str(vocab), "seconds": seconds}
+    jobs = {
+        "ours": (sys.executable, "tok_ours", {"project": str(project), "seconds": seconds}),
+        OWN_SLOTS: (sys.executable, "tok_ours", {"project": str(project), "seconds": seconds, "slots": True}),
+    }
+    if scconcept_ok:
+        jobs[SCCONCEPT] = (scconcept_python(), "tok_scconcept", data)
+    if "lamin-dataloader" in peers:
+        jobs["scConcept collate rewrite"] = (peers_python(), "tok_reference", data)
+    return jobs
+
+
+def disk_after_epoch(project: Path, size: int, workdir: Path) -> dict:
+    """Our dataset's bytes on disk as built, and after one epoch of the training loader's batches
+    with the defaults (read in place)."""
+    directory = bench_shard().dataset_dir(project, size)
+    for raw in directory.glob("*.mds"):  # copies a read left beside compressed shards
+        if raw.with_name(raw.name + ".zstd").is_file():
+            raw.unlink()
+    built = disk_bytes(directory)
+    res = child(sys.executable, "epoch_ours", {"project": str(project)}, size, workdir)
+    after = disk_bytes(directory)
+    return {"built_bytes": built, "after_epoch_bytes": after, "ratio": after / built, **res}
 
 
 # --------------------------------------------------------------------------- report
@@ -626,7 +812,7 @@ def ratio(a, b):
 
 
 def rate(res: dict):
-    return None if "error" in res else res["cells_per_s"]
+    return None if "error" in res else res.get("cells_per_s")
 
 
 def fastest_peer(results: dict, suffix: str = "") -> tuple[str | None, float | None]:
@@ -640,7 +826,7 @@ def fastest_peer(results: dict, suffix: str = "") -> tuple[str | None, float | N
 
 
 def print_preprocessing(pre: dict) -> None:
-    log(f"\n{'preprocessing':<28} {'cells/s':>10} {'incl. start':>12} {'peak RSS MB':>12} {'B/nnz':>7}")
+    log(f"\n{'preprocessing':<28} {'cells/s':>10} {'incl. start':>12} {'peak RSS MB':>12} {'B/nnz':>7} {'others':>7}")
     for size, res in pre.items():
         for name, r in res.items():
             if "error" in r:
@@ -649,20 +835,22 @@ def print_preprocessing(pre: dict) -> None:
                 log(
                     f"{name + ' @ ' + str(size):<28} {r['cells_per_s']:>10,.0f} "
                     f"{r['cells_per_s_incl_startup']:>12,.0f} "
-                    f"{r['peak_rss_mb']:>12,.0f} {r['bytes_per_nnz']:>7.2f}"
+                    f"{r['peak_rss_mb']:>12,.0f} {r['bytes_per_nnz']:>7.2f} "
+                    f"{r.get('load_other_cores', float('nan')):>7.2f}"
                 )
 
 
 def print_loading(title: str, res: dict) -> None:
-    log(f"\n{title:<28} {'cells/s':>10} {'runs':>24} {'std/uniform':>12} {'adjacent':>9}")
+    log(f"\n{title:<38} {'cells/s':>10} {'runs':>26} {'std/unif':>9} {'adjacent':>9} {'own cores':>9} {'others':>7}")
     for name, r in res.items():
         if "error" in r:
-            log(f"{name:<28} {r['error']}")
+            log(f"{name:<38} {r['error']}")
             continue
         sp = r.get("spread", {})
         log(
-            f"{name:<28} {r['cells_per_s']:>10,.0f} {str(r['runs']):>24} {sp.get('std_vs_uniform')!s:>12} "
-            f"{sp.get('adjacent_share')!s:>9}"
+            f"{name:<38} {r['cells_per_s']:>10,.0f} {str(r['runs']):>26} {sp.get('std_vs_uniform')!s:>9} "
+            f"{sp.get('adjacent_share')!s:>9} {r.get('load_own_cores', float('nan')):>9.2f} "
+            f"{r.get('load_other_cores', float('nan')):>7.2f}"
         )
 
 
@@ -683,33 +871,36 @@ def rounded(d):
     return d
 
 
-def summarize(pre: dict, raw: dict, tok: dict, status: dict, args, workers: list[int], total_s: float) -> dict:
-    raw_ratios = {}
-    for w in workers:
-        peer, best = fastest_peer(raw, f"/{w}")
-        raw_ratios[str(w)] = {
-            "fastest_peer": peer,
-            **{
-                f"{o}_over_fastest_peer": ratio(rate(raw.get(f"{o}/{w}", {})), best)
-                for o in ("ours", "ours widened", "ours get_many")
-            },
-        }
+def summarize(
+    pre: dict, raw: dict, tok: dict, disk: dict, status: dict, args, workers: list[int], total_s: float
+) -> dict:
+    def over_fastest(results: dict, names: tuple) -> dict:
+        out = {}
+        for w in workers:
+            peer, best = fastest_peer(results, f"/{w}")
+            out[str(w)] = {
+                "fastest_peer": peer,
+                **{f"{o}_over_fastest_peer": ratio(rate(results.get(f"{o}/{w}", {})), best) for o in names},
+            }
+        return out
+
     _, best_any = fastest_peer(raw)
     ours_best = max((rate(v) or 0) for k, v in raw.items() if k.startswith("ours"))
     pre_ratios = {str(s): {p: ratio(rate(r["ours"]), rate(r[p])) for p in r if p != "ours"} for s, r in pre.items()}
-    tok_ours = rate(tok.get("ours", {}))
-    tok_ref = rate(tok.get("scConcept reference", {"error": "not run"}))
+    tok_ours = rate(tok.get("ours/0", {"error": "not run"}))
     return {
         "preprocessing": rounded(pre),
         "preprocessing_ratio_ours_over_peer": pre_ratios,
         "raw_minibatches": rounded(raw),
-        "raw_ratio_ours_over_fastest_peer": raw_ratios,
+        "raw_ratio_ours_over_fastest_peer": over_fastest(raw, ("ours", "ours widened", "ours get_many", OWN_SLOTS)),
         "raw_best_ours_over_best_peer_any_workers": ratio(ours_best, best_any),
         "tokenized": rounded(tok),
-        "tokenized_ratio_ours_over_reference": ratio(tok_ours, tok_ref),
+        "tokenized_ratio_ours_over_fastest_peer": over_fastest(tok, ("ours", OWN_SLOTS)),
+        "disk_after_epoch": rounded(disk),
         "targets_met": {
             "raw_ge_2x_fastest_peer": None if best_any is None else ours_best >= 2 * best_any,
             "tokenized_ge_25000_cells_per_s_one_process": None if tok_ours is None else tok_ours >= 25000,
+            "disk_after_epoch_le_1_05x": None if "ratio" not in disk.get("ours", {}) else disk["ours"]["ratio"] <= 1.05,
         },
         "shuffle_check_failed": shuffle_failures(raw, tok),
         "peers": status,
@@ -772,6 +963,8 @@ def main(argv=None) -> int:
         f"machine: {shard.machine()}"
     )
     status = peer_status(not args.no_install)
+    status[SCCONCEPT] = probe_scconcept(not args.no_install)
+    log(f"  peer {SCCONCEPT}: {status[SCCONCEPT]}")
     ok = [p for p, st in status.items() if st == "ok" and p in PEER_IMPORTS]
     vocab = shard.vocabulary_csv(workdir)
     cache: list = []
@@ -790,23 +983,26 @@ def main(argv=None) -> int:
         )
     size = max(args.sizes)
     project, h5ad, _ = inputs[size]
+    peer_stores = {p: workdir / f for p, f in (("annbatch", f"annbatch_{size}.zarr"), ("bionemo-scdl", f"scdl_{size}"))}
+    peer_disk = {p: disk_bytes(d) for p, d in peer_stores.items() if p in ok and d.exists()}
     log(f"raw minibatches of {BATCH} at {size:,} cells ...")
     raw = loading(raw_jobs(size, project, h5ad, ok, workdir, args.seconds), size, workers, args.repeats, workdir)
     log(f"tokenized batches at {size:,} cells ...")
-    tok = tokenized(
-        project,
-        h5ad,
-        project / "references" / "vocabulary" / "token_mappings_per_specie" / "hsapiens.csv",
-        size,
-        "lamin-dataloader" in ok,
-        args.seconds,
-        args.repeats,
-        workdir,
-    )
+    vocab_csv = project / "references" / "vocabulary" / "token_mappings_per_specie" / "hsapiens.csv"
+    jobs = tok_jobs(project, h5ad, vocab_csv, ok, status[SCCONCEPT] == "ok", args.seconds)
+    tok = loading(jobs, size, workers, args.repeats, workdir, title="tokenized")
+    log("disk after an epoch (defaults) ...")
+    disk = {"ours": disk_after_epoch(project, size, workdir)}
+    for p, before in peer_disk.items():  # the peers' stores after all their loading runs
+        disk[p] = {"built_bytes": before, "after_epoch_bytes": disk_bytes(peer_stores[p])}
+        disk[p]["ratio"] = disk[p]["after_epoch_bytes"] / before
     print_preprocessing(pre)
     print_loading(f"raw minibatches @ {size}", raw)
     print_loading(f"tokenized @ {size}", tok)
-    summary = summarize(pre, raw, tok, status, args, workers, time.perf_counter() - t0)
+    log("\ndisk after an epoch: " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in disk.items() if "ratio" in v))
+    # the figures so far, in case the summary fails after a long run
+    (workdir / "peers_figures.json").write_text(json.dumps({"pre": pre, "raw": raw, "tok": tok, "disk": disk}))
+    summary = summarize(pre, raw, tok, disk, status, args, workers, time.perf_counter() - t0)
     for name in summary["shuffle_check_failed"]:
         log(f"SHUFFLE CHECK FAILED: {name} returns batches of neighbouring rows")
     log(f"targets: {summary['targets_met']}; raw ours / fastest peer: {summary['raw_ratio_ours_over_fastest_peer']}")
