@@ -1,7 +1,7 @@
 """The compiled (numba) kernels of the data path, in one place: the decoding of a batch's samples
-(read/decode.py: `u32`, `sample_layout`, `copy_samples`) and the per-batch hot path of the default
-view (make/tokenize.py, `top-nonzero`): panel membership, nonzero selection, the order by value then
-token, the `max_tokens` cap, and the packed output.
+(read/decode.py: `u32`, `sample_starts`, `sample_layout`, `copy_samples`, `take_bytes`) and the
+per-batch hot path of the default view (make/tokenize.py, `top-nonzero`): panel membership,
+nonzero selection, the order by value then token, the `max_tokens` cap, and the packed output.
 
 make/tokenize.py keeps the NumPy implementation of the same steps as the reference: every strategy,
 the training view filters, and any machine without numba use it; `tests/train/data/
@@ -152,9 +152,19 @@ if numba is not None:
             np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8) | (np.int64(buf[p + 2]) << 16) | (np.int64(buf[p + 3]) << 24)
         )
 
+    # Each kernel below reads every sample of a batch from the shard its `slot` names in `bufs`
+    # (a typed List of the mapped shard files, decode.ShardBuffers): one call per batch, where a call
+    # per shard cost more in Python than the copying (a batch of 128 random cells of a large file
+    # spans ~30 shards).
     @numba.njit(cache=True, nogil=True)
-    def sample_layout(buf, starts, fixed, arrays, dynamic, itemsize, pos, size, first, count, code):
-        """Per sample (byte offset `starts[i]` in `buf`): each column's byte position and size
+    def sample_starts(bufs, slot, in_shard, out):
+        """Byte offset of each sample in its shard file (MDS: u32 count, then u32 offsets)."""
+        for i in range(len(slot)):
+            out[i] = u32(bufs[slot[i]], 4 + 4 * in_shard[i])
+
+    @numba.njit(cache=True, nogil=True)
+    def sample_layout(bufs, slot, starts, fixed, arrays, dynamic, itemsize, pos, size, first, count, code):
+        """Per sample (byte offset `starts[i]` in shard `bufs[slot[i]]`): each column's byte position and size
         (pos, size [n, C]); for each array column a (index into `fixed`), where its values
         start, how many (its bytes after the header, in items of `itemsize[code]`), and their
         dtype code (the column's own, given in `code`, when not `dynamic`)."""
@@ -163,6 +173,7 @@ if numba is not None:
             if fixed[c] < 0:
                 n_var += 1
         for i in range(len(starts)):
+            buf = bufs[slot[i]]
             head = starts[i]
             p = head + 4 * n_var
             v = 0
@@ -184,11 +195,20 @@ if numba is not None:
                 count[i, a] = (pos[i, arrays[a]] + size[i, arrays[a]] - first[i, a]) // itemsize[code[i, a]]
 
     @numba.njit(cache=True, nogil=True)
-    def copy_samples(buf, first, count, itemsize, dest, out, dtype):
-        """The values of sample i (`count[i]` of `dtype` from byte `first[i]`) into out[dest[i]:],
-        cast as NumPy's astype casts."""
+    def copy_samples(bufs, slot, first, count, itemsize, dest, out, dtype):
+        """The values of sample i (`count[i]` of `dtype` from byte `first[i]` of shard
+        `bufs[slot[i]]`) into out[dest[i]:], cast as NumPy's astype casts."""
         for i in range(len(first)):
-            src = buf[first[i] : first[i] + count[i] * itemsize].view(dtype)
+            src = bufs[slot[i]][first[i] : first[i] + count[i] * itemsize].view(dtype)
             d = dest[i]
             for j in range(len(src)):
                 out[d + j] = src[j]
+
+    @numba.njit(cache=True, nogil=True)
+    def take_bytes(bufs, slot, pos, out):
+        """out[i] = the out.shape[1] bytes at `pos[i]` of shard `bufs[slot[i]]` (a scalar column)."""
+        width = out.shape[1]
+        for i in range(len(pos)):
+            buf = bufs[slot[i]]
+            for j in range(width):
+                out[i, j] = buf[pos[i] + j]

@@ -1,13 +1,14 @@
-"""A batch's samples decoded at once: every sample of one shard in two compiled passes, not a
-Python call per sample and column.
+"""A batch's samples decoded at once: every sample of the batch, whichever shards hold them, in
+two compiled passes, not a Python call per sample and column (nor per shard).
 
 Why: the per-sample decoder (concept_shard/mds.py `SampleDecoder`) walks each sample's nine
 columns in Python, ~9 us per cell, a fifth of the loader's time; the training batch needs the
 nonzeros of its cells concatenated anyway (`tokenize.Cells`). Here the MDS v2 sample layout
 (u32 sizes of the variable-size columns, then every column's bytes in column order; an
 `ndarray` column = [dtype code if per sample][ndim<<2 | shape width][shape], then the values)
-is read for all of a shard's samples of the batch by one kernel (kernels.py), and the `genes` and `counts`
-values are copied, cast to int64 / float64, straight into the batch's arrays by another. Strings
+is read for all of the batch's samples by one kernel (kernels.py), and the `genes` and `counts`
+values are copied, cast to int64 / float64, straight into the batch's arrays by another; both
+read the mapped shard files through `ShardBuffers`. Strings
 and the fixed-size columns come out of the same column positions.
 
 `SampleDecoder` stays the reference (and the path under `CONCEPT_KERNEL=numpy`);
@@ -99,8 +100,56 @@ def _code_of(enc: str) -> int:
     return VALUE_DTYPE_CODE[enc.split(":")[1]]
 
 
+class ShardBuffers:
+    """The shard files a process has mapped, in numbered slots: the kernels read all of them at once
+    (a numba typed List of their bytes), so a batch whose samples lie in many shards is located
+    and copied in one call each. `views[slot]` keeps each file's mapping (strings are sliced from
+    it); an emptied slot drops both references, so an evicted file's mapping can close."""
+
+    def __init__(self, n: int):
+        self.views: list = [None] * n
+        self.bufs = _typed_list(n)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def put(self, slot: int, view, buf: np.ndarray) -> None:
+        self.views[slot] = view
+        self.bufs[slot] = buf
+
+    def clear(self, slot: int) -> None:
+        self.views[slot] = None
+        self.bufs[slot] = _EMPTY
+
+    def grow(self, n: int) -> None:
+        """At least n slots (a batch that spans more shards than are kept mapped between batches)."""
+        while len(self.views) < n:
+            self.views.append(None)
+            self.bufs.append(_EMPTY)
+
+
+_EMPTY = np.frombuffer(b"", np.uint8)  # read-only, as a mapped file's bytes
+
+
+def _typed_list(n: int):
+    import numba
+    from numba.typed import List
+
+    bufs = List.empty_list(numba.typeof(_EMPTY))
+    for _ in range(n):
+        bufs.append(_EMPTY)
+    return bufs
+
+
+def one_buffer(buf: np.ndarray):
+    """`bufs` of a single buffer (slot 0), for reading samples of bytes that are not a mapped shard."""
+    bufs = _typed_list(1)
+    bufs[0] = buf
+    return bufs
+
+
 class SampleSpans(NamedTuple):
-    """Where the columns of some samples lie in a shard's bytes (`locate`), a row per sample."""
+    """Where the columns of some samples lie in their shards' bytes (`locate`), a row per sample."""
 
     pos: np.ndarray  # int64 [n, columns]: each column's byte position
     size: np.ndarray  # int64 [n, columns]: and its bytes
@@ -109,32 +158,53 @@ class SampleSpans(NamedTuple):
     code: np.ndarray  # int64 [n, 2]: their dtype code (CODE_DTYPE)
 
 
-def locate(layout: ShardLayout, buf: np.ndarray, starts: np.ndarray) -> SampleSpans:
-    """The spans of the samples at byte offsets `starts` of `buf`."""
+def starts_of(bufs, slot: np.ndarray, in_shard: np.ndarray) -> np.ndarray:
+    """Each sample's byte offset in its shard file (sample `in_shard[i]` of shard `bufs[slot[i]]`)."""
+    out = np.empty(len(slot), np.int64)
+    kernels.sample_starts(bufs, slot, in_shard, out)
+    return out
+
+
+def locate(layout: ShardLayout, bufs, slot: np.ndarray, starts: np.ndarray) -> SampleSpans:
+    """The spans of the samples at byte offsets `starts` of shards `bufs[slot]`, all of `layout`."""
     n, n_arr = len(starts), len(ARRAYS)
     pos, size = np.empty((n, len(layout.fixed)), np.int64), np.empty((n, len(layout.fixed)), np.int64)
     first, count = np.empty((n, n_arr), np.int64), np.empty((n, n_arr), np.int64)
     code = np.broadcast_to(layout.codes, (n, n_arr)).copy()
     kernels.sample_layout(
-        buf, starts, layout.fixed, layout.arrays, layout.dynamic, _ITEMSIZE, pos, size, first, count, code
+        bufs, slot, starts, layout.fixed, layout.arrays, layout.dynamic, _ITEMSIZE, pos, size, first, count, code
     )
     return SampleSpans(pos, size, first, count, code)
 
 
 def copy_values(
-    buf: np.ndarray, first: np.ndarray, count: np.ndarray, code: np.ndarray, dest: np.ndarray, out: np.ndarray
+    bufs,
+    slot: np.ndarray,
+    first: np.ndarray,
+    count: np.ndarray,
+    code: np.ndarray,
+    dest: np.ndarray,
+    out: np.ndarray,
 ) -> None:
     """The values of each sample into `out` at `dest`, cast to out's dtype: one kernel call per
     dtype among them; float16 (which numba does not read) through NumPy, a sample at a time."""
     if len(code) and (code == code[0]).all():  # one dtype (a shard's usual case): no sorting, no gathers
         dtype = CODE_DTYPE[int(code[0])]
         if dtype != np.float16:
-            kernels.copy_samples(buf, first, count, dtype.itemsize, dest, out, dtype)
+            kernels.copy_samples(bufs, slot, first, count, dtype.itemsize, dest, out, dtype)
             return
     for k in np.unique(code).tolist():
         dtype, these = CODE_DTYPE[k], np.flatnonzero(code == k)
         if dtype == np.float16:
             for i in these.tolist():
+                buf = bufs[int(slot[i])]
                 out[dest[i] : dest[i] + count[i]] = np.frombuffer(buf, dtype, count=int(count[i]), offset=int(first[i]))
         else:
-            kernels.copy_samples(buf, first[these], count[these], dtype.itemsize, dest[these], out, dtype)
+            kernels.copy_samples(bufs, slot[these], first[these], count[these], dtype.itemsize, dest[these], out, dtype)
+
+
+def take_scalars(bufs, slot: np.ndarray, pos: np.ndarray, encoding: str) -> np.ndarray:
+    """An 8-byte scalar column (`int64` / `float64`, little-endian) of each sample."""
+    raw = np.empty((len(pos), 8), np.uint8)
+    kernels.take_bytes(bufs, slot, pos, raw)
+    return raw.view(np.dtype(encoding).newbyteorder("<")).ravel()

@@ -27,7 +27,17 @@ from concept_shard.integrity import SHARD_HASH, Damaged, check_file
 from concept_shard.mds import SampleDecoder
 
 from .catalog import ShardSet
-from .decode import CODE_DTYPE, SampleBatch, SampleSpans, ShardLayout, copy_values, locate
+from .decode import (
+    CODE_DTYPE,
+    SampleBatch,
+    SampleSpans,
+    ShardBuffers,
+    ShardLayout,
+    copy_values,
+    locate,
+    starts_of,
+    take_scalars,
+)
 from .local import LocalShards
 from .shm import clean_stale_streaming_shm, registered
 
@@ -98,19 +108,19 @@ def _explain(exc: ValueError, directories, remotes) -> Exception:
     return exc
 
 
-# shard files kept mapped per process: each mapping holds a file descriptor (before Python 3.13)
-# and keeps an evicted file's disk space until it is dropped
+# shard files kept mapped per process between batches (a batch spanning more keeps them all for
+# itself): each mapping holds a file descriptor (before Python 3.13) and keeps an evicted file's
+# disk space until it is dropped
 MAPPED = 128
 
 
-class _ShardGroup(NamedTuple):
-    """The samples of a batch that one shard holds, located in the shard's mapped bytes."""
+class _Group(NamedTuple):
+    """The samples of a batch whose shards share one layout (usually all), located in their shards."""
 
     members: np.ndarray  # their positions in the batch
-    view: mmap.mmap  # the decompressed shard file (strings are sliced from it)
-    buf: np.ndarray  # the same bytes as uint8 (what the kernels read)
+    slot: np.ndarray  # each one's shard in the store's ShardBuffers
     layout: ShardLayout
-    spans: SampleSpans  # where each member's columns and values lie in buf
+    spans: SampleSpans  # where each member's columns and values lie in its shard
 
 
 class SampleStore:
@@ -128,7 +138,12 @@ class SampleStore:
         self.offsets = offsets
         self._decoders: dict[int, SampleDecoder] = {}
         self._layouts: dict[tuple, ShardLayout] = {}
-        self._maps: dict[int, tuple[mmap.mmap, np.ndarray, np.ndarray]] = {}
+        self._layout_keys: dict[int, tuple] = {}
+        # shard id -> (mapping, sample offsets, bytes, slot in _buffers), least recently used first
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray, np.ndarray, int]] = {}
+        self._buffers: ShardBuffers | None = None  # made on first use (numba's typed List)
+        self._free: list[int] = []  # slots of _buffers that hold no shard
+        self._keep = MAPPED
         self._verified: set[int] = set()  # shards whose raw file this process has hashed
         self._evicts = self.dataset.cache_limit is not None
         self._shard_ends = np.cumsum(self.dataset.samples_per_shard)
@@ -167,28 +182,36 @@ class SampleStore:
         if not compiled:
             return SampleBatch.from_samples(self.get_many(dataset_indices, rows), names, shard_dtypes)
         ids, shards, in_shard = self._locate(dataset_indices, rows)
-        groups = self._shard_groups(dataset_indices, shards, in_shard, names)
+        groups = self._groups(dataset_indices, shards, in_shard, names)
         if groups is None:
             return SampleBatch.from_samples(self.get_many(dataset_indices, rows), names, shard_dtypes)
         lengths = self._lengths(dataset_indices, groups, len(ids))
-        genes, counts = _values(groups, lengths, shard_dtypes)
-        strings, scalars = _columns(groups, len(ids))
+        bufs = self._buffers.bufs
+        genes, counts = _values(bufs, groups, lengths, shard_dtypes)
+        strings, scalars = _columns(bufs, self._buffers.views, groups, len(ids))
         return SampleBatch(genes=genes, counts=counts, lengths=lengths, scalars=scalars, strings=strings)
 
-    def _shard_groups(
+    def _groups(
         self, dataset_indices: np.ndarray, shards: np.ndarray, in_shard: np.ndarray, names: list[str]
-    ) -> list[_ShardGroup] | None:
-        """The batch's samples grouped by shard, located in its mapped bytes; None when a shard is
-        not local yet or of a schema the kernels do not read (then `get_many` serves the batch)."""
-        groups = []
+    ) -> list[_Group] | None:
+        """The batch's samples located in their mapped shards, grouped by the shards' layout (one
+        group unless the batch mixes datasets of other columns); None when a shard is not local
+        yet or of a schema the kernels do not read (then `get_many` serves the batch)."""
+        unique, inverse = np.unique(shards, return_inverse=True)
+        # every shard of this batch stays mapped until it is read: no eviction among them
+        self._keep = max(MAPPED, len(unique))
+        self._slots(self._keep)
         try:
-            for shard_id in np.unique(shards).tolist():
-                members = np.flatnonzero(shards == shard_id)
-                view, offsets, buf = self._mapped(shard_id)
+            for shard_id in unique.tolist():  # the mapped ones first become the most recent
+                if shard_id in self._maps:
+                    self._maps[shard_id] = self._maps.pop(shard_id)
+            slots, layouts = np.empty(len(unique), np.int64), []
+            for k, shard_id in enumerate(unique.tolist()):
+                slots[k] = self._mapped(shard_id)[3]
                 layout = self._layout(shard_id, names)
                 if not layout.supported:
                     return None
-                groups.append(_ShardGroup(members, view, buf, layout, locate(layout, buf, offsets[in_shard[members]])))
+                layouts.append(layout)
         except FileNotFoundError as exc:
             if self._local:  # deleted under the run
                 raise self._unreadable(int(np.asarray(dataset_indices)[0]), exc) from None
@@ -197,17 +220,30 @@ class SampleStore:
             raise
         except Exception as exc:
             raise self._unreadable(int(np.asarray(dataset_indices)[0]), exc) from None
+        bufs = self._buffers.bufs
+        slot = slots[inverse]
+        starts = starts_of(bufs, slot, in_shard)
+        kinds = {id(layout): layout for layout in layouts}
+        if len(kinds) == 1:
+            everyone = np.arange(len(slot))
+            return [_Group(everyone, slot, layouts[0], locate(layouts[0], bufs, slot, starts))]
+        kind_of = np.array([list(kinds).index(id(layout)) for layout in layouts])[inverse]
+        groups = []
+        for k, layout in enumerate(kinds.values()):
+            members = np.flatnonzero(kind_of == k)
+            groups.append(_Group(members, slot[members], layout, locate(layout, bufs, slot[members], starts[members])))
         return groups
 
-    def _lengths(self, dataset_indices: np.ndarray, groups: list[_ShardGroup], n: int) -> np.ndarray:
+    def _lengths(self, dataset_indices: np.ndarray, groups: list[_Group], n: int) -> np.ndarray:
         """Entries per sample: its genes, which its counts must match."""
         lengths = np.zeros(n, np.int64)
         for group in groups:
             genes, counts = group.spans.count[:, 0], group.spans.count[:, 1]
             lengths[group.members] = genes
             if not np.array_equal(genes, counts):
+                bad = group.members[np.flatnonzero(genes != counts)[0]]
                 raise self._unreadable(
-                    int(np.asarray(dataset_indices)[group.members[0]]),
+                    int(np.asarray(dataset_indices)[bad]),
                     ValueError("a sample's genes and counts differ in length"),
                 )
         return lengths
@@ -226,13 +262,20 @@ class SampleStore:
         return ids, shards, in_shard
 
     def _layout(self, shard_id: int, names: list[str]) -> ShardLayout:
-        key = (shard_id, tuple(names))
+        """The layout of a shard's samples: one object per schema (columns, encodings, sizes) and
+        names asked, so that a batch's samples of equal schemas are read together."""
+        schema = self._layout_keys.get(shard_id)
+        if schema is None:
+            reader = self.dataset.shards[shard_id]
+            schema = self._layout_keys[shard_id] = (
+                tuple(reader.column_names),
+                tuple(reader.column_encodings),
+                tuple(reader.column_sizes),
+            )
+        key = (schema, tuple(names))
         layout = self._layouts.get(key)
         if layout is None:
-            reader = self.dataset.shards[shard_id]
-            layout = self._layouts[key] = ShardLayout(
-                reader.column_names, reader.column_encodings, reader.column_sizes, names
-            )
+            layout = self._layouts[key] = ShardLayout(*schema, names)
         return layout
 
     def _unreadable(self, dataset_index: int, exc: Exception) -> DataError:
@@ -262,7 +305,7 @@ class SampleStore:
     def _decode(self, dataset_index: int, sample_id: int, shard_id: int, in_shard: int) -> dict:
         try:
             try:
-                view, offsets, _ = self._mapped(shard_id)
+                view, offsets, _, _ = self._mapped(shard_id)
                 data = view[int(offsets[in_shard]) : int(offsets[in_shard + 1])]
             except FileNotFoundError:  # not in the cache yet: streaming prepares the shard
                 if self._local:
@@ -317,11 +360,12 @@ class SampleStore:
         except Damaged as exc:
             raise self._damaged(dataset_index, exc) from None
 
-    def _mapped(self, shard_id: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray]:
+    def _mapped(self, shard_id: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray, int]:
         """A decompressed MDS shard file (u32 count, u32 offsets[count + 1] from the file's start,
         then the samples) mapped into memory once per process, as (mapping, sample offsets, the
         mapping's bytes as an array); streaming's reader would open the file, seek and read twice
-        per sample. The newest MAPPED shards stay mapped. Under a cache limit, a shard streaming
+        per sample; and its slot in the kernels' ShardBuffers. The MAPPED most recently used shards
+        stay mapped (more while a batch spans more). Under a cache limit, a shard streaming
         has evicted is unmapped at once (a deleted file's space is freed only with its last
         mapping) and read again through streaming (FileNotFoundError). The first time a process
         maps a shard, its bytes are checked against the hash index.json records (integrity.py):
@@ -329,7 +373,7 @@ class SampleStore:
         mapped = self._maps.get(shard_id)
         if self._evicts and self.dataset._shard_states[shard_id] != _LOCAL:
             if mapped is not None:
-                del self._maps[shard_id]
+                self._unmap(shard_id)
             raise FileNotFoundError(shard_id)
         if mapped is None:
             reader = self.dataset.shards[shard_id]
@@ -354,14 +398,32 @@ class SampleStore:
             count = int(np.frombuffer(view, np.uint32, count=1)[0])
             if count != reader.samples:
                 raise ValueError(f"{path} holds {count} samples, its index says {reader.samples}")
-            if len(self._maps) >= MAPPED:
-                self._maps.pop(next(iter(self._maps)))
+            while len(self._maps) >= self._keep:
+                self._unmap(next(iter(self._maps)))
+            slot = self._slots(self._keep).pop()
             offsets = np.frombuffer(view, np.uint32, count=count + 1, offset=4).astype(np.int64)
-            mapped = self._maps[shard_id] = (view, offsets, np.frombuffer(view, np.uint8))
+            buf = np.frombuffer(view, np.uint8)
+            self._buffers.put(slot, view, buf)
+            mapped = self._maps[shard_id] = (view, offsets, buf, slot)
         return mapped
 
+    def _slots(self, n: int) -> list[int]:
+        """The free slots, after growing the kernels' ShardBuffers to n slots at least."""
+        if self._buffers is None:
+            self._buffers = ShardBuffers(0)
+        before = len(self._buffers)
+        self._buffers.grow(n)
+        self._free += range(before, len(self._buffers))
+        return self._free
 
-def _values(groups: list[_ShardGroup], lengths: np.ndarray, shard_dtypes: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _unmap(self, shard_id: int) -> None:
+        """Drop a shard's mapping (closed once nothing holds its bytes) and free its slot."""
+        slot = self._maps.pop(shard_id)[3]
+        self._buffers.clear(slot)
+        self._free.append(slot)
+
+
+def _values(bufs, groups: list[_Group], lengths: np.ndarray, shard_dtypes: bool) -> tuple[np.ndarray, np.ndarray]:
     """Every sample's genes and counts back to back, as int64 / float64 or, with `shard_dtypes`, in
     the smallest dtypes that hold every shard's."""
     dest = np.zeros(len(lengths), np.int64)
@@ -373,12 +435,12 @@ def _values(groups: list[_ShardGroup], lengths: np.ndarray, shard_dtypes: bool) 
     genes, counts = np.empty(int(lengths.sum()), gene_dtype), np.empty(int(lengths.sum()), count_dtype)
     for group in groups:
         at, spans = dest[group.members], group.spans
-        copy_values(group.buf, spans.first[:, 0], spans.count[:, 0], spans.code[:, 0], at, genes)
-        copy_values(group.buf, spans.first[:, 1], spans.count[:, 1], spans.code[:, 1], at, counts)
+        copy_values(bufs, group.slot, spans.first[:, 0], spans.count[:, 0], spans.code[:, 0], at, genes)
+        copy_values(bufs, group.slot, spans.first[:, 1], spans.count[:, 1], spans.code[:, 1], at, counts)
     return genes, counts
 
 
-def _columns(groups: list[_ShardGroup], n: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+def _columns(bufs, views: list, groups: list[_Group], n: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
     """The other columns asked for, one value per sample: (strings, scalars)."""
     strings, parts = {}, {}
     for group in groups:
@@ -386,11 +448,11 @@ def _columns(groups: list[_ShardGroup], n: int) -> tuple[dict[str, list[str]], d
         for name, enc, c in group.layout.columns:
             if enc == "str":  # a dataset without the column: "" (as get_many's .get)
                 col = strings.setdefault(name, [""] * n)
-                for i, a, k in zip(group.members.tolist(), pos[:, c].tolist(), size[:, c].tolist()):
-                    col[i] = group.view[a : a + k].decode()
+                where = zip(group.members.tolist(), group.slot.tolist(), pos[:, c].tolist(), size[:, c].tolist())
+                for i, s, a, k in where:
+                    col[i] = views[s][a : a + k].decode()
             else:  # int64 / float64: 8 bytes each
-                values = group.buf[pos[:, c, None] + np.arange(8)].view(np.dtype(enc).newbyteorder("<")).ravel()
-                parts.setdefault(name, []).append((group.members, values))
+                parts.setdefault(name, []).append((group.members, take_scalars(bufs, group.slot, pos[:, c], enc)))
     scalars = {}
     for name, pieces in parts.items():  # n_counts is int64 in some datasets, float64 in others
         col = scalars[name] = np.empty(n, np.result_type(*[v.dtype.newbyteorder("=") for _, v in pieces]))

@@ -9,7 +9,7 @@ from helpers import data_module
 from concept_shard.mds import VALUE_DTYPE_CODE, MDSDatasetWriter, SampleDecoder
 from concept_train.data import kernels
 from concept_train.data.deliver.loader import RankSlice
-from concept_train.data.read.decode import SampleBatch, ShardLayout, copy_values, locate
+from concept_train.data.read.decode import SampleBatch, ShardLayout, copy_values, locate, one_buffer
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -33,6 +33,25 @@ def test_batch_decoder_equals_the_sample_decoder_on_every_sample(sharded_example
         fast = store.get_batch(chunk[:, 0], chunk[:, 1], NAMES)
         _assert_same(fast, store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, compiled=False))
         assert "obs.absent" not in fast.strings
+
+
+def test_batches_spanning_more_shards_than_stay_mapped_read_their_own_cells(sharded_example, monkeypatch):
+    """With 2 shards kept mapped between batches, each batch spans more (its shards stay mapped
+    while it is read, in slots grown for it) and the next maps others in slots freed by eviction:
+    every batch still equals the per-sample decoder's, also a shard's cells asked again later."""
+    from concept_train.data.read import store as store_module
+
+    monkeypatch.setattr(store_module, "MAPPED", 2)
+    store = data_module(sharded_example).store
+    pairs = np.array([(d, r) for d, s in enumerate(store.sets) for r in range(0, s.n_samples, 3)])
+    pairs = pairs[np.random.default_rng(2).permutation(len(pairs))]
+    spans = []
+    for chunk in [*np.array_split(pairs, 12), pairs[:40]]:
+        fast = store.get_batch(chunk[:, 0], chunk[:, 1], NAMES)
+        _assert_same(fast, store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, compiled=False))
+        spans.append(len(np.unique(store._locate(chunk[:, 0], chunk[:, 1])[1])))
+        assert len(store._maps) <= max(2, spans[-1])
+    assert min(spans) > 2  # every batch spanned more shards than stay mapped
 
 
 def test_shard_dtypes_give_the_same_values_in_the_shards_own_dtypes(sharded_example):
@@ -78,13 +97,14 @@ def test_every_value_dtype_is_cast_as_numpy_casts(tmp_path, genes_enc):
     decoder = SampleDecoder(writer.names, writer.encodings, writer.sizes)
     layout = ShardLayout(writer.names, writer.encodings, writer.sizes, NAMES)
     order = rng.permutation(len(samples))
-    pos, size, first, count, code = locate(layout, buf, starts[order])
+    bufs, slot = one_buffer(buf), np.zeros(len(order), np.int64)
+    pos, size, first, count, code = locate(layout, bufs, slot, starts[order])
     ref = SampleBatch.from_samples([decoder(e) for e in (encoded[i] for i in order)], NAMES)
     assert np.array_equal(count[:, 0], ref.lengths) and np.array_equal(count[:, 1], ref.lengths)
     dest = np.concatenate([[0], np.cumsum(ref.lengths)[:-1]])
     genes, counts = np.empty(len(ref.genes), np.int64), np.empty(len(ref.counts), np.float64)
-    copy_values(buf, first[:, 0], count[:, 0], code[:, 0], dest, genes)
-    copy_values(buf, first[:, 1], count[:, 1], code[:, 1], dest, counts)
+    copy_values(bufs, slot, first[:, 0], count[:, 0], code[:, 0], dest, genes)
+    copy_values(bufs, slot, first[:, 1], count[:, 1], code[:, 1], dest, counts)
     assert np.array_equal(genes, ref.genes) and np.array_equal(counts, ref.counts)
 
 
