@@ -1,44 +1,54 @@
 #!/usr/bin/env python
-"""This project against the fast single-cell loaders on the same files, in one run (issue 15; not a test).
+"""This project against the fast single-cell loaders on the same files, in one run, each peer run as
+its own documentation says (issues 15 and 26; not a test).
 
 Usage::
 
     .venv/bin/python tools/bench/peers.py [--quick] [--sizes 20000,200000] [--repeats 3]
                                           [--seconds 6] [--workdir DIR] [--no-install]
 
-The default run takes ~15 min on 2 shared cores (--quick: ~6 min); it needs ~10 GB of free memory
-(annbatch's conversion of the 200,000-cell file peaks at 9.6 GB) and ~7 GB of disk in the workdir (inputs and every
-converted copy stay there).
+The default run takes ~20 min on 2 cores (--quick: ~8 min); it needs ~10 GB of free memory
+(annbatch's conversion of the 200,000-cell file peaks at 9.6 GB) and ~8 GB of disk in the workdir
+(inputs and every converted copy stay there).
 
 Peers (pinned in tools/bench/peers-requirements.txt) live in a side venv, `.venv-peers`
-(Python 3.12), created and filled on the first run; this project runs from the main `.venv`.
-A peer that cannot be installed or imported is reported as such and left out; the others go on.
+(Python 3.12), created and filled on the first run; scConcept's own package (sc-concept, which
+pins its own torch) in `.venv-scconcept` (tools/scconcept_env.sh, run on the first run); this
+project runs from the main `.venv`. A peer that cannot be installed or imported is reported as
+such and left out; the others go on.
 
 Inputs: the synthetic projects of tools/bench/shard.py (CSR .h5ad of raw integer counts, 20,000
 genes, ~1,500 nonzeros per cell, obs `cell_type`), one per size, cached in the workdir.
 
 Measured, each figure in a fresh subprocess, alternating (ours, peer, ours, peer ...), medians
-over --repeats rounds:
+over --repeats rounds, with the machine's load over each run (cores busy in the run's processes
+and in all others, from /proc/stat and the run's rusage):
 
 - preprocessing the .h5ad: `concept-shard build` (as tools/bench/shard.py measures it: wall of
   the build minus the wall of its no-op re-run) against annbatch's `DatasetCollection.add_adatas`
-  (shuffled zarr collection) and bionemo-scdl's `SingleCellMemMapDataset(h5ad_path=...)`
-  (time of the conversion call in the child): cells/s, peak RSS (ru_maxrss of the child's
-  process tree: the largest process), bytes on disk per nonzero;
+  (shuffled zarr collection, written with zarrs) and bionemo-scdl's `SingleCellMemMapDataset(
+  h5ad_path=...)` (time of the conversion call in the child): cells/s, peak RSS (ru_maxrss of the
+  child's process tree: the largest process), bytes on disk per nonzero;
 - raw shuffled minibatches of 128 cells (CSR rows), 0 and 2 DataLoader workers, on the largest
-  size: our shards through the training loader's own plan and store reads (`get_batch` in the
-  shards' dtypes; the same widened to int64 / float64 as the loader tokenizes them; `get_many`,
-  one dict per sample; from workers through the loader's shared slots,
-  concept_train/data/deliver/handoff.py), annbatch
-  over its collection, scdataset over anndata backed mode (block shuffling), scdl memmaps with a
-  shuffling torch sampler; and a "no-work ceiling", a loader that hands over one pre-made batch
-  shaped as ours the torch way (what torch's hand-off alone allows, as the peers use it; not a peer);
-- tokenized training batches, one process (global batch 128, `max_tokens` 1000, random disjoint
-  panels, top-nonzero): our `DataModule` training loader against scConcept's reference loader,
-  lamin-dataloader's `LaminDiskCollection` + `TokenizedDataset` with a collate that does the
-  work of scConcept's `Collate(split_input=True)` (written here from its description: permute
-  the file's genes, two disjoint log-uniform random panels, nonzero genes, top by value capped at
-  max_tokens, padded).
+  size, every loader with workers through torch's DataLoader hand-off: our shards through the
+  training loader's own plan and store reads (`get_batch` in the shards' dtypes; the same widened
+  to int64 / float64 as the loader tokenizes them; `get_many`, one dict per sample), and as a
+  separate row ours through its own shared slots (concept_train/data/deliver/handoff.py);
+  annbatch over its collection with zarrs (its README: "necessary for local filesystem
+  performance") at its README's settings (chunk 32, preload 256) and at chunk 512 / preload 32,
+  workers started with "spawn" as it asks; scdataset over anndata backed mode (block shuffling);
+  scdl memmaps with a shuffling torch sampler and its collate, with one torch thread per process
+  and as shipped; and a "no-work ceiling", a loader that hands over one pre-made batch shaped as
+  ours (what torch's hand-off alone allows; not a peer);
+- tokenized training batches, 0 and 2 workers (global batch 128, `max_tokens` 1000, random
+  disjoint panels, top-nonzero): our `DataModule` training loader (with workers through torch's
+  hand-off, and through its own slots as a separate row) against scConcept's own loader as its
+  datamodule builds it (sc-concept: LaminDiskCollection with parallel=True, its tokenizer and
+  dataset, its `Collate(split_input=True)`, StatefulDataLoader), and against a rewrite of that
+  collate on lamin-dataloader (permute the file's genes, two disjoint log-uniform random panels,
+  nonzero genes, top by value capped at max_tokens, padded);
+- disk after an epoch with the defaults: our dataset's bytes as built and after one epoch of the
+  training plan's batches read in place; the peers' stores before and after their loading runs.
 
 Every loader's batches are checked for shuffling: per batch, the std of the source rows relative
 to a uniform draw (1.0 = uniform, ~0 = sequential) and the share of adjacent rows; a loader whose
