@@ -75,6 +75,13 @@ class _ProgramStdout(io.TextIOBase):
     def encoding(self) -> str:
         return self._stream.encoding
 
+    @property
+    def errors(self) -> str | None:
+        return self._stream.errors
+
+    def __getattr__(self, name: str):  # buffer, reconfigure, line_buffering, mode, ...: the stream's
+        return getattr(self._stream, name)
+
 
 def setup(quiet: bool = False, verbose: bool = False) -> int:
     """Lines of the "concept" logger to stdout, bare, at the level the flags (else CONCEPT_LOG_LEVEL,
@@ -137,7 +144,7 @@ def program(main):
     def run(argv=None):
         if argv is None:
             collect_rarely()
-            if not isinstance(sys.stdout, _ProgramStdout):
+            if sys.stdout is not None and not isinstance(sys.stdout, _ProgramStdout):
                 sys.stdout = _ProgramStdout(sys.stdout)
         code = main(argv)
         if argv is None:

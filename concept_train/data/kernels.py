@@ -152,6 +152,27 @@ if numba is not None:
             np.int64(buf[p]) | (np.int64(buf[p + 1]) << 8) | (np.int64(buf[p + 2]) << 16) | (np.int64(buf[p + 3]) << 24)
         )
 
+    # The typed List of mapped shard files (decode.ShardBuffers), made and changed here: compiled
+    # and cached like the kernels (typed List's own methods compile anew in every process, ~0.9 s).
+    @numba.njit(cache=True)
+    def new_buffers(n, empty):
+        bufs = numba.typed.List()
+        for _ in range(n):
+            bufs.append(empty)
+        return bufs
+
+    @numba.njit(cache=True)
+    def set_buffer(bufs, i, buf):
+        bufs[i] = buf
+
+    @numba.njit(cache=True)
+    def add_buffer(bufs, buf):
+        bufs.append(buf)
+
+    @numba.njit(cache=True)
+    def get_buffer(bufs, i):
+        return bufs[i]
+
     # Each kernel below reads every sample of a batch from the shard its `slot` names in `bufs`
     # (a typed List of the mapped shard files, decode.ShardBuffers): one call per batch, where a call
     # per shard cost more in Python than the copying (a batch of 128 random cells of a large file

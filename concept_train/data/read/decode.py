@@ -102,50 +102,52 @@ def _code_of(enc: str) -> int:
 
 class ShardBuffers:
     """The shard files a process has mapped, in numbered slots: the kernels read all of them at once
-    (a numba typed List of their bytes), so a batch whose samples lie in many shards is located
-    and copied in one call each. `views[slot]` keeps each file's mapping (strings are sliced from
-    it); an emptied slot drops both references, so an evicted file's mapping can close."""
+    (a numba typed List of their bytes; a plain list without numba, where only the per-sample
+    decoder reads), so a batch whose samples lie in many shards is located and copied in one call
+    each. `views[slot]` keeps each file's mapping (strings are sliced from it); an emptied slot
+    drops both references, so an evicted file's mapping can close."""
 
     def __init__(self, n: int):
         self.views: list = [None] * n
-        self.bufs = _typed_list(n)
+        self.bufs = kernels.new_buffers(n, _EMPTY) if kernels.available() else [_EMPTY] * n
 
     def __len__(self) -> int:
         return len(self.views)
 
     def put(self, slot: int, view, buf: np.ndarray) -> None:
         self.views[slot] = view
-        self.bufs[slot] = buf
+        self._set(slot, buf)
 
     def clear(self, slot: int) -> None:
         self.views[slot] = None
-        self.bufs[slot] = _EMPTY
+        self._set(slot, _EMPTY)
 
     def grow(self, n: int) -> None:
         """At least n slots (a batch that spans more shards than are kept mapped between batches)."""
         while len(self.views) < n:
             self.views.append(None)
-            self.bufs.append(_EMPTY)
+            if isinstance(self.bufs, list):
+                self.bufs.append(_EMPTY)
+            else:
+                kernels.add_buffer(self.bufs, _EMPTY)
+
+    def _set(self, slot: int, buf: np.ndarray) -> None:
+        if isinstance(self.bufs, list):
+            self.bufs[slot] = buf
+        else:
+            kernels.set_buffer(self.bufs, slot, buf)
 
 
 _EMPTY = np.frombuffer(b"", np.uint8)  # read-only, as a mapped file's bytes
 
 
-def _typed_list(n: int):
-    import numba
-    from numba.typed import List
-
-    bufs = List.empty_list(numba.typeof(_EMPTY))
-    for _ in range(n):
-        bufs.append(_EMPTY)
-    return bufs
-
-
 def one_buffer(buf: np.ndarray):
-    """`bufs` of a single buffer (slot 0), for reading samples of bytes that are not a mapped shard."""
-    bufs = _typed_list(1)
-    bufs[0] = buf
-    return bufs
+    """`bufs` of a single read-only buffer (slot 0), for samples in bytes that are not a mapped shard."""
+    return kernels.new_buffers(1, buf)
+
+
+def _buffer(bufs, slot: int) -> np.ndarray:
+    return bufs[slot] if isinstance(bufs, list) else kernels.get_buffer(bufs, slot)
 
 
 class SampleSpans(NamedTuple):
@@ -197,7 +199,7 @@ def copy_values(
         dtype, these = CODE_DTYPE[k], np.flatnonzero(code == k)
         if dtype == np.float16:
             for i in these.tolist():
-                buf = bufs[int(slot[i])]
+                buf = _buffer(bufs, int(slot[i]))
                 out[dest[i] : dest[i] + count[i]] = np.frombuffer(buf, dtype, count=int(count[i]), offset=int(first[i]))
         else:
             kernels.copy_samples(bufs, slot[these], first[these], count[these], dtype.itemsize, dest[these], out, dtype)

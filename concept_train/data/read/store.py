@@ -398,11 +398,11 @@ class SampleStore:
             count = int(np.frombuffer(view, np.uint32, count=1)[0])
             if count != reader.samples:
                 raise ValueError(f"{path} holds {count} samples, its index says {reader.samples}")
+            offsets = np.frombuffer(view, np.uint32, count=count + 1, offset=4).astype(np.int64)
+            buf = np.frombuffer(view, np.uint8)
             while len(self._maps) >= self._keep:
                 self._unmap(next(iter(self._maps)))
             slot = self._slots(self._keep).pop()
-            offsets = np.frombuffer(view, np.uint32, count=count + 1, offset=4).astype(np.int64)
-            buf = np.frombuffer(view, np.uint8)
             self._buffers.put(slot, view, buf)
             mapped = self._maps[shard_id] = (view, offsets, buf, slot)
         return mapped
