@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import IterableDataset  # every venv these tasks run in has torch
 
 REPO = Path(__file__).resolve().parents[2]
 PEERS_VENV = REPO / ".venv-peers"
@@ -184,7 +185,7 @@ def _loader(dataset, workers: int, **kw):
     from torch.utils.data import DataLoader
 
     extra = {"prefetch_factor": PREFETCH, "persistent_workers": True} if workers else {}
-    return DataLoader(dataset, num_workers=workers, **kw, **extra)
+    return DataLoader(dataset, num_workers=workers, **{**extra, **kw})
 
 
 def _one_thread(_worker_id: int = 0) -> None:
@@ -292,6 +293,30 @@ def source_rows(names) -> np.ndarray:
     return np.array([int(str(s).rsplit("_", 1)[1].split("-")[0]) for s in names], np.int64)
 
 
+@dataclass
+class Rows:
+    """The source rows of a peer's batch, which this harness asks for (the shuffle check): kept out
+    of torch's collation, so that they add no shared-memory tensor to the peer's own hand-off."""
+
+    rows: np.ndarray
+
+
+def _from_collection(batch: dict) -> tuple:
+    """annbatch's batch as (X, Rows of its collection indices)."""
+    return batch["X"], Rows(np.asarray(batch["index"]))
+
+
+class _Split(IterableDataset):
+    """An iterable dataset of another's batches, each through `split` (a module-level function,
+    so that spawned workers can unpickle it)."""
+
+    def __init__(self, inner, split):
+        self.inner, self.split = inner, split
+
+    def __iter__(self):
+        return map(self.split, self.inner)
+
+
 def task_raw_annbatch(store: str, workers: int, seconds: float, settings: str) -> dict:
     _use_zarrs()
     import annbatch
@@ -309,8 +334,9 @@ def task_raw_annbatch(store: str, workers: int, seconds: float, settings: str) -
     ).use_collection(coll)
     # annbatch's README discourages DataLoader workers (it reads on threads) and asks for "spawn"
     # where they are used anyway (fork deadlocks)
-    it = endless(_loader(loader, workers, batch_size=None, multiprocessing_context="spawn") if workers else loader)
-    return timed_batches(it, seconds, lambda b: order[np.asarray(b["index"])], lambda b: b["X"].shape[0])
+    tagged = _Split(loader, _from_collection)
+    it = endless(_loader(tagged, workers, batch_size=None, multiprocessing_context="spawn") if workers else tagged)
+    return timed_batches(it, seconds, lambda b: order[b[1].rows], lambda b: b[0].shape[0])
 
 
 class _Backed:
@@ -348,10 +374,12 @@ def task_raw_scdataset(h5ad: str, workers: int, seconds: float) -> dict:
         drop_last=True,
         seed=SEED,
         fetch_callback=lambda coll, idx: (coll.rows(idx), np.asarray(idx)),
-        batch_callback=lambda fetched, b: (fetched[0][b], fetched[1][b]),
+        batch_callback=lambda fetched, b: (fetched[0][b], Rows(fetched[1][b])),
     )
-    it = endless(_loader(ds, workers, batch_size=None) if workers else ds)
-    return timed_batches(it, seconds, lambda b: b[1], lambda b: b[0].shape[0])
+    # its documentation: prefetch_factor = fetch_factor + 1 with workers
+    extra = {"prefetch_factor": SCDATASET_LOADER["fetch_factor"] + 1} if workers else {}
+    it = endless(_loader(ds, workers, batch_size=None, **extra) if workers else ds)
+    return timed_batches(it, seconds, lambda b: b[1].rows, lambda b: b[0].shape[0])
 
 
 def task_raw_scdl(out: str, workers: int, seconds: float, one_thread: bool = False) -> dict:
