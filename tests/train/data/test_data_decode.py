@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from helpers import data_module
@@ -52,6 +54,19 @@ def test_batches_spanning_more_shards_than_stay_mapped_read_their_own_cells(shar
         spans.append(len(np.unique(store._locate(chunk[:, 0], chunk[:, 1])[1])))
         assert len(store._maps) <= max(2, spans[-1])
     assert min(spans) > 2  # every batch spanned more shards than stay mapped
+
+
+def test_without_numba_the_per_sample_decoder_reads_the_same_samples(sharded_example, monkeypatch):
+    """kernels.py promises the NumPy path where numba is missing: the store maps its shards
+    without numba's typed List there and reads the samples the compiled path reads."""
+    pairs = np.array([(d, r) for d, s in enumerate(data_module(sharded_example).store.sets) for r in (0, 5)])
+    expected = data_module(sharded_example).store.get_batch(pairs[:, 0], pairs[:, 1], NAMES)
+    monkeypatch.setattr(kernels, "numba", None)
+    for name in ("numba", "numba.typed"):  # `import numba` fails, as on a machine without it
+        monkeypatch.setitem(sys.modules, name, None)
+    store = data_module(sharded_example).store
+    _assert_same(store.get_batch(pairs[:, 0], pairs[:, 1], NAMES, compiled=False), expected)
+    assert isinstance(store._buffers.bufs, list)
 
 
 def test_shard_dtypes_give_the_same_values_in_the_shards_own_dtypes(sharded_example):
