@@ -202,7 +202,7 @@ def endless(iterable):
 
 def task_raw_ours(project: str, workers: int, seconds: float, path: str = "get_batch", slots: bool = False) -> dict:
     sys.path.insert(0, str(REPO))
-    from torch.utils.data import IterableDataset, get_worker_info
+    from torch.utils.data import get_worker_info
 
     from concept_shard.config import compose_config
     from concept_train.data import DataModule
@@ -414,8 +414,6 @@ def task_raw_ceiling(workers: int, seconds: float, n_rows: int, nnz: int = 1500)
     """The DataLoader's hand-off alone: a loader that does no work and yields one pre-made batch
     shaped as ours (uint16 genes, uint8 counts, random rows), so the figure is what crossing from
     the workers costs."""
-    from torch.utils.data import IterableDataset
-
     rng = np.random.default_rng(SEED)
     n = BATCH * nnz
     indptr = np.arange(BATCH + 1, dtype=np.int64) * nnz

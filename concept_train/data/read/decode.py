@@ -141,11 +141,6 @@ class ShardBuffers:
 _EMPTY = np.frombuffer(b"", np.uint8)  # read-only, as a mapped file's bytes
 
 
-def one_buffer(buf: np.ndarray):
-    """`bufs` of a single read-only buffer (slot 0), for samples in bytes that are not a mapped shard."""
-    return kernels.new_buffers(1, buf)
-
-
 def _buffer(bufs, slot: int) -> np.ndarray:
     return bufs[slot] if isinstance(bufs, list) else kernels.get_buffer(bufs, slot)
 

@@ -139,8 +139,9 @@ class SampleStore:
         self._decoders: dict[int, SampleDecoder] = {}
         self._layouts: dict[tuple, ShardLayout] = {}
         self._layout_keys: dict[int, tuple] = {}
-        # shard id -> (mapping, sample offsets, bytes, slot in _buffers), least recently used first
-        self._maps: dict[int, tuple[mmap.mmap, np.ndarray, np.ndarray, int]] = {}
+        # shard id -> (mapping, sample offsets, slot in _buffers, which holds its bytes), least
+        # recently used first
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray, int]] = {}
         self._buffers: ShardBuffers | None = None  # made on first use (numba's typed List)
         self._free: list[int] = []  # slots of _buffers that hold no shard
         self._keep = MAPPED
@@ -207,7 +208,7 @@ class SampleStore:
                     self._maps[shard_id] = self._maps.pop(shard_id)
             slots, layouts = np.empty(len(unique), np.int64), []
             for k, shard_id in enumerate(unique.tolist()):
-                slots[k] = self._mapped(shard_id)[3]
+                slots[k] = self._mapped(shard_id)[2]
                 layout = self._layout(shard_id, names)
                 if not layout.supported:
                     return None
@@ -227,7 +228,8 @@ class SampleStore:
         if len(kinds) == 1:
             everyone = np.arange(len(slot))
             return [_Group(everyone, slot, layouts[0], locate(layouts[0], bufs, slot, starts))]
-        kind_of = np.array([list(kinds).index(id(layout)) for layout in layouts])[inverse]
+        number = {key: k for k, key in enumerate(kinds)}
+        kind_of = np.array([number[id(layout)] for layout in layouts])[inverse]
         groups = []
         for k, layout in enumerate(kinds.values()):
             members = np.flatnonzero(kind_of == k)
@@ -305,7 +307,7 @@ class SampleStore:
     def _decode(self, dataset_index: int, sample_id: int, shard_id: int, in_shard: int) -> dict:
         try:
             try:
-                view, offsets, _, _ = self._mapped(shard_id)
+                view, offsets, _ = self._mapped(shard_id)
                 data = view[int(offsets[in_shard]) : int(offsets[in_shard + 1])]
             except FileNotFoundError:  # not in the cache yet: streaming prepares the shard
                 if self._local:
@@ -360,11 +362,11 @@ class SampleStore:
         except Damaged as exc:
             raise self._damaged(dataset_index, exc) from None
 
-    def _mapped(self, shard_id: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray, int]:
+    def _mapped(self, shard_id: int) -> tuple[mmap.mmap, np.ndarray, int]:
         """A decompressed MDS shard file (u32 count, u32 offsets[count + 1] from the file's start,
-        then the samples) mapped into memory once per process, as (mapping, sample offsets, the
-        mapping's bytes as an array); streaming's reader would open the file, seek and read twice
-        per sample; and its slot in the kernels' ShardBuffers. The MAPPED most recently used shards
+        then the samples) mapped into memory once per process, as (mapping, sample offsets, its
+        slot in the kernels' ShardBuffers, which hold its bytes as an array); streaming's reader
+        would open the file, seek and read twice per sample. The MAPPED most recently used shards
         stay mapped (more while a batch spans more). Under a cache limit, a shard streaming
         has evicted is unmapped at once (a deleted file's space is freed only with its last
         mapping) and read again through streaming (FileNotFoundError). The first time a process
@@ -404,7 +406,7 @@ class SampleStore:
                 self._unmap(next(iter(self._maps)))
             slot = self._slots(self._keep).pop()
             self._buffers.put(slot, view, buf)
-            mapped = self._maps[shard_id] = (view, offsets, buf, slot)
+            mapped = self._maps[shard_id] = (view, offsets, slot)
         return mapped
 
     def _slots(self, n: int) -> list[int]:
@@ -418,7 +420,7 @@ class SampleStore:
 
     def _unmap(self, shard_id: int) -> None:
         """Drop a shard's mapping (closed once nothing holds its bytes) and free its slot."""
-        slot = self._maps.pop(shard_id)[3]
+        slot = self._maps.pop(shard_id)[2]
         self._buffers.clear(slot)
         self._free.append(slot)
 

@@ -11,7 +11,7 @@ from helpers import data_module
 from concept_shard.mds import VALUE_DTYPE_CODE, MDSDatasetWriter, SampleDecoder
 from concept_train.data import kernels
 from concept_train.data.deliver.loader import RankSlice
-from concept_train.data.read.decode import SampleBatch, ShardLayout, copy_values, locate, one_buffer
+from concept_train.data.read.decode import SampleBatch, ShardBuffers, ShardLayout, copy_values, locate
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -112,7 +112,9 @@ def test_every_value_dtype_is_cast_as_numpy_casts(tmp_path, genes_enc):
     decoder = SampleDecoder(writer.names, writer.encodings, writer.sizes)
     layout = ShardLayout(writer.names, writer.encodings, writer.sizes, NAMES)
     order = rng.permutation(len(samples))
-    bufs, slot = one_buffer(buf), np.zeros(len(order), np.int64)
+    buffers = ShardBuffers(1)
+    buffers.put(0, None, buf)
+    bufs, slot = buffers.bufs, np.zeros(len(order), np.int64)
     pos, size, first, count, code = locate(layout, bufs, slot, starts[order])
     ref = SampleBatch.from_samples([decoder(e) for e in (encoded[i] for i in order)], NAMES)
     assert np.array_equal(count[:, 0], ref.lengths) and np.array_equal(count[:, 1], ref.lengths)
