@@ -17,6 +17,10 @@ def _compression(value) -> str | None:
     return "must be `zstd` (level 3), `zstd:N` with N in 1..22, or null (no compression)"
 
 
+# concept_shard/entries.py: how shards store a cell's genes and counts
+ENTRIES = ("varint", "arrays")
+
+
 @dataclass
 class PathKeys:
     PROJECT_PATH: str = key(MISSING, "the project root (the positional PROJECT_PATH)")
@@ -53,7 +57,10 @@ class ShardKeys:
     chunk_size: int = key(2048, "rows read at once", gt=0)
     part_size: int = key(1_000_000, "files with more cells are split into row-range parts", gt=0)
     shard_size_limit: int = key(1 << 25, "raw MDS bytes per shard file before compression", ge=1024)
-    compression: Optional[str] = key("zstd:1", "compression of the shard files", check=_compression)
+    entries: str = key(
+        "varint", "a cell's genes and counts: varint (read in place) | arrays (earlier format)", choices=ENTRIES
+    )
+    compression: Optional[str] = key(None, "compression of the shard files (copies them on read)", check=_compression)
     allow_non_integral: bool = key(False, "store float32 counts instead of rejecting normalised data")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from concept_config.data import DataModuleKeys
@@ -89,6 +89,7 @@ class ShardJob:
             chunk_size=shard.chunk_size,
             shard_size_limit=shard.shard_size_limit,
             compression=shard.compression or None,
+            entries=shard.entries,
             allow_non_integral=shard.allow_non_integral,
         )
         self.part_size = shard.part_size
@@ -131,7 +132,15 @@ class ShardJob:
         if job._expected is None:
             vocab = self.vocab(job.sf.species)
             digest = settings_digest(self.settings.digest_fields(vocab), job.sf.var_gene_id_column)
-            job._expected = Expectation(vocab, job.sf.path, digest)
+            # the same settings in the shard format before varint entries: such a dataset is
+            # rebuilt, and the status says why and how to keep it
+            earlier = replace(self.settings, entries="arrays", compression="zstd:1")
+            job._expected = Expectation(
+                vocab,
+                job.sf.path,
+                digest,
+                earlier_digest=settings_digest(earlier.digest_fields(vocab), job.sf.var_gene_id_column),
+            )
         return job._expected
 
     def identity(self, job: FileJob) -> dict:

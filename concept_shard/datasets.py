@@ -81,8 +81,16 @@ class Expectation:
     settings digest when given. The source's fingerprint is computed once, on first use. `quick`:
     a source whose size and mtime are the recorded ones is current without being read."""
 
-    def __init__(self, vocab: Vocabulary, source: Path | None = None, digest: str | None = None, quick: bool = False):
+    def __init__(
+        self,
+        vocab: Vocabulary,
+        source: Path | None = None,
+        digest: str | None = None,
+        quick: bool = False,
+        earlier_digest: str | None = None,
+    ):
         self.vocab, self.source, self.digest = vocab, None if source is None else Path(source), digest
+        self.earlier_digest = earlier_digest  # the same settings in the earlier shard format
         self.quick = quick
         self._fingerprint: tuple[str, int] | None = None
         self._content: Future | None = None
@@ -159,7 +167,14 @@ class Expectation:
         if record.get("vocabulary_fingerprint") != self.vocab.fingerprint:
             return Problem(f"the token mapping {self.vocab.path} changed since it was sharded")
         if self.digest is not None and record.get("settings_digest") != self.digest:
-            return Problem("shard settings (obs_keys, var_gene_id_column, compression, ...) changed")
+            if self.earlier_digest is not None and record.get("settings_digest") == self.earlier_digest != self.digest:
+                return Problem(
+                    "written in the earlier shard format (zstd-compressed arrays, which readers "
+                    "decompress beside the shards); a build rewrites it with varint entries, read in "
+                    "place. Training reads it as it is; to keep it, build with shard.entries=arrays "
+                    "shard.compression=zstd:1"
+                )
+            return Problem("shard settings (obs_keys, var_gene_id_column, entries, compression, ...) changed")
         return None
 
 

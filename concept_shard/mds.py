@@ -10,8 +10,9 @@ variable-size columns, then each column's bytes in sorted column order; `index.j
 thread (zstd releases the GIL). `tests/shard/test_mds.py` checks that both writers produce identical
 files, and every test reads shards back with `streaming.StreamingDataset`.
 
-Supported column encodings: `str`, `int64`, `float64`, `ndarray` (dtype per sample) and
-`ndarray:<dtype>`, all for 1-D arrays. Reading: `SampleDecoder` decodes one sample (the training
+Supported column encodings: `str`, `bytes`, `int64`, `float64`, `ndarray` (dtype per sample) and
+`ndarray:<dtype>`, all for 1-D arrays. The `genes` and `counts` columns of encoding `bytes` hold
+varints (entries.py), which `SampleDecoder` returns as arrays. Reading: `SampleDecoder` decodes one sample (the training
 store hands it the bytes streaming fetched); `read_rows` reads chosen rows of a dataset in memory,
 checking each shard file it reads against its hash in index.json.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import entries
 from .integrity import SHARD_HASH, check_file, shard_hash
 
 # streaming's NDArray codes (streaming/base/format/mds/encodings.py); part of the on-disk format
@@ -78,7 +80,7 @@ class MDSDatasetWriter:
         self.encodings = [columns[n] for n in self.names]
         for enc in self.encodings:
             if not (
-                enc == "str"
+                enc in ("str", "bytes")
                 or enc in FIXED_SIZE
                 or enc == "ndarray"
                 or (enc.startswith("ndarray:") and enc.split(":")[1] in VALUE_DTYPE_CODE)
@@ -120,6 +122,8 @@ class MDSDatasetWriter:
             value = sample[name]
             if enc == "str":
                 datum = value.encode("utf-8")
+            elif enc == "bytes":
+                datum = bytes(value)
             elif enc in FIXED_SIZE:
                 datum = np.array(value, dtype=enc).tobytes()
             else:
@@ -220,6 +224,10 @@ class SampleDecoder:
                 pass
             elif enc == "str":
                 out[name] = data[pos : pos + size].decode()
+            elif enc == "bytes":
+                delta = entries.DELTA.get(name)
+                raw = data[pos : pos + size]
+                out[name] = bytes(raw) if delta is None else entries.decode(raw, delta, entries.MIN_DTYPE[name])
             elif enc == "int64":
                 out[name] = np.int64(int.from_bytes(data[pos : pos + 8], "little", signed=True))
             elif enc == "float64":
@@ -235,7 +243,9 @@ class SampleDecoder:
 def native_encoding(enc: str) -> bool:
     """Whether a column of encoding `enc` is read here, not by streaming's generic decoder: the
     encodings this module writes. The training store's kernels (decode.py) read the same ones."""
-    return enc in ("str", "int64", "float64", "ndarray") or (enc.startswith("ndarray:") and enc.count(":") == 1)
+    return enc in ("str", "bytes", "int64", "float64", "ndarray") or (
+        enc.startswith("ndarray:") and enc.count(":") == 1
+    )
 
 
 def _ndarray(enc: str, data: bytes, pos: int, size: int) -> np.ndarray:

@@ -3,8 +3,9 @@
 The part is written into `part_<a>_<b>.tmp/` and renamed to `part_<a>_<b>/` only after the
 MDS index and `part.json` (its fingerprints and counts) are on disk, so a part directory
 without `.tmp` is always complete; a killed writer leaves only a `.tmp` that the next run
-deletes. Three things overlap: a worker thread reads and maps the next chunk, this thread
-encodes the current one, and the MDS writer compresses finished shards on its own thread.
+deletes. Three things overlap: worker threads read, map and encode the entries of the next
+chunks, this thread joins the current one's samples, and the MDS writer writes (and, with
+compression, compresses) finished shards on its own thread.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import entries
 from .cells import GeneMap, map_chunk
 from .layout import DatasetLayout, remove_tree, write_json_atomic
 from .mds import MDSDatasetWriter, ndarray_prefix
@@ -36,11 +38,15 @@ class PartSettings:
     shard_size_limit: int
     compression: str | None
     allow_non_integral: bool
+    entries: str = "varint"  # entries.py: varint (read in place) or arrays (the earlier format)
 
     def columns(self, vocab: Vocabulary) -> dict[str, str]:
+        varint = self.entries == "varint"
         cols = {
-            "genes": f"ndarray:{vocab.gene_dtype.name}",
-            "counts": "ndarray",  # dtype per cell: the smallest that holds its counts
+            "genes": "bytes" if varint else f"ndarray:{vocab.gene_dtype.name}",
+            # as varints, or an array in the smallest dtype that holds the cell's counts (float32
+            # when non-integral counts are allowed)
+            "counts": "bytes" if varint and not self.allow_non_integral else "ndarray",
             "n_counts": "float64" if self.allow_non_integral else "int64",
             "cell_id": "str",
             "row": "int64",
@@ -49,6 +55,8 @@ class PartSettings:
         return cols
 
     def digest_fields(self, vocab: Vocabulary) -> dict:
+        # (the entries' format shows in the columns: arrays keep the digests of datasets built
+        # before varints)
         return {
             "columns": self.columns(vocab),
             "allow_non_integral": self.allow_non_integral,
@@ -70,6 +78,8 @@ class _CellEncoder:
             raise AssertionError(f"column order {writer.names} != {expected}")
         self.head = struct.Struct(f"<{3 + len(self.obs_names)}I").pack
         self.integral = not settings.allow_non_integral
+        self.varint_genes = writer.encodings[writer.names.index("genes")] == "bytes"
+        self.varint_counts = writer.encodings[writer.names.index("counts")] == "bytes"
         self._obs_bytes: dict[str, bytes] = {}
 
     def _str(self, value: str) -> bytes:
@@ -78,44 +88,62 @@ class _CellEncoder:
             b = self._obs_bytes[value] = value.encode("utf-8")
         return b
 
-    def encode(self, cells, row0: int, cell_ids: list[str], obs: dict[str, list[str]]) -> list[bytes]:
+    def entries(self, cells) -> tuple[list, list]:
+        """Each cell's genes and counts column as (array header, value bytes): the part of `encode`
+        that runs on the reading threads (the varint kernel releases the GIL)."""
+        genes = self._column(cells, cells.genes, self.varint_genes, True, None)
+        counts = self._column(cells, cells.counts, self.varint_counts, False, cells.count_dtype)
+        return genes, counts
+
+    def encode(self, cells, row0: int, cell_ids: list[str], obs: dict[str, list[str]], columns=None) -> list[bytes]:
+        """The chunk's samples; `columns`: what `entries(cells)` gave, when it ran already."""
         local = cells.local.tolist()
-        ip = cells.indptr
-        lengths = np.diff(ip)
-        genes = memoryview(np.ascontiguousarray(cells.genes)).cast("B")
-        g_size = cells.genes.dtype.itemsize
-        # per-cell work hoisted into whole-chunk passes: counts cast once per dtype, byte
-        # offsets, fixed-size columns and the size header of every cell
-        by_dtype = {}
-        for dt in set(cells.count_dtype):
-            by_dtype[dt] = (dt.name, dt.itemsize, memoryview(cells.counts.astype(dt)).cast("B"))
-        c_info = [by_dtype[dt] for dt in cells.count_dtype]
-        starts = ip[:-1].tolist()
-        n_list = lengths.tolist()
+        # per-cell work hoisted into whole-chunk passes: each cell's genes and counts bytes, the
+        # fixed-size columns and the strings; the loop below only joins slices
+        genes, counts = columns or self.entries(cells)
         n_counts = cells.n_counts.astype(np.int64 if self.integral else np.float64).tobytes()
         rows = (cells.local.astype(np.int64) + row0).tobytes()
         cids = [cell_ids[c].encode("utf-8") for c in local]
         obs_cols = [[self._str(v) for v in obs[name[4:]]] for name in self.obs_names]
         obs_rows = list(zip(*[[col[c] for c in local] for col in obs_cols])) if obs_cols else [()] * len(local)
         out = []
-        append, head, prefix = out.append, self.head, ndarray_prefix
-        for j, (s, n, cid, (c_name, c_size, c_view), obs_b) in enumerate(zip(starts, n_list, cids, c_info, obs_rows)):
-            c_pre, g_pre = prefix(c_name, n), prefix(None, n)
+        append, head = out.append, self.head
+        for j, (cid, (c_pre, c_bytes), (g_pre, g_bytes), obs_b) in enumerate(zip(cids, counts, genes, obs_rows)):
             append(
                 b"".join(
                     [
-                        head(len(cid), len(c_pre) + n * c_size, len(g_pre) + n * g_size, *map(len, obs_b)),
+                        head(len(cid), len(c_pre) + len(c_bytes), len(g_pre) + len(g_bytes), *map(len, obs_b)),
                         cid,
                         c_pre,
-                        c_view[s * c_size : (s + n) * c_size],
+                        c_bytes,
                         g_pre,
-                        genes[s * g_size : (s + n) * g_size],
+                        g_bytes,
                         n_counts[8 * j : 8 * j + 8],
                         *obs_b,
                         rows[8 * j : 8 * j + 8],
                     ]
                 )
             )
+        return out
+
+    @staticmethod
+    def _column(cells, values: np.ndarray, varint: bool, delta: bool, dtypes) -> list[tuple[bytes, memoryview]]:
+        """Each cell's (array header, value bytes) of one column: varints (entries.py, no header),
+        else an `ndarray` of the vocabulary's dtype (genes: dtypes None) or of the cell's own."""
+        ip = cells.indptr
+        if varint:
+            data, ends = entries.encode_cells(ip, values, delta)
+            view, e = memoryview(data), ends.tolist()
+            return [(b"", view[a:b]) for a, b in zip(e[:-1], e[1:])]
+        starts, n_list = ip[:-1].tolist(), np.diff(ip).tolist()
+        if dtypes is None:
+            size, view = values.dtype.itemsize, memoryview(np.ascontiguousarray(values)).cast("B")
+            return [(ndarray_prefix(None, n), view[s * size : (s + n) * size]) for s, n in zip(starts, n_list)]
+        by_dtype = {dt: (dt.name, dt.itemsize, memoryview(values.astype(dt)).cast("B")) for dt in set(dtypes)}
+        out = []
+        for s, n, dt in zip(starts, n_list, dtypes):
+            name, size, view = by_dtype[dt]
+            out.append((ndarray_prefix(name, n), view[s * size : (s + n) * size]))
         return out
 
 
@@ -147,7 +175,7 @@ def write_part(
     def prepare(a: int):
         b = min(a + step, end)
         cells = map_chunk(src.path, src.read_rows(a, b), a, gene_map, vocab, settings.allow_non_integral)
-        return a, b, cells, src.obs_strings(settings.obs_keys, a, b)
+        return a, b, cells, src.obs_strings(settings.obs_keys, a, b), encoder.entries(cells)
 
     chunk_starts = list(range(start, end, step))
     with (
@@ -158,10 +186,10 @@ def write_part(
         # up to PREFETCH chunks are read and mapped ahead while this thread encodes
         pending = [pool.submit(prepare, a) for a in chunk_starts[:PREFETCH]]
         for i in range(len(chunk_starts)):
-            a, b, cells, (cell_ids, obs, absent_obs) = pending.pop(0).result()
+            a, b, cells, (cell_ids, obs, absent_obs), columns = pending.pop(0).result()
             if i + PREFETCH < len(chunk_starts):
                 pending.append(pool.submit(prepare, chunk_starts[i + PREFETCH]))
-            for sample in encoder.encode(cells, a, cell_ids, obs):
+            for sample in encoder.encode(cells, a, cell_ids, obs, columns):
                 out.add(sample)
             written += len(cells.local)
             empty += cells.n_empty

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import ADVANCED, example_project, example_project_key, fixture_cache_dir, sharded_project
+from helpers import ADVANCED, EARLIER_FORMAT, example_project, example_project_key, fixture_cache_dir, sharded_project
 
 from concept_shard.console import collect_rarely
 
@@ -95,3 +95,17 @@ def sharded_example(example_source, tmp_path_factory) -> Path:
 def sharded_project_copy(sharded_example, tmp_path) -> Path:
     """A private copy of the sharded example project (its model_checkpoints/ start empty)."""
     return _private_copy(sharded_example, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def sharded_earlier_example(example_source, tmp_path_factory) -> Path:
+    """sharded_example in the earlier shard format (zstd-compressed arrays), which readers still read."""
+    dst = tmp_path_factory.mktemp("sharded_earlier") / "project"
+    args = (*ADVANCED, *EARLIER_FORMAT, "--no-progress")
+    return sharded_project(example_source, example_project_key(*EXAMPLE_ARGS), dst, *args, kind="sharded-earlier")
+
+
+@pytest.fixture
+def earlier_project_copy(sharded_earlier_example, tmp_path) -> Path:
+    """A private copy of sharded_earlier_example."""
+    return _private_copy(sharded_earlier_example, tmp_path / "earlier")

@@ -18,6 +18,8 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 ADVANCED = ["datamodule=DataModuleAdvanced"]
+# the shard format before varint entries (concept_shard/entries.py): zstd-compressed arrays
+EARLIER_FORMAT = ["shard.entries=arrays", "shard.compression=zstd:1"]
 
 # A model small enough for a few CPU steps in a test (concept-train overrides).
 TINY = [
@@ -76,10 +78,26 @@ def shard(*args) -> int:
     return main([str(a) for a in args])
 
 
+def assert_same_batches(a, b, n: int = 12) -> None:
+    """The first n batches of two loaders hold equal tensors."""
+    import torch
+
+    for i, (x, y) in enumerate(zip(a, b)):
+        tx, ty = x.tensors(), y.tensors()
+        assert tx.keys() == ty.keys()
+        for k in tx:
+            assert torch.equal(tx[k], ty[k]), (i, k)
+        if i == n - 1:
+            break
+
+
 def read_dataset(path: Path) -> list[dict]:
-    """Every sample of an MDS dataset, in order, through plain streaming.StreamingDataset."""
+    """Every sample of an MDS dataset, in order, through plain streaming.StreamingDataset (varint
+    genes and counts as arrays, as the README shows a reader of the shards)."""
+    from concept_shard.entries import with_arrays
+
     ds = streaming_dataset(local=str(path), shuffle=False, batch_size=1)
-    return [ds[i] for i in range(len(ds))]
+    return [with_arrays(ds[i]) for i in range(len(ds))]
 
 
 def streaming_dataset(**kwargs):

@@ -212,7 +212,8 @@ def _damage(project: Path, rng: random.Random) -> tuple[str, str]:
     """One shard file of a random dataset damaged; (its dataset, what was done)."""
     datasets = _datasets(project)
     name = rng.choice(sorted(datasets))
-    target = rng.choice(sorted(datasets[name].glob("shard.*.mds.zstd")))
+    built = datasets[name].glob("shard.*.mds*")  # a `.mds` beside its `.mds.zstd` is a reader's copy
+    target = rng.choice(sorted(p for p in built if not (p.suffix == ".mds" and p.with_suffix(".mds.zstd").exists())))
     others = [datasets[o] / target.name for o in sorted(datasets) if o != name]
     others = [o for o in others if o.is_file() and o.read_bytes() != target.read_bytes()]
     if others and rng.random() < 0.5:  # another dataset's file under this name

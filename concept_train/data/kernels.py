@@ -184,10 +184,11 @@ if numba is not None:
             out[i] = u32(bufs[slot[i]], 4 + 4 * in_shard[i])
 
     @numba.njit(cache=True, nogil=True)
-    def sample_layout(bufs, slot, starts, fixed, arrays, dynamic, itemsize, pos, size, first, count, code):
+    def sample_layout(bufs, slot, starts, fixed, arrays, dynamic, varint, itemsize, pos, size, first, count, code):
         """Per sample (byte offset `starts[i]` in shard `bufs[slot[i]]`): each column's byte position and size
         (pos, size [n, C]); for each array column a (index into `fixed`), where its values
-        start, how many (its bytes after the header, in items of `itemsize[code]`), and their
+        start, how many (its bytes after the header, in items of `itemsize[code]`; a `varint`
+        column's count is its first varint, -1 when that runs past the column), and their
         dtype code (the column's own, given in `code`, when not `dynamic`)."""
         n_var = 0
         for c in range(len(fixed)):
@@ -208,6 +209,21 @@ if numba is not None:
                 p += s
             for a in range(len(arrays)):
                 q = pos[i, arrays[a]]
+                if varint[a]:
+                    end = q + size[i, arrays[a]]
+                    n = np.int64(0)
+                    shift = 0
+                    count[i, a] = -1
+                    while q < end:
+                        y = np.int64(buf[q])
+                        q += 1
+                        n |= (y & 127) << shift
+                        shift += 7
+                        if y < 128:
+                            count[i, a] = n
+                            break
+                    first[i, a] = q
+                    continue
                 if dynamic[a]:
                     code[i, a] = buf[q]
                     q += 1
@@ -224,6 +240,57 @@ if numba is not None:
             d = dest[i]
             for j in range(len(src)):
                 out[d + j] = src[j]
+
+    @numba.njit(cache=True, nogil=True)
+    def copy_varints(bufs, slot, first, end, count, dest, out, delta):
+        """The `count[i]` varints of sample i (bytes first[i]:end[i] of shard `bufs[slot[i]]`;
+        concept_shard/entries.py) into out[dest[i]:], summed up when `delta` (token ids). Returns
+        (the largest value written, the first sample whose bytes do not hold count[i] values or -1):
+        out may be narrower than a value, and the caller widens it then. A cell whose values all
+        take one byte (most) is one tight loop."""
+        top = np.int64(0)
+        bad = -1
+        for i in range(len(first)):
+            buf = bufs[slot[i]]
+            a = first[i]
+            n = count[i]
+            d = dest[i]
+            if end[i] - a == n:
+                if delta:
+                    acc = np.int64(0)
+                    for j in range(n):
+                        acc += buf[a + j]
+                        out[d + j] = acc
+                    top = max(top, acc)
+                else:
+                    for j in range(n):
+                        out[d + j] = buf[a + j]
+                continue
+            p = a
+            k = 0
+            acc = np.int64(0)
+            while p < end[i] and k < n:
+                x = np.int64(buf[p])
+                p += 1
+                if x >= 128:
+                    x &= 127
+                    shift = 7
+                    while p < end[i]:
+                        y = np.int64(buf[p])
+                        p += 1
+                        x |= (y & 127) << shift
+                        shift += 7
+                        if y < 128:
+                            break
+                if delta:
+                    acc += x
+                    x = acc
+                out[d + k] = x
+                top = max(top, x)
+                k += 1
+            if (k != n or p != end[i]) and bad < 0:
+                bad = i
+        return top, bad
 
     @numba.njit(cache=True, nogil=True)
     def take_bytes(bufs, slot, pos, out):

@@ -94,9 +94,9 @@ def test_native_encodings_are_the_ones_written_here(tmp_path):
     accepts is decoded here; streaming's others go to its own decoder."""
     from concept_shard.mds import VALUE_DTYPE_CODE, native_encoding
 
-    written = ["str", "int64", "float64", "ndarray", *(f"ndarray:{d}" for d in VALUE_DTYPE_CODE)]
+    written = ["str", "bytes", "int64", "float64", "ndarray", *(f"ndarray:{d}" for d in VALUE_DTYPE_CODE)]
     for enc in written:
         MDSDatasetWriter(tmp_path, {"column": enc}, None, 1 << 20).abort()  # the writer takes it
         assert native_encoding(enc), enc
-    for enc in ("bytes", "pkl", "json", "int32", "uint8", "float32", "jpeg", "ndarray:uint8:3", "ndarrays"):
+    for enc in ("pkl", "json", "int32", "uint8", "float32", "jpeg", "ndarray:uint8:3", "ndarrays"):
         assert not native_encoding(enc), enc

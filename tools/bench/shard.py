@@ -397,7 +397,9 @@ def shard_run(project: Path, n_cells: int, workdir: Path, extra: tuple[str, ...]
         raise SystemExit(f"the re-run of concept-shard build was not a no-op:\n{out2}")
     ds = dataset_dir(project, n_cells)
     record = json.loads((ds / "dataset.json").read_text())
-    zstd_bytes = sum(p.stat().st_size for p in ds.glob("shard.*.mds.zstd"))
+    # the files the build wrote (a `.mds` beside its `.mds.zstd` is a reader's decompressed copy)
+    stored = [p for p in ds.glob("shard.*.mds*") if not (p.suffix == ".mds" and p.with_suffix(".mds.zstd").exists())]
+    zstd_bytes = sum(p.stat().st_size for p in stored)
     sharding_s = build["wall_s"] - noop["wall_s"]
     return {
         "build_wall_s": build["wall_s"],
@@ -412,7 +414,7 @@ def shard_run(project: Path, n_cells: int, workdir: Path, extra: tuple[str, ...]
         "nonzeros": record["nonzeros"],
         "cells_dropped": record["cells_dropped"],
         "n_shards": record["n_shards"],
-        "shard_bytes_zstd": zstd_bytes,
+        "shard_bytes_stored": zstd_bytes,
         "shard_bytes_record": record["shard_bytes"],
         "bytes_per_nnz": zstd_bytes / max(1, record["nonzeros"]),
         "cells_per_s": n_cells / sharding_s if sharding_s > 0 else float("nan"),

@@ -7,7 +7,8 @@ nonzeros of its cells concatenated anyway (`tokenize.Cells`). Here the MDS v2 sa
 (u32 sizes of the variable-size columns, then every column's bytes in column order; an
 `ndarray` column = [dtype code if per sample][ndim<<2 | shape width][shape], then the values)
 is read for all of the batch's samples by one kernel (kernels.py), and the `genes` and `counts`
-values are copied, cast to int64 / float64, straight into the batch's arrays by another; both
+values are copied (or, stored as varints, decoded), cast to int64 / float64, straight into the
+batch's arrays by another; both
 read the mapped shard files through `ShardBuffers`. Strings
 and the fixed-size columns come out of the same column positions.
 
@@ -85,11 +86,13 @@ class ShardLayout:
         self.arrays = np.array([self.names.index(a) for a in ARRAYS], np.int64)
         encs = [encodings[i] for i in self.arrays]
         self.dynamic = np.array([e == "ndarray" for e in encs], np.bool_)
-        self.codes = np.array([0 if e == "ndarray" else _code_of(e) for e in encs], np.int64)
+        # a `bytes` genes or counts column holds varints (concept_shard/entries.py)
+        self.varint = np.array([e == "bytes" for e in encs], np.bool_)
+        self.codes = np.array([_code_of(e) if e.startswith("ndarray:") else 0 for e in encs], np.int64)
         self.columns = [(n, encodings[self.names.index(n)], self.names.index(n)) for n in wanted if n in self.names]
         # the kernels read what SampleDecoder reads natively, with genes and counts as arrays and
         # every other column asked for a string or an 8-byte scalar
-        self.supported = all(native_encoding(e) and e.startswith("ndarray") for e in encs) and all(
+        self.supported = all(native_encoding(e) and (e.startswith("ndarray") or e == "bytes") for e in encs) and all(
             native_encoding(enc) and not enc.startswith("ndarray") for _, enc, _ in self.columns
         )
 
@@ -169,7 +172,19 @@ def locate(layout: ShardLayout, bufs, slot: np.ndarray, starts: np.ndarray) -> S
     first, count = np.empty((n, n_arr), np.int64), np.empty((n, n_arr), np.int64)
     code = np.broadcast_to(layout.codes, (n, n_arr)).copy()
     kernels.sample_layout(
-        bufs, slot, starts, layout.fixed, layout.arrays, layout.dynamic, _ITEMSIZE, pos, size, first, count, code
+        bufs,
+        slot,
+        starts,
+        layout.fixed,
+        layout.arrays,
+        layout.dynamic,
+        layout.varint,
+        _ITEMSIZE,
+        pos,
+        size,
+        first,
+        count,
+        code,
     )
     return SampleSpans(pos, size, first, count, code)
 
@@ -198,6 +213,16 @@ def copy_values(
                 out[dest[i] : dest[i] + count[i]] = np.frombuffer(buf, dtype, count=int(count[i]), offset=int(first[i]))
         else:
             kernels.copy_samples(bufs, slot[these], first[these], count[these], dtype.itemsize, dest[these], out, dtype)
+
+
+def copy_varints(bufs, slot, first, end, count, dest, out: np.ndarray, delta: bool) -> int:
+    """The varints of each sample (bytes first[i]:end[i], count[i] values; concept_shard/entries.py)
+    into `out` at `dest`, summed up when `delta`; returns the largest value (out may be too narrow
+    for it: the caller widens). ValueError when a sample's bytes do not hold its count of values."""
+    top, bad = kernels.copy_varints(bufs, slot, first, end, count, dest, out, delta)
+    if bad >= 0:
+        raise ValueError(f"a varint column that does not hold its {int(count[bad])} values")
+    return int(top)
 
 
 def take_scalars(bufs, slot: np.ndarray, pos: np.ndarray, encoding: str) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from concept_shard.datasets import index_problem
+from concept_shard.entries import with_arrays
 from concept_shard.errors import DataError, UserError
 from concept_shard.integrity import SHARD_HASH, Damaged, check_file
 from concept_shard.mds import SampleDecoder
@@ -34,6 +35,7 @@ from .decode import (
     ShardBuffers,
     ShardLayout,
     copy_values,
+    copy_varints,
     locate,
     starts_of,
     take_scalars,
@@ -188,7 +190,10 @@ class SampleStore:
             return SampleBatch.from_samples(self.get_many(dataset_indices, rows), names, shard_dtypes)
         lengths = self._lengths(dataset_indices, groups, len(ids))
         bufs = self._buffers.bufs
-        genes, counts = _values(bufs, groups, lengths, shard_dtypes)
+        try:
+            genes, counts = _values(bufs, groups, lengths, shard_dtypes)
+        except ValueError as exc:  # a varint column that does not hold its values
+            raise self._unreadable(int(np.asarray(dataset_indices)[0]), exc) from None
         strings, scalars = _columns(bufs, self._buffers.views, groups, len(ids))
         return SampleBatch(genes=genes, counts=counts, lengths=lengths, scalars=scalars, strings=strings)
 
@@ -242,8 +247,8 @@ class SampleStore:
         for group in groups:
             genes, counts = group.spans.count[:, 0], group.spans.count[:, 1]
             lengths[group.members] = genes
-            if not np.array_equal(genes, counts):
-                bad = group.members[np.flatnonzero(genes != counts)[0]]
+            if not np.array_equal(genes, counts) or (genes < 0).any():
+                bad = group.members[np.flatnonzero((genes != counts) | (genes < 0))[0]]
                 raise self._unreadable(
                     int(np.asarray(dataset_indices)[bad]),
                     ValueError("a sample's genes and counts differ in length"),
@@ -334,7 +339,7 @@ class SampleStore:
         states = self.dataset._shard_states
         ours = states[shard_id] == _REMOTE  # then this call downloads it (else it waits for another's)
         try:
-            return self.dataset.get_item(sample_id)
+            return with_arrays(self.dataset.get_item(sample_id))
         except BaseException:
             if ours and states[shard_id] == _PREPARING:
                 states[shard_id] = _REMOTE
@@ -427,19 +432,60 @@ class SampleStore:
 
 def _values(bufs, groups: list[_Group], lengths: np.ndarray, shard_dtypes: bool) -> tuple[np.ndarray, np.ndarray]:
     """Every sample's genes and counts back to back, as int64 / float64 or, with `shard_dtypes`, in
-    the smallest dtypes that hold every shard's."""
+    the smallest dtypes that hold every shard's: those the per-sample decoder gives (an array
+    column's own dtype; for varints, which carry none, the smallest that holds the values, token
+    ids at least uint16). Varints are decoded into a first guess (uint16 token ids, uint8 counts
+    when every count takes one byte, else uint16) and, in the rare batch that needs it, again wider."""
     dest = np.zeros(len(lengths), np.int64)
     np.cumsum(lengths[:-1], out=dest[1:])
-    gene_dtype, count_dtype = np.int64, np.float64
+    dtypes = [np.dtype(np.int64), np.dtype(np.float64)]
     if shard_dtypes and groups:
-        codes = [np.unique(np.concatenate([group.spans.code[:, a] for group in groups])).tolist() for a in (0, 1)]
-        gene_dtype, count_dtype = (np.result_type(*[CODE_DTYPE[k] for k in c]) for c in codes)
-    genes, counts = np.empty(int(lengths.sum()), gene_dtype), np.empty(int(lengths.sum()), count_dtype)
+        dtypes = [_first_guess(groups, a) for a in (0, 1)]
+    while True:
+        out = [np.empty(int(lengths.sum()), dt) for dt in dtypes]
+        tops = [-1, -1]  # the largest varint value, per column (-1: none)
+        for group in groups:
+            at, spans, layout = dest[group.members], group.spans, group.layout
+            for a in (0, 1):
+                first, count = spans.first[:, a], spans.count[:, a]
+                if layout.varint[a]:
+                    col = layout.arrays[a]
+                    end = spans.pos[:, col] + spans.size[:, col]
+                    top = copy_varints(bufs, group.slot, first, end, count, at, out[a], delta=a == 0)
+                    tops[a] = max(tops[a], top)
+                else:
+                    copy_values(bufs, group.slot, first, count, spans.code[:, a], at, out[a])
+        if not shard_dtypes:
+            return out[0], out[1]
+        exact = [_exact(groups, a, tops[a]) for a in (0, 1)]
+        if all(np.can_cast(e, d) for e, d in zip(exact, dtypes)):  # narrower where the guess was wide
+            return tuple(o if o.dtype == e else o.astype(e) for o, e in zip(out, exact))
+        dtypes = exact
+
+
+_VARINT_FLOOR = (np.dtype(np.uint16), np.dtype(np.uint8))  # the arrays format's genes and counts
+
+
+def _first_guess(groups: list[_Group], a: int) -> np.dtype:
+    """The dtype a batch's genes (a = 0) or counts (a = 1) are first decoded in with `shard_dtypes`."""
+    found = []
     for group in groups:
-        at, spans = dest[group.members], group.spans
-        copy_values(bufs, group.slot, spans.first[:, 0], spans.count[:, 0], spans.code[:, 0], at, genes)
-        copy_values(bufs, group.slot, spans.first[:, 1], spans.count[:, 1], spans.code[:, 1], at, counts)
-    return genes, counts
+        spans, layout = group.spans, group.layout
+        if layout.varint[a]:
+            col = layout.arrays[a]
+            one_byte = (spans.pos[:, col] + spans.size[:, col] - spans.first[:, a] == spans.count[:, a]).all()
+            found.append(_VARINT_FLOOR[a] if a == 0 or one_byte else np.dtype(np.uint16))
+        else:
+            found.extend(CODE_DTYPE[k] for k in np.unique(spans.code[:, a]).tolist())
+    return np.result_type(*found)
+
+
+def _exact(groups: list[_Group], a: int, top: int) -> np.dtype:
+    """The per-sample decoder's dtype for a batch's genes or counts, given the largest varint value."""
+    found = [CODE_DTYPE[k] for g in groups if not g.layout.varint[a] for k in np.unique(g.spans.code[:, a]).tolist()]
+    if top >= 0:
+        found.append(np.result_type(_VARINT_FLOOR[a], np.min_scalar_type(top)))
+    return np.result_type(*found)
 
 
 def _columns(bufs, views: list, groups: list[_Group], n: int) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import data_module
+from helpers import assert_same_batches, data_module
 
 from concept_shard.mds import VALUE_DTYPE_CODE, MDSDatasetWriter, SampleDecoder
 from concept_train.data import kernels
@@ -148,3 +148,22 @@ def test_the_kernels_read_native_arrays_and_native_scalar_columns_only():
     assert supported("ndarray", "ndarray:float32", cell_id="str", row="float64")
     assert not supported("ndarray:uint16", "ndarray", cell_id="ndarray", row="int64")
     assert not supported("ndarray:uint16", "ndarray", cell_id="str", row="int32")
+
+
+def test_batches_are_the_same_from_both_shard_formats(sharded_example, sharded_earlier_example):
+    """The loader over the example project sharded with varint entries (read in place) and in the
+    earlier format (zstd-compressed arrays, decompressed on first use): the same training and
+    validation batches, and the same raw batches in the shards' own dtypes."""
+    overrides = ["datamodule.dataloader.train.num_workers=0"]
+    new, old = (data_module(p, overrides) for p in (sharded_example, sharded_earlier_example))
+    assert_same_batches(new.train_loader(), old.train_loader())
+    val_new, val_old = new.val_loaders(), old.val_loaders()
+    assert val_new.keys() == val_old.keys()
+    for key in val_new:
+        assert_same_batches(val_new[key], val_old[key])
+    pairs = np.array([(d, r) for d, s in enumerate(new.store.sets) for r in range(0, s.n_samples, 5)])
+    pairs = pairs[np.random.default_rng(3).permutation(len(pairs))]
+    for chunk in np.array_split(pairs, 4):
+        for own in (False, True):
+            a = new.store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, shard_dtypes=own)
+            _assert_same(a, old.store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, shard_dtypes=own))

@@ -185,25 +185,28 @@ def test_shards_deleted_under_a_running_loader_are_a_named_error(sharded, worker
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("damaged", ["raw copy", "compressed shard"])
-def test_a_damaged_shard_is_a_named_error_never_a_batch(sharded_project_copy, damaged, workers):
+@pytest.mark.parametrize("damaged", ["shard read in place", "raw copy", "compressed shard"])
+def test_a_damaged_shard_is_a_named_error_never_a_batch(sharded_project_copy, earlier_project_copy, damaged, workers):
     """A flipped byte in a shard (same size: no count or index check sees it) trained on other
     losses, exit 0. Now the raw bytes a process maps are checked against index.json's hash the
-    first time (the decompressed copy streaming leaves beside a `.zstd`), and a `.zstd` before
-    streaming decompresses it: a DataError naming the dataset and file, from workers too."""
+    first time (a shard read in place, or the decompressed copy streaming leaves beside a `.zstd`
+    of the earlier format), and a `.zstd` before streaming decompresses it: a DataError naming the
+    dataset and file, from workers too."""
     import zstd
 
-    lung = sharded_project_copy / "shards/hsapiens/synth_hsapiens/hs_lung_b"
+    project = sharded_project_copy if damaged == "shard read in place" else earlier_project_copy
+    lung = project / "shards/hsapiens/synth_hsapiens/hs_lung_b"
     stored, target = lung / "shard.00000.mds.zstd", lung / "shard.00000.mds"
-    # as streaming decompresses on first use (a copy of the shared example may hold it already)
-    target.write_bytes(zstd.decompress(stored.read_bytes()))
+    if damaged != "shard read in place":
+        # as streaming decompresses on first use (a copy of the shared example may hold it already)
+        target.write_bytes(zstd.decompress(stored.read_bytes()))
     if damaged == "compressed shard":  # not decompressed yet
         target.unlink()
         target = stored
     data = bytearray(target.read_bytes())
     data[-40] ^= 0x10
     target.write_bytes(bytes(data))
-    loader = data_module(sharded_project_copy, [f"datamodule.dataloader.train.num_workers={workers}"]).train_loader()
+    loader = data_module(project, [f"datamodule.dataloader.train.num_workers={workers}"]).train_loader()
     with pytest.raises(DataError) as err:
         for i, _ in enumerate(loader):
             assert i < 500, "the loader read every batch of a damaged shard"
@@ -212,7 +215,7 @@ def test_a_damaged_shard_is_a_named_error_never_a_batch(sharded_project_copy, da
     assert "is damaged" in text and f"{target.name}: its bytes do not match the xxh3_64 hash" in text
 
 
-def test_a_process_whose_worker_met_a_damaged_shard_exits(sharded_project_copy):
+def test_a_process_whose_worker_met_a_damaged_shard_exits(earlier_project_copy):
     """With two workers, one failed to decompress a damaged `.zstd` in streaming while the other
     waited for good for it to be prepared: the process hung, before the error (when the batch the
     main process waited for was the waiting worker's) or at exit, joining that worker, which
@@ -221,14 +224,14 @@ def test_a_process_whose_worker_met_a_damaged_shard_exits(sharded_project_copy):
     import sys
     from pathlib import Path
 
-    stored = sharded_project_copy / "shards/hsapiens/synth_hsapiens/hs_lung_b/shard.00000.mds.zstd"
+    stored = earlier_project_copy / "shards/hsapiens/synth_hsapiens/hs_lung_b/shard.00000.mds.zstd"
     stored.with_suffix("").unlink(missing_ok=True)  # not decompressed yet
     data = bytearray(stored.read_bytes())
     data[-40] ^= 0x10
     stored.write_bytes(bytes(data))
     run = Path(__file__).with_name("data_run.py")
-    out = sharded_project_copy.parent / "x.pt"
-    cmd = [sys.executable, str(run), str(sharded_project_copy), str(out), "--take", "500"]
+    out = earlier_project_copy.parent / "x.pt"
+    cmd = [sys.executable, str(run), str(earlier_project_copy), str(out), "--take", "500"]
     proc = subprocess.run(
         cmd + ["datamodule.dataloader.train.num_workers=2"], capture_output=True, text=True, timeout=120
     )
@@ -244,7 +247,7 @@ def test_shard_records_that_leave_the_dataset_directory_are_refused_at_start(sha
 
     lung = sharded_project_copy / "shards/hsapiens/synth_hsapiens/hs_lung_b"
     index = json.loads((lung / "index.json").read_text())
-    index["shards"][0]["zip_data"]["basename"] = "../../../../../outside.mds.zstd"
+    index["shards"][0]["raw_data"]["basename"] = "../../../../../outside.mds"
     (lung / "index.json").write_text(json.dumps(index))
     record = json.loads((lung / "dataset.json").read_text())
     (lung / "dataset.json").write_text(
@@ -253,6 +256,6 @@ def test_shard_records_that_leave_the_dataset_directory_are_refused_at_start(sha
     with pytest.raises(DataError) as err:
         data_module(sharded_project_copy)
     text = " ".join(str(err.value).split())
-    assert "hs_lung_b" in text and "damaged" in text and "shard.00000.mds.zstd" in text
+    assert "hs_lung_b" in text and "damaged" in text and "shard.00000.mds" in text
     assert "concept-shard build" in text
     assert not list(sharded_project_copy.parent.glob("outside*"))

@@ -32,15 +32,16 @@ def test_fast_decoder_equals_streaming_decode_on_every_sample(sharded_example):
     assert checked == sum(s.n_samples for s in store.sets) > 2000
 
 
-def test_local_shards_are_read_without_streaming(sharded_project_copy):
+def test_local_shards_are_read_without_streaming(earlier_project_copy):
     """A run over local shards neither imports streaming (3 s and 300 MB per process: it loads
-    transformers and scikit-learn) nor needs it: the `.zstd` shards it draws from are decompressed
-    beside themselves, byte for byte the files index.json records, and nothing half-written stays."""
+    transformers and scikit-learn) nor needs it: the `.zstd` shards of the earlier format it draws
+    from are decompressed beside themselves, byte for byte the files index.json records, and
+    nothing half-written stays."""
     import json
 
     from concept_shard.integrity import check_file
 
-    project = sharded_project_copy
+    project = earlier_project_copy
     for raw in _raw_shards(project / "shards"):
         raw.unlink()
     script = (
@@ -67,6 +68,22 @@ def test_local_shards_are_read_without_streaming(sharded_project_copy):
     assert decompressed >= 1
 
 
+def test_shards_are_read_in_place_leaving_nothing_beside_them(sharded_project_copy):
+    """The default format (varint entries, uncompressed: concept_shard/entries.py) is read where it
+    lies: after batches from every file of the project, its shard directories hold the same files
+    with the same bytes (disk after an epoch: 1.00x the built shards)."""
+    project = sharded_project_copy
+    before = {p: p.read_bytes() for p in (project / "shards").rglob("*") if p.is_file()}
+    assert [p for p in before if p.name.endswith(".mds")] and not [p for p in before if p.suffix == ".zstd"]
+    dm = data_module(project, ["datamodule.dataloader.train.num_workers=0"])
+    _batches(dm, 40)
+    for loader in dm.val_loaders().values():
+        next(iter(loader))
+    after = {p for p in (project / "shards").rglob("*") if p.is_file() and ".obs_codes" not in p.parts}
+    assert after == set(before)
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
 def _raw_shards(root) -> set:
     return {p for p in root.rglob("shard.*.mds")}
 
@@ -76,15 +93,16 @@ def _batches(dm, n: int):
     return [next(it) for _ in range(n)]
 
 
-def test_local_shards_through_a_bounded_cache_leave_no_copy_beside_them(sharded_project_copy, tmp_path):
-    """With datamodule.cache_limit, local shards are read through the cache streaming keeps for
-    remote ones: the same batches, nothing decompressed beside the shards, the cache under its
-    limit; without it they are read in place (and streaming keeps a decompressed copy there)."""
+def test_local_shards_through_a_bounded_cache_leave_no_copy_beside_them(earlier_project_copy, tmp_path):
+    """With datamodule.cache_limit, local shards of the earlier format are read through the cache
+    streaming keeps for remote ones: the same batches, nothing decompressed beside the shards, the
+    cache under its limit; without it they are read in place (and streaming keeps a decompressed
+    copy there)."""
     import json
 
     import torch
 
-    project, cache = sharded_project_copy, tmp_path / "scratch"
+    project, cache = earlier_project_copy, tmp_path / "scratch"
     for raw in _raw_shards(project / "shards"):  # copies left by earlier readers of the example
         raw.unlink()
     shards = [s for index in (project / "shards").rglob("index.json") for s in json.loads(index.read_text())["shards"]]
