@@ -266,29 +266,36 @@ if numba is not None:
                     for j in range(n):
                         out[d + j] = buf[a + j]
                 continue
+            # only values of two bytes or more can widen the counts' dtype, and a cell's largest
+            # token id is its last
             p = a
+            e = end[i]
             k = 0
             acc = np.int64(0)
-            while p < end[i] and k < n:
+            while p < e and k < n:
                 x = np.int64(buf[p])
                 p += 1
                 if x >= 128:
                     x &= 127
                     shift = 7
-                    while p < end[i]:
+                    while p < e:
                         y = np.int64(buf[p])
                         p += 1
                         x |= (y & 127) << shift
                         shift += 7
                         if y < 128:
                             break
+                    if not delta and x > top:
+                        top = x
                 if delta:
                     acc += x
-                    x = acc
-                out[d + k] = x
-                top = max(top, x)
+                    out[d + k] = acc
+                else:
+                    out[d + k] = x
                 k += 1
-            if (k != n or p != end[i]) and bad < 0:
+            if delta and acc > top:
+                top = acc
+            if (k != n or p != e or buf[e - 1] >= 128) and bad < 0:
                 bad = i
         return top, bad
 

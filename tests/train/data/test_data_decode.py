@@ -167,3 +167,49 @@ def test_batches_are_the_same_from_both_shard_formats(sharded_example, sharded_e
         for own in (False, True):
             a = new.store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, shard_dtypes=own)
             _assert_same(a, old.store.get_batch(chunk[:, 0], chunk[:, 1], NAMES, shard_dtypes=own))
+
+
+def test_varints_of_every_size_decode_and_widen_as_the_sample_decoder_gives(tmp_path):
+    """Varint genes and counts (concept_shard/entries.py) of one-byte to six-byte values, batches of
+    one kind and mixed: the kernels' values, and in the shards' own dtypes the dtype the per-sample
+    decoder gives (a first guess too narrow is decoded again wider; one too wide is narrowed)."""
+    from concept_shard import entries
+    from concept_train.data.read.store import _Group, _values
+
+    columns = {"genes": "bytes", "counts": "bytes", "n_counts": "int64", "cell_id": "str", "row": "int64"}
+    writer = MDSDatasetWriter(tmp_path, columns, None, 1 << 20)
+    rng = np.random.default_rng(4)
+    kinds = [(300, 2), (300, 200), (70_000, 300), (2**20, 70_000), (300, 2**40)]  # (top gene, top count)
+    encoded, kind_of = [], []
+    for i in range(40):
+        top_gene, top_count = kinds[i % len(kinds)]
+        n = int(rng.integers(1, 200))
+        genes = np.sort(rng.choice(top_gene, n, replace=False))
+        counts = rng.integers(1, top_count, n, dtype=np.int64)
+        sample = {
+            "genes": entries.encode_cells([0, n], genes, True)[0].tobytes(),
+            "counts": entries.encode_cells([0, n], counts, False)[0].tobytes(),
+            "n_counts": int(counts.sum()),
+            "cell_id": f"c{i}",
+            "row": i,
+        }
+        encoded.append(writer.encode_sample(sample))
+        kind_of.append(i % len(kinds))
+    writer.abort()
+    buf = np.frombuffer(b"x" + b"".join(encoded), np.uint8)  # unaligned on purpose
+    starts = 1 + np.cumsum([0] + [len(e) for e in encoded[:-1]])
+    decoder = SampleDecoder(writer.names, writer.encodings, writer.sizes)
+    layout = ShardLayout(writer.names, writer.encodings, writer.sizes, NAMES)
+    buffers = ShardBuffers(1)
+    buffers.put(0, None, buf)
+    kind_of = np.array(kind_of)
+    batches = [np.flatnonzero(kind_of == k) for k in range(len(kinds))] + [rng.permutation(len(encoded))]
+    for chosen in batches:
+        slot = np.zeros(len(chosen), np.int64)
+        spans = locate(layout, buffers.bufs, slot, starts[chosen])
+        group = _Group(np.arange(len(chosen)), slot, layout, spans)
+        for own in (False, True):
+            genes, counts = _values(buffers.bufs, [group], spans.count[:, 0], own)
+            ref = SampleBatch.from_samples([decoder(encoded[i]) for i in chosen], [], own)
+            assert genes.dtype == ref.genes.dtype and np.array_equal(genes, ref.genes), (chosen, own)
+            assert counts.dtype == ref.counts.dtype and np.array_equal(counts, ref.counts), (chosen, own)
