@@ -4,7 +4,7 @@ Why: zstd-compressed shards cannot be read in place. Every reader (streaming, th
 first decompresses a shard beside itself, so an epoch of random batches over a large file leaves
 a decompressed copy of every shard: 2.4x the built dataset on disk. Varints are about as small as
 zstd over plain arrays (2.0 bytes per nonzero on the example project's cells, against 2.1 for
-today's `zstd:1` arrays and 3.7 uncompressed) and decode in place, one pass per cell.
+the earlier `zstd:1` arrays and 3.7 uncompressed) and decode in place, one pass per cell.
 
 A column of MDS encoding `bytes` named `genes` or `counts` (the default, `shard.entries=varint`)
 holds, for one cell of n entries:

@@ -1,6 +1,6 @@
 """Shard datasets in S3-compatible object storage (`PATH.SHARDS_REMOTE: s3://bucket/prefix`).
 
-    s3://bucket/prefix/<species>/<source>/<stem>/index.json, shard.NNNNN.mds.zstd, dataset.json
+    s3://bucket/prefix/<species>/<source>/<stem>/index.json, shard.NNNNN.mds[.zstd], dataset.json
 
 The layout is the local one. A dataset is built locally first (staged under `PATH.SHARDS_PATH`)
 and then uploaded with `dataset.json` LAST: object stores have no rename, so the presence of

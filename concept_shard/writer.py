@@ -24,8 +24,9 @@ from .mds import MDSDatasetWriter, ndarray_prefix
 from .source import AnnDataSource
 from .vocabulary import Vocabulary
 
-# Chunks read and mapped ahead on worker threads: numpy, scipy's sparse kernels and zstd release
-# the GIL, so two workers keep both cores of a small node busy beside the encoder.
+# Chunks read, mapped and encoded ahead on worker threads: numpy, scipy's sparse kernels and the
+# varint kernel release the GIL, so two workers keep both cores of a small node busy beside the
+# thread that joins the samples.
 PREFETCH = 2
 
 

@@ -7,8 +7,9 @@ every sample's start, the u32 size header of each sample gives the column's posi
 and one fancy index copies all values into a fixed-width bytes array (`S<width>`), whose
 `np.unique` gives categories and codes. No Python runs per cell.
 
-What it costs: MDS shards are zstd-compressed whole, so a column cannot be read without
-decompressing every shard of the file (genes and counts included). Measured with
+What it costs: a column is read from every shard of the file. Shards of the earlier format are
+zstd-compressed whole, so there it cannot be read without decompressing every shard (genes and
+counts included); the default shards (varint entries, uncompressed) are read as they are. Measured with
 `python tests/train/data/bench_obs_columns.py DIR` (200,000 synthetic cells of the shard layout,
 1,000-2,000 nonzeros, 4.6 kB raw and 3.9 kB compressed per cell) on a shared, loaded 2-core
 machine: 15-24 s per million cells from compressed shards (decompression at ~200 MB/s is nearly
