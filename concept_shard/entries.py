@@ -31,6 +31,8 @@ except ImportError:  # the NumPy encoder serves, byte for byte the same
 
 # the columns stored as varints, and whether each holds differences
 DELTA = {"genes": True, "counts": False}
+# the dtypes they decode to at least: the arrays format's (vocabulary token ids were uint16 or wider)
+MIN_DTYPE = {"genes": np.uint16, "counts": np.uint8}
 
 
 def _sizes(values: np.ndarray) -> np.ndarray:
@@ -104,9 +106,6 @@ def with_arrays(sample: dict) -> dict:
     return out
 
 
-# varint columns decode to the dtypes the arrays format gave them at least (vocabulary token ids
-# were uint16 or wider)
-MIN_DTYPE = {"genes": np.uint16, "counts": np.uint8}
 _UNSIGNED = (np.uint8, np.uint16, np.uint32, np.uint64)
 
 

@@ -12,9 +12,9 @@ files, and every test reads shards back with `streaming.StreamingDataset`.
 
 Supported column encodings: `str`, `bytes`, `int64`, `float64`, `ndarray` (dtype per sample) and
 `ndarray:<dtype>`, all for 1-D arrays. The `genes` and `counts` columns of encoding `bytes` hold
-varints (entries.py), which `SampleDecoder` returns as arrays. Reading: `SampleDecoder` decodes one sample (the training
-store hands it the bytes streaming fetched); `read_rows` reads chosen rows of a dataset in memory,
-checking each shard file it reads against its hash in index.json.
+varints (entries.py), which `SampleDecoder` returns as arrays. Reading: `SampleDecoder` decodes
+one sample (the training store hands it the bytes streaming fetched); `read_rows` reads chosen rows
+of a dataset in memory, checking each shard file it reads against its hash in index.json.
 """
 
 from __future__ import annotations

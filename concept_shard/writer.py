@@ -96,12 +96,12 @@ class _CellEncoder:
         counts = self._column(cells, cells.counts, self.varint_counts, False, cells.count_dtype)
         return genes, counts
 
-    def encode(self, cells, row0: int, cell_ids: list[str], obs: dict[str, list[str]], columns=None) -> list[bytes]:
-        """The chunk's samples; `columns`: what `entries(cells)` gave, when it ran already."""
+    def encode(self, cells, row0: int, cell_ids: list[str], obs: dict[str, list[str]], columns) -> list[bytes]:
+        """The chunk's samples; `columns`: what `entries(cells)` gave (on a reading thread)."""
         local = cells.local.tolist()
         # per-cell work hoisted into whole-chunk passes: each cell's genes and counts bytes, the
         # fixed-size columns and the strings; the loop below only joins slices
-        genes, counts = columns or self.entries(cells)
+        genes, counts = columns
         n_counts = cells.n_counts.astype(np.int64 if self.integral else np.float64).tobytes()
         rows = (cells.local.astype(np.int64) + row0).tobytes()
         cids = [cell_ids[c].encode("utf-8") for c in local]
@@ -184,7 +184,8 @@ def write_part(
         ThreadPoolExecutor(PREFETCH, "shard-read") as pool,
     ):
         encoder = _CellEncoder(out, settings)
-        # up to PREFETCH chunks are read and mapped ahead while this thread encodes
+        # up to PREFETCH chunks are read, mapped and their entries encoded ahead while this thread
+        # joins the samples
         pending = [pool.submit(prepare, a) for a in chunk_starts[:PREFETCH]]
         for i in range(len(chunk_starts)):
             a, b, cells, (cell_ids, obs, absent_obs), columns = pending.pop(0).result()

@@ -267,7 +267,8 @@ if numba is not None:
                         out[d + j] = buf[a + j]
                 continue
             # only values of two bytes or more can widen the counts' dtype, and a cell's largest
-            # token id is its last
+            # token id is its last. (The varint read is written out here and in sample_layout: a
+            # shared inlined helper measured 4% slower on this loop, 276 -> 288 us a batch.)
             p = a
             e = end[i]
             k = 0
