@@ -94,10 +94,23 @@ def assert_same_batches(a, b, n: int = 12) -> None:
 def read_dataset(path: Path) -> list[dict]:
     """Every sample of an MDS dataset, in order, through plain streaming.StreamingDataset (varint
     genes and counts as arrays, as the README shows a reader of the shards)."""
+    return read_datasets([path])[0]
+
+
+def read_datasets(paths: list[Path]) -> list[list[dict]]:
+    """read_dataset of each path, through ONE StreamingDataset of one stream per path. Every
+    StreamingDataset a process makes keeps its shared memory open to the end of the process, and
+    each later one opens that of every earlier one that holds no cache lock (one that never
+    decompressed a shard: every one over uncompressed shards). One per dataset made a process's
+    descriptors grow with the square of the datasets read (2,052 after 18; EMFILE on Python 3.13
+    in the whole-build comparisons)."""
+    from streaming import Stream
+
     from concept_shard.entries import with_arrays
 
-    ds = streaming_dataset(local=str(path), shuffle=False, batch_size=1)
-    return [with_arrays(ds[i]) for i in range(len(ds))]
+    ds = streaming_dataset(streams=[Stream(local=str(p)) for p in paths], shuffle=False, batch_size=1)
+    starts = np.concatenate([[0], np.cumsum(ds.samples_per_stream)]).tolist()
+    return [[with_arrays(ds[i]) for i in range(a, b)] for a, b in zip(starts[:-1], starts[1:])]
 
 
 def streaming_dataset(**kwargs):
@@ -119,8 +132,8 @@ def assert_same_samples(a: Path, b: Path, n_datasets: int = 9) -> None:
     da = {d.relative_to(a): d for d in dataset_dirs(a)}
     db = {d.relative_to(b): d for d in dataset_dirs(b)}
     assert da.keys() == db.keys() and len(da) == n_datasets
-    for rel in da:
-        x, y = read_dataset(da[rel]), read_dataset(db[rel])
+    xs, ys = read_datasets(list(da.values())), read_datasets([db[rel] for rel in da])
+    for rel, x, y in zip(da, xs, ys):
         assert len(x) == len(y), rel
         for s, t in zip(x, y):
             assert s.keys() == t.keys()
@@ -355,9 +368,9 @@ def assert_same_as_reference(reference: Path, project: Path, n_datasets: int = 9
     da = {d.relative_to(reference): d for d in dataset_dirs(reference)}
     db = {d.relative_to(project): d for d in dataset_dirs(project)}
     assert da.keys() == db.keys() and len(da) == n_datasets
-    for rel in da:
+    ys = read_datasets([db[rel] for rel in da])
+    for rel, y in zip(da, ys):
         x = reference_samples(da[rel])
-        y = read_dataset(db[rel])
         assert len(x) == len(y), rel
         for s, t in zip(x, y):
             assert s.keys() == t.keys()
