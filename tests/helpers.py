@@ -104,11 +104,15 @@ def read_datasets(paths: list[Path]) -> list[list[dict]]:
     decompressed a shard: every one over uncompressed shards). One per dataset made a process's
     descriptors grow with the square of the datasets read (2,052 after 18; EMFILE on Python 3.13
     in the whole-build comparisons)."""
-    from streaming import Stream
+    from streaming import Stream, StreamingDataset
 
     from concept_shard.entries import with_arrays
+    from concept_train.data.read.shm import registered
 
-    ds = streaming_dataset(streams=[Stream(local=str(p)) for p in paths], shuffle=False, batch_size=1)
+    # new Streams on every try, as `registered` asks
+    ds = registered(
+        lambda: StreamingDataset(streams=[Stream(local=str(p)) for p in paths], shuffle=False, batch_size=1)
+    )
     starts = np.concatenate([[0], np.cumsum(ds.samples_per_stream)]).tolist()
     return [[with_arrays(ds[i]) for i in range(a, b)] for a, b in zip(starts[:-1], starts[1:])]
 
