@@ -31,6 +31,7 @@ from ..order.plan import BatchPlan
 from ..read.catalog import ShardSet
 from ..read.decode import SampleBatch
 from ..read.store import SampleStore
+from .allocator import keep_freed_memory
 from .handoff import Parcel, SlotRing, ring_for
 from .workers import worker_init
 
@@ -162,6 +163,7 @@ class _BatchStream(IterableDataset):
         self.maker, self.start, self.stop, self.ring = maker, start, stop, ring
 
     def __iter__(self):
+        keep_freed_memory()  # this process makes the batches: it keeps their freed pages (allocator.py)
         info = get_worker_info()
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
         g = self.start + w
