@@ -30,29 +30,34 @@ def available() -> bool:
 if numba is not None:
 
     @numba.njit(cache=True, nogil=True)
-    def _rank(cand, m, keys, ranked, tally):
+    def _rank(cand, m, keys, ranked, tally, slots):
         """ranked[:m] = the entries cand[:m] (in token order) stably sorted by key descending, so
         ties stay by token ascending. Integer keys below 2^16 (raw counts) take a counting sort
-        when their range is not much larger than m, others a merge sort: the same order."""
+        when their range is not much larger than m, others a merge sort: the same order. The
+        counts go to 4 interleaved tallies (tally holds 4 x 65537): most keys are 1 or 2, and a
+        single tally's increments of one slot would each wait for the last (-10% of the rank)."""
         top = 0.0
         integral = True
         for j in range(m):
             k = keys[cand[j]]
-            if k > top:
-                top = k
-            if not (k >= 0 and k <= 65535 and k == np.floor(k)):
-                integral = False
+            top = max(top, k)
+            integral &= (k >= 0) & (k <= 65535) & (k == np.floor(k))
         if integral and top <= 4 * m + 256:
             hi = int(top)
+            w = hi + 2
             for j in range(m):  # slot hi - key: descending keys
-                tally[hi - int(keys[cand[j]]) + 1] += 1
-            for b in range(1, hi + 2):
-                tally[b] += tally[b - 1]
+                s = hi - int(keys[cand[j]])
+                slots[j] = s
+                tally[(j & 3) * w + s + 1] += 1
+            run = 0
+            for b in range(w):  # tally[s] = where slot s starts
+                run += tally[b] + tally[w + b] + tally[2 * w + b] + tally[3 * w + b]
+                tally[b] = run
             for j in range(m):  # in token order: stable
-                slot = hi - int(keys[cand[j]])
-                ranked[tally[slot]] = cand[j]
-                tally[slot] += 1
-            tally[: hi + 2] = 0
+                s = slots[j]
+                ranked[tally[s]] = cand[j]
+                tally[s] += 1
+            tally[: 4 * w] = 0
         else:
             order = np.argsort(-keys[cand[:m]], kind="mergesort")
             for j in range(m):
@@ -71,7 +76,8 @@ if numba is not None:
             size = max(size, bounds[i + 1] - bounds[i])
         cand = np.empty((2, size), np.int64)
         ranked = np.empty(size, np.int64)
-        tally = np.zeros(65537, np.int64)
+        slots = np.empty(size, np.int64)
+        tally = np.zeros(4 * 65537, np.int64)
         for i in range(len(bounds) - 1):
             m0 = 0
             m1 = 0
@@ -85,7 +91,7 @@ if numba is not None:
                 m = m0 if v == 0 else m1
                 if m == 0:
                     continue
-                _rank(cand[v], m, keys, ranked, tally)
+                _rank(cand[v], m, keys, ranked, tally, slots)
                 n = n_out[v]
                 for r in range(min(m, max_tokens)):
                     e = ranked[r]
