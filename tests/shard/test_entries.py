@@ -42,15 +42,27 @@ def test_cells_encode_as_leb128_and_decode_back(top_gene, top_count):
             expected = _leb128(len(cell)) + b"".join(_leb128(int(v)) for v in steps)
             got = data[ends[i] : ends[i + 1]].tobytes()
             assert got == expected, i
-            back = entries.decode(got, delta, entries.MIN_DTYPE["genes" if delta else "counts"])
-            assert np.array_equal(back, cell) and back.dtype == np.min_scalar_type(max(cell.max(), 256 if delta else 0))
+            for decode in (entries.decode, entries.decode_numpy):  # compiled, and the reference
+                back = decode(got, delta, entries.MIN_DTYPE["genes" if delta else "counts"])
+                assert np.array_equal(back, cell)
+                assert back.dtype == np.min_scalar_type(max(cell.max(), 256 if delta else 0))
 
 
-@pytest.mark.parametrize("damaged", [b"\x03\x01\x02", b"\x02\x01\x81", b"\x81"])
-def test_bytes_that_are_not_a_column_are_refused(damaged):
-    """Fewer values than the column says, a value cut short, a length cut short."""
-    with pytest.raises(ValueError, match="varint column"):
-        entries.decode(damaged)
+@pytest.mark.parametrize(
+    "damaged, problem",
+    [
+        (b"\x03\x01\x02", "says 3 values and holds 2"),
+        (b"\x01\x01\x02", "says 1 values and holds 2"),
+        (b"\x02\x01\x81", "ends inside a value"),
+        (b"\x81", "ends inside a value"),
+        (b"", "ends inside a value"),
+    ],
+)
+def test_bytes_that_are_not_a_column_are_refused(damaged, problem):
+    """Fewer or more values than the column says, a value cut short, a length cut short, nothing."""
+    for decode in (entries.decode, entries.decode_numpy):
+        with pytest.raises(ValueError, match=f"a varint column that {problem}"):
+            decode(damaged)
 
 
 def test_both_shard_formats_hold_the_same_cells(sharded_example, sharded_earlier_example):
