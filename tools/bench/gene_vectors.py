@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         "files": len(indexes),
         "cells": sum(int(s["samples"]) for s in shards),
         "shards": len(shards),
-        "shard_MB": sum(s["zip_data"]["bytes"] for s in shards) / 1e6,
+        # the stored files: compressed when built with shard.compression, else the raw shards
+        "shard_MB": sum((s.get("zip_data") or s["raw_data"])["bytes"] for s in shards) / 1e6,
     }
     print(
         f"corpus: {corpus['files']} files, {corpus['cells']:,} cells, {corpus['shards']} shards, "
