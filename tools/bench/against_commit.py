@@ -9,7 +9,8 @@ Each side runs tools/bench/peers.py's `tok_ours` (tokenized training batches) an
 under WORKDIR (its peers.py and its package first on sys.path), this tree from here. PROJECT is
 read by this tree; REF reads --ref-project when given (e.g. the same source sharded in the format
 REF wrote). 0 and 2 workers, rounds alternating (ref, this, ref, this ...), medians, the machine's
-load per run; the last line printed is one JSON object with every figure.
+load per run; the last line printed is one JSON object with every figure. The worktree stays
+for the next run: `git worktree remove WORKDIR/ref_<sha>` when done.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ each view's entries, the packed tensors). glibc's malloc, at its defaults, serve
 mmap threshold with fresh mappings and hands the free memory at the top of its heap back to the
 kernel once it exceeds the trim threshold (both adapt, but only up to the largest block freed so
 far): every batch then faulted its pages in again, ~1,500 page faults a batch of 128 cells of
-1,500 genes and a third of its time. Fixed thresholds above a batch's working set stop that:
-the same batches at 0 page faults, 1.5x the cells/s (tools/bench/entries.py, BENCHMARKS.md).
+1,500 genes, a third of its time. Fixed thresholds above a batch's working set stop that: the
+same batches at 0 page faults, 1.2x the cells/s of the whole loader (BENCHMARKS.md).
 
 The cost is memory the process keeps rather than returns: at most TRIM_THRESHOLD of free heap
 beyond what it uses. Blocks above MMAP_THRESHOLD (a batch that large is rare) still get their
