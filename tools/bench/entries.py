@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,19 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402  (tools/bench/peers.py: the harness's tasks)
 
 EARLIER = ("shard.entries=arrays", "shard.compression=zstd:1")
-
-
-def earlier_project(project: Path) -> Path:
-    """A project beside PROJECT with its configs and vocabulary, reading the same source file."""
-    other = project.with_name(project.name + "_earlier")
-    other.mkdir(exist_ok=True)
-    for sub in ("conf", "references", "panels", "model_checkpoints"):
-        shutil.rmtree(other / sub, ignore_errors=True)
-        if (project / sub).is_dir():
-            shutil.copytree(project / sub, other / sub)
-    if not (other / "data").exists():
-        (other / "data").symlink_to(project / "data")
-    return other
 
 
 def main(argv=None) -> int:
@@ -54,7 +40,7 @@ def main(argv=None) -> int:
     peers.log(f"entries benchmark: {args.cells:,} cells, {args.repeats} rounds; machine: {shard.machine()}")
     vocab = shard.vocabulary_csv(workdir)
     project, _, facts = shard.ensure_project(workdir, args.cells, args.genes, args.nnz, peers.SEED, vocab, [])
-    formats = {"varint": (project, ()), "earlier": (earlier_project(project), EARLIER)}
+    formats = {"varint": (project, ()), "earlier": (peers.sibling_project(project, "_earlier"), EARLIER)}
     convert: dict[str, list] = {f: [] for f in formats}
     for rnd in range(args.repeats):  # the last round's shards stay for the loading runs
         for name, (proj, extra) in formats.items():
