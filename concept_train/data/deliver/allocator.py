@@ -16,7 +16,6 @@ own mappings, returned when freed. Other C libraries (musl, macOS) are left as t
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its adaptive threshold (DEFAULT_MMAP_THRESHOLD_MAX)
@@ -35,10 +34,9 @@ def keep_freed_memory() -> bool:
     if _applied is None:
         _applied = False
         if sys.platform == "linux":
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                mallopt = libc.mallopt
-            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+            try:  # the C library this process runs on (find_library would spawn ldconfig)
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError):  # no mallopt to call
                 return False
             mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
             # mallopt returns 1 on success
