@@ -213,7 +213,7 @@ def _sort_rows(tokens: np.ndarray, data: np.ndarray, indptr: np.ndarray, n_token
     """Order every row's (token, value) pairs by token, stably (a token twice in a row keeps its
     pairs' order). Compiled: a radix sort of each row a byte of the token at a time (2 passes for
     vocabularies below 65,536 tokens), in cache: 1.8x scipy's round trip, one of the build's largest
-    step after encoding."""
+    steps after encoding."""
     if numba is None:
         return _sort_rows_scipy(tokens, data, indptr, n_tokens)
     out_tokens, out_data = np.empty_like(tokens), np.empty_like(data)
