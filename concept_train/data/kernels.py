@@ -34,8 +34,9 @@ if numba is not None:
         """ranked[:m] = the entries cand[:m] (in token order) stably sorted by key descending, so
         ties stay by token ascending. Integer keys below 2^16 (raw counts) take a counting sort
         when their range is not much larger than m, others a merge sort: the same order. The
-        counts go to 4 interleaved tallies (tally holds 4 x 65537): most keys are 1 or 2, and a
-        single tally's increments of one slot would each wait for the last (-10% of the rank)."""
+        counts go to 4 interleaved tallies (tally holds 4 x (the largest such key + 2)): most keys
+        are 1 or 2, and a single tally's increments of one slot would each wait for the last (-10%
+        of the rank)."""
         top = 0.0
         integral = True
         for j in range(m):
@@ -77,7 +78,9 @@ if numba is not None:
         cand = np.empty((2, size), np.int64)
         ranked = np.empty(size, np.int64)
         slots = np.empty(size, np.int64)
-        tally = np.zeros(4 * 65537, np.int64)
+        # as large as _rank's counting sort can use (keys up to 4 m + 256, and 65535): zeroed per
+        # batch, so not the 2 MB that every key below 2^16 would take
+        tally = np.zeros(4 * (min(4 * size + 256, 65535) + 2), np.int64)
         for i in range(len(bounds) - 1):
             m0 = 0
             m1 = 0
