@@ -38,16 +38,8 @@ def worktree(ref: str, workdir: Path) -> Path:
 
 
 def run(tree: Path, task: str, kwargs: dict, n_rows: int, workdir: Path) -> dict:
-    """One task of TREE's peers.py in a fresh process (the wrapper's wall and peak RSS)."""
-    script = tree / "tools" / "bench" / "peers.py"
-    cmd = [sys.executable, str(script), "--task", task, json.dumps(kwargs), str(n_rows)]
-    rec, out = peers.bench_shard().measured(cmd, workdir, task)
-    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
-    if rec["rc"] != 0 or not lines:
-        return {"error": f"rc {rec['rc']}: " + " | ".join(out.strip().splitlines()[-3:])}
-    res = json.loads(lines[-1])
-    res.update(wall_s=rec["wall_s"], peak_rss_mb=rec["maxrss_kib"] / 1024)
-    return res
+    """One task of TREE's peers.py in a fresh process (peers.child: wall, peak RSS, the load)."""
+    return peers.child(sys.executable, task, kwargs, n_rows, workdir, tree / "tools" / "bench" / "peers.py")
 
 
 def main(argv=None) -> int:
@@ -64,8 +56,8 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     sides = {"ref": (worktree(args.ref, workdir), args.ref_project or args.project), "this": (REPO, args.project)}
     for tree, project in sides.values():  # numba compiles each tree's kernels once, outside the rounds
-        run(tree, "raw_ours", {"project": project, "seconds": 0.5}, args.cells, workdir)
-        run(tree, "tok_ours", {"project": project, "seconds": 0.5}, args.cells, workdir)
+        run(tree, "raw_ours", {"project": project, "seconds": 0.5, "workers": 0}, args.cells, workdir)
+        run(tree, "tok_ours", {"project": project, "seconds": 0.5, "workers": 0}, args.cells, workdir)
     runs: dict[str, list] = {}
     for rnd in range(args.repeats):
         for task in ("tok_ours", "raw_ours"):

@@ -682,10 +682,12 @@ def busy_jiffies() -> int:
     return sum(ticks) - ticks[3] - ticks[4]
 
 
-def child(python: Path | str, task: str, kwargs: dict, n_rows: int, workdir: Path) -> dict:
+def child(python: Path | str, task: str, kwargs: dict, n_rows: int, workdir: Path, script: Path | None = None) -> dict:
     """One task in a fresh process under tools/bench/shard.py's wrapper (wall, peak RSS), with the
-    machine's load over its run: cores busy in all, in the task's processes, and in others."""
-    cmd = [str(python), str(Path(__file__).resolve()), "--task", task, json.dumps(kwargs), str(n_rows)]
+    machine's load over its run: cores busy in all, in the task's processes, and in others. The
+    task is this file's, or `script`'s (another tree's peers.py: against_commit.py)."""
+    script = script or Path(__file__).resolve()
+    cmd = [str(python), str(script), "--task", task, json.dumps(kwargs), str(n_rows)]
     loadavg, busy0 = os.getloadavg()[0], busy_jiffies()
     rec, out = bench_shard().measured(cmd, workdir, task)
     machine = (busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK") / max(rec["wall_s"], 1e-9)
@@ -880,7 +882,7 @@ def disk_file_by_file(workdir: Path, n_files: int = 100) -> dict:
 
     project = scale.many_files_project(workdir, n_files, 300, 2000, 300)
     shutil.rmtree(project / "shards", ignore_errors=True)
-    build = [*bench_shard().shard_command(project)[:-2], "datamodule=Many", "--no-progress"]
+    build = bench_shard().shard_command(project, datamodule="Many")
     rec, out = bench_shard().measured(build, workdir, "build_many")
     if rec["rc"] != 0:
         return {"error": "build failed: " + " | ".join(out.strip().splitlines()[-3:])}

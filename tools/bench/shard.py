@@ -349,11 +349,11 @@ def measured(cmd: list[str], workdir: Path, tag: str) -> tuple[dict, str]:
     return rec, proc.stdout
 
 
-def shard_command(project: Path, extra: tuple[str, ...] = ()) -> list[str]:
+def shard_command(project: Path, extra: tuple[str, ...] = (), datamodule: str = "Bench") -> list[str]:
     exe = Path(sys.executable).parent / "concept-shard"
     base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "concept_shard.cli"]
-    cmd = [*base, "build", str(project), "--config-dir", str(project / "conf"), "datamodule=Bench", "--no-progress"]
-    return cmd + list(extra)
+    cmd = [*base, "build", str(project), "--config-dir", str(project / "conf"), f"datamodule={datamodule}"]
+    return [*cmd, "--no-progress", *extra]
 
 
 def configured_chunk_size() -> int:
